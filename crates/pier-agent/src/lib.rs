@@ -1,0 +1,1 @@
+//! pier-agent (being written).

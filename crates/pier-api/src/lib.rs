@@ -1,0 +1,1 @@
+//! pier-api (being written).

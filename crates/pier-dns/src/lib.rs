@@ -1,0 +1,1 @@
+//! pier-dns (being written).

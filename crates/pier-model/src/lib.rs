@@ -1,0 +1,45 @@
+//! pier's vocabulary, shared by every other crate.
+//!
+//! This crate holds the validated names ([`Name`], [`Namespace`], [`PortNum`],
+//! [`Replicas`], [`Cidr`]), the objects kept in the store ([`Node`],
+//! [`Service`], [`ReplicaSet`], [`Pod`], [`PodStatus`], [`Endpoint`],
+//! [`Stats`]), the key schema ([`keys`], the only place that formats or
+//! parses a store key), and the immutable [`Snapshot`] that every reader
+//! works from.
+//!
+//! It is not a store client and does no I/O: no tokio, no sockets, no files.
+
+mod names;
+mod objects;
+mod snapshot;
+
+pub mod keys;
+
+pub use names::{Cidr, Name, NameError, Namespace, PortNum, Replicas};
+pub use objects::*;
+pub use snapshot::{EndpointKey, EndpointMap, ObjectKey, Snapshot};
+
+/// The default namespace, as in Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Decode a stored value, naming the key in the error.
+pub fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(value).map_err(|source| DecodeError {
+        key: key.to_owned(),
+        source,
+    })
+}
+
+/// Encode a value for the store. Model objects always serialize.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("model objects serialize to JSON")
+}
+
+/// A stored value that could not be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("value at key {key:?} does not parse: {source}")]
+pub struct DecodeError {
+    pub key: String,
+    #[source]
+    pub source: serde_json::Error,
+}

@@ -1,0 +1,589 @@
+//! The objects kept in the store, one per key kind (see [`crate::keys`]).
+//!
+//! Every object is plain data with serde. Unknown fields are rejected, so a
+//! typo in an API request is an error rather than a silent default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{Name, NameError, Namespace, PortNum, Replicas};
+
+/// Free-form labels, as on Docker containers and Kubernetes objects.
+pub type Labels = BTreeMap<String, String>;
+
+/// Container labels that pier reads and writes.
+pub mod labels {
+    /// Required on a container that pier did not start: the service it serves.
+    pub const SERVICE: &str = "pier.service";
+    /// Optional: the namespace of that service (default `default`).
+    pub const NAMESPACE: &str = "pier.namespace";
+    /// One container port: `pier.port=8080`.
+    pub const PORT: &str = "pier.port";
+    /// Named ports: `pier.ports=http:8080,admin:9000`.
+    pub const PORTS: &str = "pier.ports";
+    /// Health check: `tcp`, `http:/path`, `docker` or `none`.
+    pub const HEALTH: &str = "pier.health";
+    /// Health check interval in milliseconds.
+    pub const HEALTH_INTERVAL: &str = "pier.health.interval-ms";
+    /// Health check timeout in milliseconds.
+    pub const HEALTH_TIMEOUT: &str = "pier.health.timeout-ms";
+    /// Consecutive passes before ready.
+    pub const HEALTH_HEALTHY: &str = "pier.health.healthy-threshold";
+    /// Consecutive failures before unready.
+    pub const HEALTH_UNHEALTHY: &str = "pier.health.unhealthy-threshold";
+    /// Set by pier on the containers it starts: the pod name.
+    pub const POD: &str = "pier.pod";
+    /// Set by pier on the containers it starts: the replica set.
+    pub const REPLICASET: &str = "pier.replicaset";
+    /// Set by pier on the containers it starts: the node that owns it.
+    pub const NODE: &str = "pier.node";
+    /// Set by pier on the containers it starts: the pod's template hash.
+    pub const TEMPLATE_HASH: &str = "pier.template-hash";
+}
+
+/// CPU, memory and pod-count amounts. Zero means "not set".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// Thousandths of a CPU.
+    pub cpu_millis: u32,
+    pub memory_mb: u32,
+    /// As capacity: the most pods a node takes. Unused on requests.
+    pub pods: u32,
+}
+
+/// `/pier/v1/nodes/<node>`: a host running `pier agent`. Leased by its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: Name,
+    /// The address other hosts and node ports use.
+    pub addr: IpAddr,
+    /// The mTLS mesh port; 0 when the mesh is off.
+    #[serde(default)]
+    pub mesh_port: u16,
+    /// The address of this node's DNS server, given to its pods as `--dns`.
+    #[serde(default)]
+    pub dns_addr: Option<IpAddr>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub capacity: Resources,
+    /// The agent's version.
+    #[serde(default)]
+    pub version: String,
+    /// Unix milliseconds when the agent registered.
+    #[serde(default)]
+    pub started_at: u64,
+}
+
+/// How a service spreads connections over its endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Power of two choices over outstanding connections, weighted by an
+    /// EWMA of connect latency.
+    #[default]
+    P2c,
+    RoundRobin,
+}
+
+impl FromStr for LbPolicy {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s {
+            "p2c" => Ok(LbPolicy::P2c),
+            "round_robin" | "round-robin" | "rr" => Ok(LbPolicy::RoundRobin),
+            _ => Err(NameError::Invalid {
+                what: "load-balancing policy",
+                value: s.chars().take(40).collect(),
+                why: "use p2c or round_robin",
+            }),
+        }
+    }
+}
+
+/// `ClusterIP` (a VIP only) or `NodePort` (a VIP plus a port on every node).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+}
+
+impl FromStr for ServiceType {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s {
+            "ClusterIP" | "clusterip" => Ok(ServiceType::ClusterIP),
+            "NodePort" | "nodeport" => Ok(ServiceType::NodePort),
+            _ => Err(NameError::Invalid {
+                what: "service type",
+                value: s.chars().take(40).collect(),
+                why: "use ClusterIP or NodePort",
+            }),
+        }
+    }
+}
+
+/// One port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port's name, used in SRV names (`_http._tcp.…`) and to match an
+    /// endpoint's named port.
+    pub name: Name,
+    /// The port on the VIP.
+    pub port: PortNum,
+    /// The port on the endpoints.
+    pub target_port: PortNum,
+    /// The port on every node's address, for `NodePort` services.
+    #[serde(default)]
+    pub node_port: Option<PortNum>,
+}
+
+/// A fixed `host:port` behind a service with no selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub ip: IpAddr,
+    pub port: PortNum,
+}
+
+impl fmt::Display for StaticEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
+impl FromStr for StaticEndpoint {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let sa: std::net::SocketAddr = s.parse().map_err(|_| NameError::Invalid {
+            what: "endpoint",
+            value: s.chars().take(80).collect(),
+            why: "write it as IP:PORT, e.g. 127.0.0.1:8080",
+        })?;
+        Ok(StaticEndpoint {
+            ip: sa.ip(),
+            port: PortNum::new(sa.port())?,
+        })
+    }
+}
+
+/// What an autoscaler should keep true for a service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sla {
+    /// Keep the p99 connect latency below this, in milliseconds.
+    pub max_p99_connect_ms: Option<u32>,
+    /// Keep the active connections per ready endpoint below this.
+    pub max_active_per_endpoint: Option<u32>,
+}
+
+/// `/pier/v1/services/<ns>/<svc>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Namespace,
+    /// The virtual IP; `None` for a headless service.
+    #[serde(default)]
+    pub vip: Option<IpAddr>,
+    #[serde(rename = "type", default)]
+    pub service_type: ServiceType,
+    pub ports: Vec<ServicePort>,
+    /// Containers whose labels include all of these are endpoints. Empty
+    /// means only containers labelled `pier.service=<name>` (and static
+    /// endpoints).
+    #[serde(default)]
+    pub selector: Labels,
+    /// Fixed endpoints, for a service that fronts something pier does not
+    /// run.
+    #[serde(default)]
+    pub static_endpoints: Vec<StaticEndpoint>,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Send a PROXY protocol v2 header to the endpoint first.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Prefer endpoints on the proxy's own node when any are ready.
+    #[serde(default)]
+    pub prefer_local: bool,
+    /// How long a removed endpoint's connections may live on, in ms. `None`
+    /// uses the proxy's default.
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
+    /// The health check of the static endpoints.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    #[serde(default)]
+    pub sla: Option<Sla>,
+    /// Unix milliseconds.
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+impl Service {
+    /// A service with no VIP answers DNS with its endpoints' addresses.
+    pub fn is_headless(&self) -> bool {
+        self.vip.is_none()
+    }
+    pub fn port_by_name(&self, name: &str) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.name.as_str() == name)
+    }
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    /// A TCP connect to the first port.
+    Tcp,
+    /// An HTTP GET of the path on the first port; 2xx and 3xx pass.
+    Http { path: String },
+    /// Docker's own health status (the image's HEALTHCHECK).
+    Docker,
+    /// Ready as soon as it runs.
+    None,
+}
+
+impl FromStr for HealthKind {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let bad = |why| NameError::Invalid {
+            what: "health check",
+            value: s.chars().take(80).collect(),
+            why,
+        };
+        match s {
+            "tcp" => Ok(HealthKind::Tcp),
+            "docker" => Ok(HealthKind::Docker),
+            "none" => Ok(HealthKind::None),
+            _ => match s.strip_prefix("http:") {
+                Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                    Ok(HealthKind::Http { path: path.into() })
+                }
+                Some(_) => Err(bad("an http check takes a path: http:/healthz")),
+                None => Err(bad("use tcp, http:/PATH, docker or none")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for HealthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HealthKind::Tcp => f.write_str("tcp"),
+            HealthKind::Http { path } => write!(f, "http:{path}"),
+            HealthKind::Docker => f.write_str("docker"),
+            HealthKind::None => f.write_str("none"),
+        }
+    }
+}
+
+/// A health check with its timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    #[serde(default = "HealthCheck::default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "HealthCheck::default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "HealthCheck::default_healthy")]
+    pub healthy_threshold: u32,
+    #[serde(default = "HealthCheck::default_unhealthy")]
+    pub unhealthy_threshold: u32,
+}
+
+impl HealthCheck {
+    /// 500 ms: a new container is ready within about half a second of
+    /// listening, and a check costs one connect.
+    pub fn default_interval_ms() -> u64 {
+        500
+    }
+    pub fn default_timeout_ms() -> u64 {
+        1000
+    }
+    pub fn default_healthy() -> u32 {
+        1
+    }
+    pub fn default_unhealthy() -> u32 {
+        2
+    }
+    pub fn new(kind: HealthKind) -> Self {
+        HealthCheck {
+            kind,
+            interval_ms: Self::default_interval_ms(),
+            timeout_ms: Self::default_timeout_ms(),
+            healthy_threshold: Self::default_healthy(),
+            unhealthy_threshold: Self::default_unhealthy(),
+        }
+    }
+}
+
+/// A port a pod's container listens on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPort {
+    pub name: Name,
+    pub port: PortNum,
+}
+
+/// What a pod runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodTemplate {
+    pub image: String,
+    /// The command and its arguments; empty keeps the image's own.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+    /// Extra container labels.
+    #[serde(default)]
+    pub labels: Labels,
+    /// What one pod asks of a node.
+    #[serde(default)]
+    pub resources: Resources,
+    /// `None`: a TCP check on the first port, or `none` without ports.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+}
+
+impl PodTemplate {
+    /// A stable hash of the template (FNV-1a 64 over its JSON, whose maps
+    /// are ordered), as 16 hex digits.
+    pub fn hash(&self) -> String {
+        let bytes = crate::encode(self);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// Where a replica set's pods may go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Placement {
+    /// Only nodes whose labels include all of these.
+    pub node_selector: Labels,
+    /// At most this many of the set's pods on one node.
+    pub max_per_node: Option<u32>,
+    /// Spread the pods across nodes (the default).
+    pub spread: bool,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            node_selector: Labels::new(),
+            max_per_node: None,
+            spread: true,
+        }
+    }
+}
+
+/// `/pier/v1/replicasets/<ns>/<rs>`: desired state, written by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSet {
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Namespace,
+    pub template: PodTemplate,
+    pub replicas: Replicas,
+    #[serde(default)]
+    pub placement: Placement,
+    /// Bounds for an autoscaler.
+    #[serde(default)]
+    pub min_replicas: Option<Replicas>,
+    #[serde(default)]
+    pub max_replicas: Option<Replicas>,
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+/// `/pier/v1/pods/<ns>/<pod>`: a pod placed on a node. Written by the
+/// supervisor leader only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Namespace,
+    pub replicaset: Name,
+    pub node: Name,
+    pub template_hash: String,
+    /// A copy of the replica set's template, so that the node's runtime
+    /// needs nothing else.
+    pub template: PodTemplate,
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+/// A pod's phase, spelled as Kubernetes spells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PodPhase {
+    #[default]
+    Pending,
+    Running,
+    Failed,
+}
+
+impl fmt::Display for PodPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PodPhase::Pending => "Pending",
+            PodPhase::Running => "Running",
+            PodPhase::Failed => "Failed",
+        })
+    }
+}
+
+/// `/pier/v1/podstatus/<ns>/<pod>`: what the node's runtime sees. Leased by
+/// that node's agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodStatus {
+    pub name: Option<Name>,
+    #[serde(default)]
+    pub namespace: Namespace,
+    pub node: Option<Name>,
+    pub phase: PodPhase,
+    /// Passed its health check.
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub ip: Option<IpAddr>,
+    /// Unix milliseconds.
+    #[serde(default)]
+    pub started_at: Option<u64>,
+    #[serde(default)]
+    pub restarts: u32,
+    /// Why it is not running, for a person.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A named port on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointPort {
+    pub name: Name,
+    pub port: PortNum,
+}
+
+/// `/pier/v1/endpoints/<ns>/<svc>/<node>/<id>`: one backend of a service.
+/// Leased by the agent of `node`, the only writer under that node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    pub service: Name,
+    #[serde(default)]
+    pub namespace: Namespace,
+    pub node: Name,
+    /// Unique under the service and node: the first 12 hex digits of the
+    /// container id, or `static-<n>` for a static endpoint.
+    pub id: Name,
+    #[serde(default)]
+    pub pod: Option<Name>,
+    /// The container's hostname or name, for a container pier did not start.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub ip: IpAddr,
+    pub ports: Vec<EndpointPort>,
+    pub ready: bool,
+    /// A static endpoint of the service rather than a container. Only the
+    /// node that checked it uses it, and it connects directly.
+    #[serde(default, rename = "static")]
+    pub is_static: bool,
+}
+
+impl Endpoint {
+    /// The endpoint port a service port targets: by name, then by number.
+    pub fn port_for(&self, sp: &ServicePort) -> Option<PortNum> {
+        self.ports
+            .iter()
+            .find(|p| p.name == sp.name)
+            .or_else(|| self.ports.iter().find(|p| p.port == sp.target_port))
+            .map(|p| p.port)
+            .or(if self.ports.is_empty() { Some(sp.target_port) } else { None })
+    }
+}
+
+/// `/pier/v1/stats/<ns>/<svc>/<node>`: one node's proxy traffic for one
+/// service, for the autoscaler. Leased.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Stats {
+    pub active: u64,
+    pub total: u64,
+    pub connect_errors: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connect_p99_us: u64,
+    /// Unix milliseconds when sampled.
+    pub at: u64,
+}
+
+/// The value of an allocation key: which service holds the address or port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allocation {
+    pub namespace: Namespace,
+    pub service: Name,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_kinds_parse() {
+        assert_eq!("tcp".parse::<HealthKind>().unwrap(), HealthKind::Tcp);
+        assert_eq!(
+            "http:/healthz".parse::<HealthKind>().unwrap(),
+            HealthKind::Http { path: "/healthz".into() }
+        );
+        let e = "grpc".parse::<HealthKind>().unwrap_err().to_string();
+        assert!(e.contains("grpc") && e.contains("tcp"), "{e}");
+        assert!("http:healthz".parse::<HealthKind>().is_err());
+    }
+
+    #[test]
+    fn template_hash_is_stable() {
+        let t = PodTemplate {
+            image: "busybox".into(),
+            ..Default::default()
+        };
+        assert_eq!(t.hash(), t.clone().hash());
+        let mut t2 = t.clone();
+        t2.env.insert("A".into(), "1".into());
+        assert_ne!(t.hash(), t2.hash());
+    }
+
+    #[test]
+    fn unknown_fields_rejected() {
+        let e = serde_json::from_str::<Node>(r#"{"name":"a","addr":"10.0.0.1","bogus":1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+}

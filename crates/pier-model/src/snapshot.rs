@@ -1,0 +1,75 @@
+//! The immutable view of the whole store that every reader works from.
+//!
+//! The reflector (in pier-store) builds a new `Snapshot` for each batch of
+//! changes and publishes it as an `Arc<Snapshot>`. Maps are behind `Arc`s so
+//! that a change to one endpoint copies only that service's endpoint map and
+//! the outer map's pointers, never the whole world.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::names::{Name, Namespace};
+use crate::objects::{Endpoint, Node, Pod, PodStatus, ReplicaSet, Service};
+
+/// `(namespace, name)`.
+pub type ObjectKey = (Namespace, Name);
+/// `(node, id)` of an endpoint within its service.
+pub type EndpointKey = (Name, Name);
+
+/// The endpoints of one service, keyed by `(node, id)`.
+pub type EndpointMap = BTreeMap<EndpointKey, Arc<Endpoint>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The store revision this snapshot reflects.
+    pub revision: i64,
+    /// Unix milliseconds when the reflector last knew it was in sync.
+    pub synced_at_ms: u64,
+    /// Unix milliseconds since when the store has been unreachable; `None`
+    /// while the watch is live.
+    pub stale_since_ms: Option<u64>,
+    pub nodes: Arc<BTreeMap<Name, Arc<Node>>>,
+    pub services: Arc<BTreeMap<ObjectKey, Arc<Service>>>,
+    pub replicasets: Arc<BTreeMap<ObjectKey, Arc<ReplicaSet>>>,
+    pub pods: Arc<BTreeMap<ObjectKey, Arc<Pod>>>,
+    pub pod_statuses: Arc<BTreeMap<ObjectKey, Arc<PodStatus>>>,
+    /// Service `(namespace, name)` → its endpoints on every node.
+    pub endpoints: Arc<BTreeMap<ObjectKey, Arc<EndpointMap>>>,
+}
+
+
+impl Snapshot {
+    pub fn service(&self, ns: &Namespace, name: &Name) -> Option<&Arc<Service>> {
+        self.services.get(&(ns.clone(), name.clone()))
+    }
+
+    /// Every endpoint of a service, ready or not.
+    pub fn endpoints_of(&self, ns: &Namespace, svc: &Name) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints
+            .get(&(ns.clone(), svc.clone()))
+            .into_iter()
+            .flat_map(|m| m.values())
+    }
+
+    /// The ready endpoints of a service.
+    pub fn ready_endpoints_of(
+        &self,
+        ns: &Namespace,
+        svc: &Name,
+    ) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints_of(ns, svc).filter(|e| e.ready)
+    }
+
+    /// The service whose VIP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services.values().find(|s| s.vip == Some(ip))
+    }
+
+    /// How long the snapshot has been stale at `now_ms`, or 0 when live.
+    pub fn stale_for_ms(&self, now_ms: u64) -> u64 {
+        self.stale_since_ms
+            .map(|s| now_ms.saturating_sub(s))
+            .unwrap_or(0)
+    }
+}

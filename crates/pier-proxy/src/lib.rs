@@ -1,0 +1,1 @@
+//! pier-proxy (being written).

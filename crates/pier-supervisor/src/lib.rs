@@ -1,0 +1,1 @@
+//! pier-supervisor (being written).

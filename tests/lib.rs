@@ -1,0 +1,1 @@
+//! pier-tests: the end-to-end harness (being written).
