@@ -1,1 +1,377 @@
-//! pier-tests: the end-to-end harness (being written).
+//! pier's end-to-end harness: the test image, a `pier agent` child process
+//! with its own config, the CLI, a raw HTTP client, and Docker cleanup by
+//! run id. Scenarios live in `e2e/`.
+//!
+//! Every agent a test starts gets a unique node name, API port, data dir,
+//! pier0-like interface name, service CIDR slice and node-port range, and
+//! only sees containers labelled with its run id, so tests can run in
+//! parallel on one dockerd without seeing each other.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The image every scenario runs: busybox httpd serving its hostname on 8080.
+pub const TEST_IMAGE: &str = "pier-test/httpd:latest";
+
+/// A unique id for this test process, shared by everything it labels.
+pub fn run_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::env::var("PIER_TEST_RUN").unwrap_or_else(|_| {
+            format!(
+                "t{}{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.subsec_micros())
+                    .unwrap_or(0)
+            )
+        })
+    })
+    .clone()
+}
+
+/// A small unique number per agent in this process, for names and ranges.
+fn next_slot() -> u32 {
+    static SLOT: AtomicU32 = AtomicU32::new(0);
+    SLOT.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 50) * 4
+}
+
+/// Build the test image if it is missing (tests/run.sh builds it first).
+pub fn ensure_test_image() -> Result<()> {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running docker")?
+        .success();
+    if ok {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build.sh");
+    let st = Command::new(&script).status().context("running images/build.sh")?;
+    if !st.success() {
+        bail!("{} failed", script.display());
+    }
+    Ok(())
+}
+
+/// The `pier` binary next to this test binary (built by `cargo test --workspace`
+/// or `cargo build -p pier`).
+pub fn pier_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PIER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/debug/deps/e2e-HASH → target/debug/pier
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("locating the target dir")?;
+    let p = dir.join("pier");
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it first with `cargo build -p pier` (tests/run.sh does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Options of one test agent.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    /// `embedded` or `etcd://…`.
+    pub store: String,
+    pub node: String,
+    /// Extra TOML appended to the generated config.
+    pub extra_toml: String,
+}
+
+/// A `pier agent` child process. Dropping it stops the process (SIGTERM,
+/// then SIGKILL) and removes the containers of this run.
+#[derive(Debug)]
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub api: String,
+    pub node: String,
+    pub dir: tempfile::TempDir,
+    pub service_cidr: String,
+    pub iface: String,
+    pub node_port_min: u16,
+    pub run_label: String,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(opts: AgentOpts) -> Result<AgentProc> {
+        let slot = next_slot() % 200;
+        let dir = tempfile::tempdir()?;
+        let api_port = free_port();
+        let api = format!("http://127.0.0.1:{api_port}");
+        // 10.213.0.0/16 is guarded by a blackhole route (tests/run.sh); each
+        // agent takes a /24 of it, and never the one a real agent would use.
+        let service_cidr = format!("10.213.{}.0/24", 20 + slot);
+        let iface = format!("pt{}{}", std::process::id() % 10000, slot);
+        let node_port_min = 30000 + (slot as u16) * 10;
+        let run_label = format!("{}-{}", run_id(), slot);
+        let log = dir.path().join("agent.log");
+        let config = dir.path().join("pier.toml");
+        let toml = format!(
+            r#"
+[node]
+name = "{node}"
+addr = "127.0.0.1"
+
+[store]
+url = "{store}"
+lease_ttl_secs = 3
+
+[network]
+service_cidr = "{service_cidr}"
+node_port_min = {node_port_min}
+node_port_max = {node_port_max}
+data_dir = "{data}"
+
+[api]
+listen = "127.0.0.1:{api_port}"
+
+[proxy]
+iface = "{iface}"
+
+[agent]
+filter_labels = {{ "pier.test-run" = "{run_label}" }}
+pod_labels = {{ "pier.test-run" = "{run_label}" }}
+{extra}
+"#,
+            node = opts.node,
+            store = opts.store,
+            node_port_max = node_port_min + 9,
+            data = dir.path().join("data").display(),
+            extra = opts.extra_toml,
+        );
+        std::fs::write(&config, toml)?;
+        let mut a = AgentProc {
+            child: None,
+            api,
+            node: opts.node,
+            dir,
+            service_cidr,
+            iface,
+            node_port_min,
+            run_label,
+            log,
+            config,
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    /// Start (or restart) the process and wait for /readyz.
+    pub fn spawn(&mut self) -> Result<()> {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(pier_bin()?)
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("PIER_LOG", "info,pier=debug")
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("spawning pier agent")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("pier agent exited with {st} during start-up:\n{}", self.log_tail());
+            }
+            if let Ok((200, _)) = http_get(&self.api_addr(), "/readyz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("pier agent not ready after 30 s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api
+            .trim_start_matches("http://")
+            .parse()
+            .expect("api addr")
+    }
+
+    /// Stop with SIGTERM and wait (graceful shutdown).
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("pier agent did not stop within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL, no cleanup by the agent.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run the CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let out = Command::new(pier_bin()?)
+            .arg("--server")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .context("running the pier CLI")?;
+        Ok(out)
+    }
+
+    /// Run the CLI and insist on success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "pier {} failed ({}): {}\nagent log:\n{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                self.log_tail()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let s = self.cli_ok(&a)?;
+        serde_json::from_str(&s).with_context(|| format!("parsing JSON from pier {}: {s}", a.join(" ")))
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.stop().is_err() {
+            self.kill9();
+        }
+        remove_labelled("pier.test-run", &self.run_label);
+        // The agent removes its interface on a clean stop; make sure.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.iface])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Remove every container and network carrying `label=value`.
+pub fn remove_labelled(label: &str, value: &str) {
+    let filter = format!("label={label}={value}");
+    if let Ok(out) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &filter])
+        .output()
+    {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    if let Ok(out) = Command::new("docker")
+        .args(["network", "ls", "-q", "--filter", &filter])
+        .output()
+    {
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("docker")
+                .args(["network", "rm", id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET with a 2 s bound; returns the status and body.
+pub fn http_get(addr: &SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no HTTP status in {head:?}"))?;
+    Ok((code, body.to_owned()))
+}
+
+/// Poll `f` every 50 ms until it returns `Some`, or fail after `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}; last error: {last_err:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

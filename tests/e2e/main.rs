@@ -1,1 +1,4 @@
-//! End-to-end scenarios.
+//! End-to-end scenarios against a real dockerd, real stores and the real
+//! `pier` binary. One test binary; each module is one scenario family.
+
+mod demo;

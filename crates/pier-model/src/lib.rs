@@ -13,6 +13,7 @@ mod names;
 mod objects;
 mod snapshot;
 
+pub mod api;
 pub mod keys;
 
 pub use names::{Cidr, Name, NameError, Namespace, PortNum, Replicas};

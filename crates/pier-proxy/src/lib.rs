@@ -1,1 +1,31 @@
-//! pier-proxy (being written).
+//! pier-proxy: the L4 data path of a pier node.
+//!
+//! It owns the `pier0` link and its VIPs ([`setup_iface`],
+//! [`teardown_iface`]), one listener per service port on its VIP and per
+//! node port, the balancers (P2C over outstanding connections weighted by
+//! connect-latency EWMA, or round-robin), connect retries, passive outlier
+//! ejection, drains, the splice(2) copy loop, PROXY protocol v2 and the
+//! mTLS mesh hop to endpoints on other nodes ([`mesh`], [`tls`]).
+//!
+//! It is not a store client: it reads a `watch::Receiver<Arc<Snapshot>>`
+//! and publishes problems and stats for the agent to write. It is not an
+//! HTTP proxy: it never looks inside the bytes.
+
+pub mod mesh;
+pub mod tls;
+
+mod balance;
+mod config;
+mod conn;
+mod copy;
+mod error;
+mod iface;
+mod metrics;
+pub mod ppv2;
+mod server;
+
+pub use config::{MAX_CONNECT_ATTEMPTS, ProxyConfig};
+pub use copy::spliced_directions;
+pub use error::{ConnectCause, ProxyError, Side};
+pub use iface::{setup_iface, teardown_iface};
+pub use server::{Problems, Proxy, StatsMap};

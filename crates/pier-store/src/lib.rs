@@ -18,6 +18,16 @@ use std::time::Duration;
 
 use futures::Stream;
 
+pub mod alloc;
+mod embedded;
+pub use embedded::EmbeddedStore;
+mod etcd;
+pub use etcd::EtcdStore;
+pub mod election;
+pub mod lease;
+pub mod reflector;
+pub mod testing;
+
 /// A store revision. etcd's revisions start at 1; 0 means "absent" in
 /// comparisons.
 pub type Revision = i64;
@@ -135,7 +145,10 @@ pub struct TxnResult {
 pub enum WatchEvent {
     Put(KeyValue),
     /// A deletion, including one caused by an expired or revoked lease.
-    Delete { key: String, mod_revision: Revision },
+    Delete {
+        key: String,
+        mod_revision: Revision,
+    },
 }
 
 /// What a watch stream yields.

@@ -1,1 +1,87 @@
-fn main() {}
+//! The `pier` binary: `pier agent` runs the daemon; every other subcommand
+//! is a CLI client of the agent's HTTP API (see `cli`).
+
+mod cli;
+mod daemon;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pier",
+    version,
+    about = "Service mesh and replica sets for plain Docker hosts"
+)]
+struct Top {
+    /// The agent's API, http://HOST:PORT. The token, if the agent needs
+    /// one, comes from the PIER_TOKEN environment variable.
+    #[arg(
+        long,
+        global = true,
+        env = "PIER_SERVER",
+        default_value = "http://127.0.0.1:7370",
+        value_name = "URL"
+    )]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Run the pier agent on this host.
+    Agent(daemon::AgentArgs),
+    #[command(flatten)]
+    Cli(cli::Command),
+}
+
+/// clap's usage errors, as one line like every other CLI error (exit 2).
+fn parse_args() -> Top {
+    use clap::error::ErrorKind;
+    match Top::try_parse() {
+        Ok(t) => t,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("{line} (see `pier --help`)");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() {
+    let top = parse_args();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async {
+        match top.cmd {
+            Cmd::Agent(a) => daemon::run(a).await,
+            Cmd::Cli(c) => cli::run(&top.server, c).await,
+        }
+    });
+    // Do not wait for idle pooled connections or a watch body to wind down.
+    rt.shutdown_background();
+    std::process::exit(code);
+}

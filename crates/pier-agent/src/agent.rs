@@ -1,0 +1,1061 @@
+//! The agent's one task: it owns the container map, the health checks and
+//! what it has written, and after every input recomputes the keys this node
+//! should have (level-triggered) and writes the difference.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::EventMessage;
+use pier_model::keys::{self, Key};
+use pier_model::{
+    Endpoint, EndpointPort, HealthCheck, HealthKind, Name, Node, ObjectKey, Pod, PodPhase,
+    PodStatus, Service, ServicePort, ServiceType, Snapshot, decode, encode,
+};
+use pier_store::{LeaseId, Store, StoreError};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::docker::{self, Container, DockerMsg, PodSettings};
+use crate::health::{self, Report, Target};
+use crate::spec::{self, Spec};
+use crate::{AgentConfig, AgentContext, AgentError, now_ms};
+
+/// Bound on one store call, so a hung store cannot stall Docker events;
+/// a failed write is retried every [`RETRY`].
+const STORE_TIMEOUT: Duration = Duration::from_secs(3);
+const RETRY: Duration = Duration::from_millis(500);
+/// After a `kill` event, look again this much later: a signal that did not
+/// end the container gives it back its endpoint.
+const KILL_RECHECK: Duration = Duration::from_secs(1);
+/// How long shutdown spends deleting endpoints and waiting for tasks.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+enum OpMsg {
+    PodStarted {
+        pod: ObjectKey,
+        result: Result<String, String>,
+    },
+    Removed {
+        id: String,
+        result: Result<(), String>,
+    },
+    Recheck(String),
+    Resync {
+        generation: u64,
+        seq: u64,
+        list: Result<HashMap<String, Container>, String>,
+        nets: Result<Vec<pier_model::Cidr>, String>,
+    },
+}
+
+#[derive(Debug)]
+struct Check {
+    target: Target,
+    generation: u64,
+    ready: bool,
+    cancel: CancellationToken,
+}
+
+/// Where an endpoint's readiness comes from.
+#[derive(Debug, Clone)]
+enum Ready {
+    Fixed(bool),
+    Check(String),
+}
+
+pub(crate) struct Agent {
+    cfg: AgentConfig,
+    node: Node,
+    store: Arc<dyn Store>,
+    lease_rx: watch::Receiver<Option<LeaseId>>,
+    snapshot_rx: watch::Receiver<Arc<Snapshot>>,
+    alloc: pier_store::alloc::AllocConfig,
+    dns_search: Vec<String>,
+    networks: watch::Sender<Vec<pier_model::Cidr>>,
+
+    snap: Arc<Snapshot>,
+    lease: Option<LeaseId>,
+    docker: Option<Docker>,
+    docker_synced: bool,
+    resync_running: bool,
+    resync_gen: u64,
+    /// Bumped by every event that changes the container map; a resync
+    /// result keeps the entries touched after it started.
+    event_seq: u64,
+    touched: HashMap<String, u64>,
+    containers: HashMap<String, Container>,
+    /// Containers already warned about, so a bad label warns once.
+    warned: HashSet<String>,
+    checks: HashMap<String, Check>,
+    next_generation: u64,
+    /// What this agent believes is in the store for its node.
+    written: BTreeMap<String, (Vec<u8>, Option<LeaseId>)>,
+    need_reset: bool,
+    dirty: bool,
+    starting: HashSet<ObjectKey>,
+    removing: HashSet<String>,
+    pod_errors: HashMap<ObjectKey, String>,
+    services_created: HashSet<ObjectKey>,
+
+    tracker: TaskTracker,
+    tasks_cancel: CancellationToken,
+    health_tx: mpsc::UnboundedSender<Report>,
+    health_rx: Option<mpsc::UnboundedReceiver<Report>>,
+    op_tx: mpsc::UnboundedSender<OpMsg>,
+    op_rx: Option<mpsc::UnboundedReceiver<OpMsg>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.node.name)
+            .field("containers", &self.containers.len())
+            .field("written", &self.written.len())
+            .finish()
+    }
+}
+
+impl Agent {
+    pub(crate) fn new(cfg: AgentConfig, ctx: AgentContext) -> Agent {
+        let mut node = ctx.node;
+        if node.started_at == 0 {
+            node.started_at = now_ms();
+        }
+        let (health_tx, health_rx) = mpsc::unbounded_channel();
+        let (op_tx, op_rx) = mpsc::unbounded_channel();
+        let snap = ctx.snapshot.borrow().clone();
+        Agent {
+            cfg,
+            node,
+            store: ctx.store,
+            snap,
+            lease_rx: ctx.lease,
+            snapshot_rx: ctx.snapshot,
+            alloc: ctx.alloc,
+            dns_search: ctx.dns_search,
+            networks: ctx.networks,
+            lease: None,
+            docker: None,
+            docker_synced: false,
+            resync_running: false,
+            resync_gen: 0,
+            event_seq: 0,
+            touched: HashMap::new(),
+            containers: HashMap::new(),
+            warned: HashSet::new(),
+            checks: HashMap::new(),
+            next_generation: 0,
+            written: BTreeMap::new(),
+            need_reset: true,
+            dirty: false,
+            starting: HashSet::new(),
+            removing: HashSet::new(),
+            pod_errors: HashMap::new(),
+            services_created: HashSet::new(),
+            tracker: TaskTracker::new(),
+            tasks_cancel: CancellationToken::new(),
+            health_tx,
+            health_rx: Some(health_rx),
+            op_tx,
+            op_rx: Some(op_rx),
+        }
+    }
+
+    pub(crate) async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
+        let (dtx, mut drx) = mpsc::channel(1024);
+        self.spawn(docker::connection_loop(
+            self.cfg.filter_labels.clone(),
+            dtx,
+            self.tasks_cancel.clone(),
+        ));
+        let mut health_rx = self.health_rx.take().expect("taken once");
+        let mut op_rx = self.op_rx.take().expect("taken once");
+        let mut resync = tokio::time::interval(Duration::from_millis(self.cfg.resync_interval_ms));
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.lease = *self.lease_rx.borrow_and_update();
+        self.snap = self.snapshot_rx.borrow_and_update().clone();
+        let (mut lease_open, mut snap_open) = (true, true);
+        info!(node = %self.node.name, "agent started");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(m) = drx.recv() => self.on_docker(m).await,
+                Some(r) = health_rx.recv() => self.on_health(r),
+                Some(o) = op_rx.recv() => self.on_op(o).await,
+                r = self.lease_rx.changed(), if lease_open => match r {
+                    Ok(()) => {
+                        let l = *self.lease_rx.borrow_and_update();
+                        if l != self.lease {
+                            info!(lease = ?l, "lease changed; writing this node's keys again");
+                            self.lease = l;
+                            self.written.clear();
+                            self.need_reset = true;
+                        }
+                    }
+                    Err(_) => lease_open = false,
+                },
+                r = self.snapshot_rx.changed(), if snap_open => match r {
+                    Ok(()) => {
+                        let s = self.snapshot_rx.borrow_and_update().clone();
+                        if self.snap.stale_since_ms.is_some() && s.stale_since_ms.is_none() {
+                            info!("store reachable again; resyncing");
+                            self.need_reset = true;
+                        }
+                        self.snap = s;
+                    }
+                    Err(_) => snap_open = false,
+                },
+                _ = resync.tick() => {
+                    self.resync_docker(false);
+                    self.need_reset = true;
+                }
+                _ = retry.tick(), if self.dirty => {}
+            }
+            while let Ok(r) = health_rx.try_recv() {
+                self.on_health(r);
+            }
+            if self.need_reset && self.lease.is_some() {
+                self.reset().await;
+            }
+            self.reconcile().await;
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Every task is owned by the tracker and carries the agent's span.
+    fn spawn<F>(&self, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(f.in_current_span());
+    }
+
+    fn host_ip(&self) -> std::net::IpAddr {
+        self.node.addr
+    }
+
+    async fn on_docker(&mut self, m: DockerMsg) {
+        match m {
+            DockerMsg::Up(d) => {
+                info!("connected to dockerd");
+                self.docker = Some(d);
+                self.resync_docker(true);
+            }
+            DockerMsg::Down(why) => {
+                warn!(error = %why, "dockerd connection lost; keeping registrations until it is back");
+                self.docker = None;
+            }
+            DockerMsg::Event(ev) => self.on_event(*ev).await,
+        }
+    }
+
+    /// Start a full list + inspect in the background, so events keep
+    /// flowing while a host with many containers is listed. Its result is
+    /// merged in [`Self::on_resync`].
+    fn resync_docker(&mut self, force: bool) {
+        let Some(d) = self.docker.clone() else { return };
+        if self.resync_running && !force {
+            return;
+        }
+        self.resync_running = true;
+        self.resync_gen += 1;
+        let generation = self.resync_gen;
+        let seq = self.event_seq;
+        let filter = self.cfg.filter_labels.clone();
+        let node = self.node.name.to_string();
+        let pod_network = self.cfg.pod_network.clone();
+        let host_ip = self.host_ip();
+        let tx = self.op_tx.clone();
+        let cancel = self.tasks_cancel.clone();
+        self.spawn(async move {
+            let work = async {
+                let list = docker::list(&d, &filter, &node, pod_network.as_deref(), host_ip)
+                    .await
+                    .map_err(|e| e.to_string());
+                let nets = docker::networks(&d).await.map_err(|e| e.to_string());
+                (list, nets)
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                (list, nets) = work => {
+                    let _ = tx.send(OpMsg::Resync { generation, seq, list, nets });
+                }
+            }
+        });
+    }
+
+    fn on_resync(
+        &mut self,
+        generation: u64,
+        seq: u64,
+        list: Result<HashMap<String, Container>, String>,
+        nets: Result<Vec<pier_model::Cidr>, String>,
+    ) {
+        if generation != self.resync_gen {
+            return;
+        }
+        self.resync_running = false;
+        match list {
+            Ok(mut map) => {
+                // Containers that events changed while the list ran keep
+                // what the events said.
+                for (id, s) in &self.touched {
+                    if *s > seq {
+                        match self.containers.get(id) {
+                            Some(c) => {
+                                map.insert(id.clone(), c.clone());
+                            }
+                            None => {
+                                map.remove(id);
+                            }
+                        }
+                    }
+                }
+                self.touched.clear();
+                debug!(containers = map.len(), "docker resync");
+                self.containers = map;
+                self.docker_synced = true;
+            }
+            Err(e) => warn!(error = %e, "docker resync failed; will retry"),
+        }
+        match nets {
+            Ok(nets) => {
+                self.networks.send_if_modified(|v| {
+                    if *v != nets {
+                        *v = nets;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "listing docker networks failed"),
+        }
+    }
+
+    fn touch(&mut self, id: &str) {
+        self.event_seq += 1;
+        self.touched.insert(id.to_owned(), self.event_seq);
+    }
+
+    async fn inspect_into_map(&mut self, id: &str) {
+        let Some(d) = self.docker.clone() else { return };
+        match docker::inspect(&d, id, self.cfg.pod_network.as_deref(), self.host_ip()).await {
+            Ok(Some(c)) => {
+                self.touch(id);
+                self.containers.insert(c.id.clone(), c);
+            }
+            Ok(None) => {
+                self.touch(id);
+                self.containers.remove(id);
+            }
+            Err(e) => {
+                warn!(container.id = id, error = %e, "inspect failed; the next resync repairs it");
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: EventMessage) {
+        let action = ev.action.unwrap_or_default();
+        let Some(actor) = ev.actor else { return };
+        let Some(id) = actor.id else { return };
+        debug!(container.id = %id, action = %action, "docker event");
+        // Actions carry suffixes (`health_status: healthy`, `exec_start: sh`):
+        // match on the prefix.
+        let verb = action.split(':').next().unwrap_or("").trim();
+        match verb {
+            "start" | "unpause" | "restart" | "rename" | "update" => {
+                self.inspect_into_map(&id).await;
+            }
+            "die" => {
+                self.touch(&id);
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.running = false;
+                    c.exit_code = actor
+                        .attributes
+                        .as_ref()
+                        .and_then(|a| a.get("exitCode"))
+                        .and_then(|s| s.parse().ok())
+                        .or(c.exit_code);
+                }
+            }
+            "kill" | "stop" | "pause" => {
+                self.touch(&id);
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.held = true;
+                    // A terminating signal is followed by `die` (or, if the
+                    // process ignores it, the next resync brings the
+                    // endpoint back); any other signal is looked at again soon.
+                    let signal = actor
+                        .attributes
+                        .as_ref()
+                        .and_then(|a| a.get("signal"))
+                        .map(String::as_str)
+                        .unwrap_or("");
+                    let terminating = matches!(
+                        signal,
+                        "9" | "15" | "2" | "3" | "SIGKILL" | "SIGTERM" | "SIGINT" | "SIGQUIT"
+                    );
+                    if verb == "kill" && !terminating {
+                        let tx = self.op_tx.clone();
+                        let cancel = self.tasks_cancel.clone();
+                        self.spawn(async move {
+                            tokio::select! {
+                                _ = cancel.cancelled() => {}
+                                _ = tokio::time::sleep(KILL_RECHECK) => {
+                                    let _ = tx.send(OpMsg::Recheck(id));
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+            "destroy" => {
+                self.touch(&id);
+                self.containers.remove(&id);
+            }
+            "health_status" => {
+                let status = action.split_once(':').map(|x| x.1.trim()).unwrap_or("");
+                if self.containers.contains_key(&id) {
+                    self.touch(&id);
+                }
+                if let Some(c) = self.containers.get_mut(&id) {
+                    c.docker_healthy = Some(status == "healthy");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_health(&mut self, r: Report) {
+        if let Some(c) = self.checks.get_mut(&r.key)
+            && c.generation == r.generation
+        {
+            debug!(health.key = %r.key, ready = r.ready, "readiness changed");
+            c.ready = r.ready;
+        }
+    }
+
+    async fn on_op(&mut self, o: OpMsg) {
+        match o {
+            OpMsg::PodStarted { pod, result } => {
+                match result {
+                    Ok(id) => {
+                        info!(pod = %pod.1, namespace = %pod.0, container.id = %id, "pod container started");
+                        self.inspect_into_map(&id).await;
+                    }
+                    Err(msg) => {
+                        warn!(pod = %pod.1, namespace = %pod.0, error = %msg, "pod could not be started");
+                        self.pod_errors.insert(pod.clone(), msg);
+                    }
+                }
+                self.starting.remove(&pod);
+            }
+            OpMsg::Removed { id, result } => {
+                self.removing.remove(&id);
+                match result {
+                    Ok(()) => {
+                        info!(container.id = %id, "removed the container of a pod that is gone or moved");
+                        self.touch(&id);
+                        self.containers.remove(&id);
+                    }
+                    Err(e) => {
+                        warn!(container.id = %id, error = %e, "removing a pod container failed; will retry")
+                    }
+                }
+            }
+            OpMsg::Resync {
+                generation,
+                seq,
+                list,
+                nets,
+            } => self.on_resync(generation, seq, list, nets),
+            OpMsg::Recheck(id) => {
+                if self.containers.get(&id).is_some_and(|c| c.held) {
+                    self.inspect_into_map(&id).await;
+                }
+            }
+        }
+    }
+
+    fn snapshot_synced(&self) -> bool {
+        self.snap.revision > 0 || self.snap.synced_at_ms > 0
+    }
+
+    /// Load what the store holds for this node, so the next reconcile
+    /// rewrites what differs (new lease, changed value) and deletes what no
+    /// longer exists (a container that died while the agent was away).
+    async fn reset(&mut self) {
+        let me = self.node.name.clone();
+        let store = self.store.clone();
+        let res: Result<BTreeMap<_, _>, StoreError> = async {
+            let mut w = BTreeMap::new();
+            let eps = timed(store.list(keys::prefix::ENDPOINTS)).await?;
+            for kv in eps.kvs {
+                if let Ok(Key::Endpoint { node, .. }) = Key::parse(&kv.key)
+                    && node == me
+                {
+                    w.insert(kv.key, (kv.value, kv.lease));
+                }
+            }
+            let sts = timed(store.list(keys::prefix::POD_STATUSES)).await?;
+            for kv in sts.kvs {
+                match decode::<PodStatus>(&kv.key, &kv.value) {
+                    Ok(st) if st.node.as_ref() == Some(&me) => {
+                        w.insert(kv.key, (kv.value, kv.lease));
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "skipping a pod status that does not parse"),
+                }
+            }
+            if let Some(kv) = timed(store.get(&keys::node(&me))).await? {
+                w.insert(kv.key, (kv.value, kv.lease));
+            }
+            Ok(w)
+        }
+        .await;
+        match res {
+            Ok(w) => {
+                self.written = w;
+                self.need_reset = false;
+            }
+            Err(e) => {
+                warn!(error = %e, "reading this node's keys from the store failed; will retry");
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn health_defaults(&self) -> (u64, u64) {
+        (
+            self.cfg.default_health_interval_ms,
+            self.cfg.default_health_timeout_ms,
+        )
+    }
+
+    /// Recompute the keys this node should have, start and stop health
+    /// checks and pod containers, and write the difference.
+    async fn reconcile(&mut self) {
+        let me = self.node.name.clone();
+        let snap = self.snap.clone();
+        let synced = self.snapshot_synced();
+        let (def_interval, def_timeout) = self.health_defaults();
+
+        let mut targets: HashMap<String, Target> = HashMap::new();
+        // (key, endpoint without readiness, readiness source)
+        let mut endpoints: Vec<(String, Endpoint, Ready)> = Vec::new();
+        let mut container_ready: HashMap<String, Ready> = HashMap::new();
+        let mut missing_services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+
+        if self.docker_synced {
+            for c in self.containers.values() {
+                let spec = match spec::parse(&c.labels) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        if spec::has_pier_labels(&c.labels) && self.warned.insert(c.id.clone()) {
+                            warn!(container.name = %c.name, container.id = %c.short_id(),
+                                label = %e.label, value = %e.value, error = %e.why,
+                                "skipping container with a bad label");
+                        }
+                        continue;
+                    }
+                };
+                let pod_here = spec.pod.is_some() && spec.node.as_ref() == Some(&me);
+                let services: Vec<&Arc<Service>> = snap
+                    .services
+                    .values()
+                    .filter(|s| spec::is_member(s, &spec, &c.labels))
+                    .collect();
+                let missing = spec
+                    .service
+                    .as_ref()
+                    .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
+                if services.is_empty() && missing.is_none() && !pod_here && spec.service.is_none() {
+                    continue;
+                }
+                let (Some(ip), true, false) = (c.ip, c.running, c.held) else {
+                    continue;
+                };
+                let port = spec.ports.first().map(|p| p.port).or_else(|| {
+                    services
+                        .iter()
+                        .find_map(|s| s.ports.first().map(|p| p.target_port))
+                });
+                let check = spec::health_check(
+                    &spec,
+                    c.image_has_healthcheck,
+                    port.is_some(),
+                    def_interval,
+                    def_timeout,
+                );
+                let ready = match (&check.kind, port) {
+                    (HealthKind::None, _) => Ready::Fixed(true),
+                    (HealthKind::Docker, _) => Ready::Fixed(c.docker_healthy == Some(true)),
+                    (_, Some(port)) => {
+                        targets.insert(
+                            c.id.clone(),
+                            Target {
+                                addr: SocketAddr::new(ip, port.get()),
+                                check,
+                            },
+                        );
+                        Ready::Check(c.id.clone())
+                    }
+                    (_, None) => {
+                        if self.warned.insert(c.id.clone()) {
+                            warn!(container.name = %c.name, container.id = %c.short_id(),
+                                label = pier_model::labels::HEALTH, error = "the check needs a port; add pier.port",
+                                "skipping container with a bad label");
+                        }
+                        continue;
+                    }
+                };
+                container_ready.insert(c.id.clone(), ready.clone());
+                let Ok(id) = Name::new(c.short_id()) else {
+                    continue;
+                };
+                let hostname = c.hostname.clone().or_else(|| Some(c.name.clone()));
+                let mk = |svc: &Name, svc_obj: Option<&Service>| Endpoint {
+                    service: svc.clone(),
+                    namespace: spec.namespace.clone(),
+                    node: me.clone(),
+                    id: id.clone(),
+                    pod: spec.pod.clone(),
+                    hostname: hostname.clone(),
+                    ip,
+                    ports: spec::endpoint_ports(&spec, svc_obj),
+                    ready: false,
+                    is_static: false,
+                };
+                for s in &services {
+                    endpoints.push((
+                        keys::endpoint(&s.namespace, &s.name, &me, &id),
+                        mk(&s.name, Some(s)),
+                        ready.clone(),
+                    ));
+                }
+                if let Some(svc) = missing {
+                    endpoints.push((
+                        keys::endpoint(&spec.namespace, svc, &me, &id),
+                        mk(svc, None),
+                        ready.clone(),
+                    ));
+                    missing_services
+                        .entry((spec.namespace.clone(), svc.clone()))
+                        .or_insert_with(|| auto_service(svc, &spec));
+                } else if !synced && let Some(svc) = &spec.service {
+                    // Before the first snapshot, register by label alone.
+                    endpoints.push((
+                        keys::endpoint(&spec.namespace, svc, &me, &id),
+                        mk(svc, None),
+                        ready.clone(),
+                    ));
+                }
+            }
+        }
+
+        // Static endpoints: every node checks them and registers its view.
+        for svc in snap.services.values() {
+            for (n, se) in svc.static_endpoints.iter().enumerate() {
+                let Ok(id) = Name::new(&format!("static-{n}")) else {
+                    continue;
+                };
+                let key = format!("static/{}/{}/{n}", svc.namespace, svc.name);
+                let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
+                    interval_ms: def_interval,
+                    timeout_ms: def_timeout,
+                    ..HealthCheck::new(HealthKind::Tcp)
+                });
+                if check.kind == HealthKind::Docker {
+                    check.kind = HealthKind::Tcp;
+                }
+                let ready = if check.kind == HealthKind::None {
+                    Ready::Fixed(true)
+                } else {
+                    targets.insert(
+                        key.clone(),
+                        Target {
+                            addr: SocketAddr::new(se.ip, se.port.get()),
+                            check,
+                        },
+                    );
+                    Ready::Check(key)
+                };
+                let port_name = svc
+                    .ports
+                    .first()
+                    .map(|p| p.name.clone())
+                    .or_else(|| Name::new(&format!("p{}", se.port.get())).ok());
+                endpoints.push((
+                    keys::endpoint(&svc.namespace, &svc.name, &me, &id),
+                    Endpoint {
+                        service: svc.name.clone(),
+                        namespace: svc.namespace.clone(),
+                        node: me.clone(),
+                        id,
+                        pod: None,
+                        hostname: None,
+                        ip: se.ip,
+                        ports: port_name
+                            .map(|name| {
+                                vec![EndpointPort {
+                                    name,
+                                    port: se.port,
+                                }]
+                            })
+                            .unwrap_or_default(),
+                        ready: false,
+                        is_static: true,
+                    },
+                    ready,
+                ));
+            }
+        }
+
+        self.sync_checks(targets);
+
+        let is_ready = |r: &Ready, checks: &HashMap<String, Check>| match r {
+            Ready::Fixed(b) => *b,
+            Ready::Check(k) => checks.get(k).is_some_and(|c| c.ready),
+        };
+
+        let mut desired: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        desired.insert(keys::node(&me), encode(&self.node));
+        for (key, mut ep, r) in endpoints {
+            ep.ready = is_ready(&r, &self.checks);
+            desired.insert(key, encode(&ep));
+        }
+
+        // The pod runtime.
+        if synced && self.docker_synced {
+            let my_pods: BTreeMap<&ObjectKey, &Arc<Pod>> =
+                snap.pods.iter().filter(|(_, p)| p.node == me).collect();
+            self.pod_errors.retain(|k, _| my_pods.contains_key(k));
+            // The containers pier started here, by pod; a running one wins.
+            let mut by_pod: HashMap<ObjectKey, &Container> = HashMap::new();
+            let mut to_remove: Vec<String> = Vec::new();
+            for c in self.containers.values() {
+                let (Some(pod), Some(node)) = (
+                    c.labels.get(pier_model::labels::POD),
+                    c.labels.get(pier_model::labels::NODE),
+                ) else {
+                    continue;
+                };
+                if node != me.as_str() {
+                    continue;
+                }
+                let ns = c
+                    .labels
+                    .get(pier_model::labels::NAMESPACE)
+                    .and_then(|n| pier_model::Namespace::new(n).ok())
+                    .unwrap_or_default();
+                let Ok(pod) = Name::new(pod) else { continue };
+                let k = (ns, pod);
+                if !my_pods.contains_key(&k) {
+                    if !self.removing.contains(&c.id) {
+                        to_remove.push(c.id.clone());
+                    }
+                    continue;
+                }
+                match by_pod.get(&k) {
+                    Some(o) if o.running => {}
+                    _ => {
+                        by_pod.insert(k, c);
+                    }
+                }
+            }
+            let mut to_start: Vec<Arc<Pod>> = Vec::new();
+            for (k, pod) in &my_pods {
+                let c = by_pod.get(*k);
+                let mut st = PodStatus {
+                    name: Some(pod.name.clone()),
+                    namespace: pod.namespace.clone(),
+                    node: Some(me.clone()),
+                    ..Default::default()
+                };
+                if let Some(c) = c {
+                    st.container_id = Some(c.id.clone());
+                    st.ip = c.ip;
+                    st.started_at = c.started_at_ms;
+                    st.restarts = c.restarts;
+                }
+                if let Some(msg) = self.pod_errors.get(*k) {
+                    st.phase = PodPhase::Failed;
+                    st.message = msg.clone();
+                } else if let Some(c) = c {
+                    if c.running {
+                        st.phase = PodPhase::Running;
+                        st.ready = container_ready
+                            .get(&c.id)
+                            .is_some_and(|r| is_ready(r, &self.checks));
+                    } else if c.started_at_ms.is_none() || self.starting.contains(*k) {
+                        st.phase = PodPhase::Pending;
+                        st.message = "container created, not started yet".into();
+                    } else {
+                        st.phase = PodPhase::Failed;
+                        st.message = if c.error.is_empty() {
+                            format!("container exited with code {}", c.exit_code.unwrap_or(-1))
+                        } else {
+                            format!("container failed: {}", c.error)
+                        };
+                    }
+                } else {
+                    st.phase = PodPhase::Pending;
+                    st.message = "creating the container".into();
+                    if !self.starting.contains(*k) {
+                        to_start.push((*pod).clone());
+                    }
+                }
+                desired.insert(keys::pod_status(&pod.namespace, &pod.name), encode(&st));
+            }
+            for pod in to_start {
+                self.spawn_start(pod);
+            }
+            for id in to_remove {
+                self.spawn_remove(id);
+            }
+        }
+
+        if synced {
+            for (k, svc) in missing_services {
+                if self.services_created.contains(&k) {
+                    continue;
+                }
+                let r = tokio::time::timeout(
+                    STORE_TIMEOUT,
+                    pier_store::alloc::create_service(&*self.store, &self.alloc, svc, true),
+                )
+                .await;
+                match r {
+                    Ok(Ok(s)) => {
+                        info!(service = %s.name, namespace = %s.namespace, vip = ?s.vip, "created service for a labelled container");
+                        self.services_created.insert(k);
+                    }
+                    Ok(Err(pier_store::alloc::AllocError::AlreadyExists(_))) => {
+                        self.services_created.insert(k);
+                    }
+                    Ok(Err(e)) => {
+                        warn!(service = %k.1, namespace = %k.0, error = %e, "creating a service failed; will retry");
+                        self.dirty = true;
+                    }
+                    Err(_) => {
+                        warn!(service = %k.1, namespace = %k.0, "creating a service timed out; will retry");
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+
+        self.write(desired, synced && self.docker_synced).await;
+    }
+
+    fn sync_checks(&mut self, targets: HashMap<String, Target>) {
+        self.checks.retain(|k, c| {
+            let keep = targets.get(k) == Some(&c.target);
+            if !keep {
+                c.cancel.cancel();
+            }
+            keep
+        });
+        for (k, t) in targets {
+            if self.checks.contains_key(&k) {
+                continue;
+            }
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            let cancel = self.tasks_cancel.child_token();
+            self.spawn(health::run(
+                k.clone(),
+                generation,
+                t.clone(),
+                self.health_tx.clone(),
+                cancel.clone(),
+            ));
+            self.checks.insert(
+                k,
+                Check {
+                    target: t,
+                    generation,
+                    ready: false,
+                    cancel,
+                },
+            );
+        }
+    }
+
+    fn pod_settings(&self) -> PodSettings {
+        let mut extra = self.cfg.filter_labels.clone();
+        extra.extend(self.cfg.pod_labels.clone());
+        PodSettings {
+            node: self.node.name.to_string(),
+            extra_labels: extra,
+            network: self.cfg.pod_network.clone(),
+            registry: self.cfg.registry.clone(),
+            dns: self.node.dns_addr,
+            dns_search: self.dns_search.clone(),
+        }
+    }
+
+    fn spawn_start(&mut self, pod: Arc<Pod>) {
+        let Some(d) = self.docker.clone() else { return };
+        let key = (pod.namespace.clone(), pod.name.clone());
+        self.starting.insert(key.clone());
+        let settings = self.pod_settings();
+        let tx = self.op_tx.clone();
+        let cancel = self.tasks_cancel.clone();
+        info!(pod = %pod.name, namespace = %pod.namespace, image = %pod.template.image, "starting pod");
+        self.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = docker::start_pod(&d, &pod, &settings) => {
+                    let _ = tx.send(OpMsg::PodStarted { pod: key, result: r });
+                }
+            }
+        });
+    }
+
+    fn spawn_remove(&mut self, id: String) {
+        let Some(d) = self.docker.clone() else { return };
+        self.removing.insert(id.clone());
+        let tx = self.op_tx.clone();
+        let cancel = self.tasks_cancel.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = docker::remove_pod_container(&d, &id) => {
+                    let _ = tx.send(OpMsg::Removed { id, result: r.map_err(|e| e.to_string()) });
+                }
+            }
+        });
+    }
+
+    /// Write what differs from `written`. Deletes only once both Docker and
+    /// the store have been seen in full, so a restart does not flap
+    /// endpoints of containers that are still running.
+    async fn write(&mut self, desired: BTreeMap<String, Vec<u8>>, may_delete: bool) {
+        let Some(lease) = self.lease else { return };
+        self.dirty = false;
+        if may_delete {
+            let stale: Vec<String> = self
+                .written
+                .keys()
+                .filter(|k| !desired.contains_key(*k))
+                .cloned()
+                .collect();
+            for k in stale {
+                match timed(self.store.delete(&k)).await {
+                    Ok(_) => {
+                        debug!(key = %k, "deleted");
+                        self.written.remove(&k);
+                    }
+                    Err(e) => {
+                        warn!(key = %k, error = %e, "store delete failed; will retry");
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+        for (k, v) in desired {
+            if self
+                .written
+                .get(&k)
+                .is_some_and(|(wv, wl)| *wv == v && *wl == Some(lease))
+            {
+                continue;
+            }
+            match timed(self.store.put(&k, v.clone(), Some(lease))).await {
+                Ok(_) => {
+                    debug!(key = %k, "written");
+                    self.written.insert(k, (v, Some(lease)));
+                }
+                Err(e) => {
+                    warn!(key = %k, error = %e, "store put failed; will retry");
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Deregister this node's endpoints and stop every task. Containers are
+    /// left running; the caller revokes the lease.
+    async fn shutdown(mut self) {
+        info!("agent stopping: deregistering endpoints");
+        self.tasks_cancel.cancel();
+        let eps: Vec<String> = self
+            .written
+            .keys()
+            .filter(|k| k.starts_with(keys::prefix::ENDPOINTS))
+            .cloned()
+            .collect();
+        let store = self.store.clone();
+        let del = async {
+            for k in eps {
+                if let Err(e) = store.delete(&k).await {
+                    warn!(key = %k, error = %e, "deregistering an endpoint failed");
+                }
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, del).await.is_err() {
+            warn!("deregistering endpoints timed out; the lease takes them");
+        }
+        self.written.clear();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("agent tasks did not stop in time");
+        }
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(STORE_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "no answer within {STORE_TIMEOUT:?}"
+        ))),
+    }
+}
+
+/// The service an agent creates for a `pier.service` container whose
+/// service does not exist: its ports named like the endpoint's, with
+/// `port == target_port`.
+fn auto_service(name: &Name, spec: &Spec) -> Service {
+    Service {
+        name: name.clone(),
+        namespace: spec.namespace.clone(),
+        vip: None,
+        service_type: ServiceType::ClusterIP,
+        ports: spec::endpoint_ports(spec, None)
+            .into_iter()
+            .map(|p| ServicePort {
+                name: p.name,
+                port: p.port,
+                target_port: p.port,
+                node_port: None,
+            })
+            .collect(),
+        selector: Default::default(),
+        static_endpoints: Vec::new(),
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: now_ms(),
+    }
+}

@@ -1,0 +1,321 @@
+//! What a container's labels ask of pier, parsed and validated.
+//!
+//! A label that does not parse makes the whole container invalid: the caller
+//! logs one warning naming the container and the label and skips it.
+
+use pier_model::{
+    EndpointPort, HealthCheck, HealthKind, Labels, Name, Namespace, PortNum, Service, labels,
+};
+
+/// One container port from `pier.port` (unnamed) or `pier.ports` (named).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PortSpec {
+    pub name: Option<Name>,
+    pub port: PortNum,
+}
+
+/// The pier labels of one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Spec {
+    /// From `pier.service`.
+    pub service: Option<Name>,
+    /// From `pier.namespace`, default `default`.
+    pub namespace: Namespace,
+    pub ports: Vec<PortSpec>,
+    /// From `pier.health`; `None` picks the default.
+    pub health: Option<HealthKind>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub healthy: Option<u32>,
+    pub unhealthy: Option<u32>,
+    /// From `pier.pod` (containers pier started).
+    pub pod: Option<Name>,
+    /// From `pier.node`.
+    pub node: Option<Name>,
+}
+
+/// A label that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("label {label}={value:?}: {why}")]
+pub(crate) struct LabelError {
+    pub label: String,
+    pub value: String,
+    pub why: String,
+}
+
+fn bad(label: &str, value: &str, why: impl ToString) -> LabelError {
+    LabelError {
+        label: label.to_owned(),
+        value: value.chars().take(80).collect(),
+        why: why.to_string(),
+    }
+}
+
+fn port(label: &str, value: &str, s: &str) -> Result<PortNum, LabelError> {
+    let n: u16 = s.trim().parse().map_err(|_| {
+        bad(
+            label,
+            value,
+            format!("port {s:?} is not a number from 1 to 65535"),
+        )
+    })?;
+    PortNum::new(n).map_err(|e| bad(label, value, e))
+}
+
+fn number<T: std::str::FromStr>(l: &Labels, label: &str) -> Result<Option<T>, LabelError> {
+    match l.get(label) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| bad(label, v, "not a whole number")),
+    }
+}
+
+/// Whether a container carries any `pier.` label (and so deserves a warning
+/// when they do not parse).
+pub(crate) fn has_pier_labels(l: &Labels) -> bool {
+    l.keys()
+        .any(|k| k.starts_with("pier.") && k != "pier.test-run")
+}
+
+/// Parse a container's pier labels.
+pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
+    let name = |label: &str| -> Result<Option<Name>, LabelError> {
+        l.get(label)
+            .map(|v| Name::new(v).map_err(|e| bad(label, v, e)))
+            .transpose()
+    };
+    let service = name(labels::SERVICE)?;
+    let pod = name(labels::POD)?;
+    let node = name(labels::NODE)?;
+    let namespace = match l.get(labels::NAMESPACE) {
+        None => Namespace::default(),
+        Some(v) => Namespace::new(v).map_err(|e| bad(labels::NAMESPACE, v, e))?,
+    };
+    let mut ports = Vec::new();
+    if let Some(v) = l.get(labels::PORTS) {
+        for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (n, p) = match item.split_once(':') {
+                Some((n, p)) => (
+                    Some(Name::new(n.trim()).map_err(|e| bad(labels::PORTS, v, e))?),
+                    p,
+                ),
+                None => (None, item),
+            };
+            ports.push(PortSpec {
+                name: n,
+                port: port(labels::PORTS, v, p)?,
+            });
+        }
+        if ports.is_empty() {
+            return Err(bad(labels::PORTS, v, "no ports; write name:port,name:port"));
+        }
+    }
+    if let Some(v) = l.get(labels::PORT) {
+        let p = port(labels::PORT, v, v)?;
+        if !ports.iter().any(|x| x.port == p) {
+            ports.push(PortSpec {
+                name: None,
+                port: p,
+            });
+        }
+    }
+    let health = l
+        .get(labels::HEALTH)
+        .map(|v| {
+            v.trim()
+                .parse::<HealthKind>()
+                .map_err(|e| bad(labels::HEALTH, v, e))
+        })
+        .transpose()?;
+    let spec = Spec {
+        service,
+        namespace,
+        ports,
+        health,
+        interval_ms: number(l, labels::HEALTH_INTERVAL)?,
+        timeout_ms: number(l, labels::HEALTH_TIMEOUT)?,
+        healthy: number(l, labels::HEALTH_HEALTHY)?,
+        unhealthy: number(l, labels::HEALTH_UNHEALTHY)?,
+        pod,
+        node,
+    };
+    for (label, v) in [
+        (labels::HEALTH_INTERVAL, spec.interval_ms),
+        (labels::HEALTH_TIMEOUT, spec.timeout_ms),
+    ] {
+        if v == Some(0) {
+            return Err(bad(label, "0", "must be at least 1"));
+        }
+    }
+    for (label, v) in [
+        (labels::HEALTH_HEALTHY, spec.healthy),
+        (labels::HEALTH_UNHEALTHY, spec.unhealthy),
+    ] {
+        if v == Some(0) {
+            return Err(bad(label, "0", "must be at least 1"));
+        }
+    }
+    Ok(spec)
+}
+
+/// Whether a container with these labels and spec is an endpoint of `svc`:
+/// it names the service in `pier.service`, or the service's non-empty
+/// selector is a subset of its labels (in the same namespace).
+pub(crate) fn is_member(svc: &Service, spec: &Spec, l: &Labels) -> bool {
+    if svc.namespace != spec.namespace {
+        return false;
+    }
+    if spec.service.as_ref() == Some(&svc.name) {
+        return true;
+    }
+    !svc.selector.is_empty() && svc.selector.iter().all(|(k, v)| l.get(k) == Some(v))
+}
+
+/// The endpoint ports of a container for a service.
+///
+/// A named port (`pier.ports=http:8080`) keeps its name. An unnamed one
+/// (`pier.port=8080`) takes the name of the service port that targets it,
+/// else `p<port>` (`p8080`), which is also the name an auto-created service
+/// gives it.
+pub(crate) fn endpoint_ports(spec: &Spec, svc: Option<&Service>) -> Vec<EndpointPort> {
+    spec.ports
+        .iter()
+        .filter_map(|p| {
+            let name = match &p.name {
+                Some(n) => Some(n.clone()),
+                None => svc
+                    .and_then(|s| s.ports.iter().find(|sp| sp.target_port == p.port))
+                    .map(|sp| sp.name.clone())
+                    .or_else(|| Name::new(&format!("p{}", p.port.get())).ok()),
+            };
+            name.map(|name| EndpointPort { name, port: p.port })
+        })
+        .collect()
+}
+
+/// The health check for a container: its labels, then the defaults
+/// (Docker's own status where the image has a HEALTHCHECK, else TCP on the
+/// first port, else none). `fallback_port` is the first target port of a
+/// service the container belongs to, for containers without port labels.
+pub(crate) fn health_check(
+    spec: &Spec,
+    image_has_healthcheck: bool,
+    has_port: bool,
+    interval_ms: u64,
+    timeout_ms: u64,
+) -> HealthCheck {
+    let kind = spec.health.clone().unwrap_or(if image_has_healthcheck {
+        HealthKind::Docker
+    } else if has_port {
+        HealthKind::Tcp
+    } else {
+        HealthKind::None
+    });
+    HealthCheck {
+        kind,
+        interval_ms: spec.interval_ms.unwrap_or(interval_ms),
+        timeout_ms: spec.timeout_ms.unwrap_or(timeout_ms),
+        healthy_threshold: spec.healthy.unwrap_or(HealthCheck::default_healthy()),
+        unhealthy_threshold: spec.unhealthy.unwrap_or(HealthCheck::default_unhealthy()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lbl(kv: &[(&str, &str)]) -> Labels {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_service_and_ports() {
+        let s = parse(&lbl(&[
+            ("pier.service", "web"),
+            ("pier.ports", "http:8080, admin:9000"),
+            ("pier.health", "http:/healthz"),
+        ]))
+        .unwrap();
+        assert_eq!(s.service.unwrap().as_str(), "web");
+        assert_eq!(s.namespace.as_str(), "default");
+        assert_eq!(s.ports.len(), 2);
+        assert_eq!(s.ports[1].name.as_ref().unwrap().as_str(), "admin");
+        assert_eq!(
+            s.health,
+            Some(HealthKind::Http {
+                path: "/healthz".into()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_labels_name_the_label() {
+        for (k, v) in [
+            ("pier.port", "http"),
+            ("pier.port", "70000"),
+            ("pier.health", "grpc"),
+            ("pier.service", "Web_1"),
+            ("pier.ports", "http:x"),
+            ("pier.health.interval-ms", "soon"),
+        ] {
+            let e = parse(&lbl(&[("pier.service", "web"), (k, v)])).unwrap_err();
+            assert_eq!(e.label, k, "{e}");
+            assert!(e.to_string().contains(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn unnamed_port_takes_service_port_name() {
+        let s = parse(&lbl(&[("pier.service", "web"), ("pier.port", "8080")])).unwrap();
+        let p = endpoint_ports(&s, None);
+        assert_eq!(p[0].name.as_str(), "p8080");
+        let svc: Service = serde_json::from_str(
+            r#"{"name":"web","ports":[{"name":"http","port":80,"target_port":8080}]}"#,
+        )
+        .unwrap();
+        let p = endpoint_ports(&s, Some(&svc));
+        assert_eq!(p[0].name.as_str(), "http");
+        assert!(is_member(&svc, &s, &lbl(&[])));
+    }
+
+    #[test]
+    fn selector_membership_needs_all_labels_and_namespace() {
+        let svc: Service = serde_json::from_str(
+            r#"{"name":"api","ports":[],"selector":{"pier.replicaset":"api","tier":"a"}}"#,
+        )
+        .unwrap();
+        let l = lbl(&[("pier.replicaset", "api"), ("tier", "a")]);
+        let s = parse(&l).unwrap();
+        assert!(is_member(&svc, &s, &l));
+        let l2 = lbl(&[("pier.replicaset", "api")]);
+        assert!(!is_member(&svc, &parse(&l2).unwrap(), &l2));
+        let l3 = lbl(&[
+            ("pier.replicaset", "api"),
+            ("tier", "a"),
+            ("pier.namespace", "x"),
+        ]);
+        assert!(!is_member(&svc, &parse(&l3).unwrap(), &l3));
+    }
+
+    #[test]
+    fn default_health() {
+        let s = parse(&lbl(&[("pier.service", "web")])).unwrap();
+        assert_eq!(
+            health_check(&s, true, true, 500, 1000).kind,
+            HealthKind::Docker
+        );
+        assert_eq!(
+            health_check(&s, false, true, 500, 1000).kind,
+            HealthKind::Tcp
+        );
+        assert_eq!(
+            health_check(&s, false, false, 500, 1000).kind,
+            HealthKind::None
+        );
+    }
+}

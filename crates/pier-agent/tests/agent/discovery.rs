@@ -1,0 +1,421 @@
+//! Discovery, registration and health against the real dockerd and a real
+//! embedded store.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use pier_model::{Name, Namespace, Service, keys};
+use pier_store::alloc::create_service;
+
+use crate::harness::*;
+
+fn web_endpoint(s: &pier_model::Snapshot, svc: &str, id: &str) -> Option<pier_model::Endpoint> {
+    endpoints(s, svc).get(&short(id)).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_container_is_ready_within_1s_of_its_check_and_kill_removes_it_within_1s()
+-> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+
+    let id = d.run_container(&[("pier.service", "web"), ("pier.port", "8080")], &[])?;
+    let ip = d.ip(&id)?;
+    let passed = tcp_until_open(ip, 8080, Duration::from_secs(10)).await?;
+    let ep = wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "a ready endpoint",
+        |s| web_endpoint(s, "web", &id).filter(|e| e.ready),
+    )
+    .await?;
+    let lag = passed.elapsed();
+    ensure!(
+        lag <= Duration::from_secs(1),
+        "ready {lag:?} after the check passed"
+    );
+    ensure!(ep.ip == ip, "endpoint ip {} != container ip {ip}", ep.ip);
+    ensure!(ep.node.as_str() == "n1");
+    ensure!(ep.ports.len() == 1 && ep.ports[0].port.get() == 8080);
+    ensure!(ep.ports[0].name.as_str() == "p8080", "{:?}", ep.ports);
+    ensure!(!ep.is_static);
+
+    // The missing service was created once, with a VIP and the same port.
+    let svc = wait_snap(
+        &mut snap,
+        Duration::from_secs(5),
+        "the auto-created service",
+        |s| {
+            s.service(&Namespace::default(), &Name::new("web").ok()?)
+                .cloned()
+        },
+    )
+    .await?;
+    let vip = svc.vip.context("auto-created service has no VIP")?;
+    ensure!(
+        alloc().service_cidr.contains(vip),
+        "VIP {vip} outside the service CIDR"
+    );
+    ensure!(svc.ports.len() == 1);
+    ensure!(svc.ports[0].port.get() == 8080 && svc.ports[0].target_port.get() == 8080);
+    ensure!(svc.ports[0].name.as_str() == "p8080");
+
+    // The node record is there, and Docker's subnets were published.
+    ensure!(
+        snap.borrow().nodes.contains_key("n1"),
+        "node not registered"
+    );
+    let subnet = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        &d.net,
+    ])?;
+    let nets = agent.networks.borrow().clone();
+    ensure!(
+        nets.iter().any(|c| c.to_string() == subnet),
+        "published networks {nets:?} miss {subnet}"
+    );
+
+    d.ok(&["kill", &id])?;
+    let killed = Instant::now();
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(5),
+        "the endpoint to go",
+        |s| web_endpoint(s, "web", &id).is_none().then_some(()),
+    )
+    .await?;
+    let gone = killed.elapsed();
+    ensure!(
+        gone <= Duration::from_secs(1),
+        "endpoint removed {gone:?} after docker kill"
+    );
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_removed_when_container_killed_while_agent_down_and_added_when_started()
+-> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    // 60 s: the old lease must not expire during the test, so only the
+    // restarted agent can remove the stale endpoint.
+    let env = StoreEnv::embedded(60).await?;
+    let mut snap = env.snapshot();
+    let a1 = InProcAgent::start(&env, "n1", agent_config(&d));
+    let labels = [("pier.service", "web"), ("pier.port", "8080")];
+    let stays = d.run_container(&labels, &[])?;
+    let dies = d.run_container(&labels, &[])?;
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "both endpoints ready",
+        |s| {
+            let e = endpoints(s, "web");
+            (e.get(&short(&stays)).is_some_and(|e| e.ready)
+                && e.get(&short(&dies)).is_some_and(|e| e.ready))
+            .then_some(())
+        },
+    )
+    .await?;
+
+    // Crash: no deregistration, and the old lease lives on.
+    a1.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.ok(&["rm", "-f", &dies])?;
+    let born = d.run_container(&labels, &[])?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        web_endpoint(&snap.borrow(), "web", &dies).is_some(),
+        "the stale endpoint vanished without an agent; the test proves nothing"
+    );
+
+    // Restart with a new lease, as a restarted process gets.
+    let keeper2_cancel = tokio_util::sync::CancellationToken::new();
+    let keeper2 = pier_store::lease::LeaseKeeper::start(
+        env.store.clone(),
+        pier_store::Ttl::from_secs(60)?,
+        keeper2_cancel.clone(),
+    )
+    .await?;
+    let a2 = InProcAgent::start_with(&env, "n1", agent_config(&d), keeper2.subscribe());
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "registry to match docker",
+        |s| {
+            let e = endpoints(s, "web");
+            (!e.contains_key(&short(&dies))
+                && e.get(&short(&born)).is_some_and(|e| e.ready)
+                && e.get(&short(&stays)).is_some_and(|e| e.ready))
+            .then_some(())
+        },
+    )
+    .await?;
+    // The survivor's endpoint moved to the new lease.
+    let lease2 = (*keeper2.subscribe().borrow()).context("no lease")?;
+    let key = keys::endpoint(
+        &Namespace::default(),
+        &Name::new("web")?,
+        &Name::new("n1")?,
+        &Name::new(&short(&stays))?,
+    );
+    let kv = env
+        .store
+        .get(&key)
+        .await?
+        .context("survivor endpoint missing")?;
+    ensure!(
+        kv.lease == Some(lease2),
+        "endpoint lease {:?} != new lease {lease2:?}",
+        kv.lease
+    );
+    a2.stop().await?;
+    keeper2_cancel.cancel();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_http_check_flips_ready_and_back() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    let id = d.run_container(
+        &[
+            ("pier.service", "web"),
+            ("pier.port", "8080"),
+            ("pier.health", "http:/healthz"),
+            ("pier.health.interval-ms", "100"),
+        ],
+        &[],
+    )?;
+    // /healthz is a 404 at first: registered, not ready.
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "an unready endpoint",
+        |s| web_endpoint(s, "web", &id).filter(|e| !e.ready),
+    )
+    .await?;
+    tcp_until_open(d.ip(&id)?, 8080, Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        web_endpoint(&snap.borrow(), "web", &id).is_some_and(|e| !e.ready),
+        "ready although /healthz is a 404"
+    );
+    for round in 0..2 {
+        d.ok(&["exec", &id, "sh", "-c", "echo ok > /www/healthz"])?;
+        wait_snap(
+            &mut snap,
+            Duration::from_secs(3),
+            "ready after /healthz appears",
+            |s| web_endpoint(s, "web", &id).filter(|e| e.ready),
+        )
+        .await
+        .with_context(|| format!("round {round}"))?;
+        d.ok(&["exec", &id, "rm", "/www/healthz"])?;
+        wait_snap(
+            &mut snap,
+            Duration::from_secs(3),
+            "unready after /healthz goes",
+            |s| web_endpoint(s, "web", &id).filter(|e| !e.ready),
+        )
+        .await
+        .with_context(|| format!("round {round}"))?;
+    }
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_labels_warn_with_container_and_label_and_skip_only_that_container() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let bad: [Case<'_>; 4] = [
+        (
+            "badport",
+            &[("pier.service", "web"), ("pier.port", "http")],
+            "pier.port",
+        ),
+        (
+            "badhealth",
+            &[
+                ("pier.service", "web"),
+                ("pier.port", "8080"),
+                ("pier.health", "grpc"),
+            ],
+            "pier.health",
+        ),
+        (
+            "badname",
+            &[("pier.service", "Web_1"), ("pier.port", "8080")],
+            "pier.service",
+        ),
+        (
+            "badports",
+            &[("pier.service", "web"), ("pier.ports", "http:99999")],
+            "pier.ports",
+        ),
+    ];
+    let mut names = Vec::new();
+    for (what, labels, label) in bad {
+        let name = format!("{what}-{}", d.run);
+        d.run_container(labels, &["--name", &name])?;
+        names.push((name, label));
+    }
+    let good = d.run_container(&[("pier.service", "web"), ("pier.port", "8080")], &[])?;
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "the good endpoint",
+        |s| web_endpoint(s, "web", &good).filter(|e| e.ready),
+    )
+    .await?;
+    // Give the agent a resync round over the bad ones too.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = snap.borrow().clone();
+    let total: usize = s.endpoints.values().map(|m| m.len()).sum();
+    ensure!(
+        total == 1,
+        "only the good container is an endpoint, got {total}"
+    );
+    let logs = log_text();
+    for (name, label) in &names {
+        let line = logs
+            .lines()
+            .find(|l| l.contains(name.as_str()) && l.contains("bad label"))
+            .with_context(|| format!("no warning about {name}"))?;
+        ensure!(
+            line.contains(label),
+            "warning about {name} does not name {label}: {line}"
+        );
+        ensure!(line.contains("WARN"), "not a warning: {line}");
+        // Once per container, not once per resync.
+        let n = logs
+            .lines()
+            .filter(|l| l.contains(name.as_str()) && l.contains("bad label"))
+            .count();
+        ensure!(n == 1, "{n} warnings for {name}");
+    }
+    ensure!(agent.is_running(), "the agent stopped");
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_service_picks_up_running_container_when_created() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    let app = format!("app-{}", d.run);
+    let id = d.run_container(&[("app", &app), ("pier.port", "8080")], &[])?;
+    tcp_until_open(d.ip(&id)?, 8080, Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total: usize = snap.borrow().endpoints.values().map(|m| m.len()).sum();
+    ensure!(total == 0, "a container with no service became an endpoint");
+
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "name": "sel",
+        "ports": [{"name": "http", "port": 80, "target_port": 8080}],
+        "selector": {"app": app},
+    }))?;
+    create_service(&*env.store, &alloc(), svc, true).await?;
+    let ep = wait_snap(
+        &mut snap,
+        Duration::from_secs(5),
+        "the selected endpoint",
+        |s| web_endpoint(s, "sel", &id).filter(|e| e.ready),
+    )
+    .await?;
+    ensure!(
+        ep.ports[0].name.as_str() == "http",
+        "port named after the service port: {:?}",
+        ep.ports
+    );
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_endpoints_are_checked_and_registered_by_the_node() -> Result<()> {
+    init_tracing();
+    let env = StoreEnv::embedded(5).await?;
+    let d = TestDocker::new()?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    let open = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let open_port = open.local_addr()?.port();
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let accept = tokio::spawn(async move {
+        loop {
+            if open.accept().await.is_err() {
+                break;
+            }
+        }
+    });
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "name": "ext",
+        "ports": [{"name": "db", "port": 5432, "target_port": 5432}],
+        "static_endpoints": [
+            {"ip": "127.0.0.1", "port": open_port},
+            {"ip": "127.0.0.1", "port": closed_port},
+        ],
+    }))?;
+    create_service(&*env.store, &alloc(), svc, true).await?;
+    let (up, down) = wait_snap(&mut snap, Duration::from_secs(5), "static endpoints", |s| {
+        let e = endpoints(s, "ext");
+        let up = e.get("static-0")?.clone();
+        let down = e.get("static-1")?.clone();
+        up.ready.then_some((up, down))
+    })
+    .await?;
+    ensure!(up.is_static && down.is_static);
+    ensure!(!down.ready, "a closed port is ready");
+    ensure!(up.ports[0].name.as_str() == "db" && up.ports[0].port.get() == open_port);
+    accept.abort();
+    agent.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_deregisters_endpoints_and_leaves_containers_running() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(30).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    let id = d.run_container(&[("pier.service", "web"), ("pier.port", "8080")], &[])?;
+    wait_snap(&mut snap, Duration::from_secs(10), "endpoint", |s| {
+        web_endpoint(s, "web", &id).filter(|e| e.ready)
+    })
+    .await?;
+    agent.stop().await?;
+    // Endpoints go at once (the lease, 30 s, is still alive).
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(2),
+        "endpoint deregistered",
+        |s| web_endpoint(s, "web", &id).is_none().then_some(()),
+    )
+    .await?;
+    let running = d.ok(&["inspect", "-f", "{{.State.Running}}", &id])?;
+    ensure!(running == "true", "container stopped with the agent");
+    Ok(())
+}

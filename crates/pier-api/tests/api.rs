@@ -1,0 +1,1078 @@
+//! The API server on 127.0.0.1:0 over a real EmbeddedStore (temp dir) and a
+//! real Reflector, driven by the typed Client and by raw HTTP.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pier_api::{ApiConfig, ApiError, ApiState, Client, Problems, serve};
+use pier_model::api::{ExposeRequest, PodView, Resource, ScaleRequest, WatchEventType};
+use pier_model::{
+    ContainerPort, Endpoint, EndpointPort, Name, Namespace, Node, Pod, PodPhase, PodStatus,
+    PodTemplate, PortNum, ReplicaSet, Replicas, Service, ServicePort, ServiceType, encode, keys,
+};
+use pier_store::alloc::AllocConfig;
+use pier_store::{EmbeddedStore, Store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+fn n(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn ns() -> Namespace {
+    Namespace::default()
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+    addr: SocketAddr,
+    client: Client,
+    ready_tx: watch::Sender<bool>,
+    problems_tx: watch::Sender<Problems>,
+    server: Option<tokio::task::JoinHandle<Result<(), ApiError>>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut ApiConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+        let cancel = CancellationToken::new();
+        let reflector =
+            pier_store::reflector::Reflector::spawn(store.clone(), cancel.child_token());
+        reflector.synced().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cfg = ApiConfig {
+            listen: addr,
+            ..ApiConfig::default()
+        };
+        tune(&mut cfg);
+        let token = cfg.token.clone();
+        let (ready_tx, ready_rx) = watch::channel(true);
+        let (problems_tx, problems_rx) = watch::channel(Problems::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        counter.inc();
+        registry.register("pier_test_things", "Things counted by the test", counter);
+        let state = ApiState {
+            store: store.clone(),
+            snapshot: reflector.subscribe(),
+            alloc: AllocConfig {
+                service_cidr: "10.213.0.0/16".parse().unwrap(),
+                node_port_min: 30000,
+                node_port_max: 30010,
+            },
+            node: n("n1"),
+            registry: Arc::new(registry),
+            readiness: vec![("test", ready_rx)],
+            problems: vec![problems_rx],
+        };
+        let server = tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
+        let client = Client::new(&format!("http://{addr}"), token).unwrap();
+        Harness {
+            _dir: dir,
+            store,
+            cancel,
+            addr,
+            client,
+            ready_tx,
+            problems_tx,
+            server: Some(server),
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, for up to 5 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One raw HTTP/1.1 request with `Connection: close`; returns the status and
+/// the body.
+async fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let chunked = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"));
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !chunked {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) and close before the body is all sent.
+    if chunked {
+        for c in body.chunks(1000) {
+            if s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+                .await
+                .is_err()
+                || s.write_all(c).await.is_err()
+                || s.write_all(b"\r\n").await.is_err()
+            {
+                break;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    } else {
+        let _ = s.write_all(body).await;
+    }
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn rs(name: &str, replicas: u32) -> ReplicaSet {
+    ReplicaSet {
+        name: n(name),
+        namespace: ns(),
+        template: PodTemplate {
+            image: "pier-test/httpd:latest".into(),
+            ports: vec![ContainerPort {
+                name: n("http"),
+                port: PortNum::new(8080).unwrap(),
+            }],
+            ..Default::default()
+        },
+        replicas: Replicas::new(replicas).unwrap(),
+        placement: Default::default(),
+        min_replicas: None,
+        max_replicas: None,
+        created_at: 0,
+    }
+}
+
+async fn put_pod(store: &dyn Store, rs: &ReplicaSet, pod: &str, status: Option<PodStatus>) {
+    let p = Pod {
+        name: n(pod),
+        namespace: ns(),
+        replicaset: rs.name.clone(),
+        node: n("n1"),
+        template_hash: rs.template.hash(),
+        template: rs.template.clone(),
+        created_at: 1,
+    };
+    store
+        .put(&keys::pod(&ns(), &p.name), encode(&p), None)
+        .await
+        .unwrap();
+    if let Some(st) = status {
+        store
+            .put(&keys::pod_status(&ns(), &p.name), encode(&st), None)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn replicaset_crud() {
+    let h = Harness::start().await;
+    let c = &h.client;
+    let v = c.create_replicaset(&rs("web", 2)).await.unwrap();
+    assert_eq!(
+        (v.name.as_str(), v.replicas.get(), v.current, v.ready),
+        ("web", 2, 0, 0)
+    );
+    assert!(v.created_at > 0);
+    // Read-your-write: the list right after the create shows it.
+    let all = c.list_replicasets(None).await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(c.list_replicasets(Some(&ns())).await.unwrap().len(), 1);
+    let other = Namespace::new("other").unwrap();
+    assert!(c.list_replicasets(Some(&other)).await.unwrap().is_empty());
+    assert_eq!(
+        c.get_replicaset(&ns(), &n("web"))
+            .await
+            .unwrap()
+            .template
+            .image,
+        "pier-test/httpd:latest"
+    );
+    // The stored object is the model's.
+    let kv = h
+        .store
+        .get(&keys::replicaset(&ns(), &n("web")))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: ReplicaSet = pier_model::decode(&kv.key, &kv.value).unwrap();
+    assert_eq!(stored.replicas.get(), 2);
+
+    let e = c.create_replicaset(&rs("web", 3)).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(e.to_string().contains("already exists"), "{e}");
+
+    let s = c
+        .scale_replicaset(
+            &ns(),
+            &n("web"),
+            &ScaleRequest {
+                replicas: Some(Replicas::new(5).unwrap()),
+                delta: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.replicas.get(), 5);
+    assert_eq!(
+        c.get_replicaset(&ns(), &n("web"))
+            .await
+            .unwrap()
+            .replicas
+            .get(),
+        5
+    );
+
+    c.delete_replicaset(&ns(), &n("web")).await.unwrap();
+    assert!(
+        h.store
+            .get(&keys::replicaset(&ns(), &n("web")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let e = c.get_replicaset(&ns(), &n("web")).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    assert!(e.to_string().contains("\"web\" not found"), "{e}");
+    assert_eq!(
+        c.delete_replicaset(&ns(), &n("web"))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    let e = c
+        .scale_replicaset(
+            &ns(),
+            &n("web"),
+            &ScaleRequest {
+                replicas: Some(Replicas::new(1).unwrap()),
+                delta: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+}
+
+#[tokio::test]
+async fn pods_merge_their_status_and_delete_removes_the_key() {
+    let h = Harness::start().await;
+    let c = &h.client;
+    let r = rs("web", 2);
+    c.create_replicaset(&r).await.unwrap();
+    put_pod(
+        &*h.store,
+        &r,
+        "web-aaaaa",
+        Some(PodStatus {
+            name: Some(n("web-aaaaa")),
+            namespace: ns(),
+            node: Some(n("n1")),
+            phase: PodPhase::Running,
+            ready: true,
+            container_id: Some("c0ffee".into()),
+            ip: Some("172.17.0.5".parse().unwrap()),
+            started_at: Some(2),
+            restarts: 1,
+            message: String::new(),
+        }),
+    )
+    .await;
+    put_pod(&*h.store, &r, "web-bbbbb", None).await;
+    let pods = eventually("both pods", || async {
+        let p = c.list_pods(Some(&ns())).await.unwrap();
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+    let a = &pods[0];
+    assert_eq!(
+        (
+            a.name.as_str(),
+            a.replicaset.as_str(),
+            a.node.as_str(),
+            a.phase,
+            a.ready,
+            a.restarts
+        ),
+        ("web-aaaaa", "web", "n1", PodPhase::Running, true, 1)
+    );
+    assert_eq!(a.ip, Some("172.17.0.5".parse().unwrap()));
+    assert_eq!(a.container_id.as_deref(), Some("c0ffee"));
+    let b = &pods[1];
+    assert_eq!((b.phase, b.ready, b.ip), (PodPhase::Pending, false, None));
+    // The JSON carries the contract's field names and Kubernetes' spelling.
+    let j: serde_json::Value = serde_json::to_value(&pods).unwrap();
+    for f in [
+        "name",
+        "namespace",
+        "replicaset",
+        "node",
+        "phase",
+        "ip",
+        "container_id",
+        "ready",
+        "restarts",
+    ] {
+        assert!(j[0].get(f).is_some(), "missing {f} in {j}");
+    }
+    assert_eq!(j[0]["phase"], "Running");
+    let view = c.get_replicaset(&ns(), &n("web")).await.unwrap();
+    assert_eq!((view.current, view.ready), (2, 1));
+
+    let got: PodView = c.get_pod(&ns(), &n("web-aaaaa")).await.unwrap();
+    assert_eq!(got.name.as_str(), "web-aaaaa");
+    c.delete_pod(&ns(), &n("web-aaaaa")).await.unwrap();
+    assert!(
+        h.store
+            .get(&keys::pod(&ns(), &n("web-aaaaa")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        c.get_pod(&ns(), &n("web-aaaaa"))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    assert_eq!(c.list_pods(None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn services_expose_external_endpoints_and_delete() {
+    let h = Harness::start().await;
+    let c = &h.client;
+    c.create_replicaset(&rs("kube-demo", 1)).await.unwrap();
+    let svc = c
+        .expose_replicaset(
+            &ns(),
+            &n("kube-demo"),
+            &ExposeRequest {
+                name: None,
+                port: PortNum::new(8080).unwrap(),
+                target_port: None,
+                service_type: ServiceType::NodePort,
+                node_port: None,
+            },
+        )
+        .await
+        .unwrap();
+    let vip = svc.vip.expect("a VIP");
+    assert!(
+        AllocConfig::dns_vip(&AllocConfig {
+            service_cidr: "10.213.0.0/16".parse().unwrap(),
+            node_port_min: 1,
+            node_port_max: 2
+        }) != Some(vip)
+    );
+    assert!(
+        "10.213.0.0/16"
+            .parse::<pier_model::Cidr>()
+            .unwrap()
+            .contains(vip)
+    );
+    assert_eq!(svc.ports.len(), 1);
+    let p = &svc.ports[0];
+    // The replica set's port is named http; the service port takes its name.
+    assert_eq!(
+        (p.name.as_str(), p.port.get(), p.target_port.get()),
+        ("http", 8080, 8080)
+    );
+    let np = p.node_port.expect("a node port").get();
+    assert!((30000..=30010).contains(&np));
+    assert_eq!(
+        svc.selector.get("pier.replicaset").map(String::as_str),
+        Some("kube-demo")
+    );
+    // JSON fields of the contract.
+    let j = serde_json::to_value(c.list_services(None).await.unwrap()).unwrap();
+    assert_eq!(j[0]["vip"], vip.to_string());
+    assert_eq!(j[0]["ports"][0]["node_port"], np);
+    assert_eq!(j[0]["ports"][0]["target_port"], 8080);
+
+    // A port that no container port matches is named p<port>.
+    let svc2 = c
+        .expose_replicaset(
+            &ns(),
+            &n("kube-demo"),
+            &ExposeRequest {
+                name: Some(n("demo-alt")),
+                port: PortNum::new(80).unwrap(),
+                target_port: Some(PortNum::new(9090).unwrap()),
+                service_type: ServiceType::ClusterIP,
+                node_port: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(svc2.ports[0].name.as_str(), "p80");
+    assert_ne!(svc2.vip, Some(vip));
+    let e = c
+        .expose_replicaset(
+            &ns(),
+            &n("kube-demo"),
+            &ExposeRequest {
+                name: None,
+                port: PortNum::new(8080).unwrap(),
+                target_port: None,
+                service_type: ServiceType::ClusterIP,
+                node_port: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    let e = c
+        .expose_replicaset(
+            &ns(),
+            &n("nope"),
+            &ExposeRequest {
+                name: None,
+                port: PortNum::new(8080).unwrap(),
+                target_port: None,
+                service_type: ServiceType::ClusterIP,
+                node_port: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+
+    // Endpoints of the service, as an agent registers them.
+    assert!(
+        c.endpoints_of(&ns(), &n("kube-demo"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let ep = Endpoint {
+        service: n("kube-demo"),
+        namespace: ns(),
+        node: n("n1"),
+        id: n("abc123abc123"),
+        pod: Some(n("kube-demo-aaaaa")),
+        hostname: None,
+        ip: "172.17.0.9".parse().unwrap(),
+        ports: vec![EndpointPort {
+            name: n("http"),
+            port: PortNum::new(8080).unwrap(),
+        }],
+        ready: true,
+        is_static: false,
+    };
+    h.store
+        .put(
+            &keys::endpoint(&ns(), &ep.service, &ep.node, &ep.id),
+            encode(&ep),
+            None,
+        )
+        .await
+        .unwrap();
+    let eps = eventually("the endpoint", || async {
+        let e = c.endpoints_of(&ns(), &n("kube-demo")).await.unwrap();
+        (!e.is_empty()).then_some(e)
+    })
+    .await;
+    assert_eq!(eps, vec![ep.clone()]);
+    assert_eq!(c.list_endpoints(None).await.unwrap().len(), 1);
+    let j = serde_json::to_value(&eps).unwrap();
+    for f in [
+        "service",
+        "namespace",
+        "node",
+        "pod",
+        "ip",
+        "ports",
+        "ready",
+    ] {
+        assert!(j[0].get(f).is_some(), "missing {f} in {j}");
+    }
+    assert_eq!(
+        c.endpoints_of(&ns(), &n("nope"))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+
+    // An external service: static endpoints, no selector.
+    let ext = Service {
+        name: n("db"),
+        namespace: ns(),
+        vip: None,
+        service_type: ServiceType::ClusterIP,
+        ports: vec![ServicePort {
+            name: n("p5432"),
+            port: PortNum::new(5432).unwrap(),
+            target_port: PortNum::new(5432).unwrap(),
+            node_port: None,
+        }],
+        selector: Default::default(),
+        static_endpoints: vec![
+            "127.0.0.1:5432".parse().unwrap(),
+            "127.0.0.2:5432".parse().unwrap(),
+        ],
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: 0,
+    };
+    let got = c.create_service(&ext).await.unwrap();
+    assert!(got.vip.is_some() && got.selector.is_empty());
+    assert_eq!(
+        c.get_service(&ns(), &n("db"))
+            .await
+            .unwrap()
+            .static_endpoints
+            .len(),
+        2
+    );
+
+    // Delete frees the allocations.
+    c.delete_service(&ns(), &n("kube-demo")).await.unwrap();
+    assert_eq!(
+        c.get_service(&ns(), &n("kube-demo"))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    assert!(h.store.get(&keys::vip_alloc(vip)).await.unwrap().is_none());
+    assert!(
+        h.store
+            .get(&keys::node_port_alloc(PortNum::new(np).unwrap()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        c.delete_service(&ns(), &n("kube-demo"))
+            .await
+            .unwrap_err()
+            .status(),
+        Some(404)
+    );
+    assert_eq!(c.list_services(Some(&ns())).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn nodes_are_listed_with_their_pods() {
+    let h = Harness::start().await;
+    let c = &h.client;
+    let node = Node {
+        name: n("n1"),
+        addr: "10.0.0.1".parse().unwrap(),
+        mesh_port: 7371,
+        dns_addr: None,
+        labels: BTreeMap::from([("zone".to_owned(), "a".to_owned())]),
+        capacity: Default::default(),
+        version: "0.1.0".into(),
+        started_at: 5,
+    };
+    h.store
+        .put(&keys::node(&node.name), encode(&node), None)
+        .await
+        .unwrap();
+    let r = rs("web", 1);
+    put_pod(&*h.store, &r, "web-aaaaa", None).await;
+    let nodes = eventually("the node with its pod", || async {
+        let l = c.list_nodes().await.unwrap();
+        (l.len() == 1 && l[0].pods == 1).then_some(l)
+    })
+    .await;
+    assert!(nodes[0].ready);
+    assert_eq!(nodes[0].addr.to_string(), "10.0.0.1");
+    let j = serde_json::to_value(&nodes).unwrap();
+    for f in ["name", "addr", "ready", "labels"] {
+        assert!(j[0].get(f).is_some(), "missing {f} in {j}");
+    }
+    assert_eq!(c.get_node(&n("n1")).await.unwrap().labels["zone"], "a");
+    assert_eq!(c.get_node(&n("n2")).await.unwrap_err().status(), Some(404));
+    let v = c.version().await.unwrap();
+    assert_eq!(v.node.as_str(), "n1");
+}
+
+#[tokio::test]
+async fn validation_errors_are_400_and_name_the_field() {
+    let h = Harness::start().await;
+    let path = "/api/v1/namespaces/default/replicasets";
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{"name":"Web","template":{"image":"x"},"replicas":1}"#,
+            "name",
+        ),
+        (
+            r#"{"name":"web","template":{"image":"x"},"replicas":5000}"#,
+            "replicas",
+        ),
+        (
+            r#"{"name":"web","template":{"image":"x","ports":[{"name":"http","port":0}]},"replicas":1}"#,
+            "template.ports[0].port",
+        ),
+        (
+            r#"{"name":"web","template":{"image":"x"},"replicas":1,"bogus":1}"#,
+            "bogus",
+        ),
+        (
+            r#"{"name":"web","template":{"image":""},"replicas":1}"#,
+            "template.image",
+        ),
+        (
+            r#"{"name":"web","template":{"image":"x"},"replicas":"three"}"#,
+            "replicas",
+        ),
+        (
+            r#"{"name":"web","namespace":"other","template":{"image":"x"},"replicas":1}"#,
+            "namespace",
+        ),
+        (r#"not json"#, "expected"),
+    ];
+    for (body, field) in cases {
+        let (status, text) = raw(
+            h.addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 400, "{body} -> {text}");
+        let e: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        let msg = e["error"].as_str().unwrap();
+        assert!(msg.contains(field), "{body}: {msg:?} does not name {field}");
+    }
+    let (status, text) = raw(h.addr, "GET", "/api/v1/namespaces/Bad_NS/pods", &[], b"").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("namespace"), "{text}");
+    let (status, text) = raw(h.addr, "GET", "/api/v1/deployments", &[], b"").await;
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("replicasets"), "{text}");
+    // Scale and expose bodies too.
+    let (_, _) = raw(
+        h.addr,
+        "POST",
+        path,
+        &[],
+        br#"{"name":"web","template":{"image":"x"},"replicas":1}"#,
+    )
+    .await;
+    let (status, text) = raw(
+        h.addr,
+        "PUT",
+        "/api/v1/namespaces/default/replicasets/web/scale",
+        &[],
+        br#"{"replicas":1001}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("replicas"), "{text}");
+    let (status, text) = raw(
+        h.addr,
+        "POST",
+        "/api/v1/namespaces/default/replicasets/web/expose",
+        &[],
+        br#"{"port":8080,"type":"LoadBalancer"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("type"), "{text}");
+    let e = h
+        .client
+        .scale_replicaset(
+            &ns(),
+            &n("web"),
+            &ScaleRequest {
+                replicas: None,
+                delta: Some(-5),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("delta"), "{e}");
+}
+
+#[tokio::test]
+async fn token_is_required_off_loopback_and_checked_when_set() {
+    // Off loopback with no token: refused before serving.
+    let cfg = ApiConfig {
+        listen: "0.0.0.0:7370".parse().unwrap(),
+        ..ApiConfig::default()
+    };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("token"), "{e}");
+
+    // A listener off loopback is refused too, whatever the config says;
+    // serve returns before accepting anything.
+    let wide = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let (_tx, snap) = watch::channel(Arc::new(pier_model::Snapshot::default()));
+    let state = ApiState {
+        store,
+        snapshot: snap,
+        alloc: AllocConfig {
+            service_cidr: "10.213.0.0/16".parse().unwrap(),
+            node_port_min: 30000,
+            node_port_max: 30010,
+        },
+        node: n("n1"),
+        registry: Arc::new(Default::default()),
+        readiness: vec![],
+        problems: vec![],
+    };
+    let e = serve(ApiConfig::default(), wide, state, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token") && e.contains("not loopback"), "{e}");
+
+    let h = Harness::start_with(|c| c.token = Some("s3cret-token".into())).await;
+    assert_eq!(h.client.list_pods(None).await.unwrap().len(), 0);
+    let anon = Client::new(&format!("http://{}", h.addr), None).unwrap();
+    let e = anon.list_pods(None).await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    assert!(e.to_string().contains("PIER_TOKEN"), "{e}");
+    let wrong = Client::new(&format!("http://{}", h.addr), Some("s3cret-tokem".into())).unwrap();
+    assert_eq!(wrong.list_pods(None).await.unwrap_err().status(), Some(401));
+    assert_eq!(wrong.metrics().await.unwrap_err().status(), Some(401));
+    // Probes stay open.
+    assert!(anon.healthz().await.unwrap());
+    assert!(anon.readyz().await.unwrap().ready);
+    let (status, _) = raw(
+        h.addr,
+        "GET",
+        "/api/v1/pods",
+        &[("Authorization", "Bearer s3cret-token")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let h = Harness::start_with(|c| c.max_body_bytes = 1024).await;
+    let big = format!(
+        r#"{{"name":"web","template":{{"image":"x","env":{{"A":"{}"}}}},"replicas":1}}"#,
+        "a".repeat(4096)
+    );
+    let path = "/api/v1/namespaces/default/replicasets";
+    let (status, text) = raw(h.addr, "POST", path, &[], big.as_bytes()).await;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("1024"), "{text}");
+    // Without a Content-Length the limit holds while reading.
+    let (status, text) = raw(
+        h.addr,
+        "POST",
+        path,
+        &[("Transfer-Encoding", "chunked")],
+        big.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    // A small one passes.
+    let (status, text) = raw(
+        h.addr,
+        "POST",
+        path,
+        &[],
+        br#"{"name":"web","template":{"image":"x"},"replicas":1}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clients_scaling_at_once_lose_no_update() {
+    let h = Harness::start().await;
+    h.client.create_replicaset(&rs("web", 1)).await.unwrap();
+    let a = Client::new(&format!("http://{}", h.addr), None).unwrap();
+    let b = Client::new(&format!("http://{}", h.addr), None).unwrap();
+    const EACH: usize = 25;
+    let bump = |c: Client| async move {
+        let mut ok = 0;
+        for _ in 0..EACH {
+            c.scale_replicaset(
+                &ns(),
+                &n("web"),
+                &ScaleRequest {
+                    replicas: None,
+                    delta: Some(1),
+                },
+            )
+            .await
+            .unwrap();
+            ok += 1;
+        }
+        ok
+    };
+    let (x, y) = tokio::join!(tokio::spawn(bump(a)), tokio::spawn(bump(b)));
+    assert_eq!(x.unwrap() + y.unwrap(), 2 * EACH);
+    let kv = h
+        .store
+        .get(&keys::replicaset(&ns(), &n("web")))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: ReplicaSet = pier_model::decode(&kv.key, &kv.value).unwrap();
+    assert_eq!(stored.replicas.get() as usize, 1 + 2 * EACH);
+    // Every scale was one write.
+    assert_eq!(kv.version as usize, 1 + 2 * EACH);
+}
+
+async fn next<T: serde::de::DeserializeOwned>(
+    w: &mut pier_api::Watch<T>,
+) -> pier_model::api::WatchEvent<T> {
+    tokio::time::timeout(Duration::from_secs(5), w.next())
+        .await
+        .expect("a watch event within 5 s")
+        .expect("the stream is open")
+        .expect("the event parses")
+}
+
+#[tokio::test]
+async fn watch_streams_changes() {
+    let h = Harness::start().await;
+    let r = rs("web", 1);
+    h.client.create_replicaset(&r).await.unwrap();
+    put_pod(&*h.store, &r, "web-aaaaa", None).await;
+    eventually("the first pod", || async {
+        (h.client.list_pods(None).await.unwrap().len() == 1).then_some(())
+    })
+    .await;
+    let mut w = h
+        .client
+        .watch::<PodView>(Resource::Pods, Some(&ns()), None)
+        .await
+        .unwrap();
+    let e = next(&mut w).await;
+    assert_eq!(
+        (e.kind, e.object.name.as_str()),
+        (WatchEventType::Added, "web-aaaaa")
+    );
+    put_pod(&*h.store, &r, "web-bbbbb", None).await;
+    let e = next(&mut w).await;
+    assert_eq!(
+        (e.kind, e.object.name.as_str()),
+        (WatchEventType::Added, "web-bbbbb")
+    );
+    h.store
+        .put(
+            &keys::pod_status(&ns(), &n("web-bbbbb")),
+            encode(&PodStatus {
+                phase: PodPhase::Running,
+                ready: true,
+                ..Default::default()
+            }),
+            None,
+        )
+        .await
+        .unwrap();
+    let e = next(&mut w).await;
+    assert_eq!(
+        (e.kind, e.object.phase, e.object.ready),
+        (WatchEventType::Modified, PodPhase::Running, true)
+    );
+    h.client.delete_pod(&ns(), &n("web-aaaaa")).await.unwrap();
+    let e = next(&mut w).await;
+    assert_eq!(
+        (e.kind, e.object.name.as_str()),
+        (WatchEventType::Deleted, "web-aaaaa")
+    );
+
+    // A watch of one name sees only it; the server's shutdown ends it.
+    let mut one = h
+        .client
+        .watch::<serde_json::Value>(Resource::ReplicaSets, Some(&ns()), Some(&n("web")))
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), one.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.object["name"], "web");
+    h.cancel.cancel();
+    let end = tokio::time::timeout(Duration::from_secs(5), one.next())
+        .await
+        .unwrap();
+    assert!(end.is_none() || end.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn probes_metrics_and_problems() {
+    let mut h = Harness::start().await;
+    let c = &h.client;
+    assert!(c.healthz().await.unwrap());
+    assert!(c.readyz().await.unwrap().ready);
+    h.ready_tx.send(false).unwrap();
+    let r = c.readyz().await.unwrap();
+    assert!(
+        !r.ready && !r.checks["test"] && r.checks["snapshot"],
+        "{r:?}"
+    );
+    let (status, _) = raw(h.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 503);
+    let m = c.metrics().await.unwrap();
+    assert!(m.contains("pier_test_things_total 1"), "{m}");
+    h.problems_tx
+        .send(Arc::new(BTreeMap::from([(
+            (ns(), n("web")),
+            "image nope:1 does not exist".to_owned(),
+        )])))
+        .unwrap();
+    let p = c.problems().await.unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].message, "image nope:1 does not exist");
+    // Graceful stop: serve returns once cancelled.
+    h.cancel.cancel();
+    let server = h.server.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(6), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn slow_requests_are_answered_504() {
+    // A snapshot that never syncs: reads wait for it, and the request
+    // timeout answers first.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+    let (_snap_tx, snap_rx) = watch::channel(Arc::new(pier_model::Snapshot::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cfg = ApiConfig {
+        listen: addr,
+        request_timeout_ms: 200,
+        ..ApiConfig::default()
+    };
+    let state = ApiState {
+        store,
+        snapshot: snap_rx,
+        alloc: AllocConfig {
+            service_cidr: "10.213.0.0/16".parse().unwrap(),
+            node_port_min: 30000,
+            node_port_max: 30010,
+        },
+        node: n("n1"),
+        registry: Arc::new(Default::default()),
+        readiness: vec![],
+        problems: vec![],
+    };
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
+    let c = Client::new(&format!("http://{addr}"), None).unwrap();
+    let start = std::time::Instant::now();
+    let e = c.list_pods(None).await.unwrap_err();
+    assert_eq!(e.status(), Some(504), "{e}");
+    assert!(e.to_string().contains("request_timeout_ms"), "{e}");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // Not ready either: the snapshot has not synced.
+    let r = c.readyz().await.unwrap();
+    assert!(!r.ready && !r.checks["snapshot"], "{r:?}");
+}
+
+#[tokio::test]
+async fn writes_with_the_store_down_are_503() {
+    let mut etcd = pier_store::testing::EtcdServer::start().unwrap();
+    let store: Arc<dyn Store> = Arc::new(
+        pier_store::EtcdStore::connect(&[etcd.endpoint.clone()])
+            .await
+            .unwrap(),
+    );
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let reflector = pier_store::reflector::Reflector::spawn(store.clone(), cancel.child_token());
+    reflector.synced().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = ApiState {
+        store,
+        snapshot: reflector.subscribe(),
+        alloc: AllocConfig {
+            service_cidr: "10.213.0.0/16".parse().unwrap(),
+            node_port_min: 30000,
+            node_port_max: 30010,
+        },
+        node: n("n1"),
+        registry: Arc::new(Default::default()),
+        readiness: vec![],
+        problems: vec![],
+    };
+    let cfg = ApiConfig {
+        listen: addr,
+        ..ApiConfig::default()
+    };
+    tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
+    let c = Client::new(&format!("http://{addr}"), None).unwrap();
+    c.create_replicaset(&rs("web", 1)).await.unwrap();
+    etcd.kill();
+    let e = c.create_replicaset(&rs("web2", 1)).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "{e}");
+    assert!(e.to_string().contains("store unavailable"), "{e}");
+    // Reads still answer from the last snapshot.
+    assert_eq!(c.list_replicasets(None).await.unwrap().len(), 1);
+}

@@ -1,0 +1,289 @@
+//! The HTTP API's request and response types, shared by the server in
+//! `pier-api` and its client (the CLI).
+//!
+//! Stored objects that a person reads as they are (services, endpoints) are
+//! returned as the model types. Nodes, replica sets and pods are returned as
+//! views that add what the store keeps elsewhere: a node's readiness, a
+//! replica set's current and ready counts, a pod's status.
+//!
+//! Requests reject unknown fields; responses do not, so that an older client
+//! can read a newer agent's answers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{Name, Namespace, PortNum, Replicas};
+use crate::objects::{Labels, Placement, PodPhase, PodTemplate, Resources, ServiceType};
+
+/// Every API path starts with this.
+pub const PREFIX: &str = "/api/v1";
+
+/// The kinds of object the API serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resource {
+    Nodes,
+    ReplicaSets,
+    Pods,
+    Services,
+    Endpoints,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 5] = [
+        Resource::Nodes,
+        Resource::ReplicaSets,
+        Resource::Pods,
+        Resource::Services,
+        Resource::Endpoints,
+    ];
+
+    /// The names a person may type, for error messages.
+    pub const VALID: &'static str = "nodes, rs (replicasets), pods, svc (services), endpoints (ep)";
+
+    /// The path segment: `/api/v1/namespaces/<ns>/<path>`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Resource::Nodes => "nodes",
+            Resource::ReplicaSets => "replicasets",
+            Resource::Pods => "pods",
+            Resource::Services => "services",
+            Resource::Endpoints => "endpoints",
+        }
+    }
+
+    /// The short singular name used in messages (`pod/web-x1z9a deleted`).
+    pub fn singular(self) -> &'static str {
+        match self {
+            Resource::Nodes => "node",
+            Resource::ReplicaSets => "replicaset",
+            Resource::Pods => "pod",
+            Resource::Services => "service",
+            Resource::Endpoints => "endpoints",
+        }
+    }
+
+    /// Nodes are cluster-wide; everything else lives in a namespace.
+    pub fn namespaced(self) -> bool {
+        self != Resource::Nodes
+    }
+
+    /// Parses a kind as kubectl users type it: plural, singular or short.
+    pub fn parse(s: &str) -> Option<Resource> {
+        Some(match s {
+            "nodes" | "node" | "no" => Resource::Nodes,
+            "replicasets" | "replicaset" | "rs" => Resource::ReplicaSets,
+            "pods" | "pod" | "po" => Resource::Pods,
+            "services" | "service" | "svc" => Resource::Services,
+            "endpoints" | "endpoint" | "ep" => Resource::Endpoints,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.path())
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line that says what was wrong, naming the field for a 400.
+    pub error: String,
+}
+
+/// A node, as `get nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: Name,
+    pub addr: IpAddr,
+    /// The node's agent holds its lease and the agent answering reads the
+    /// store live.
+    pub ready: bool,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub mesh_port: u16,
+    #[serde(default)]
+    pub capacity: Resources,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub started_at: u64,
+    /// Pods assigned to the node.
+    #[serde(default)]
+    pub pods: u32,
+}
+
+/// A replica set with its observed state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaSetView {
+    pub name: Name,
+    pub namespace: Namespace,
+    /// Desired.
+    pub replicas: Replicas,
+    /// Pods that exist.
+    pub current: u32,
+    /// Pods that run and passed their health check.
+    pub ready: u32,
+    pub template: PodTemplate,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub min_replicas: Option<Replicas>,
+    #[serde(default)]
+    pub max_replicas: Option<Replicas>,
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+/// A pod merged with its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodView {
+    pub name: Name,
+    pub namespace: Namespace,
+    pub replicaset: Name,
+    pub node: Name,
+    /// `Pending` until the node's agent reports otherwise.
+    pub phase: PodPhase,
+    pub ready: bool,
+    pub ip: Option<IpAddr>,
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub created_at: u64,
+    #[serde(default)]
+    pub started_at: Option<u64>,
+}
+
+/// `PUT …/replicasets/<rs>/scale`. Exactly one of `replicas` (absolute)
+/// and `delta` (relative, applied to the value read under the same revision
+/// check) is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleRequest {
+    pub replicas: Option<Replicas>,
+    pub delta: Option<i64>,
+}
+
+/// `POST …/replicasets/<rs>/expose`: a service whose selector is the replica
+/// set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeRequest {
+    /// The service name; the replica set's name when absent.
+    #[serde(default)]
+    pub name: Option<Name>,
+    pub port: PortNum,
+    /// The container port; `port` when absent.
+    #[serde(default)]
+    pub target_port: Option<PortNum>,
+    #[serde(rename = "type", default)]
+    pub service_type: ServiceType,
+    /// An explicit node port for a NodePort service; allocated when absent.
+    #[serde(default)]
+    pub node_port: Option<PortNum>,
+}
+
+/// Something wrong with an object, reported by a subsystem (the proxy's
+/// node-port conflicts, the supervisor's replica-set problems).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub namespace: Namespace,
+    pub name: Name,
+    pub message: String,
+}
+
+/// `GET /api/v1/version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    pub version: String,
+    /// The node whose agent answered.
+    pub node: Name,
+    /// The store revision its snapshot reflects.
+    pub revision: i64,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: BTreeMap<String, bool>,
+}
+
+/// What happened to an object in a watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WatchEventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl fmt::Display for WatchEventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WatchEventType::Added => "ADDED",
+            WatchEventType::Modified => "MODIFIED",
+            WatchEventType::Deleted => "DELETED",
+        })
+    }
+}
+
+/// One line of a watch stream (`?watch=true`): the objects that exist when
+/// the watch starts come first as `ADDED`, then every change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent<T> {
+    #[serde(rename = "type")]
+    pub kind: WatchEventType,
+    pub object: T,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_parse_aliases() {
+        for r in Resource::ALL {
+            assert_eq!(Resource::parse(r.path()), Some(r));
+            assert_eq!(Resource::parse(r.singular()), Some(r));
+        }
+        assert_eq!(Resource::parse("svc"), Some(Resource::Services));
+        assert_eq!(Resource::parse("rs"), Some(Resource::ReplicaSets));
+        assert_eq!(Resource::parse("deployments"), None);
+    }
+
+    #[test]
+    fn scale_request_rejects_unknown_fields() {
+        let e = serde_json::from_str::<ScaleRequest>(r#"{"replica":3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replica"), "{e}");
+        let e = serde_json::from_str::<ScaleRequest>(r#"{"replicas":5000}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0 to 1000"), "{e}");
+    }
+
+    #[test]
+    fn watch_event_shape() {
+        let e = WatchEvent {
+            kind: WatchEventType::Deleted,
+            object: 1u32,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"DELETED","object":1}"#
+        );
+    }
+}

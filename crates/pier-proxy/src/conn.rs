@@ -1,0 +1,234 @@
+//! One client connection: pick, connect (with retries), optional PROXY
+//! header, copy until both sides are done or the endpoint's drain ends.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::balance::{EpState, Route};
+use crate::config::MAX_CONNECT_ATTEMPTS;
+use crate::copy::{self, Counters};
+use crate::error::{ConnectCause, Side};
+use crate::mesh::MeshConnector;
+use crate::metrics::SvcMetrics;
+use crate::ppv2;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub connect_timeout: Duration,
+    pub attempts: u32,
+    pub eject_after: u32,
+    pub eject_base_ms: u64,
+    pub splice: bool,
+    pub mesh: Option<MeshConnector>,
+    /// Cancelled when the shutdown grace period is over.
+    pub hard_stop: CancellationToken,
+}
+
+/// What a listener hands to its connections: one service port's balancer
+/// and settings, replaced as a whole when the snapshot changes.
+#[derive(Debug)]
+pub(crate) struct PortTarget {
+    pub service: Arc<str>,
+    pub m: SvcMetrics,
+    pub bal: crate::balance::Balancer,
+    pub proxy_protocol: bool,
+}
+
+/// The stream towards an endpoint: a plain TCP connection keeps splice;
+/// the mesh's TLS stream goes through the copy loop.
+pub(crate) enum Upstream {
+    Direct(TcpStream),
+    Mesh(Box<TlsStream<TcpStream>>),
+}
+
+/// 60 s idle, then probes every 10 s (the kernel's 9 of them): a dead peer
+/// is found in about 2.5 minutes, while a healthy idle connection is never cut.
+fn keepalive() -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+}
+
+/// TCP_NODELAY and keepalive on a socket. Sockets accepted from a listener
+/// that has them inherit them (Linux), so only listeners and upstream
+/// sockets need this.
+pub(crate) fn tune(s: SockRef<'_>) -> io::Result<()> {
+    s.set_tcp_nodelay(true)?;
+    s.set_tcp_keepalive(&keepalive())
+}
+
+async fn connect_direct(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    tune(SockRef::from(&s))?;
+    s.connect(addr).await
+}
+
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Connects to one endpoint, recording latency, errors and ejection.
+async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream, ConnectCause> {
+    let t0 = Instant::now();
+    let r = match &ep.route {
+        Route::Direct => {
+            match tokio::time::timeout(ctx.connect_timeout, connect_direct(ep.addr)).await {
+                Ok(Ok(s)) => Ok(Upstream::Direct(s)),
+                Ok(Err(e)) => {
+                    tracing::debug!(endpoint = %ep.addr, error = %e, "connect failed");
+                    Err(ConnectCause::of_io(&e))
+                }
+                Err(_) => Err(ConnectCause::Timeout),
+            }
+        }
+        Route::Mesh { peer, node } => match &ctx.mesh {
+            Some(mesh) => {
+                match tokio::time::timeout(ctx.connect_timeout, mesh.connect(*peer, node, ep.addr))
+                    .await
+                {
+                    Ok(Ok(s)) => Ok(Upstream::Mesh(Box::new(s))),
+                    Ok(Err(e)) => {
+                        tracing::debug!(endpoint = %ep.addr, mesh.peer = %peer, error = %e, "mesh connect failed");
+                        Err(ConnectCause::Mesh)
+                    }
+                    Err(_) => Err(ConnectCause::Timeout),
+                }
+            }
+            None => Err(ConnectCause::Mesh),
+        },
+    };
+    match &r {
+        Ok(_) => {
+            let us = t0.elapsed().as_micros() as u64;
+            ep.on_connect_ok(us);
+            let secs = us as f64 / 1e6;
+            ep.m.latency.observe(secs);
+            t.m.latency.observe(secs);
+            t.m.p99.observe(us);
+            ep.m.total.inc();
+        }
+        Err(cause) => {
+            ep.m.error(*cause).inc();
+            t.m.error(*cause).inc();
+            if let Some(ms) = ep.on_connect_failed(ctx.eject_after, ctx.eject_base_ms) {
+                tracing::info!(service = %t.service, endpoint = %ep.addr, cause = %cause, eject_ms = ms, "endpoint ejected after connect failures");
+            }
+        }
+    }
+    r
+}
+
+/// Serves one accepted client connection to the end.
+pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, peer: SocketAddr) {
+    t.m.total.inc();
+    t.m.active.inc();
+    let _active = GaugeGuard(&t.m.active);
+
+    let mut tried = [0usize; MAX_CONNECT_ATTEMPTS as usize];
+    let (mut n, mut from) = (0, 0);
+    let mut chosen = None;
+    let mut last_timeout = false;
+    while n < ctx.attempts as usize {
+        let ep = match t.bal.pick(&tried[from..n]) {
+            Some(ep) => ep,
+            // Every endpoint tried and the last one timed out (a SYN lost
+            // to a full accept queue, say): go round again while attempts
+            // remain. A refusal is final.
+            None if n > from && last_timeout => {
+                from = n;
+                match t.bal.pick(&[]) {
+                    Some(ep) => ep,
+                    None => break,
+                }
+            }
+            None => break,
+        };
+        tried[n] = Arc::as_ptr(ep) as usize;
+        n += 1;
+        ep.m.active.inc();
+        match connect_one(&ctx, &t, ep).await {
+            Ok(up) => {
+                chosen = Some((ep, up));
+                break;
+            }
+            Err(cause) => {
+                last_timeout = cause == ConnectCause::Timeout;
+                ep.m.active.dec();
+            }
+        }
+    }
+    let Some((ep, up)) = chosen else {
+        if n == 0 {
+            t.m.no_endpoint.inc();
+            tracing::debug!(service = %t.service, client.addr = %peer, "no ready endpoint");
+        } else {
+            tracing::debug!(service = %t.service, client.addr = %peer, attempts = n, "every connect attempt failed");
+        }
+        return;
+    };
+    let _ep_active = GaugeGuard(&ep.m.active);
+
+    let c_in = Counters {
+        svc: &t.m.bytes_in,
+        ep: &ep.m.bytes_in,
+    };
+    let c_out = Counters {
+        svc: &t.m.bytes_out,
+        ep: &ep.m.bytes_out,
+    };
+    let work = async {
+        match up {
+            Upstream::Direct(mut s) => {
+                if t.proxy_protocol {
+                    send_proxy_header(&client, peer, &mut s).await?;
+                }
+                copy::tcp_bidi(&client, &s, ctx.splice, c_in, c_out).await
+            }
+            Upstream::Mesh(mut s) => {
+                if t.proxy_protocol {
+                    send_proxy_header(&client, peer, &mut *s).await?;
+                }
+                copy::copy_bidi(client, s, c_in, c_out).await
+            }
+        }
+    };
+    tokio::select! {
+        r = work => match r {
+            Ok(()) => {}
+            Err((side, e)) => tracing::debug!(service = %t.service, client.addr = %peer, endpoint = %ep.addr, %side, error = %e, "connection ended"),
+        },
+        _ = ep.drain.cancelled() => {
+            tracing::debug!(service = %t.service, client.addr = %peer, endpoint = %ep.addr, "drain timeout: closing");
+        }
+        _ = ctx.hard_stop.cancelled() => {}
+    }
+}
+
+async fn send_proxy_header<W: tokio::io::AsyncWrite + Unpin>(
+    client: &TcpStream,
+    peer: SocketAddr,
+    up: &mut W,
+) -> copy::CopyResult {
+    let dst = client.local_addr().map_err(|e| (Side::Downstream, e))?;
+    let mut buf = [0u8; ppv2::MAX_LEN];
+    let n = ppv2::encode(peer, dst, &mut buf);
+    up.write_all(&buf[..n])
+        .await
+        .map_err(|e| (Side::Upstream, e))
+}

@@ -1,0 +1,421 @@
+//! The client side of the mesh: handshakes (resumed when possible), a small
+//! pool of warm connections per peer, the header and the reply.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use pier_model::Name;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rustls::ClientConfig;
+use rustls::client::Resumption;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::{
+    DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, POOL_IDLE_MAX, RELOAD_POLL, REPLY_OK,
+    REPLY_TIMEOUT, RefusalCode, encode_header,
+};
+use crate::tls::{self, FileStamps, MeshConfig};
+
+type Labels = [(&'static str, &'static str); 1];
+type PeerKey = (SocketAddr, Name);
+
+#[derive(Debug, Clone, Default)]
+struct ClientMetrics {
+    handshakes: Family<Labels, Counter>,
+    connects: Family<Labels, Counter>,
+    pool_hits: Counter,
+    reloads: Family<Labels, Counter>,
+}
+
+impl ClientMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "mesh_client_handshakes",
+            "Completed mesh TLS handshakes as client, by kind (full, resumed)",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "mesh_client_connects",
+            "Mesh connects (one per proxied connection), by result (ok, refused, error)",
+            self.connects.clone(),
+        );
+        r.register(
+            "mesh_client_pool_hits",
+            "Mesh connects served by a warm pre-handshaken connection",
+            self.pool_hits.clone(),
+        );
+        r.register(
+            "mesh_client_cert_reloads",
+            "Certificate reloads of the mesh client, by result",
+            self.reloads.clone(),
+        );
+    }
+}
+
+struct Pooled {
+    since: Instant,
+    stream: TlsStream<TcpStream>,
+}
+
+/// Dials other nodes' mesh ports. Cheap to clone; clones share the pool,
+/// the session cache and the metrics.
+#[derive(Clone)]
+pub struct MeshConnector {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MeshConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshConnector")
+            .field("node", &self.inner.node)
+            .field("pool_size", &self.inner.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    node: Name,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    resumption: Resumption,
+    config: ArcSwap<ClientConfig>,
+    /// (loaded stamps, last failed stamps, next check). A std Mutex: tiny
+    /// sections, no `.await`, and `try_lock` on the connect path.
+    reload: Mutex<(FileStamps, Option<FileStamps>, Instant)>,
+    pool_size: usize,
+    /// A std Mutex: push/pop only, no `.await` inside.
+    pool: Mutex<HashMap<PeerKey, VecDeque<Pooled>>>,
+    refilling: Mutex<HashSet<PeerKey>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    metrics: ClientMetrics,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl MeshConnector {
+    pub fn new(
+        cfg: &MeshConfig,
+        node: Name,
+        registry: &mut Registry,
+    ) -> Result<MeshConnector, MeshError> {
+        Self::with_pool_size(cfg, node, registry, DEFAULT_POOL_SIZE)
+    }
+
+    /// [`MeshConnector::new`] with `pool_size` warm connections per peer
+    /// (0 turns the pool off; every connect then handshakes, resuming).
+    pub fn with_pool_size(
+        cfg: &MeshConfig,
+        node: Name,
+        registry: &mut Registry,
+        pool_size: usize,
+    ) -> Result<MeshConnector, MeshError> {
+        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
+        let id = tls::load_identity(&cfg.ca, &cfg.cert, &cfg.key)?;
+        tls::check_node(&id, &cfg.cert, &node)?;
+        // 256 sessions: a few tickets for each of up to ~100 peers.
+        let resumption = Resumption::in_memory_sessions(256);
+        let config = tls::client_config(&id, &resumption)?;
+        let metrics = ClientMetrics::default();
+        metrics.register(registry);
+        Ok(MeshConnector {
+            inner: Arc::new(Inner {
+                node,
+                ca: cfg.ca.clone(),
+                cert: cfg.cert.clone(),
+                key: cfg.key.clone(),
+                resumption,
+                config: ArcSwap::new(config),
+                reload: Mutex::new((stamps, None, Instant::now() + RELOAD_POLL)),
+                pool_size,
+                pool: Mutex::new(HashMap::new()),
+                refilling: Mutex::new(HashSet::new()),
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                metrics,
+            }),
+        })
+    }
+
+    /// This node's name (the identity in its client certificate).
+    pub fn node(&self) -> &Name {
+        &self.inner.node
+    }
+
+    /// TLS 1.3 to the peer's mesh port (server name = peer node name,
+    /// verified against the mesh CA), sends the header naming `target`,
+    /// waits for the peer's accept byte, returns the stream ready for
+    /// payload.
+    pub async fn connect(
+        &self,
+        peer: SocketAddr,
+        peer_node: &Name,
+        target: SocketAddr,
+    ) -> Result<TlsStream<TcpStream>, MeshError> {
+        self.inner.maybe_reload();
+        let key = (peer, peer_node.clone());
+        let r = self.connect_inner(&key, target).await;
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(MeshError::Refused { .. }) => "refused",
+            Err(_) => "error",
+        };
+        self.inner
+            .metrics
+            .connects
+            .get_or_create(&[("result", result)])
+            .inc();
+        if r.is_ok() {
+            self.refill(key);
+        }
+        r
+    }
+
+    async fn connect_inner(
+        &self,
+        key: &PeerKey,
+        target: SocketAddr,
+    ) -> Result<TlsStream<TcpStream>, MeshError> {
+        while let Some(stream) = self.inner.take_pooled(key) {
+            match request(stream, key, target).await {
+                Ok(s) => {
+                    self.inner.metrics.pool_hits.inc();
+                    return Ok(s);
+                }
+                Err(e @ MeshError::Refused { .. }) => return Err(e),
+                // The peer closed it (restart, idle timeout): no payload has
+                // been sent, so a fresh connection is safe.
+                Err(e) => debug!(error = %e, "mesh: warm connection was stale"),
+            }
+        }
+        let stream = self.inner.handshake(key).await?;
+        request(stream, key, target).await
+    }
+
+    /// Top the peer's pool up to `pool_size` in the background.
+    fn refill(&self, key: PeerKey) {
+        let inner = &self.inner;
+        if inner.pool_size == 0 || inner.cancel.is_cancelled() {
+            return;
+        }
+        let have = inner
+            .pool
+            .lock()
+            .map(|p| p.get(&key).map_or(0, VecDeque::len))
+            .unwrap_or(0);
+        if have >= inner.pool_size {
+            return;
+        }
+        match inner.refilling.lock() {
+            Ok(mut r) => {
+                if !r.insert(key.clone()) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        let weak = Arc::downgrade(inner);
+        let cancel = inner.cancel.clone();
+        inner.tasks.spawn(async move {
+            let fill = async {
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let have = inner
+                        .pool
+                        .lock()
+                        .map(|p| p.get(&key).map_or(0, VecDeque::len))
+                        .unwrap_or(usize::MAX);
+                    if have >= inner.pool_size {
+                        break;
+                    }
+                    match inner.handshake(&key).await {
+                        Ok(stream) => {
+                            if let Ok(mut p) = inner.pool.lock() {
+                                p.entry(key.clone()).or_default().push_back(Pooled {
+                                    since: Instant::now(),
+                                    stream,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "mesh: warming a connection failed");
+                            break;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = fill => {}
+                _ = cancel.cancelled() => {}
+            }
+            if let Some(inner) = weak.upgrade() {
+                if let Ok(mut r) = inner.refilling.lock() {
+                    r.remove(&key);
+                }
+            }
+        });
+    }
+
+    /// Stop warming connections and close the pooled ones.
+    pub async fn close(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        if let Ok(mut p) = self.inner.pool.lock() {
+            p.clear();
+        }
+    }
+}
+
+impl Inner {
+    fn take_pooled(&self, key: &PeerKey) -> Option<TlsStream<TcpStream>> {
+        let mut pool = self.pool.lock().ok()?;
+        let q = pool.get_mut(key)?;
+        while let Some(p) = q.pop_front() {
+            if p.since.elapsed() < POOL_IDLE_MAX {
+                return Some(p.stream);
+            }
+        }
+        None
+    }
+
+    async fn handshake(&self, (peer, node): &PeerKey) -> Result<TlsStream<TcpStream>, MeshError> {
+        let name: ServerName<'static> =
+            tls::node_server_name(node).map_err(|_| MeshError::ServerName(node.to_string()))?;
+        let connector = TlsConnector::from(self.config.load_full());
+        let fut = async {
+            let tcp = TcpStream::connect(peer)
+                .await
+                .map_err(|source| MeshError::Connect {
+                    peer: *peer,
+                    node: node.to_string(),
+                    source,
+                })?;
+            if let Err(e) = tcp.set_nodelay(true) {
+                debug!(peer.addr = %peer, error = %e, "mesh: set_nodelay");
+            }
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|source| MeshError::Handshake {
+                    peer: *peer,
+                    node: node.to_string(),
+                    source,
+                })
+        };
+        let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+            .await
+            .map_err(|_| MeshError::Timeout {
+                what: "connecting to",
+                peer: *peer,
+                node: node.to_string(),
+            })??;
+        let kind = match stream.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        self.metrics
+            .handshakes
+            .get_or_create(&[("kind", kind)])
+            .inc();
+        Ok(stream)
+    }
+
+    /// Reload the certificates when the files changed; checked at most every
+    /// [`RELOAD_POLL`], by whichever connect gets there first.
+    fn maybe_reload(&self) {
+        let Ok(mut st) = self.reload.try_lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < st.2 {
+            return;
+        }
+        st.2 = now + RELOAD_POLL;
+        let stamps = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
+        if stamps == st.0 || st.1.as_ref() == Some(&stamps) {
+            return;
+        }
+        let built = tls::load_identity(&self.ca, &self.cert, &self.key).and_then(|id| {
+            tls::check_node(&id, &self.cert, &self.node)?;
+            tls::client_config(&id, &self.resumption)
+        });
+        match built {
+            Ok(cfg) => {
+                self.config.store(cfg);
+                st.0 = stamps;
+                st.1 = None;
+                self.metrics
+                    .reloads
+                    .get_or_create(&[("result", "ok")])
+                    .inc();
+                info!(cert = %self.cert.display(), "mesh: client reloaded certificates");
+            }
+            Err(e) => {
+                st.1 = Some(stamps);
+                self.metrics
+                    .reloads
+                    .get_or_create(&[("result", "error")])
+                    .inc();
+                warn!(error = %e, "mesh: client certificate reload failed; keeping the previous certificates");
+            }
+        }
+    }
+}
+
+/// Send the header, wait for the reply byte.
+async fn request(
+    mut stream: TlsStream<TcpStream>,
+    (peer, node): &PeerKey,
+    target: SocketAddr,
+) -> Result<TlsStream<TcpStream>, MeshError> {
+    let io = |source| MeshError::Io {
+        peer: *peer,
+        node: node.to_string(),
+        target,
+        source,
+    };
+    let header = encode_header(target);
+    let fut = async {
+        stream.write_all(&header).await.map_err(io)?;
+        stream.flush().await.map_err(io)?;
+        let mut b = [0u8; 1];
+        stream.read_exact(&mut b).await.map_err(io)?;
+        Ok::<u8, MeshError>(b[0])
+    };
+    let code = tokio::time::timeout(REPLY_TIMEOUT, fut)
+        .await
+        .map_err(|_| MeshError::Timeout {
+            what: "waiting for the reply of",
+            peer: *peer,
+            node: node.to_string(),
+        })??;
+    if code == REPLY_OK {
+        Ok(stream)
+    } else {
+        Err(MeshError::Refused {
+            peer: *peer,
+            node: node.to_string(),
+            target,
+            code: RefusalCode::from_byte(code),
+        })
+    }
+}

@@ -1,0 +1,266 @@
+//! The mTLS mesh between agents: a proxy that picks an endpoint on another
+//! node reaches it through that node's mesh port.
+//!
+//! - [`MeshConnector`] (client side): TLS 1.3 with this node's certificate,
+//!   the peer verified as `peer_node` against the mesh CA; then the header
+//!   naming the target; then the peer's one-byte reply. Sessions resume
+//!   with TLS 1.3 tickets, and a small pool of pre-handshaken connections per
+//!   peer takes the handshake off the connect path.
+//! - [`MeshServer`] (listener): TLS 1.3 only, client certificate required.
+//!   The target must be a ready endpoint registered on this node in the
+//!   current snapshot; anything else is refused with a reply code and logged
+//!   at warn. The mesh is never an open relay.
+//!
+//! Wire format after the handshake (ALPN `pier-mesh/1`):
+//!
+//! ```text
+//! client → server: version(1)=1 | family(1)=4|6 | ip(4|16) | port(2, BE)
+//! server → client: code(1): 0 accepted, then payload both ways;
+//!                  non-zero: refused (see RefusalCode), then close.
+//! ```
+//!
+//! Certificates renewed on disk are picked up for new handshakes only;
+//! established tunnels are never dropped by a reload.
+
+mod client;
+mod server;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use crate::tls::MeshConfig;
+pub use client::MeshConnector;
+pub use server::MeshServer;
+
+use crate::tls::TlsError;
+
+/// The header's version byte.
+pub const HEADER_VERSION: u8 = 1;
+/// The reply byte of an accepted target.
+pub const REPLY_OK: u8 = 0;
+
+/// How often the certificate files are checked for a renewal. 2 s: a
+/// renewal is noticed well within a handshake timeout, and three `stat`s
+/// every 2 s cost nothing.
+pub const RELOAD_POLL: Duration = Duration::from_secs(2);
+/// A TLS handshake that takes longer than this is abandoned (both sides).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server waits for the header after the handshake. Longer
+/// than [`POOL_IDLE_MAX`] so that pooled connections are still open when
+/// the client uses them.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pooled connection older than this is closed instead of used.
+pub const POOL_IDLE_MAX: Duration = Duration::from_secs(10);
+/// How long the client waits for the reply byte (the server connects to
+/// the target first, with [`TARGET_CONNECT_TIMEOUT`]).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The server's connect timeout to the target.
+pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After cancel, open tunnels get this long to finish before they are cut.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Warm connections kept per peer by default.
+pub const DEFAULT_POOL_SIZE: usize = 2;
+
+/// Why the server refused a target; the non-zero reply byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RefusalCode {
+    /// Unknown version, family or a short header.
+    BadHeader = 1,
+    /// The target is not an endpoint registered on this node (unknown, or
+    /// another node's endpoint, or a static endpoint).
+    NotLocalEndpoint = 2,
+    /// The target is a local endpoint that is not ready.
+    NotReady = 3,
+    /// The target is a ready local endpoint but the connect failed.
+    ConnectFailed = 4,
+    /// A code this version does not know.
+    Other = 255,
+}
+
+impl RefusalCode {
+    pub fn from_byte(b: u8) -> RefusalCode {
+        match b {
+            1 => RefusalCode::BadHeader,
+            2 => RefusalCode::NotLocalEndpoint,
+            3 => RefusalCode::NotReady,
+            4 => RefusalCode::ConnectFailed,
+            _ => RefusalCode::Other,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalCode::BadHeader => "bad_header",
+            RefusalCode::NotLocalEndpoint => "not_local_endpoint",
+            RefusalCode::NotReady => "not_ready",
+            RefusalCode::ConnectFailed => "connect_failed",
+            RefusalCode::Other => "other",
+        }
+    }
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("mesh identity: {0}")]
+    Tls(#[from] TlsError),
+    #[error("node name {0:?} is not a valid TLS server name")]
+    ServerName(String),
+    #[error("connect to mesh peer {node} at {peer}: {source}")]
+    Connect {
+        peer: SocketAddr,
+        node: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with mesh peer {node} at {peer}: {source}")]
+    Handshake {
+        peer: SocketAddr,
+        node: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mesh peer {node} at {peer}, target {target}: {source}")]
+    Io {
+        peer: SocketAddr,
+        node: String,
+        target: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mesh peer {node} at {peer} refused target {target}: {code}")]
+    Refused {
+        peer: SocketAddr,
+        node: String,
+        target: SocketAddr,
+        code: RefusalCode,
+    },
+    #[error("timed out {what} mesh peer {node} at {peer}")]
+    Timeout {
+        what: &'static str,
+        peer: SocketAddr,
+        node: String,
+    },
+    #[error("mesh listener: {0}")]
+    Listener(#[source] io::Error),
+}
+
+impl MeshError {
+    /// The peer refused the target (as opposed to a transport failure).
+    pub fn refusal(&self) -> Option<RefusalCode> {
+        match self {
+            MeshError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// The header naming `target`: at most 20 bytes.
+pub fn encode_header(target: SocketAddr) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.push(HEADER_VERSION);
+    match target.ip() {
+        IpAddr::V4(ip) => {
+            h.push(4);
+            h.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            h.push(6);
+            h.extend_from_slice(&ip.octets());
+        }
+    }
+    h.extend_from_slice(&target.port().to_be_bytes());
+    h
+}
+
+/// Why a header could not be read.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    /// The client closed before sending anything (an unused pooled
+    /// connection): not a refusal.
+    Closed,
+    Bad(&'static str),
+    Io(io::Error),
+}
+
+pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<SocketAddr, HeaderError> {
+    let mut head = [0u8; 2];
+    let n = r.read(&mut head[..1]).await.map_err(HeaderError::Io)?;
+    if n == 0 {
+        return Err(HeaderError::Closed);
+    }
+    r.read_exact(&mut head[1..]).await.map_err(short)?;
+    if head[0] != HEADER_VERSION {
+        return Err(HeaderError::Bad("unknown header version"));
+    }
+    let ip = match head[1] {
+        4 => {
+            let mut b = [0u8; 4];
+            r.read_exact(&mut b).await.map_err(short)?;
+            IpAddr::V4(Ipv4Addr::from(b))
+        }
+        6 => {
+            let mut b = [0u8; 16];
+            r.read_exact(&mut b).await.map_err(short)?;
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return Err(HeaderError::Bad("unknown address family")),
+    };
+    let mut p = [0u8; 2];
+    r.read_exact(&mut p).await.map_err(short)?;
+    Ok(SocketAddr::new(ip, u16::from_be_bytes(p)))
+}
+
+fn short(e: io::Error) -> HeaderError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        HeaderError::Bad("short header")
+    } else {
+        HeaderError::Io(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn header_round_trips_v4_and_v6() {
+        for t in ["10.1.2.3:8080", "[fd00::1]:443"] {
+            let t: SocketAddr = t.parse().unwrap();
+            let h = encode_header(t);
+            let got = read_header(&mut &h[..]).await.unwrap();
+            assert_eq!(got, t);
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_headers_are_rejected() {
+        assert!(matches!(
+            read_header(&mut &[][..]).await,
+            Err(HeaderError::Closed)
+        ));
+        assert!(matches!(
+            read_header(&mut &[2u8, 4, 1, 2, 3, 4, 0, 80][..]).await,
+            Err(HeaderError::Bad(_))
+        ));
+        assert!(matches!(
+            read_header(&mut &[1u8, 5, 1, 2, 3, 4, 0, 80][..]).await,
+            Err(HeaderError::Bad(_))
+        ));
+        assert!(matches!(
+            read_header(&mut &[1u8, 4, 1, 2][..]).await,
+            Err(HeaderError::Bad("short header"))
+        ));
+    }
+}

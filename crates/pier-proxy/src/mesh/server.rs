@@ -1,0 +1,488 @@
+//! The mesh listener: mTLS, the target check against the snapshot, splice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use pier_model::{Name, Snapshot};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rustls::ServerConfig;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
+    REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
+};
+use crate::tls::{self, FileStamps, MeshConfig, ServerSessionState};
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// rustls reads the socket 4 KiB at a time; a 64 KiB buffer under it turns
+/// four-plus reads per 16 KiB record into one read per several records.
+const READ_BUF: usize = 1 << 16;
+
+/// At most this many TLS handshakes run at once; more connections wait
+/// (within the handshake timeout). 256: a full handshake costs well under
+/// a millisecond of CPU, so a flood of unauthenticated connections cannot
+/// pile up unbounded work.
+const MAX_HANDSHAKES: usize = 256;
+
+#[derive(Debug, Clone, Default)]
+struct ServerMetrics {
+    handshakes: Family<Labels, Counter>,
+    refusals: Family<Labels, Counter>,
+    tunnels_active: Gauge,
+    tunnels: Counter,
+    bytes: Family<Labels, Counter>,
+    reloads: Family<Labels, Counter>,
+}
+
+impl ServerMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "mesh_server_handshakes",
+            "Completed mesh TLS handshakes as server, by kind (full, resumed)",
+            self.handshakes.clone(),
+        );
+        r.register(
+            "mesh_server_refusals",
+            "Mesh connections refused, by reason",
+            self.refusals.clone(),
+        );
+        r.register(
+            "mesh_server_tunnels_active",
+            "Mesh tunnels currently open on this node",
+            self.tunnels_active.clone(),
+        );
+        r.register(
+            "mesh_server_tunnels",
+            "Mesh tunnels opened on this node",
+            self.tunnels.clone(),
+        );
+        r.register(
+            "mesh_server_bytes",
+            "Bytes carried by mesh tunnels on this node, by direction (to_target, from_target)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "mesh_server_cert_reloads",
+            "Certificate reloads of the mesh listener, by result",
+            self.reloads.clone(),
+        );
+    }
+    fn refuse(&self, reason: &'static str) {
+        self.refusals.get_or_create(&[("reason", reason)]).inc();
+    }
+}
+
+/// What the snapshot says about one `ip:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Verdict {
+    // Ordered: when several endpoints share an address, the greatest wins.
+    OtherNode,
+    Static,
+    NotReady,
+    Ready,
+}
+
+/// The addresses of every endpoint's ports, built once per snapshot.
+#[derive(Debug)]
+struct Targets {
+    snapshot: Arc<Snapshot>,
+    map: HashMap<SocketAddr, Verdict>,
+}
+
+impl Targets {
+    fn build(node: &Name, snapshot: Arc<Snapshot>) -> Targets {
+        let mut map = HashMap::new();
+        for ((ns, svc), eps) in snapshot.endpoints.iter() {
+            let service = snapshot.service(ns, svc);
+            for ep in eps.values() {
+                let v = if &ep.node != node {
+                    Verdict::OtherNode
+                } else if ep.is_static {
+                    // A static endpoint is reached directly by the node that
+                    // checks it; through the mesh it would make this node a
+                    // relay to an arbitrary address.
+                    Verdict::Static
+                } else if ep.ready {
+                    Verdict::Ready
+                } else {
+                    Verdict::NotReady
+                };
+                let mut add = |port: u16| {
+                    let e = map.entry(SocketAddr::new(ep.ip, port)).or_insert(v);
+                    if v > *e {
+                        *e = v;
+                    }
+                };
+                if ep.ports.is_empty() {
+                    // `Endpoint::port_for` falls back to the target port.
+                    for sp in service.iter().flat_map(|s| s.ports.iter()) {
+                        add(sp.target_port.get());
+                    }
+                } else {
+                    for p in &ep.ports {
+                        add(p.port.get());
+                    }
+                }
+            }
+        }
+        Targets { snapshot, map }
+    }
+}
+
+/// The mesh listener of one node.
+pub struct MeshServer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MeshServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshServer")
+            .field("node", &self.inner.node)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    node: Name,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    sessions: ServerSessionState,
+    config: ArcSwap<ServerConfig>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    targets: ArcSwap<Targets>,
+    metrics: ServerMetrics,
+    /// (loaded, last failed) stamps. Touched only by the accept loop's
+    /// reload tick; a std Mutex with no `.await` inside.
+    stamps: Mutex<(FileStamps, Option<FileStamps>)>,
+    handshake_slots: tokio::sync::Semaphore,
+}
+
+impl MeshServer {
+    /// Fails with a clear error if a file is missing/unreadable or the cert
+    /// is expired/not yet valid.
+    pub fn new(
+        cfg: &MeshConfig,
+        node: Name,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        registry: &mut Registry,
+    ) -> Result<MeshServer, MeshError> {
+        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
+        let id = tls::load_identity(&cfg.ca, &cfg.cert, &cfg.key)?;
+        tls::check_node(&id, &cfg.cert, &node)?;
+        let sessions = ServerSessionState::new()?;
+        let config = tls::server_config(&id, &cfg.ca, &sessions)?;
+        let metrics = ServerMetrics::default();
+        metrics.register(registry);
+        let first = snapshot.borrow().clone();
+        let targets = Targets::build(&node, first);
+        Ok(MeshServer {
+            inner: Arc::new(Inner {
+                node,
+                ca: cfg.ca.clone(),
+                cert: cfg.cert.clone(),
+                key: cfg.key.clone(),
+                sessions,
+                config: ArcSwap::new(config),
+                snapshot,
+                targets: ArcSwap::new(Arc::new(targets)),
+                metrics,
+                stamps: Mutex::new((stamps, None)),
+                handshake_slots: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
+            }),
+        })
+    }
+
+    /// Accept mesh connections until `cancel`; then stop accepting, give
+    /// open tunnels [`DRAIN_TIMEOUT`] to finish, and cut the rest.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        cancel: CancellationToken,
+    ) -> Result<(), MeshError> {
+        let local = listener.local_addr().map_err(MeshError::Listener)?;
+        info!(mesh.addr = %local, node = %self.inner.node, "mesh: listening");
+        let mut tasks = JoinSet::new();
+        let mut reload = tokio::time::interval(RELOAD_POLL);
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        let inner = self.inner.clone();
+                        let cancel = cancel.clone();
+                        tasks.spawn(async move { inner.handle(tcp, peer, cancel).await });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "mesh: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                },
+                _ = reload.tick() => self.inner.maybe_reload(),
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let open = tasks.len();
+        if open > 0 {
+            debug!(open, "mesh: draining tunnels");
+            let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while tasks.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                warn!(
+                    open = tasks.len(),
+                    "mesh: cutting tunnels after the drain timeout"
+                );
+            }
+            tasks.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn maybe_reload(&self) {
+        let now = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
+        // A std Mutex: tiny section, no `.await`.
+        let Ok(mut st) = self.stamps.lock() else {
+            return;
+        };
+        if now == st.0 || st.1.as_ref() == Some(&now) {
+            return;
+        }
+        let built = tls::load_identity(&self.ca, &self.cert, &self.key).and_then(|id| {
+            tls::check_node(&id, &self.cert, &self.node)?;
+            tls::server_config(&id, &self.ca, &self.sessions)
+        });
+        match built {
+            Ok(cfg) => {
+                self.config.store(cfg);
+                *st = (now, None);
+                self.metrics
+                    .reloads
+                    .get_or_create(&[("result", "ok")])
+                    .inc();
+                info!(cert = %self.cert.display(), "mesh: reloaded certificates for new handshakes");
+            }
+            Err(e) => {
+                // Often a renewal caught half-way (new key, old cert): the
+                // next poll sees the finished files and tries again.
+                st.1 = Some(now);
+                self.metrics
+                    .reloads
+                    .get_or_create(&[("result", "error")])
+                    .inc();
+                warn!(error = %e, "mesh: certificate reload failed; keeping the previous certificates");
+            }
+        }
+    }
+
+    /// What this node's snapshot says about `target`.
+    fn check(&self, target: SocketAddr) -> Result<(), (RefusalCode, &'static str)> {
+        let snap = self.snapshot.borrow().clone();
+        let mut t = self.targets.load_full();
+        if !Arc::ptr_eq(&t.snapshot, &snap) {
+            t = Arc::new(Targets::build(&self.node, snap));
+            self.targets.store(t.clone());
+        }
+        match t.map.get(&target) {
+            Some(Verdict::Ready) => Ok(()),
+            Some(Verdict::NotReady) => Err((RefusalCode::NotReady, "not_ready")),
+            Some(Verdict::Static) => Err((RefusalCode::NotLocalEndpoint, "static_endpoint")),
+            Some(Verdict::OtherNode) => Err((RefusalCode::NotLocalEndpoint, "other_node")),
+            None => Err((RefusalCode::NotLocalEndpoint, "not_an_endpoint")),
+        }
+    }
+
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(peer.addr = %peer, error = %e, "mesh: set_nodelay");
+        }
+        let slot = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake_slots.acquire()) => r,
+            _ = cancel.cancelled() => return,
+        };
+        let Ok(Ok(slot)) = slot else {
+            self.metrics.refuse("overloaded");
+            warn!(peer.addr = %peer, "mesh: refused: too many handshakes in progress");
+            return;
+        };
+        let acceptor = TlsAcceptor::from(self.config.load_full());
+        let accepted = tokio::select! {
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(BufReader::with_capacity(READ_BUF, tcp))) => r,
+            _ = cancel.cancelled() => return,
+        };
+        drop(slot);
+        let mut tls = match accepted {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let reason = handshake_reason(&e);
+                self.metrics.refuse(reason);
+                warn!(peer.addr = %peer, reason, error = %e, "mesh: refused: TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                self.metrics.refuse("handshake_timeout");
+                warn!(peer.addr = %peer, "mesh: refused: TLS handshake timed out");
+                return;
+            }
+        };
+        let (peer_node, kind) = {
+            let conn = tls.get_ref().1;
+            let node = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(tls::peer_node_name)
+                .unwrap_or_else(|| "?".to_owned());
+            let kind = match conn.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            (node, kind)
+        };
+        self.metrics
+            .handshakes
+            .get_or_create(&[("kind", kind)])
+            .inc();
+
+        let header = tokio::select! {
+            r = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut tls)) => r,
+            _ = cancel.cancelled() => return,
+        };
+        let target = match header {
+            Ok(Ok(t)) => t,
+            Ok(Err(HeaderError::Closed)) => {
+                debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: closed before a header (unused warm connection)");
+                return;
+            }
+            Ok(Err(HeaderError::Io(e))) => {
+                debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: read header");
+                return;
+            }
+            Ok(Err(HeaderError::Bad(why))) => {
+                self.metrics.refuse("bad_header");
+                warn!(peer.addr = %peer, peer.node = %peer_node, why, "mesh: refused: bad header");
+                reply_refusal(&mut tls, RefusalCode::BadHeader).await;
+                return;
+            }
+            Err(_) => {
+                debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: no header in time (idle warm connection)");
+                return;
+            }
+        };
+
+        if let Err((code, reason)) = self.check(target) {
+            self.metrics.refuse(reason);
+            warn!(
+                peer.addr = %peer, peer.node = %peer_node, target = %target, reason,
+                "mesh: refused: target is not a ready endpoint of this node"
+            );
+            reply_refusal(&mut tls, code).await;
+            return;
+        }
+
+        let upstream = match tokio::time::timeout(
+            TARGET_CONNECT_TIMEOUT,
+            TcpStream::connect(target),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.metrics.refuse("connect_failed");
+                warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, error = %e, "mesh: connect to target failed");
+                reply_refusal(&mut tls, RefusalCode::ConnectFailed).await;
+                return;
+            }
+            Err(_) => {
+                self.metrics.refuse("connect_failed");
+                warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: connect to target timed out");
+                reply_refusal(&mut tls, RefusalCode::ConnectFailed).await;
+                return;
+            }
+        };
+        let mut upstream = upstream;
+        if let Err(e) = upstream.set_nodelay(true) {
+            debug!(target = %target, error = %e, "mesh: set_nodelay");
+        }
+        if let Err(e) = async {
+            tls.write_all(&[REPLY_OK]).await?;
+            tls.flush().await
+        }
+        .await
+        {
+            debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
+            return;
+        }
+
+        self.metrics.tunnels.inc();
+        self.metrics.tunnels_active.inc();
+        debug!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: tunnel open");
+        // 64 KiB per direction: four full TLS records per read.
+        let r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, 1 << 16, 1 << 16)
+            .await;
+        self.metrics.tunnels_active.dec();
+        match r {
+            Ok((to_target, from_target)) => {
+                self.metrics
+                    .bytes
+                    .get_or_create(&[("direction", "to_target")])
+                    .inc_by(to_target);
+                self.metrics
+                    .bytes
+                    .get_or_create(&[("direction", "from_target")])
+                    .inc_by(from_target);
+                debug!(peer.addr = %peer, target = %target, to_target, from_target, "mesh: tunnel closed");
+            }
+            Err(e) => {
+                debug!(peer.addr = %peer, target = %target, error = %e, "mesh: tunnel ended with an error");
+            }
+        }
+    }
+}
+
+async fn reply_refusal(
+    tls: &mut tokio_rustls::server::TlsStream<BufReader<TcpStream>>,
+    code: RefusalCode,
+) {
+    let r = async {
+        tls.write_all(&[code as u8]).await?;
+        tls.shutdown().await
+    }
+    .await;
+    if let Err(e) = r {
+        debug!(error = %e, "mesh: write refusal");
+    }
+}
+
+/// The metric reason of a failed handshake: a rejected client certificate,
+/// or anything else (plaintext, wrong protocol, reset).
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(
+            rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate)
+            | rustls::Error::AlertReceived(rustls::AlertDescription::UnknownCA),
+        ) => "client_cert",
+        _ => "tls_handshake",
+    }
+}

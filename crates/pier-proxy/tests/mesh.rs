@@ -1,0 +1,742 @@
+//! The mTLS mesh over loopback with real TLS: identity files, tunnels,
+//! refusals (each logged), certificate expiry and renewal, resumption and
+//! the warm pool.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use pier_model::{Endpoint, EndpointMap, EndpointPort, Name, Namespace, PortNum, Snapshot};
+use pier_proxy::mesh::{MeshConnector, MeshError, MeshServer, RefusalCode};
+use pier_proxy::tls::{self, MeshConfig, TlsError};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+/// A CA and the node directories issued from it.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        tls::ca_init(&dir.path().join("ca")).unwrap();
+        Pki { dir }
+    }
+    fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+    fn issue(&self, node: &str) -> PathBuf {
+        let out = self.dir.path().join(node);
+        tls::ca_issue(&name(node), &self.ca_dir(), &out, 30).unwrap();
+        out
+    }
+    fn cfg(&self, node: &str) -> MeshConfig {
+        MeshConfig::from_dir("127.0.0.1:0".parse().unwrap(), &self.dir.path().join(node))
+    }
+}
+
+fn endpoint(node: &str, id: &str, addr: SocketAddr, ready: bool) -> Arc<Endpoint> {
+    Arc::new(Endpoint {
+        service: name("web"),
+        namespace: Namespace::default(),
+        node: name(node),
+        id: name(id),
+        pod: None,
+        hostname: None,
+        ip: addr.ip(),
+        ports: vec![EndpointPort {
+            name: name("http"),
+            port: PortNum::new(addr.port()).unwrap(),
+        }],
+        ready,
+        is_static: false,
+    })
+}
+
+fn snapshot(eps: &[Arc<Endpoint>]) -> Arc<Snapshot> {
+    let mut m = EndpointMap::new();
+    for e in eps {
+        m.insert((e.node.clone(), e.id.clone()), e.clone());
+    }
+    let mut all = BTreeMap::new();
+    all.insert((Namespace::default(), name("web")), Arc::new(m));
+    Arc::new(Snapshot {
+        endpoints: Arc::new(all),
+        ..Snapshot::default()
+    })
+}
+
+/// Log lines captured from the current thread (tests run on a
+/// current-thread runtime, so spawned tasks log here too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let me = self.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || me.clone())
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+    /// The WARN lines that contain every one of `parts`.
+    fn warned(&self, parts: &[&str]) -> bool {
+        self.text()
+            .lines()
+            .any(|l| l.contains("WARN") && parts.iter().all(|p| l.contains(p)))
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A metric's value from the registry's text exposition; 0 when absent.
+fn metric(reg: &Registry, series: &str) -> f64 {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+    out.lines()
+        .find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == series).then(|| v.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
+}
+
+/// A running mesh server for node `n1` and its snapshot sender.
+struct Running {
+    addr: SocketAddr,
+    registry: Registry,
+    tx: watch::Sender<Arc<Snapshot>>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), MeshError>>,
+}
+
+impl Running {
+    async fn start(cfg: &MeshConfig, snap: Arc<Snapshot>) -> Running {
+        let (tx, rx) = watch::channel(snap);
+        let mut registry = Registry::default();
+        let server = MeshServer::new(cfg, name("n1"), rx, &mut registry).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(server.serve(listener, cancel.clone()));
+        Running {
+            addr,
+            registry,
+            tx,
+            cancel,
+            task,
+        }
+    }
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+            .await
+            .expect("serve returns after cancel")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Echoes every byte back until EOF, then half-closes.
+async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, h)
+}
+
+#[test]
+fn ca_init_and_issue_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    tls::ca_init(&ca).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(ca.join("ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "CA key must be 0600");
+    // Refuses to overwrite.
+    let e = tls::ca_init(&ca).unwrap_err();
+    assert!(matches!(e, TlsError::Exists { .. }), "{e}");
+    assert!(e.to_string().contains("refusing to overwrite"), "{e}");
+
+    let out = dir.path().join("node-a");
+    tls::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
+    for f in ["node.pem", "node-key.pem", "ca.pem"] {
+        assert!(out.join(f).exists(), "{f} written");
+    }
+    let mode = std::fs::metadata(out.join("node-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "node key must be 0600");
+
+    let id = tls::load_identity(
+        &out.join("ca.pem"),
+        &out.join("node.pem"),
+        &out.join("node-key.pem"),
+    )
+    .unwrap();
+    assert_eq!(tls::peer_node_name(&id.chain[0]).as_deref(), Some("node-a"));
+    // Valid for about 90 days.
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let days = (id.not_after_unix - now) / 86_400;
+    assert!((89..=90).contains(&days), "validity {days} days");
+    // The node certificate chains to the CA, with the node name as SAN.
+    let (_, x) = x509_parser::parse_x509_certificate(&id.chain[0]).unwrap();
+    let eku = x.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+
+    // Re-issuing (renewal) replaces the files.
+    let before = std::fs::read(out.join("node.pem")).unwrap();
+    tls::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
+    assert_ne!(before, std::fs::read(out.join("node.pem")).unwrap());
+    // A node name that TLS cannot use as a server name is refused up front.
+    let e = tls::ca_issue(&name("123"), &ca, &dir.path().join("n123"), 1).unwrap_err();
+    assert!(matches!(e, TlsError::NodeName(_)), "{e}");
+    // Missing CA → clear error naming the file.
+    let e = tls::ca_issue(&name("x"), &dir.path().join("nope"), &out, 1).unwrap_err();
+    assert!(e.to_string().contains("nope/ca.pem"), "{e}");
+}
+
+#[tokio::test]
+async fn tunnel_carries_bytes_both_ways_with_half_close() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+
+    // Target A: reads to EOF, then answers with the byte count (client
+    // half-close travels through the tunnel).
+    let a = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = a.local_addr().unwrap();
+    let a_task = tokio::spawn(async move {
+        let (mut s, _) = a.accept().await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let reply = format!(
+            "got {} bytes, sum {}",
+            buf.len(),
+            buf.iter().map(|b| *b as u64).sum::<u64>()
+        );
+        s.write_all(reply.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    // Target B: greets, half-closes, then still reads what the client sends.
+    let b = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b_addr = b.local_addr().unwrap();
+    let (b_tx, b_rx) = oneshot::channel();
+    let b_task = tokio::spawn(async move {
+        let (mut s, _) = b.accept().await.unwrap();
+        s.write_all(b"hello from target").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        b_tx.send(buf).unwrap();
+    });
+
+    let srv = Running::start(
+        &pki.cfg("n1"),
+        snapshot(&[
+            endpoint("n1", "a", a_addr, true),
+            endpoint("n1", "b", b_addr, true),
+        ]),
+    )
+    .await;
+    let mut creg = Registry::default();
+    let conn = MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut creg, 0).unwrap();
+
+    // A: 1 MiB up, half-close, answer down.
+    let mut s = conn.connect(srv.addr, &name("n1"), a_addr).await.unwrap();
+    let payload: Vec<u8> = (0..1_048_576u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = payload.iter().map(|b| *b as u64).sum();
+    s.write_all(&payload).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, format!("got 1048576 bytes, sum {sum}"));
+    a_task.await.unwrap();
+
+    // B: greeting down then EOF, while the up direction stays open.
+    let mut s = conn.connect(srv.addr, &name("n1"), b_addr).await.unwrap();
+    let mut greeting = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, b"hello from target");
+    s.write_all(b"still talking after your EOF").await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), b_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"still talking after your EOF");
+    b_task.await.unwrap();
+
+    // Counted once the copy loops end.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while metric(&srv.registry, "mesh_server_tunnels_active") != 0.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(metric(&srv.registry, "mesh_server_tunnels_total"), 2.0);
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_bytes_total{direction=\"to_target\"}"
+        ),
+        (1_048_576 + 28) as f64
+    );
+    assert_eq!(
+        metric(&creg, "mesh_client_connects_total{result=\"ok\"}"),
+        2.0
+    );
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn refused_client_cert_from_another_ca() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+
+    // Another CA issues "n2"; the client trusts the right CA for the server
+    // but presents the foreign certificate.
+    let other = Pki::new();
+    let n2 = other.issue("n2");
+    let cfg = MeshConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ca: pki.ca_dir().join("ca.pem"),
+        cert: n2.join("node.pem"),
+        key: n2.join("node-key.pem"),
+    };
+    let conn =
+        MeshConnector::with_pool_size(&cfg, name("n2"), &mut Registry::default(), 0).unwrap();
+    let e = conn.connect(srv.addr, &name("n1"), echo).await.unwrap_err();
+    assert!(
+        e.refusal().is_none(),
+        "refused at the TLS layer, not by code: {e}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"client_cert\"}",
+        ) != 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("refusal counted as client_cert");
+    assert!(
+        logs.warned(&["refused", "peer.addr=127.0.0.1:", "client_cert"]),
+        "logged at warn with the peer address:\n{}",
+        logs.text()
+    );
+    assert_eq!(metric(&srv.registry, "mesh_server_tunnels_total"), 0.0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn refused_plaintext_connection() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+
+    let mut s = TcpStream::connect(srv.addr).await.unwrap();
+    let me = s.local_addr().unwrap();
+    // A plaintext header naming a ready endpoint must not get through.
+    let mut hdr = pier_proxy::mesh::encode_header(echo);
+    hdr.extend_from_slice(b"GET / HTTP/1.0\r\n\r\n");
+    s.write_all(&hdr).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("server closes a plaintext connection");
+    assert!(
+        !buf.contains(&b'H'),
+        "nothing of the target came back: {buf:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !logs.warned(&["refused", &format!("peer.addr={me}")]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("plaintext refusal logged with {me}:\n{}", logs.text()));
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"tls_handshake\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&srv.registry, "mesh_server_tunnels_total"), 0.0);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn refused_targets_that_are_not_ready_endpoints_of_this_node() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    // Real listeners behind every refused target, so a refusal is the
+    // check's doing, not a failed connect.
+    let (ready, _a) = echo_server().await;
+    let (remote, _b) = echo_server().await;
+    let (unready, _c) = echo_server().await;
+    let (arbitrary, _d) = echo_server().await;
+    let srv = Running::start(
+        &pki.cfg("n1"),
+        snapshot(&[
+            endpoint("n1", "a", ready, true),
+            endpoint("n2", "b", remote, true),
+            endpoint("n1", "c", unready, false),
+        ]),
+    )
+    .await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+
+    let cases: [(SocketAddr, RefusalCode, &str); 5] = [
+        (remote, RefusalCode::NotLocalEndpoint, "other_node"),
+        (
+            "127.0.0.1:22".parse().unwrap(),
+            RefusalCode::NotLocalEndpoint,
+            "not_an_endpoint",
+        ),
+        (
+            "127.0.0.1:2379".parse().unwrap(),
+            RefusalCode::NotLocalEndpoint,
+            "not_an_endpoint",
+        ),
+        (arbitrary, RefusalCode::NotLocalEndpoint, "not_an_endpoint"),
+        (unready, RefusalCode::NotReady, "not_ready"),
+    ];
+    for (target, code, reason) in cases {
+        let e = conn
+            .connect(srv.addr, &name("n1"), target)
+            .await
+            .unwrap_err();
+        assert_eq!(e.refusal(), Some(code), "{target}: {e}");
+        assert!(
+            logs.warned(&[
+                "refused",
+                "peer.addr=127.0.0.1:",
+                "peer.node=n2",
+                &format!("target={target}"),
+                reason
+            ]),
+            "{target} logged:\n{}",
+            logs.text()
+        );
+    }
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"not_an_endpoint\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"other_node\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"not_ready\"}"
+        ),
+        1.0
+    );
+
+    // The unready endpoint becomes ready: accepted with the next snapshot.
+    srv.tx.send_replace(snapshot(&[
+        endpoint("n1", "a", ready, true),
+        endpoint("n1", "c", unready, true),
+    ]));
+    let mut s = conn.connect(srv.addr, &name("n1"), unready).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    // And the ready one goes away: refused again.
+    srv.tx
+        .send_replace(snapshot(&[endpoint("n1", "c", unready, true)]));
+    let e = conn
+        .connect(srv.addr, &name("n1"), ready)
+        .await
+        .unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalCode::NotLocalEndpoint));
+    drop(s);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn expired_or_missing_cert_is_a_clear_startup_error() {
+    let pki = Pki::new();
+    let out = pki.dir.path().join("old");
+    let now = SystemTime::now();
+    tls::ca_issue_with_validity(
+        &name("old"),
+        &pki.ca_dir(),
+        &out,
+        now - Duration::from_secs(10 * 86_400),
+        now - Duration::from_secs(86_400),
+    )
+    .unwrap();
+    let cfg = pki.cfg("old");
+    let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let e = MeshServer::new(&cfg, name("old"), rx.clone(), &mut Registry::default()).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("expired") && msg.contains("old/node.pem"),
+        "{msg}"
+    );
+    let e = MeshConnector::new(&cfg, name("old"), &mut Registry::default()).unwrap_err();
+    assert!(e.to_string().contains("expired"), "{e}");
+
+    // Not yet valid.
+    tls::ca_issue_with_validity(
+        &name("old"),
+        &pki.ca_dir(),
+        &out,
+        now + Duration::from_secs(86_400),
+        now + Duration::from_secs(2 * 86_400),
+    )
+    .unwrap();
+    let e = MeshServer::new(&cfg, name("old"), rx.clone(), &mut Registry::default()).unwrap_err();
+    assert!(e.to_string().contains("not valid before"), "{e}");
+
+    // Missing key.
+    pki.issue("n1");
+    let mut cfg = pki.cfg("n1");
+    cfg.key = pki.dir.path().join("n1/missing-key.pem");
+    let e = MeshServer::new(&cfg, name("n1"), rx.clone(), &mut Registry::default()).unwrap_err();
+    assert!(e.to_string().contains("missing-key.pem"), "{e}");
+    // n1's files under another node name.
+    let e = MeshServer::new(
+        &pki.cfg("n1"),
+        name("n9"),
+        rx.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not for this node \"n9\""), "{e}");
+    // A key that belongs to another certificate.
+    pki.issue("n2");
+    cfg.key = pki.dir.path().join("n2/node-key.pem");
+    let e = MeshServer::new(&cfg, name("n1"), rx, &mut Registry::default()).unwrap_err();
+    assert!(e.to_string().contains("does not belong"), "{e}");
+}
+
+fn write_file(p: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(p).unwrap();
+    f.write_all(data).unwrap();
+}
+
+#[tokio::test]
+async fn renewed_cert_is_picked_up_while_an_existing_tunnel_keeps_working() {
+    let pki = Pki::new();
+    let n1 = pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let mut t1 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    let old_cert = t1.get_ref().1.peer_certificates().unwrap()[0].clone();
+
+    // Renew on disk. A garbage write first: the reload fails, the server
+    // keeps its certificate and keeps serving.
+    write_file(&n1.join("node.pem"), b"not a pem");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metric(
+            &srv.registry,
+            "mesh_server_cert_reloads_total{result=\"error\"}",
+        ) < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("broken renewal noticed");
+    tls::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metric(
+            &srv.registry,
+            "mesh_server_cert_reloads_total{result=\"ok\"}",
+        ) < 1.0
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("renewal picked up within a few polls");
+
+    // The tunnel opened before the reload still carries bytes.
+    for i in 0..3u8 {
+        t1.write_all(&[i; 1000]).await.unwrap();
+        let mut b = [0u8; 1000];
+        t1.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [i; 1000]);
+    }
+    // A new full handshake (fresh connector, no session to resume) sees the
+    // renewed certificate.
+    let fresh =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let t2 = fresh.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    let new_cert = t2.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let on_disk = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(n1.join("node.pem")).unwrap()
+    };
+    assert_ne!(old_cert, new_cert);
+    assert_eq!(new_cert, on_disk);
+    drop((t1, t2));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn second_connect_resumes_the_tls_session() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let mut creg = Registry::default();
+    let conn = MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut creg, 0).unwrap();
+
+    let s1 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(
+        s1.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Full)
+    );
+    let s2 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(
+        s2.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(
+        metric(&creg, "mesh_client_handshakes_total{kind=\"full\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&creg, "mesh_client_handshakes_total{kind=\"resumed\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_handshakes_total{kind=\"resumed\"}"
+        ),
+        1.0
+    );
+    drop((s1, s2));
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn warm_pool_serves_the_next_connect_without_a_handshake() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let mut creg = Registry::default();
+    let conn = MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut creg, 2).unwrap();
+
+    let mut s1 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    // The pool fills in the background: 1 + 2 handshakes.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while metric(&creg, "mesh_client_handshakes_total{kind=\"full\"}")
+            + metric(&creg, "mesh_client_handshakes_total{kind=\"resumed\"}")
+            < 3.0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("pool warmed");
+    let mut s2 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(metric(&creg, "mesh_client_pool_hits_total"), 1.0);
+    for s in [&mut s1, &mut s2] {
+        s.write_all(b"abc").await.unwrap();
+        let mut b = [0u8; 3];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"abc");
+    }
+    // A refusal through a warm connection is still a refusal.
+    let e = conn
+        .connect(srv.addr, &name("n1"), "127.0.0.1:22".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalCode::NotLocalEndpoint));
+    conn.close().await;
+    drop((s1, s2));
+    srv.stop().await;
+}

@@ -1,0 +1,746 @@
+//! [`EtcdStore`]: the [`Store`] on an etcd cluster (tested against etcd 3.4).
+//!
+//! - One etcd-client `Client` per endpoint. A call goes to the current
+//!   endpoint; when it fails as unavailable (or does not answer within
+//!   [`ATTEMPT_TIMEOUT`]) the store moves on to the next endpoint and
+//!   retries, backing off between rounds, for at most [`RETRY_BUDGET`].
+//!   etcd-client's own balancer keeps sending to a dead member, which is why
+//!   the rotation lives here.
+//! - A retried write may have been applied by the first attempt if only its
+//!   answer was lost (as with any etcd client).
+//! - A watch runs in its own task. On a broken stream it yields
+//!   `Disconnected`, reopens from the revision after the last one it
+//!   delivered (on any endpoint, backing off), then yields `Resumed`. If that
+//!   revision was compacted it ends with `Err(Compacted)`.
+//! - Lists are paged (at one read revision) so that 100 000 keys never make
+//!   one oversized gRPC message.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    Compare, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Ttl, Txn, TxnOp,
+    TxnResult, WatchEvent, WatchItem, WatchStream,
+};
+
+/// How long one attempt on one endpoint may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a call keeps retrying across endpoints before giving up.
+const RETRY_BUDGET: Duration = Duration::from_secs(6);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The watch task's reconnect backoff cap.
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 5_000;
+
+/// The store on etcd. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoints: Vec<String>,
+    clients: Vec<Client>,
+    current: AtomicUsize,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("current", &self.inner.current.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn normalize(endpoint: &str) -> String {
+    let e = endpoint.trim();
+    if e.starts_with("http://") || e.starts_with("https://") {
+        e.to_owned()
+    } else {
+        format!("http://{e}")
+    }
+}
+
+impl EtcdStore {
+    /// `endpoints` like `["127.0.0.1:2379", "http://10.0.0.2:2379"]`.
+    /// Succeeds only when one answers; that one becomes the current endpoint.
+    pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid("no etcd endpoints given".into()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        let mut clients = Vec::with_capacity(endpoints.len());
+        let mut names = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            let url = normalize(e);
+            let client = Client::connect([url.as_str()], Some(options.clone()))
+                .await
+                .map_err(|err| map_err(&format!("connect {url}"), err))?;
+            clients.push(client);
+            names.push(url);
+        }
+        let mut errors = Vec::new();
+        for (i, client) in clients.iter().enumerate() {
+            let mut c = client.clone();
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, c.status()).await {
+                Ok(Ok(_)) => {
+                    return Ok(EtcdStore {
+                        inner: Arc::new(Inner {
+                            endpoints: names,
+                            clients,
+                            current: AtomicUsize::new(i),
+                        }),
+                    });
+                }
+                Ok(Err(err)) => errors.push(format!("{}: {err}", names[i])),
+                Err(_) => errors.push(format!("{}: no answer in {ATTEMPT_TIMEOUT:?}", names[i])),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "connect to etcd: no endpoint answered ({})",
+            errors.join("; ")
+        )))
+    }
+
+    /// The endpoint calls currently go to.
+    pub fn current_endpoint(&self) -> &str {
+        let i = self.inner.current.load(Ordering::Relaxed);
+        &self.inner.endpoints[i]
+    }
+}
+
+impl Inner {
+    /// Moves on from endpoint `from` (if nobody did already).
+    fn rotate(&self, from: usize) {
+        let next = (from + 1) % self.clients.len();
+        if next != from
+            && self
+                .current
+                .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                from = %self.endpoints[from],
+                to = %self.endpoints[next],
+                "etcd endpoint unavailable, switching"
+            );
+        }
+    }
+
+    /// Runs `f` on the current endpoint, rotating and retrying with backoff
+    /// while it fails as unavailable, for at most `budget`.
+    async fn call<T, F, Fut>(&self, what: &str, budget: Duration, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let start = Instant::now();
+        let mut backoff = BACKOFF_MIN;
+        let mut tried_in_round = 0usize;
+        loop {
+            let idx = self.current.load(Ordering::Relaxed);
+            let client = self.clients[idx].clone();
+            let endpoint = &self.endpoints[idx];
+            let err = match tokio::time::timeout(ATTEMPT_TIMEOUT, f(client)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => map_err(&format!("{what} on {endpoint}"), e),
+                Err(_) => StoreError::Unavailable(format!(
+                    "{what} on {endpoint}: no answer in {ATTEMPT_TIMEOUT:?}"
+                )),
+            };
+            if !matches!(err, StoreError::Unavailable(_)) {
+                return Err(err);
+            }
+            tracing::debug!("{err}");
+            self.rotate(idx);
+            if start.elapsed() + backoff > budget {
+                return Err(err);
+            }
+            tried_in_round += 1;
+            if tried_in_round >= self.clients.len() {
+                tried_in_round = 0;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+
+    async fn list_page(
+        &self,
+        from_key: Vec<u8>,
+        end: Vec<u8>,
+        revision: Revision,
+    ) -> Result<(Vec<KeyValue>, bool, Revision), StoreError> {
+        self.call("list", RETRY_BUDGET, |mut c| {
+            let from_key = from_key.clone();
+            let end = end.clone();
+            async move {
+                let mut opts = GetOptions::new().with_range(end).with_limit(LIST_PAGE);
+                if revision > 0 {
+                    opts = opts.with_revision(revision);
+                }
+                let mut resp = c.get(from_key, Some(opts)).await?;
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                let more = resp.more();
+                let kvs = resp.take_kvs();
+                Ok((kvs, more, rev))
+            }
+        })
+        .await
+        .map(|(kvs, more, rev)| (kvs.iter().map(convert_kv).collect(), more, rev))
+    }
+
+    /// Opens a watch from `from` (0 = now) and waits for etcd to confirm it.
+    async fn open_watch(&self, prefix: &str, from: Revision) -> Result<Opened, StoreError> {
+        let opened = self
+            .call("watch", RETRY_BUDGET, |mut c| {
+                let prefix = prefix.to_owned();
+                async move {
+                    let mut opts = WatchOptions::new().with_prefix();
+                    if from > 0 {
+                        opts = opts.with_start_revision(from);
+                    }
+                    let mut stream = c.watch(prefix, Some(opts)).await?;
+                    match stream.message().await? {
+                        Some(resp) => Ok((stream, resp)),
+                        None => Err(etcd_client::Error::WatchError(
+                            "watch stream closed before it was created".into(),
+                        )),
+                    }
+                }
+            })
+            .await?;
+        let (stream, resp) = opened;
+        if resp.compact_revision() > 0 {
+            return Ok(Opened::Compacted(resp.compact_revision()));
+        }
+        if resp.canceled() {
+            return Err(StoreError::Unavailable(format!(
+                "watch {prefix} from {from}: canceled by etcd: {}",
+                resp.cancel_reason()
+            )));
+        }
+        let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // A created response carries no events; anything else is kept.
+        Ok(Opened::Open {
+            stream,
+            header_rev,
+            first: if resp.created() { None } else { Some(resp) },
+        })
+    }
+}
+
+// Built once per watch (re)open; boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    Open {
+        stream: etcd_client::WatchStream,
+        header_rev: Revision,
+        first: Option<etcd_client::WatchResponse>,
+    },
+    Compacted(Revision),
+}
+
+/// Maps an etcd-client error to a `StoreError` naming what was being done.
+fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
+    if e.to_string().contains("lease not found") {
+        // Not retryable; the caller turns it into `LeaseNotFound(id)`.
+        return StoreError::Other(format!("{what}: lease not found"));
+    }
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let msg = status.message();
+            let code = format!("{:?}", status.code());
+            if msg.contains("required revision has been compacted") {
+                // The caller fills in the revisions it knows.
+                return StoreError::Compacted {
+                    requested: 0,
+                    compact_revision: 0,
+                };
+            }
+            if msg.contains("future revision") {
+                return StoreError::Invalid(format!("{what}: {msg}"));
+            }
+            match code.as_str() {
+                "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Aborted" | "Unknown"
+                | "ResourceExhausted" => StoreError::Unavailable(format!("{what}: {code}: {msg}")),
+                "InvalidArgument" | "FailedPrecondition" | "OutOfRange" => {
+                    StoreError::Invalid(format!("{what}: {msg}"))
+                }
+                _ => StoreError::Other(format!("{what}: {code}: {msg}")),
+            }
+        }
+        etcd_client::Error::TransportError(err) => {
+            StoreError::Unavailable(format!("{what}: transport: {err}"))
+        }
+        etcd_client::Error::IoError(err) => StoreError::Unavailable(format!("{what}: io: {err}")),
+        etcd_client::Error::WatchError(err) | etcd_client::Error::LeaseKeepAliveError(err) => {
+            StoreError::Unavailable(format!("{what}: {err}"))
+        }
+        other => StoreError::Other(format!("{what}: {other}")),
+    }
+}
+
+fn is_lease_not_found(e: &StoreError) -> bool {
+    matches!(e, StoreError::Other(m) if m.ends_with("lease not found"))
+}
+
+/// Keys under pier's prefixes are ASCII; a foreign non-UTF-8 key is kept
+/// (lossily) so that the reflector logs and skips it rather than the watch
+/// failing.
+fn convert_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: (kv.lease() != 0).then_some(LeaseId(kv.lease())),
+    }
+}
+
+/// The end of the range of keys starting with `prefix` (etcd's convention).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn convert_op(op: &TxnOp) -> etcd_client::TxnOp {
+    match op {
+        TxnOp::Put { key, value, lease } => etcd_client::TxnOp::put(
+            key.as_str(),
+            value.clone(),
+            lease.map(|l| PutOptions::new().with_lease(l.0)),
+        ),
+        TxnOp::Delete { key } => etcd_client::TxnOp::delete(key.as_str(), None),
+    }
+}
+
+fn convert_compare(c: &Compare) -> etcd_client::Compare {
+    match c {
+        Compare::ModRevision(k, rev) => {
+            etcd_client::Compare::mod_revision(k.as_str(), CompareOp::Equal, *rev)
+        }
+        Compare::Absent(k) => {
+            etcd_client::Compare::create_revision(k.as_str(), CompareOp::Equal, 0)
+        }
+        Compare::Exists(k) => {
+            etcd_client::Compare::create_revision(k.as_str(), CompareOp::Greater, 0)
+        }
+    }
+}
+
+fn convert_events(resp: &etcd_client::WatchResponse) -> Vec<WatchEvent> {
+    let mut out = Vec::with_capacity(resp.events().len());
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let kv = convert_kv(kv);
+        out.push(match ev.event_type() {
+            EventType::Put => WatchEvent::Put(kv),
+            EventType::Delete => WatchEvent::Delete {
+                key: kv.key,
+                mod_revision: kv.mod_revision,
+            },
+        });
+    }
+    out
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let kvs = self
+            .inner
+            .call(&format!("get {key}"), RETRY_BUDGET, |mut c| async move {
+                let mut resp = c.get(key, None).await?;
+                Ok(resp.take_kvs())
+            })
+            .await?;
+        Ok(kvs.first().map(convert_kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut kvs = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let (page, more, rev) = self
+                .inner
+                .list_page(from.clone(), end.clone(), revision)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } => StoreError::Compacted {
+                        requested: revision,
+                        compact_revision: revision,
+                    },
+                    other => other,
+                })?;
+            if revision == 0 {
+                revision = rev;
+            }
+            let last = page.last().map(|kv| kv.key.clone());
+            kvs.extend(page);
+            match (more, last) {
+                (true, Some(last)) => {
+                    from = last.into_bytes();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(ListResult { kvs, revision })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        let res = self
+            .inner
+            .call(&format!("put {key}"), RETRY_BUDGET, |mut c| {
+                let value = value.clone();
+                async move {
+                    let opts = lease.map(|l| PutOptions::new().with_lease(l.0));
+                    let resp = c.put(key, value, opts).await?;
+                    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+                }
+            })
+            .await;
+        match (res, lease) {
+            (Err(e), Some(l)) if is_lease_not_found(&e) => Err(StoreError::LeaseNotFound(l)),
+            (r, _) => r,
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(bool, Revision), StoreError> {
+        self.inner
+            .call(&format!("delete {key}"), RETRY_BUDGET, |mut c| async move {
+                let resp = c.delete(key, None::<DeleteOptions>).await?;
+                Ok((
+                    resp.deleted() > 0,
+                    resp.header().map(|h| h.revision()).unwrap_or(0),
+                ))
+            })
+            .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        let compares: Vec<_> = txn.compares.iter().map(convert_compare).collect();
+        let success: Vec<_> = txn.success.iter().map(convert_op).collect();
+        let failure: Vec<_> = txn.failure.iter().map(convert_op).collect();
+        let res = self
+            .inner
+            .call("txn", RETRY_BUDGET, |mut c| {
+                let t = etcd_client::Txn::new()
+                    .when(compares.clone())
+                    .and_then(success.clone())
+                    .or_else(failure.clone());
+                async move {
+                    let resp = c.txn(t).await?;
+                    Ok(TxnResult {
+                        succeeded: resp.succeeded(),
+                        revision: resp.header().map(|h| h.revision()).unwrap_or(0),
+                    })
+                }
+            })
+            .await;
+        match res {
+            Err(e) if is_lease_not_found(&e) => {
+                let lease = txn
+                    .success
+                    .iter()
+                    .chain(&txn.failure)
+                    .find_map(|op| match op {
+                        TxnOp::Put { lease, .. } => *lease,
+                        TxnOp::Delete { .. } => None,
+                    });
+                match lease {
+                    Some(l) => Err(StoreError::LeaseNotFound(l)),
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    async fn lease_grant(&self, ttl: Ttl) -> Result<LeaseId, StoreError> {
+        self.inner
+            .call("lease grant", RETRY_BUDGET, |mut c| async move {
+                let resp = c.lease_grant(ttl.secs() as i64, None).await?;
+                Ok(LeaseId(resp.id()))
+            })
+            .await
+    }
+
+    async fn lease_keepalive(&self, lease: LeaseId) -> Result<Ttl, StoreError> {
+        let ttl = self
+            .inner
+            .call(
+                &format!("lease keepalive {lease}"),
+                RETRY_BUDGET,
+                |mut c| async move {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
+                    keeper.keep_alive().await?;
+                    match stream.message().await? {
+                        Some(resp) => Ok(resp.ttl()),
+                        None => Err(etcd_client::Error::LeaseKeepAliveError(
+                            "keepalive stream closed without an answer".into(),
+                        )),
+                    }
+                },
+            )
+            .await
+            .map_err(|e| {
+                if is_lease_not_found(&e) {
+                    StoreError::LeaseNotFound(lease)
+                } else {
+                    e
+                }
+            })?;
+        if ttl <= 0 {
+            return Err(StoreError::LeaseNotFound(lease));
+        }
+        // etcd never reports less than the minimum TTL for a live lease,
+        // but be lenient with rounding.
+        Ttl::from_secs((ttl as u32).max(Ttl::MIN))
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner
+            .call(
+                &format!("lease revoke {lease}"),
+                RETRY_BUDGET,
+                |mut c| async move {
+                    c.lease_revoke(lease.0).await?;
+                    Ok(())
+                },
+            )
+            .await
+            .map_err(|e| {
+                if is_lease_not_found(&e) {
+                    StoreError::LeaseNotFound(lease)
+                } else {
+                    e
+                }
+            })
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        let (stream, header_rev, first) = match self.inner.open_watch(prefix, from).await? {
+            Opened::Open {
+                stream,
+                header_rev,
+                first,
+            } => (stream, header_rev, first),
+            Opened::Compacted(c) => {
+                return Err(StoreError::Compacted {
+                    requested: from,
+                    compact_revision: c,
+                });
+            }
+        };
+        let next = if from > 0 { from } else { header_rev + 1 };
+        let (tx, rx) = mpsc::channel(256);
+        let task = WatchTask {
+            inner: self.inner.clone(),
+            prefix: prefix.to_owned(),
+            next,
+            tx,
+        };
+        tokio::spawn(task.run(stream, first));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.inner
+            .call(
+                &format!("compact {revision}"),
+                RETRY_BUDGET,
+                |mut c| async move {
+                    c.compact(revision, None).await?;
+                    Ok(())
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                StoreError::Compacted { .. } => StoreError::Compacted {
+                    requested: revision,
+                    compact_revision: revision,
+                },
+                other => other,
+            })
+    }
+}
+
+/// One watch: feeds `tx` until the receiver goes away or the revision to
+/// resume from is compacted.
+struct WatchTask {
+    inner: Arc<Inner>,
+    prefix: String,
+    /// The revision to resume from: one past the last delivered.
+    next: Revision,
+    tx: mpsc::Sender<Result<WatchItem, StoreError>>,
+}
+
+enum Step {
+    /// The stream broke; reopen.
+    Broken(String),
+    /// The receiver is gone or the watch ended for good.
+    Done,
+}
+
+impl WatchTask {
+    async fn run(
+        mut self,
+        stream: etcd_client::WatchStream,
+        first: Option<etcd_client::WatchResponse>,
+    ) {
+        let mut current = Some((stream, first));
+        let mut disconnected = false;
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let (stream, first) = match current.take() {
+                Some(s) => s,
+                None => {
+                    let opened = tokio::select! {
+                        _ = self.tx.closed() => return,
+                        r = self.inner.open_watch(&self.prefix, self.next) => r,
+                    };
+                    match opened {
+                        Ok(Opened::Open { stream, first, .. }) => {
+                            backoff = BACKOFF_MIN;
+                            if disconnected {
+                                disconnected = false;
+                                tracing::info!(prefix = %self.prefix, from = self.next, "watch resumed");
+                                if self.tx.send(Ok(WatchItem::Resumed)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            (stream, first)
+                        }
+                        Ok(Opened::Compacted(c)) => {
+                            self.send_compacted(c).await;
+                            return;
+                        }
+                        Err(e) => {
+                            if !disconnected {
+                                disconnected = true;
+                                if !self.send_disconnected(e.to_string()).await {
+                                    return;
+                                }
+                            }
+                            tokio::select! {
+                                _ = self.tx.closed() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self.pump(stream, first).await {
+                Step::Done => return,
+                Step::Broken(reason) => {
+                    tracing::warn!(prefix = %self.prefix, from = self.next, "watch broken: {reason}");
+                    let idx = self.inner.current.load(Ordering::Relaxed);
+                    self.inner.rotate(idx);
+                    if !disconnected {
+                        disconnected = true;
+                        if !self.send_disconnected(reason).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_disconnected(&self, reason: String) -> bool {
+        self.tx
+            .send(Ok(WatchItem::Disconnected { reason }))
+            .await
+            .is_ok()
+    }
+
+    async fn send_compacted(&self, compact_revision: Revision) {
+        let _ = self
+            .tx
+            .send(Err(StoreError::Compacted {
+                requested: self.next,
+                compact_revision,
+            }))
+            .await;
+    }
+
+    /// Delivers responses until the stream breaks.
+    async fn pump(
+        &mut self,
+        mut stream: etcd_client::WatchStream,
+        first: Option<etcd_client::WatchResponse>,
+    ) -> Step {
+        let mut pending = first;
+        loop {
+            let resp = match pending.take() {
+                Some(r) => r,
+                None => {
+                    let msg = tokio::select! {
+                        _ = self.tx.closed() => return Step::Done,
+                        m = stream.message() => m,
+                    };
+                    match msg {
+                        Ok(Some(r)) => r,
+                        Ok(None) => return Step::Broken("watch stream ended".into()),
+                        Err(e) => return Step::Broken(map_err("watch", e).to_string()),
+                    }
+                }
+            };
+            if resp.compact_revision() > 0 {
+                self.send_compacted(resp.compact_revision()).await;
+                return Step::Done;
+            }
+            if resp.canceled() {
+                return Step::Broken(format!("watch canceled by etcd: {}", resp.cancel_reason()));
+            }
+            let events = convert_events(&resp);
+            let Some(last) = events.last() else { continue };
+            let revision = match last {
+                WatchEvent::Put(kv) => kv.mod_revision,
+                WatchEvent::Delete { mod_revision, .. } => *mod_revision,
+            };
+            if self
+                .tx
+                .send(Ok(WatchItem::Events { revision, events }))
+                .await
+                .is_err()
+            {
+                return Step::Done;
+            }
+            self.next = revision + 1;
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! [`LeaseKeeper`]: grants a lease and keeps it alive on any [`Store`].
+//!
+//! It renews every TTL/3. When the store says the lease is gone (it expired
+//! during a partition, or was revoked) it logs a warning, publishes `None`,
+//! grants a new lease (retrying with backoff) and publishes `Some(new)`.
+//! Holders watch [`LeaseKeeper::subscribe`] and re-put their keys under the
+//! new lease. A store that cannot be reached is retried; only the store
+//! saying "not found" counts as lost, since etcd extends leases across a
+//! leader change or restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{LeaseId, Store, StoreError, Ttl};
+
+const REGRANT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const REGRANT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Keeps one lease alive; re-grants it when lost. Cheap to clone.
+#[derive(Clone)]
+pub struct LeaseKeeper {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    ttl: Ttl,
+    tx: watch::Sender<Option<LeaseId>>,
+    /// Stops the renewing task (a child of the caller's token).
+    stop: CancellationToken,
+    /// The renewing task; taken by `revoke`. A std Mutex: held only to take
+    /// the handle, never across an await.
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LeaseKeeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseKeeper")
+            .field("lease", &*self.inner.tx.borrow())
+            .field("ttl", &self.inner.ttl)
+            .finish()
+    }
+}
+
+impl LeaseKeeper {
+    /// Grants a lease and keeps it alive (renew every ttl/3). If the lease is
+    /// lost, logs a warning, publishes `None`, grants a new lease (retrying
+    /// with backoff) and publishes `Some(new_id)`; holders must re-put their
+    /// keys. Stops renewing (without revoking) when `cancel` fires.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        ttl: Ttl,
+        cancel: CancellationToken,
+    ) -> Result<LeaseKeeper, StoreError> {
+        let lease = store.lease_grant(ttl).await?;
+        let (tx, _) = watch::channel(Some(lease));
+        let inner = Arc::new(Inner {
+            store,
+            ttl,
+            tx,
+            stop: cancel.child_token(),
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(renew(inner.clone(), lease));
+        if let Ok(mut slot) = inner.task.lock() {
+            *slot = Some(task);
+        }
+        Ok(LeaseKeeper { inner })
+    }
+
+    /// The current lease: `Some(id)` while held, `None` while re-granting.
+    pub fn subscribe(&self) -> watch::Receiver<Option<LeaseId>> {
+        self.inner.tx.subscribe()
+    }
+
+    /// The current lease, if held.
+    pub fn current(&self) -> Option<LeaseId> {
+        *self.inner.tx.borrow()
+    }
+
+    pub fn ttl(&self) -> Ttl {
+        self.inner.ttl
+    }
+
+    /// Stops renewing and revokes (graceful shutdown: the keys go at once).
+    pub async fn revoke(&self) -> Result<(), StoreError> {
+        self.inner.stop.cancel();
+        let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            // The task only ends by cancellation; a panic in it is a bug we
+            // surface as an error.
+            task.await
+                .map_err(|e| StoreError::Other(format!("lease keeper task: {e}")))?;
+        }
+        let lease = self.inner.tx.send_replace(None);
+        match lease {
+            Some(id) => match self.inner.store.lease_revoke(id).await {
+                Ok(()) | Err(StoreError::LeaseNotFound(_)) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+/// Renews `lease` until stopped; re-grants when it is lost.
+async fn renew(inner: Arc<Inner>, mut lease: LeaseId) {
+    let ttl = inner.ttl.as_duration();
+    let period = ttl / 3;
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let res = tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            r = tokio::time::timeout(ttl, inner.store.lease_keepalive(lease)) => r,
+        };
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err(StoreError::LeaseNotFound(_))) => {
+                tracing::warn!(%lease, "lease lost (expired or revoked); granting a new one");
+                inner.tx.send_replace(None);
+                match regrant(&inner).await {
+                    Some(new) => {
+                        tracing::info!(old = %lease, new = %new, "lease re-granted");
+                        lease = new;
+                        inner.tx.send_replace(Some(new));
+                    }
+                    None => return,
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(%lease, "lease keepalive failed, retrying: {e}"),
+            Err(_) => tracing::warn!(%lease, "lease keepalive got no answer in {ttl:?}, retrying"),
+        }
+    }
+}
+
+/// Grants a new lease, backing off, until it works or the keeper stops.
+async fn regrant(inner: &Inner) -> Option<LeaseId> {
+    let mut backoff = REGRANT_BACKOFF_MIN;
+    loop {
+        let res = tokio::select! {
+            _ = inner.stop.cancelled() => return None,
+            r = inner.store.lease_grant(inner.ttl) => r,
+        };
+        match res {
+            Ok(id) => return Some(id),
+            Err(e) => tracing::warn!("lease grant failed, retrying in {backoff:?}: {e}"),
+        }
+        tokio::select! {
+            _ = inner.stop.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(REGRANT_BACKOFF_MAX);
+    }
+}

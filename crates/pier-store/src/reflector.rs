@@ -1,0 +1,346 @@
+//! The reflector: list + watch of `keys::ROOT` → `watch::Receiver<Arc<Snapshot>>`.
+//!
+//! - It lists everything, builds a fresh [`Snapshot`] and publishes it, then
+//!   watches from the list revision + 1.
+//! - Each batch of events is applied to a copy of the last snapshot. The
+//!   maps are behind `Arc`s and changed with `Arc::make_mut`, so a change to
+//!   one endpoint copies only that service's endpoint map (and the outer
+//!   map's pointers once per batch). All items already waiting in the watch
+//!   are applied before one snapshot is published (bursts coalesce).
+//! - On `Compacted`, or when the watch ends or fails, it lists again and
+//!   replaces the state wholesale: nothing doubled, nothing kept that is gone.
+//! - While the store is unreachable it keeps the last snapshot and sets
+//!   `stale_since_ms`; on `Resumed` or a successful relist it clears it.
+//! - A key that does not parse, or a value that does not decode, is logged
+//!   with its key and skipped (and any older value under that key dropped).
+//!   Keys it does not use (alloc, stats, election) are ignored.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{FutureExt, StreamExt};
+use pier_model::keys::{self, Key};
+use pier_model::{Snapshot, decode};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{KeyValue, Store, StoreError, WatchEvent, WatchItem};
+
+const RELIST_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RELIST_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Handle on a running reflector. The task stops when `cancel` fires.
+#[derive(Debug, Clone)]
+pub struct Reflector {
+    rx: watch::Receiver<Arc<Snapshot>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl Reflector {
+    /// Lists `keys::ROOT`, then watches from the list revision + 1. Publishes
+    /// a new `Arc<Snapshot>` per batch. Relists after `Compacted` or when a
+    /// watch gives up; on `Disconnected` sets `stale_since_ms`, on
+    /// `Resumed`/relist clears it. Unparsable values are logged (key +
+    /// error) and skipped.
+    pub fn spawn(store: Arc<dyn Store>, cancel: CancellationToken) -> Reflector {
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (synced_tx, synced) = watch::channel(false);
+        tokio::spawn(run(store, tx, synced_tx, cancel));
+        Reflector { rx, synced }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.rx.clone()
+    }
+
+    /// The latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the first full list has been applied. Returns at once if
+    /// it has (or if the reflector stopped).
+    pub async fn synced(&self) {
+        let mut s = self.synced.clone();
+        let _ = s.wait_for(|v| *v).await;
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    synced_tx: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = RELIST_BACKOFF_MIN;
+    loop {
+        // List.
+        let list = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.list(keys::ROOT) => r,
+        };
+        let list = match list {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "reflector: list {} failed, retrying in {backoff:?}: {e}",
+                    keys::ROOT
+                );
+                mark_stale(&tx);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RELIST_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let revision = list.revision;
+        let mut snap = build(&list.kvs, revision);
+        tracing::debug!(revision, keys = list.kvs.len(), "reflector listed");
+        // The raw list is not kept while watching.
+        drop(list);
+        tx.send_replace(Arc::new(snap.clone()));
+        synced_tx.send_replace(true);
+
+        // Watch.
+        let w = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.watch(keys::ROOT, revision + 1) => r,
+        };
+        let mut w = match w {
+            Ok(w) => w,
+            Err(e) => {
+                log_watch_end(&e);
+                if !matches!(e, StoreError::Compacted { .. }) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RELIST_BACKOFF_MAX);
+                }
+                continue;
+            }
+        };
+        backoff = RELIST_BACKOFF_MIN;
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return,
+                item = w.next() => item,
+            };
+            let mut end = apply_item(&mut snap, first);
+            // Coalesce: apply everything already waiting, then publish once.
+            while end.is_none() {
+                match w.next().now_or_never() {
+                    Some(item) => end = apply_item(&mut snap, item),
+                    None => break,
+                }
+            }
+            tx.send_replace(Arc::new(snap.clone()));
+            if end.is_some() {
+                break;
+            }
+        }
+        // The watch ended: list again (the relist replaces everything).
+    }
+}
+
+/// Why a watch ended.
+struct Ended;
+
+/// Applies one watch item to `snap`; `Some(Ended)` when the watch is over.
+fn apply_item(snap: &mut Snapshot, item: Option<Result<WatchItem, StoreError>>) -> Option<Ended> {
+    match item {
+        None => {
+            tracing::warn!("reflector: watch ended; listing again");
+            Some(Ended)
+        }
+        Some(Err(e)) => {
+            log_watch_end(&e);
+            Some(Ended)
+        }
+        Some(Ok(WatchItem::Disconnected { reason })) => {
+            tracing::warn!("reflector: store disconnected ({reason}); serving the last snapshot");
+            if snap.stale_since_ms.is_none() {
+                snap.stale_since_ms = Some(now_ms());
+            }
+            None
+        }
+        Some(Ok(WatchItem::Resumed)) => {
+            tracing::info!("reflector: watch resumed");
+            snap.stale_since_ms = None;
+            snap.synced_at_ms = now_ms();
+            None
+        }
+        Some(Ok(WatchItem::Events { revision, events })) => {
+            apply_events(snap, &events, revision);
+            snap.stale_since_ms = None;
+            snap.synced_at_ms = now_ms();
+            None
+        }
+    }
+}
+
+fn log_watch_end(e: &StoreError) {
+    match e {
+        StoreError::Compacted { .. } => tracing::info!("reflector: {e}; listing again"),
+        _ => tracing::warn!("reflector: watch failed: {e}; listing again"),
+    }
+}
+
+fn mark_stale(tx: &watch::Sender<Arc<Snapshot>>) {
+    tx.send_if_modified(|s| {
+        if s.stale_since_ms.is_some() {
+            return false;
+        }
+        let mut n = Snapshot::clone(s);
+        n.stale_since_ms = Some(now_ms());
+        *s = Arc::new(n);
+        true
+    });
+}
+
+/// A fresh snapshot from a full list.
+pub fn build(kvs: &[KeyValue], revision: i64) -> Snapshot {
+    let mut snap = Snapshot {
+        revision,
+        synced_at_ms: now_ms(),
+        ..Snapshot::default()
+    };
+    for kv in kvs {
+        put(&mut snap, &kv.key, &kv.value);
+    }
+    snap
+}
+
+/// Applies one batch of watch events to `snap` (copy-on-write through the
+/// `Arc`s) and sets its revision.
+pub fn apply_events(snap: &mut Snapshot, events: &[WatchEvent], revision: i64) {
+    for e in events {
+        apply_event(snap, e);
+    }
+    snap.revision = revision;
+}
+
+fn apply_event(snap: &mut Snapshot, e: &WatchEvent) {
+    match e {
+        WatchEvent::Put(kv) => put(snap, &kv.key, &kv.value),
+        WatchEvent::Delete { key, .. } => {
+            if let Some(k) = parse(key) {
+                remove(snap, &k);
+            }
+        }
+    }
+}
+
+fn parse(key: &str) -> Option<Key> {
+    match Key::parse(key) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(key, "reflector: skipping unparsable key: {e}");
+            None
+        }
+    }
+}
+
+/// Applies a put of `value` at `key`. A value that does not decode is logged
+/// and skipped, and the key's older value (if any) removed: the snapshot
+/// holds only what the store holds and parses, as a relist would.
+fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
+    let Some(k) = parse(key) else { return };
+    let ok = match &k {
+        Key::Node(n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.nodes).insert(n.clone(), Arc::new(v));
+        }),
+        Key::Service(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.services).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
+        Key::ReplicaSet(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.replicasets).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
+        Key::Pod(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.pods).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
+        Key::PodStatus(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.pod_statuses).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
+        Key::Endpoint {
+            namespace,
+            service,
+            node,
+            id,
+        } => decode(key, value).map(|v| {
+            let outer = Arc::make_mut(&mut snap.endpoints);
+            let map = outer
+                .entry((namespace.clone(), service.clone()))
+                .or_default();
+            Arc::make_mut(map).insert((node.clone(), id.clone()), Arc::new(v));
+        }),
+        Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => Ok(()),
+    };
+    if let Err(e) = ok {
+        tracing::warn!(key, "reflector: skipping value that does not decode: {e}");
+        remove(snap, &k);
+    }
+}
+
+fn remove(snap: &mut Snapshot, k: &Key) {
+    match k {
+        Key::Node(n) => {
+            if snap.nodes.contains_key(n) {
+                Arc::make_mut(&mut snap.nodes).remove(n);
+            }
+        }
+        Key::Service(ns, n) => remove_obj(&mut snap.services, ns, n),
+        Key::ReplicaSet(ns, n) => remove_obj(&mut snap.replicasets, ns, n),
+        Key::Pod(ns, n) => remove_obj(&mut snap.pods, ns, n),
+        Key::PodStatus(ns, n) => remove_obj(&mut snap.pod_statuses, ns, n),
+        Key::Endpoint {
+            namespace,
+            service,
+            node,
+            id,
+        } => {
+            let skey = (namespace.clone(), service.clone());
+            let ekey = (node.clone(), id.clone());
+            let present = snap
+                .endpoints
+                .get(&skey)
+                .is_some_and(|m| m.contains_key(&ekey));
+            if !present {
+                return;
+            }
+            let outer = Arc::make_mut(&mut snap.endpoints);
+            let empty = match outer.get_mut(&skey) {
+                Some(map) => {
+                    let map = Arc::make_mut(map);
+                    map.remove(&ekey);
+                    map.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                outer.remove(&skey);
+            }
+        }
+        Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => {}
+    }
+}
+
+fn remove_obj<V: Clone>(
+    map: &mut Arc<std::collections::BTreeMap<pier_model::ObjectKey, Arc<V>>>,
+    ns: &pier_model::Namespace,
+    n: &pier_model::Name,
+) {
+    let k = (ns.clone(), n.clone());
+    if map.contains_key(&k) {
+        Arc::make_mut(map).remove(&k);
+    }
+}

@@ -1,0 +1,207 @@
+//! Service creation with VIP and node-port allocation, against both stores.
+
+use std::sync::Arc;
+
+use pier_model::{Name, Namespace, PortNum, Service, ServicePort, ServiceType};
+use pier_store::alloc::{AllocConfig, AllocError, create_service, delete_service, update_service};
+use pier_store::testing::EtcdServer;
+use pier_store::{EmbeddedStore, EtcdStore, Store};
+
+fn cfg() -> AllocConfig {
+    AllocConfig {
+        service_cidr: "10.213.0.0/24".parse().unwrap(),
+        node_port_min: 30000,
+        node_port_max: 30002,
+    }
+}
+
+fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
+    Service {
+        name: Name::new(name).unwrap(),
+        namespace: Namespace::default(),
+        vip: None,
+        service_type: ty,
+        ports: vec![ServicePort {
+            name: Name::new("http").unwrap(),
+            port: PortNum::new(80).unwrap(),
+            target_port: PortNum::new(8080).unwrap(),
+            node_port: node_port.map(|p| PortNum::new(p).unwrap()),
+        }],
+        selector: Default::default(),
+        static_endpoints: vec![],
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: 0,
+    }
+}
+
+async fn allocation_rules(store: Arc<dyn Store>) {
+    let c = cfg();
+    // VIPs skip .0-.10 (.10 is DNS) and are unique.
+    let a = create_service(&*store, &c, svc("a", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap();
+    let b = create_service(&*store, &c, svc("b", ServiceType::NodePort, None), true)
+        .await
+        .unwrap();
+    assert_eq!(a.vip, Some("10.213.0.11".parse().unwrap()));
+    assert_eq!(b.vip, Some("10.213.0.12".parse().unwrap()));
+    assert_eq!(b.ports[0].node_port.map(|p| p.get()), Some(30000));
+
+    // Creating twice reports the existing service, unchanged.
+    match create_service(&*store, &c, svc("a", ServiceType::ClusterIP, None), true).await {
+        Err(AllocError::AlreadyExists(s)) => assert_eq!(s.vip, a.vip),
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+
+    // An explicit node port that is taken names its holder.
+    match create_service(
+        &*store,
+        &c,
+        svc("c", ServiceType::NodePort, Some(30000)),
+        true,
+    )
+    .await
+    {
+        Err(AllocError::NodePortTaken { port: 30000, by }) => assert_eq!(by.service.as_str(), "b"),
+        other => panic!("expected NodePortTaken, got {other:?}"),
+    }
+    // A node port on a ClusterIP service is a validation error.
+    assert!(matches!(
+        create_service(
+            &*store,
+            &c,
+            svc("d", ServiceType::ClusterIP, Some(30001)),
+            true
+        )
+        .await,
+        Err(AllocError::Invalid(_))
+    ));
+
+    // The range runs out with a clear error.
+    create_service(&*store, &c, svc("e", ServiceType::NodePort, None), true)
+        .await
+        .unwrap();
+    create_service(&*store, &c, svc("f", ServiceType::NodePort, None), true)
+        .await
+        .unwrap();
+    let e = create_service(&*store, &c, svc("g", ServiceType::NodePort, None), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AllocError::Exhausted(_)), "{e}");
+    assert!(e.to_string().contains("node port"), "{e}");
+
+    // Turning b into ClusterIP frees its node port, with a revision check.
+    let kv = store
+        .get(&pier_model::keys::service(
+            &Namespace::default(),
+            &Name::new("b").unwrap(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut b2 = b.clone();
+    b2.service_type = ServiceType::ClusterIP;
+    b2.ports[0].node_port = None;
+    assert!(matches!(
+        update_service(&*store, &c, kv.mod_revision - 1, b2.clone()).await,
+        Err(AllocError::Conflict(_))
+    ));
+    update_service(&*store, &c, kv.mod_revision, b2)
+        .await
+        .unwrap();
+    let g = create_service(&*store, &c, svc("g", ServiceType::NodePort, None), true)
+        .await
+        .unwrap();
+    assert_eq!(g.ports[0].node_port.map(|p| p.get()), Some(30000));
+
+    // Deleting frees the VIP for reuse.
+    assert!(
+        delete_service(&*store, &Namespace::default(), &Name::new("a").unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !delete_service(&*store, &Namespace::default(), &Name::new("a").unwrap())
+            .await
+            .unwrap()
+    );
+    let h = create_service(&*store, &c, svc("h", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap();
+    assert_eq!(h.vip, a.vip);
+}
+
+/// Two writers creating the same service at once: exactly one wins, and no
+/// VIP is handed out twice.
+async fn concurrent_create(store: Arc<dyn Store>) {
+    let c = cfg();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (s, c) = (store.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            let name = if i % 2 == 0 {
+                "same".to_owned()
+            } else {
+                format!("other{i}")
+            };
+            create_service(&*s, &c, svc(&name, ServiceType::ClusterIP, None), true).await
+        }));
+    }
+    let mut created = 0;
+    let mut vips = std::collections::BTreeSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(s) => {
+                created += 1;
+                assert!(vips.insert(s.vip.unwrap()), "VIP handed out twice");
+            }
+            Err(AllocError::AlreadyExists(_)) => {}
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(created, 5, "one 'same' and four 'otherN'");
+    let allocs = store
+        .list(pier_model::keys::prefix::VIP_ALLOCS)
+        .await
+        .unwrap();
+    assert_eq!(allocs.kvs.len(), 5, "one VIP allocation per service");
+}
+
+#[tokio::test]
+async fn embedded_allocation_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    allocation_rules(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test]
+async fn etcd_allocation_rules() {
+    let etcd = EtcdServer::start().unwrap();
+    allocation_rules(Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_concurrent_create_never_doubles() {
+    let dir = tempfile::tempdir().unwrap();
+    concurrent_create(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_concurrent_create_never_doubles() {
+    let etcd = EtcdServer::start().unwrap();
+    concurrent_create(Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .unwrap(),
+    ))
+    .await;
+}

@@ -1,0 +1,464 @@
+//! The reflector against a real etcd: restarts, compaction while
+//! disconnected, bad values, staleness.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pier_model::{Endpoint, EndpointPort, Name, Namespace, PortNum, Snapshot, keys};
+use pier_store::reflector::{Reflector, build};
+use pier_store::testing::EtcdServer;
+use pier_store::{EtcdStore, Revision, Store};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn name(s: &str) -> Name {
+    Name::new(s).expect("valid name")
+}
+
+fn ns() -> Namespace {
+    Namespace::default()
+}
+
+fn endpoint(svc: &str, node: &str, id: &str, last: u8) -> Endpoint {
+    Endpoint {
+        service: name(svc),
+        namespace: ns(),
+        node: name(node),
+        id: name(id),
+        pod: None,
+        hostname: None,
+        ip: IpAddr::from([10, 1, 0, last]),
+        ports: vec![EndpointPort {
+            name: name("http"),
+            port: PortNum::new(8080).expect("port"),
+        }],
+        ready: true,
+        is_static: false,
+    }
+}
+
+async fn put_service(store: &dyn Store, svc: &str) -> Revision {
+    let key = keys::service(&ns(), &name(svc));
+    let value = format!(
+        r#"{{"name":"{svc}","namespace":"{}","ports":[]}}"#,
+        ns().as_str()
+    );
+    store
+        .put(&key, value.into_bytes(), None)
+        .await
+        .expect("put service")
+}
+
+async fn put_endpoint(store: &dyn Store, svc: &str, node: &str, id: &str, last: u8) -> Revision {
+    let ep = endpoint(svc, node, id, last);
+    let key = keys::endpoint(&ns(), &name(svc), &name(node), &name(id));
+    store
+        .put(&key, pier_model::encode(&ep), None)
+        .await
+        .expect("put endpoint")
+}
+
+async fn delete_endpoint(store: &dyn Store, svc: &str, node: &str, id: &str) -> Revision {
+    let key = keys::endpoint(&ns(), &name(svc), &name(node), &name(id));
+    store.delete(&key).await.expect("delete").1
+}
+
+/// Waits until the reflector's snapshot satisfies `f`.
+async fn wait_for(r: &Reflector, what: &str, f: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
+    let mut rx = r.subscribe();
+    let res = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if f(&s) {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                panic!("reflector stopped while waiting for {what}");
+            }
+        }
+    })
+    .await;
+    match res {
+        Ok(s) => s,
+        Err(_) => panic!("timed out waiting for {what}: {:?}", r.snapshot()),
+    }
+}
+
+/// The reflector's state equals a fresh list of the store.
+async fn assert_equals_fresh_list(store: &dyn Store, snap: &Snapshot) {
+    let list = store.list(keys::ROOT).await.expect("list");
+    let fresh = build(&list.kvs, list.revision);
+    assert_eq!(snap.nodes, fresh.nodes, "nodes");
+    assert_eq!(snap.services, fresh.services, "services");
+    assert_eq!(snap.replicasets, fresh.replicasets, "replicasets");
+    assert_eq!(snap.pods, fresh.pods, "pods");
+    assert_eq!(snap.pod_statuses, fresh.pod_statuses, "pod statuses");
+    assert_eq!(snap.endpoints, fresh.endpoints, "endpoints");
+}
+
+fn endpoint_count(s: &Snapshot) -> usize {
+    s.endpoints.values().map(|m| m.len()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_and_restarted_under_watch_misses_nothing() {
+    let mut etcd = EtcdServer::start().expect("start etcd");
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .expect("connect"),
+    );
+    for i in 0..5u8 {
+        put_service(&*store, &format!("svc{i}")).await;
+        for j in 0..4u8 {
+            put_endpoint(&*store, &format!("svc{i}"), "node-a", &format!("c{j}"), j).await;
+        }
+    }
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(store.clone(), cancel.clone());
+    tokio::time::timeout(Duration::from_secs(20), r.synced())
+        .await
+        .expect("synced");
+    assert_eq!(r.snapshot().services.len(), 5);
+    assert_eq!(endpoint_count(&r.snapshot()), 20);
+    assert!(r.snapshot().synced_at_ms > 0);
+    // Changes seen live before the kill.
+    put_endpoint(&*store, "svc0", "node-b", "x1", 100).await;
+    delete_endpoint(&*store, "svc1", "node-a", "c0").await;
+    wait_for(&r, "live changes", |s| endpoint_count(s) == 20).await;
+
+    etcd.kill();
+    let stale = wait_for(&r, "stale flag", |s| s.stale_since_ms.is_some()).await;
+    // Still serving the last state while down.
+    assert_eq!(endpoint_count(&stale), 20);
+    assert_eq!(stale.services.len(), 5);
+
+    etcd.restart().expect("restart");
+    let mut last = 0;
+    for j in 0..4u8 {
+        last = put_endpoint(&*store, "svc4", "node-c", &format!("n{j}"), 50 + j).await;
+    }
+    last = last.max(delete_endpoint(&*store, "svc2", "node-a", "c1").await);
+    last = last.max(put_service(&*store, "svc-new").await);
+    let snap = wait_for(&r, "changes after restart", |s| s.revision >= last).await;
+    assert!(snap.stale_since_ms.is_none(), "fresh again");
+    assert_eq!(endpoint_count(&snap), 23);
+    assert_equals_fresh_list(&*store, &snap).await;
+}
+
+/// A TCP forwarder to etcd that can be cut: while down it closes every
+/// connection and refuses new ones, so one client is partitioned from etcd
+/// while another keeps writing.
+struct Cut {
+    addr: String,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Cut {
+    async fn start(target: String) -> Cut {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (d, c, s) = (down.clone(), conns.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let token = c.lock().expect("lock").clone();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Cut {
+            addr,
+            down,
+            conns,
+            stop,
+        }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            let mut c = self.conns.lock().expect("lock");
+            c.cancel();
+            *c = CancellationToken::new();
+        }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.conns.lock().map(|c| c.cancel()).ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_while_partitioned_arrive_after_resume() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    let cut = Cut::start(etcd.endpoint.clone()).await;
+    let via_cut: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&cut.addr))
+            .await
+            .expect("connect via cut"),
+    );
+    put_service(&direct, "a").await;
+    put_endpoint(&direct, "a", "n1", "e1", 1).await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(via_cut, cancel.clone());
+    r.synced().await;
+    cut.set_down(true);
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    put_endpoint(&direct, "a", "n1", "e2", 2).await;
+    put_endpoint(&direct, "a", "n1", "e1", 11).await;
+    let last = delete_endpoint(&direct, "a", "n1", "e2").await;
+    let last = last.max(put_endpoint(&direct, "a", "n2", "e3", 3).await);
+    cut.set_down(false);
+    let snap = wait_for(&r, "resumed", |s| {
+        s.revision >= last && s.stale_since_ms.is_none()
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+    let eps: Vec<_> = snap
+        .endpoints_of(&ns(), &name("a"))
+        .map(|e| (e.id.as_str().to_owned(), e.ip))
+        .collect();
+    assert_eq!(
+        eps,
+        [
+            ("e1".to_owned(), IpAddr::from([10, 1, 0, 11])),
+            ("e3".to_owned(), IpAddr::from([10, 1, 0, 3]))
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_partitioned_relists_without_loss_or_doubling() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    let cut = Cut::start(etcd.endpoint.clone()).await;
+    let via_cut: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&cut.addr))
+            .await
+            .expect("connect via cut"),
+    );
+    for s in ["a", "b", "c"] {
+        put_service(&direct, s).await;
+        for i in 0..3u8 {
+            put_endpoint(&direct, s, "n1", &format!("e{i}"), i).await;
+        }
+    }
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(via_cut, cancel.clone());
+    r.synced().await;
+    assert_eq!(endpoint_count(&r.snapshot()), 9);
+
+    cut.set_down(true);
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    // Delete a whole service and its endpoints, change and add others, then
+    // compact past the reflector's resume point.
+    direct
+        .delete(&keys::service(&ns(), &name("b")))
+        .await
+        .expect("delete");
+    for i in 0..3u8 {
+        delete_endpoint(&direct, "b", "n1", &format!("e{i}")).await;
+    }
+    put_endpoint(&direct, "a", "n1", "e0", 200).await;
+    put_service(&direct, "d").await;
+    let last = put_endpoint(&direct, "d", "n9", "e0", 9).await;
+    direct.compact(last).await.expect("compact");
+    cut.set_down(false);
+
+    let snap = wait_for(&r, "relisted", |s| {
+        s.revision >= last && s.stale_since_ms.is_none()
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+    let services: Vec<_> = snap
+        .services
+        .keys()
+        .map(|(_, n)| n.as_str().to_owned())
+        .collect();
+    assert_eq!(services, ["a", "c", "d"]);
+    assert_eq!(
+        endpoint_count(&snap),
+        7,
+        "3 + 3 + 1, none doubled, none lost"
+    );
+    assert!(!snap.endpoints.contains_key(&(ns(), name("b"))));
+    // And it keeps watching after the relist.
+    let rev = put_endpoint(&direct, "c", "n1", "e9", 99).await;
+    let snap = wait_for(&r, "watching again", |s| s.revision >= rev).await;
+    assert_eq!(endpoint_count(&snap), 8);
+}
+
+/// Captures log output for one current-thread test.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+// Current-thread runtime: every task logs through this thread's subscriber.
+#[tokio::test]
+async fn unparsable_values_are_logged_and_skipped() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let etcd = EtcdServer::start().expect("start etcd");
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .expect("connect"),
+    );
+    put_service(&*store, "good").await;
+    let bad_key = keys::service(&ns(), &name("bad"));
+    store
+        .put(&bad_key, b"{not json".to_vec(), None)
+        .await
+        .expect("put");
+    store
+        .put("/pier/v1/nonsense/x", b"{}".to_vec(), None)
+        .await
+        .expect("put");
+    // Keys the reflector does not use are ignored silently.
+    store
+        .put(&keys::election(&name("leader")), b"me".to_vec(), None)
+        .await
+        .expect("put");
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(store.clone(), cancel.clone());
+    r.synced().await;
+    let snap = r.snapshot();
+    let names: Vec<_> = snap
+        .services
+        .keys()
+        .map(|(_, n)| n.as_str().to_owned())
+        .collect();
+    assert_eq!(names, ["good"]);
+    let text = logs.text();
+    assert!(
+        text.contains(&bad_key),
+        "bad value logged with its key: {text}"
+    );
+    assert!(
+        text.contains("/pier/v1/nonsense/x"),
+        "bad key logged: {text}"
+    );
+
+    // Through the watch: a bad value next to good ones in one batch.
+    let txn = pier_store::Txn {
+        success: vec![
+            pier_store::TxnOp::Put {
+                key: keys::endpoint(&ns(), &name("good"), &name("n1"), &name("e1")),
+                value: pier_model::encode(&endpoint("good", "n1", "e1", 1)),
+                lease: None,
+            },
+            pier_store::TxnOp::Put {
+                key: keys::endpoint(&ns(), &name("good"), &name("n1"), &name("broken")),
+                value: br#"{"service":"good"}"#.to_vec(),
+                lease: None,
+            },
+            pier_store::TxnOp::Put {
+                key: keys::service(&ns(), &name("good")),
+                value: b"garbage".to_vec(),
+                lease: None,
+            },
+        ],
+        ..Default::default()
+    };
+    let rev = store.txn(txn).await.expect("txn").revision;
+    let snap = wait_for(&r, "batch", |s| s.revision >= rev).await;
+    assert_eq!(endpoint_count(&snap), 1);
+    // The service's value no longer parses: it is dropped, as a relist would.
+    assert!(snap.services.is_empty());
+    assert_equals_fresh_list(&*store, &snap).await;
+    let text = logs.text();
+    assert!(text.contains("/broken"), "bad endpoint logged: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_copies_only_that_services_endpoint_map() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .expect("connect"),
+    );
+    put_endpoint(&*store, "a", "n1", "e1", 1).await;
+    put_endpoint(&*store, "b", "n1", "e1", 2).await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(store.clone(), cancel.clone());
+    r.synced().await;
+    let before = r.snapshot();
+    let rev = put_endpoint(&*store, "a", "n1", "e2", 3).await;
+    let after = wait_for(&r, "change", |s| s.revision >= rev).await;
+    let key_a = (ns(), name("a"));
+    let key_b = (ns(), name("b"));
+    assert!(Arc::ptr_eq(
+        &before.endpoints[&key_b],
+        &after.endpoints[&key_b]
+    ));
+    assert!(!Arc::ptr_eq(
+        &before.endpoints[&key_a],
+        &after.endpoints[&key_a]
+    ));
+    assert!(
+        Arc::ptr_eq(&before.services, &after.services),
+        "untouched maps shared"
+    );
+}

@@ -1,0 +1,607 @@
+//! The leader loop: campaign, then reconcile replica sets one at a time while
+//! leading.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pier_model::{Name, ObjectKey, PodPhase, Snapshot, encode, keys};
+use pier_store::{Compare, Revision, StoreError, Ttl, Txn, TxnOp, election};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::plan::{self, Action, PlanInput};
+use crate::{Problems, Supervisor, SupervisorError};
+
+/// The election every supervisor campaigns in.
+pub const ELECTION: &str = "supervisor";
+/// 5 ms: bursts of snapshots (a node's lease expiring takes its endpoints,
+/// statuses and node key in a few batches) coalesce into one reconcile, at a
+/// cost far below the 1.5 s replacement goal.
+const DEBOUNCE: Duration = Duration::from_millis(5);
+/// How long a reconcile waits for the snapshot to show the supervisor's own
+/// last write before it goes ahead anyway (the reflector is normally a few
+/// ms behind; longer means the store is in trouble).
+const WRITE_VISIBLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retry of a replica set whose txn lost a race (a node or pod changed).
+const CONFLICT_RETRY: Duration = Duration::from_millis(100);
+/// Retry of a replica set whose write failed (store unreachable).
+const ERROR_RETRY: Duration = Duration::from_secs(1);
+/// How long the start-up check for this node's own stale election key may
+/// take before campaigning normally.
+const STALE_KEY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Campaign retry when the store is unreachable.
+const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
+/// Actions per txn: etcd's default --max-txn-ops is 128, and a batch of 50
+/// creates needs up to 50 + 50 + 2 compares.
+const TXN_BATCH: usize = 50;
+/// Backoff of Failed-pod replacement: the first failed pod is replaced at
+/// once, then 1 s, 2 s, … up to 30 s between rounds, until a new pod runs.
+const FAILED_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Why the leader loop stopped.
+enum Stop {
+    Cancelled,
+    Lost(String),
+}
+
+pub(crate) async fn run(sup: Supervisor, cancel: CancellationToken) -> Result<(), SupervisorError> {
+    let election_name = Name::new(ELECTION).map_err(|e| SupervisorError::Config {
+        field: "election",
+        why: e.to_string(),
+    })?;
+    let ttl = Ttl::from_secs(sup.cfg.lease_ttl_secs).map_err(|e| SupervisorError::Config {
+        field: "supervisor.lease_ttl_secs",
+        why: e.to_string(),
+    })?;
+    let span = tracing::info_span!("supervisor", node = %sup.node);
+    async move {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            // Best effort: without it the old lease simply runs out.
+            r = timeout(STALE_KEY_TIMEOUT, take_over_own_stale_key(&sup, &election_name)) => {
+                if r.is_err() {
+                    tracing::debug!("checking for this node's stale election key timed out");
+                }
+            }
+        }
+        loop {
+            sup.leader_tx.send_replace(false);
+            sup.problems_tx.send_replace(Problems::default());
+            let leadership = match election::campaign(
+                sup.store.clone(),
+                &election_name,
+                sup.node.as_str(),
+                ttl,
+                &cancel,
+            )
+            .await
+            {
+                Ok(l) => l,
+                Err(_) if cancel.is_cancelled() => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = sleep(CAMPAIGN_RETRY) => continue,
+                    }
+                }
+            };
+            // The fence: every write compares the election key's revision.
+            let fence = match sup.store.get(leadership.key()).await {
+                Ok(Some(kv)) if kv.lease == Some(leadership.lease()) => {
+                    (kv.key, kv.mod_revision)
+                }
+                Ok(_) => {
+                    tracing::warn!("election key no longer ours right after winning; campaigning again");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the election key failed; campaigning again");
+                    drop(leadership);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = sleep(CAMPAIGN_RETRY) => continue,
+                    }
+                }
+            };
+            tracing::info!(lease = %leadership.lease(), "leading the supervisor");
+            sup.leader_tx.send_replace(true);
+            let mut leader = Leader::new(&sup, fence);
+            let stop = tokio::select! {
+                s = leader.lead(&cancel) => s,
+                _ = leadership.lost() => Ok(Stop::Lost("election lost".into())),
+            };
+            sup.leader_tx.send_replace(false);
+            sup.problems_tx.send_replace(Problems::default());
+            // The election monitor stops with our token too, so `lost` may
+            // win the race against `Cancelled`: the token decides.
+            let stop = if cancel.is_cancelled() { Ok(Stop::Cancelled) } else { stop };
+            match stop {
+                Ok(Stop::Cancelled) => {
+                    if let Err(e) = leadership.resign().await {
+                        tracing::warn!(error = %e, "resigning failed; the lease expires by itself");
+                    }
+                    return Ok(());
+                }
+                Ok(Stop::Lost(why)) => {
+                    tracing::warn!(why, "no longer leading; campaigning again");
+                    drop(leadership);
+                }
+                Err(e) => {
+                    if let Err(re) = leadership.resign().await {
+                        tracing::warn!(error = %re, "resigning failed; the lease expires by itself");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// At start: an election key that holds this node's own name was left by
+/// this node's previous run (a crash or restart; one agent per node name).
+/// Deleting it now, rather than waiting out its lease, lets a restarted
+/// single-host agent lead again at once. The delete is guarded by the key's
+/// revision, so a key written since is left alone.
+async fn take_over_own_stale_key(sup: &Supervisor, election_name: &Name) {
+    let key = keys::election(election_name);
+    let kv = match sup.store.get(&key).await {
+        Ok(Some(kv)) if kv.value == sup.node.as_str().as_bytes() => kv,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "reading the election key failed; campaigning normally");
+            return;
+        }
+    };
+    let txn = Txn {
+        compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+        success: vec![TxnOp::Delete { key }],
+        failure: vec![],
+    };
+    match sup.store.txn(txn).await {
+        Ok(r) if r.succeeded => {
+            tracing::info!("removed the election key left by this node's previous run")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "removing this node's stale election key failed"),
+    }
+}
+
+/// Per replica set state the snapshot does not hold.
+#[derive(Debug, Default)]
+struct SetState {
+    /// Rounds of Failed-pod replacement in a row.
+    failures: u32,
+    /// When Failed pods may be replaced again.
+    next_failed_replace: Option<Instant>,
+    /// Pods created since the failures began; one of them Running resets.
+    probation: BTreeSet<Name>,
+    /// The last failed pod's message.
+    last_failure: Option<String>,
+    /// The template hash when the failures began: a new template (a fixed
+    /// image) ends the backoff.
+    template_hash: Option<String>,
+}
+
+struct Leader<'a> {
+    sup: &'a Supervisor,
+    fence: (String, Revision),
+    rx: watch::Receiver<Arc<Snapshot>>,
+    current: Arc<Snapshot>,
+    dirty: BTreeMap<ObjectKey, &'static str>,
+    timers: BTreeMap<ObjectKey, Instant>,
+    sets: BTreeMap<ObjectKey, SetState>,
+    problems: BTreeMap<ObjectKey, String>,
+    node_absent_since: BTreeMap<Name, Instant>,
+    last_write: Revision,
+    next_resync: Instant,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..plan::POD_SUFFIX_LEN)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn key_str(k: &ObjectKey) -> String {
+    format!("{}/{}", k.0, k.1)
+}
+
+fn failed_backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    (FAILED_BACKOFF_MIN * 2u32.pow(exp)).min(FAILED_BACKOFF_MAX)
+}
+
+impl<'a> Leader<'a> {
+    fn new(sup: &'a Supervisor, fence: (String, Revision)) -> Self {
+        let mut rx = sup.snapshot.clone();
+        let current = rx.borrow_and_update().clone();
+        Leader {
+            sup,
+            fence,
+            rx,
+            current: Arc::new(Snapshot::default()),
+            dirty: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            node_absent_since: BTreeMap::new(),
+            last_write: 0,
+            next_resync: Instant::now(),
+        }
+        .with_snapshot(current)
+    }
+
+    fn with_snapshot(mut self, snap: Arc<Snapshot>) -> Self {
+        self.absorb(snap);
+        self.dirty.clear();
+        for k in plan::all_sets(&self.current) {
+            self.dirty.insert(k, "became leader");
+        }
+        self.next_resync = Instant::now() + self.requeue_interval();
+        self
+    }
+
+    fn requeue_interval(&self) -> Duration {
+        Duration::from_millis(self.sup.cfg.requeue_interval_ms)
+    }
+
+    /// Takes a new snapshot: marks what changed dirty, tracks absent nodes.
+    fn absorb(&mut self, snap: Arc<Snapshot>) {
+        if Arc::ptr_eq(&snap, &self.current) {
+            return;
+        }
+        plan::dirty(&self.current, &snap, &mut self.dirty);
+        let now = Instant::now();
+        let mut absent: BTreeSet<&Name> = BTreeSet::new();
+        for p in snap.pods.values() {
+            if !snap.nodes.contains_key(&p.node) {
+                absent.insert(&p.node);
+            }
+        }
+        self.node_absent_since.retain(|n, _| absent.contains(n));
+        for n in absent {
+            self.node_absent_since.entry(n.clone()).or_insert(now);
+        }
+        self.current = snap;
+    }
+
+    async fn lead(&mut self, cancel: &CancellationToken) -> Result<Stop, SupervisorError> {
+        loop {
+            let live = self.current.stale_since_ms.is_none();
+            if live && self.current.revision < self.last_write {
+                // Never plan on a snapshot that does not show our own writes.
+                let want = self.last_write;
+                let waited = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(Stop::Cancelled),
+                    r = timeout(WRITE_VISIBLE_TIMEOUT, self.rx.wait_for(|s| s.revision >= want)) => {
+                        r.map(|r| r.map(|s| s.clone()))
+                    }
+                };
+                match waited {
+                    Ok(Ok(s)) => self.absorb(s),
+                    Ok(Err(_)) => return Err(SupervisorError::SnapshotClosed),
+                    Err(_) => {
+                        tracing::warn!(
+                            revision = want,
+                            seen = self.current.revision,
+                            "the snapshot does not show the supervisor's last write after {WRITE_VISIBLE_TIMEOUT:?}; going on"
+                        );
+                        self.last_write = self.current.revision;
+                    }
+                }
+                continue;
+            }
+            if live && let Some((key, why)) = self.dirty.pop_first() {
+                self.timers.remove(&key);
+                let span = tracing::info_span!("reconcile", rs = %key_str(&key), reason = why);
+                let r = tokio::select! {
+                    _ = cancel.cancelled() => return Ok(Stop::Cancelled),
+                    r = self.reconcile(&key).instrument(span) => r,
+                };
+                if let Some(stop) = r {
+                    return Ok(stop);
+                }
+                continue;
+            }
+            let next_timer = self
+                .timers
+                .values()
+                .copied()
+                .min()
+                .map_or(self.next_resync, |t| t.min(self.next_resync));
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(Stop::Cancelled),
+                r = self.rx.changed() => {
+                    if r.is_err() {
+                        return Err(SupervisorError::SnapshotClosed);
+                    }
+                    sleep(DEBOUNCE).await;
+                    let s = self.rx.borrow_and_update().clone();
+                    self.absorb(s);
+                }
+                _ = sleep_until(next_timer) => {
+                    let now = Instant::now();
+                    let due: Vec<ObjectKey> = self
+                        .timers
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in due {
+                        self.timers.remove(&k);
+                        self.dirty.entry(k).or_insert("requeue after");
+                    }
+                    if self.next_resync <= now {
+                        for k in plan::all_sets(&self.current) {
+                            self.dirty.entry(k).or_insert("periodic requeue");
+                        }
+                        self.next_resync = now + self.requeue_interval();
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_problem(&mut self, key: &ObjectKey, problem: Option<String>) {
+        let changed = match (&problem, self.problems.get(key)) {
+            (Some(p), Some(old)) => p != old,
+            (None, None) => false,
+            _ => true,
+        };
+        if !changed {
+            return;
+        }
+        match problem {
+            Some(p) => {
+                tracing::warn!(problem = %p, "replica set has a problem");
+                self.problems.insert(key.clone(), p);
+            }
+            None => {
+                tracing::info!("replica set problem resolved");
+                self.problems.remove(key);
+            }
+        }
+        self.sup
+            .problems_tx
+            .send_replace(Arc::new(self.problems.clone()));
+    }
+
+    /// One reconcile of `key` on the current snapshot. `Some(stop)` when
+    /// leadership turned out to be lost.
+    async fn reconcile(&mut self, key: &ObjectKey) -> Option<Stop> {
+        let snap = self.current.clone();
+        let now = Instant::now();
+        let grace = Duration::from_millis(self.sup.cfg.node_grace_ms);
+        let expired: BTreeSet<Name> = self
+            .node_absent_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let st = self.sets.entry(key.clone()).or_default();
+        // A pod created since the failures began runs: the set is healthy.
+        if st.failures > 0
+            && st.probation.iter().any(|n| {
+                snap.pod_statuses
+                    .get(&(key.0.clone(), n.clone()))
+                    .is_some_and(|s| s.phase == PodPhase::Running)
+            })
+        {
+            tracing::info!(
+                failures = st.failures,
+                "a new pod runs; failure backoff reset"
+            );
+            *st = SetState::default();
+        }
+        let hash = snap.replicasets.get(key).map(|rs| rs.template.hash());
+        if st.failures > 0 && hash.is_some() && st.template_hash != hash {
+            tracing::info!(
+                failures = st.failures,
+                "template changed; failure backoff reset"
+            );
+            *st = SetState::default();
+        }
+        st.probation
+            .retain(|n| snap.pods.contains_key(&(key.0.clone(), n.clone())));
+        let replace_failed = st.next_failed_replace.is_none_or(|t| now >= t);
+        let plan = {
+            let mut suffix = random_suffix;
+            let mut input = PlanInput {
+                now_ms: now_ms(),
+                replace_failed,
+                expired_nodes: &expired,
+                suffix: &mut suffix,
+            };
+            plan::plan(&snap, key, &mut input)
+        };
+
+        if !plan.exists && plan.actions.is_empty() {
+            self.sets.remove(key);
+            self.timers.remove(key);
+            self.set_problem(key, None);
+            tracing::debug!("replica set gone and no pods left");
+            return None;
+        }
+
+        let failed_msg = |msg: &str| {
+            format!(
+                "pods fail: {}",
+                if msg.is_empty() {
+                    "no message from the node"
+                } else {
+                    msg
+                }
+            )
+        };
+        if let Some((name, msg)) = plan.failed_replaced.first() {
+            st.failures += 1;
+            if st.failures == 1 {
+                st.template_hash = hash;
+            }
+            let wait = failed_backoff(st.failures);
+            st.next_failed_replace = Some(now + wait);
+            st.last_failure = Some(failed_msg(msg));
+            tracing::debug!(pod = %name, failures = st.failures, next_in = ?wait, "failed pod replaced");
+        } else if let Some((_, msg)) = plan.failed_waiting.first() {
+            st.last_failure = Some(failed_msg(msg));
+        }
+        if st.failures > 0 {
+            st.probation.extend(plan.creates().map(|p| p.name.clone()));
+        }
+        let mut requeue: Option<Instant> = None;
+        if !plan.failed_waiting.is_empty()
+            && let Some(t) = st.next_failed_replace
+        {
+            requeue = Some(t);
+        }
+        if plan.waiting_on_absent_node > 0 {
+            let soonest = self
+                .node_absent_since
+                .iter()
+                .filter(|(n, _)| !expired.contains(*n))
+                .map(|(_, since)| *since + grace)
+                .min();
+            if let Some(t) = soonest {
+                requeue = Some(requeue.map_or(t, |r| r.min(t)));
+            }
+        }
+
+        let mut problem: Vec<String> = Vec::new();
+        if let Some(u) = &plan.unschedulable {
+            problem.push(u.clone());
+        }
+        if st.failures > 0 || !plan.failed_waiting.is_empty() {
+            if let Some(f) = &st.last_failure {
+                // No count in the text: it changes only when the failure
+                // does, so it is logged once, not once per round.
+                problem.push(format!(
+                    "{f}; replacing them with backoff ({}s to {}s)",
+                    FAILED_BACKOFF_MIN.as_secs(),
+                    FAILED_BACKOFF_MAX.as_secs()
+                ));
+            }
+        }
+        let problem = (!problem.is_empty()).then(|| problem.join("; "));
+        self.set_problem(key, problem);
+
+        if plan.actions.is_empty() {
+            tracing::debug!("nothing to do");
+            if let Some(t) = requeue {
+                self.timers.insert(key.clone(), t);
+            }
+            return None;
+        }
+        match self.write(key, &plan.actions).await {
+            Ok(()) => {}
+            Err(WriteError::Conflict) => {
+                if let Some(stop) = self.check_fence().await {
+                    return Some(stop);
+                }
+                tracing::debug!("txn lost a race; retrying shortly");
+                let t = Instant::now() + CONFLICT_RETRY;
+                requeue = Some(requeue.map_or(t, |r| r.min(t)));
+            }
+            Err(WriteError::Store(e)) => {
+                tracing::warn!(error = %e, "writing pods failed; retrying");
+                let t = Instant::now() + ERROR_RETRY;
+                requeue = Some(requeue.map_or(t, |r| r.min(t)));
+            }
+        }
+        if let Some(t) = requeue {
+            self.timers.insert(key.clone(), t);
+        }
+        None
+    }
+
+    /// Writes `actions` in txns of [`TXN_BATCH`], each fenced by the
+    /// election key, creates guarded by create-if-absent, their node's
+    /// presence and their replica set's.
+    async fn write(&mut self, key: &ObjectKey, actions: &[Action]) -> Result<(), WriteError> {
+        let rs_key = keys::replicaset(&key.0, &key.1);
+        for chunk in actions.chunks(TXN_BATCH) {
+            let mut compares = vec![Compare::ModRevision(self.fence.0.clone(), self.fence.1)];
+            let mut success = Vec::with_capacity(chunk.len());
+            let mut nodes: BTreeSet<&Name> = BTreeSet::new();
+            let mut creates = false;
+            for a in chunk {
+                match a {
+                    Action::Create(pod) => {
+                        let k = keys::pod(&pod.namespace, &pod.name);
+                        compares.push(Compare::Absent(k.clone()));
+                        nodes.insert(&pod.node);
+                        creates = true;
+                        success.push(TxnOp::Put {
+                            key: k,
+                            value: encode(pod),
+                            lease: None,
+                        });
+                    }
+                    Action::Delete { pod, .. } => success.push(TxnOp::Delete {
+                        key: keys::pod(&pod.0, &pod.1),
+                    }),
+                }
+            }
+            if creates {
+                compares.push(Compare::Exists(rs_key.clone()));
+            }
+            compares.extend(nodes.into_iter().map(|n| Compare::Exists(keys::node(n))));
+            let r = self
+                .sup
+                .store
+                .txn(Txn {
+                    compares,
+                    success,
+                    failure: vec![],
+                })
+                .await
+                .map_err(WriteError::Store)?;
+            if !r.succeeded {
+                return Err(WriteError::Conflict);
+            }
+            self.last_write = self.last_write.max(r.revision);
+            for a in chunk {
+                match a {
+                    Action::Create(p) => {
+                        tracing::info!(pod = %p.name, node = %p.node, "pod created")
+                    }
+                    Action::Delete { pod, node, reason } => {
+                        tracing::info!(pod = %pod.1, node = %node, %reason, "pod deleted")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed txn: is the election key still ours?
+    async fn check_fence(&self) -> Option<Stop> {
+        match self.sup.store.get(&self.fence.0).await {
+            Ok(Some(kv)) if kv.mod_revision == self.fence.1 => None,
+            Ok(_) => Some(Stop::Lost(
+                "the election key changed (another leader)".into(),
+            )),
+            // Unknown: the election monitor decides.
+            Err(_) => None,
+        }
+    }
+}
+
+enum WriteError {
+    Conflict,
+    Store(StoreError),
+}

@@ -1,0 +1,6 @@
+//! The supervisor against real stores (embedded in a temp dir; etcd for
+//! the election), with fake nodes and a fake node agent.
+
+mod election;
+mod harness;
+mod reconcile;

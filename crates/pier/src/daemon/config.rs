@@ -1,0 +1,238 @@
+//! The agent's config file: a struct of per-subsystem configs, loaded with
+//! `deny_unknown_fields`, then overridden by flags, then validated as a
+//! whole before anything is bound.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use pier_model::{Cidr, Labels, Name, Resources};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub store: StoreConfig,
+    pub network: NetworkConfig,
+    pub api: pier_api::ApiConfig,
+    pub dns: pier_dns::DnsConfig,
+    pub proxy: pier_proxy::ProxyConfig,
+    pub agent: pier_agent::AgentConfig,
+    pub supervisor: pier_supervisor::SupervisorConfig,
+    /// The mTLS mesh between hosts; off when absent.
+    pub mesh: Option<pier_proxy::tls::MeshConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Required (here or `--node`): containers in network namespaces share
+    /// the host's hostname, so the name never comes from `hostname`.
+    pub name: Option<String>,
+    /// The address other hosts reach this one at. Default: the source
+    /// address of the default route, else 127.0.0.1.
+    pub addr: Option<IpAddr>,
+    pub labels: Labels,
+    pub capacity: Resources,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
+    pub url: String,
+    /// The node lease: a dead agent's endpoints go after this many seconds.
+    pub lease_ttl_secs: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "embedded".into(),
+            // 5 s: short enough that a dead host's endpoints leave quickly,
+            // long enough to ride out a GC pause or a slow etcd fsync.
+            lease_ttl_secs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// VIPs come from here; `.10` is the DNS server's VIP.
+    pub service_cidr: Cidr,
+    pub node_port_min: u16,
+    pub node_port_max: u16,
+    /// Serve DNS on the DNS VIP (`.10` of service_cidr) on pier0.
+    pub serve_dns_vip: bool,
+    /// Extra DNS listen addresses (UDP and TCP).
+    pub dns_listen: Vec<SocketAddr>,
+    /// Where state lives: the embedded store.
+    pub data_dir: PathBuf,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            service_cidr: "10.213.0.0/16".parse().expect("valid CIDR"),
+            node_port_min: 30000,
+            node_port_max: 32767,
+            serve_dns_vip: true,
+            dns_listen: Vec::new(),
+            data_dir: PathBuf::from("/var/lib/pier"),
+        }
+    }
+}
+
+/// A config problem, with what to do about it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("config {}: {}", path.display(), e.0)))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))
+    }
+
+    /// The node name, validated.
+    pub fn node_name(&self) -> Result<Name, ConfigError> {
+        let raw = self.node.name.as_deref().ok_or_else(|| {
+            ConfigError(
+                "no node name: pass --node NAME or set node.name in the config (an RFC 1123 label, e.g. host-1)"
+                    .into(),
+            )
+        })?;
+        Name::new(raw).map_err(|e| ConfigError(format!("node.name: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.node_name()?;
+        let n = &self.network;
+        if n.node_port_min == 0 || n.node_port_min > n.node_port_max {
+            return Err(ConfigError(format!(
+                "network.node_port_min..node_port_max ({}..{}) is not a range of ports",
+                n.node_port_min, n.node_port_max
+            )));
+        }
+        if n.service_cidr.size() < 16 {
+            return Err(ConfigError(format!(
+                "network.service_cidr {} is too small; use at least a /28",
+                n.service_cidr
+            )));
+        }
+        if self.store.lease_ttl_secs < 2 {
+            return Err(ConfigError(format!(
+                "store.lease_ttl_secs = {} is below etcd's minimum of 2",
+                self.store.lease_ttl_secs
+            )));
+        }
+        store_url(&self.store.url)?;
+        self.api.validate().map_err(|e| ConfigError(format!("api: {e}")))?;
+        self.dns.validate().map_err(|e| ConfigError(format!("dns: {e}")))?;
+        self.proxy.validate().map_err(|e| ConfigError(format!("proxy: {e}")))?;
+        self.agent.validate().map_err(|e| ConfigError(format!("agent: {e}")))?;
+        self.supervisor
+            .validate()
+            .map_err(|e| ConfigError(format!("supervisor: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Embedded,
+    Etcd(Vec<String>),
+}
+
+pub fn store_url(url: &str) -> Result<StoreUrl, ConfigError> {
+    if url == "embedded" {
+        return Ok(StoreUrl::Embedded);
+    }
+    let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+        ConfigError(format!(
+            "store {url:?} is not understood: use `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
+        ))
+    })?;
+    let eps: Vec<String> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if eps.is_empty() {
+        return Err(ConfigError(format!("store {url:?} names no etcd endpoint")));
+    }
+    for e in &eps {
+        let ok = e
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(ConfigError(format!(
+                "store endpoint {e:?} is not HOST:PORT"
+            )));
+        }
+    }
+    Ok(StoreUrl::Etcd(eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped example parses and validates.
+    #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("config dir") {
+            let p = e.expect("entry").path();
+            if p.extension().and_then(|s| s.to_str()) == Some("toml") {
+                let c = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                c.validate().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 1, "no example config found in {}", dir.display());
+    }
+
+    #[test]
+    fn unknown_key_rejected() {
+        let e = Config::parse("[node]\nname = \"a\"\nbogus = 1\n").unwrap_err();
+        assert!(e.0.contains("bogus"), "{e}");
+        let e = Config::parse("[dns]\nttl = 3\n").unwrap_err();
+        assert!(e.0.contains("ttl"), "{e}");
+    }
+
+    #[test]
+    fn missing_node_name_is_a_clear_error() {
+        let e = Config::default().validate().unwrap_err();
+        assert!(e.0.contains("--node"), "{e}");
+        let mut c = Config::default();
+        c.node.name = Some("Host_1".into());
+        assert!(c.validate().unwrap_err().0.contains("node.name"));
+    }
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(store_url("embedded").unwrap(), StoreUrl::Embedded);
+        assert_eq!(
+            store_url("etcd://127.0.0.1:2379,10.0.0.2:2379").unwrap(),
+            StoreUrl::Etcd(vec!["127.0.0.1:2379".into(), "10.0.0.2:2379".into()])
+        );
+        assert!(store_url("etcd://").is_err());
+        assert!(store_url("etcd://host").is_err());
+        assert!(store_url("redis://x:1").unwrap_err().0.contains("embedded"));
+    }
+}

@@ -1,0 +1,592 @@
+//! The built `pier` binary against a real API server (pier-api over an
+//! EmbeddedStore in a temp dir, with a real Reflector) on 127.0.0.1:0.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pier_api::{ApiConfig, ApiState, Problems, serve};
+use pier_model::{Name, Namespace, Pod, PodPhase, PodStatus, ReplicaSet, encode, keys};
+use pier_store::alloc::AllocConfig;
+use pier_store::{EmbeddedStore, Store};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const PIER: &str = env!("CARGO_BIN_EXE_pier");
+
+fn n(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+struct Agent {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+    url: String,
+    token: Option<String>,
+    snap: watch::Receiver<Arc<pier_model::Snapshot>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Agent {
+    async fn start(token: Option<&str>) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
+        let cancel = CancellationToken::new();
+        let reflector =
+            pier_store::reflector::Reflector::spawn(store.clone(), cancel.child_token());
+        reflector.synced().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let cfg = ApiConfig {
+            listen: addr,
+            token: token.map(str::to_owned),
+            ..ApiConfig::default()
+        };
+        let (_problems_tx, problems_rx) = watch::channel(Problems::default());
+        let state = ApiState {
+            store: store.clone(),
+            snapshot: reflector.subscribe(),
+            alloc: AllocConfig {
+                service_cidr: "10.213.0.0/16".parse().unwrap(),
+                node_port_min: 30000,
+                node_port_max: 30010,
+            },
+            node: n("n1"),
+            registry: Arc::new(Default::default()),
+            readiness: vec![],
+            problems: vec![problems_rx],
+        };
+        tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
+        Agent {
+            _dir: dir,
+            store,
+            cancel,
+            url: format!("http://{addr}"),
+            token: token.map(str::to_owned),
+            snap: reflector.subscribe(),
+        }
+    }
+
+    async fn pier(&self, args: &[&str]) -> Out {
+        pier_at(&self.url, self.token.as_deref(), args).await
+    }
+
+    /// A pod of `rs` as the supervisor writes it, with a status as the
+    /// node's agent writes it.
+    async fn put_pod(&self, rs: &str, pod: &str, ready: bool) {
+        let kv = self
+            .store
+            .get(&keys::replicaset(&Namespace::default(), &n(rs)))
+            .await
+            .unwrap()
+            .unwrap();
+        let r: ReplicaSet = pier_model::decode(&kv.key, &kv.value).unwrap();
+        let p = Pod {
+            name: n(pod),
+            namespace: Namespace::default(),
+            replicaset: n(rs),
+            node: n("n1"),
+            template_hash: r.template.hash(),
+            template: r.template.clone(),
+            created_at: 1,
+        };
+        self.store
+            .put(&keys::pod(&p.namespace, &p.name), encode(&p), None)
+            .await
+            .unwrap();
+        let st = PodStatus {
+            name: Some(n(pod)),
+            node: Some(n("n1")),
+            phase: PodPhase::Running,
+            ready,
+            container_id: Some(format!("{pod}-container")),
+            ip: Some("172.17.0.7".parse().unwrap()),
+            ..Default::default()
+        };
+        let rev = self
+            .store
+            .put(&keys::pod_status(&p.namespace, &p.name), encode(&st), None)
+            .await
+            .unwrap();
+        // The CLI reads the agent's snapshot: wait until it has both writes.
+        let mut rx = self.snap.clone();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.revision >= rev))
+            .await
+            .expect("the snapshot catches up within 5 s")
+            .unwrap();
+    }
+}
+
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn pier_at(url: &str, token: Option<&str>, args: &[&str]) -> Out {
+    let mut cmd = tokio::process::Command::new(PIER);
+    cmd.arg("--server")
+        .arg(url)
+        .args(args)
+        .env_remove("PIER_SERVER");
+    match token {
+        Some(t) => cmd.env("PIER_TOKEN", t),
+        None => cmd.env_remove("PIER_TOKEN"),
+    };
+    let o = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("pier finished within 30 s")
+        .expect("pier ran");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A failure is exactly one line on stderr, starting with `error: `.
+fn one_error_line(o: &Out) -> &str {
+    assert_ne!(o.code, 0, "{o:?}");
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {o:?}");
+    assert!(lines[0].starts_with("error: "), "{o:?}");
+    lines[0]
+}
+
+#[tokio::test]
+async fn unknown_resource_lists_the_valid_ones() {
+    let o = pier_at("http://127.0.0.1:9", None, &["get", "deployments"]).await;
+    let l = one_error_line(&o);
+    assert_eq!(o.code, 2);
+    assert!(
+        l.contains("\"deployments\"")
+            && l.contains("nodes")
+            && l.contains("rs")
+            && l.contains("pods")
+            && l.contains("svc")
+            && l.contains("endpoints"),
+        "{l}"
+    );
+    let o = pier_at("http://127.0.0.1:9", None, &["delete", "node", "n1"]).await;
+    // A node is a resource but cannot be deleted; refused before any request.
+    assert!(one_error_line(&o).contains("pod, rs or svc"), "{o:?}");
+}
+
+#[tokio::test]
+async fn usage_errors_are_one_line() {
+    let o = pier_at("http://127.0.0.1:9", None, &["run", "web"]).await;
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(one_error_line(&o).contains("--image"), "{o:?}");
+    let o = pier_at("http://127.0.0.1:9", None, &["get", "pods", "--bogus"]).await;
+    assert!(one_error_line(&o).contains("--bogus"), "{o:?}");
+}
+
+#[tokio::test]
+async fn names_that_are_not_rfc_1123_are_refused() {
+    for args in [
+        &["run", "Web_1", "--image", "x"][..],
+        &["get", "pods", "Bad.Name"][..],
+        &["delete", "svc", "x-"][..],
+        &["run", "web", "--image", "x", "-n", "Prod"][..],
+    ] {
+        let o = pier_at("http://127.0.0.1:9", None, args).await;
+        let l = one_error_line(&o);
+        assert_eq!(o.code, 2, "{o:?}");
+        assert!(
+            l.contains("RFC 1123") || l.contains("start and end"),
+            "{args:?}: {l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_agent_names_the_address_and_how_to_start_it() {
+    // A port that was just free: nothing listens on it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let o = pier_at(&url, None, &["get", "pods"]).await;
+    assert_eq!(o.code, 1, "{o:?}");
+    assert_eq!(
+        one_error_line(&o),
+        format!(
+            "error: cannot reach the pier agent at {url}: connection refused; start it with `pier agent --node NAME`"
+        )
+    );
+    let o = pier_at(&url, None, &["version"]).await;
+    assert!(o.stdout.contains("client: pier"), "{o:?}");
+    assert!(one_error_line(&o).contains("cannot reach"), "{o:?}");
+}
+
+#[tokio::test]
+async fn replica_counts_out_of_range_are_refused() {
+    for args in [
+        &["scale", "rs", "web", "--replicas", "5000"][..],
+        &["scale", "rs", "web", "--replicas", "-1"][..],
+        &["run", "web", "--image", "x", "--replicas", "1001"][..],
+        &["scale", "rs", "web", "--replicas", "three"][..],
+    ] {
+        let o = pier_at("http://127.0.0.1:9", None, args).await;
+        let l = one_error_line(&o);
+        assert_eq!(o.code, 2, "{o:?}");
+        assert!(
+            l.contains("--replicas") && l.contains("0 to 1000"),
+            "{args:?}: {l}"
+        );
+    }
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["scale", "pods", "web", "--replicas", "2"],
+    )
+    .await;
+    assert!(one_error_line(&o).contains("only rs"), "{o:?}");
+}
+
+#[tokio::test]
+async fn the_demo_flow_with_tables_and_json() {
+    let a = Agent::start(None).await;
+    let o = a
+        .pier(&[
+            "run",
+            "kube-demo",
+            "--image",
+            "pier-test/httpd:latest",
+            "--port",
+            "8080",
+        ])
+        .await;
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, "replicaset/kube-demo created"),
+        "{o:?}"
+    );
+    let o = a.pier(&["run", "kube-demo", "--image", "x"]).await;
+    assert!(one_error_line(&o).contains("already exists"), "{o:?}");
+
+    // get rs: a table, then JSON, then YAML.
+    let o = a.pier(&["get", "rs"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let lines: Vec<Vec<&str>> = o
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+        "{}",
+        o.stdout
+    );
+    assert_eq!(lines[1][..4], ["kube-demo", "1", "0", "0"], "{}", o.stdout);
+    let o = a.pier(&["get", "rs", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(j.as_array().unwrap().len(), 1);
+    assert_eq!(j[0]["name"], "kube-demo");
+    assert_eq!(j[0]["replicas"], 1);
+    assert_eq!(j[0]["template"]["ports"][0]["port"], 8080);
+    let o = a.pier(&["get", "rs", "kube-demo", "-o", "yaml"]).await;
+    let y: serde_json::Value = serde_yaml_ng::from_str(&o.stdout).expect("YAML");
+    assert_eq!(y[0]["name"], "kube-demo");
+
+    // Pods as the supervisor and the node's agent write them.
+    a.put_pod("kube-demo", "kube-demo-x1z9a", true).await;
+    let o = a.pier(&["get", "pods"]).await;
+    let lines: Vec<Vec<&str>> = o
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "NODE", "IP"],
+        "{o:?}"
+    );
+    assert_eq!(lines.len(), 2, "{o:?}");
+    assert_eq!(
+        lines[1][..4],
+        ["kube-demo-x1z9a", "1/1", "Running", "0"],
+        "{o:?}"
+    );
+    assert_eq!(lines[1][5..], ["n1", "172.17.0.7"], "{o:?}");
+    let o = a.pier(&["get", "pods", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    let p = &j[0];
+    assert_eq!(
+        (
+            &p["name"],
+            &p["namespace"],
+            &p["replicaset"],
+            &p["node"],
+            &p["phase"],
+            &p["ip"],
+            &p["container_id"]
+        ),
+        (
+            &serde_json::json!("kube-demo-x1z9a"),
+            &serde_json::json!("default"),
+            &serde_json::json!("kube-demo"),
+            &serde_json::json!("n1"),
+            &serde_json::json!("Running"),
+            &serde_json::json!("172.17.0.7"),
+            &serde_json::json!("kube-demo-x1z9a-container"),
+        )
+    );
+    let o = a.pier(&["get", "pods", "-o", "wide", "-A"]).await;
+    assert!(o.stdout.starts_with("NAMESPACE"), "{o:?}");
+    assert!(
+        o.stdout.contains("REPLICASET") && o.stdout.contains("kube-demo-x1 "),
+        "{o:?}"
+    );
+
+    // expose, then the service's JSON shows the VIP and the node port.
+    let o = a
+        .pier(&[
+            "expose",
+            "rs",
+            "kube-demo",
+            "--port",
+            "8080",
+            "--type",
+            "NodePort",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout
+            .starts_with("service/kube-demo exposed: VIP 10.213."),
+        "{o:?}"
+    );
+    let o = a.pier(&["get", "svc", "kube-demo", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    let vip: std::net::IpAddr = j[0]["vip"].as_str().unwrap().parse().unwrap();
+    assert!(
+        "10.213.0.0/16"
+            .parse::<pier_model::Cidr>()
+            .unwrap()
+            .contains(vip)
+    );
+    let np = j[0]["ports"][0]["node_port"].as_u64().unwrap();
+    assert!((30000..=30010).contains(&np), "{j}");
+    assert_eq!(j[0]["ports"][0]["name"], "p8080");
+    assert_eq!(j[0]["ports"][0]["target_port"], 8080);
+    let o = a.pier(&["get", "svc"]).await;
+    let lines: Vec<Vec<&str>> = o
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0], ["NAME", "TYPE", "VIP", "PORT(S)", "AGE"], "{o:?}");
+    assert_eq!(
+        lines[1][..4],
+        [
+            "kube-demo",
+            "NodePort",
+            &vip.to_string(),
+            &format!("8080:{np}/TCP")
+        ],
+        "{o:?}"
+    );
+    let o = a
+        .pier(&[
+            "expose",
+            "external",
+            "db",
+            "--port",
+            "5432",
+            "--endpoint",
+            "127.0.0.1:5432",
+            "--endpoint",
+            "localhost:5433",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "db", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(j[0]["static_endpoints"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j[0]["selector"], serde_json::json!({}));
+
+    // scale (with --wait: the pods are there and ready).
+    a.put_pod("kube-demo", "kube-demo-b2c3d", true).await;
+    a.put_pod("kube-demo", "kube-demo-e4f5g", true).await;
+    let o = a
+        .pier(&[
+            "scale",
+            "rs",
+            "kube-demo",
+            "--replicas",
+            "3",
+            "--wait",
+            "--timeout",
+            "10s",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout.contains("scaled to 3") && o.stdout.contains("3/3 pods ready"),
+        "{o:?}"
+    );
+    // --wait gives up and says what is missing.
+    let o = a
+        .pier(&[
+            "scale",
+            "rs",
+            "kube-demo",
+            "--replicas",
+            "5",
+            "--wait",
+            "--timeout",
+            "1s",
+        ])
+        .await;
+    let l = one_error_line(&o);
+    assert!(
+        l.contains("timed out after 1s")
+            && l.contains("3 of 5 pods ready")
+            && l.contains("2 pod(s) not created"),
+        "{l}"
+    );
+
+    // describe
+    let o = a.pier(&["describe", "rs", "kube-demo"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout.contains("pier-test/httpd:latest") && o.stdout.contains("kube-demo-b2c3d"),
+        "{o:?}"
+    );
+    let o = a.pier(&["describe", "svc", "kube-demo"]).await;
+    assert!(o.stdout.contains(&vip.to_string()), "{o:?}");
+    let o = a.pier(&["describe", "pod", "kube-demo-x1z9a"]).await;
+    assert!(o.stdout.contains("Running"), "{o:?}");
+
+    // delete
+    let o = a.pier(&["delete", "pod", "kube-demo-x1z9a"]).await;
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, "pod/kube-demo-x1z9a deleted"),
+        "{o:?}"
+    );
+    assert!(
+        a.store
+            .get(&keys::pod(&Namespace::default(), &n("kube-demo-x1z9a")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let o = a.pier(&["delete", "pod", "kube-demo-x1z9a"]).await;
+    assert!(one_error_line(&o).contains("not found"), "{o:?}");
+    let o = a.pier(&["delete", "rs", "kube-demo"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "kube-demo"]).await;
+    assert_eq!(
+        o.code, 0,
+        "the service stays after its replica set goes: {o:?}"
+    );
+    let o = a.pier(&["delete", "svc", "kube-demo"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "kube-demo"]).await;
+    assert!(one_error_line(&o).contains("not found"), "{o:?}");
+    let o = a.pier(&["get", "rs"]).await;
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{o:?}");
+    assert!(o.stderr.contains("No replicasets found"), "{o:?}");
+    let o = a.pier(&["version"]).await;
+    assert!(o.stdout.contains("on node n1"), "{o:?}");
+}
+
+#[tokio::test]
+async fn token_comes_from_pier_token() {
+    let a = Agent::start(Some("t0ken")).await;
+    let o = a.pier(&["get", "pods", "-o", "json"]).await;
+    assert_eq!((o.code, o.stdout.trim()), (0, "[]"), "{o:?}");
+    let o = pier_at(&a.url, None, &["get", "pods"]).await;
+    assert!(one_error_line(&o).contains("PIER_TOKEN"), "{o:?}");
+}
+
+#[tokio::test]
+async fn get_watch_prints_changes() {
+    let a = Agent::start(None).await;
+    a.pier(&["run", "web", "--image", "x"]).await;
+    let mut child = tokio::process::Command::new(PIER)
+        .args(["--server", &a.url, "get", "pods", "-w", "-o", "json"])
+        .env_remove("PIER_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Give the watch time to open before the change, then expect it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.put_pod("web", "web-aaaaa", false).await;
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a watch line within 10 s")
+        .unwrap()
+        .expect("a line");
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["type"], "ADDED", "{ev}");
+    assert_eq!(ev["object"]["name"], "web-aaaaa", "{ev}");
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn ca_init_and_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let out = dir.path().join("n1");
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["ca", "init", ca.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(ca.join("ca.pem").exists() && ca.join("ca-key.pem").exists());
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["ca", "init", ca.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(o.code, 1, "refuses to overwrite: {o:?}");
+    one_error_line(&o);
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &[
+            "ca",
+            "issue",
+            "n1",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--days",
+            "30",
+        ],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    for f in ["node.pem", "node-key.pem", "ca.pem"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["ca", "issue", "N1", "--ca", "x", "--out", "y"],
+    )
+    .await;
+    assert_eq!(o.code, 2, "{o:?}");
+}

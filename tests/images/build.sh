@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds pier's test images without a registry: `docker import` of a rootfs
+# made from Debian's busybox-static (httpd, nc, sh, hostname; about 2 MB).
+#
+#   pier-test/httpd:latest   serves its hostname on :8080 (`wget -qO- http://IP:8080/`)
+#
+# Idempotent: the same name always holds the same content.
+set -euo pipefail
+BUSYBOX=${BUSYBOX:-/bin/busybox}
+[ -x "$BUSYBOX" ] || { echo "images/build.sh: $BUSYBOX missing; apt-get install busybox-static" >&2; exit 1; }
+file -L "$BUSYBOX" 2>/dev/null | grep -q 'statically linked' || \
+  ldd "$BUSYBOX" 2>&1 | grep -q 'not a dynamic' || { echo "images/build.sh: $BUSYBOX is not static" >&2; exit 1; }
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,www,tmp,etc}
+cp "$BUSYBOX" "$root/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+  [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
+done
+echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
+echo 'root:x:0:' > "$root/etc/group"
+chmod 1777 "$root/tmp"
+tar -C "$root" -c . | docker import \
+  -c 'ENV PATH=/bin' \
+  -c 'EXPOSE 8080' \
+  -c 'CMD ["/bin/sh","-c","hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]' \
+  - pier-test/httpd:latest >/dev/null
+echo "built pier-test/httpd:latest"

@@ -1,0 +1,696 @@
+//! N "hosts" on one machine, each a network namespace with its own dockerd,
+//! joined by a bridge in a "switch" namespace (DESIGN.md, "Several Docker
+//! hosts on one machine").
+//!
+//! ```text
+//!   root netns: blackhole route for 10.214.K.0/24 (nothing leaves the box)
+//!   <id>-sw:  br0 ── sw-<id>-1 ─veth─ eth0 10.214.K.1/24  (<id>-h1, dockerd, bip 172.30.1.1/24)
+//!               ├─── sw-<id>-2 ─veth─ eth0 10.214.K.2/24  (<id>-h2, ...)
+//!               └─── ...
+//! ```
+//!
+//! - Each dockerd is started with `nsenter --net=/run/netns/<host>` (so its
+//!   cgroup mounts are the root mount namespace's, avoiding "Devices cgroup
+//!   isn't mounted" under `ip netns exec`), with its own data-root,
+//!   exec-root, pidfile, socket, `--bip`, `--cgroup-parent` and
+//!   `--containerd-namespace`.
+//! - Cuts take the switch-side veth down; `cut_pair` drops one pair with
+//!   ebtables on the switch bridge.
+//! - All traffic is sent from inside the host namespaces (`Host::exec`) or
+//!   their containers, never from the root namespace.
+//! - `Drop` tears everything down by PID and pidfile: containers, dockerd,
+//!   orphaned shims and container processes (from their cgroups), the
+//!   per-host cgroups, mounts, namespaces, the blackhole route, temp dirs.
+//!
+//! Needs root, iproute2, nsenter, ebtables, dockerd 20.10, etcd 3.4.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Run a command, fail with its stderr when it fails.
+fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// Run a command during teardown: failures are printed, never raised.
+fn best_effort(cmd: &mut Command) {
+    match cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(o) if !o.status.success() => {
+            let e = String::from_utf8_lossy(&o.stderr);
+            if !e.contains("No such") && !e.contains("Cannot find") && !e.contains("not found") {
+                eprintln!("netns teardown: {cmd:?}: {}", e.trim());
+            }
+        }
+        Err(e) => eprintln!("netns teardown: {cmd:?}: {e}"),
+        _ => {}
+    }
+}
+
+fn ip() -> Command {
+    Command::new("ip")
+}
+
+fn signal(pid: u32, sig: &str) {
+    best_effort(
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string()),
+    );
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// One simulated host.
+#[derive(Debug)]
+pub struct Host {
+    /// 1-based.
+    pub index: usize,
+    /// The network namespace (`ip netns` name).
+    pub netns: String,
+    /// Its address on the switch.
+    pub addr: Ipv4Addr,
+    /// Its dockerd's socket.
+    pub docker_sock: PathBuf,
+    /// Its dockerd's `--bip` (the docker0 bridge inside the namespace).
+    pub bip: String,
+    /// Its per-host directory (data-root, logs, etcd data, certificates…).
+    pub dir: PathBuf,
+    exec_root: PathBuf,
+    pidfile: PathBuf,
+    cgroup_parent: String,
+    containerd_ns: String,
+    dockerd: Option<Child>,
+    /// Processes started in this host with `spawn`, killed in `Drop`.
+    children: Vec<Child>,
+}
+
+impl Host {
+    /// `ip netns exec <host> <args…>`: run a command inside this host.
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        run(ip().args(["netns", "exec", &self.netns]).args(args))
+    }
+
+    /// A `Command` that runs `program` in this host's network namespace
+    /// (with nsenter, so mounts stay the root namespace's).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// Start a long-running process inside this host; it is killed (by PID)
+    /// when the topology is dropped. Returns its PID.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<u32> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?} in {}", self.netns))?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Stop a process started with `spawn` (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self, pid: u32) {
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.swap_remove(i);
+            stop_child(&mut c, Duration::from_secs(5));
+        }
+    }
+
+    /// Start `pier agent <args…>` in this host, talking to this host's
+    /// dockerd (`DOCKER_HOST`), logging to `<dir>/agent.log`. Killed (by
+    /// PID) on drop. Returns its PID.
+    pub fn spawn_agent(&mut self, pier: &Path, args: &[&str]) -> Result<u32> {
+        let log = fs::File::create(self.dir.join("agent.log")).context("agent log")?;
+        let mut c = self.command(pier);
+        c.arg("agent")
+            .args(args)
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}", self.docker_sock.display()),
+            )
+            .stdout(log.try_clone().context("agent log")?)
+            .stderr(log);
+        self.spawn(c)
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Issue this host's mesh certificate with `pier ca issue` into
+    /// `<dir>/certs` (ca.pem, node.pem, node-key.pem); returns that dir.
+    pub fn issue_certs(&self, pier: &Path, ca_dir: &Path, node: &str) -> Result<PathBuf> {
+        let out = self.dir.join("certs");
+        run(Command::new(pier)
+            .args(["ca", "issue", node, "--ca"])
+            .arg(ca_dir)
+            .arg("--out")
+            .arg(&out))?;
+        Ok(out)
+    }
+
+    /// `docker -H unix://<this host's socket> <args…>`.
+    pub fn docker(&self, args: &[&str]) -> Result<Output> {
+        run(Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.docker_sock.display()))
+            .args(args))
+    }
+
+    /// Copy an image from the machine's dockerd into this host's dockerd.
+    pub fn load_image(&self, image: &str) -> Result<()> {
+        let save = Command::new("docker")
+            .args(["save", image])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("docker save")?;
+        let stdout = save.stdout.context("docker save stdout")?;
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.docker_sock.display()))
+            .args(["load", "-q"])
+            .stdin(stdout)
+            .output()
+            .context("docker load")?;
+        if !out.status.success() {
+            bail!(
+                "loading {image} into {}: {}",
+                self.netns,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn start_dockerd(&mut self) -> Result<()> {
+        for d in [self.dir.join("data"), self.exec_root.clone()] {
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let log = fs::File::create(self.dir.join("dockerd.log")).context("dockerd log")?;
+        let mut cmd = self.command("dockerd");
+        cmd.arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(&self.exec_root)
+            .arg("--pidfile")
+            .arg(&self.pidfile)
+            .arg("--host")
+            .arg(format!("unix://{}", self.docker_sock.display()))
+            .arg("--bip")
+            .arg(&self.bip)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .arg("--containerd-namespace")
+            .arg(&self.containerd_ns)
+            .arg("--containerd-plugins-namespace")
+            .arg(format!("{}-plugins", self.containerd_ns))
+            .arg("--userland-proxy=false")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("dockerd log")?)
+            .stderr(log);
+        let child = cmd.spawn().context("spawning dockerd")?;
+        self.dockerd = Some(child);
+        // dockerd starts in under a second here; 30 s covers a loaded box.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self
+                .docker(&["version", "--format", "{{.Server.Version}}"])
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(c) = self.dockerd.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!(
+                        "dockerd in {} exited ({st}); log: {}",
+                        self.netns,
+                        fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("dockerd in {} did not answer within 30 s", self.netns);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn teardown(&mut self) {
+        for mut c in self.children.drain(..) {
+            stop_child(&mut c, Duration::from_secs(5));
+        }
+        if self.dockerd.is_some() {
+            // Containers first, so dockerd unmounts their layers itself.
+            if let Ok(o) = self.docker(&["ps", "-aq"]) {
+                let ids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                if !ids.is_empty() {
+                    let mut c = Command::new("docker");
+                    c.arg("-H")
+                        .arg(format!("unix://{}", self.docker_sock.display()))
+                        .args(["rm", "-f"])
+                        .args(&ids);
+                    best_effort(&mut c);
+                }
+            }
+        }
+        // SIGTERM dockerd by its pidfile (or the child we spawned).
+        let pid = fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .or_else(|| self.dockerd.as_ref().map(Child::id));
+        if let Some(mut c) = self.dockerd.take() {
+            stop_child(&mut c, Duration::from_secs(15));
+        } else if let Some(pid) = pid {
+            signal(pid, "TERM");
+        }
+        // Orphans: shims of this host's containerd namespace, and any
+        // process still in this host's cgroups.
+        for pid in procs_with_arg(&self.containerd_ns) {
+            signal(pid, "KILL");
+        }
+        for pid in cgroup_procs(&self.cgroup_parent) {
+            signal(pid, "KILL");
+        }
+        remove_cgroups(&self.cgroup_parent);
+        unmount_under(&self.exec_root);
+        unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.exec_root);
+        best_effort(ip().args(["netns", "del", &self.netns]));
+    }
+}
+
+fn stop_child(c: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = c.try_wait() {
+        return;
+    }
+    signal(c.id(), "TERM");
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// PIDs whose command line contains `arg` as a whole argument.
+fn procs_with_arg(arg: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+            if cmd.split(|b| *b == 0).any(|a| a == arg.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Every PID in `<controller>/<parent>/**/cgroup.procs`, over all controllers.
+fn cgroup_procs(parent: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(ctrls) = fs::read_dir(CGROUP_ROOT) else {
+        return pids;
+    };
+    for c in ctrls.flatten() {
+        walk(&c.path().join(parent), &mut |dir| {
+            if let Ok(s) = fs::read_to_string(dir.join("cgroup.procs")) {
+                pids.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+            }
+        });
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Remove `<controller>/<parent>` cgroup folders, deepest first.
+fn remove_cgroups(parent: &str) {
+    let Ok(ctrls) = fs::read_dir(CGROUP_ROOT) else {
+        return;
+    };
+    for c in ctrls.flatten() {
+        let mut dirs = Vec::new();
+        walk(&c.path().join(parent), &mut |d| dirs.push(d.to_owned()));
+        for d in dirs.iter().rev() {
+            // A cgroup folder is removed with rmdir even though it "contains"
+            // control files.
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+/// Pre-order walk of the directories under `root` (not following links).
+fn walk(root: &Path, f: &mut dyn FnMut(&Path)) {
+    let Ok(md) = fs::symlink_metadata(root) else {
+        return;
+    };
+    if !md.is_dir() {
+        return;
+    }
+    f(root);
+    if let Ok(rd) = fs::read_dir(root) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&e.path(), f);
+            }
+        }
+    }
+}
+
+/// Lazily unmount every mount point under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        best_effort(Command::new("umount").arg("-l").arg(p));
+    }
+}
+
+/// The switch, the hosts, and everything to tear down.
+#[derive(Debug)]
+pub struct Topology {
+    /// Short unique id (interface names are at most 15 characters).
+    pub id: String,
+    pub switch: String,
+    pub hosts: Vec<Host>,
+    /// `10.214.K.0/24`.
+    pub subnet: String,
+    root: tempfile::TempDir,
+    blackhole: bool,
+}
+
+impl Topology {
+    /// Create a switch and `n` hosts (1..=9) on `10.214.<k>.0/24`, each with
+    /// its own dockerd. `k` keeps concurrent topologies apart (1..=250).
+    pub fn new(n: usize, k: u8) -> Result<Topology> {
+        if !(1..=9).contains(&n) {
+            bail!("1 to 9 hosts, not {n}");
+        }
+        let id = format!("p{}{}", k, std::process::id() % 10_000);
+        let subnet = format!("10.214.{k}.0/24");
+        let root = tempfile::Builder::new()
+            .prefix(&format!("pier-mh-{id}-"))
+            .tempdir()
+            .context("temp dir")?;
+        let mut t = Topology {
+            switch: format!("{id}-sw"),
+            id,
+            hosts: Vec::new(),
+            subnet,
+            root,
+            blackhole: false,
+        };
+        t.build(n, k)?; // on error, Drop tears down what was built
+        Ok(t)
+    }
+
+    fn build(&mut self, n: usize, k: u8) -> Result<()> {
+        // Nothing for the test subnet may leave the machine from the root
+        // namespace, whatever a test does by mistake.
+        let exists = run(ip().args(["route", "show", "exact", &self.subnet]))
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false);
+        if exists {
+            bail!(
+                "a route for {} already exists in the root namespace; is another topology using k={k}?",
+                self.subnet
+            );
+        }
+        run(ip().args(["route", "add", "blackhole", &self.subnet]))?;
+        self.blackhole = true;
+
+        run(ip().args(["netns", "add", &self.switch]))?;
+        run(ip().args(["-n", &self.switch, "link", "set", "lo", "up"]))?;
+        run(ip().args(["-n", &self.switch, "link", "add", "br0", "type", "bridge"]))?;
+        run(ip().args(["-n", &self.switch, "link", "set", "br0", "up"]))?;
+
+        for i in 1..=n {
+            let netns = format!("{}-h{i}", self.id);
+            let dir = self.root.path().join(format!("h{i}"));
+            fs::create_dir_all(&dir)?;
+            // Short: unix socket paths under exec-root must stay < 108 bytes.
+            let exec_root = PathBuf::from(format!("/run/pier-mh/{}-h{i}", self.id));
+            let host = Host {
+                index: i,
+                netns: netns.clone(),
+                addr: Ipv4Addr::new(10, 214, k, i as u8),
+                docker_sock: exec_root.join("docker.sock"),
+                bip: format!("172.30.{}.1/24", (usize::from(k) * 10 + i) % 250),
+                pidfile: dir.join("docker.pid"),
+                dir,
+                exec_root,
+                cgroup_parent: format!("pier-mh-{}-h{i}", self.id),
+                containerd_ns: format!("pier-mh-{}-h{i}", self.id),
+                dockerd: None,
+                children: Vec::new(),
+            };
+            self.hosts.push(host);
+            run(ip().args(["netns", "add", &netns]))?;
+            let sw_if = self.switch_if(i);
+            run(ip().args([
+                "link",
+                "add",
+                &sw_if,
+                "netns",
+                &self.switch,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ]))?;
+            run(ip().args([
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                &sw_if,
+                "master",
+                "br0",
+                "up",
+            ]))?;
+            let cidr = format!("10.214.{k}.{i}/24");
+            run(ip().args(["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]))?;
+            run(ip().args(["-n", &netns, "link", "set", "eth0", "up"]))?;
+            run(ip().args(["-n", &netns, "link", "set", "lo", "up"]))?;
+        }
+        for h in &mut self.hosts {
+            h.start_dockerd()?;
+        }
+        Ok(())
+    }
+
+    /// The switch-side veth of host `i` (1-based).
+    pub fn switch_if(&self, i: usize) -> String {
+        format!("sw-{}-{i}", self.id)
+    }
+
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i - 1]
+    }
+
+    pub fn host_mut(&mut self, i: usize) -> &mut Host {
+        &mut self.hosts[i - 1]
+    }
+
+    /// A mesh CA for this topology (`pier ca init`), in its temp dir.
+    pub fn mesh_ca(&self, pier: &Path) -> Result<PathBuf> {
+        let dir = self.root.path().join("mesh-ca");
+        if !dir.join("ca.pem").exists() {
+            run(Command::new(pier).args(["ca", "init"]).arg(&dir))?;
+        }
+        Ok(dir)
+    }
+
+    /// Cut host `i` off the switch (switch side down: the host keeps its
+    /// routes and notices nothing but silence).
+    pub fn cut(&self, i: usize) -> Result<()> {
+        run(ip().args([
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &self.switch_if(i),
+            "down",
+        ]))?;
+        Ok(())
+    }
+
+    pub fn heal(&self, i: usize) -> Result<()> {
+        run(ip().args(["-n", &self.switch, "link", "set", &self.switch_if(i), "up"]))?;
+        Ok(())
+    }
+
+    fn ebtables(&self, op: &str, a: usize, b: usize) -> Result<()> {
+        for (x, y) in [(a, b), (b, a)] {
+            run(ip()
+                .args([
+                    "netns",
+                    "exec",
+                    &self.switch,
+                    "ebtables",
+                    op,
+                    "FORWARD",
+                    "-i",
+                ])
+                .arg(self.switch_if(x))
+                .arg("-o")
+                .arg(self.switch_if(y))
+                .args(["-j", "DROP"]))?;
+        }
+        Ok(())
+    }
+
+    /// Drop everything between hosts `a` and `b` only (ebtables on br0).
+    pub fn cut_pair(&self, a: usize, b: usize) -> Result<()> {
+        self.ebtables("-A", a, b)
+    }
+
+    pub fn heal_pair(&self, a: usize, b: usize) -> Result<()> {
+        self.ebtables("-D", a, b)
+    }
+
+    /// Start a 1-member etcd per host, forming one cluster, listening on the
+    /// host's switch address (clients: :2379, peers: :2380) and on its
+    /// loopback. Waits until the cluster is healthy. Returns the client URL
+    /// list for `--store etcd://…`.
+    pub fn start_etcd_cluster(&mut self) -> Result<String> {
+        let cluster: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| format!("{}=http://{}:2380", h.netns, h.addr))
+            .collect();
+        let cluster = cluster.join(",");
+        let token = format!("pier-mh-{}", self.id);
+        for h in &mut self.hosts {
+            let data = h.dir.join("etcd");
+            let log = fs::File::create(h.dir.join("etcd.log"))?;
+            let mut c = h.command("etcd");
+            c.arg("--name")
+                .arg(&h.netns)
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen-client-urls")
+                .arg(format!("http://{}:2379,http://127.0.0.1:2379", h.addr))
+                .arg("--advertise-client-urls")
+                .arg(format!("http://{}:2379", h.addr))
+                .arg("--listen-peer-urls")
+                .arg(format!("http://{}:2380", h.addr))
+                .arg("--initial-advertise-peer-urls")
+                .arg(format!("http://{}:2380", h.addr))
+                .arg("--initial-cluster")
+                .arg(&cluster)
+                .arg("--initial-cluster-token")
+                .arg(&token)
+                .arg("--initial-cluster-state")
+                .arg("new")
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            h.spawn(c)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for h in &self.hosts {
+            loop {
+                let ok = h
+                    .exec(&[
+                        "etcdctl",
+                        "--endpoints",
+                        "http://127.0.0.1:2379",
+                        "endpoint",
+                        "health",
+                    ])
+                    .is_ok();
+                if ok {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "etcd in {} not healthy within 30 s; log: {}",
+                        h.netns,
+                        fs::read_to_string(h.dir.join("etcd.log")).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(self
+            .hosts
+            .iter()
+            .map(|h| format!("{}:2379", h.addr))
+            .collect::<Vec<_>>()
+            .join(","))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            h.teardown();
+        }
+        best_effort(ip().args(["netns", "del", &self.switch]));
+        if self.blackhole {
+            best_effort(ip().args(["route", "del", "blackhole", &self.subnet]));
+        }
+        unmount_under(self.root.path());
+        // Shared by concurrent topologies: removed only once empty.
+        let _ = fs::remove_dir("/run/pier-mh");
+    }
+}
