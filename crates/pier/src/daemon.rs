@@ -297,12 +297,12 @@ async fn run_config(cfg: Config) -> Result<()> {
     let mut mesh_port = 0u16;
     let mesh_cancel = CancellationToken::new();
     if let Some(mc) = &cfg.mesh {
+        let server = pier_proxy::mesh::MeshServer::new(mc, node_name.clone(), snapshot.clone(), &mut registry)
+            .context("loading the mesh certificates")?;
         let listener = tokio::net::TcpListener::bind(mc.listen)
             .await
             .with_context(|| format!("binding the mesh on {}", mc.listen))?;
         mesh_port = listener.local_addr()?.port();
-        let server = pier_proxy::mesh::MeshServer::new(mc, node_name.clone(), snapshot.clone(), &mut registry)
-            .context("starting the mesh listener")?;
         mesh_connector = Some(
             pier_proxy::mesh::MeshConnector::new(mc, node_name.clone(), &mut registry)
                 .context("loading the mesh client certificate")?,
@@ -370,17 +370,24 @@ async fn run_config(cfg: Config) -> Result<()> {
         })
     };
 
-    // Supervisor.
+    // Supervisor: any agent can run it; exactly one leads.
     let sup_cancel = root.child_token();
-    if cfg.supervisor.enabled {
+    let supervisor = pier_supervisor::Supervisor::new(
+        cfg.supervisor.clone(),
+        node_name.clone(),
+        store.clone(),
+        snapshot.clone(),
+    )
+    .context("starting the supervisor")?;
+    let sup_problems = supervisor.problems();
+    tasks.spawn({
         let c = sup_cancel.clone();
-        let (s, n, snap, sc) = (store.clone(), node_name.clone(), snapshot.clone(), cfg.supervisor.clone());
-        tasks.spawn(async move {
-            if let Err(e) = pier_supervisor::run(sc, n, s, snap, c).await {
+        async move {
+            if let Err(e) = supervisor.run(c).await {
                 error!(error = %e, "supervisor stopped");
             }
-        });
-    }
+        }
+    });
 
     // Proxy stats → stats/ keys, under the node lease, when they change.
     {
@@ -407,7 +414,7 @@ async fn run_config(cfg: Config) -> Result<()> {
         node: node_name.clone(),
         registry: Arc::new(registry),
         readiness: vec![("store", store_ready), ("dns", dns_ready), ("proxy", proxy_ready)],
-        problems: vec![proxy_problems],
+        problems: vec![proxy_problems, sup_problems],
     };
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
     {
