@@ -56,7 +56,9 @@ pub fn ensure_test_image() -> Result<()> {
         return Ok(());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build.sh");
-    let st = Command::new(&script).status().context("running images/build.sh")?;
+    let st = Command::new(&script)
+        .status()
+        .context("running images/build.sh")?;
     if !st.success() {
         bail!("{} failed", script.display());
     }
@@ -202,7 +204,10 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
             if let Some(c) = self.child.as_mut()
                 && let Some(st) = c.try_wait()?
             {
-                bail!("pier agent exited with {st} during start-up:\n{}", self.log_tail());
+                bail!(
+                    "pier agent exited with {st} during start-up:\n{}",
+                    self.log_tail()
+                );
             }
             if let Ok((200, _)) = http_get(&self.api_addr(), "/readyz") {
                 return Ok(());
@@ -276,7 +281,8 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
         let s = self.cli_ok(&a)?;
-        serde_json::from_str(&s).with_context(|| format!("parsing JSON from pier {}: {s}", a.join(" ")))
+        serde_json::from_str(&s)
+            .with_context(|| format!("parsing JSON from pier {}: {s}", a.join(" ")))
     }
 
     pub fn log_tail(&self) -> String {
@@ -360,7 +366,11 @@ pub fn http_get(addr: &SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 /// Poll `f` every 50 ms until it returns `Some`, or fail after `limit`.
-pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let deadline = Instant::now() + limit;
     let mut last_err = None;
     loop {

@@ -14,7 +14,9 @@ use serde_json::Value;
 
 fn running_pods(a: &AgentProc) -> Result<Vec<(String, String)>> {
     let pods = a.cli_json(&["get", "pods"])?;
-    let arr = pods.as_array().context("get pods -o json is not an array")?;
+    let arr = pods
+        .as_array()
+        .context("get pods -o json is not an array")?;
     Ok(arr
         .iter()
         .filter(|p| p["phase"] == "Running" && p["replicaset"] == "kube-demo")
@@ -45,7 +47,8 @@ fn demo(store: &str) -> Result<()> {
     a.cli_ok(&["run", "kube-demo", "--image", TEST_IMAGE, "--port", "8080"])?;
     let rs = a.cli_json(&["get", "rs"])?;
     ensure!(
-        rs.as_array().is_some_and(|v| v.iter().any(|r| r["name"] == "kube-demo")),
+        rs.as_array()
+            .is_some_and(|v| v.iter().any(|r| r["name"] == "kube-demo")),
         "get rs does not list kube-demo: {rs}"
     );
     let first = eventually(Duration::from_secs(20), "1 Running pod", || {
@@ -54,14 +57,31 @@ fn demo(store: &str) -> Result<()> {
     })
     .with_context(|| a.log_tail())?;
     let table = a.cli_ok(&["get", "pods"])?;
-    ensure!(table.contains(&first) && table.contains("Running"), "table: {table}");
+    ensure!(
+        table.contains(&first) && table.contains("Running"),
+        "table: {table}"
+    );
 
     // 3-4. expose as a NodePort service; the VIP and node port are shown.
-    a.cli_ok(&["expose", "rs", "kube-demo", "--port", "8080", "--type", "NodePort"])?;
+    a.cli_ok(&[
+        "expose",
+        "rs",
+        "kube-demo",
+        "--port",
+        "8080",
+        "--type",
+        "NodePort",
+    ])?;
     let svc = a.cli_json(&["get", "svc", "kube-demo"])?;
-    let svc = svc.as_array().and_then(|v| v.first()).cloned().context("no service")?;
+    let svc = svc
+        .as_array()
+        .and_then(|v| v.first())
+        .cloned()
+        .context("no service")?;
     let vip: std::net::IpAddr = svc["vip"].as_str().context("no vip")?.parse()?;
-    let np = svc["ports"][0]["node_port"].as_u64().context("no node_port")? as u16;
+    let np = svc["ports"][0]["node_port"]
+        .as_u64()
+        .context("no node_port")? as u16;
     let vip_addr = SocketAddr::new(vip, 8080);
     let np_addr: SocketAddr = format!("127.0.0.1:{np}").parse()?;
 
@@ -69,9 +89,17 @@ fn demo(store: &str) -> Result<()> {
     let body = eventually(Duration::from_secs(10), "node port answers", || {
         Ok(get_body(&np_addr).ok())
     })?;
-    ensure!(body == first, "node port answered {body:?}, expected pod {first:?}");
-    let body = eventually(Duration::from_secs(10), "VIP answers", || Ok(get_body(&vip_addr).ok()))?;
-    ensure!(body == first, "VIP answered {body:?}, expected pod {first:?}");
+    ensure!(
+        body == first,
+        "node port answered {body:?}, expected pod {first:?}"
+    );
+    let body = eventually(Duration::from_secs(10), "VIP answers", || {
+        Ok(get_body(&vip_addr).ok())
+    })?;
+    ensure!(
+        body == first,
+        "VIP answered {body:?}, expected pod {first:?}"
+    );
 
     // 6-7. scale to 3; 30 requests see all three names.
     a.cli_ok(&["scale", "rs", "kube-demo", "--replicas", "3", "--wait"])?;
@@ -122,7 +150,9 @@ fn demo(store: &str) -> Result<()> {
     let took = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
-    let (ok, failed, errors) = loop_handle.join().map_err(|_| anyhow::anyhow!("loop panicked"))?;
+    let (ok, failed, errors) = loop_handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("loop panicked"))?;
     ensure!(
         failed == 0,
         "{failed} of {} requests failed while pod {victim} was deleted: {:?}",
@@ -138,15 +168,25 @@ fn demo(store: &str) -> Result<()> {
 
     // 9. delete rs: the containers go; the service stays until deleted.
     a.cli_ok(&["delete", "rs", "kube-demo"])?;
-    eventually(Duration::from_secs(15), "the pod containers to be removed", || {
-        let out = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter"])
-            .arg(format!("label=pier.test-run={}", a.run_label))
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).trim().is_empty().then_some(()))
-    })?;
+    eventually(
+        Duration::from_secs(15),
+        "the pod containers to be removed",
+        || {
+            let out = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter"])
+                .arg(format!("label=pier.test-run={}", a.run_label))
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .is_empty()
+                .then_some(()))
+        },
+    )?;
     let svc = a.cli_json(&["get", "svc", "kube-demo"])?;
-    ensure!(svc.as_array().is_some_and(|v| v.len() == 1), "service gone too early: {svc}");
+    ensure!(
+        svc.as_array().is_some_and(|v| v.len() == 1),
+        "service gone too early: {svc}"
+    );
     a.cli_ok(&["delete", "svc", "kube-demo"])?;
     let out = a.cli(&["get", "svc", "kube-demo"])?;
     let gone = !out.status.success()
@@ -156,7 +196,10 @@ fn demo(store: &str) -> Result<()> {
             .unwrap_or(false)
         || String::from_utf8_lossy(&out.stdout).trim().is_empty();
     if !gone {
-        bail!("service still listed after delete: {}", String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "service still listed after delete: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     Ok(())
 }

@@ -223,7 +223,11 @@ impl FromStr for Replicas {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
         let n: u32 = s.trim().parse().map_err(|_| {
-            NameError::invalid("replica count", s, "it is not a whole number from 0 to 1000")
+            NameError::invalid(
+                "replica count",
+                s,
+                "it is not a whole number from 0 to 1000",
+            )
         })?;
         Replicas::new(n)
     }
@@ -301,7 +305,11 @@ impl Cidr {
     pub fn size(&self) -> u128 {
         let bits = if self.addr.is_ipv4() { 32 } else { 128 };
         let host = bits - self.prefix as u32;
-        if host >= 128 { u128::MAX } else { 1u128 << host }
+        if host >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host
+        }
     }
     /// The `n`th address of the network (0 is the network address), if it
     /// lies inside.
@@ -325,9 +333,9 @@ impl fmt::Debug for Cidr {
 impl FromStr for Cidr {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| NameError::invalid("CIDR", s, "write it as ADDRESS/PREFIX, e.g. 10.213.0.0/16"))?;
+        let (a, p) = s.split_once('/').ok_or_else(|| {
+            NameError::invalid("CIDR", s, "write it as ADDRESS/PREFIX, e.g. 10.213.0.0/16")
+        })?;
         let addr: IpAddr = a
             .parse()
             .map_err(|_| NameError::invalid("CIDR", s, "the address does not parse"))?;
@@ -370,7 +378,13 @@ mod tests {
     fn ports_and_replicas() {
         assert!("0".parse::<PortNum>().is_err());
         assert!("65536".parse::<PortNum>().is_err());
-        assert!("http".parse::<PortNum>().unwrap_err().to_string().contains("not a number"));
+        assert!(
+            "http"
+                .parse::<PortNum>()
+                .unwrap_err()
+                .to_string()
+                .contains("not a number")
+        );
         assert_eq!("8080".parse::<PortNum>().unwrap().get(), 8080);
         assert!(serde_json::from_str::<PortNum>("0").is_err());
         assert!("1001".parse::<Replicas>().is_err());
@@ -388,7 +402,12 @@ mod tests {
         assert!("10.213.0.1/16".parse::<Cidr>().is_err());
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("fd00::/8".parse::<Cidr>().is_ok());
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
     }
 
     proptest! {

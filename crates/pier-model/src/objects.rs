@@ -524,7 +524,11 @@ impl Endpoint {
             .find(|p| p.name == sp.name)
             .or_else(|| self.ports.iter().find(|p| p.port == sp.target_port))
             .map(|p| p.port)
-            .or(if self.ports.is_empty() { Some(sp.target_port) } else { None })
+            .or(if self.ports.is_empty() {
+                Some(sp.target_port)
+            } else {
+                None
+            })
     }
 }
 
@@ -560,7 +564,9 @@ mod tests {
         assert_eq!("tcp".parse::<HealthKind>().unwrap(), HealthKind::Tcp);
         assert_eq!(
             "http:/healthz".parse::<HealthKind>().unwrap(),
-            HealthKind::Http { path: "/healthz".into() }
+            HealthKind::Http {
+                path: "/healthz".into()
+            }
         );
         let e = "grpc".parse::<HealthKind>().unwrap_err().to_string();
         assert!(e.contains("grpc") && e.contains("tcp"), "{e}");

@@ -38,7 +38,6 @@ pub struct Snapshot {
     pub endpoints: Arc<BTreeMap<ObjectKey, Arc<EndpointMap>>>,
 }
 
-
 impl Snapshot {
     pub fn service(&self, ns: &Namespace, name: &Name) -> Option<&Arc<Service>> {
         self.services.get(&(ns.clone(), name.clone()))

@@ -123,7 +123,11 @@ fn build_config(args: &AgentArgs) -> Result<Config, String> {
         cfg.api.token = Some(t);
     }
     cfg.validate().map_err(|e| e.0)?;
-    if !cfg.proxy.manage_iface && !cfg.network.service_cidr.contains(IpAddr::from([127, 0, 0, 1]))
+    if !cfg.proxy.manage_iface
+        && !cfg
+            .network
+            .service_cidr
+            .contains(IpAddr::from([127, 0, 0, 1]))
         && !matches!(cfg.network.service_cidr.addr(), IpAddr::V4(a) if a.octets()[0] == 127)
     {
         return Err(format!(
@@ -197,7 +201,9 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
     }
 }
 
-async fn bind_dns(addrs: &[SocketAddr]) -> Result<(Vec<tokio::net::UdpSocket>, Vec<tokio::net::TcpListener>)> {
+async fn bind_dns(
+    addrs: &[SocketAddr],
+) -> Result<(Vec<tokio::net::UdpSocket>, Vec<tokio::net::TcpListener>)> {
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
     for a in addrs {
@@ -241,7 +247,12 @@ async fn run_config(cfg: Config) -> Result<()> {
     // Bind the API first of the listeners so that a taken port fails fast.
     let api_listener = tokio::net::TcpListener::bind(cfg.api.listen)
         .await
-        .with_context(|| format!("binding the API on {} (is another pier agent running?)", cfg.api.listen))?;
+        .with_context(|| {
+            format!(
+                "binding the API on {} (is another pier agent running?)",
+                cfg.api.listen
+            )
+        })?;
 
     let store = open_store(&cfg, &root).await?;
     let ttl = Ttl::from_secs(cfg.store.lease_ttl_secs)?;
@@ -251,7 +262,8 @@ async fn run_config(cfg: Config) -> Result<()> {
         .context("granting the node lease")?;
 
     let reflector_cancel = CancellationToken::new();
-    let reflector = pier_store::reflector::Reflector::spawn(store.clone(), reflector_cancel.clone());
+    let reflector =
+        pier_store::reflector::Reflector::spawn(store.clone(), reflector_cancel.clone());
     let snapshot = reflector.subscribe();
 
     // pier0 and its addresses, before DNS binds the DNS VIP on it.
@@ -280,8 +292,13 @@ async fn run_config(cfg: Config) -> Result<()> {
     let dns_cancel = root.child_token();
     if !dns_addrs.is_empty() {
         let (udp, tcp) = bind_dns(&dns_addrs).await?;
-        let server = pier_dns::DnsServer::new(cfg.dns.clone(), snapshot.clone(), networks_rx.clone(), &mut registry)
-            .context("starting DNS")?;
+        let server = pier_dns::DnsServer::new(
+            cfg.dns.clone(),
+            snapshot.clone(),
+            networks_rx.clone(),
+            &mut registry,
+        )
+        .context("starting DNS")?;
         info!(addrs = ?dns_addrs, "DNS listening");
         let c = dns_cancel.clone();
         tasks.spawn(async move {
@@ -297,8 +314,13 @@ async fn run_config(cfg: Config) -> Result<()> {
     let mut mesh_port = 0u16;
     let mesh_cancel = CancellationToken::new();
     if let Some(mc) = &cfg.mesh {
-        let server = pier_proxy::mesh::MeshServer::new(mc, node_name.clone(), snapshot.clone(), &mut registry)
-            .context("loading the mesh certificates")?;
+        let server = pier_proxy::mesh::MeshServer::new(
+            mc,
+            node_name.clone(),
+            snapshot.clone(),
+            &mut registry,
+        )
+        .context("loading the mesh certificates")?;
         let listener = tokio::net::TcpListener::bind(mc.listen)
             .await
             .with_context(|| format!("binding the mesh on {}", mc.listen))?;
@@ -343,7 +365,11 @@ async fn run_config(cfg: Config) -> Result<()> {
         name: node_name.clone(),
         addr: cfg.node.addr.unwrap_or_else(default_addr),
         mesh_port,
-        dns_addr: if cfg.network.serve_dns_vip { dns_vip } else { None },
+        dns_addr: if cfg.network.serve_dns_vip {
+            dns_vip
+        } else {
+            None
+        },
         labels: cfg.node.labels.clone(),
         capacity: cfg.node.capacity,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -413,7 +439,11 @@ async fn run_config(cfg: Config) -> Result<()> {
         alloc,
         node: node_name.clone(),
         registry: Arc::new(registry),
-        readiness: vec![("store", store_ready), ("dns", dns_ready), ("proxy", proxy_ready)],
+        readiness: vec![
+            ("store", store_ready),
+            ("dns", dns_ready),
+            ("proxy", proxy_ready),
+        ],
         problems: vec![proxy_problems, sup_problems],
     };
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
@@ -436,7 +466,10 @@ async fn run_config(cfg: Config) -> Result<()> {
     //    goes, taking the node record and pod statuses with it. Containers
     //    keep running.
     agent_cancel.cancel();
-    if tokio::time::timeout(Duration::from_secs(5), agent_done).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), agent_done)
+        .await
+        .is_err()
+    {
         warn!("agent did not finish deregistering within 5 s");
     }
     if let Err(e) = lease.revoke().await {
@@ -450,7 +483,10 @@ async fn run_config(cfg: Config) -> Result<()> {
     dns_cancel.cancel();
     reflector_cancel.cancel();
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .is_err()
+    {
         warn!("some tasks did not stop within 10 s; stopping hard");
     }
     if let Err(e) = pier_proxy::teardown_iface(&cfg.proxy, cidr).await {
@@ -463,17 +499,22 @@ async fn run_config(cfg: Config) -> Result<()> {
 async fn write_stats(
     store: Arc<dyn Store>,
     node: pier_model::Name,
-    mut stats: watch::Receiver<Arc<std::collections::BTreeMap<pier_model::ObjectKey, pier_model::Stats>>>,
+    mut stats: watch::Receiver<
+        Arc<std::collections::BTreeMap<pier_model::ObjectKey, pier_model::Stats>>,
+    >,
     lease: watch::Receiver<Option<pier_store::LeaseId>>,
     cancel: CancellationToken,
 ) {
-    let mut last: std::collections::BTreeMap<pier_model::ObjectKey, pier_model::Stats> = Default::default();
+    let mut last: std::collections::BTreeMap<pier_model::ObjectKey, pier_model::Stats> =
+        Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = stats.changed() => if r.is_err() { return },
         }
-        let Some(lease_id) = *lease.borrow() else { continue };
+        let Some(lease_id) = *lease.borrow() else {
+            continue;
+        };
         let cur = stats.borrow_and_update().clone();
         for ((ns, svc), st) in cur.iter() {
             let mut cmp = st.clone();
@@ -487,7 +528,10 @@ async fn write_stats(
                 continue;
             }
             let key = pier_model::keys::stats(ns, svc, &node);
-            if let Err(e) = store.put(&key, pier_model::encode(st), Some(lease_id)).await {
+            if let Err(e) = store
+                .put(&key, pier_model::encode(st), Some(lease_id))
+                .await
+            {
                 tracing::debug!(key = %key, error = %e, "writing proxy stats failed; will retry on the next sample");
                 continue;
             }
@@ -530,7 +574,9 @@ fn init_tracing() {
         eprintln!("pier agent: PIER_LOG={filter:?} does not parse ({e}); using info");
         EnvFilter::new("info")
     });
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let r = if std::env::var("PIER_LOG_FORMAT").as_deref() == Ok("json") {
         b.json().try_init()
     } else {

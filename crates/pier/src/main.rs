@@ -56,7 +56,9 @@ fn parse_args() -> Top {
                 .lines()
                 .map(str::trim)
                 .filter(|l| {
-                    !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
                 })
                 .collect::<Vec<_>>()
                 .join(" ");

@@ -210,7 +210,11 @@ impl OwnDockerd {
             .create(true)
             .append(true)
             .open(dir.join("dockerd.log"))?;
-        let child = Command::new("dockerd")
+        // In a network namespace of its own: a dockerd started with
+        // `--bridge=none` deletes any `docker0` it can see, which would take
+        // the shared daemon's default bridge away from every other test.
+        let child = Command::new("unshare")
+            .args(["--net", "dockerd"])
             .arg("--data-root")
             .arg(dir.join("data"))
             .arg("--exec-root")
@@ -312,7 +316,13 @@ async fn dockerd_restarted_under_the_agent_then_registry_matches_docker_again() 
         ttl: 5,
     };
     let child = ChildAgent::spawn(&cfg, Some(&host), dir.path())?;
-    let labels = [("pier.service", "web"), ("pier.port", "8080")];
+    // `none`: this daemon's containers live in its own network namespace,
+    // out of the agent's reach for a TCP check.
+    let labels = [
+        ("pier.service", "web"),
+        ("pier.port", "8080"),
+        ("pier.health", "none"),
+    ];
     let comes_back = d.run_container(&labels, &["--init", "--restart", "always"])?;
     let stays_down = d.run_container(&labels, &["--init"])?;
     let r = wait_snap(&mut snap, Duration::from_secs(20), "both ready", |s| {

@@ -138,10 +138,18 @@ impl Config {
             )));
         }
         store_url(&self.store.url)?;
-        self.api.validate().map_err(|e| ConfigError(format!("api: {e}")))?;
-        self.dns.validate().map_err(|e| ConfigError(format!("dns: {e}")))?;
-        self.proxy.validate().map_err(|e| ConfigError(format!("proxy: {e}")))?;
-        self.agent.validate().map_err(|e| ConfigError(format!("agent: {e}")))?;
+        self.api
+            .validate()
+            .map_err(|e| ConfigError(format!("api: {e}")))?;
+        self.dns
+            .validate()
+            .map_err(|e| ConfigError(format!("dns: {e}")))?;
+        self.proxy
+            .validate()
+            .map_err(|e| ConfigError(format!("proxy: {e}")))?;
+        self.agent
+            .validate()
+            .map_err(|e| ConfigError(format!("agent: {e}")))?;
         self.supervisor
             .validate()
             .map_err(|e| ConfigError(format!("supervisor: {e}")))?;
@@ -200,7 +208,8 @@ mod tests {
             let p = e.expect("entry").path();
             if p.extension().and_then(|s| s.to_str()) == Some("toml") {
                 let c = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                c.validate().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                c.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
             }
         }
