@@ -5,7 +5,8 @@
 #   2. starts dockerd if `docker info` fails (and stops it again at the end);
 #   3. guards the test subnets with blackhole routes;
 #   4. builds the test images with `docker import` (no registry);
-#   5. builds the workspace once and runs `cargo test --workspace`;
+#   5. builds the workspace once, runs `cargo test --workspace`, then
+#      tests pier's own image and compose file (docker/test-image.sh);
 #   6. removes everything it started, also after a failure.
 #
 #   tests/run.sh [extra cargo test args...]     e.g. tests/run.sh -p pier-dns
@@ -32,6 +33,7 @@ command -v ip        >/dev/null || need+=(iproute2)
 command -v iptables  >/dev/null || need+=(iptables)
 command -v curl      >/dev/null || need+=(curl)
 command -v file      >/dev/null || need+=(file)
+command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -96,4 +98,6 @@ log "building"
 cargo build --workspace --all-targets --locked
 log "testing"
 cargo test --workspace --locked --no-fail-fast "$@" -- --test-threads "${TEST_THREADS:-4}"
+log "testing pier's own image and compose file"
+docker/test-image.sh target/debug/pier
 log "all tests passed"
