@@ -288,9 +288,9 @@ impl Cidr {
     }
     fn network(&self) -> IpAddr {
         let b = Self::to_bits(self.addr) & self.mask_bits();
-        self.from_bits(b)
+        self.addr_from_bits(b)
     }
-    fn from_bits(&self, b: u128) -> IpAddr {
+    fn addr_from_bits(&self, b: u128) -> IpAddr {
         match self.addr {
             IpAddr::V4(_) => IpAddr::V4((b as u32).into()),
             IpAddr::V6(_) => IpAddr::V6(b.into()),
@@ -317,7 +317,7 @@ impl Cidr {
         if n >= self.size() {
             return None;
         }
-        Some(self.from_bits(Self::to_bits(self.addr) + n))
+        Some(self.addr_from_bits(Self::to_bits(self.addr) + n))
     }
 }
 impl fmt::Display for Cidr {
