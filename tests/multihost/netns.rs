@@ -69,6 +69,26 @@ fn best_effort(cmd: &mut Command) {
     }
 }
 
+/// Run `f` on a thread that has entered network namespace `netns` (only
+/// that thread moves; the rest of the test stays in the root namespace).
+/// Sockets `f` opens live in `netns`: this is how a test talks to a host
+/// without ever sending from the root namespace.
+pub fn in_netns<T, F>(netns: &str, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("setns({path})"))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+}
+
 fn ip() -> Command {
     Command::new("ip")
 }
@@ -110,6 +130,15 @@ pub struct Host {
 }
 
 impl Host {
+    /// Run `f` in this host's network namespace (see [`in_netns`]).
+    pub fn within<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> Result<T> + Send + 'static,
+    {
+        in_netns(&self.netns, f)
+    }
+
     /// `ip netns exec <host> <args…>`: run a command inside this host.
     pub fn exec(&self, args: &[&str]) -> Result<Output> {
         run(ip().args(["netns", "exec", &self.netns]).args(args))

@@ -15,8 +15,8 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pier_model::api::{
-    ErrorBody, ExposeRequest, Problem, Readiness, Resource, ScaleRequest, VersionInfo,
-    WatchEventType,
+    ErrorBody, ExposeRequest, Problem, Readiness, Resource, ScaleRequest, StoreFreshness,
+    VersionInfo, WatchEventType,
 };
 use pier_model::{
     Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, encode, keys,
@@ -518,21 +518,28 @@ async fn route(
 
 fn readyz(inner: &Inner) -> Response<Body> {
     let mut checks = BTreeMap::new();
-    checks.insert(
-        "snapshot".to_owned(),
-        is_synced(&inner.st.snapshot.borrow()),
-    );
+    let snap = inner.st.snapshot.borrow().clone();
+    checks.insert("snapshot".to_owned(), is_synced(&snap));
     for (name, rx) in &inner.st.readiness {
         checks.insert((*name).to_owned(), *rx.borrow());
     }
     let ready = checks.values().all(|v| *v);
+    let store = StoreFreshness {
+        revision: snap.revision,
+        stale_since_ms: snap.stale_since_ms,
+        stale_for_ms: snap.stale_for_ms(now_ms()),
+    };
     json(
         if ready {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        &Readiness { ready, checks },
+        &Readiness {
+            ready,
+            checks,
+            store,
+        },
     )
 }
 

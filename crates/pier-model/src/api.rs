@@ -218,6 +218,22 @@ pub struct VersionInfo {
 pub struct Readiness {
     pub ready: bool,
     pub checks: BTreeMap<String, bool>,
+    /// How current the agent's view of the store is. A stale agent stays
+    /// ready: it goes on serving DNS and proxying from its last snapshot.
+    #[serde(default)]
+    pub store: StoreFreshness,
+}
+
+/// The agent's view of the store, in `/readyz` and `pier version`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreFreshness {
+    /// The store revision its snapshot reflects.
+    pub revision: i64,
+    /// Unix milliseconds since when the store has been unreachable; absent
+    /// (null) while the watch is live.
+    pub stale_since_ms: Option<u64>,
+    /// How long it has been stale, in milliseconds (0 while live).
+    pub stale_for_ms: u64,
 }
 
 /// What happened to an object in a watch.

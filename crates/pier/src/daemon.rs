@@ -574,8 +574,11 @@ fn init_tracing() {
         eprintln!("pier agent: PIER_LOG={filter:?} does not parse ({e}); using info");
         EnvFilter::new("info")
     });
+    // Colours only on a terminal: a log file or journald gets plain text.
+    use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let r = if std::env::var("PIER_LOG_FORMAT").as_deref() == Ok("json") {
         b.json().try_init()
