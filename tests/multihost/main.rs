@@ -570,6 +570,14 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
         "after the cut was noticed, every request must reach h2: {got:?}"
     );
 
+    // Host 3, cut off with its etcd member (no quorum there), says so.
+    let h3 = c.topo.host(3).netns.clone();
+    eventually(Duration::from_secs(60), "h3 reports itself stale", || {
+        Ok(store_stale_since(&h3)?.is_some().then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    eprintln!("h3 reported stale {:?} after the cut", cut_at.elapsed());
+
     c.topo.heal(3)?;
     let heal_at = Instant::now();
     eventually(
@@ -582,6 +590,10 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
     )
     .with_context(|| c.logs())?;
     eprintln!("h3 rejoined {:?} after the heal", heal_at.elapsed());
+    eventually(Duration::from_secs(30), "h3 fresh again", || {
+        Ok(store_stale_since(&h3)?.is_none().then_some(()))
+    })
+    .with_context(|| c.logs())?;
     let nodes = c.nodes(1)?;
     ensure!(
         nodes.get("h3") == Some(&true),
@@ -700,6 +712,13 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
     })
     .with_context(|| c.logs())?;
     Ok(())
+}
+
+/// `store.stale_since_ms` of the `/readyz` of the agent in `netns`.
+fn store_stale_since(netns: &str) -> Result<Option<u64>> {
+    let (_, body) = netns::in_netns(netns, || http_get(&Cluster::api(), "/readyz"))?;
+    let v: Value = serde_json::from_str(&body).with_context(|| body.clone())?;
+    Ok(v["store"]["stale_since_ms"].as_u64())
 }
 
 fn run_ok(cmd: &mut std::process::Command) -> Result<()> {

@@ -80,10 +80,16 @@ impl EtcdStore {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
+        // Keep-alive pings every 5 s (etcd's default --grpc-keepalive-min-time;
+        // more often and it answers GOAWAY too_many_pings). `hasleader`: a
+        // member cut off from its quorum cancels our watches and fails our
+        // requests instead of serving a silently frozen view, so a
+        // partitioned agent reports itself stale and fails over.
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         let mut clients = Vec::with_capacity(endpoints.len());
         let mut names = Vec::with_capacity(endpoints.len());
         for e in endpoints {
