@@ -32,6 +32,8 @@ command -v dig       >/dev/null || need+=(dnsutils)
 command -v ip        >/dev/null || need+=(iproute2)
 command -v iptables  >/dev/null || need+=(iptables)
 command -v curl      >/dev/null || need+=(curl)
+command -v nsenter   >/dev/null || need+=(util-linux)
+command -v ebtables  >/dev/null || need+=(ebtables)
 command -v file      >/dev/null || need+=(file)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 if [ ${#need[@]} -gt 0 ]; then
@@ -61,7 +63,9 @@ cleanup() {
     [ -n "$nets" ] && docker network rm $nets >/dev/null 2>&1
     [ -z "${KEEP_IMAGES:-}" ] && docker rmi pier-test/httpd:latest pier:test >/dev/null 2>&1
   fi
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^pt' ); do
+  # Test agents' namespaces (pt…), and the multi-host topologies' (p<k><pid>-sw,
+  # p<k><pid>-h<i>) should a test process have died before its own teardown.
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^pt|^p[0-9]+-(sw|h[0-9])$' ); do
     ip netns del "$ns" 2>/dev/null
   done
   for r in "${routes[@]}"; do ip route del blackhole "$r" 2>/dev/null; done

@@ -78,15 +78,25 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    let path = format!("/run/netns/{netns}");
+    in_netns_at(format!("/run/netns/{netns}"), f)
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
+}
+
+/// Start a thread in the network namespace at `path` (`/run/netns/<name>`,
+/// or `/proc/<pid>/ns/net` for a container's) running `f`; the caller
+/// joins it, or lets it run for the life of the process.
+pub fn in_netns_at<T, F>(path: String, f: F) -> std::thread::JoinHandle<Result<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
     std::thread::spawn(move || {
         let ns = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("setns({path})"))?;
         f()
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("thread in {netns} panicked"))?
 }
 
 fn ip() -> Command {
