@@ -260,6 +260,14 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
         "after the cut was noticed, every request must reach h2: {got:?}"
     );
 
+    // The others keep their leases whichever etcd member their client was
+    // on: h1 and h2 stay registered, h3 is gone.
+    let nodes = c.nodes(2)?;
+    ensure!(
+        nodes.contains_key("h1") && nodes.contains_key("h2") && !nodes.contains_key("h3"),
+        "during h3's cut, h2 must see h1 and h2 only: {nodes:?}{}",
+        c.logs()
+    );
     // Host 3, cut off with its etcd member (no quorum there), says so.
     let h3 = c.topo.host(3).netns.clone();
     eventually(Duration::from_secs(60), "h3 reports itself stale", || {

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -53,6 +53,9 @@ struct Inner {
     endpoints: Vec<String>,
     clients: Vec<Client>,
     current: AtomicUsize,
+    /// Per-endpoint attempt timeout of lease keepalives: a quarter of the
+    /// shortest TTL granted (at least 200 ms, at most [`ATTEMPT_TIMEOUT`]).
+    keepalive_attempt_ms: AtomicU64,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -110,6 +113,7 @@ impl EtcdStore {
                             endpoints: names,
                             clients,
                             current: AtomicUsize::new(i),
+                            keepalive_attempt_ms: AtomicU64::new(ATTEMPT_TIMEOUT.as_millis() as u64),
                         }),
                     });
                 }
@@ -155,6 +159,21 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_with(what, budget, ATTEMPT_TIMEOUT, f).await
+    }
+
+    /// [`Inner::call`] with its own per-endpoint attempt timeout.
+    async fn call_with<T, F, Fut>(
+        &self,
+        what: &str,
+        budget: Duration,
+        attempt_timeout: Duration,
+        f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let start = Instant::now();
         let mut backoff = BACKOFF_MIN;
         let mut tried_in_round = 0usize;
@@ -162,11 +181,11 @@ impl Inner {
             let idx = self.current.load(Ordering::Relaxed);
             let client = self.clients[idx].clone();
             let endpoint = &self.endpoints[idx];
-            let err = match tokio::time::timeout(ATTEMPT_TIMEOUT, f(client)).await {
+            let err = match tokio::time::timeout(attempt_timeout, f(client)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => map_err(&format!("{what} on {endpoint}"), e),
                 Err(_) => StoreError::Unavailable(format!(
-                    "{what} on {endpoint}: no answer in {ATTEMPT_TIMEOUT:?}"
+                    "{what} on {endpoint}: no answer in {attempt_timeout:?}"
                 )),
             };
             if !matches!(err, StoreError::Unavailable(_)) {
@@ -494,20 +513,31 @@ impl Store for EtcdStore {
     }
 
     async fn lease_grant(&self, ttl: Ttl) -> Result<LeaseId, StoreError> {
-        self.inner
+        let id = self
+            .inner
             .call("lease grant", RETRY_BUDGET, |mut c| async move {
                 let resp = c.lease_grant(ttl.secs() as i64, None).await?;
                 Ok(LeaseId(resp.id()))
             })
-            .await
+            .await?;
+        // A keepalive must be able to give up on a silent member and reach
+        // another well within the shortest TTL granted.
+        let ms = (ttl.as_duration() / 4).as_millis() as u64;
+        self.inner
+            .keepalive_attempt_ms
+            .fetch_min(ms.max(200), Ordering::Relaxed);
+        Ok(id)
     }
 
     async fn lease_keepalive(&self, lease: LeaseId) -> Result<Ttl, StoreError> {
+        let attempt =
+            Duration::from_millis(self.inner.keepalive_attempt_ms.load(Ordering::Relaxed));
         let ttl = self
             .inner
-            .call(
+            .call_with(
                 &format!("lease keepalive {lease}"),
                 RETRY_BUDGET,
+                attempt,
                 |mut c| async move {
                     let (mut keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
                     keeper.keep_alive().await?;

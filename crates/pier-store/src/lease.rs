@@ -30,6 +30,8 @@ struct Inner {
     store: Arc<dyn Store>,
     ttl: Ttl,
     tx: watch::Sender<Option<LeaseId>>,
+    /// Whether the last renewal reached the store.
+    healthy: watch::Sender<bool>,
     /// Stops the renewing task (a child of the caller's token).
     stop: CancellationToken,
     /// The renewing task; taken by `revoke`. A std Mutex: held only to take
@@ -58,10 +60,12 @@ impl LeaseKeeper {
     ) -> Result<LeaseKeeper, StoreError> {
         let lease = store.lease_grant(ttl).await?;
         let (tx, _) = watch::channel(Some(lease));
+        let (healthy, _) = watch::channel(true);
         let inner = Arc::new(Inner {
             store,
             ttl,
             tx,
+            healthy,
             stop: cancel.child_token(),
             task: Mutex::new(None),
         });
@@ -78,6 +82,16 @@ impl LeaseKeeper {
     }
 
     /// The current lease, if held.
+    /// `true` while renewals reach the store; `false` from the first
+    /// renewal that fails or gets no answer within the TTL until one
+    /// succeeds (or a new lease is granted). A store that cannot renew a
+    /// lease cannot be trusted to deliver a live watch either: the
+    /// reflector marks its snapshot stale on `false`, within about one TTL,
+    /// well before a silent connection's keep-alive gives up.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.inner.healthy.subscribe()
+    }
+
     pub fn current(&self) -> Option<LeaseId> {
         *self.inner.tx.borrow()
     }
@@ -120,6 +134,11 @@ async fn renew(inner: Arc<Inner>, mut lease: LeaseId) {
             _ = inner.stop.cancelled() => return,
             r = tokio::time::timeout(ttl, inner.store.lease_keepalive(lease)) => r,
         };
+        // LeaseNotFound is an answer: the store is reachable.
+        let ok = matches!(res, Ok(Ok(_)) | Ok(Err(StoreError::LeaseNotFound(_))));
+        inner
+            .healthy
+            .send_if_modified(|h| std::mem::replace(h, ok) != ok);
         match res {
             Ok(Ok(_)) => {}
             Ok(Err(StoreError::LeaseNotFound(_))) => {
@@ -130,6 +149,9 @@ async fn renew(inner: Arc<Inner>, mut lease: LeaseId) {
                         tracing::info!(old = %lease, new = %new, "lease re-granted");
                         lease = new;
                         inner.tx.send_replace(Some(new));
+                        inner
+                            .healthy
+                            .send_if_modified(|h| !std::mem::replace(h, true));
                     }
                     None => return,
                 }
@@ -150,7 +172,12 @@ async fn regrant(inner: &Inner) -> Option<LeaseId> {
         };
         match res {
             Ok(id) => return Some(id),
-            Err(e) => tracing::warn!("lease grant failed, retrying in {backoff:?}: {e}"),
+            Err(e) => {
+                inner
+                    .healthy
+                    .send_if_modified(|h| std::mem::replace(h, false));
+                tracing::warn!("lease grant failed, retrying in {backoff:?}: {e}");
+            }
         }
         tokio::select! {
             _ = inner.stop.cancelled() => return None,

@@ -11,6 +11,10 @@
 //!   replaces the state wholesale: nothing doubled, nothing kept that is gone.
 //! - While the store is unreachable it keeps the last snapshot and sets
 //!   `stale_since_ms`; on `Resumed` or a successful relist it clears it.
+//!   With a lease health signal ([`Reflector::spawn_with_health`]), a
+//!   failing lease renewal marks the snapshot stale too (a partition is
+//!   seen within about one lease TTL, not only when the watch connection's
+//!   keep-alive gives up); it is fresh again when both are fine.
 //! - A key that does not parse, or a value that does not decode, is logged
 //!   with its key and skipped (and any older value under that key dropped).
 //!   Keys it does not use (alloc, stats, election) are ignored.
@@ -43,9 +47,27 @@ impl Reflector {
     /// `Resumed`/relist clears it. Unparsable values are logged (key +
     /// error) and skipped.
     pub fn spawn(store: Arc<dyn Store>, cancel: CancellationToken) -> Reflector {
+        Self::start(store, cancel, None)
+    }
+
+    /// [`Reflector::spawn`], also marking the snapshot stale while `health`
+    /// (the node lease's, [`crate::lease::LeaseKeeper::health`]) is `false`.
+    pub fn spawn_with_health(
+        store: Arc<dyn Store>,
+        cancel: CancellationToken,
+        health: watch::Receiver<bool>,
+    ) -> Reflector {
+        Self::start(store, cancel, Some(health))
+    }
+
+    fn start(
+        store: Arc<dyn Store>,
+        cancel: CancellationToken,
+        health: Option<watch::Receiver<bool>>,
+    ) -> Reflector {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let (synced_tx, synced) = watch::channel(false);
-        tokio::spawn(run(store, tx, synced_tx, cancel));
+        tokio::spawn(run(store, tx, synced_tx, cancel, health));
         Reflector { rx, synced }
     }
 
@@ -73,18 +95,98 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Resolves when the lease health changes (never without a signal); `None`
+/// when its sender is gone.
+async fn health_changed(h: &mut Option<watch::Receiver<bool>>) -> Option<bool> {
+    match h {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Sets or clears `stale_since_ms` from the two signals; `true` if it
+/// changed.
+fn freshen(snap: &mut Snapshot, watch_down: bool, lease_down: bool) -> bool {
+    match (watch_down || lease_down, snap.stale_since_ms) {
+        (true, None) => {
+            snap.stale_since_ms = Some(now_ms());
+            true
+        }
+        (false, Some(_)) => {
+            snap.stale_since_ms = None;
+            snap.synced_at_ms = now_ms();
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Awaits `fut` (a list, or a watch being opened) while following the
+/// lease health: a failing lease marks the published snapshot stale at
+/// once, even while `fut` hangs on a silent connection. `None` on cancel.
+async fn race_health<T>(
+    fut: impl Future<Output = T>,
+    health: &mut Option<watch::Receiver<bool>>,
+    lease_down: &mut bool,
+    tx: &watch::Sender<Arc<Snapshot>>,
+    cancel: &CancellationToken,
+) -> Option<T> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = &mut fut => return Some(r),
+            h = health_changed(health) => {
+                on_health(h, health, lease_down);
+                if *lease_down {
+                    mark_stale(tx);
+                }
+            }
+        }
+    }
+}
+
+fn on_health(h: Option<bool>, health: &mut Option<watch::Receiver<bool>>, lease_down: &mut bool) {
+    match h {
+        Some(ok) => {
+            *lease_down = !ok;
+            if !ok {
+                tracing::warn!(
+                    "reflector: the node lease cannot be renewed; serving the last snapshot, marked stale"
+                );
+            }
+        }
+        None => {
+            *health = None;
+            *lease_down = false;
+        }
+    }
+}
+
 async fn run(
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<Snapshot>>,
     synced_tx: watch::Sender<bool>,
     cancel: CancellationToken,
+    mut health: Option<watch::Receiver<bool>>,
 ) {
     let mut backoff = RELIST_BACKOFF_MIN;
+    let mut lease_down = health.as_ref().is_some_and(|h| !*h.borrow());
     loop {
         // List.
-        let list = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = store.list(keys::ROOT) => r,
+        let Some(list) = race_health(
+            store.list(keys::ROOT),
+            &mut health,
+            &mut lease_down,
+            &tx,
+            &cancel,
+        )
+        .await
+        else {
+            return;
         };
         let list = match list {
             Ok(l) => l,
@@ -104,6 +206,8 @@ async fn run(
         };
         let revision = list.revision;
         let mut snap = build(&list.kvs, revision);
+        let mut watch_down = false;
+        freshen(&mut snap, watch_down, lease_down);
         tracing::debug!(revision, keys = list.kvs.len(), "reflector listed");
         // The raw list is not kept while watching.
         drop(list);
@@ -111,9 +215,16 @@ async fn run(
         synced_tx.send_replace(true);
 
         // Watch.
-        let w = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = store.watch(keys::ROOT, revision + 1) => r,
+        let Some(w) = race_health(
+            store.watch(keys::ROOT, revision + 1),
+            &mut health,
+            &mut lease_down,
+            &tx,
+            &cancel,
+        )
+        .await
+        else {
+            return;
         };
         let mut w = match w {
             Ok(w) => w,
@@ -134,15 +245,23 @@ async fn run(
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
                 item = w.next() => item,
+                h = health_changed(&mut health) => {
+                    on_health(h, &mut health, &mut lease_down);
+                    if freshen(&mut snap, watch_down, lease_down) {
+                        tx.send_replace(Arc::new(snap.clone()));
+                    }
+                    continue;
+                }
             };
-            let mut end = apply_item(&mut snap, first);
+            let mut end = apply_item(&mut snap, first, &mut watch_down);
             // Coalesce: apply everything already waiting, then publish once.
             while end.is_none() {
                 match w.next().now_or_never() {
-                    Some(item) => end = apply_item(&mut snap, item),
+                    Some(item) => end = apply_item(&mut snap, item, &mut watch_down),
                     None => break,
                 }
             }
+            freshen(&mut snap, watch_down, lease_down);
             tx.send_replace(Arc::new(snap.clone()));
             if end.is_some() {
                 break;
@@ -156,7 +275,13 @@ async fn run(
 struct Ended;
 
 /// Applies one watch item to `snap`; `Some(Ended)` when the watch is over.
-fn apply_item(snap: &mut Snapshot, item: Option<Result<WatchItem, StoreError>>) -> Option<Ended> {
+/// `watch_down` follows `Disconnected` / `Resumed` and events; the caller
+/// derives `stale_since_ms` from it and the lease health ([`freshen`]).
+fn apply_item(
+    snap: &mut Snapshot,
+    item: Option<Result<WatchItem, StoreError>>,
+    watch_down: &mut bool,
+) -> Option<Ended> {
     match item {
         None => {
             tracing::warn!("reflector: watch ended; listing again");
@@ -168,20 +293,18 @@ fn apply_item(snap: &mut Snapshot, item: Option<Result<WatchItem, StoreError>>) 
         }
         Some(Ok(WatchItem::Disconnected { reason })) => {
             tracing::warn!("reflector: store disconnected ({reason}); serving the last snapshot");
-            if snap.stale_since_ms.is_none() {
-                snap.stale_since_ms = Some(now_ms());
-            }
+            *watch_down = true;
             None
         }
         Some(Ok(WatchItem::Resumed)) => {
             tracing::info!("reflector: watch resumed");
-            snap.stale_since_ms = None;
+            *watch_down = false;
             snap.synced_at_ms = now_ms();
             None
         }
         Some(Ok(WatchItem::Events { revision, events })) => {
             apply_events(snap, &events, revision);
-            snap.stale_since_ms = None;
+            *watch_down = false;
             snap.synced_at_ms = now_ms();
             None
         }

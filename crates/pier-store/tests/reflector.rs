@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pier_model::{Endpoint, EndpointPort, Name, Namespace, PortNum, Snapshot, keys};
+use pier_store::lease::LeaseKeeper;
 use pier_store::reflector::{Reflector, build};
 use pier_store::testing::EtcdServer;
-use pier_store::{EtcdStore, Revision, Store};
+use pier_store::{EtcdStore, Revision, Store, Ttl};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -156,6 +157,9 @@ async fn etcd_killed_and_restarted_under_watch_misses_nothing() {
 struct Cut {
     addr: String,
     down: Arc<AtomicBool>,
+    /// While set, bytes are no longer forwarded but no connection is
+    /// closed: a silent partition (packets dropped), not a refusal.
+    silent: Arc<AtomicBool>,
     conns: Arc<Mutex<CancellationToken>>,
     stop: CancellationToken,
 }
@@ -165,9 +169,10 @@ impl Cut {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let down = Arc::new(AtomicBool::new(false));
+        let silent = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
-        let (d, c, s) = (down.clone(), conns.clone(), stop.clone());
+        let (d, c, s, q) = (down.clone(), conns.clone(), stop.clone(), silent.clone());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -183,7 +188,13 @@ impl Cut {
                 }
                 let token = c.lock().expect("lock").clone();
                 let target = target.clone();
+                let (q, s) = (q.clone(), s.clone());
                 tokio::spawn(async move {
+                    if q.load(Ordering::SeqCst) {
+                        // Hold the connection, say nothing.
+                        s.cancelled().await;
+                        return;
+                    }
                     let Ok(mut outbound) = TcpStream::connect(&target).await else {
                         return;
                     };
@@ -191,14 +202,31 @@ impl Cut {
                         _ = token.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                     }
+                    if q.load(Ordering::SeqCst) {
+                        // Silenced: keep both sockets open until the end.
+                        s.cancelled().await;
+                    }
+                    drop((inbound, outbound));
                 });
             }
         });
         Cut {
             addr,
             down,
+            silent,
             conns,
             stop,
+        }
+    }
+
+    /// Stop forwarding without closing anything (and hold new connections
+    /// silently), or forward again for new connections.
+    fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+        if silent {
+            let mut c = self.conns.lock().expect("lock");
+            c.cancel();
+            *c = CancellationToken::new();
         }
     }
 
@@ -324,6 +352,62 @@ async fn compaction_while_partitioned_relists_without_loss_or_doubling() {
     let rev = put_endpoint(&direct, "c", "n1", "e9", 99).await;
     let snap = wait_for(&r, "watching again", |s| s.revision >= rev).await;
     assert_eq!(endpoint_count(&snap), 8);
+}
+
+/// A silent partition (nothing closed, nothing answered) is seen through
+/// the node lease within about its TTL, long before the watch connection's
+/// keep-alive (5 s + 5 s) would notice; and the snapshot is fresh again
+/// after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partition_is_seen_through_the_lease() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    let cut = Cut::start(etcd.endpoint.clone()).await;
+    let via_cut: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&cut.addr))
+            .await
+            .expect("connect via cut"),
+    );
+    put_service(&direct, "a").await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let lease = LeaseKeeper::start(
+        via_cut.clone(),
+        Ttl::from_secs(2).expect("ttl"),
+        cancel.clone(),
+    )
+    .await
+    .expect("lease");
+    let r = Reflector::spawn_with_health(via_cut, cancel.clone(), lease.health());
+    r.synced().await;
+    // The watch is live (not only the first list) before the cut.
+    let rev = put_endpoint(&direct, "a", "n1", "e0", 1).await;
+    wait_for(&r, "watching", |s| s.revision >= rev).await;
+    assert!(r.snapshot().stale_since_ms.is_none());
+
+    cut.set_silent(true);
+    let t = std::time::Instant::now();
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    // Bound, not a measurement: the lease (TTL 2 s: a renewal every
+    // 0.67 s, each given 2 s) must be what noticed, not the 10 s
+    // keep-alive.
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "stale only after {:?}",
+        t.elapsed()
+    );
+    assert!(!*lease.health().borrow(), "the lease reports the partition");
+
+    cut.set_silent(false);
+    let rev = put_endpoint(&direct, "a", "n1", "e1", 2).await;
+    let snap = wait_for(&r, "fresh again", |s| {
+        s.stale_since_ms.is_none() && s.revision >= rev
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+    assert!(*lease.health().borrow());
 }
 
 /// Captures log output for one current-thread test.

@@ -262,8 +262,11 @@ async fn run_config(cfg: Config) -> Result<()> {
         .context("granting the node lease")?;
 
     let reflector_cancel = CancellationToken::new();
-    let reflector =
-        pier_store::reflector::Reflector::spawn(store.clone(), reflector_cancel.clone());
+    let reflector = pier_store::reflector::Reflector::spawn_with_health(
+        store.clone(),
+        reflector_cancel.clone(),
+        lease.health(),
+    );
     let snapshot = reflector.subscribe();
 
     // pier0 and its addresses, before DNS binds the DNS VIP on it.
