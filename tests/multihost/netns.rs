@@ -681,6 +681,9 @@ impl Topology {
                 .arg(&token)
                 .arg("--initial-cluster-state")
                 .arg("new")
+                // A member coming back from a partition must not depose
+                // the leader with its inflated term (etcd 3.5's default).
+                .arg("--pre-vote")
                 .stdout(log.try_clone()?)
                 .stderr(log);
             h.spawn(c)?;

@@ -26,6 +26,16 @@ pub(crate) enum Route {
     Mesh { peer: SocketAddr, node: Name },
 }
 
+impl Route {
+    /// The `route` label of the endpoint's metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Mesh { .. } => "mesh",
+        }
+    }
+}
+
 /// One endpoint of one service port, as this proxy sees it.
 #[derive(Debug)]
 pub(crate) struct EpState {
@@ -35,6 +45,9 @@ pub(crate) struct EpState {
     pub m: EpMetrics,
     /// Connect latency EWMA in microseconds; 0 until the first connect.
     ewma_us: AtomicU64,
+    /// [`now_ms`] of the last sample: the EWMA decays from then on (see
+    /// [`EWMA_HALF_LIFE_MS`]).
+    sampled_ms: AtomicU64,
     fails: AtomicU32,
     ejections: AtomicU32,
     /// Milliseconds since [`clock_base`] until which the endpoint is
@@ -47,11 +60,13 @@ pub(crate) struct EpState {
     pub removed: AtomicBool,
 }
 
-/// Milliseconds since the first call, for ejection deadlines.
+/// Milliseconds since the first call, for ejection deadlines and EWMA
+/// decay. Starts at 2^20 (about 17 minutes) rather than 0, so that "a while
+/// ago" is always representable and 0 can mean "never".
 pub(crate) fn now_ms() -> u64 {
     use std::sync::OnceLock;
     static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + (1 << 20)
 }
 
 impl EpState {
@@ -62,6 +77,7 @@ impl EpState {
             local,
             m,
             ewma_us: AtomicU64::new(0),
+            sampled_ms: AtomicU64::new(0),
             fails: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
@@ -74,8 +90,21 @@ impl EpState {
         self.m.active.get().max(0) as u64
     }
 
+    /// The latency EWMA as of `now` (ms, from [`now_ms`]): halved for every
+    /// [`EWMA_HALF_LIFE_MS`] since the last sample. 0: no sample yet.
+    pub fn ewma_us_at(&self, now: u64) -> u64 {
+        let v = self.ewma_us.load(Relaxed);
+        let dt = now.saturating_sub(self.sampled_ms.load(Relaxed));
+        if v == 0 || dt == 0 {
+            return v;
+        }
+        let f = (-(dt as f64) / EWMA_HALF_LIFE_MS as f64).exp2();
+        ((v as f64 * f) as u64).max(1)
+    }
+
+    #[cfg(test)]
     pub fn ewma_us(&self) -> u64 {
-        self.ewma_us.load(Relaxed)
+        self.ewma_us_at(now_ms())
     }
 
     pub fn is_ejected(&self, now: u64) -> bool {
@@ -85,13 +114,15 @@ impl EpState {
 
     pub fn on_connect_ok(&self, latency_us: u64) {
         // alpha = 1/4: a few samples move it, one outlier does not.
-        let old = self.ewma_us.load(Relaxed);
+        let now = now_ms();
+        let old = self.ewma_us_at(now);
         let new = if old == 0 {
             latency_us.max(1)
         } else {
             (old * 3 + latency_us) / 4
         };
         self.ewma_us.store(new.max(1), Relaxed);
+        self.sampled_ms.store(now, Relaxed);
         if self.fails.load(Relaxed) != 0 {
             self.fails.store(0, Relaxed);
         }
@@ -212,12 +243,16 @@ impl Balancer {
                 }
                 let (ea, eb) = (&set[a], &set[b]);
                 match (ok(ea), ok(eb)) {
-                    (true, true) => Some(if score(eb) < score(ea) { eb } else { ea }),
+                    (true, true) => Some(if score(eb, now) < score(ea, now) {
+                        eb
+                    } else {
+                        ea
+                    }),
                     (true, false) => Some(ea),
                     (false, true) => Some(eb),
                     (false, false) => {
                         // Both unusable: the best of the rest, if any.
-                        set.iter().filter(|e| ok(e)).min_by_key(|e| score(e))
+                        set.iter().filter(|e| ok(e)).min_by_key(|e| score(e, now))
                     }
                 }
             }
@@ -231,11 +266,28 @@ impl Balancer {
 /// nearly all sequential connections.
 const LATENCY_FLOOR_US: u64 = 1000;
 
+/// How fast a latency EWMA decays while its endpoint gets no connections.
+/// The EWMA only learns from connects, and P2C over two endpoints compares
+/// both every time: without decay one slow sample (a busy moment, a
+/// handshake) would make an endpoint lose every comparison for good, and
+/// never get the connect that would clear it. 100 ms: an endpoint 10x
+/// slower than the floor is tried again after about a third of a second.
+pub(crate) const EWMA_HALF_LIFE_MS: u64 = 100;
+
+/// The latency factor of a score: the EWMA (decayed, floored) rounded down
+/// to the floor times a power of two. Latencies within 2x of each other
+/// are noise on a busy host (one slow sample moves the EWMA by a quarter
+/// of itself) and count as equal; 10x slower still loses to 8x.
+fn latency_factor(ewma_us: u64) -> u64 {
+    let x = ewma_us.max(LATENCY_FLOOR_US) / LATENCY_FLOOR_US;
+    LATENCY_FLOOR_US << (63 - x.leading_zeros())
+}
+
 /// Lower is better: outstanding connections (plus the one we would add)
-/// times the connect-latency EWMA (floored). An endpoint with no sample yet
-/// counts as the floor, so that it gets tried.
-fn score(e: &EpState) -> u128 {
-    (e.outstanding() as u128 + 1) * e.ewma_us().max(LATENCY_FLOOR_US) as u128
+/// times the latency factor. An endpoint with no sample yet counts as the
+/// floor, so that it gets tried.
+fn score(e: &EpState, now: u64) -> u128 {
+    (e.outstanding() as u128 + 1) * latency_factor(e.ewma_us_at(now)) as u128
 }
 
 #[cfg(test)]
@@ -289,6 +341,58 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(b.pick(&[]).unwrap().addr.port(), 1);
         }
+    }
+
+    #[test]
+    fn latencies_within_2x_count_as_equal() {
+        assert_eq!(latency_factor(0), 1000);
+        assert_eq!(latency_factor(1999), 1000);
+        assert_eq!(latency_factor(2000), 2000);
+        assert_eq!(latency_factor(20_000), 16_000);
+        let b = Balancer::new(LbPolicy::P2c, false, vec![ep(1, false), ep(2, false)]);
+        b.all[0].on_connect_ok(1900);
+        b.all[1].on_connect_ok(100);
+        let first = (0..1000)
+            .filter(|_| b.pick(&[]).unwrap().addr.port() == 1)
+            .count();
+        assert!(
+            (350..=650).contains(&first),
+            "endpoint 1 got {first} of 1000"
+        );
+    }
+
+    #[test]
+    fn one_slow_sample_does_not_starve_an_endpoint() {
+        let b = Balancer::new(LbPolicy::P2c, false, vec![ep(1, false), ep(2, false)]);
+        // Sequential connections: nothing outstanding. Endpoint 1 had one
+        // slow connect (say, a TLS handshake on a busy moment).
+        b.all[0].on_connect_ok(5000);
+        b.all[1].on_connect_ok(100);
+        for _ in 0..50 {
+            assert_eq!(b.pick(&[]).unwrap().addr.port(), 2);
+        }
+        // A while later (4 half-lives) the slow sample has decayed below
+        // the floor: the two split evenly again.
+        let back = now_ms() - 4 * EWMA_HALF_LIFE_MS;
+        b.all[0].sampled_ms.store(back, Relaxed);
+        assert!(
+            b.all[0].ewma_us() < LATENCY_FLOOR_US,
+            "{}",
+            b.all[0].ewma_us()
+        );
+        let mut first = 0;
+        for _ in 0..1000 {
+            if b.pick(&[]).unwrap().addr.port() == 1 {
+                first += 1;
+            }
+        }
+        assert!(
+            (350..=650).contains(&first),
+            "endpoint 1 got {first} of 1000"
+        );
+        // The decayed value is what the next sample is averaged with.
+        b.all[0].on_connect_ok(100);
+        assert!(b.all[0].ewma_us() < 400, "{}", b.all[0].ewma_us());
     }
 
     #[test]

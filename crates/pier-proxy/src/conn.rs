@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{EpState, Route};
@@ -47,7 +46,7 @@ pub(crate) struct PortTarget {
 /// the mesh's TLS stream goes through the copy loop.
 pub(crate) enum Upstream {
     Direct(TcpStream),
-    Mesh(Box<TlsStream<TcpStream>>),
+    Mesh(Box<crate::mesh::MeshStream>),
 }
 
 /// 60 s idle, then probes every 10 s (the kernel's 9 of them): a dead peer
@@ -84,8 +83,15 @@ impl Drop for GaugeGuard<'_> {
 }
 
 /// Connects to one endpoint, recording latency, errors and ejection.
+///
+/// The balancer's latency sample is the whole connect for a direct route,
+/// and only the header → reply round trip for a mesh route: whether a mesh
+/// connect had to handshake depends on the peer's warm pool, not on the
+/// endpoint, and counting it would make the peer that warmed first win
+/// every comparison (and the other never be tried, so never warmed).
 async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream, ConnectCause> {
     let t0 = Instant::now();
+    let mut sample = None;
     let r = match &ep.route {
         Route::Direct => {
             match tokio::time::timeout(ctx.connect_timeout, connect_direct(ep.addr)).await {
@@ -99,10 +105,16 @@ async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream
         }
         Route::Mesh { peer, node } => match &ctx.mesh {
             Some(mesh) => {
-                match tokio::time::timeout(ctx.connect_timeout, mesh.connect(*peer, node, ep.addr))
-                    .await
+                match tokio::time::timeout(
+                    ctx.connect_timeout,
+                    mesh.connect_timed(*peer, node, ep.addr),
+                )
+                .await
                 {
-                    Ok(Ok(s)) => Ok(Upstream::Mesh(Box::new(s))),
+                    Ok(Ok((s, rtt))) => {
+                        sample = Some(rtt.as_micros() as u64);
+                        Ok(Upstream::Mesh(Box::new(s)))
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!(endpoint = %ep.addr, mesh.peer = %peer, error = %e, "mesh connect failed");
                         Err(ConnectCause::Mesh)
@@ -116,7 +128,7 @@ async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream
     match &r {
         Ok(_) => {
             let us = t0.elapsed().as_micros() as u64;
-            ep.on_connect_ok(us);
+            ep.on_connect_ok(sample.unwrap_or(us));
             let secs = us as f64 / 1e6;
             ep.m.latency.observe(secs);
             t.m.latency.observe(secs);
@@ -186,11 +198,11 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
 
     let c_in = Counters {
         svc: &t.m.bytes_in,
-        ep: &ep.m.bytes_in,
+        ep: Some(&ep.m.bytes_in),
     };
     let c_out = Counters {
         svc: &t.m.bytes_out,
-        ep: &ep.m.bytes_out,
+        ep: Some(&ep.m.bytes_out),
     };
     let work = async {
         match up {

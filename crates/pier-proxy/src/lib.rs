@@ -3,7 +3,9 @@
 //! It owns the `pier0` link and its VIPs ([`setup_iface`],
 //! [`teardown_iface`]), one listener per service port on its VIP and per
 //! node port, the balancers (P2C over outstanding connections weighted by
-//! connect-latency EWMA, or round-robin), connect retries, passive outlier
+//! a decaying connect-latency EWMA, or round-robin; for an endpoint behind
+//! the mesh the latency is the mesh request's round trip, not the TLS
+//! handshake), connect retries, passive outlier
 //! ejection, drains, the splice(2) copy loop, PROXY protocol v2 and the
 //! mTLS mesh hop to endpoints on other nodes ([`mesh`], [`tls`]).
 //!

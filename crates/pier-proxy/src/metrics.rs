@@ -41,6 +41,9 @@ pub(crate) struct EpLabels {
     pub service: String,
     pub port: String,
     pub endpoint: String,
+    /// `direct`, or `mesh` when the endpoint is on another node and is
+    /// reached through that node's mesh port.
+    pub route: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +51,7 @@ pub(crate) struct EpCauseLabels {
     pub service: String,
     pub port: String,
     pub endpoint: String,
+    pub route: String,
     pub cause: String,
 }
 
@@ -56,6 +60,7 @@ pub(crate) struct EpDirLabels {
     pub service: String,
     pub port: String,
     pub endpoint: String,
+    pub route: String,
     pub direction: String,
 }
 
@@ -105,7 +110,8 @@ impl Metrics {
     }
 
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("pier_proxy");
+        // The daemon's registry has the `pier` prefix: `pier_proxy_*`.
+        let r = registry.sub_registry_with_prefix("proxy");
         r.register(
             "connections_active",
             "Open client connections per service port",
@@ -217,17 +223,20 @@ impl Metrics {
         }
     }
 
-    pub fn endpoint(&self, service: &str, port: &str, endpoint: &str) -> EpMetrics {
+    /// `route`: `direct` or `mesh`.
+    pub fn endpoint(&self, service: &str, port: &str, endpoint: &str, route: &str) -> EpMetrics {
         let l = EpLabels {
             service: service.into(),
             port: port.into(),
             endpoint: endpoint.into(),
+            route: route.into(),
         };
         let cause = |c: ConnectCause| {
             self.ep_errors.get_or_create_owned(&EpCauseLabels {
                 service: service.into(),
                 port: port.into(),
                 endpoint: endpoint.into(),
+                route: route.into(),
                 cause: c.as_str().into(),
             })
         };
@@ -236,6 +245,7 @@ impl Metrics {
                 service: service.into(),
                 port: port.into(),
                 endpoint: endpoint.into(),
+                route: route.into(),
                 direction: d.into(),
             })
         };
@@ -261,6 +271,7 @@ impl Metrics {
                 service: l.service.clone(),
                 port: l.port.clone(),
                 endpoint: l.endpoint.clone(),
+                route: l.route.clone(),
                 cause: c.as_str().into(),
             });
         }
@@ -269,6 +280,7 @@ impl Metrics {
                 service: l.service.clone(),
                 port: l.port.clone(),
                 endpoint: l.endpoint.clone(),
+                route: l.route.clone(),
                 direction: d.into(),
             });
         }
@@ -394,11 +406,12 @@ mod tests {
     #[test]
     fn metrics_encode_with_service_and_endpoint_labels() {
         let m = Metrics::new();
-        let mut r = Registry::default();
+        // As the daemon does: its registry prefixes everything `pier`.
+        let mut r = Registry::with_prefix("pier");
         m.register(&mut r);
         let s = m.service("default/web", "http");
         s.total.inc();
-        let e = m.endpoint("default/web", "http", "10.0.0.2:80");
+        let e = m.endpoint("default/web", "http", "10.0.0.2:80", "mesh");
         e.error(ConnectCause::Refused).inc();
         e.bytes_out.inc_by(42);
         let mut out = String::new();
@@ -408,7 +421,8 @@ mod tests {
             "{out}"
         );
         assert!(out.contains(r#"cause="refused""#), "{out}");
-        assert!(out.contains(r#"pier_proxy_endpoint_bytes_total{service="default/web",port="http",endpoint="10.0.0.2:80",direction="out"} 42"#), "{out}");
+        assert!(out.contains(r#"pier_proxy_endpoint_bytes_total{service="default/web",port="http",endpoint="10.0.0.2:80",route="mesh",direction="out"} 42"#), "{out}");
+        assert!(!out.contains("pier_pier_"), "{out}");
         m.remove_endpoint(&e);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r).unwrap();

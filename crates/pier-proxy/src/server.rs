@@ -474,12 +474,16 @@ impl State {
                         removed.push(old);
                     }
                     let label = addr.to_string();
-                    Arc::new(EpState::new(
-                        addr,
-                        route,
-                        local,
-                        metrics.endpoint(&pe.service, pk.1.as_str(), &label),
-                    ))
+                    // A new endpoint behind a peer: warm that peer's pool
+                    // now, so its first connection does not handshake.
+                    if ep.ready
+                        && let (Route::Mesh { peer, node }, Some(mesh)) = (&route, &self.ctx.mesh)
+                    {
+                        mesh.warm(*peer, node);
+                    }
+                    let m =
+                        metrics.endpoint(&pe.service, pk.1.as_str(), &label, route.metric_label());
+                    Arc::new(EpState::new(addr, route, local, m))
                 }
             };
             if ep.ready {

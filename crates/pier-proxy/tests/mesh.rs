@@ -740,3 +740,329 @@ async fn warm_pool_serves_the_next_connect_without_a_handshake() {
     drop((s1, s2));
     srv.stop().await;
 }
+
+/// A target that writes `id` and closes each connection.
+async fn id_target(id: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(id.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, h)
+}
+
+/// Node n1's real [`pier_proxy::Proxy`] (unprivileged mode, its VIP on
+/// loopback) in front of one service whose endpoints are on other nodes,
+/// each node with its own real mesh server: every connection to the VIP
+/// takes the mesh hop.
+struct MeshCluster {
+    vip: SocketAddr,
+    registry: Registry,
+    mesh: MeshConnector,
+    cancel: CancellationToken,
+    proxy: Option<tokio::task::JoinHandle<Result<(), pier_proxy::ProxyError>>>,
+    servers: Vec<(
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), MeshError>>,
+    )>,
+    _snapshots: (watch::Sender<Arc<Snapshot>>, watch::Sender<Arc<Snapshot>>),
+}
+
+impl MeshCluster {
+    async fn start(pki: &Pki, eps: &[Arc<Endpoint>]) -> MeshCluster {
+        use pier_model::{LbPolicy, Node, Service, ServicePort, ServiceType};
+        use pier_proxy::{Proxy, ProxyConfig};
+
+        // A VIP in 127.78/16 that no other test uses, on a free port.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let vip = SocketAddr::from((
+            [
+                127,
+                78,
+                (std::process::id() % 250) as u8,
+                1 + (port % 250) as u8,
+            ],
+            port,
+        ));
+        let svc = Service {
+            name: name("web"),
+            namespace: Namespace::default(),
+            vip: Some(vip.ip()),
+            service_type: ServiceType::ClusterIP,
+            ports: vec![ServicePort {
+                name: name("http"),
+                port: PortNum::new(vip.port()).unwrap(),
+                target_port: PortNum::new(8080).unwrap(),
+                node_port: None,
+            }],
+            selector: Default::default(),
+            static_endpoints: Vec::new(),
+            lb: LbPolicy::P2c,
+            proxy_protocol: false,
+            prefer_local: false,
+            drain_timeout_ms: None,
+            health: None,
+            sla: None,
+            created_at: 0,
+        };
+
+        // One mesh server per node that has an endpoint.
+        let mut servers = Vec::new();
+        let mut nodes = BTreeMap::new();
+        let (snap_tx, snap_rx) = watch::channel(snapshot(eps));
+        for ep in eps {
+            if nodes.contains_key(&ep.node) {
+                continue;
+            }
+            let n = ep.node.clone();
+            let server = MeshServer::new(
+                &pki.cfg(n.as_str()),
+                n.clone(),
+                snap_rx.clone(),
+                &mut Registry::default(),
+            )
+            .unwrap();
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let cancel = CancellationToken::new();
+            servers.push((cancel.clone(), tokio::spawn(server.serve(l, cancel))));
+            nodes.insert(
+                n.clone(),
+                Arc::new(Node {
+                    name: n,
+                    addr: addr.ip(),
+                    mesh_port: addr.port(),
+                    dns_addr: None,
+                    labels: Default::default(),
+                    capacity: Default::default(),
+                    version: String::new(),
+                    started_at: 0,
+                }),
+            );
+        }
+        let mut full = (*snapshot(eps)).clone();
+        full.nodes = Arc::new(nodes);
+        full.services = Arc::new(BTreeMap::from([(
+            (Namespace::default(), name("web")),
+            Arc::new(svc),
+        )]));
+        let full = Arc::new(full);
+        snap_tx.send_replace(full.clone());
+
+        // As the daemon: one registry with the `pier` prefix.
+        let mut registry = Registry::with_prefix("pier");
+        let mesh = MeshConnector::new(&pki.cfg("n1"), name("n1"), &mut registry).unwrap();
+        let (ptx, prx) = watch::channel(full);
+        let cfg = ProxyConfig {
+            node_port_addr: "127.0.0.1".parse().unwrap(),
+            ..ProxyConfig::unprivileged()
+        };
+        let proxy = Proxy::new(
+            cfg,
+            name("n1"),
+            "127.0.0.0/8".parse().unwrap(),
+            prx,
+            Some(mesh.clone()),
+            &mut registry,
+        )
+        .unwrap();
+        let cancel = CancellationToken::new();
+        let proxy = tokio::spawn(proxy.run(cancel.clone()));
+        // The listener comes up with the first reconcile.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while TcpStream::connect(vip).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("proxy listening");
+        MeshCluster {
+            vip,
+            registry,
+            mesh,
+            cancel,
+            proxy: Some(proxy),
+            servers,
+            _snapshots: (snap_tx, ptx),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(p) = self.proxy.take() {
+            p.await.unwrap().unwrap();
+        }
+        self.mesh.close().await;
+        for (c, t) in std::mem::take(&mut self.servers) {
+            c.cancel();
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for MeshCluster {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for (c, _) in &self.servers {
+            c.cancel();
+        }
+    }
+}
+
+/// The bug this guards against: P2C weighted by connect latency, where a
+/// mesh connect on a peer with a warm pool took ~100 µs and one that had to
+/// handshake took milliseconds, sent 199 of 200 sequential connections to
+/// whichever peer warmed up first. The real Proxy on node n1 balances one
+/// service whose two endpoints are on n2 and n3, each reached through that
+/// node's own mesh server.
+#[tokio::test]
+async fn proxy_splits_sequential_connections_evenly_over_two_mesh_peers() {
+    let pki = Pki::new();
+    for n in ["n1", "n2", "n3"] {
+        pki.issue(n);
+    }
+    let (t2, _h2) = id_target("n2").await;
+    let (t3, _h3) = id_target("n3").await;
+    let c = MeshCluster::start(
+        &pki,
+        &[endpoint("n2", "a", t2, true), endpoint("n3", "b", t3, true)],
+    )
+    .await;
+
+    let mut counts = std::collections::HashMap::<String, u32>::new();
+    for _ in 0..200 {
+        let id = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut s = TcpStream::connect(c.vip).await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<String, std::io::Error>(out)
+        })
+        .await
+        .expect("reply in time")
+        .expect("reply");
+        *counts.entry(id).or_default() += 1;
+    }
+    let total: u32 = counts.values().sum();
+    assert_eq!(total, 200, "{counts:?}");
+    for n in ["n2", "n3"] {
+        let got = counts.get(n).copied().unwrap_or(0);
+        assert!(
+            got >= 60,
+            "{n} got {got} of 200 sequential connections: {counts:?}"
+        );
+    }
+    // Both went through the mesh, and the metrics say so: per endpoint
+    // with route="mesh", and the mesh client's own counters.
+    let text = c.metrics_text();
+    let via_mesh: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("pier_proxy_endpoint_connections_total{") && l.contains("route=\"mesh\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(via_mesh >= 200.0, "{text}");
+    assert!(
+        metric(
+            &c.registry,
+            "pier_mesh_client_connects_total{result=\"ok\"}"
+        ) >= 200.0,
+        "{text}"
+    );
+    assert!(
+        metric(&c.registry, "pier_mesh_client_pool_hits_total") > 0.0,
+        "{text}"
+    );
+    c.stop().await;
+}
+
+fn checksum(mut h: u64, data: &[u8]) -> u64 {
+    for b in data {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// 32 MiB each way at once through proxy → mesh → echo target: the copy
+/// loops on both ends of the mesh hop under back-pressure (buffers grow
+/// and shrink), then a client half-close that must reach the target and
+/// come back as EOF after the last byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_through_proxy_and_mesh_arrives_intact() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let c = MeshCluster::start(&pki, &[endpoint("n2", "a", echo, true)]).await;
+
+    const TOTAL: usize = 32 << 20;
+    let s = TcpStream::connect(c.vip).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut sent = 0usize;
+        let mut i = 0u32;
+        while sent < TOTAL {
+            // Varied sizes: small writes between bulk ones.
+            let n = [1usize, 100, 70_000, 300_000, 16_384][i as usize % 5].min(TOTAL - sent);
+            let chunk: Vec<u8> = (0..n).map(|k| (k as u32 ^ i) as u8).collect();
+            h = checksum(h, &chunk);
+            w.write_all(&chunk).await.unwrap();
+            sent += n;
+            i += 1;
+        }
+        w.shutdown().await.unwrap();
+        h
+    });
+    let reader = tokio::spawn(async move {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            h = checksum(h, &buf[..n]);
+            got += n;
+        }
+        (got, h)
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .expect("all written in time")
+        .unwrap();
+    let (got, h) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("echo and EOF in time")
+        .unwrap();
+    assert_eq!(got, TOTAL);
+    assert_eq!(h, sent, "the echoed bytes differ from the sent ones");
+    let text = c.metrics_text();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pier_proxy_endpoint_bytes_total{")
+                && l.contains("route=\"mesh\"")
+                && l.contains("direction=\"out\"")
+                && l.ends_with(&format!(" {TOTAL}"))),
+        "{text}"
+    );
+    c.stop().await;
+}

@@ -38,6 +38,11 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_BUDGET: Duration = Duration::from_secs(6);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A watch quiet for this long is asked for a progress notification.
+const PROBE_IDLE: Duration = Duration::from_secs(1);
+/// A progress request unanswered for this long breaks the watch (it is
+/// then re-opened, on another endpoint, from the next revision).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The watch task's reconnect backoff cap.
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Keys per page of a list.
@@ -740,14 +745,34 @@ impl WatchTask {
         first: Option<etcd_client::WatchResponse>,
     ) -> Step {
         let mut pending = first;
+        // When the stream has been quiet for PROBE_IDLE, ask for a progress
+        // notification; no answer within PROBE_TIMEOUT means the member or
+        // the path to it is gone (the connection's keep-alive would take
+        // 5 s + 5 s to say so).
+        let mut probing = false;
         loop {
             let resp = match pending.take() {
                 Some(r) => r,
                 None => {
+                    let quiet = if probing { PROBE_TIMEOUT } else { PROBE_IDLE };
                     let msg = tokio::select! {
                         _ = self.tx.closed() => return Step::Done,
                         m = stream.message() => m,
+                        _ = tokio::time::sleep(quiet) => {
+                            if probing {
+                                return Step::Broken(format!(
+                                    "no answer to a progress request in {PROBE_TIMEOUT:?}"
+                                ));
+                            }
+                            match tokio::time::timeout(PROBE_TIMEOUT, stream.request_progress()).await {
+                                Ok(Ok(())) => probing = true,
+                                Ok(Err(e)) => return Step::Broken(map_err("watch progress request", e).to_string()),
+                                Err(_) => return Step::Broken("could not send a progress request".into()),
+                            }
+                            continue;
+                        }
                     };
+                    probing = false;
                     match msg {
                         Ok(Some(r)) => r,
                         Ok(None) => return Step::Broken("watch stream ended".into()),

@@ -410,6 +410,56 @@ async fn silent_partition_is_seen_through_the_lease() {
     assert!(*lease.health().borrow());
 }
 
+/// A watch on a member that went silent (no lease in play) is broken by
+/// an unanswered progress request, not left to the connection keep-alive
+/// (5 s + 5 s): the snapshot goes stale, and a write made meanwhile
+/// arrives after the heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_watch_is_found_out_by_progress_requests() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    let cut = Cut::start(etcd.endpoint.clone()).await;
+    let via_cut: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&cut.addr))
+            .await
+            .expect("connect via cut"),
+    );
+    put_service(&direct, "a").await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let r = Reflector::spawn(via_cut, cancel.clone());
+    r.synced().await;
+    let rev = put_endpoint(&direct, "a", "n1", "e0", 1).await;
+    wait_for(&r, "watching", |s| s.revision >= rev).await;
+    // Quiet for several probe periods: progress answers keep it fresh.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        r.snapshot().stale_since_ms.is_none(),
+        "an idle watch stays fresh"
+    );
+
+    cut.set_silent(true);
+    let t = std::time::Instant::now();
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    // Bound, not a measurement: 1 s idle + 2 s unanswered = 3 s; the
+    // keep-alive alone cannot notice before 5 s (its ping timeout), 5-10 s
+    // after the cut.
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stale only after {:?}",
+        t.elapsed()
+    );
+    let rev = put_endpoint(&direct, "a", "n1", "e1", 2).await;
+    cut.set_silent(false);
+    let snap = wait_for(&r, "fresh again", |s| {
+        s.stale_since_ms.is_none() && s.revision >= rev
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+}
+
 /// Captures log output for one current-thread test.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pier_model::Name;
@@ -18,14 +18,13 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::{
-    DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, POOL_IDLE_MAX, RELOAD_POLL, REPLY_OK,
-    REPLY_TIMEOUT, RefusalCode, encode_header,
+    DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, MeshStream, POOL_IDLE_MAX, RELOAD_POLL,
+    REPLY_OK, REPLY_TIMEOUT, ReadAhead, RefusalCode, encode_header,
 };
 use crate::tls::{self, FileStamps, MeshConfig};
 
@@ -67,7 +66,7 @@ impl ClientMetrics {
 
 struct Pooled {
     since: Instant,
-    stream: TlsStream<TcpStream>,
+    stream: MeshStream,
 }
 
 /// Dials other nodes' mesh ports. Cheap to clone; clones share the pool,
@@ -169,7 +168,23 @@ impl MeshConnector {
         peer: SocketAddr,
         peer_node: &Name,
         target: SocketAddr,
-    ) -> Result<TlsStream<TcpStream>, MeshError> {
+    ) -> Result<MeshStream, MeshError> {
+        self.connect_timed(peer, peer_node, target)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// [`MeshConnector::connect`], also returning how long the header →
+    /// reply round trip took: the peer's connect to the target plus one
+    /// network round trip, without this side's TCP and TLS handshakes. That
+    /// is the figure to compare endpoints by: the handshake costs depend on
+    /// whether a warm connection was at hand, not on the endpoint.
+    pub async fn connect_timed(
+        &self,
+        peer: SocketAddr,
+        peer_node: &Name,
+        target: SocketAddr,
+    ) -> Result<(MeshStream, Duration), MeshError> {
         self.inner.maybe_reload();
         let key = (peer, peer_node.clone());
         let r = self.connect_inner(&key, target).await;
@@ -189,11 +204,19 @@ impl MeshConnector {
         r
     }
 
+    /// Start warming `pool_size` connections to a peer in the background,
+    /// e.g. as soon as one of its endpoints shows up, so that the first
+    /// proxied connection does not wait for a handshake. A no-op when the
+    /// pool is full, already filling, or off.
+    pub fn warm(&self, peer: SocketAddr, peer_node: &Name) {
+        self.refill((peer, peer_node.clone()));
+    }
+
     async fn connect_inner(
         &self,
         key: &PeerKey,
         target: SocketAddr,
-    ) -> Result<TlsStream<TcpStream>, MeshError> {
+    ) -> Result<(MeshStream, Duration), MeshError> {
         while let Some(stream) = self.inner.take_pooled(key) {
             match request(stream, key, target).await {
                 Ok(s) => {
@@ -286,7 +309,7 @@ impl MeshConnector {
 }
 
 impl Inner {
-    fn take_pooled(&self, key: &PeerKey) -> Option<TlsStream<TcpStream>> {
+    fn take_pooled(&self, key: &PeerKey) -> Option<MeshStream> {
         let mut pool = self.pool.lock().ok()?;
         let q = pool.get_mut(key)?;
         while let Some(p) = q.pop_front() {
@@ -297,7 +320,7 @@ impl Inner {
         None
     }
 
-    async fn handshake(&self, (peer, node): &PeerKey) -> Result<TlsStream<TcpStream>, MeshError> {
+    async fn handshake(&self, (peer, node): &PeerKey) -> Result<MeshStream, MeshError> {
         let name: ServerName<'static> =
             tls::node_server_name(node).map_err(|_| MeshError::ServerName(node.to_string()))?;
         let connector = TlsConnector::from(self.config.load_full());
@@ -313,7 +336,7 @@ impl Inner {
                 debug!(peer.addr = %peer, error = %e, "mesh: set_nodelay");
             }
             connector
-                .connect(name, tcp)
+                .connect(name, ReadAhead::new(tcp))
                 .await
                 .map_err(|source| MeshError::Handshake {
                     peer: *peer,
@@ -328,6 +351,11 @@ impl Inner {
                 peer: *peer,
                 node: node.to_string(),
             })??;
+        let mut stream = stream;
+        stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
         let kind = match stream.get_ref().1.handshake_kind() {
             Some(rustls::HandshakeKind::Resumed) => "resumed",
             _ => "full",
@@ -381,12 +409,13 @@ impl Inner {
     }
 }
 
-/// Send the header, wait for the reply byte.
+/// Send the header, wait for the reply byte; returns the stream and the
+/// round trip.
 async fn request(
-    mut stream: TlsStream<TcpStream>,
+    mut stream: MeshStream,
     (peer, node): &PeerKey,
     target: SocketAddr,
-) -> Result<TlsStream<TcpStream>, MeshError> {
+) -> Result<(MeshStream, Duration), MeshError> {
     let io = |source| MeshError::Io {
         peer: *peer,
         node: node.to_string(),
@@ -394,6 +423,7 @@ async fn request(
         source,
     };
     let header = encode_header(target);
+    let t0 = Instant::now();
     let fut = async {
         stream.write_all(&header).await.map_err(io)?;
         stream.flush().await.map_err(io)?;
@@ -409,7 +439,7 @@ async fn request(
             node: node.to_string(),
         })??;
     if code == REPLY_OK {
-        Ok(stream)
+        Ok((stream, t0.elapsed()))
     } else {
         Err(MeshError::Refused {
             peer: *peer,

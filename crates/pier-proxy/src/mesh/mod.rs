@@ -5,7 +5,8 @@
 //!   the peer verified as `peer_node` against the mesh CA; then the header
 //!   naming the target; then the peer's one-byte reply. Sessions resume
 //!   with TLS 1.3 tickets, and a small pool of pre-handshaken connections per
-//!   peer takes the handshake off the connect path.
+//!   peer takes the handshake off the connect path (the proxy warms a
+//!   peer's pool as soon as one of its endpoints appears).
 //! - [`MeshServer`] (listener): TLS 1.3 only, client certificate required.
 //!   The target must be a ready endpoint registered on this node in the
 //!   current snapshot; anything else is refused with a reply code and logged
@@ -28,9 +29,12 @@ mod server;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 pub use crate::tls::MeshConfig;
 pub use client::MeshConnector;
@@ -64,6 +68,114 @@ pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Warm connections kept per peer by default.
 pub const DEFAULT_POOL_SIZE: usize = 2;
+
+/// A mesh connection as the client side holds it, ready for payload.
+pub type MeshStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
+
+/// How many bytes of TLS records rustls may hold for sending (its default
+/// is 64 KiB): the copy loop hands over up to 256 KiB at once, and with
+/// room for all of it the records go out in one `writev`.
+pub(crate) const TLS_BUFFER_LIMIT: usize = 256 * 1024;
+
+/// How much [`ReadAhead`] reads at once: sixteen full TLS records.
+const READ_AHEAD: usize = 256 * 1024;
+
+/// A read-ahead buffer under a TLS stream. rustls asks the socket for at
+/// most 4 KiB at a time, so a 16 KiB record costs four or five `recv`s;
+/// through this, one `recv` of up to 256 KiB serves many records.
+///
+/// Unlike a `BufReader`, it holds no memory while the connection is idle or
+/// carries small messages: the buffer is allocated when a read fills the
+/// caller's buffer (more is likely waiting) and freed once a refill comes
+/// back short (the socket is drained).
+#[derive(Debug)]
+pub struct ReadAhead<S> {
+    inner: S,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl<S> ReadAhead<S> {
+    pub fn new(inner: S) -> Self {
+        ReadAhead {
+            inner,
+            buf: Vec::new(),
+            pos: 0,
+            end: 0,
+        }
+    }
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        if me.pos == me.end {
+            if me.buf.is_empty() {
+                // Straight into the caller's buffer; a full read says the
+                // socket had more: read ahead from the next call on.
+                let before = out.filled().len();
+                std::task::ready!(Pin::new(&mut me.inner).poll_read(cx, out))?;
+                let n = out.filled().len() - before;
+                if n > 0 && out.remaining() == 0 {
+                    me.buf = vec![0u8; READ_AHEAD];
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut me.buf);
+            std::task::ready!(Pin::new(&mut me.inner).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            me.pos = 0;
+            me.end = n;
+            if n == 0 {
+                return Poll::Ready(Ok(())); // EOF
+            }
+        }
+        let k = (me.end - me.pos).min(out.remaining());
+        out.put_slice(&me.buf[me.pos..me.pos + k]);
+        me.pos += k;
+        if me.pos == me.end && me.end < me.buf.len() {
+            // A short refill: the socket is drained, give the memory back.
+            me.buf = Vec::new();
+            me.pos = 0;
+            me.end = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// Why the server refused a target; the non-zero reply byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

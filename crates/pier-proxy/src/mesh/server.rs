@@ -12,7 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::ServerConfig;
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -22,15 +22,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
-    REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
+    REPLY_OK, ReadAhead, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
 };
 use crate::tls::{self, FileStamps, MeshConfig, ServerSessionState};
 
 type Labels = [(&'static str, &'static str); 1];
-
-/// rustls reads the socket 4 KiB at a time; a 64 KiB buffer under it turns
-/// four-plus reads per 16 KiB record into one read per several records.
-const READ_BUF: usize = 1 << 16;
 
 /// At most this many TLS handshakes run at once; more connections wait
 /// (within the handshake timeout). 256: a full handshake costs well under
@@ -327,12 +323,17 @@ impl Inner {
         };
         let acceptor = TlsAcceptor::from(self.config.load_full());
         let accepted = tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(BufReader::with_capacity(READ_BUF, tcp))) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp))) => r,
             _ = cancel.cancelled() => return,
         };
         drop(slot);
         let mut tls = match accepted {
-            Ok(Ok(s)) => s,
+            Ok(Ok(mut s)) => {
+                s.get_mut()
+                    .1
+                    .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
+                s
+            }
             Ok(Err(e)) => {
                 let reason = handshake_reason(&e);
                 self.metrics.refuse(reason);
@@ -419,7 +420,7 @@ impl Inner {
                 return;
             }
         };
-        let mut upstream = upstream;
+
         if let Err(e) = upstream.set_nodelay(true) {
             debug!(target = %target, error = %e, "mesh: set_nodelay");
         }
@@ -436,31 +437,47 @@ impl Inner {
         self.metrics.tunnels.inc();
         self.metrics.tunnels_active.inc();
         debug!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: tunnel open");
-        // 64 KiB per direction: four full TLS records per read.
-        let r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut upstream, 1 << 16, 1 << 16)
-            .await;
+        // Counted as they flow, so a long tunnel shows up while it lasts.
+        let to_target = self
+            .metrics
+            .bytes
+            .get_or_create_owned(&[("direction", "to_target")]);
+        let from_target = self
+            .metrics
+            .bytes
+            .get_or_create_owned(&[("direction", "from_target")]);
+        let r = crate::copy::copy_bidi(
+            tls,
+            upstream,
+            crate::copy::Counters {
+                svc: &to_target,
+                ep: None,
+            },
+            crate::copy::Counters {
+                svc: &from_target,
+                ep: None,
+            },
+        )
+        .await;
         self.metrics.tunnels_active.dec();
         match r {
-            Ok((to_target, from_target)) => {
-                self.metrics
-                    .bytes
-                    .get_or_create(&[("direction", "to_target")])
-                    .inc_by(to_target);
-                self.metrics
-                    .bytes
-                    .get_or_create(&[("direction", "from_target")])
-                    .inc_by(from_target);
-                debug!(peer.addr = %peer, target = %target, to_target, from_target, "mesh: tunnel closed");
+            Ok(()) => {
+                debug!(peer.addr = %peer, target = %target, "mesh: tunnel closed");
             }
-            Err(e) => {
-                debug!(peer.addr = %peer, target = %target, error = %e, "mesh: tunnel ended with an error");
+            Err((side, e)) => {
+                let side = if side == crate::Side::Downstream {
+                    "mesh peer"
+                } else {
+                    "target"
+                };
+                debug!(peer.addr = %peer, target = %target, side, error = %e, "mesh: tunnel ended with an error");
             }
         }
     }
 }
 
 async fn reply_refusal(
-    tls: &mut tokio_rustls::server::TlsStream<BufReader<TcpStream>>,
+    tls: &mut tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
     code: RefusalCode,
 ) {
     let r = async {

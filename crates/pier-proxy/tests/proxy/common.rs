@@ -152,7 +152,8 @@ pub fn start(cfg: ProxyConfig, initial: Arc<Snapshot>) -> Running {
 
 pub fn start_with_cidr(cfg: ProxyConfig, cidr: Cidr, initial: Arc<Snapshot>) -> Running {
     let (tx, rx) = watch::channel(initial);
-    let mut registry = prometheus_client::registry::Registry::default();
+    // As the daemon does: every name under `pier_`.
+    let mut registry = prometheus_client::registry::Registry::with_prefix("pier");
     let p = Proxy::new(cfg, node(), cidr, rx, None, &mut registry).unwrap();
     let problems = p.problems();
     let stats = p.stats();
