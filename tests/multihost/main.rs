@@ -14,6 +14,10 @@
 //!   from host 1 (packets dropped, as in a partition); host 1 reports itself
 //!   stale and keeps answering DNS and proxying with its last snapshot; a
 //!   service created meanwhile on host 2 reaches host 1 after the heal.
+//! - `replicas_spread_and_move_off_a_cut_host`: `pier run --replicas 3`
+//!   puts one pod on each host; a cut host's pod is replaced on the others
+//!   and the service keeps answering; after the heal the cut host removes
+//!   its orphaned container and the set stays at 3.
 //!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
@@ -407,5 +411,132 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
         Ok((c.nodes(2)?.get("h1") == Some(&true)).then_some(()))
     })
     .with_context(|| c.logs())?;
+    Ok(())
+}
+
+/// Host `i`'s view of replica set `rs`'s pods that are Running and ready:
+/// (pod, node).
+fn ready_pods(c: &Cluster, i: usize, rs: &str) -> Result<Vec<(String, String)>> {
+    let mut v: Vec<(String, String)> = c
+        .cli_json(i, &["get", "pods"])?
+        .iter()
+        .filter(|p| p["replicaset"] == rs && p["phase"] == "Running" && p["ready"] == true)
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["node"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// `pier run` on a 3-host cluster spreads the pods over the hosts; when a
+/// host is cut off, its pod is replaced on the others and the service keeps
+/// answering; after the heal, the cut host removes its orphaned container
+/// by itself and the set stays at its count.
+#[test]
+fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
+    let c = Cluster::start(3, 3)?;
+    c.run_client(1)?;
+    c.cli(
+        1,
+        &[
+            "run",
+            "web",
+            "--image",
+            pier_tests::TEST_IMAGE,
+            "--port",
+            "8080",
+            "--replicas",
+            "3",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    )?;
+    c.cli(1, &["expose", "rs", "web", "--port", "8080"])?;
+    let pods = eventually(Duration::from_secs(30), "3 ready pods", || {
+        let p = ready_pods(&c, 1, "web")?;
+        Ok((p.len() == 3).then_some(p))
+    })
+    .with_context(|| c.logs())?;
+    let mut nodes: Vec<&str> = pods.iter().map(|p| p.1.as_str()).collect();
+    nodes.sort();
+    ensure!(
+        nodes == ["h1", "h2", "h3"],
+        "pods not spread over the hosts: {pods:?}"
+    );
+    let names = |v: &[(String, String)]| -> std::collections::BTreeSet<String> {
+        v.iter().map(|p| p.0.clone()).collect()
+    };
+    let all = names(&pods);
+    eventually(Duration::from_secs(20), "every pod answers", || {
+        let got = c.requests(1, &fqdn("web"), 30)?;
+        ensure!(count(&got, "FAIL") == 0, "requests failed: {got:?}");
+        let seen: std::collections::BTreeSet<String> = got.into_iter().collect();
+        Ok((seen == all).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    let on_h3 = pods
+        .iter()
+        .find(|p| p.1 == "h3")
+        .map(|p| p.0.clone())
+        .context("a pod on h3")?;
+
+    // Cut host 3: its pod is replaced on host 1 or 2.
+    c.topo.cut(3)?;
+    let cut_at = Instant::now();
+    let after = eventually(
+        Duration::from_secs(60),
+        "3 ready pods again, none on h3",
+        || {
+            let p = ready_pods(&c, 1, "web")?;
+            Ok((p.len() == 3 && p.iter().all(|x| x.1 != "h3")).then_some(p))
+        },
+    )
+    .with_context(|| c.logs())?;
+    eprintln!(
+        "replacement for {on_h3} ready {:?} after the cut: {after:?}",
+        cut_at.elapsed()
+    );
+    let now = names(&after);
+    ensure!(!now.contains(&on_h3), "{on_h3} still listed: {after:?}");
+    eventually(Duration::from_secs(20), "the new set answers", || {
+        let got = c.requests(1, &fqdn("web"), 30)?;
+        ensure!(count(&got, "FAIL") == 0, "requests failed: {got:?}");
+        let seen: std::collections::BTreeSet<String> = got.into_iter().collect();
+        Ok((seen == now).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+
+    // Heal: host 3 finds its pod gone from the store and removes the
+    // container it kept running while cut off; the set stays at 3.
+    c.topo.heal(3)?;
+    let orphan_gone = |c: &Cluster| -> Result<bool> {
+        let out = c.topo.host(3).docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=pier.pod={on_h3}"),
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    };
+    eventually(
+        Duration::from_secs(60),
+        "h3 removes its orphaned container",
+        || Ok(orphan_gone(&c)?.then_some(())),
+    )
+    .with_context(|| c.logs())?;
+    eventually(Duration::from_secs(30), "h3 back, set still at 3", || {
+        let nodes = c.nodes(1)?;
+        let p = ready_pods(&c, 1, "web")?;
+        Ok((nodes.get("h3") == Some(&true) && p.len() == 3).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    let pods = c.cli_json(1, &["get", "pods"])?;
+    let web = pods.iter().filter(|p| p["replicaset"] == "web").count();
+    ensure!(web == 3, "the set must hold exactly 3 pods: {pods:?}");
     Ok(())
 }
