@@ -19,6 +19,11 @@ for applet in $("$BUSYBOX" --list); do
 done
 echo 'root:x:0:0:root:/:/bin/sh' > "$root/etc/passwd"
 echo 'root:x:0:' > "$root/etc/group"
+# The static busybox links glibc: without these its wget crashes in NSS
+# (getservbyname) and name lookups have no sources. (Its `wget -T` crashes
+# regardless: leave -T out.)
+printf 'hosts: files dns\nservices: files\n' > "$root/etc/nsswitch.conf"
+printf 'http 80/tcp\nhttps 443/tcp\n' > "$root/etc/services"
 chmod 1777 "$root/tmp"
 tar -C "$root" -c . | docker import \
   -c 'ENV PATH=/bin' \

@@ -302,8 +302,8 @@ key = "{certs}/node-key.pem"
 
     /// `n` sequential HTTP GETs of `http://<name>:8080/` from the client
     /// container on host `i`: each resolves `name` with the container's
-    /// resolver (pier's DNS VIP), then sends the request with `nc` (the
-    /// static busybox `wget` crashes in glibc's NSS). The bodies, with
+    /// resolver (pier's DNS VIP) with `nslookup`, then sends the request
+    /// with `nc -w 3` (busybox's `wget -T` crashes). The bodies, with
     /// `FAIL` for a failed request. One `docker exec`, bounded by `n`.
     pub fn requests(&self, i: usize, name: &str, n: u32) -> Result<Vec<String>> {
         let script = format!(

@@ -4,7 +4,9 @@
 //!
 //! - `remote_pods_security_and_host_cut`: a client container on host 1
 //!   reaches, by DNS name and VIP, a service whose pods run only on hosts 2
-//!   and 3 (through the mTLS mesh), and the load is spread over both; the
+//!   and 3 (through the mTLS mesh), and the load is spread over both; a
+//!   service that prefers local endpoints stays on host 1's pod while it is
+//!   ready and falls back to host 2's; the
 //!   mesh refuses a foreign certificate, plaintext, and targets that are not
 //!   ready endpoints of its node, logging each with the peer's address;
 //!   host 3 is cut off the switch, its endpoints leave host 1's snapshot,
@@ -119,12 +121,66 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
         h2 >= 15 && h3 >= 15,
         "load not spread over hosts 2 and 3: h2 {h2}, h3 {h3}"
     );
+    // As the README shows a user: a container whose resolver is pier's, a
+    // short name through the search path, wget.
+    let out = c.topo.host(1).docker(&[
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "--label",
+        &format!("pier.test-run={}", c.label),
+        "--dns",
+        &format!("10.213.{}.10", c.octet),
+        "--dns-search",
+        "default.svc.pier.internal",
+        pier_tests::TEST_IMAGE,
+        "wget",
+        "-qO-",
+        "http://web:8080/",
+    ])?;
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        body == "web-h2" || body == "web-h3",
+        "wget http://web:8080/ from a container on h1: {body:?}"
+    );
     let m = c.metrics(1)?;
     ensure!(
         m.lines()
             .any(|l| l.contains("mesh_client_connects") && l.contains("result=\"ok\"")),
         "the mesh hop is not visible in h1's metrics:\n{m}"
     );
+
+    // --- Prefer local endpoints -------------------------------------------
+    // `near` has a pod on h1 and one on h2, and prefers local endpoints:
+    // h1's clients stay on h1 while its pod is ready, then go to h2.
+    for (i, pod) in [(1, "near-h1"), (2, "near-h2")] {
+        c.run_labelled(
+            i,
+            pod,
+            &[
+                ("pier.service", "near"),
+                ("pier.port", "8080"),
+                ("pier.prefer-local", "true"),
+            ],
+            &[],
+        )?;
+    }
+    eventually(Duration::from_secs(30), "h1 sees near on h1 and h2", || {
+        Ok((c.ready_endpoints(1, "near")?.len() == 2).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    let got = c.requests(1, &fqdn("near"), 20)?;
+    ensure!(
+        count(&got, "near-h1") == 20,
+        "a service that prefers local endpoints must stay on h1: {got:?}"
+    );
+    c.topo.host(1).docker(&["stop", "-t", "1", "near-h1"])?;
+    eventually(Duration::from_secs(20), "near falls back to h2", || {
+        let got = c.requests(1, &fqdn("near"), 10)?;
+        Ok((count(&got, "near-h2") == 10).then_some(()))
+    })
+    .with_context(|| c.logs())?;
 
     // --- Security: the mesh is not an open relay -------------------------
     let certs1 = c.topo.host(1).dir.join("certs");

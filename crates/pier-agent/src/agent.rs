@@ -1052,7 +1052,7 @@ fn auto_service(name: &Name, spec: &Spec) -> Service {
         static_endpoints: Vec::new(),
         lb: Default::default(),
         proxy_protocol: false,
-        prefer_local: false,
+        prefer_local: spec.prefer_local,
         drain_timeout_ms: None,
         health: None,
         sla: None,

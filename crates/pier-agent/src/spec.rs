@@ -32,6 +32,9 @@ pub(crate) struct Spec {
     pub pod: Option<Name>,
     /// From `pier.node`.
     pub node: Option<Name>,
+    /// From `pier.prefer-local` (`true`/`false`, default false): used when
+    /// the agent creates the service.
+    pub prefer_local: bool,
 }
 
 /// A label that does not parse.
@@ -130,6 +133,11 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
                 .map_err(|e| bad(labels::HEALTH, v, e))
         })
         .transpose()?;
+    let prefer_local = match l.get(labels::PREFER_LOCAL).map(|v| v.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => return Err(bad(labels::PREFER_LOCAL, v, "write true or false")),
+    };
     let spec = Spec {
         service,
         namespace,
@@ -141,6 +149,7 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
         unhealthy: number(l, labels::HEALTH_UNHEALTHY)?,
         pod,
         node,
+        prefer_local,
     };
     for (label, v) in [
         (labels::HEALTH_INTERVAL, spec.interval_ms),
@@ -231,6 +240,20 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn prefer_local_label() {
+        let base = [("pier.service", "web"), ("pier.port", "80")];
+        assert!(!parse(&lbl(&base)).unwrap().prefer_local);
+        let mut on = base.to_vec();
+        on.push(("pier.prefer-local", "true"));
+        assert!(parse(&lbl(&on)).unwrap().prefer_local);
+        let mut bad_value = base.to_vec();
+        bad_value.push(("pier.prefer-local", "yes"));
+        let e = parse(&lbl(&bad_value)).unwrap_err();
+        assert_eq!(e.label, "pier.prefer-local");
+        assert!(e.to_string().contains("true or false"), "{e}");
     }
 
     #[test]

@@ -995,7 +995,7 @@ async fn expose(
         static_endpoints: vec![],
         lb: Default::default(),
         proxy_protocol: false,
-        prefer_local: false,
+        prefer_local: req.prefer_local,
         drain_timeout_ms: None,
         health: None,
         sla: None,

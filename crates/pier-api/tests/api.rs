@@ -390,6 +390,39 @@ async fn pods_merge_their_status_and_delete_removes_the_key() {
 }
 
 #[tokio::test]
+async fn expose_can_prefer_local_endpoints() {
+    let h = Harness::start().await;
+    let c = &h.client;
+    c.create_replicaset(&rs("near", 1)).await.unwrap();
+    let req = |name: &str, prefer_local: bool| ExposeRequest {
+        name: Some(n(name)),
+        port: PortNum::new(8080).unwrap(),
+        target_port: None,
+        service_type: ServiceType::ClusterIP,
+        node_port: None,
+        prefer_local,
+    };
+    let near = c
+        .expose_replicaset(&ns(), &n("near"), &req("near", true))
+        .await
+        .unwrap();
+    assert!(near.prefer_local);
+    let any = c
+        .expose_replicaset(&ns(), &n("near"), &req("any", false))
+        .await
+        .unwrap();
+    assert!(!any.prefer_local);
+    // Stored as such: what every node's proxy reads.
+    let listed = c.list_services(None).await.unwrap();
+    let flags: Vec<(String, bool)> = listed
+        .iter()
+        .map(|s| (s.name.to_string(), s.prefer_local))
+        .collect();
+    assert!(flags.contains(&("near".into(), true)), "{flags:?}");
+    assert!(flags.contains(&("any".into(), false)), "{flags:?}");
+}
+
+#[tokio::test]
 async fn services_expose_external_endpoints_and_delete() {
     let h = Harness::start().await;
     let c = &h.client;
@@ -404,6 +437,7 @@ async fn services_expose_external_endpoints_and_delete() {
                 target_port: None,
                 service_type: ServiceType::NodePort,
                 node_port: None,
+                prefer_local: false,
             },
         )
         .await
@@ -452,6 +486,7 @@ async fn services_expose_external_endpoints_and_delete() {
                 target_port: Some(PortNum::new(9090).unwrap()),
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
+                prefer_local: false,
             },
         )
         .await
@@ -468,6 +503,7 @@ async fn services_expose_external_endpoints_and_delete() {
                 target_port: None,
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
+                prefer_local: false,
             },
         )
         .await
@@ -483,6 +519,7 @@ async fn services_expose_external_endpoints_and_delete() {
                 target_port: None,
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
+                prefer_local: false,
             },
         )
         .await

@@ -192,6 +192,10 @@ pub struct ExposeRequest {
     /// An explicit node port for a NodePort service; allocated when absent.
     #[serde(default)]
     pub node_port: Option<PortNum>,
+    /// Each host's proxy uses that host's own ready endpoints when it has
+    /// any, and the others' only when it has none.
+    #[serde(default)]
+    pub prefer_local: bool,
 }
 
 /// Something wrong with an object, reported by a subsystem (the proxy's

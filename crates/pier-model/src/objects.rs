@@ -35,6 +35,10 @@ pub mod labels {
     pub const HEALTH_HEALTHY: &str = "pier.health.healthy-threshold";
     /// Consecutive failures before unready.
     pub const HEALTH_UNHEALTHY: &str = "pier.health.unhealthy-threshold";
+    /// `true`: the auto-created service sends each host's clients to that
+    /// host's own ready endpoints when it has any (the service's
+    /// `prefer_local`). Read when the agent creates the service.
+    pub const PREFER_LOCAL: &str = "pier.prefer-local";
     /// Set by pier on the containers it starts: the pod name.
     pub const POD: &str = "pier.pod";
     /// Set by pier on the containers it starts: the replica set.

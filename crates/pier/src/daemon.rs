@@ -135,6 +135,9 @@ fn build_config(args: &AgentArgs) -> Result<Config, String> {
             cfg.network.service_cidr
         ));
     }
+    // The mesh files last: a missing, expired or foreign certificate stops
+    // the agent here, before anything is bound.
+    cfg.check_mesh().map_err(|e| e.0)?;
     Ok(cfg)
 }
 

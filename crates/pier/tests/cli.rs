@@ -382,6 +382,24 @@ async fn the_demo_flow_with_tables_and_json() {
     assert!((30000..=30010).contains(&np), "{j}");
     assert_eq!(j[0]["ports"][0]["name"], "p8080");
     assert_eq!(j[0]["ports"][0]["target_port"], 8080);
+    assert_eq!(j[0]["prefer_local"], false, "{j}");
+    // --prefer-local reaches the stored service.
+    let o = a
+        .pier(&[
+            "expose",
+            "rs",
+            "kube-demo",
+            "--port",
+            "9090",
+            "--name",
+            "near",
+            "--prefer-local",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "near", "-o", "json"]).await;
+    let near: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert_eq!(near[0]["prefer_local"], true, "{near}");
     let o = a.pier(&["get", "svc"]).await;
     let lines: Vec<Vec<&str>> = o
         .stdout

@@ -59,6 +59,25 @@ pub enum Command {
     },
 }
 
+// `-n/--namespace NS`, shared by every command that takes a namespace.
+#[derive(Debug, clap::Args)]
+pub struct NamespaceArg {
+    #[arg(
+        short = 'n',
+        long = "namespace",
+        default_value = "default",
+        value_name = "NS"
+    )]
+    namespace: String,
+}
+
+impl NamespaceArg {
+    /// The namespace, validated (a bad one is a usage error).
+    fn get(&self) -> Result<Namespace> {
+        Namespace::new(&self.namespace).or_else(|e| usage(format!("--namespace: {e}")))
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct WaitArgs {
     /// Block until the pods are ready.
@@ -88,13 +107,8 @@ pub struct RunArgs {
     /// A container label, K=V; repeat for more.
     #[arg(long = "label", value_name = "K=V")]
     labels: Vec<String>,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
     #[command(flatten)]
     wait: WaitArgs,
     /// The command and its arguments, after `--`; the image's own by default.
@@ -129,13 +143,12 @@ pub struct ExposeRsArgs {
     /// The service's name; the replica set's by default.
     #[arg(long = "name", value_name = "SVC")]
     service_name: Option<String>,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    /// Each host sends its clients to its own ready pods when it has any,
+    /// to other hosts' pods only when it has none.
+    #[arg(long)]
+    prefer_local: bool,
+    #[command(flatten)]
+    namespace: NamespaceArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -148,13 +161,8 @@ pub struct ExposeExternalArgs {
     /// An endpoint, HOST:PORT; repeat for more.
     #[arg(long = "endpoint", value_name = "HOST:PORT", required = true)]
     endpoints: Vec<String>,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,13 +174,8 @@ pub struct ScaleArgs {
     /// The new replica count, 0 to 1000.
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     replicas: String,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
     #[command(flatten)]
     wait: WaitArgs,
 }
@@ -183,13 +186,8 @@ pub struct GetArgs {
     resource: String,
     /// One object (for endpoints: one service's).
     name: Option<String>,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
     /// Every namespace.
     #[arg(short = 'A', long)]
     all_namespaces: bool,
@@ -206,13 +204,8 @@ pub struct DescribeArgs {
     /// node, rs, pod or svc.
     kind: String,
     name: String,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
 }
 
 #[derive(Debug, clap::Args)]
@@ -220,13 +213,8 @@ pub struct DeleteArgs {
     /// pod, rs or svc.
     kind: String,
     name: String,
-    #[arg(
-        short = 'n',
-        long = "namespace",
-        default_value = "default",
-        value_name = "NS"
-    )]
-    namespace: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -269,10 +257,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn name_arg(what: &str, s: &str) -> Result<Name> {
     Name::new(s).or_else(|e| usage(format!("{what}: {e}")))
-}
-
-fn ns_arg(s: &str) -> Result<Namespace> {
-    Namespace::new(s).or_else(|e| usage(format!("--namespace: {e}")))
 }
 
 fn port_arg(flag: &str, s: &str) -> Result<PortNum> {
@@ -349,7 +333,7 @@ async fn dispatch(server: &str, cmd: Command) -> Result<()> {
 
 async fn run_cmd(server: &str, a: RunArgs) -> Result<()> {
     let name = name_arg("replica set name", &a.name)?;
-    let namespace = ns_arg(&a.namespace)?;
+    let namespace = a.namespace.get()?;
     let replicas = replicas_arg(&a.replicas)?;
     if a.image.trim().is_empty() {
         return usage("--image: must not be empty");
@@ -408,6 +392,15 @@ async fn run_cmd(server: &str, a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `VIP 10.213.0.5, port 80 -> 8080`, as `expose` and `create` print it.
+fn describe_vip_and_ports(svc: &Service) -> String {
+    let vip = svc
+        .vip
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "none".into());
+    format!("VIP {vip}, {}", describe_service_ports(svc))
+}
+
 fn describe_service_ports(svc: &Service) -> String {
     svc.ports
         .iter()
@@ -421,7 +414,7 @@ fn describe_service_ports(svc: &Service) -> String {
 
 async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
     let rs = name_arg("replica set name", &a.name)?;
-    let namespace = ns_arg(&a.namespace)?;
+    let namespace = a.namespace.get()?;
     let port = port_arg("--port", &a.port)?;
     let target_port = a
         .target_port
@@ -456,16 +449,14 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
                 target_port,
                 service_type,
                 node_port,
+                prefer_local: a.prefer_local,
             },
         )
         .await?;
     println!(
-        "service/{} exposed: VIP {}, {}",
+        "service/{} exposed: {}",
         svc.name,
-        svc.vip
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "none".into()),
-        describe_service_ports(&svc)
+        describe_vip_and_ports(&svc)
     );
     Ok(())
 }
@@ -489,7 +480,7 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
 
 async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
     let name = name_arg("service name", &a.name)?;
-    let namespace = ns_arg(&a.namespace)?;
+    let namespace = a.namespace.get()?;
     let port = port_arg("--port", &a.port)?;
     let mut eps = Vec::new();
     for e in &a.endpoints {
@@ -524,12 +515,9 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
     let c = client(server)?;
     let svc = c.create_service(&svc).await?;
     println!(
-        "service/{} created: VIP {}, {}, endpoints {}",
+        "service/{} created: {}, endpoints {}",
         svc.name,
-        svc.vip
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "none".into()),
-        describe_service_ports(&svc),
+        describe_vip_and_ports(&svc),
         svc.static_endpoints
             .iter()
             .map(|e| e.to_string())
@@ -547,7 +535,7 @@ async fn scale(server: &str, a: ScaleArgs) -> Result<()> {
         }
     }
     let name = name_arg("replica set name", &a.name)?;
-    let namespace = ns_arg(&a.namespace)?;
+    let namespace = a.namespace.get()?;
     let replicas = replicas_arg(&a.replicas)?;
     let c = client(server)?;
     c.scale_replicaset(
@@ -569,7 +557,7 @@ async fn scale(server: &str, a: ScaleArgs) -> Result<()> {
 async fn delete(server: &str, a: DeleteArgs) -> Result<()> {
     let kind = resource_arg(&a.kind)?;
     let name = name_arg(&format!("{} name", kind.singular()), &a.name)?;
-    let namespace = ns_arg(&a.namespace)?;
+    let namespace = a.namespace.get()?;
     let c = client(server)?;
     match kind {
         Resource::Pods => c.delete_pod(&namespace, &name).await?,
@@ -642,6 +630,75 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("soon").is_err());
+    }
+
+    /// `-n NS`, `--namespace NS`, `--namespace=NS` and the default, on
+    /// every command that takes a namespace.
+    #[test]
+    fn namespace_flag_on_every_namespaced_command() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            cmd: Command,
+        }
+        fn ns_of(args: &[&str]) -> String {
+            let cli = Cli::try_parse_from(std::iter::once("pier").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let ns = match cli.cmd {
+                Command::Run(a) => a.namespace,
+                Command::Expose {
+                    what: ExposeCmd::Rs(a),
+                } => a.namespace,
+                Command::Expose {
+                    what: ExposeCmd::External(a),
+                } => a.namespace,
+                Command::Scale(a) => a.namespace,
+                Command::Get(a) => a.namespace,
+                Command::Describe(a) => a.namespace,
+                Command::Delete(a) => a.namespace,
+                other => panic!("{other:?} takes no namespace"),
+            };
+            ns.get().expect("a valid namespace").to_string()
+        }
+        let commands: [&[&str]; 7] = [
+            &["run", "web", "--image", "httpd"],
+            &["expose", "rs", "web", "--port", "80"],
+            &[
+                "expose",
+                "external",
+                "db",
+                "--port",
+                "5432",
+                "--endpoint",
+                "10.0.0.1:5432",
+            ],
+            &["scale", "rs", "web", "--replicas", "2"],
+            &["get", "pods"],
+            &["describe", "rs", "web"],
+            &["delete", "svc", "web"],
+        ];
+        for c in commands {
+            assert_eq!(ns_of(c), "default", "{c:?}");
+            for flag in [
+                &["-n", "prod"][..],
+                &["--namespace", "prod"],
+                &["--namespace=prod"],
+            ] {
+                let args: Vec<&str> = c.iter().chain(flag).copied().collect();
+                assert_eq!(ns_of(&args), "prod", "{args:?}");
+            }
+        }
+        // `-A` stays get's own.
+        let cli = Cli::try_parse_from(["pier", "get", "pods", "-A", "-n", "x"]).unwrap();
+        assert!(matches!(
+            cli.cmd,
+            Command::Get(GetArgs {
+                all_namespaces: true,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["pier", "describe", "rs", "web", "-A"]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use pier_model::{Endpoint, Service, ServiceType};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{DescribeArgs, GetArgs, client, name_arg, ns_arg, resource_arg, usage};
+use super::{DescribeArgs, GetArgs, client, name_arg, resource_arg, usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -72,18 +72,91 @@ fn svc_ports(svc: &Service) -> String {
 }
 
 fn labels_str(l: &pier_model::Labels) -> String {
-    if l.is_empty() {
-        return "<none>".into();
+    or_none(
+        l.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// `<none>` for an empty cell.
+fn or_none(s: String) -> String {
+    if s.is_empty() { "<none>".into() } else { s }
+}
+
+fn ready_str(ready: bool) -> String {
+    if ready { "Ready" } else { "NotReady" }.into()
+}
+
+fn mesh_port_str(port: u16) -> String {
+    if port == 0 {
+        "<off>".into()
+    } else {
+        port.to_string()
     }
-    l.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
+}
+
+fn svc_type_str(t: ServiceType) -> String {
+    match t {
+        ServiceType::ClusterIP => "ClusterIP",
+        ServiceType::NodePort => "NodePort",
+    }
+    .into()
+}
+
+/// A row's first cells: the namespace (with `-A`), then `cells`.
+fn row<const N: usize>(
+    all_ns: bool,
+    ns: &pier_model::Namespace,
+    cells: [String; N],
+) -> Vec<String> {
+    let mut r = Vec::with_capacity(N + 1);
+    if all_ns {
+        r.push(ns.to_string());
+    }
+    r.extend(cells);
+    r
+}
+
+fn to_values<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<Value> {
+    items
+        .into_iter()
+        .map(|v| serde_json::to_value(v).expect("API objects serialize to JSON"))
+        .collect()
 }
 
 fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
     serde_json::from_value(v.clone())
         .context("the agent's answer does not have the expected fields")
+}
+
+/// One kind's table: its `columns`, plus `wide_columns` with `-o wide`; an
+/// object's `cells`, plus its `wide_cells` with `-o wide`.
+fn kind_table<T: DeserializeOwned>(
+    items: &[Value],
+    wide: bool,
+    header: &mut Vec<&'static str>,
+    columns: &[&'static str],
+    wide_columns: &[&'static str],
+    cells: impl Fn(&T) -> Vec<String>,
+    wide_cells: impl Fn(&T) -> Vec<String>,
+) -> Result<Vec<Vec<String>>> {
+    header.extend(columns);
+    if wide {
+        header.extend(wide_columns);
+    }
+    items
+        .iter()
+        .map(|v| {
+            let t: T = typed(v)?;
+            let mut r = cells(&t);
+            if wide {
+                r.extend(wide_cells(&t));
+            }
+            Ok(r)
+        })
+        .collect()
 }
 
 /// The header and one row per object.
@@ -97,18 +170,18 @@ fn table_rows(
     if all_ns && kind.namespaced() {
         header.push("NAMESPACE");
     }
-    let mut rows = Vec::new();
-    match kind {
-        Resource::Nodes => {
-            header.extend(["NAME", "STATUS", "ADDRESS", "PODS", "AGE", "VERSION"]);
-            if wide {
-                header.extend(["MESH-PORT", "LABELS"]);
-            }
-            for v in items {
-                let n: NodeView = typed(v)?;
-                let mut r = vec![
+    let h = &mut header;
+    let rows = match kind {
+        Resource::Nodes => kind_table(
+            items,
+            wide,
+            h,
+            &["NAME", "STATUS", "ADDRESS", "PODS", "AGE", "VERSION"],
+            &["MESH-PORT", "LABELS"],
+            |n: &NodeView| {
+                vec![
                     n.name.to_string(),
-                    if n.ready { "Ready" } else { "NotReady" }.into(),
+                    ready_str(n.ready),
                     n.addr.to_string(),
                     n.pods.to_string(),
                     age(n.started_at),
@@ -117,137 +190,105 @@ fn table_rows(
                     } else {
                         n.version.clone()
                     },
-                ];
-                if wide {
-                    r.push(if n.mesh_port == 0 {
-                        "<off>".into()
-                    } else {
-                        n.mesh_port.to_string()
-                    });
-                    r.push(labels_str(&n.labels));
-                }
-                rows.push(r);
-            }
-        }
-        Resource::ReplicaSets => {
-            header.extend(["NAME", "DESIRED", "CURRENT", "READY", "AGE"]);
-            if wide {
-                header.extend(["IMAGE", "PORTS"]);
-            }
-            for v in items {
-                let rs: ReplicaSetView = typed(v)?;
-                let mut r = Vec::new();
-                if all_ns {
-                    r.push(rs.namespace.to_string());
-                }
-                r.extend([
-                    rs.name.to_string(),
-                    rs.replicas.to_string(),
-                    rs.current.to_string(),
-                    rs.ready.to_string(),
-                    age(rs.created_at),
-                ]);
-                if wide {
-                    r.push(rs.template.image.clone());
-                    let ports: Vec<String> = rs
-                        .template
-                        .ports
-                        .iter()
-                        .map(|p| format!("{}:{}", p.name, p.port))
-                        .collect();
-                    r.push(if ports.is_empty() {
-                        "<none>".into()
-                    } else {
-                        ports.join(",")
-                    });
-                }
-                rows.push(r);
-            }
-        }
-        Resource::Pods => {
-            header.extend(["NAME", "READY", "STATUS", "RESTARTS", "AGE", "NODE", "IP"]);
-            if wide {
-                header.extend(["REPLICASET", "CONTAINER", "MESSAGE"]);
-            }
-            for v in items {
-                let p: PodView = typed(v)?;
-                let mut r = Vec::new();
-                if all_ns {
-                    r.push(p.namespace.to_string());
-                }
-                r.extend([
-                    p.name.to_string(),
-                    if p.ready { "1/1" } else { "0/1" }.into(),
-                    p.phase.to_string(),
-                    p.restarts.to_string(),
-                    age(p.started_at.unwrap_or(p.created_at)),
-                    p.node.to_string(),
-                    dash(p.ip),
-                ]);
-                if wide {
-                    r.push(p.replicaset.to_string());
-                    r.push(dash(
+                ]
+            },
+            |n| vec![mesh_port_str(n.mesh_port), labels_str(&n.labels)],
+        )?,
+        Resource::ReplicaSets => kind_table(
+            items,
+            wide,
+            h,
+            &["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+            &["IMAGE", "PORTS"],
+            |rs: &ReplicaSetView| {
+                row(
+                    all_ns,
+                    &rs.namespace,
+                    [
+                        rs.name.to_string(),
+                        rs.replicas.to_string(),
+                        rs.current.to_string(),
+                        rs.ready.to_string(),
+                        age(rs.created_at),
+                    ],
+                )
+            },
+            |rs| {
+                let ports: Vec<String> = rs
+                    .template
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}:{}", p.name, p.port))
+                    .collect();
+                vec![rs.template.image.clone(), or_none(ports.join(","))]
+            },
+        )?,
+        Resource::Pods => kind_table(
+            items,
+            wide,
+            h,
+            &["NAME", "READY", "STATUS", "RESTARTS", "AGE", "NODE", "IP"],
+            &["REPLICASET", "CONTAINER", "MESSAGE"],
+            |p: &PodView| {
+                row(
+                    all_ns,
+                    &p.namespace,
+                    [
+                        p.name.to_string(),
+                        if p.ready { "1/1" } else { "0/1" }.into(),
+                        p.phase.to_string(),
+                        p.restarts.to_string(),
+                        age(p.started_at.unwrap_or(p.created_at)),
+                        p.node.to_string(),
+                        dash(p.ip),
+                    ],
+                )
+            },
+            |p| {
+                vec![
+                    p.replicaset.to_string(),
+                    dash(
                         p.container_id
                             .as_deref()
                             .map(|c| c.chars().take(12).collect::<String>()),
-                    ));
-                    r.push(if p.message.is_empty() {
-                        "<none>".into()
-                    } else {
-                        p.message.clone()
-                    });
-                }
-                rows.push(r);
-            }
-        }
-        Resource::Services => {
-            header.extend(["NAME", "TYPE", "VIP", "PORT(S)", "AGE"]);
-            if wide {
-                header.extend(["SELECTOR", "STATIC-ENDPOINTS"]);
-            }
-            for v in items {
-                let s: Service = typed(v)?;
-                let mut r = Vec::new();
-                if all_ns {
-                    r.push(s.namespace.to_string());
-                }
-                r.extend([
-                    s.name.to_string(),
-                    match s.service_type {
-                        ServiceType::ClusterIP => "ClusterIP",
-                        ServiceType::NodePort => "NodePort",
-                    }
-                    .into(),
-                    s.vip
-                        .map(|v| v.to_string())
-                        .unwrap_or_else(|| "None".into()),
-                    svc_ports(&s),
-                    age(s.created_at),
-                ]);
-                if wide {
-                    r.push(labels_str(&s.selector));
-                    let st: Vec<String> =
-                        s.static_endpoints.iter().map(|e| e.to_string()).collect();
-                    r.push(if st.is_empty() {
-                        "<none>".into()
-                    } else {
-                        st.join(",")
-                    });
-                }
-                rows.push(r);
-            }
-        }
-        Resource::Endpoints => {
-            header.extend(["SERVICE", "POD", "NODE", "ADDRESS", "READY"]);
-            if wide {
-                header.extend(["ID", "HOSTNAME"]);
-            }
-            for v in items {
-                let e: Endpoint = typed(v)?;
-                let mut r = Vec::new();
-                if all_ns {
-                    r.push(e.namespace.to_string());
-                }
+                    ),
+                    or_none(p.message.clone()),
+                ]
+            },
+        )?,
+        Resource::Services => kind_table(
+            items,
+            wide,
+            h,
+            &["NAME", "TYPE", "VIP", "PORT(S)", "AGE"],
+            &["SELECTOR", "STATIC-ENDPOINTS"],
+            |s: &Service| {
+                row(
+                    all_ns,
+                    &s.namespace,
+                    [
+                        s.name.to_string(),
+                        svc_type_str(s.service_type),
+                        s.vip
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "None".into()),
+                        svc_ports(s),
+                        age(s.created_at),
+                    ],
+                )
+            },
+            |s| {
+                let st: Vec<String> = s.static_endpoints.iter().map(|e| e.to_string()).collect();
+                vec![labels_str(&s.selector), or_none(st.join(","))]
+            },
+        )?,
+        Resource::Endpoints => kind_table(
+            items,
+            wide,
+            h,
+            &["SERVICE", "POD", "NODE", "ADDRESS", "READY"],
+            &["ID", "HOSTNAME"],
+            |e: &Endpoint| {
                 let addr = if e.ports.is_empty() {
                     e.ip.to_string()
                 } else {
@@ -257,21 +298,21 @@ fn table_rows(
                         .collect::<Vec<_>>()
                         .join(",")
                 };
-                r.extend([
-                    e.service.to_string(),
-                    dash(e.pod.as_ref()),
-                    e.node.to_string(),
-                    addr,
-                    e.ready.to_string(),
-                ]);
-                if wide {
-                    r.push(e.id.to_string());
-                    r.push(dash(e.hostname.as_ref()));
-                }
-                rows.push(r);
-            }
-        }
-    }
+                row(
+                    all_ns,
+                    &e.namespace,
+                    [
+                        e.service.to_string(),
+                        dash(e.pod.as_ref()),
+                        e.node.to_string(),
+                        addr,
+                        e.ready.to_string(),
+                    ],
+                )
+            },
+            |e| vec![e.id.to_string(), dash(e.hostname.as_ref())],
+        )?,
+    };
     Ok((header, rows))
 }
 
@@ -309,7 +350,7 @@ pub async fn get(server: &str, a: GetArgs) -> Result<()> {
         .as_deref()
         .map(|n| name_arg(&format!("{} name", kind.singular()), n))
         .transpose()?;
-    let ns = ns_arg(&a.namespace)?;
+    let ns = a.namespace.get()?;
     let all_ns = a.all_namespaces || !kind.namespaced();
     let nsf = if all_ns { None } else { Some(&ns) };
     let c = client(server)?;
@@ -319,22 +360,11 @@ pub async fn get(server: &str, a: GetArgs) -> Result<()> {
     let items: Vec<Value> = match &name {
         None => c.list_raw(kind, nsf).await?,
         Some(n) => match kind {
-            Resource::Endpoints => c
-                .endpoints_of(&ns, n)
-                .await?
-                .iter()
-                .map(|e| serde_json::to_value(e).expect("endpoints serialize"))
-                .collect(),
-            Resource::Nodes => vec![serde_json::to_value(c.get_node(n).await?).expect("serialize")],
-            Resource::ReplicaSets => {
-                vec![serde_json::to_value(c.get_replicaset(&ns, n).await?).expect("serialize")]
-            }
-            Resource::Pods => {
-                vec![serde_json::to_value(c.get_pod(&ns, n).await?).expect("serialize")]
-            }
-            Resource::Services => {
-                vec![serde_json::to_value(c.get_service(&ns, n).await?).expect("serialize")]
-            }
+            Resource::Endpoints => to_values(c.endpoints_of(&ns, n).await?),
+            Resource::Nodes => to_values([c.get_node(n).await?]),
+            Resource::ReplicaSets => to_values([c.get_replicaset(&ns, n).await?]),
+            Resource::Pods => to_values([c.get_pod(&ns, n).await?]),
+            Resource::Services => to_values([c.get_service(&ns, n).await?]),
         },
     };
     match format {
@@ -406,7 +436,7 @@ async fn watch(
 pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
     let kind = resource_arg(&a.kind)?;
     let name = name_arg(&format!("{} name", kind.singular()), &a.name)?;
-    let ns = ns_arg(&a.namespace)?;
+    let ns = a.namespace.get()?;
     let c = client(server)?;
     let problems: Vec<String> = match kind {
         Resource::ReplicaSets | Resource::Services => c
@@ -424,16 +454,9 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
         Resource::Nodes => {
             let n = c.get_node(&name).await?;
             line("Name", n.name.to_string());
-            line("Status", if n.ready { "Ready" } else { "NotReady" }.into());
+            line("Status", ready_str(n.ready));
             line("Address", n.addr.to_string());
-            line(
-                "Mesh port",
-                if n.mesh_port == 0 {
-                    "<off>".into()
-                } else {
-                    n.mesh_port.to_string()
-                },
-            );
+            line("Mesh port", mesh_port_str(n.mesh_port));
             line("Labels", labels_str(&n.labels));
             line(
                 "Capacity",
@@ -444,13 +467,12 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
             );
             line("Version", n.version.clone());
             line("Age", age(n.started_at));
-            let pods: Vec<Value> = c
-                .list_pods(None)
-                .await?
-                .into_iter()
-                .filter(|p| p.node == name)
-                .map(|p| serde_json::to_value(p).expect("serialize"))
-                .collect();
+            let pods = to_values(
+                c.list_pods(None)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.node == name),
+            );
             print!("{out}");
             print_section("Pods", Resource::Pods, &pods, true)?;
         }
@@ -487,13 +509,12 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
             );
             line("Node selector", labels_str(&rs.placement.node_selector));
             line("Age", age(rs.created_at));
-            let pods: Vec<Value> = c
-                .list_pods(Some(&ns))
-                .await?
-                .into_iter()
-                .filter(|p| p.replicaset == name)
-                .map(|p| serde_json::to_value(p).expect("serialize"))
-                .collect();
+            let pods = to_values(
+                c.list_pods(Some(&ns))
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.replicaset == name),
+            );
             print!("{out}");
             print_section("Pods", Resource::Pods, &pods, false)?;
             print_problems(&problems);
@@ -511,28 +532,14 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
             line("Container", dash(p.container_id.clone()));
             line("Restarts", p.restarts.to_string());
             line("Started", age(p.started_at.unwrap_or(0)));
-            line(
-                "Message",
-                if p.message.is_empty() {
-                    "<none>".into()
-                } else {
-                    p.message.clone()
-                },
-            );
+            line("Message", or_none(p.message.clone()));
             print!("{out}");
         }
         Resource::Services => {
             let s = c.get_service(&ns, &name).await?;
             line("Name", s.name.to_string());
             line("Namespace", s.namespace.to_string());
-            line(
-                "Type",
-                match s.service_type {
-                    ServiceType::ClusterIP => "ClusterIP",
-                    ServiceType::NodePort => "NodePort",
-                }
-                .into(),
-            );
+            line("Type", svc_type_str(s.service_type));
             line(
                 "VIP",
                 s.vip
@@ -565,12 +572,7 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
                 );
             }
             line("Age", age(s.created_at));
-            let eps: Vec<Value> = c
-                .endpoints_of(&ns, &name)
-                .await?
-                .iter()
-                .map(|e| serde_json::to_value(e).expect("serialize"))
-                .collect();
+            let eps = to_values(c.endpoints_of(&ns, &name).await?);
             print!("{out}");
             print_section("Endpoints", Resource::Endpoints, &eps, false)?;
             print_problems(&problems);
@@ -610,6 +612,162 @@ fn print_problems(problems: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// Every kind's table, plain, wide and with `-A`, on fixed objects
+    /// (created_at 0, so AGE is `<unknown>`): the columns the CLI contract
+    /// promises, byte for byte.
+    #[test]
+    fn tables() {
+        let labels = json!({"app": "web", "tier": "front"});
+        let cases = [
+            (
+                Resource::Nodes,
+                vec![
+                    json!({"name": "n1", "addr": "10.0.0.1", "ready": true, "labels": labels,
+                           "mesh_port": 7443, "version": "0.1.0", "pods": 2}),
+                    json!({"name": "n2", "addr": "10.0.0.2", "ready": false}),
+                ],
+            ),
+            (
+                Resource::ReplicaSets,
+                vec![
+                    json!({"name": "web", "namespace": "prod", "replicas": 3, "current": 2,
+                           "ready": 1, "template": {"image": "httpd",
+                           "ports": [{"name": "http", "port": 8080}]}}),
+                    json!({"name": "db", "namespace": "default", "replicas": 0, "current": 0,
+                           "ready": 0, "template": {"image": "pg"}}),
+                ],
+            ),
+            (
+                Resource::Pods,
+                vec![
+                    json!({"name": "web-abcde", "namespace": "prod", "replicaset": "web",
+                           "node": "n1", "phase": "Running", "ready": true, "ip": "172.17.0.2",
+                           "container_id": "0123456789abcdef", "restarts": 1}),
+                    json!({"name": "web-fghij", "namespace": "prod", "replicaset": "web",
+                           "node": "n2", "phase": "Pending", "ready": false, "ip": null,
+                           "container_id": null, "message": "creating the container"}),
+                ],
+            ),
+            (
+                Resource::Services,
+                vec![
+                    json!({"name": "web", "namespace": "prod", "vip": "10.213.0.5",
+                           "type": "NodePort", "selector": labels,
+                           "ports": [{"name": "p80", "port": 80, "target_port": 8080,
+                                      "node_port": 30001}]}),
+                    json!({"name": "ext", "namespace": "default", "vip": null,
+                           "ports": [{"name": "p5432", "port": 5432, "target_port": 5432}],
+                           "static_endpoints": [{"ip": "192.0.2.7", "port": 5432}]}),
+                ],
+            ),
+            (
+                Resource::Endpoints,
+                vec![
+                    json!({"service": "web", "namespace": "prod", "node": "n1", "id": "0123456789ab",
+                           "pod": "web-abcde", "ip": "172.17.0.2",
+                           "ports": [{"name": "http", "port": 8080}], "ready": true}),
+                    json!({"service": "ext", "namespace": "default", "node": "n1",
+                           "id": "static-0", "hostname": "db.example", "ip": "192.0.2.7",
+                           "ports": [], "ready": false}),
+                ],
+            ),
+        ];
+        let mut out = String::new();
+        for (kind, items) in &cases {
+            for (wide, all_ns) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (header, rows) = table_rows(*kind, items, wide, all_ns).unwrap();
+                out.push_str(&format!("{kind} wide={wide} all={all_ns}\n"));
+                out.push_str(&render_table(&header, rows));
+                out.push('\n');
+            }
+        }
+        assert_eq!(out, EXPECTED_TABLES.trim_start(), "got:\n{out}");
+    }
+
+    const EXPECTED_TABLES: &str = r#"
+nodes wide=false all=false
+NAME   STATUS     ADDRESS    PODS   AGE         VERSION
+n1     Ready      10.0.0.1   2      <unknown>   0.1.0
+n2     NotReady   10.0.0.2   0      <unknown>   <unknown>
+nodes wide=true all=false
+NAME   STATUS     ADDRESS    PODS   AGE         VERSION     MESH-PORT   LABELS
+n1     Ready      10.0.0.1   2      <unknown>   0.1.0       7443        app=web,tier=front
+n2     NotReady   10.0.0.2   0      <unknown>   <unknown>   <off>       <none>
+nodes wide=false all=true
+NAME   STATUS     ADDRESS    PODS   AGE         VERSION
+n1     Ready      10.0.0.1   2      <unknown>   0.1.0
+n2     NotReady   10.0.0.2   0      <unknown>   <unknown>
+nodes wide=true all=true
+NAME   STATUS     ADDRESS    PODS   AGE         VERSION     MESH-PORT   LABELS
+n1     Ready      10.0.0.1   2      <unknown>   0.1.0       7443        app=web,tier=front
+n2     NotReady   10.0.0.2   0      <unknown>   <unknown>   <off>       <none>
+replicasets wide=false all=false
+NAME   DESIRED   CURRENT   READY   AGE
+web    3         2         1       <unknown>
+db     0         0         0       <unknown>
+replicasets wide=true all=false
+NAME   DESIRED   CURRENT   READY   AGE         IMAGE   PORTS
+web    3         2         1       <unknown>   httpd   http:8080
+db     0         0         0       <unknown>   pg      <none>
+replicasets wide=false all=true
+NAMESPACE   NAME   DESIRED   CURRENT   READY   AGE
+prod        web    3         2         1       <unknown>
+default     db     0         0         0       <unknown>
+replicasets wide=true all=true
+NAMESPACE   NAME   DESIRED   CURRENT   READY   AGE         IMAGE   PORTS
+prod        web    3         2         1       <unknown>   httpd   http:8080
+default     db     0         0         0       <unknown>   pg      <none>
+pods wide=false all=false
+NAME        READY   STATUS    RESTARTS   AGE         NODE   IP
+web-abcde   1/1     Running   1          <unknown>   n1     172.17.0.2
+web-fghij   0/1     Pending   0          <unknown>   n2     <none>
+pods wide=true all=false
+NAME        READY   STATUS    RESTARTS   AGE         NODE   IP           REPLICASET   CONTAINER      MESSAGE
+web-abcde   1/1     Running   1          <unknown>   n1     172.17.0.2   web          0123456789ab   <none>
+web-fghij   0/1     Pending   0          <unknown>   n2     <none>       web          <none>         creating the container
+pods wide=false all=true
+NAMESPACE   NAME        READY   STATUS    RESTARTS   AGE         NODE   IP
+prod        web-abcde   1/1     Running   1          <unknown>   n1     172.17.0.2
+prod        web-fghij   0/1     Pending   0          <unknown>   n2     <none>
+pods wide=true all=true
+NAMESPACE   NAME        READY   STATUS    RESTARTS   AGE         NODE   IP           REPLICASET   CONTAINER      MESSAGE
+prod        web-abcde   1/1     Running   1          <unknown>   n1     172.17.0.2   web          0123456789ab   <none>
+prod        web-fghij   0/1     Pending   0          <unknown>   n2     <none>       web          <none>         creating the container
+services wide=false all=false
+NAME   TYPE        VIP          PORT(S)        AGE
+web    NodePort    10.213.0.5   80:30001/TCP   <unknown>
+ext    ClusterIP   None         5432/TCP       <unknown>
+services wide=true all=false
+NAME   TYPE        VIP          PORT(S)        AGE         SELECTOR             STATIC-ENDPOINTS
+web    NodePort    10.213.0.5   80:30001/TCP   <unknown>   app=web,tier=front   <none>
+ext    ClusterIP   None         5432/TCP       <unknown>   <none>               192.0.2.7:5432
+services wide=false all=true
+NAMESPACE   NAME   TYPE        VIP          PORT(S)        AGE
+prod        web    NodePort    10.213.0.5   80:30001/TCP   <unknown>
+default     ext    ClusterIP   None         5432/TCP       <unknown>
+services wide=true all=true
+NAMESPACE   NAME   TYPE        VIP          PORT(S)        AGE         SELECTOR             STATIC-ENDPOINTS
+prod        web    NodePort    10.213.0.5   80:30001/TCP   <unknown>   app=web,tier=front   <none>
+default     ext    ClusterIP   None         5432/TCP       <unknown>   <none>               192.0.2.7:5432
+endpoints wide=false all=false
+SERVICE   POD         NODE   ADDRESS           READY
+web       web-abcde   n1     172.17.0.2:8080   true
+ext       <none>      n1     192.0.2.7         false
+endpoints wide=true all=false
+SERVICE   POD         NODE   ADDRESS           READY   ID             HOSTNAME
+web       web-abcde   n1     172.17.0.2:8080   true    0123456789ab   <none>
+ext       <none>      n1     192.0.2.7         false   static-0       db.example
+endpoints wide=false all=true
+NAMESPACE   SERVICE   POD         NODE   ADDRESS           READY
+prod        web       web-abcde   n1     172.17.0.2:8080   true
+default     ext       <none>      n1     192.0.2.7         false
+endpoints wide=true all=true
+NAMESPACE   SERVICE   POD         NODE   ADDRESS           READY   ID             HOSTNAME
+prod        web       web-abcde   n1     172.17.0.2:8080   true    0123456789ab   <none>
+default     ext       <none>      n1     192.0.2.7         false   static-0       db.example
+"#;
 
     #[test]
     fn ages() {

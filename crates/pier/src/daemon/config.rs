@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use pier_model::{Cidr, Labels, Name, Resources};
+use pier_proxy::tls::{self, TlsError};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -138,22 +139,81 @@ impl Config {
             )));
         }
         store_url(&self.store.url)?;
-        self.api
-            .validate()
-            .map_err(|e| ConfigError(format!("api: {e}")))?;
-        self.dns
-            .validate()
-            .map_err(|e| ConfigError(format!("dns: {e}")))?;
-        self.proxy
-            .validate()
-            .map_err(|e| ConfigError(format!("proxy: {e}")))?;
-        self.agent
-            .validate()
-            .map_err(|e| ConfigError(format!("agent: {e}")))?;
-        self.supervisor
-            .validate()
-            .map_err(|e| ConfigError(format!("supervisor: {e}")))?;
+        // Each subsystem's own checks, in section order; the first problem wins.
+        let sections = [
+            ("api", self.api.validate().map_err(|e| e.to_string())),
+            ("dns", self.dns.validate().map_err(|e| e.to_string())),
+            ("proxy", self.proxy.validate().map_err(|e| e.to_string())),
+            ("agent", self.agent.validate().map_err(|e| e.to_string())),
+            (
+                "supervisor",
+                self.supervisor.validate().map_err(|e| e.to_string()),
+            ),
+        ];
+        for (section, r) in sections {
+            r.map_err(|e| ConfigError(format!("{section}: {e}")))?;
+        }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Checks the `[mesh]` files as the mesh loads them at start: each one
+    /// present, the certificates valid now, the key matching the
+    /// certificate, and the certificate issued for this node. Separate from
+    /// [`Config::validate`] because it reads files: the agent runs it before
+    /// binding anything, so a bad certificate is a config error (exit 64).
+    pub fn check_mesh(&self) -> Result<(), ConfigError> {
+        let Some(m) = &self.mesh else {
+            return Ok(());
+        };
+        let node = self.node_name()?;
+        let make = format!(
+            "make this node's mesh files with `pier ca issue {node} --ca CA_DIR --out DIR` (ca.pem, node.pem, node-key.pem) and point [mesh] ca, cert and key at them"
+        );
+        for (field, path) in [("ca", &m.ca), ("cert", &m.cert), ("key", &m.key)] {
+            let problem = match std::fs::metadata(path) {
+                Ok(md) if md.is_file() => continue,
+                Ok(_) => "is not a file".to_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_owned(),
+                Err(e) => format!("cannot be read ({e})"),
+            };
+            return Err(ConfigError(format!(
+                "mesh.{field} {} {problem}; {make}",
+                path.display()
+            )));
+        }
+        let renew = format!("`pier ca issue {node} --ca CA_DIR --out DIR`");
+        let id = tls::load_identity(&m.ca, &m.cert, &m.key).map_err(|e| {
+            ConfigError(match e {
+                TlsError::Expired {
+                    path, not_after, ..
+                } if path == m.ca => format!(
+                    "mesh.ca {}: the mesh CA expired at {not_after}; make a new one with `pier ca init` and issue every node's certificate again",
+                    path.display()
+                ),
+                TlsError::Expired {
+                    path,
+                    not_after,
+                    now,
+                } => format!(
+                    "mesh.cert {}: the certificate expired at {not_after} (now {now}); renew it with {renew}",
+                    path.display()
+                ),
+                e @ TlsError::NotYetValid { .. } => format!("mesh: {e}"),
+                e => format!("mesh: {e}; {make}"),
+            })
+        })?;
+        tls::check_node(&id, &m.cert, &node).map_err(|e| {
+            ConfigError(match e {
+                TlsError::WrongNode { path, found, .. } => format!(
+                    "mesh.cert {}: the certificate is for node {found:?}, not this node {:?}; issue this node's with {renew}",
+                    path.display(),
+                    node.as_str()
+                ),
+                e => format!("mesh: {e}"),
+            })
+        })
     }
 }
 
@@ -199,7 +259,8 @@ pub fn store_url(url: &str) -> Result<StoreUrl, ConfigError> {
 mod tests {
     use super::*;
 
-    /// Every shipped example parses and validates.
+    /// Every shipped config parses and validates: config/*.toml as they
+    /// are, and docker/pier.toml as docker/compose.yaml runs it.
     #[test]
     fn shipped_examples_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config");
@@ -214,6 +275,112 @@ mod tests {
             }
         }
         assert!(n >= 1, "no example config found in {}", dir.display());
+        docker_config_as_compose_runs_it();
+    }
+
+    /// A compose volume `HOST:CONTAINER[:MODE]`, where HOST may be
+    /// `${VAR:-default}` (which has a colon of its own): the host path as
+    /// compose resolves it with VAR unset, and the container path.
+    fn compose_volume(v: &str) -> (String, String) {
+        let (host, rest) = match v.strip_prefix("${") {
+            Some(r) => {
+                let end = r.find('}').expect("closing brace");
+                let default = r[..end].split_once(":-").map_or("", |(_, d)| d);
+                (default.to_owned(), &r[end + 2..])
+            }
+            None => {
+                let (h, r) = v.split_once(':').expect("HOST:CONTAINER");
+                (h.to_owned(), r)
+            }
+        };
+        let container = rest.split(':').next().expect("container path");
+        (host, container.to_owned())
+    }
+
+    /// docker/pier.toml leaves the node name to `--node ${PIER_NODE}` and
+    /// names the mesh files under the directory compose mounts `$PIER_CERTS`
+    /// at. So: read compose.yaml's command and volumes, check that they
+    /// mount this file where `--config` looks and pass `--node`; load the
+    /// file, set the node as `--node host-a` does, validate; then issue
+    /// host-a's files with `pier ca issue`'s code into a temp dir standing
+    /// for the mounted one and check the mesh as the agent does at start.
+    fn docker_config_as_compose_runs_it() {
+        let docker = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker");
+        let compose: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+            &std::fs::read_to_string(docker.join("compose.yaml")).expect("compose.yaml"),
+        )
+        .expect("compose.yaml is YAML");
+        let svc = &compose["services"]["pier"];
+        let cmd: Vec<&str> = svc["command"]
+            .as_sequence()
+            .expect("command is a list")
+            .iter()
+            .map(|a| a.as_str().expect("string argument"))
+            .collect();
+        assert_eq!(cmd.first(), Some(&"agent"), "{cmd:?}");
+        let flag = |f: &str| {
+            let i = cmd.iter().position(|a| *a == f);
+            i.and_then(|i| cmd.get(i + 1).copied())
+                .unwrap_or_else(|| panic!("compose command has no {f} VALUE: {cmd:?}"))
+        };
+        let config_in = Path::new(flag("--config"));
+        assert!(flag("--node").starts_with("${PIER_NODE"), "{cmd:?}");
+        let vols: Vec<(String, String)> = svc["volumes"]
+            .as_sequence()
+            .expect("volumes is a list")
+            .iter()
+            .map(|v| compose_volume(v.as_str().expect("short volume syntax")))
+            .collect();
+        let mounted = |container: &Path| {
+            vols.iter()
+                .find(|(_, c)| container.starts_with(c))
+                .unwrap_or_else(|| panic!("compose mounts nothing at {}", container.display()))
+        };
+        let (host_cfg, _) = mounted(config_in);
+        let path = docker.join(host_cfg);
+        assert_eq!(
+            path.canonicalize().expect("the mounted config exists"),
+            docker
+                .join("pier.toml")
+                .canonicalize()
+                .expect("docker/pier.toml"),
+            "compose mounts another file at {}",
+            config_in.display()
+        );
+
+        let mut c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            c.node.name.is_none(),
+            "docker/pier.toml must leave the node name to --node"
+        );
+        c.node.name = Some("host-a".into());
+        c.validate()
+            .unwrap_or_else(|e| panic!("{} with --node host-a: {e}", path.display()));
+
+        // The mesh files, under the mounted certificates directory.
+        let mesh = c
+            .mesh
+            .as_mut()
+            .expect("docker/pier.toml has a [mesh] section");
+        let (_, certs_in) = mounted(&mesh.cert);
+        let certs_in = PathBuf::from(certs_in);
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (ca_dir, out) = (tmp.path().join("ca"), tmp.path().join("certs"));
+        tls::ca_init(&ca_dir).expect("ca init");
+        let node = Name::new("host-a").expect("name");
+        tls::ca_issue(&node, &ca_dir, &out, 1).expect("ca issue");
+        for p in [&mut mesh.ca, &mut mesh.cert, &mut mesh.key] {
+            let rel = p.strip_prefix(&certs_in).unwrap_or_else(|_| {
+                panic!(
+                    "{} is not under the mounted {}",
+                    p.display(),
+                    certs_in.display()
+                )
+            });
+            *p = out.join(rel);
+        }
+        c.check_mesh()
+            .unwrap_or_else(|e| panic!("{}'s [mesh] with issued files: {e}", path.display()));
     }
 
     #[test]
