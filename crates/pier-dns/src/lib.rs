@@ -23,9 +23,13 @@
 //!
 //! # Design: own loops over a pre-encoded zone, not hickory-server
 //!
-//! When the snapshot changes, a background task rebuilds the whole zone: a
-//! hash map from each lower-cased wire-format name to the encoded records of
-//! each of its types, compressed against the question at offset 12. A query
+//! The zone is a hash map (sharded, copy-on-write) from each lower-cased
+//! wire-format name to the encoded records of each of its types, compressed
+//! against the question at offset 12. When the snapshot changes, a
+//! background task re-encodes only the names of the services whose
+//! `Arc<Service>` or endpoint map changed, plus the PTR names at their old
+//! and new addresses, and swaps in the new zone ([`zone::ZoneUpdater`]; a
+//! full rebuild when over a quarter of the services changed). A query
 //! is then parsed in place (no allocation), the name lower-cased into a stack
 //! buffer, looked up, and answered by writing a 12-byte header, echoing the
 //! question exactly as asked (so 0x20-mixed case is preserved) and copying
@@ -241,6 +245,8 @@ pub struct DnsServer {
     shared: Arc<Shared>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     networks: watch::Receiver<Vec<Cidr>>,
+    /// Built in `new`, moved to the rebuild task by `serve`.
+    updater: Option<zone::ZoneUpdater>,
 }
 
 impl DnsServer {
@@ -266,7 +272,8 @@ impl DnsServer {
         };
         let metrics = metrics::Metrics::new(registry);
         let snap = snapshot.borrow_and_update().clone();
-        let z = zone::build(&snap, cfg.zone_params());
+        let updater = zone::ZoneUpdater::new(snap, cfg.zone_params());
+        let z = updater.zone();
         metrics.zone_names.set(z.names.len() as i64);
         let acl = Acl::new(
             cfg.allow_loopback,
@@ -274,7 +281,7 @@ impl DnsServer {
             &container_networks.borrow_and_update(),
         );
         let shared = Shared {
-            zone: Arc::new(ArcSwap::from_pointee(z)),
+            zone: Arc::new(ArcSwap::new(z)),
             acl: Arc::new(ArcSwap::from_pointee(acl)),
             fwd: forward::Forwarder {
                 upstreams,
@@ -290,6 +297,7 @@ impl DnsServer {
             shared: Arc::new(shared),
             snapshot,
             networks: container_networks,
+            updater: Some(updater),
         })
     }
 

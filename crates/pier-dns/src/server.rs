@@ -68,6 +68,7 @@ pub(crate) async fn serve(
         let shared = srv.shared.clone();
         let mut rx = srv.snapshot.clone();
         let params = srv.cfg.zone_params();
+        let mut updater = srv.updater.take();
         let cancel = cancel.clone();
         tracker.spawn(
             async move {
@@ -80,21 +81,35 @@ pub(crate) async fn serve(
                         }
                     }
                     let snap = rx.borrow_and_update().clone();
+                    let up = updater.take();
                     let params = params.clone();
                     let t0 = Instant::now();
-                    match tokio::task::spawn_blocking(move || zone::build(&snap, params)).await {
-                        Ok(z) => {
+                    match tokio::task::spawn_blocking(move || match up {
+                        Some(mut up) => {
+                            let kind = up.update(snap);
+                            (up, kind)
+                        }
+                        None => (zone::ZoneUpdater::new(snap, params), zone::UpdateKind::Full),
+                    })
+                    .await
+                    {
+                        Ok((up, kind)) => {
+                            let z = up.zone();
                             shared.metrics.zone_rebuilds.inc();
                             shared.metrics.zone_names.set(z.names.len() as i64);
                             debug!(
                                 names = z.names.len(),
                                 serial = z.serial,
+                                ?kind,
                                 took_us = t0.elapsed().as_micros() as u64,
-                                "zone rebuilt"
+                                "zone updated"
                             );
-                            shared.zone.store(Arc::new(z));
+                            shared.zone.store(z);
+                            updater = Some(up);
                         }
-                        Err(error) => warn!(%error, "zone rebuild failed"),
+                        // The updater is gone with the panic: the next
+                        // change builds the zone in full.
+                        Err(error) => warn!(%error, "zone update failed; the zone stays as it was"),
                     }
                 }
             }

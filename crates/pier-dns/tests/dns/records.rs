@@ -356,3 +356,73 @@ async fn removed_endpoint_leaves_srv_and_headless_answers_within_1s() -> Result<
     .await?;
     Ok(())
 }
+
+/// Copy-on-write snapshots, as the reflector publishes them: only the
+/// changed service's `Arc`s are new, so the server updates only its names.
+/// The PTRs must follow: the old VIP's and the unready pod's reverse names
+/// go away, the new VIP's appears, the other services' stay.
+#[tokio::test]
+async fn incremental_update_moves_ptrs_with_the_vip_and_endpoints() -> Result<()> {
+    let (s, e) = base_snapshot();
+    let snap = snapshot(7, &s, &e);
+    let t = TestServer::start(test_config(), snap.clone()).await?;
+    let mut next = snap.clone();
+    next.revision = 8;
+    let web = (
+        pier_model::Namespace::default(),
+        pier_model::Name::new("web")?,
+    );
+    {
+        let svcs = std::sync::Arc::make_mut(&mut next.services);
+        let w = svcs.get_mut(&web).expect("web");
+        std::sync::Arc::make_mut(w).vip = Some(ip("10.96.0.77"));
+        let eps = std::sync::Arc::make_mut(&mut next.endpoints);
+        let m = std::sync::Arc::make_mut(eps.get_mut(&web).expect("web endpoints"));
+        for ep in m.values_mut() {
+            if ep.id.as_str() == "aaaaaaaaaaa1" {
+                std::sync::Arc::make_mut(ep).ready = false;
+            }
+        }
+    }
+    assert!(std::sync::Arc::ptr_eq(
+        &snap.services[&(
+            pier_model::Namespace::new("prod")?,
+            pier_model::Name::new("db")?
+        )],
+        &next.services[&(
+            pier_model::Namespace::new("prod")?,
+            pier_model::Name::new("db")?
+        )],
+    ));
+    t.publish(next);
+    within(Duration::from_secs(1), || async {
+        Ok(dig(t.addr, &["+short", "-x", "10.96.0.77"]).await?.trim()
+            == "web.default.svc.pier.internal.")
+    })
+    .await?;
+    // Reverse names the zone no longer has are not ours: forwarded, to the
+    // test's dead upstream, hence SERVFAIL and no answer.
+    for gone in ["10.0.96.10.in-addr.arpa.", "2.0.18.172.in-addr.arpa."] {
+        let r = udp_query(t.addr, &query_msg(gone, RecordType::PTR, None)).await?;
+        assert_eq!(r.metadata.response_code, ResponseCode::ServFail, "{gone}");
+        assert!(r.answers.is_empty(), "{gone}: {:?}", r.answers);
+    }
+    let r = udp_query(
+        t.addr,
+        &query_msg("web-1.web.default.svc.pier.internal.", RecordType::A, None),
+    )
+    .await?;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    let r = udp_query(
+        t.addr,
+        &query_msg("web.default.svc.pier.internal.", RecordType::A, None),
+    )
+    .await?;
+    assert_eq!(ips(&r), vec![ip("10.96.0.77")]);
+    // Unchanged services answer as before.
+    let out = dig(t.addr, &["+short", "-x", "172.18.1.3"]).await?;
+    assert_eq!(out.trim(), "bbbbbbbbbbb2.db.prod.svc.pier.internal.");
+    let out = dig(t.addr, &["+short", "-x", "fd00::10"]).await?;
+    assert_eq!(out.trim(), "v6svc.default.svc.pier.internal.");
+    Ok(())
+}
