@@ -247,8 +247,9 @@ impl Drop for Cut {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_while_partitioned_arrive_after_resume() {
+/// A real etcd, a client straight to it, a [`Cut`] in front of it, and a
+/// store that goes through the cut.
+async fn partitionable_etcd() -> (EtcdServer, EtcdStore, Cut, Arc<dyn Store>) {
     let etcd = EtcdServer::start().expect("start etcd");
     let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
         .await
@@ -259,6 +260,12 @@ async fn writes_while_partitioned_arrive_after_resume() {
             .await
             .expect("connect via cut"),
     );
+    (etcd, direct, cut, via_cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_while_partitioned_arrive_after_resume() {
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
     put_service(&direct, "a").await;
     put_endpoint(&direct, "a", "n1", "e1", 1).await;
     let cancel = CancellationToken::new();
@@ -292,16 +299,7 @@ async fn writes_while_partitioned_arrive_after_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_partitioned_relists_without_loss_or_doubling() {
-    let etcd = EtcdServer::start().expect("start etcd");
-    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
-        .await
-        .expect("connect");
-    let cut = Cut::start(etcd.endpoint.clone()).await;
-    let via_cut: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(std::slice::from_ref(&cut.addr))
-            .await
-            .expect("connect via cut"),
-    );
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
     for s in ["a", "b", "c"] {
         put_service(&direct, s).await;
         for i in 0..3u8 {
@@ -360,16 +358,7 @@ async fn compaction_while_partitioned_relists_without_loss_or_doubling() {
 /// after the heal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_partition_is_seen_through_the_lease() {
-    let etcd = EtcdServer::start().expect("start etcd");
-    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
-        .await
-        .expect("connect");
-    let cut = Cut::start(etcd.endpoint.clone()).await;
-    let via_cut: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(std::slice::from_ref(&cut.addr))
-            .await
-            .expect("connect via cut"),
-    );
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
     put_service(&direct, "a").await;
     let cancel = CancellationToken::new();
     let _guard = cancel.clone().drop_guard();
@@ -416,16 +405,7 @@ async fn silent_partition_is_seen_through_the_lease() {
 /// arrives after the heal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_watch_is_found_out_by_progress_requests() {
-    let etcd = EtcdServer::start().expect("start etcd");
-    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
-        .await
-        .expect("connect");
-    let cut = Cut::start(etcd.endpoint.clone()).await;
-    let via_cut: Arc<dyn Store> = Arc::new(
-        EtcdStore::connect(std::slice::from_ref(&cut.addr))
-            .await
-            .expect("connect via cut"),
-    );
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
     put_service(&direct, "a").await;
     let cancel = CancellationToken::new();
     let _guard = cancel.clone().drop_guard();
