@@ -594,5 +594,34 @@ fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
     let pods = c.cli_json(1, &["get", "pods"])?;
     let web = pods.iter().filter(|p| p["replicaset"] == "web").count();
     ensure!(web == 3, "the set must hold exactly 3 pods: {pods:?}");
+
+    // A set that cannot run (its image is on no host): whichever host leads
+    // the supervisor, every host's `describe` shows the problem.
+    c.cli(
+        1,
+        &[
+            "run",
+            "ghost",
+            "--image",
+            "pier-test/absent:latest",
+            "--replicas",
+            "1",
+        ],
+    )?;
+    for i in 1..=3 {
+        let out = eventually(
+            Duration::from_secs(30),
+            &format!("h{i} describes ghost's problem"),
+            || {
+                let out = c.cli(i, &["describe", "rs", "ghost"])?;
+                let problems = out.split_once("Problems:").map(|x| x.1).unwrap_or("");
+                Ok(problems.contains("absent").then_some(out))
+            },
+        )
+        .with_context(|| c.cli(i, &["describe", "rs", "ghost"]).unwrap_or_default())?;
+        if i == 1 {
+            eprintln!("h1: pier describe rs ghost\n{out}");
+        }
+    }
     Ok(())
 }

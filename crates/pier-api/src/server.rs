@@ -558,6 +558,10 @@ fn metrics(inner: &Inner) -> Result<Response<Body>, Fail> {
     ))
 }
 
+/// This agent's own subsystems' problems (the proxy's node-port
+/// conflicts), then the cluster-wide ones every agent sees in its snapshot
+/// (the supervisor leader's replica-set reports); an identical report from
+/// both is listed once.
 fn problems(inner: &Inner) -> Vec<Problem> {
     let mut out = Vec::new();
     for rx in &inner.st.problems {
@@ -566,6 +570,19 @@ fn problems(inner: &Inner) -> Vec<Problem> {
                 namespace: ns.clone(),
                 name: name.clone(),
                 message: msg.clone(),
+            });
+        }
+    }
+    let snap = inner.st.snapshot.borrow().clone();
+    for ((ns, name), p) in snap.problems.iter() {
+        let dup = out
+            .iter()
+            .any(|o| &o.namespace == ns && &o.name == name && o.message == p.message);
+        if !dup {
+            out.push(Problem {
+                namespace: ns.clone(),
+                name: name.clone(),
+                message: p.message.clone(),
             });
         }
     }

@@ -34,6 +34,7 @@ pub mod prefix {
     pub const NODE_PORT_ALLOCS: &str = "/pier/v1/alloc/nodeport/";
     pub const STATS: &str = "/pier/v1/stats/";
     pub const ELECTIONS: &str = "/pier/v1/election/";
+    pub const PROBLEMS: &str = "/pier/v1/problems/";
 
     use crate::names::{Name, Namespace};
 
@@ -65,6 +66,8 @@ pub enum Key {
         node: Name,
     },
     Election(Name),
+    /// What keeps a replica set from its desired state.
+    Problem(Namespace, Name),
 }
 
 /// A key that is not in pier's schema.
@@ -98,6 +101,7 @@ impl fmt::Display for Key {
                 node,
             } => write!(f, "{STATS}{namespace}/{service}/{node}"),
             Key::Election(n) => write!(f, "{ELECTIONS}{n}"),
+            Key::Problem(ns, n) => write!(f, "{PROBLEMS}{ns}/{n}"),
         }
     }
 }
@@ -139,6 +143,7 @@ impl Key {
                 node: n(c)?,
             }),
             ["election", e] => Ok(Key::Election(n(e)?)),
+            ["problems", a, b] => Ok(Key::Problem(ns(a)?, n(b)?)),
             _ => Err(err("unknown kind or wrong number of parts")),
         }
     }
@@ -181,6 +186,10 @@ pub fn stats(ns: &Namespace, svc: &Name, node: &Name) -> String {
         node: node.clone(),
     }
     .to_string()
+}
+/// The supervisor's problem report for replica set `rs`.
+pub fn problem(ns: &Namespace, rs: &Name) -> String {
+    Key::Problem(ns.clone(), rs.clone()).to_string()
 }
 pub fn election(name: &Name) -> String {
     Key::Election(name.clone()).to_string()
@@ -226,6 +235,7 @@ mod tests {
                 node: c
             }),
             nm().prop_map(Key::Election),
+            (ns(), nm()).prop_map(|(a, b)| Key::Problem(a, b)),
         ]
     }
 

@@ -402,6 +402,18 @@ impl Default for Placement {
     }
 }
 
+/// `/pier/v1/problems/<ns>/<rs>`: what keeps a replica set from its desired
+/// state (an image missing on every node, no node that fits…). Written and
+/// deleted by the supervisor leader only, under its election lease, so a
+/// dead leader's reports go with it; every agent's API shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSetProblem {
+    pub message: String,
+    /// The node whose supervisor reported it.
+    pub reported_by: Name,
+}
+
 /// `/pier/v1/replicasets/<ns>/<rs>`: desired state, written by the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::names::{Name, Namespace};
-use crate::objects::{Endpoint, Node, Pod, PodStatus, ReplicaSet, Service};
+use crate::objects::{Endpoint, Node, Pod, PodStatus, ReplicaSet, ReplicaSetProblem, Service};
 
 /// `(namespace, name)`.
 pub type ObjectKey = (Namespace, Name);
@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub nodes: Arc<BTreeMap<Name, Arc<Node>>>,
     pub services: Arc<BTreeMap<ObjectKey, Arc<Service>>>,
     pub replicasets: Arc<BTreeMap<ObjectKey, Arc<ReplicaSet>>>,
+    /// The supervisor leader's problem reports, by replica set.
+    pub problems: Arc<BTreeMap<ObjectKey, Arc<ReplicaSetProblem>>>,
     pub pods: Arc<BTreeMap<ObjectKey, Arc<Pod>>>,
     pub pod_statuses: Arc<BTreeMap<ObjectKey, Arc<PodStatus>>>,
     /// Service `(namespace, name)` → its endpoints on every node.

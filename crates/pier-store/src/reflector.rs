@@ -406,6 +406,9 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
                 .or_default();
             Arc::make_mut(map).insert((node.clone(), id.clone()), Arc::new(v));
         }),
+        Key::Problem(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.problems).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
         Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => Ok(()),
     };
     if let Err(e) = ok {
@@ -425,6 +428,7 @@ fn remove(snap: &mut Snapshot, k: &Key) {
         Key::ReplicaSet(ns, n) => remove_obj(&mut snap.replicasets, ns, n),
         Key::Pod(ns, n) => remove_obj(&mut snap.pods, ns, n),
         Key::PodStatus(ns, n) => remove_obj(&mut snap.pod_statuses, ns, n),
+        Key::Problem(ns, n) => remove_obj(&mut snap.problems, ns, n),
         Key::Endpoint {
             namespace,
             service,

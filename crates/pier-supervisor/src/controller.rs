@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pier_model::{Name, ObjectKey, PodPhase, Snapshot, encode, keys};
-use pier_store::{Compare, Revision, StoreError, Ttl, Txn, TxnOp, election};
+use pier_model::{Name, ObjectKey, PodPhase, ReplicaSetProblem, Snapshot, encode, keys};
+use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp, election};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -110,7 +110,7 @@ pub(crate) async fn run(sup: Supervisor, cancel: CancellationToken) -> Result<()
             };
             tracing::info!(lease = %leadership.lease(), "leading the supervisor");
             sup.leader_tx.send_replace(true);
-            let mut leader = Leader::new(&sup, fence);
+            let mut leader = Leader::new(&sup, fence, leadership.lease());
             let stop = tokio::select! {
                 s = leader.lead(&cancel) => s,
                 _ = leadership.lost() => Ok(Stop::Lost("election lost".into())),
@@ -192,6 +192,11 @@ struct SetState {
 struct Leader<'a> {
     sup: &'a Supervisor,
     fence: (String, Revision),
+    /// The election lease: problem reports live under it.
+    lease: LeaseId,
+    /// Problems whose store report failed to be written or deleted; retried
+    /// at the set's next reconcile.
+    problems_unsynced: BTreeSet<ObjectKey>,
     rx: watch::Receiver<Arc<Snapshot>>,
     current: Arc<Snapshot>,
     dirty: BTreeMap<ObjectKey, &'static str>,
@@ -227,12 +232,14 @@ fn failed_backoff(failures: u32) -> Duration {
 }
 
 impl<'a> Leader<'a> {
-    fn new(sup: &'a Supervisor, fence: (String, Revision)) -> Self {
+    fn new(sup: &'a Supervisor, fence: (String, Revision), lease: LeaseId) -> Self {
         let mut rx = sup.snapshot.clone();
         let current = rx.borrow_and_update().clone();
         Leader {
             sup,
             fence,
+            lease,
+            problems_unsynced: BTreeSet::new(),
             rx,
             current: Arc::new(Snapshot::default()),
             dirty: BTreeMap::new(),
@@ -357,28 +364,67 @@ impl<'a> Leader<'a> {
         }
     }
 
-    fn set_problem(&mut self, key: &ObjectKey, problem: Option<String>) {
+    /// Records `key`'s problem (or its absence): in the local watch, and in
+    /// the store under the election lease (fenced), so that every agent's
+    /// API shows it. A failed store write is retried at the next reconcile.
+    async fn set_problem(&mut self, key: &ObjectKey, problem: Option<String>) {
         let changed = match (&problem, self.problems.get(key)) {
             (Some(p), Some(old)) => p != old,
             (None, None) => false,
             _ => true,
         };
-        if !changed {
+        if !changed && !self.problems_unsynced.contains(key) {
             return;
         }
-        match problem {
-            Some(p) => {
-                tracing::warn!(problem = %p, "replica set has a problem");
-                self.problems.insert(key.clone(), p);
+        if changed {
+            match &problem {
+                Some(p) => {
+                    tracing::warn!(problem = %p, "replica set has a problem");
+                    self.problems.insert(key.clone(), p.clone());
+                }
+                None => {
+                    tracing::info!("replica set problem resolved");
+                    self.problems.remove(key);
+                }
             }
-            None => {
-                tracing::info!("replica set problem resolved");
-                self.problems.remove(key);
+            self.sup
+                .problems_tx
+                .send_replace(Arc::new(self.problems.clone()));
+        }
+        let k = keys::problem(&key.0, &key.1);
+        let op = match &problem {
+            Some(p) => TxnOp::Put {
+                key: k,
+                value: encode(&ReplicaSetProblem {
+                    message: p.clone(),
+                    reported_by: self.sup.node.clone(),
+                }),
+                lease: Some(self.lease),
+            },
+            None => TxnOp::Delete { key: k },
+        };
+        let r = self
+            .sup
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(self.fence.0.clone(), self.fence.1)],
+                success: vec![op],
+                failure: vec![],
+            })
+            .await;
+        match r {
+            Ok(r) if r.succeeded => {
+                self.problems_unsynced.remove(key);
+            }
+            Ok(_) => {
+                // Not the leader any more: the election monitor stops us.
+                self.problems_unsynced.insert(key.clone());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the replica set's problem report failed; retrying");
+                self.problems_unsynced.insert(key.clone());
             }
         }
-        self.sup
-            .problems_tx
-            .send_replace(Arc::new(self.problems.clone()));
     }
 
     /// One reconcile of `key` on the current snapshot. `Some(stop)` when
@@ -433,7 +479,8 @@ impl<'a> Leader<'a> {
         if !plan.exists && plan.actions.is_empty() {
             self.sets.remove(key);
             self.timers.remove(key);
-            self.set_problem(key, None);
+            self.set_problem(key, None).await;
+            self.problems_unsynced.remove(key);
             tracing::debug!("replica set gone and no pods left");
             return None;
         }
@@ -497,7 +544,7 @@ impl<'a> Leader<'a> {
             }
         }
         let problem = (!problem.is_empty()).then(|| problem.join("; "));
-        self.set_problem(key, problem);
+        self.set_problem(key, problem).await;
 
         if plan.actions.is_empty() {
             tracing::debug!("nothing to do");

@@ -411,7 +411,6 @@ async fn run_config(cfg: Config) -> Result<()> {
         snapshot.clone(),
     )
     .context("starting the supervisor")?;
-    let sup_problems = supervisor.problems();
     tasks.spawn({
         let c = sup_cancel.clone();
         async move {
@@ -450,7 +449,9 @@ async fn run_config(cfg: Config) -> Result<()> {
             ("dns", dns_ready),
             ("proxy", proxy_ready),
         ],
-        problems: vec![proxy_problems, sup_problems],
+        // The supervisor's reports reach every agent's API through the
+        // store (`problems/…` keys in the snapshot); the proxy's are local.
+        problems: vec![proxy_problems],
     };
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
     {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use pier_model::{PodPhase, Resources};
 
 use crate::harness::*;
@@ -260,6 +260,27 @@ async fn no_feasible_node_reports_a_problem_then_recovers() -> Result<()> {
         "{p}"
     );
     ensure!(pods_of(&c.snapshot(), "gpu").is_empty());
+    // Every agent sees the report: it is in the store, under the leader's
+    // lease, so it is in everyone's snapshot.
+    let snap = c
+        .wait_for("the problem in the snapshot", WITHIN, |s| {
+            s.problems.contains_key(&key("gpu"))
+        })
+        .await?;
+    let stored = &snap.problems[&key("gpu")];
+    ensure!(
+        stored.message == p && stored.reported_by.as_str() == "a",
+        "{stored:?}"
+    );
+    let kv = c
+        .store
+        .get(&pier_model::keys::problem(&key("gpu").0, &key("gpu").1))
+        .await?
+        .context("the problem key")?;
+    ensure!(
+        kv.lease.is_some(),
+        "the report lives under the leader's lease"
+    );
     // Still alive and leading; a matching node fixes it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     ensure!(sup.task.as_ref().is_some_and(|t| !t.is_finished()) && sup.is_leader());
@@ -268,6 +289,10 @@ async fn no_feasible_node_reports_a_problem_then_recovers() -> Result<()> {
     c.wait_for("2 ready on g1", WITHIN, |s| all_ready(s, "gpu", 2))
         .await?;
     tokio::time::timeout(WITHIN, problems.wait_for(|p| !p.contains_key(&key("gpu")))).await??;
+    c.wait_for("the problem gone from the snapshot", WITHIN, |s| {
+        !s.problems.contains_key(&key("gpu"))
+    })
+    .await?;
     Ok(())
 }
 
