@@ -110,6 +110,12 @@ pub enum TlsError {
         "node name {0:?} cannot be a TLS server name (all digits or hex-like); rename the node to use the mesh"
     )]
     NodeName(String),
+    #[error("certificate {} was not issued by the mesh CA {}: {reason}", cert.display(), ca.display())]
+    NotFromCa {
+        cert: PathBuf,
+        ca: PathBuf,
+        reason: String,
+    },
     #[error("certificate {} is for {found:?}, not for this node {node:?}; issue one with `pier ca issue {node}`", path.display())]
     WrongNode {
         path: PathBuf,
@@ -541,6 +547,31 @@ pub fn check_node(
         });
     }
     Ok(())
+}
+
+/// Check that the identity's certificate chains to its mesh CA (the roots
+/// loaded from `ca_path`) and may act as a mesh client, exactly as a peer's
+/// mesh listener will check it: a certificate from another CA is a clear
+/// start-up error rather than refused handshakes later.
+pub fn check_issued_by_ca(id: &Identity, ca_path: &Path, cert_path: &Path) -> Result<(), TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .build()
+        .map_err(|source| TlsError::Verifier {
+            path: ca_path.to_owned(),
+            source,
+        })?;
+    verifier
+        .verify_client_cert(
+            &id.chain[0],
+            &id.chain[1..],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| TlsError::NotFromCa {
+            cert: cert_path.to_owned(),
+            ca: ca_path.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// Session state shared by every config built over a server's lifetime, so

@@ -209,6 +209,25 @@ async fn certificate_for_another_node_exits_64() {
     assert!(l.contains(&format!("pier ca issue {}", s.node)), "{l}");
 }
 
+#[tokio::test]
+async fn certificate_from_another_ca_exits_64() {
+    let s = Setup::new("mesh-foreign");
+    let other_ca = s.dir.path().join("other-ca");
+    tls::ca_init(&other_ca).unwrap();
+    let foreign = s.dir.path().join("foreign");
+    let now = SystemTime::now();
+    tls::ca_issue_with_validity(&s.node, &other_ca, &foreign, now - DAY, now + DAY).unwrap();
+    // The node's own CA, the other CA's certificate for this very node.
+    let ca = s.ca_dir().join("ca.pem");
+    let cert = foreign.join("node.pem");
+    let cfg = s.config(&ca, &cert, &foreign.join("node-key.pem"));
+    let l = s.refused(&cfg).await;
+    assert!(l.contains(&cert.display().to_string()), "{l}");
+    assert!(l.contains("not issued by the mesh CA"), "{l}");
+    assert!(l.contains(&ca.display().to_string()), "{l}");
+    assert!(l.contains(&format!("pier ca issue {}", s.node)), "{l}");
+}
+
 /// The contrast: the same setup with a good certificate passes the check
 /// and serves the mesh port; SIGTERM stops it.
 #[tokio::test]

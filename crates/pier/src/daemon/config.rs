@@ -204,6 +204,16 @@ impl Config {
                 e => format!("mesh: {e}; {make}"),
             })
         })?;
+        tls::check_issued_by_ca(&id, &m.ca, &m.cert).map_err(|e| {
+            ConfigError(match e {
+                TlsError::NotFromCa { cert, ca, reason } => format!(
+                    "mesh.cert {}: not issued by the mesh CA {} ({reason}); issue it from that CA with `pier ca issue {node} --ca CA_DIR --out DIR`, or point mesh.ca at the CA that issued it",
+                    cert.display(),
+                    ca.display()
+                ),
+                e => format!("mesh: {e}"),
+            })
+        })?;
         tls::check_node(&id, &m.cert, &node).map_err(|e| {
             ConfigError(match e {
                 TlsError::WrongNode { path, found, .. } => format!(
