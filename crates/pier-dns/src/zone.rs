@@ -291,64 +291,23 @@ pub fn build(snap: &Snapshot, params: ZoneParams) -> Zone {
     let svc_d = wire::prepend(&["svc"], &d);
     pend.entry(svc_d.clone()).or_default();
 
-    for ((ns, name), svc) in snap.services.iter() {
-        let ns_d = wire::prepend(&[ns.as_str()], &svc_d);
-        pend.entry(ns_d.clone()).or_default();
-        let svc_name = wire::prepend(&[name.as_str()], &ns_d);
-        pend.entry(svc_name.clone()).or_default();
-        let ready: Vec<_> = snap.ready_endpoints_of(ns, name).collect();
-
-        match svc.vip {
-            Some(vip) => {
-                pend.entry(svc_name.clone())
-                    .or_default()
-                    .a
-                    .push((vip, params.vip_ttl));
-                pend.entry(reverse_name(vip))
-                    .or_default()
-                    .ptr
-                    .push((svc_name.clone(), params.vip_ttl));
-            }
-            None => {
-                let p = pend.entry(svc_name.clone()).or_default();
-                for e in &ready {
-                    if !p.a.iter().any(|(ip, _)| *ip == e.ip) {
-                        p.a.push((e.ip, params.headless_ttl));
-                    }
-                }
-            }
-        }
-        // Pod names, their reverse names, and the SRV targets.
-        let mut targets = Vec::with_capacity(ready.len());
-        for e in &ready {
-            let host = e.pod.as_ref().unwrap_or(&e.id);
-            let pod_name = wire::prepend(&[host.as_str()], &svc_name);
-            let p = pend.entry(pod_name.clone()).or_default();
-            if !p.a.iter().any(|(ip, _)| *ip == e.ip) {
-                p.a.push((e.ip, params.pod_ttl));
-            }
-            let r = pend.entry(reverse_name(e.ip)).or_default();
-            if !r.ptr.iter().any(|(n, _)| *n == pod_name) {
-                r.ptr.push((pod_name.clone(), params.pod_ttl));
-            }
-            targets.push((pod_name, *e));
-        }
-        if !svc.ports.is_empty() {
-            let tcp = wire::prepend(&["_tcp"], &svc_name);
-            pend.entry(tcp.clone()).or_default();
-            for sp in &svc.ports {
-                let label = format!("_{}", sp.name);
-                let srv_name = wire::prepend(&[label.as_str()], &tcp);
-                let p = pend.entry(srv_name).or_default();
-                p.srv_ttl = params.headless_ttl;
-                for (target, e) in &targets {
-                    if let Some(port) = e.port_for(sp) {
-                        // Equal weights: the client spreads over all of them.
-                        p.srv.push((0, 10, port.get(), target.clone()));
-                        p.srv_glue.push((target.clone(), e.ip, params.pod_ttl));
-                    }
-                }
-            }
+    for (key, svc) in snap.services.iter() {
+        let (ns, name) = key;
+        pend.entry(wire::prepend(&[ns.as_str()], &svc_d))
+            .or_default();
+        let f = service_frag(
+            ns,
+            name,
+            svc,
+            snap.endpoints.get(key).map(|m| &**m),
+            &svc_d,
+            &params,
+        );
+        // A service's own names are defined by no other service; PTRs at a
+        // shared address add up in service order.
+        pend.extend(f.own);
+        for (ip, list) in f.ptr {
+            pend.entry(reverse_name(ip)).or_default().ptr.extend(list);
         }
     }
 
@@ -557,12 +516,12 @@ pub fn sample_zone() -> Zone {
     from_records(params, 1, recs)
 }
 
-/// One service's part of the zone: the names only it defines (its own name,
-/// its pods', `_tcp` and the SRV names, none of which another service can
-/// define) and its PTR records by address, in the order [`build`] adds them.
 /// PTR targets and TTLs at one address, in order.
 type PtrList = Vec<(Vec<u8>, u32)>;
 
+/// One service's part of the zone: the names only it defines (its own name,
+/// its pods', `_tcp` and the SRV names, none of which another service can
+/// define) and its PTR records by address, in the order they are made.
 #[derive(Default)]
 struct Frag {
     own: HashMap<Vec<u8>, Pending, FastHash>,
@@ -582,7 +541,8 @@ impl Frag {
     }
 }
 
-/// The same records [`build`] makes for this service, kept apart.
+/// One service's records, kept apart: [`build`] merges every service's,
+/// [`ZoneUpdater`] swaps a changed service's old ones for its new ones.
 fn service_frag(
     ns: &Namespace,
     name: &Name,
