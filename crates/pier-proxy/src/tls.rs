@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -667,5 +669,100 @@ impl FileStamps {
                 })
                 .collect(),
         )
+    }
+}
+
+type BuildConfig<C> = Box<dyn Fn(&Identity) -> Result<Arc<C>, TlsError> + Send + Sync>;
+
+/// A rustls config built from a node's mesh files, rebuilt when they change
+/// on disk: the one reload mechanism of the mesh client and listener. A
+/// rebuild that fails (often a renewal caught half-way: new key, old cert)
+/// keeps the previous config and is tried again when the files change again.
+/// Only new handshakes see a new config; open connections are untouched.
+pub(crate) struct CertReloader<C> {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    node: pier_model::Name,
+    /// "client" or "listener", for the logs.
+    side: &'static str,
+    build: BuildConfig<C>,
+    config: arc_swap::ArcSwap<C>,
+    /// (loaded, last failed) stamps. A std Mutex, only `try_lock`ed, never
+    /// held across an `.await`.
+    stamps: std::sync::Mutex<(FileStamps, Option<FileStamps>)>,
+    reloads: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl<C> CertReloader<C> {
+    /// Loads the files (checking that the certificate names `node`) and
+    /// builds the first config with `build`.
+    pub(crate) fn new(
+        cfg: &MeshConfig,
+        node: pier_model::Name,
+        side: &'static str,
+        reloads: Family<[(&'static str, &'static str); 1], Counter>,
+        build: impl Fn(&Identity) -> Result<Arc<C>, TlsError> + Send + Sync + 'static,
+    ) -> Result<CertReloader<C>, TlsError> {
+        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
+        let build: BuildConfig<C> = Box::new(build);
+        let first = Self::load_with(&cfg.ca, &cfg.cert, &cfg.key, &node, &build)?;
+        Ok(CertReloader {
+            ca: cfg.ca.clone(),
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+            node,
+            side,
+            build,
+            config: arc_swap::ArcSwap::new(first),
+            stamps: std::sync::Mutex::new((stamps, None)),
+            reloads,
+        })
+    }
+
+    fn load_with(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        node: &pier_model::Name,
+        build: &BuildConfig<C>,
+    ) -> Result<Arc<C>, TlsError> {
+        let id = load_identity(ca, cert, key)?;
+        check_node(&id, cert, node)?;
+        build(&id)
+    }
+
+    fn load(&self) -> Result<Arc<C>, TlsError> {
+        Self::load_with(&self.ca, &self.cert, &self.key, &self.node, &self.build)
+    }
+
+    /// The config for the next handshake.
+    pub(crate) fn current(&self) -> Arc<C> {
+        self.config.load_full()
+    }
+
+    /// Rebuild the config if the files changed since the last attempt. A
+    /// concurrent caller already doing it makes this one return at once.
+    pub(crate) fn reload_if_changed(&self) {
+        let Ok(mut st) = self.stamps.try_lock() else {
+            return;
+        };
+        let now = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
+        if now == st.0 || st.1.as_ref() == Some(&now) {
+            return;
+        }
+        match self.load() {
+            Ok(cfg) => {
+                self.config.store(cfg);
+                *st = (now, None);
+                self.reloads.get_or_create(&[("result", "ok")]).inc();
+                tracing::info!(side = self.side, cert = %self.cert.display(), "mesh: reloaded certificates for new handshakes");
+            }
+            Err(e) => {
+                st.1 = Some(now);
+                self.reloads.get_or_create(&[("result", "error")]).inc();
+                tracing::warn!(side = self.side, error = %e, "mesh: certificate reload failed; keeping the previous certificates");
+            }
+        }
     }
 }

@@ -3,11 +3,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use pier_model::Name;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,13 +18,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::{
     DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, MeshStream, POOL_IDLE_MAX, RELOAD_POLL,
     REPLY_OK, REPLY_TIMEOUT, ReadAhead, RefusalCode, encode_header,
 };
-use crate::tls::{self, FileStamps, MeshConfig};
+use crate::tls::{self, CertReloader, MeshConfig};
 
 type Labels = [(&'static str, &'static str); 1];
 type PeerKey = (SocketAddr, Name);
@@ -87,14 +85,10 @@ impl std::fmt::Debug for MeshConnector {
 
 struct Inner {
     node: Name,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    resumption: Resumption,
-    config: ArcSwap<ClientConfig>,
-    /// (loaded stamps, last failed stamps, next check). A std Mutex: tiny
-    /// sections, no `.await`, and `try_lock` on the connect path.
-    reload: Mutex<(FileStamps, Option<FileStamps>, Instant)>,
+    certs: CertReloader<ClientConfig>,
+    /// When connects next look at the certificate files. A std Mutex:
+    /// `try_lock` on the connect path, no `.await` inside.
+    next_reload: Mutex<Instant>,
     pool_size: usize,
     /// A std Mutex: push/pop only, no `.await` inside.
     pool: Mutex<HashMap<PeerKey, VecDeque<Pooled>>>,
@@ -127,23 +121,23 @@ impl MeshConnector {
         registry: &mut Registry,
         pool_size: usize,
     ) -> Result<MeshConnector, MeshError> {
-        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
-        let id = tls::load_identity(&cfg.ca, &cfg.cert, &cfg.key)?;
-        tls::check_node(&id, &cfg.cert, &node)?;
-        // 256 sessions: a few tickets for each of up to ~100 peers.
+        // 256 sessions: a few tickets for each of up to ~100 peers; one
+        // store across reloads, so sessions resume after a renewal.
         let resumption = Resumption::in_memory_sessions(256);
-        let config = tls::client_config(&id, &resumption)?;
         let metrics = ClientMetrics::default();
+        let certs = CertReloader::new(
+            cfg,
+            node.clone(),
+            "client",
+            metrics.reloads.clone(),
+            move |id| tls::client_config(id, &resumption),
+        )?;
         metrics.register(registry);
         Ok(MeshConnector {
             inner: Arc::new(Inner {
                 node,
-                ca: cfg.ca.clone(),
-                cert: cfg.cert.clone(),
-                key: cfg.key.clone(),
-                resumption,
-                config: ArcSwap::new(config),
-                reload: Mutex::new((stamps, None, Instant::now() + RELOAD_POLL)),
+                certs,
+                next_reload: Mutex::new(Instant::now() + RELOAD_POLL),
                 pool_size,
                 pool: Mutex::new(HashMap::new()),
                 refilling: Mutex::new(HashSet::new()),
@@ -323,7 +317,7 @@ impl Inner {
     async fn handshake(&self, (peer, node): &PeerKey) -> Result<MeshStream, MeshError> {
         let name: ServerName<'static> =
             tls::node_server_name(node).map_err(|_| MeshError::ServerName(node.to_string()))?;
-        let connector = TlsConnector::from(self.config.load_full());
+        let connector = TlsConnector::from(self.certs.current());
         let fut = async {
             let tcp = TcpStream::connect(peer)
                 .await
@@ -370,42 +364,16 @@ impl Inner {
     /// Reload the certificates when the files changed; checked at most every
     /// [`RELOAD_POLL`], by whichever connect gets there first.
     fn maybe_reload(&self) {
-        let Ok(mut st) = self.reload.try_lock() else {
+        let Ok(mut next) = self.next_reload.try_lock() else {
             return;
         };
         let now = Instant::now();
-        if now < st.2 {
+        if now < *next {
             return;
         }
-        st.2 = now + RELOAD_POLL;
-        let stamps = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
-        if stamps == st.0 || st.1.as_ref() == Some(&stamps) {
-            return;
-        }
-        let built = tls::load_identity(&self.ca, &self.cert, &self.key).and_then(|id| {
-            tls::check_node(&id, &self.cert, &self.node)?;
-            tls::client_config(&id, &self.resumption)
-        });
-        match built {
-            Ok(cfg) => {
-                self.config.store(cfg);
-                st.0 = stamps;
-                st.1 = None;
-                self.metrics
-                    .reloads
-                    .get_or_create(&[("result", "ok")])
-                    .inc();
-                info!(cert = %self.cert.display(), "mesh: client reloaded certificates");
-            }
-            Err(e) => {
-                st.1 = Some(stamps);
-                self.metrics
-                    .reloads
-                    .get_or_create(&[("result", "error")])
-                    .inc();
-                warn!(error = %e, "mesh: client certificate reload failed; keeping the previous certificates");
-            }
-        }
+        *next = now + RELOAD_POLL;
+        drop(next);
+        self.certs.reload_if_changed();
     }
 }
 

@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use pier_model::{Name, Snapshot};
@@ -24,7 +23,7 @@ use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
     REPLY_OK, ReadAhead, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
 };
-use crate::tls::{self, FileStamps, MeshConfig, ServerSessionState};
+use crate::tls::{self, CertReloader, MeshConfig, ServerSessionState};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -154,17 +153,11 @@ impl std::fmt::Debug for MeshServer {
 
 struct Inner {
     node: Name,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    sessions: ServerSessionState,
-    config: ArcSwap<ServerConfig>,
+    /// Polled by the accept loop's reload tick.
+    certs: CertReloader<ServerConfig>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     targets: ArcSwap<Targets>,
     metrics: ServerMetrics,
-    /// (loaded, last failed) stamps. Touched only by the accept loop's
-    /// reload tick; a std Mutex with no `.await` inside.
-    stamps: Mutex<(FileStamps, Option<FileStamps>)>,
     handshake_slots: tokio::sync::Semaphore,
 }
 
@@ -177,27 +170,28 @@ impl MeshServer {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         registry: &mut Registry,
     ) -> Result<MeshServer, MeshError> {
-        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
-        let id = tls::load_identity(&cfg.ca, &cfg.cert, &cfg.key)?;
-        tls::check_node(&id, &cfg.cert, &node)?;
+        // One ticketer and session store across reloads, so that tickets
+        // issued before a renewal still resume after it.
         let sessions = ServerSessionState::new()?;
-        let config = tls::server_config(&id, &cfg.ca, &sessions)?;
         let metrics = ServerMetrics::default();
+        let ca = cfg.ca.clone();
+        let certs = CertReloader::new(
+            cfg,
+            node.clone(),
+            "listener",
+            metrics.reloads.clone(),
+            move |id| tls::server_config(id, &ca, &sessions),
+        )?;
         metrics.register(registry);
         let first = snapshot.borrow().clone();
         let targets = Targets::build(&node, first);
         Ok(MeshServer {
             inner: Arc::new(Inner {
                 node,
-                ca: cfg.ca.clone(),
-                cert: cfg.cert.clone(),
-                key: cfg.key.clone(),
-                sessions,
-                config: ArcSwap::new(config),
+                certs,
                 snapshot,
                 targets: ArcSwap::new(Arc::new(targets)),
                 metrics,
-                stamps: Mutex::new((stamps, None)),
                 handshake_slots: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
             }),
         })
@@ -230,7 +224,7 @@ impl MeshServer {
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 },
-                _ = reload.tick() => self.inner.maybe_reload(),
+                _ = reload.tick() => self.inner.certs.reload_if_changed(),
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -255,42 +249,6 @@ impl MeshServer {
 }
 
 impl Inner {
-    fn maybe_reload(&self) {
-        let now = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
-        // A std Mutex: tiny section, no `.await`.
-        let Ok(mut st) = self.stamps.lock() else {
-            return;
-        };
-        if now == st.0 || st.1.as_ref() == Some(&now) {
-            return;
-        }
-        let built = tls::load_identity(&self.ca, &self.cert, &self.key).and_then(|id| {
-            tls::check_node(&id, &self.cert, &self.node)?;
-            tls::server_config(&id, &self.ca, &self.sessions)
-        });
-        match built {
-            Ok(cfg) => {
-                self.config.store(cfg);
-                *st = (now, None);
-                self.metrics
-                    .reloads
-                    .get_or_create(&[("result", "ok")])
-                    .inc();
-                info!(cert = %self.cert.display(), "mesh: reloaded certificates for new handshakes");
-            }
-            Err(e) => {
-                // Often a renewal caught half-way (new key, old cert): the
-                // next poll sees the finished files and tries again.
-                st.1 = Some(now);
-                self.metrics
-                    .reloads
-                    .get_or_create(&[("result", "error")])
-                    .inc();
-                warn!(error = %e, "mesh: certificate reload failed; keeping the previous certificates");
-            }
-        }
-    }
-
     /// What this node's snapshot says about `target`.
     fn check(&self, target: SocketAddr) -> Result<(), (RefusalCode, &'static str)> {
         let snap = self.snapshot.borrow().clone();
@@ -321,7 +279,7 @@ impl Inner {
             warn!(peer.addr = %peer, "mesh: refused: too many handshakes in progress");
             return;
         };
-        let acceptor = TlsAcceptor::from(self.config.load_full());
+        let acceptor = TlsAcceptor::from(self.certs.current());
         let accepted = tokio::select! {
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp))) => r,
             _ = cancel.cancelled() => return,
