@@ -34,6 +34,12 @@ const RETRY: Duration = Duration::from_millis(500);
 const KILL_RECHECK: Duration = Duration::from_secs(1);
 /// How long shutdown spends deleting endpoints and waiting for tasks.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// A pod container that is no longer wanted loses its endpoint first; it is
+/// stopped this long after, once every proxy has seen the endpoint go, so
+/// that no new connection reaches a dying process and requests under way
+/// finish (1 s: the store round trip is milliseconds; short requests end
+/// well within it).
+const DEREGISTER_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 enum OpMsg {
@@ -571,6 +577,10 @@ impl Agent {
                     }
                 };
                 let pod_here = spec.pod.is_some() && spec.node.as_ref() == Some(&me);
+                if pod_here && synced && self.docker_synced && !self.pod_still_here(&snap, &spec) {
+                    // Being removed (see `spawn_remove`): no endpoint.
+                    continue;
+                }
                 let services: Vec<&Arc<Service>> = snap
                     .services
                     .values()
@@ -924,6 +934,19 @@ impl Agent {
         });
     }
 
+    /// Whether the pod of a pod container on this node is still assigned
+    /// here in `snap` (else the runtime removes the container).
+    fn pod_still_here(&self, snap: &Snapshot, spec: &spec::Spec) -> bool {
+        spec.pod.as_ref().is_some_and(|pod| {
+            snap.pods
+                .get(&(spec.namespace.clone(), pod.clone()))
+                .is_some_and(|p| p.node == self.node.name)
+        })
+    }
+
+    /// Stop and remove a pod container that is no longer wanted, after
+    /// [`DEREGISTER_DELAY`]: its endpoint was left out of this reconcile's
+    /// write, so proxies stop choosing it before it goes.
     fn spawn_remove(&mut self, id: String) {
         let Some(d) = self.docker.clone() else { return };
         self.removing.insert(id.clone());
@@ -932,7 +955,10 @@ impl Agent {
         self.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                r = docker::remove_pod_container(&d, &id) => {
+                r = async {
+                    tokio::time::sleep(DEREGISTER_DELAY).await;
+                    docker::remove_pod_container(&d, &id).await
+                } => {
                     let _ = tx.send(OpMsg::Removed { id, result: r.map_err(|e| e.to_string()) });
                 }
             }
