@@ -25,9 +25,15 @@ echo 'root:x:0:' > "$root/etc/group"
 printf 'hosts: files dns\nservices: files\n' > "$root/etc/nsswitch.conf"
 printf 'http 80/tcp\nhttps 443/tcp\n' > "$root/etc/services"
 chmod 1777 "$root/tmp"
+old=$(docker image inspect -f '{{.Id}}' pier-test/httpd:latest 2>/dev/null || true)
 tar -C "$root" -c . | docker import \
   -c 'ENV PATH=/bin' \
   -c 'EXPOSE 8080' \
   -c 'CMD ["/bin/sh","-c","hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]' \
   - pier-test/httpd:latest >/dev/null
+# The previous build lost its name; remove it unless a container still uses it.
+new=$(docker image inspect -f '{{.Id}}' pier-test/httpd:latest)
+if [ -n "$old" ] && [ "$old" != "$new" ]; then
+  docker image rm "$old" >/dev/null 2>&1 || true
+fi
 echo "built pier-test/httpd:latest"

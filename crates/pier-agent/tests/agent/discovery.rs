@@ -126,7 +126,7 @@ async fn endpoint_removed_when_container_killed_while_agent_down_and_added_when_
     .await?;
 
     // Crash: no deregistration, and the old lease lives on.
-    a1.abort();
+    a1.abort().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.ok(&["rm", "-f", &dies])?;
     let born = d.run_container(&labels, &[])?;

@@ -365,9 +365,13 @@ impl InProcAgent {
     }
 
     /// A crash: the task is aborted with no deregistration.
-    pub fn abort(mut self) {
+    /// Waits until the task is gone before `Drop` fires `cancel`: a task
+    /// still being polled on another worker would otherwise see the cancel
+    /// and begin its graceful deregistration.
+    pub async fn abort(mut self) {
         if let Some(h) = self.handle.take() {
             h.abort();
+            let _ = h.await;
         }
     }
 
