@@ -216,7 +216,8 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
                 if t.proxy_protocol {
                     send_proxy_header(&client, peer, &mut *s).await?;
                 }
-                copy::copy_bidi(client, s, c_in, c_out).await
+                s.relay(&client, Side::Downstream, Side::Upstream, c_in, c_out)
+                    .await
             }
         }
     };

@@ -12,10 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use prometheus_client::metrics::counter::Counter;
 use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::error::Side;
@@ -91,7 +89,7 @@ pub(crate) struct Counters<'a> {
 }
 
 impl Counters<'_> {
-    fn add(&self, n: usize) {
+    pub(crate) fn add(&self, n: usize) {
         self.svc.inc_by(n as u64);
         if let Some(ep) = self.ep {
             ep.inc_by(n as u64);
@@ -102,7 +100,7 @@ impl Counters<'_> {
 /// The result of a copy: which side broke it, if any.
 pub(crate) type CopyResult = Result<(), (Side, io::Error)>;
 
-fn wouldblock(e: &io::Error) -> bool {
+pub(crate) fn wouldblock(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
@@ -178,7 +176,7 @@ fn read_write_once(
     })
 }
 
-async fn write_all(dst: &TcpStream, mut b: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(dst: &TcpStream, mut b: &[u8]) -> io::Result<()> {
     while !b.is_empty() {
         dst.writable().await?;
         match dst.try_write(b) {
@@ -193,7 +191,11 @@ async fn write_all(dst: &TcpStream, mut b: &[u8]) -> io::Result<()> {
 /// Passes an EOF on. When the other direction has already ended, both
 /// sockets are about to be closed, and close sends the FIN: the shutdown
 /// call is skipped.
-fn shutdown_write(dst: &TcpStream, dst_side: Side, other_done: &AtomicBool) -> CopyResult {
+pub(crate) fn shutdown_write(
+    dst: &TcpStream,
+    dst_side: Side,
+    other_done: &AtomicBool,
+) -> CopyResult {
     if other_done.swap(true, Relaxed) {
         return Ok(());
     }
@@ -328,7 +330,7 @@ pub(crate) async fn tcp_bidi(
 }
 
 /// Runs both directions; the first error ends both.
-async fn both(
+pub(crate) async fn both(
     d1: impl Future<Output = CopyResult>,
     d2: impl Future<Output = CopyResult>,
 ) -> CopyResult {
@@ -341,183 +343,4 @@ async fn both(
         }
     }
     Ok(())
-}
-
-/// The first buffer of a user-space copy direction: enough for requests,
-/// responses and control traffic, and little memory per idle connection.
-const BUF_SMALL: usize = 16 * 1024;
-/// What a direction's buffer grows to once a fill fills it, and keeps while
-/// fills stay large: sixteen full TLS records, so that the TLS side writes
-/// many records per syscall and the plain side takes many records'
-/// plaintext per write. 256 KiB measured about 20% less CPU per GiB on the
-/// busier side of the mesh hop than 64 KiB (benches/mesh.rs).
-const BUF_BULK: usize = 256 * 1024;
-/// After this many small fills in a row, a grown buffer shrinks back: the
-/// connection went back to small messages (or idles) and need not hold
-/// 256 KiB, while a bulk transfer that stalls briefly keeps it.
-const SHRINK_AFTER: u32 = 16;
-
-/// One direction of [`copy_bidi`].
-struct Dir<'a> {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    read_done: bool,
-    /// Bytes were written since the last flush.
-    dirty: bool,
-    /// Consecutive fills smaller than [`BUF_SMALL`] with the big buffer.
-    small_fills: u32,
-    done: bool,
-    src_side: Side,
-    dst_side: Side,
-    cnt: Counters<'a>,
-}
-
-impl<'a> Dir<'a> {
-    fn new(src_side: Side, dst_side: Side, cnt: Counters<'a>) -> Self {
-        Dir {
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
-            read_done: false,
-            dirty: false,
-            small_fills: 0,
-            done: false,
-            src_side,
-            dst_side,
-            cnt,
-        }
-    }
-
-    /// Moves bytes `src` → `dst` until both would block, or EOF has been
-    /// passed on (then `Ready(Ok)`).
-    ///
-    /// Unlike a read-one-write-one loop, it reads until the source would
-    /// block or the buffer is full before it writes: a TLS source yields
-    /// one record per read, and writing each on its own would cost one
-    /// syscall (and one wake-up of the reader behind `dst`) per 16 KiB.
-    fn poll<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut src: Pin<&mut R>,
-        mut dst: Pin<&mut W>,
-    ) -> Poll<CopyResult>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
-        if self.done {
-            return Poll::Ready(Ok(()));
-        }
-        if self.buf.is_empty() {
-            self.buf = vec![0u8; BUF_SMALL];
-        }
-        loop {
-            let mut read_pending = false;
-            let fill_from = self.end;
-            while !self.read_done && self.end < self.buf.len() {
-                let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
-                match src.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.end += n;
-                            if self.end == self.buf.len() && self.buf.len() < BUF_BULK {
-                                self.buf.resize(BUF_BULK, 0);
-                            }
-                        }
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((self.src_side, e))),
-                    Poll::Pending => {
-                        read_pending = true;
-                        break;
-                    }
-                }
-            }
-            while self.start < self.end {
-                match dst.as_mut().poll_write(cx, &self.buf[self.start..self.end]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err((self.dst_side, io::ErrorKind::WriteZero.into())));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.start += n;
-                        self.dirty = true;
-                        self.cnt.add(n);
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((self.dst_side, e))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-            let filled = self.end - fill_from;
-            self.start = 0;
-            self.end = 0;
-            if read_pending && self.buf.len() > BUF_SMALL {
-                if filled < BUF_SMALL {
-                    self.small_fills += 1;
-                } else {
-                    self.small_fills = 0;
-                }
-                if self.small_fills >= SHRINK_AFTER {
-                    // The bulk transfer is over: give the big buffer back.
-                    self.buf = vec![0u8; BUF_SMALL];
-                    self.small_fills = 0;
-                }
-            }
-            if self.read_done {
-                return match dst.as_mut().poll_shutdown(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.done = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::NotConnected => {
-                        self.done = true;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Ready(Err(e)) => Poll::Ready(Err((self.dst_side, e))),
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            if read_pending {
-                // Idle: whatever the writer still holds (a TLS stream's
-                // records that did not fit in the socket) goes out now.
-                if self.dirty {
-                    match dst.as_mut().poll_flush(cx) {
-                        Poll::Ready(Ok(())) => self.dirty = false,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err((self.dst_side, e))),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-                return Poll::Pending;
-            }
-        }
-    }
-}
-
-/// Copies both directions of `a` ↔ `b` in user space until both have
-/// passed an EOF on (each then shuts down writing to the other side), or
-/// either breaks. One future polls both directions: no split, no lock.
-/// Used for the mesh hop's TLS streams (both ends of the tunnel).
-pub(crate) async fn copy_bidi<A, B>(
-    mut a: A,
-    mut b: B,
-    a_to_b: Counters<'_>,
-    b_to_a: Counters<'_>,
-) -> CopyResult
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut d1 = Dir::new(Side::Downstream, Side::Upstream, a_to_b);
-    let mut d2 = Dir::new(Side::Upstream, Side::Downstream, b_to_a);
-    std::future::poll_fn(|cx| {
-        let r1 = d1.poll(cx, Pin::new(&mut a), Pin::new(&mut b))?;
-        let r2 = d2.poll(cx, Pin::new(&mut b), Pin::new(&mut a))?;
-        match (r1, r2) {
-            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
-        }
-    })
-    .await
 }

@@ -626,6 +626,8 @@ pub fn server_config(
     cfg.ticketer = sessions.ticketer.clone();
     cfg.session_storage = sessions.storage.clone();
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // The tunnel's records are handled by `mesh::record` once set up.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -649,6 +651,8 @@ pub fn client_config(
         })?;
     cfg.resumption = resumption.clone();
     cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // The tunnel's records are handled by `mesh::record` once set up.
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 

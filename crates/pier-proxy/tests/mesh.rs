@@ -608,7 +608,7 @@ async fn renewed_cert_is_picked_up_while_an_existing_tunnel_keeps_working() {
         MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
             .unwrap();
     let mut t1 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
-    let old_cert = t1.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let old_cert = t1.peer_certificate().unwrap().clone();
 
     // Renew on disk. A garbage write first: the reload fails, the server
     // keeps its certificate and keeps serving.
@@ -650,7 +650,7 @@ async fn renewed_cert_is_picked_up_while_an_existing_tunnel_keeps_working() {
         MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
             .unwrap();
     let t2 = fresh.connect(srv.addr, &name("n1"), echo).await.unwrap();
-    let new_cert = t2.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let new_cert = t2.peer_certificate().unwrap().clone();
     let on_disk = {
         use rustls::pki_types::pem::PemObject;
         rustls::pki_types::CertificateDer::from_pem_file(n1.join("node.pem")).unwrap()
@@ -672,15 +672,9 @@ async fn second_connect_resumes_the_tls_session() {
     let conn = MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut creg, 0).unwrap();
 
     let s1 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
-    assert_eq!(
-        s1.get_ref().1.handshake_kind(),
-        Some(rustls::HandshakeKind::Full)
-    );
+    assert_eq!(s1.handshake_kind(), Some(rustls::HandshakeKind::Full));
     let s2 = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
-    assert_eq!(
-        s2.get_ref().1.handshake_kind(),
-        Some(rustls::HandshakeKind::Resumed)
-    );
+    assert_eq!(s2.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
     assert_eq!(
         metric(&creg, "mesh_client_handshakes_total{kind=\"full\"}"),
         1.0

@@ -10,19 +10,18 @@ use pier_model::Name;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use rustls::ClientConfig;
 use rustls::client::Resumption;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::{ClientConfig, ClientConnection};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::stream::Setup;
 use super::{
     DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, MeshStream, POOL_IDLE_MAX, RELOAD_POLL,
-    REPLY_OK, REPLY_TIMEOUT, ReadAhead, RefusalCode, encode_header,
+    REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header,
 };
 use crate::tls::{self, CertReloader, MeshConfig};
 
@@ -62,9 +61,10 @@ impl ClientMetrics {
     }
 }
 
+/// A handshaken connection waiting for its header.
 struct Pooled {
     since: Instant,
-    stream: MeshStream,
+    conn: Setup,
 }
 
 /// Dials other nodes' mesh ports. Cheap to clone; clones share the pool,
@@ -264,11 +264,11 @@ impl MeshConnector {
                         break;
                     }
                     match inner.handshake(&key).await {
-                        Ok(stream) => {
+                        Ok(conn) => {
                             if let Ok(mut p) = inner.pool.lock() {
                                 p.entry(key.clone()).or_default().push_back(Pooled {
                                     since: Instant::now(),
-                                    stream,
+                                    conn,
                                 });
                             }
                         }
@@ -303,21 +303,27 @@ impl MeshConnector {
 }
 
 impl Inner {
-    fn take_pooled(&self, key: &PeerKey) -> Option<MeshStream> {
+    fn take_pooled(&self, key: &PeerKey) -> Option<Setup> {
         let mut pool = self.pool.lock().ok()?;
         let q = pool.get_mut(key)?;
         while let Some(p) = q.pop_front() {
             if p.since.elapsed() < POOL_IDLE_MAX {
-                return Some(p.stream);
+                return Some(p.conn);
             }
         }
         None
     }
 
-    async fn handshake(&self, (peer, node): &PeerKey) -> Result<MeshStream, MeshError> {
+    async fn handshake(&self, (peer, node): &PeerKey) -> Result<Setup, MeshError> {
         let name: ServerName<'static> =
             tls::node_server_name(node).map_err(|_| MeshError::ServerName(node.to_string()))?;
-        let connector = TlsConnector::from(self.certs.current());
+        let handshake_err = |source| MeshError::Handshake {
+            peer: *peer,
+            node: node.to_string(),
+            source,
+        };
+        let conn = ClientConnection::new(self.certs.current(), name)
+            .map_err(|e| handshake_err(std::io::Error::other(e)))?;
         let fut = async {
             let tcp = TcpStream::connect(peer)
                 .await
@@ -329,14 +335,9 @@ impl Inner {
             if let Err(e) = tcp.set_nodelay(true) {
                 debug!(peer.addr = %peer, error = %e, "mesh: set_nodelay");
             }
-            connector
-                .connect(name, ReadAhead::new(tcp))
-                .await
-                .map_err(|source| MeshError::Handshake {
-                    peer: *peer,
-                    node: node.to_string(),
-                    source,
-                })
+            let mut s = Setup::new(tcp, conn);
+            s.handshake().await.map_err(handshake_err)?;
+            Ok::<_, MeshError>(s)
         };
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
             .await
@@ -345,12 +346,7 @@ impl Inner {
                 peer: *peer,
                 node: node.to_string(),
             })??;
-        let mut stream = stream;
-        stream
-            .get_mut()
-            .1
-            .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
-        let kind = match stream.get_ref().1.handshake_kind() {
+        let kind = match stream.conn().handshake_kind() {
             Some(rustls::HandshakeKind::Resumed) => "resumed",
             _ => "full",
         };
@@ -377,10 +373,10 @@ impl Inner {
     }
 }
 
-/// Send the header, wait for the reply byte; returns the stream and the
-/// round trip.
+/// Send the header, wait for the reply byte, hand over to the record
+/// layer; returns the tunnel and the round trip.
 async fn request(
-    mut stream: MeshStream,
+    mut stream: Setup,
     (peer, node): &PeerKey,
     target: SocketAddr,
 ) -> Result<(MeshStream, Duration), MeshError> {
@@ -394,7 +390,6 @@ async fn request(
     let t0 = Instant::now();
     let fut = async {
         stream.write_all(&header).await.map_err(io)?;
-        stream.flush().await.map_err(io)?;
         let mut b = [0u8; 1];
         stream.read_exact(&mut b).await.map_err(io)?;
         Ok::<u8, MeshError>(b[0])
@@ -407,7 +402,8 @@ async fn request(
             node: node.to_string(),
         })??;
     if code == REPLY_OK {
-        Ok((stream, t0.elapsed()))
+        let rtt = t0.elapsed();
+        Ok((stream.into_stream().map_err(io)?, rtt))
     } else {
         Err(MeshError::Refused {
             peer: *peer,

@@ -20,25 +20,30 @@
 //!                  non-zero: refused (see RefusalCode), then close.
 //! ```
 //!
+//! The client sends nothing after the header until the reply, and the
+//! server writes the reply in a record of its own: at that point both
+//! sides hand the connection from rustls to the record layer in
+//! [`record`] (see [`stream`]). It is still TLS 1.3 on the wire; each
+//! direction ends with a close_notify, and a tunnel that ends without one
+//! is an error (truncation), not an EOF.
+//!
 //! Certificates renewed on disk are picked up for new handshakes only;
 //! established tunnels are never dropped by a reload.
 
 mod client;
+mod record;
 mod server;
+mod stream;
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 pub use crate::tls::MeshConfig;
 pub use client::MeshConnector;
 pub use server::MeshServer;
+pub use stream::MeshStream;
 
 use crate::tls::TlsError;
 
@@ -68,114 +73,6 @@ pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Warm connections kept per peer by default.
 pub const DEFAULT_POOL_SIZE: usize = 2;
-
-/// A mesh connection as the client side holds it, ready for payload.
-pub type MeshStream = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
-
-/// How many bytes of TLS records rustls may hold for sending (its default
-/// is 64 KiB): the copy loop hands over up to 256 KiB at once, and with
-/// room for all of it the records go out in one `writev`.
-pub(crate) const TLS_BUFFER_LIMIT: usize = 256 * 1024;
-
-/// How much [`ReadAhead`] reads at once: sixteen full TLS records.
-const READ_AHEAD: usize = 256 * 1024;
-
-/// A read-ahead buffer under a TLS stream. rustls asks the socket for at
-/// most 4 KiB at a time, so a 16 KiB record costs four or five `recv`s;
-/// through this, one `recv` of up to 256 KiB serves many records.
-///
-/// Unlike a `BufReader`, it holds no memory while the connection is idle or
-/// carries small messages: the buffer is allocated when a read fills the
-/// caller's buffer (more is likely waiting) and freed once a refill comes
-/// back short (the socket is drained).
-#[derive(Debug)]
-pub struct ReadAhead<S> {
-    inner: S,
-    buf: Vec<u8>,
-    pos: usize,
-    end: usize,
-}
-
-impl<S> ReadAhead<S> {
-    pub fn new(inner: S) -> Self {
-        ReadAhead {
-            inner,
-            buf: Vec::new(),
-            pos: 0,
-            end: 0,
-        }
-    }
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        if me.pos == me.end {
-            if me.buf.is_empty() {
-                // Straight into the caller's buffer; a full read says the
-                // socket had more: read ahead from the next call on.
-                let before = out.filled().len();
-                std::task::ready!(Pin::new(&mut me.inner).poll_read(cx, out))?;
-                let n = out.filled().len() - before;
-                if n > 0 && out.remaining() == 0 {
-                    me.buf = vec![0u8; READ_AHEAD];
-                }
-                return Poll::Ready(Ok(()));
-            }
-            let mut rb = ReadBuf::new(&mut me.buf);
-            std::task::ready!(Pin::new(&mut me.inner).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            me.pos = 0;
-            me.end = n;
-            if n == 0 {
-                return Poll::Ready(Ok(())); // EOF
-            }
-        }
-        let k = (me.end - me.pos).min(out.remaining());
-        out.put_slice(&me.buf[me.pos..me.pos + k]);
-        me.pos += k;
-        if me.pos == me.end && me.end < me.buf.len() {
-            // A short refill: the socket is drained, give the memory back.
-            me.buf = Vec::new();
-            me.pos = 0;
-            me.end = 0;
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// Why the server refused a target; the non-zero reply byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -304,33 +201,54 @@ pub(crate) enum HeaderError {
     Io(io::Error),
 }
 
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<SocketAddr, HeaderError> {
+/// Where a header is read from: the handshake phase's TLS connection
+/// ([`stream::Setup`]), or bytes in tests.
+pub(crate) trait ReadPlain {
+    /// Up to `out.len()` bytes; 0 at EOF.
+    async fn read_some(&mut self, out: &mut [u8]) -> io::Result<usize>;
+}
+
+impl ReadPlain for &[u8] {
+    async fn read_some(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        io::Read::read(self, out)
+    }
+}
+
+async fn read_exact<R: ReadPlain>(r: &mut R, mut out: &mut [u8]) -> io::Result<()> {
+    while !out.is_empty() {
+        match r.read_some(out).await? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => out = &mut out[n..],
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn read_header<R: ReadPlain>(r: &mut R) -> Result<SocketAddr, HeaderError> {
     let mut head = [0u8; 2];
-    let n = r.read(&mut head[..1]).await.map_err(HeaderError::Io)?;
+    let n = r.read_some(&mut head[..1]).await.map_err(HeaderError::Io)?;
     if n == 0 {
         return Err(HeaderError::Closed);
     }
-    r.read_exact(&mut head[1..]).await.map_err(short)?;
+    read_exact(r, &mut head[1..]).await.map_err(short)?;
     if head[0] != HEADER_VERSION {
         return Err(HeaderError::Bad("unknown header version"));
     }
     let ip = match head[1] {
         4 => {
             let mut b = [0u8; 4];
-            r.read_exact(&mut b).await.map_err(short)?;
+            read_exact(r, &mut b).await.map_err(short)?;
             IpAddr::V4(Ipv4Addr::from(b))
         }
         6 => {
             let mut b = [0u8; 16];
-            r.read_exact(&mut b).await.map_err(short)?;
+            read_exact(r, &mut b).await.map_err(short)?;
             IpAddr::V6(Ipv6Addr::from(b))
         }
         _ => return Err(HeaderError::Bad("unknown address family")),
     };
     let mut p = [0u8; 2];
-    r.read_exact(&mut p).await.map_err(short)?;
+    read_exact(r, &mut p).await.map_err(short)?;
     Ok(SocketAddr::new(ip, u16::from_be_bytes(p)))
 }
 

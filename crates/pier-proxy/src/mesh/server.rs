@@ -1,4 +1,5 @@
-//! The mesh listener: mTLS, the target check against the snapshot, splice.
+//! The mesh listener: mTLS, the target check against the snapshot, then
+//! the tunnel to the target.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,18 +11,17 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rustls::ServerConfig;
-use tokio::io::AsyncWriteExt;
+use rustls::{ServerConfig, ServerConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::stream::Setup;
 use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
-    REPLY_OK, ReadAhead, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
+    REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
 };
 use crate::tls::{self, CertReloader, MeshConfig, ServerSessionState};
 
@@ -279,19 +279,20 @@ impl Inner {
             warn!(peer.addr = %peer, "mesh: refused: too many handshakes in progress");
             return;
         };
-        let acceptor = TlsAcceptor::from(self.certs.current());
+        let mut tls = match ServerConnection::new(self.certs.current()) {
+            Ok(c) => Setup::new(tcp, c),
+            Err(e) => {
+                warn!(peer.addr = %peer, error = %e, "mesh: cannot start a TLS session");
+                return;
+            }
+        };
         let accepted = tokio::select! {
-            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp))) => r,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.handshake()) => r,
             _ = cancel.cancelled() => return,
         };
         drop(slot);
-        let mut tls = match accepted {
-            Ok(Ok(mut s)) => {
-                s.get_mut()
-                    .1
-                    .set_buffer_limit(Some(super::TLS_BUFFER_LIMIT));
-                s
-            }
+        match accepted {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let reason = handshake_reason(&e);
                 self.metrics.refuse(reason);
@@ -303,9 +304,9 @@ impl Inner {
                 warn!(peer.addr = %peer, "mesh: refused: TLS handshake timed out");
                 return;
             }
-        };
+        }
         let (peer_node, kind) = {
-            let conn = tls.get_ref().1;
+            let conn = tls.conn();
             let node = conn
                 .peer_certificates()
                 .and_then(|c| c.first())
@@ -339,7 +340,7 @@ impl Inner {
             Ok(Err(HeaderError::Bad(why))) => {
                 self.metrics.refuse("bad_header");
                 warn!(peer.addr = %peer, peer.node = %peer_node, why, "mesh: refused: bad header");
-                reply_refusal(&mut tls, RefusalCode::BadHeader).await;
+                reply_refusal(tls, RefusalCode::BadHeader).await;
                 return;
             }
             Err(_) => {
@@ -354,7 +355,7 @@ impl Inner {
                 peer.addr = %peer, peer.node = %peer_node, target = %target, reason,
                 "mesh: refused: target is not a ready endpoint of this node"
             );
-            reply_refusal(&mut tls, code).await;
+            reply_refusal(tls, code).await;
             return;
         }
 
@@ -368,13 +369,13 @@ impl Inner {
             Ok(Err(e)) => {
                 self.metrics.refuse("connect_failed");
                 warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, error = %e, "mesh: connect to target failed");
-                reply_refusal(&mut tls, RefusalCode::ConnectFailed).await;
+                reply_refusal(tls, RefusalCode::ConnectFailed).await;
                 return;
             }
             Err(_) => {
                 self.metrics.refuse("connect_failed");
                 warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: connect to target timed out");
-                reply_refusal(&mut tls, RefusalCode::ConnectFailed).await;
+                reply_refusal(tls, RefusalCode::ConnectFailed).await;
                 return;
             }
         };
@@ -382,15 +383,17 @@ impl Inner {
         if let Err(e) = upstream.set_nodelay(true) {
             debug!(target = %target, error = %e, "mesh: set_nodelay");
         }
-        if let Err(e) = async {
-            tls.write_all(&[REPLY_OK]).await?;
-            tls.flush().await
-        }
-        .await
-        {
-            debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
-            return;
-        }
+        let tunnel = match tls.write_all(&[REPLY_OK]).await {
+            Ok(()) => tls.into_stream(),
+            Err(e) => Err(e),
+        };
+        let tunnel = match tunnel {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
+                return;
+            }
+        };
 
         self.metrics.tunnels.inc();
         self.metrics.tunnels_active.inc();
@@ -404,19 +407,21 @@ impl Inner {
             .metrics
             .bytes
             .get_or_create_owned(&[("direction", "from_target")]);
-        let r = crate::copy::copy_bidi(
-            tls,
-            upstream,
-            crate::copy::Counters {
-                svc: &to_target,
-                ep: None,
-            },
-            crate::copy::Counters {
-                svc: &from_target,
-                ep: None,
-            },
-        )
-        .await;
+        let r = tunnel
+            .relay(
+                &upstream,
+                crate::Side::Upstream,
+                crate::Side::Downstream,
+                crate::copy::Counters {
+                    svc: &from_target,
+                    ep: None,
+                },
+                crate::copy::Counters {
+                    svc: &to_target,
+                    ep: None,
+                },
+            )
+            .await;
         self.metrics.tunnels_active.dec();
         match r {
             Ok(()) => {
@@ -434,16 +439,8 @@ impl Inner {
     }
 }
 
-async fn reply_refusal(
-    tls: &mut tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
-    code: RefusalCode,
-) {
-    let r = async {
-        tls.write_all(&[code as u8]).await?;
-        tls.shutdown().await
-    }
-    .await;
-    if let Err(e) = r {
+async fn reply_refusal(tls: Setup, code: RefusalCode) {
+    if let Err(e) = tls.close_with(&[code as u8]).await {
         debug!(error = %e, "mesh: write refusal");
     }
 }
