@@ -112,17 +112,21 @@ impl EpState {
         until != 0 && now < until
     }
 
-    pub fn on_connect_ok(&self, latency_us: u64) {
-        // alpha = 1/4: a few samples move it, one outlier does not.
-        let now = now_ms();
-        let old = self.ewma_us_at(now);
-        let new = if old == 0 {
-            latency_us.max(1)
-        } else {
-            (old * 3 + latency_us) / 4
-        };
-        self.ewma_us.store(new.max(1), Relaxed);
-        self.sampled_ms.store(now, Relaxed);
+    /// A successful connect whose latency, when there is one worth
+    /// comparing endpoints by, goes into the EWMA.
+    pub fn on_connect_ok(&self, latency_us: Option<u64>) {
+        if let Some(latency_us) = latency_us {
+            // alpha = 1/4: a few samples move it, one outlier does not.
+            let now = now_ms();
+            let old = self.ewma_us_at(now);
+            let new = if old == 0 {
+                latency_us.max(1)
+            } else {
+                (old * 3 + latency_us) / 4
+            };
+            self.ewma_us.store(new.max(1), Relaxed);
+            self.sampled_ms.store(now, Relaxed);
+        }
         if self.fails.load(Relaxed) != 0 {
             self.fails.store(0, Relaxed);
         }
@@ -243,11 +247,7 @@ impl Balancer {
                 }
                 let (ea, eb) = (&set[a], &set[b]);
                 match (ok(ea), ok(eb)) {
-                    (true, true) => Some(if score(eb, now) < score(ea, now) {
-                        eb
-                    } else {
-                        ea
-                    }),
+                    (true, true) => Some(if better(eb, ea, now) { eb } else { ea }),
                     (true, false) => Some(ea),
                     (false, true) => Some(eb),
                     (false, false) => {
@@ -274,20 +274,34 @@ const LATENCY_FLOOR_US: u64 = 1000;
 /// slower than the floor is tried again after about a third of a second.
 pub(crate) const EWMA_HALF_LIFE_MS: u64 = 100;
 
-/// The latency factor of a score: the EWMA (decayed, floored) rounded down
-/// to the floor times a power of two. Latencies within 2x of each other
-/// are noise on a busy host (one slow sample moves the EWMA by a quarter
-/// of itself) and count as equal; 10x slower still loses to 8x.
-fn latency_factor(ewma_us: u64) -> u64 {
-    let x = ewma_us.max(LATENCY_FLOOR_US) / LATENCY_FLOOR_US;
-    LATENCY_FLOOR_US << (63 - x.leading_zeros())
+/// The EWMA as of `now`, floored: below [`LATENCY_FLOOR_US`] latencies are
+/// noise. An endpoint with no sample yet counts as the floor, so that it
+/// gets tried.
+fn latency(e: &EpState, now: u64) -> u64 {
+    e.ewma_us_at(now).max(LATENCY_FLOOR_US)
+}
+
+/// Whether `a` is a better pick than `b`: fewer outstanding connections
+/// (plus the one we would add), weighed by latency only when the two
+/// latencies differ by more than 2x. Closer than that they are noise on a
+/// busy host (one slow sample moves an EWMA by a quarter of itself), and
+/// weighing them would hand every sequential connection to whichever
+/// endpoint happened to sample a little faster; 10x slower still loses.
+/// The comparison is pairwise, with no buckets: 1.9 and 2.1 ms are equal.
+fn better(a: &EpState, b: &EpState, now: u64) -> bool {
+    let (la, lb) = (latency(a, now), latency(b, now));
+    let (oa, ob) = (a.outstanding() as u128 + 1, b.outstanding() as u128 + 1);
+    if la <= 2 * lb && lb <= 2 * la {
+        oa < ob
+    } else {
+        oa * u128::from(la) < ob * u128::from(lb)
+    }
 }
 
 /// Lower is better: outstanding connections (plus the one we would add)
-/// times the latency factor. An endpoint with no sample yet counts as the
-/// floor, so that it gets tried.
+/// times the latency; for choosing among several at once.
 fn score(e: &EpState, now: u64) -> u128 {
-    (e.outstanding() as u128 + 1) * latency_factor(e.ewma_us_at(now)) as u128
+    (e.outstanding() as u128 + 1) * latency(e, now) as u128
 }
 
 #[cfg(test)]
@@ -327,8 +341,8 @@ mod tests {
     #[test]
     fn p2c_prefers_fewer_outstanding_and_lower_latency() {
         let b = Balancer::new(LbPolicy::P2c, false, vec![ep(1, false), ep(2, false)]);
-        b.all[0].on_connect_ok(2000);
-        b.all[1].on_connect_ok(2000);
+        b.all[0].on_connect_ok(Some(2000));
+        b.all[1].on_connect_ok(Some(2000));
         b.all[0].m.active.inc_by(10);
         for _ in 0..50 {
             assert_eq!(b.pick(&[]).unwrap().addr.port(), 2);
@@ -336,7 +350,7 @@ mod tests {
         b.all[0].m.active.dec_by(10);
         // Same load, 10x the latency: loses every comparison.
         for _ in 0..20 {
-            b.all[1].on_connect_ok(20_000);
+            b.all[1].on_connect_ok(Some(20_000));
         }
         for _ in 0..50 {
             assert_eq!(b.pick(&[]).unwrap().addr.port(), 1);
@@ -345,20 +359,28 @@ mod tests {
 
     #[test]
     fn latencies_within_2x_count_as_equal() {
-        assert_eq!(latency_factor(0), 1000);
-        assert_eq!(latency_factor(1999), 1000);
-        assert_eq!(latency_factor(2000), 2000);
-        assert_eq!(latency_factor(20_000), 16_000);
         let b = Balancer::new(LbPolicy::P2c, false, vec![ep(1, false), ep(2, false)]);
-        b.all[0].on_connect_ok(1900);
-        b.all[1].on_connect_ok(100);
-        let first = (0..1000)
-            .filter(|_| b.pick(&[]).unwrap().addr.port() == 1)
-            .count();
-        assert!(
-            (350..=650).contains(&first),
-            "endpoint 1 got {first} of 1000"
-        );
+        // Below the floor vs just under twice the floor; then two values
+        // on either side of a power of two: all within 2x, all equal.
+        for (x, y) in [(1900, 100), (2100, 1900), (3900, 2100)] {
+            b.all[0].ewma_us.store(0, Relaxed);
+            b.all[1].ewma_us.store(0, Relaxed);
+            b.all[0].on_connect_ok(Some(x));
+            b.all[1].on_connect_ok(Some(y));
+            let first = (0..1000)
+                .filter(|_| b.pick(&[]).unwrap().addr.port() == 1)
+                .count();
+            assert!(
+                (350..=650).contains(&first),
+                "{x} vs {y} µs: endpoint 1 got {first} of 1000"
+            );
+        }
+        // More than 2x apart: the faster one wins every comparison.
+        b.all[0].ewma_us.store(0, Relaxed);
+        b.all[0].on_connect_ok(Some(8000));
+        for _ in 0..50 {
+            assert_eq!(b.pick(&[]).unwrap().addr.port(), 2);
+        }
     }
 
     #[test]
@@ -366,8 +388,8 @@ mod tests {
         let b = Balancer::new(LbPolicy::P2c, false, vec![ep(1, false), ep(2, false)]);
         // Sequential connections: nothing outstanding. Endpoint 1 had one
         // slow connect (say, a TLS handshake on a busy moment).
-        b.all[0].on_connect_ok(5000);
-        b.all[1].on_connect_ok(100);
+        b.all[0].on_connect_ok(Some(5000));
+        b.all[1].on_connect_ok(Some(100));
         for _ in 0..50 {
             assert_eq!(b.pick(&[]).unwrap().addr.port(), 2);
         }
@@ -391,7 +413,7 @@ mod tests {
             "endpoint 1 got {first} of 1000"
         );
         // The decayed value is what the next sample is averaged with.
-        b.all[0].on_connect_ok(100);
+        b.all[0].on_connect_ok(Some(100));
         assert!(b.all[0].ewma_us() < 400, "{}", b.all[0].ewma_us());
     }
 
@@ -415,7 +437,7 @@ mod tests {
         // Backoff doubles on a failure after readmission.
         b.all[0].ejected_until_ms.store(1, Relaxed);
         assert_eq!(b.all[0].on_connect_failed(3, 60_000), Some(120_000));
-        b.all[0].on_connect_ok(50);
+        b.all[0].on_connect_ok(Some(50));
         assert!(!b.all[0].is_ejected(now_ms()));
     }
 

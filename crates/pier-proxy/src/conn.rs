@@ -85,13 +85,15 @@ impl Drop for GaugeGuard<'_> {
 /// Connects to one endpoint, recording latency, errors and ejection.
 ///
 /// The balancer's latency sample is the whole connect for a direct route,
-/// and only the header → reply round trip for a mesh route: whether a mesh
-/// connect had to handshake depends on the peer's warm pool, not on the
-/// endpoint, and counting it would make the peer that warmed first win
-/// every comparison (and the other never be tried, so never warmed).
+/// and there is none for a mesh route: what a mesh connect costs depends
+/// on the peer's pool (a reused tunnel, a warm connection, a handshake),
+/// not on the endpoint, and the header → reply round trip alone is too
+/// small to tell endpoints apart from scheduling noise on a busy host.
+/// Sampling either let the peer that happened to answer faster once take
+/// nearly every sequential connection. Mesh endpoints are balanced by
+/// outstanding connections (P2C least-loaded) and ejected on failures.
 async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream, ConnectCause> {
     let t0 = Instant::now();
-    let mut sample = None;
     let r = match &ep.route {
         Route::Direct => {
             match tokio::time::timeout(ctx.connect_timeout, connect_direct(ep.addr)).await {
@@ -105,16 +107,10 @@ async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream
         }
         Route::Mesh { peer, node } => match &ctx.mesh {
             Some(mesh) => {
-                match tokio::time::timeout(
-                    ctx.connect_timeout,
-                    mesh.connect_timed(*peer, node, ep.addr),
-                )
-                .await
+                match tokio::time::timeout(ctx.connect_timeout, mesh.connect(*peer, node, ep.addr))
+                    .await
                 {
-                    Ok(Ok((s, rtt))) => {
-                        sample = Some(rtt.as_micros() as u64);
-                        Ok(Upstream::Mesh(Box::new(s)))
-                    }
+                    Ok(Ok(s)) => Ok(Upstream::Mesh(Box::new(s))),
                     Ok(Err(e)) => {
                         tracing::debug!(endpoint = %ep.addr, mesh.peer = %peer, error = %e, "mesh connect failed");
                         Err(ConnectCause::Mesh)
@@ -128,7 +124,10 @@ async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream
     match &r {
         Ok(_) => {
             let us = t0.elapsed().as_micros() as u64;
-            ep.on_connect_ok(sample.unwrap_or(us));
+            ep.on_connect_ok(match ep.route {
+                Route::Direct => Some(us),
+                Route::Mesh { .. } => None,
+            });
             let secs = us as f64 / 1e6;
             ep.m.latency.observe(secs);
             t.m.latency.observe(secs);
@@ -217,7 +216,13 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
                     send_proxy_header(&client, peer, &mut *s).await?;
                 }
                 s.relay(&client, Side::Downstream, Side::Upstream, c_in, c_out)
-                    .await
+                    .await?;
+                // Both directions ended cleanly: the tunnel can carry the
+                // next connection to that peer.
+                if let (Some(mesh), Route::Mesh { peer, node }) = (&ctx.mesh, &ep.route) {
+                    mesh.give_back(*peer, node, *s);
+                }
+                Ok(())
             }
         }
     };

@@ -191,11 +191,7 @@ pub(crate) async fn write_all(dst: &TcpStream, mut b: &[u8]) -> io::Result<()> {
 /// Passes an EOF on. When the other direction has already ended, both
 /// sockets are about to be closed, and close sends the FIN: the shutdown
 /// call is skipped.
-pub(crate) fn shutdown_write(
-    dst: &TcpStream,
-    dst_side: Side,
-    other_done: &AtomicBool,
-) -> CopyResult {
+fn shutdown_write(dst: &TcpStream, dst_side: Side, other_done: &AtomicBool) -> CopyResult {
     if other_done.swap(true, Relaxed) {
         return Ok(());
     }

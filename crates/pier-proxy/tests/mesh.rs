@@ -928,6 +928,8 @@ impl Drop for MeshCluster {
 /// node's own mesh server.
 #[tokio::test]
 async fn proxy_splits_sequential_connections_evenly_over_two_mesh_peers() {
+    let logs = Logs::default();
+    let _g = logs.install();
     let pki = Pki::new();
     for n in ["n1", "n2", "n3"] {
         pki.issue(n);
@@ -959,7 +961,8 @@ async fn proxy_splits_sequential_connections_evenly_over_two_mesh_peers() {
         let got = counts.get(n).copied().unwrap_or(0);
         assert!(
             got >= 60,
-            "{n} got {got} of 200 sequential connections: {counts:?}"
+            "{n} got {got} of 200 sequential connections: {counts:?}\n{}",
+            logs.text()
         );
     }
     // Both went through the mesh, and the metrics say so: per endpoint
@@ -983,6 +986,51 @@ async fn proxy_splits_sequential_connections_evenly_over_two_mesh_peers() {
     assert!(
         metric(&c.registry, "pier_mesh_client_pool_hits_total") > 0.0,
         "{text}"
+    );
+    c.stop().await;
+}
+
+/// Sequential connections through the proxy to one mesh peer: once a
+/// connection has ended cleanly both ways, its tunnel carries the next
+/// one, so nearly every connect skips the TCP and TLS handshakes; every
+/// reply is still the target's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_connections_reuse_the_tunnels_of_finished_ones() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (t2, _h2) = id_target("n2").await;
+    let c = MeshCluster::start(&pki, &[endpoint("n2", "a", t2, true)]).await;
+    const N: usize = 100;
+    for i in 0..N {
+        let id = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut s = TcpStream::connect(c.vip).await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<String, std::io::Error>(out)
+        })
+        .await
+        .expect("reply in time")
+        .expect("reply");
+        assert_eq!(id, "n2", "connection {i}");
+    }
+    let text = c.metrics_text();
+    let reuses = metric(&c.registry, "pier_mesh_client_tunnel_reuses_total");
+    let handshakes = metric(
+        &c.registry,
+        "pier_mesh_client_handshakes_total{kind=\"full\"}",
+    ) + metric(
+        &c.registry,
+        "pier_mesh_client_handshakes_total{kind=\"resumed\"}",
+    );
+    eprintln!("{N} sequential connects: {reuses} reused a tunnel, {handshakes} handshakes");
+    assert!(
+        reuses >= (N / 2) as f64,
+        "only {reuses} of {N} connects reused a tunnel:\n{text}"
+    );
+    assert!(
+        handshakes <= (N / 4) as f64,
+        "{handshakes} handshakes for {N} sequential connects:\n{text}"
     );
     c.stop().await;
 }

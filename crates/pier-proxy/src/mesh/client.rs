@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use pier_model::Name;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 use rustls::client::Resumption;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,8 +21,8 @@ use tracing::debug;
 
 use super::stream::Setup;
 use super::{
-    DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MeshError, MeshStream, POOL_IDLE_MAX, RELOAD_POLL,
-    REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header,
+    DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MAX_IDLE_TUNNELS, MeshError, MeshStream, POOL_IDLE_MAX,
+    RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header,
 };
 use crate::tls::{self, CertReloader, MeshConfig};
 
@@ -33,6 +34,7 @@ struct ClientMetrics {
     handshakes: Family<Labels, Counter>,
     connects: Family<Labels, Counter>,
     pool_hits: Counter,
+    reuses: Counter,
     reloads: Family<Labels, Counter>,
 }
 
@@ -54,6 +56,11 @@ impl ClientMetrics {
             self.pool_hits.clone(),
         );
         r.register(
+            "mesh_client_tunnel_reuses",
+            "Mesh connects served by a tunnel whose previous stream had ended cleanly (no TCP or TLS handshake)",
+            self.reuses.clone(),
+        );
+        r.register(
             "mesh_client_cert_reloads",
             "Certificate reloads of the mesh client, by result",
             self.reloads.clone(),
@@ -61,10 +68,16 @@ impl ClientMetrics {
     }
 }
 
-/// A handshaken connection waiting for its header.
+/// A connection waiting for its next header: fresh from a handshake, or a
+/// tunnel whose last stream ended cleanly.
+enum Idle {
+    Fresh(Setup),
+    Reused(MeshStream),
+}
+
 struct Pooled {
     since: Instant,
-    conn: Setup,
+    conn: Idle,
 }
 
 /// Dials other nodes' mesh ports. Cheap to clone; clones share the pool,
@@ -163,22 +176,6 @@ impl MeshConnector {
         peer_node: &Name,
         target: SocketAddr,
     ) -> Result<MeshStream, MeshError> {
-        self.connect_timed(peer, peer_node, target)
-            .await
-            .map(|(s, _)| s)
-    }
-
-    /// [`MeshConnector::connect`], also returning how long the header →
-    /// reply round trip took: the peer's connect to the target plus one
-    /// network round trip, without this side's TCP and TLS handshakes. That
-    /// is the figure to compare endpoints by: the handshake costs depend on
-    /// whether a warm connection was at hand, not on the endpoint.
-    pub async fn connect_timed(
-        &self,
-        peer: SocketAddr,
-        peer_node: &Name,
-        target: SocketAddr,
-    ) -> Result<(MeshStream, Duration), MeshError> {
         self.inner.maybe_reload();
         let key = (peer, peer_node.clone());
         let r = self.connect_inner(&key, target).await;
@@ -210,11 +207,15 @@ impl MeshConnector {
         &self,
         key: &PeerKey,
         target: SocketAddr,
-    ) -> Result<(MeshStream, Duration), MeshError> {
-        while let Some(stream) = self.inner.take_pooled(key) {
-            match request(stream, key, target).await {
+    ) -> Result<MeshStream, MeshError> {
+        while let Some(idle) = self.inner.take_pooled(key) {
+            let reused = matches!(idle, Idle::Reused(_));
+            match request(idle, key, target).await {
                 Ok(s) => {
                     self.inner.metrics.pool_hits.inc();
+                    if reused {
+                        self.inner.metrics.reuses.inc();
+                    }
                     return Ok(s);
                 }
                 Err(e @ MeshError::Refused { .. }) => return Err(e),
@@ -224,7 +225,29 @@ impl MeshConnector {
             }
         }
         let stream = self.inner.handshake(key).await?;
-        request(stream, key, target).await
+        request(Idle::Fresh(stream), key, target).await
+    }
+
+    /// Returns a tunnel after its stream: if the stream ended cleanly both
+    /// ways it waits in the peer's pool for the next connect (up to
+    /// [`MAX_IDLE_TUNNELS`], for at most [`POOL_IDLE_MAX`]); otherwise it
+    /// is closed. With the pool off, every tunnel is closed.
+    pub fn give_back(&self, peer: SocketAddr, peer_node: &Name, mut stream: MeshStream) {
+        let inner = &self.inner;
+        if inner.pool_size == 0 || inner.cancel.is_cancelled() || !stream.reusable() {
+            return;
+        }
+        stream.release_buffers();
+        if let Ok(mut p) = inner.pool.lock() {
+            let q = p.entry((peer, peer_node.clone())).or_default();
+            prune(q);
+            if q.len() < MAX_IDLE_TUNNELS {
+                q.push_back(Pooled {
+                    since: Instant::now(),
+                    conn: Idle::Reused(stream),
+                });
+            }
+        }
     }
 
     /// Top the peer's pool up to `pool_size` in the background.
@@ -268,7 +291,7 @@ impl MeshConnector {
                             if let Ok(mut p) = inner.pool.lock() {
                                 p.entry(key.clone()).or_default().push_back(Pooled {
                                     since: Instant::now(),
-                                    conn,
+                                    conn: Idle::Fresh(conn),
                                 });
                             }
                         }
@@ -303,15 +326,13 @@ impl MeshConnector {
 }
 
 impl Inner {
-    fn take_pooled(&self, key: &PeerKey) -> Option<Setup> {
+    /// The most recently pooled connection (the least likely to have been
+    /// closed by the peer); expired ones are dropped on the way.
+    fn take_pooled(&self, key: &PeerKey) -> Option<Idle> {
         let mut pool = self.pool.lock().ok()?;
         let q = pool.get_mut(key)?;
-        while let Some(p) = q.pop_front() {
-            if p.since.elapsed() < POOL_IDLE_MAX {
-                return Some(p.conn);
-            }
-        }
-        None
+        prune(q);
+        q.pop_back().map(|p| p.conn)
     }
 
     async fn handshake(&self, (peer, node): &PeerKey) -> Result<Setup, MeshError> {
@@ -373,13 +394,25 @@ impl Inner {
     }
 }
 
-/// Send the header, wait for the reply byte, hand over to the record
-/// layer; returns the tunnel and the round trip.
+/// Drops pooled connections older than [`POOL_IDLE_MAX`] (the oldest are
+/// at the front).
+fn prune(q: &mut VecDeque<Pooled>) {
+    while q
+        .front()
+        .is_some_and(|p| p.since.elapsed() >= POOL_IDLE_MAX)
+    {
+        q.pop_front();
+    }
+}
+
+/// Send the header, wait for the reply byte (through rustls on a fresh
+/// connection, then hand over to the record layer; through the tunnel on
+/// a reused one); returns the tunnel, ready for the stream.
 async fn request(
-    mut stream: Setup,
+    idle: Idle,
     (peer, node): &PeerKey,
     target: SocketAddr,
-) -> Result<(MeshStream, Duration), MeshError> {
+) -> Result<MeshStream, MeshError> {
     let io = |source| MeshError::Io {
         peer: *peer,
         node: node.to_string(),
@@ -387,29 +420,41 @@ async fn request(
         source,
     };
     let header = encode_header(target);
-    let t0 = Instant::now();
     let fut = async {
-        stream.write_all(&header).await.map_err(io)?;
-        let mut b = [0u8; 1];
-        stream.read_exact(&mut b).await.map_err(io)?;
-        Ok::<u8, MeshError>(b[0])
+        match idle {
+            Idle::Fresh(mut s) => {
+                s.write_all(&header).await.map_err(io)?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.map_err(io)?;
+                if b[0] != REPLY_OK {
+                    return Ok::<_, MeshError>((None, b[0]));
+                }
+                Ok((Some(s.into_stream().map_err(io)?), b[0]))
+            }
+            Idle::Reused(mut t) => {
+                t.next_stream().map_err(io)?;
+                t.write_all(&header).await.map_err(io)?;
+                t.flush().await.map_err(io)?;
+                let mut b = [0u8; 1];
+                t.read_exact(&mut b).await.map_err(io)?;
+                Ok((Some(t), b[0]))
+            }
+        }
     };
-    let code = tokio::time::timeout(REPLY_TIMEOUT, fut)
+    let (stream, code) = tokio::time::timeout(REPLY_TIMEOUT, fut)
         .await
         .map_err(|_| MeshError::Timeout {
             what: "waiting for the reply of",
             peer: *peer,
             node: node.to_string(),
         })??;
-    if code == REPLY_OK {
-        let rtt = t0.elapsed();
-        Ok((stream.into_stream().map_err(io)?, rtt))
-    } else {
-        Err(MeshError::Refused {
+    match stream {
+        Some(s) if code == REPLY_OK => Ok(s),
+        _ => Err(MeshError::Refused {
             peer: *peer,
             node: node.to_string(),
             target,
             code: RefusalCode::from_byte(code),
-        })
+        }),
     }
 }

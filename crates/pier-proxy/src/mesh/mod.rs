@@ -15,17 +15,22 @@
 //! Wire format after the handshake (ALPN `pier-mesh/1`):
 //!
 //! ```text
-//! client → server: version(1)=1 | family(1)=4|6 | ip(4|16) | port(2, BE)
-//! server → client: code(1): 0 accepted, then payload both ways;
+//! client → server: version(1)=2 | family(1)=4|6 | ip(4|16) | port(2, BE)
+//! server → client: code(1): 0 accepted, then the stream both ways;
 //!                  non-zero: refused (see RefusalCode), then close.
+//! each direction of a stream ends with an empty application_data record;
+//! once both have, the client may send the next header on the same tunnel.
 //! ```
 //!
 //! The client sends nothing after the header until the reply, and the
 //! server writes the reply in a record of its own: at that point both
 //! sides hand the connection from rustls to the record layer in
-//! [`record`] (see [`stream`]). It is still TLS 1.3 on the wire; each
-//! direction ends with a close_notify, and a tunnel that ends without one
-//! is an error (truncation), not an EOF.
+//! [`record`] (see [`stream`]). It is still TLS 1.3 on the wire. A tunnel
+//! that ends in the middle of a stream (no end marker) is an error
+//! (truncation), not an EOF, and is never reused; a tunnel whose stream
+//! ended cleanly both ways carries the next connection to the same peer
+//! without a TCP or TLS handshake, as an HTTP/1.1 keep-alive connection
+//! would. Each header is checked against the snapshot like the first.
 //!
 //! Certificates renewed on disk are picked up for new handshakes only;
 //! established tunnels are never dropped by a reload.
@@ -47,8 +52,9 @@ pub use stream::MeshStream;
 
 use crate::tls::TlsError;
 
-/// The header's version byte.
-pub const HEADER_VERSION: u8 = 1;
+/// The header's version byte. 2: streams end with an end marker and
+/// tunnels are reused (1, before, ended a tunnel with close_notify).
+pub const HEADER_VERSION: u8 = 2;
 /// The reply byte of an accepted target.
 pub const REPLY_OK: u8 = 0;
 
@@ -73,6 +79,9 @@ pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Warm connections kept per peer by default.
 pub const DEFAULT_POOL_SIZE: usize = 2;
+/// At most this many idle tunnels (whose stream ended cleanly) are kept
+/// per peer for the next connects; more are closed.
+pub const MAX_IDLE_TUNNELS: usize = 32;
 
 /// Why the server refused a target; the non-zero reply byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -281,15 +290,15 @@ mod tests {
             Err(HeaderError::Closed)
         ));
         assert!(matches!(
-            read_header(&mut &[2u8, 4, 1, 2, 3, 4, 0, 80][..]).await,
+            read_header(&mut &[1u8, 4, 1, 2, 3, 4, 0, 80][..]).await,
             Err(HeaderError::Bad(_))
         ));
         assert!(matches!(
-            read_header(&mut &[1u8, 5, 1, 2, 3, 4, 0, 80][..]).await,
+            read_header(&mut &[2u8, 5, 1, 2, 3, 4, 0, 80][..]).await,
             Err(HeaderError::Bad(_))
         ));
         assert!(matches!(
-            read_header(&mut &[1u8, 4, 1, 2][..]).await,
+            read_header(&mut &[2u8, 4, 1, 2][..]).await,
             Err(HeaderError::Bad("short header"))
         ));
     }

@@ -12,13 +12,14 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rustls::{ServerConfig, ServerConnection};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::stream::Setup;
+use super::stream::{MeshStream, Setup};
 use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
     REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
@@ -39,6 +40,7 @@ struct ServerMetrics {
     refusals: Family<Labels, Counter>,
     tunnels_active: Gauge,
     tunnels: Counter,
+    reuses: Counter,
     bytes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
 }
@@ -57,13 +59,18 @@ impl ServerMetrics {
         );
         r.register(
             "mesh_server_tunnels_active",
-            "Mesh tunnels currently open on this node",
+            "Proxied streams currently carried by mesh tunnels on this node",
             self.tunnels_active.clone(),
         );
         r.register(
             "mesh_server_tunnels",
-            "Mesh tunnels opened on this node",
+            "Proxied streams carried by mesh tunnels on this node (one per proxied connection)",
             self.tunnels.clone(),
+        );
+        r.register(
+            "mesh_server_tunnel_reuses",
+            "Streams that came over a tunnel whose previous stream had ended cleanly (no TCP or TLS handshake)",
+            self.reuses.clone(),
         );
         r.register(
             "mesh_server_bytes",
@@ -323,125 +330,180 @@ impl Inner {
             .get_or_create(&[("kind", kind)])
             .inc();
 
-        let header = tokio::select! {
-            r = tokio::time::timeout(HEADER_TIMEOUT, read_header(&mut tls)) => r,
-            _ = cancel.cancelled() => return,
-        };
-        let target = match header {
-            Ok(Ok(t)) => t,
-            Ok(Err(HeaderError::Closed)) => {
-                debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: closed before a header (unused warm connection)");
-                return;
-            }
-            Ok(Err(HeaderError::Io(e))) => {
-                debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: read header");
-                return;
-            }
-            Ok(Err(HeaderError::Bad(why))) => {
-                self.metrics.refuse("bad_header");
-                warn!(peer.addr = %peer, peer.node = %peer_node, why, "mesh: refused: bad header");
-                reply_refusal(tls, RefusalCode::BadHeader).await;
-                return;
-            }
-            Err(_) => {
-                debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: no header in time (idle warm connection)");
-                return;
-            }
-        };
+        // The first stream's header comes through rustls; once a stream
+        // has ended cleanly, the tunnel carries the next one.
+        let mut conn = Conn::Setup(tls);
+        loop {
+            let header = tokio::select! {
+                r = tokio::time::timeout(HEADER_TIMEOUT, conn.read_header()) => r,
+                _ = cancel.cancelled() => return,
+            };
+            let target = match header {
+                Ok(Ok(t)) => t,
+                Ok(Err(HeaderError::Closed)) => {
+                    debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: closed before a header (unused warm connection)");
+                    return;
+                }
+                Ok(Err(HeaderError::Io(e))) => {
+                    debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: read header");
+                    return;
+                }
+                Ok(Err(HeaderError::Bad(why))) => {
+                    self.metrics.refuse("bad_header");
+                    warn!(peer.addr = %peer, peer.node = %peer_node, why, "mesh: refused: bad header");
+                    conn.refuse(RefusalCode::BadHeader).await;
+                    return;
+                }
+                Err(_) => {
+                    debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: no header in time (idle warm connection)");
+                    return;
+                }
+            };
 
-        if let Err((code, reason)) = self.check(target) {
-            self.metrics.refuse(reason);
-            warn!(
-                peer.addr = %peer, peer.node = %peer_node, target = %target, reason,
-                "mesh: refused: target is not a ready endpoint of this node"
-            );
-            reply_refusal(tls, code).await;
-            return;
-        }
-
-        let upstream = match tokio::time::timeout(
-            TARGET_CONNECT_TIMEOUT,
-            TcpStream::connect(target),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                self.metrics.refuse("connect_failed");
-                warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, error = %e, "mesh: connect to target failed");
-                reply_refusal(tls, RefusalCode::ConnectFailed).await;
+            if let Err((code, reason)) = self.check(target) {
+                self.metrics.refuse(reason);
+                warn!(
+                    peer.addr = %peer, peer.node = %peer_node, target = %target, reason,
+                    "mesh: refused: target is not a ready endpoint of this node"
+                );
+                conn.refuse(code).await;
                 return;
             }
-            Err(_) => {
-                self.metrics.refuse("connect_failed");
-                warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: connect to target timed out");
-                reply_refusal(tls, RefusalCode::ConnectFailed).await;
-                return;
-            }
-        };
 
-        if let Err(e) = upstream.set_nodelay(true) {
-            debug!(target = %target, error = %e, "mesh: set_nodelay");
-        }
-        let tunnel = match tls.write_all(&[REPLY_OK]).await {
-            Ok(()) => tls.into_stream(),
-            Err(e) => Err(e),
-        };
-        let tunnel = match tunnel {
-            Ok(t) => t,
-            Err(e) => {
-                debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
-                return;
-            }
-        };
-
-        self.metrics.tunnels.inc();
-        self.metrics.tunnels_active.inc();
-        debug!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: tunnel open");
-        // Counted as they flow, so a long tunnel shows up while it lasts.
-        let to_target = self
-            .metrics
-            .bytes
-            .get_or_create_owned(&[("direction", "to_target")]);
-        let from_target = self
-            .metrics
-            .bytes
-            .get_or_create_owned(&[("direction", "from_target")]);
-        let r = tunnel
-            .relay(
-                &upstream,
-                crate::Side::Upstream,
-                crate::Side::Downstream,
-                crate::copy::Counters {
-                    svc: &from_target,
-                    ep: None,
-                },
-                crate::copy::Counters {
-                    svc: &to_target,
-                    ep: None,
-                },
+            let upstream = match tokio::time::timeout(
+                TARGET_CONNECT_TIMEOUT,
+                TcpStream::connect(target),
             )
-            .await;
-        self.metrics.tunnels_active.dec();
-        match r {
-            Ok(()) => {
-                debug!(peer.addr = %peer, target = %target, "mesh: tunnel closed");
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.metrics.refuse("connect_failed");
+                    warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, error = %e, "mesh: connect to target failed");
+                    conn.refuse(RefusalCode::ConnectFailed).await;
+                    return;
+                }
+                Err(_) => {
+                    self.metrics.refuse("connect_failed");
+                    warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: connect to target timed out");
+                    conn.refuse(RefusalCode::ConnectFailed).await;
+                    return;
+                }
+            };
+
+            if let Err(e) = upstream.set_nodelay(true) {
+                debug!(target = %target, error = %e, "mesh: set_nodelay");
             }
-            Err((side, e)) => {
-                let side = if side == crate::Side::Downstream {
-                    "mesh peer"
-                } else {
-                    "target"
-                };
-                debug!(peer.addr = %peer, target = %target, side, error = %e, "mesh: tunnel ended with an error");
+            let mut tunnel = match conn.accept().await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
+                    return;
+                }
+            };
+            if tunnel.streams() > 1 {
+                self.metrics.reuses.inc();
             }
+
+            self.metrics.tunnels.inc();
+            self.metrics.tunnels_active.inc();
+            debug!(peer.addr = %peer, peer.node = %peer_node, target = %target, "mesh: tunnel open");
+            // Counted as they flow, so a long tunnel shows up while it lasts.
+            let to_target = self
+                .metrics
+                .bytes
+                .get_or_create_owned(&[("direction", "to_target")]);
+            let from_target = self
+                .metrics
+                .bytes
+                .get_or_create_owned(&[("direction", "from_target")]);
+            let r = tunnel
+                .relay(
+                    &upstream,
+                    crate::Side::Upstream,
+                    crate::Side::Downstream,
+                    crate::copy::Counters {
+                        svc: &from_target,
+                        ep: None,
+                    },
+                    crate::copy::Counters {
+                        svc: &to_target,
+                        ep: None,
+                    },
+                )
+                .await;
+            self.metrics.tunnels_active.dec();
+            drop(upstream);
+            match r {
+                Ok(()) => {
+                    debug!(peer.addr = %peer, target = %target, "mesh: stream ended");
+                }
+                Err((side, e)) => {
+                    let side = if side == crate::Side::Downstream {
+                        "mesh peer"
+                    } else {
+                        "target"
+                    };
+                    debug!(peer.addr = %peer, target = %target, side, error = %e, "mesh: tunnel ended with an error");
+                    return;
+                }
+            }
+            if cancel.is_cancelled() || tunnel.next_stream().is_err() {
+                return;
+            }
+            tunnel.release_buffers();
+            conn = Conn::Tunnel(tunnel);
         }
     }
 }
 
-async fn reply_refusal(tls: Setup, code: RefusalCode) {
-    if let Err(e) = tls.close_with(&[code as u8]).await {
-        debug!(error = %e, "mesh: write refusal");
+/// A connection between streams: before the first (rustls still has it),
+/// or an established tunnel whose last stream ended cleanly.
+enum Conn {
+    Setup(Setup),
+    Tunnel(MeshStream),
+}
+
+impl Conn {
+    async fn read_header(&mut self) -> Result<SocketAddr, HeaderError> {
+        match self {
+            Conn::Setup(s) => read_header(s).await,
+            Conn::Tunnel(t) => read_header(t).await,
+        }
+    }
+
+    /// The accept byte; the tunnel, ready for the stream.
+    async fn accept(self) -> std::io::Result<MeshStream> {
+        match self {
+            Conn::Setup(mut s) => {
+                s.write_all(&[REPLY_OK]).await?;
+                s.into_stream()
+            }
+            Conn::Tunnel(mut t) => {
+                t.write_all(&[REPLY_OK]).await?;
+                t.flush().await?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// The refusal code, then the end of the connection.
+    async fn refuse(self, code: RefusalCode) {
+        let r = match self {
+            Conn::Setup(s) => s.close_with(&[code as u8]).await,
+            Conn::Tunnel(mut t) => {
+                let r = async {
+                    t.write_all(&[code as u8]).await?;
+                    t.flush().await
+                }
+                .await;
+                t.close().await;
+                r
+            }
+        };
+        if let Err(e) = r {
+            debug!(error = %e, "mesh: write refusal");
+        }
     }
 }
 

@@ -13,7 +13,6 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll, ready};
 
 use rustls::pki_types::CertificateDer;
@@ -26,7 +25,7 @@ use super::record::{
     MAX_RECORD,
 };
 use crate::Side;
-use crate::copy::{CopyResult, Counters, shutdown_write, wouldblock, write_all};
+use crate::copy::{CopyResult, Counters, wouldblock, write_all};
 
 /// `std::io::Write` over a non-blocking tokio socket, for rustls'
 /// `write_tls`.
@@ -239,8 +238,11 @@ const RECV_BULK: usize = BULK_RECORDS * FULL_RECORD + MAX_RECORD;
 /// After this many small reads in a row, a grown buffer shrinks back.
 const SHRINK_AFTER: u32 = 16;
 
-/// An established mesh tunnel (either end).
-#[derive(Debug)]
+/// An established mesh tunnel (either end). It carries one proxied stream
+/// at a time. Each direction of a stream ends with an empty
+/// application_data record (the stream's FIN); once both have, the tunnel
+/// may carry the next stream ([`MeshStream::reusable`]). close_notify
+/// ends the tunnel itself.
 pub struct MeshStream {
     tcp: TcpStream,
     tx: Keys,
@@ -249,40 +251,79 @@ pub struct MeshStream {
     /// Sealed records not yet written (`AsyncWrite`).
     wbuf: Vec<u8>,
     wpos: usize,
-    /// close_notify queued.
-    write_closed: bool,
+    /// This stream's end marker was sent.
+    end_sent: bool,
+    /// close_notify was sent, or something failed: no more streams.
+    broken: bool,
+    streams: u64,
     peer_certificate: Option<CertificateDer<'static>>,
     handshake_kind: Option<HandshakeKind>,
 }
 
+/// Lengths and flags only: the buffers hold plaintext.
+impl std::fmt::Debug for MeshStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshStream")
+            .field("tcp", &self.tcp)
+            .field("tx", &self.tx)
+            .field("rx", &self.rx)
+            .field("unsent", &(self.wbuf.len() - self.wpos))
+            .field("unread", &(self.rx_state.end - self.rx_state.start))
+            .field("end_sent", &self.end_sent)
+            .field("end_received", &self.rx_state.ended)
+            .field("broken", &self.broken)
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Received bytes: `buf[plain]` is opened plaintext not yet handed out,
 /// `buf[start..end]` ciphertext not yet opened.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Rx {
     buf: Vec<u8>,
     plain: std::ops::Range<usize>,
     start: usize,
     end: usize,
-    /// The peer's close_notify arrived.
+    /// The peer's end marker for this stream arrived.
+    ended: bool,
+    /// The peer's close_notify arrived: the tunnel is over.
     closed: bool,
 }
 
+/// What [`Rx::open_next`] found.
+enum Next {
+    Data(std::ops::Range<usize>),
+    /// The stream's end in this direction (end marker or close_notify).
+    End,
+    /// No complete record buffered.
+    Incomplete,
+}
+
 impl Rx {
-    /// Opens the next complete record, if there is one.
-    fn open_next(&mut self, keys: &mut Keys) -> io::Result<Option<Content>> {
+    /// Opens the next complete record, if there is one; nothing after the
+    /// stream's end.
+    fn open_next(&mut self, keys: &mut Keys) -> io::Result<Next> {
+        if self.ended || self.closed {
+            return Ok(Next::End);
+        }
         let Some(len) = record::record_len(&self.buf[self.start..self.end])? else {
-            return Ok(None);
+            return Ok(Next::Incomplete);
         };
         let at = self.start;
         let c = record::open_record(keys, &mut self.buf[at..at + len])?;
         self.start += len;
-        Ok(Some(match c {
-            Content::Data(r) => Content::Data(at + r.start..at + r.end),
+        Ok(match c {
+            Content::Data(r) if r.is_empty() => {
+                self.ended = true;
+                Next::End
+            }
+            Content::Data(r) => Next::Data(at + r.start..at + r.end),
             Content::Closed => {
                 self.closed = true;
-                Content::Closed
+                Next::End
             }
-        }))
+        })
     }
 
     /// Makes room for at least one more full record after `end`, moving
@@ -313,7 +354,7 @@ fn unexpected_eof(mid_record: bool) -> io::Error {
         if mid_record {
             "mesh: the peer closed in the middle of a record"
         } else {
-            "mesh: the peer closed without close_notify (the stream may be truncated)"
+            "mesh: the peer closed without ending the stream (it may be truncated)"
         },
     )
 }
@@ -327,14 +368,14 @@ impl MeshStream {
             rx,
             rx_state: Rx {
                 buf: leftover,
-                plain: 0..0,
-                start: 0,
                 end,
-                closed: false,
+                ..Rx::default()
             },
             wbuf: Vec::new(),
             wpos: 0,
-            write_closed: false,
+            end_sent: false,
+            broken: false,
+            streams: 1,
             peer_certificate: None,
             handshake_kind: None,
         }
@@ -350,18 +391,84 @@ impl MeshStream {
         self.handshake_kind
     }
 
+    /// How many streams this tunnel has carried, the current one included.
+    pub fn streams(&self) -> u64 {
+        self.streams
+    }
+
     /// The TCP connection under the tunnel.
     pub fn get_ref(&self) -> &TcpStream {
         &self.tcp
     }
 
+    /// Both directions of the current stream ended cleanly, nothing is
+    /// left unsent or unread, and the tunnel is open: it can carry the
+    /// next stream.
+    pub fn reusable(&self) -> bool {
+        let rx = &self.rx_state;
+        !self.broken
+            && self.end_sent
+            && self.wpos == self.wbuf.len()
+            && rx.ended
+            && !rx.closed
+            && rx.plain.is_empty()
+    }
+
+    /// Frees the buffers while the tunnel waits between streams (a bulk
+    /// stream leaves them at a few hundred KiB); bytes already received
+    /// for the next stream are kept.
+    pub(crate) fn release_buffers(&mut self) {
+        let rx = &mut self.rx_state;
+        if rx.start == rx.end && rx.plain.is_empty() {
+            rx.buf = Vec::new();
+            rx.start = 0;
+            rx.end = 0;
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf = Vec::new();
+            self.wpos = 0;
+        }
+    }
+
+    /// Starts the next stream on a [`reusable`](Self::reusable) tunnel.
+    pub(crate) fn next_stream(&mut self) -> io::Result<()> {
+        if !self.reusable() {
+            return Err(io::Error::other(
+                "mesh: the tunnel cannot carry another stream",
+            ));
+        }
+        self.end_sent = false;
+        self.rx_state.ended = false;
+        self.streams += 1;
+        Ok(())
+    }
+
+    /// Ends the tunnel: close_notify, then a FIN (best effort).
+    pub(crate) async fn close(mut self) {
+        self.broken = true;
+        let mut out = std::mem::take(&mut self.wbuf);
+        out.drain(..self.wpos);
+        if record::push_close_notify(&mut self.tx, &mut out).is_ok()
+            && write_all(&self.tcp, &out).await.is_ok()
+        {
+            let _ = rustix::net::shutdown(&self.tcp, rustix::net::Shutdown::Write);
+        }
+    }
+
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            let n = match Pin::new(&mut self.tcp).poll_write(cx, &self.wbuf[self.wpos..]) {
+                Poll::Ready(Ok(0)) => Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(r) => r,
+                Poll::Pending => return Poll::Pending,
+            };
+            match n {
+                Ok(n) => self.wpos += n,
+                Err(e) => {
+                    self.broken = true;
+                    return Poll::Ready(Err(e));
+                }
             }
-            self.wpos += n;
         }
         // Keep a bulk-sized buffer only while bulk writes keep coming.
         if self.wbuf.capacity() > 2 * FULL_RECORD && self.wbuf.len() < FULL_RECORD {
@@ -373,11 +480,30 @@ impl MeshStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Copies `plain` ↔ this tunnel until both directions have passed an
-    /// EOF on (close_notify one way, a FIN the other), or either breaks.
-    /// `mesh_side`/`plain_side` name the two in errors.
+    /// Copies `plain` ↔ this tunnel until both directions of the stream
+    /// have ended (plain's FIN becomes the end marker one way, the peer's
+    /// end marker becomes a FIN the other way), or either breaks; after
+    /// `Ok`, see [`reusable`](Self::reusable). `mesh_side`/`plain_side`
+    /// name the two in errors.
     pub(crate) async fn relay(
-        mut self,
+        &mut self,
+        plain: &TcpStream,
+        plain_side: Side,
+        mesh_side: Side,
+        to_mesh: Counters<'_>,
+        from_mesh: Counters<'_>,
+    ) -> CopyResult {
+        let r = self
+            .relay_inner(plain, plain_side, mesh_side, to_mesh, from_mesh)
+            .await;
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    async fn relay_inner(
+        &mut self,
         plain: &TcpStream,
         plain_side: Side,
         mesh_side: Side,
@@ -385,26 +511,26 @@ impl MeshStream {
         from_mesh: Counters<'_>,
     ) -> CopyResult {
         // What the AsyncWrite side still holds goes first.
-        let pending = std::mem::take(&mut self.wbuf);
-        write_all(&self.tcp, &pending[self.wpos..])
+        write_all(&self.tcp, &self.wbuf[self.wpos..])
             .await
             .map_err(|e| (mesh_side, e))?;
+        self.wpos = self.wbuf.len();
         let MeshStream {
             tcp,
             tx,
             rx,
             rx_state,
-            write_closed,
+            end_sent,
             ..
-        } = &mut self;
-        if *write_closed {
-            return Err((mesh_side, io::ErrorKind::BrokenPipe.into()));
-        }
-        let ended = AtomicBool::new(false);
-        let up = seal_loop(plain, tcp, tx, &ended, plain_side, mesh_side, to_mesh);
-        let down = open_loop(
-            tcp, plain, rx, rx_state, &ended, mesh_side, plain_side, from_mesh,
-        );
+        } = self;
+        let up = async {
+            if !*end_sent {
+                seal_loop(plain, tcp, tx, plain_side, mesh_side, to_mesh).await?;
+                *end_sent = true;
+            }
+            Ok(())
+        };
+        let down = open_loop(tcp, plain, rx, rx_state, mesh_side, plain_side, from_mesh);
         crate::copy::both(up, down).await
     }
 }
@@ -424,12 +550,11 @@ async fn write_all_vectored(dst: &TcpStream, mut bufs: &mut [IoSlice<'_>]) -> io
 
 /// plain → tunnel: `readv` into the payload slots of up to
 /// [`BULK_RECORDS`] records, seal each in place, write them with one call.
-/// On EOF: close_notify, then a FIN.
+/// On plain's EOF: the end marker.
 async fn seal_loop(
     src: &TcpStream,
     dst: &TcpStream,
     keys: &mut Keys,
-    ended: &AtomicBool,
     src_side: Side,
     dst_side: Side,
     cnt: Counters<'_>,
@@ -448,10 +573,10 @@ async fn seal_loop(
         };
         let n = match r {
             Ok(0) => {
-                let mut out = Vec::new();
-                record::push_close_notify(keys, &mut out).map_err(|e| (dst_side, e))?;
-                write_all(dst, &out).await.map_err(|e| (dst_side, e))?;
-                return shutdown_write(dst, dst_side, ended);
+                let w = keys
+                    .seal(&mut buf, 0, APPLICATION_DATA)
+                    .map_err(|e| (dst_side, e))?;
+                return write_all(dst, &buf[..w]).await.map_err(|e| (dst_side, e));
             }
             Ok(n) => n,
             Err(e) if wouldblock(&e) => continue,
@@ -490,14 +615,13 @@ async fn seal_loop(
 }
 
 /// tunnel → plain: read many records per `recv`, open each where it lies,
-/// write their plaintexts with one `writev`. On close_notify: a FIN.
-#[allow(clippy::too_many_arguments)]
+/// write their plaintexts with one `writev`. At the stream's end: a FIN.
+/// Bytes after the end marker stay buffered for the next stream.
 async fn open_loop(
     src: &TcpStream,
     dst: &TcpStream,
     keys: &mut Keys,
     rx: &mut Rx,
-    ended: &AtomicBool,
     src_side: Side,
     dst_side: Side,
     cnt: Counters<'_>,
@@ -513,11 +637,15 @@ async fn open_loop(
     let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(BULK_RECORDS + 1);
     let (mut bulk, mut small) = (false, 0u32);
     loop {
-        while !rx.closed {
+        let mut ended = false;
+        loop {
             match rx.open_next(keys).map_err(|e| (src_side, e))? {
-                Some(Content::Data(r)) if !r.is_empty() => ranges.push(r),
-                Some(_) => {}
-                None => break,
+                Next::Data(r) => ranges.push(r),
+                Next::End => {
+                    ended = true;
+                    break;
+                }
+                Next::Incomplete => break,
             }
         }
         if !ranges.is_empty() {
@@ -532,8 +660,11 @@ async fn open_loop(
             cnt.add(n);
             ranges.clear();
         }
-        if rx.closed {
-            return shutdown_write(dst, dst_side, ended);
+        if ended {
+            return match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
+                Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
+                Err(e) => Err((dst_side, e.into())),
+            };
         }
         rx.make_room(bulk);
         let n = loop {
@@ -560,45 +691,57 @@ async fn open_loop(
 }
 
 impl AsyncRead for MeshStream {
+    /// The stream's bytes; EOF at its end marker (or close_notify); an
+    /// error if the connection ends without either.
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = &mut *self;
-        let rx = &mut me.rx_state;
-        let mut copied = false;
-        loop {
-            if !rx.plain.is_empty() {
-                let k = rx.plain.len().min(out.remaining());
-                out.put_slice(&rx.buf[rx.plain.start..rx.plain.start + k]);
-                rx.plain.start += k;
-                copied = true;
-                if out.remaining() == 0 {
-                    return Poll::Ready(Ok(()));
-                }
-            }
-            if rx.closed {
+        let r = poll_read_rx(&mut me.tcp, &mut me.rx, &mut me.rx_state, cx, out);
+        if let Poll::Ready(Err(_)) = r {
+            me.broken = true;
+        }
+        r
+    }
+}
+
+fn poll_read_rx(
+    tcp: &mut TcpStream,
+    keys: &mut Keys,
+    rx: &mut Rx,
+    cx: &mut Context<'_>,
+    out: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let mut copied = false;
+    loop {
+        if !rx.plain.is_empty() {
+            let k = rx.plain.len().min(out.remaining());
+            out.put_slice(&rx.buf[rx.plain.start..rx.plain.start + k]);
+            rx.plain.start += k;
+            copied = true;
+            if out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            match rx.open_next(&mut me.rx)? {
-                Some(Content::Data(r)) => {
-                    rx.plain = r;
-                    continue;
-                }
-                Some(Content::Closed) => continue,
-                None if copied => return Poll::Ready(Ok(())),
-                None => {}
-            }
-            rx.make_room(false);
-            let mut rb = ReadBuf::new(&mut rx.buf[rx.end..]);
-            ready!(Pin::new(&mut me.tcp).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            if n == 0 {
-                return Poll::Ready(Err(unexpected_eof(rx.start < rx.end)));
-            }
-            rx.end += n;
         }
+        match rx.open_next(keys)? {
+            Next::Data(r) => {
+                rx.plain = r;
+                continue;
+            }
+            Next::End => return Poll::Ready(Ok(())),
+            Next::Incomplete if copied => return Poll::Ready(Ok(())),
+            Next::Incomplete => {}
+        }
+        rx.make_room(false);
+        let mut rb = ReadBuf::new(&mut rx.buf[rx.end..]);
+        ready!(Pin::new(&mut *tcp).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        if n == 0 {
+            return Poll::Ready(Err(unexpected_eof(rx.start < rx.end)));
+        }
+        rx.end += n;
     }
 }
 
@@ -609,7 +752,7 @@ impl AsyncWrite for MeshStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = &mut *self;
-        if me.write_closed {
+        if me.end_sent || me.broken {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         ready!(me.poll_drain(cx))?;
@@ -631,15 +774,21 @@ impl AsyncWrite for MeshStream {
         Pin::new(&mut me.tcp).poll_flush(cx)
     }
 
+    /// Ends this stream's direction (the end marker); the tunnel stays open.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let me = &mut *self;
-        if !me.write_closed {
+        if !me.end_sent {
             ready!(me.poll_drain(cx))?;
-            record::push_close_notify(&mut me.tx, &mut me.wbuf)?;
-            me.write_closed = true;
+            record::push_record(&mut me.tx, &mut me.wbuf, &[], APPLICATION_DATA)?;
+            me.end_sent = true;
         }
-        ready!(me.poll_drain(cx))?;
-        Pin::new(&mut me.tcp).poll_shutdown(cx)
+        me.poll_drain(cx)
+    }
+}
+
+impl super::ReadPlain for MeshStream {
+    async fn read_some(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        tokio::io::AsyncReadExt::read(self, out).await
     }
 }
 
@@ -710,11 +859,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tunnel_cut_without_close_notify_is_an_error_not_an_eof() {
+    async fn a_tunnel_cut_mid_stream_is_an_error_not_an_eof() {
         let (mut c, mut s) = tunnel(b"header").await;
         s.write_all(b"partial").await.expect("write");
         s.flush().await.expect("flush");
-        drop(s); // FIN, no close_notify: a truncation
+        drop(s); // FIN without the end marker: a truncation
         let mut got = Vec::new();
         let e = c
             .read_to_end(&mut got)
@@ -762,43 +911,94 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
-    #[tokio::test]
-    async fn relay_carries_a_plain_socket_both_ways() {
-        let (c, s) = tunnel(b"header").await;
-        // The server end relays to a plain TCP peer that echoes.
+    /// An echo server for one connection; it half-closes after EOF.
+    async fn echo_once() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        let echo = tokio::spawn(async move {
+        let h = tokio::spawn(async move {
             let (mut t, _) = l.accept().await.expect("accept");
             let (mut r, mut w) = t.split();
             tokio::io::copy(&mut r, &mut w).await.expect("echo");
             w.shutdown().await.expect("fin");
         });
-        let plain = TcpStream::connect(addr).await.expect("connect");
-        let counter = prometheus_client::metrics::counter::Counter::default();
-        let relay = tokio::spawn(async move {
-            let cnt = Counters {
-                svc: &counter,
-                ep: None,
-            };
-            s.relay(&plain, Side::Upstream, Side::Downstream, cnt, cnt)
-                .await
-                .map_err(|(side, e)| format!("{side}: {e}"))
-        });
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        (addr, h)
+    }
+
+    /// Sends `data` through the client end (then its end marker) and
+    /// returns what comes back until the server's end marker.
+    async fn round_trip(c: &mut MeshStream, data: &[u8]) -> Vec<u8> {
         let (mut r, mut w) = tokio::io::split(c);
         let send = async {
             for chunk in data.chunks(70_000) {
                 w.write_all(chunk).await.expect("send");
             }
-            w.shutdown().await.expect("close");
+            w.shutdown().await.expect("end marker");
         };
         let mut got = Vec::new();
-        let recv = r.read_to_end(&mut got);
-        let (_, n) = tokio::join!(send, recv);
-        n.expect("clean EOF back through the relay");
-        assert_eq!(got, data);
-        relay.await.expect("join").expect("relay ended cleanly");
-        echo.await.expect("echo");
+        let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+        n.expect("clean end of the stream back through the relay");
+        got
+    }
+
+    #[tokio::test]
+    async fn relay_carries_a_stream_then_the_tunnel_carries_the_next() {
+        let (mut c, mut s) = tunnel(b"header").await;
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let cnt = Counters {
+            svc: &counter,
+            ep: None,
+        };
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        for round in 0..2 {
+            // The server end relays each stream to an echo target, as the
+            // mesh server does.
+            let (addr, echo) = echo_once().await;
+            let plain = TcpStream::connect(addr).await.expect("connect");
+            let (got, relayed) = tokio::join!(
+                round_trip(&mut c, &data),
+                s.relay(&plain, Side::Upstream, Side::Downstream, cnt, cnt)
+            );
+            relayed.expect("relay ended cleanly");
+            assert_eq!(got, data, "round {round}");
+            echo.await.expect("echo");
+            assert!(c.reusable() && s.reusable(), "round {round}");
+            c.next_stream().expect("client: next stream");
+            s.next_stream().expect("server: next stream");
+        }
+        assert_eq!((c.streams(), s.streams()), (3, 3));
+        assert_eq!(counter.get(), 4 * data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_breaks_leaves_the_tunnel_unusable() {
+        let (mut c, mut s) = tunnel(b"header").await;
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let cnt = Counters {
+            svc: &counter,
+            ep: None,
+        };
+        // The target resets the connection mid-stream.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let target = tokio::spawn(async move {
+            let (t, _) = l.accept().await.expect("accept");
+            let mut b = [0u8; 4];
+            let mut t = t;
+            t.read_exact(&mut b).await.expect("read");
+            socket2::SockRef::from(&t)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .expect("linger");
+            drop(t); // RST
+        });
+        let plain = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        c.flush().await.expect("flush");
+        let r = s
+            .relay(&plain, Side::Upstream, Side::Downstream, cnt, cnt)
+            .await;
+        target.await.expect("target");
+        assert!(r.is_err(), "a reset target ends the stream with an error");
+        assert!(!s.reusable());
+        assert!(s.next_stream().is_err());
     }
 }
