@@ -502,16 +502,30 @@ impl Topology {
     fn build(&mut self, n: usize, k: u8) -> Result<()> {
         // Nothing for the test subnet may leave the machine from the root
         // namespace, whatever a test does by mistake.
-        let exists = run(ip().args(["route", "show", "exact", &self.subnet]))
-            .map(|o| !o.stdout.is_empty())
-            .unwrap_or(false);
-        if exists {
-            bail!(
-                "a route for {} already exists in the root namespace; is another topology using k={k}?",
-                self.subnet
-            );
+        // The route's metric is the owning test process's pid, so that a
+        // route left by a process that died (kill -9, a crashed run) is
+        // recognised and taken over instead of blocking every later run.
+        let existing = run(ip().args(["route", "show", "exact", &self.subnet]))
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        if !existing.is_empty() {
+            let owner = existing
+                .strip_prefix("blackhole ")
+                .and_then(|r| r.split_whitespace().skip_while(|w| *w != "metric").nth(1))
+                .and_then(|m| m.parse::<u32>().ok());
+            let alive =
+                owner.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if owner.is_none() || alive {
+                bail!(
+                    "a route for {} already exists in the root namespace ({existing}); is another topology using k={k}?",
+                    self.subnet
+                );
+            }
+            eprintln!("multihost: removing {existing:?}, left by a dead test process");
+            run(ip().args(["route", "del", "blackhole", &self.subnet]))?;
         }
-        run(ip().args(["route", "add", "blackhole", &self.subnet]))?;
+        let metric = std::process::id().to_string();
+        run(ip().args(["route", "add", "blackhole", &self.subnet, "metric", &metric]))?;
         self.blackhole = true;
 
         run(ip().args(["netns", "add", &self.switch]))?;
@@ -729,7 +743,8 @@ impl Drop for Topology {
         }
         best_effort(ip().args(["netns", "del", &self.switch]));
         if self.blackhole {
-            best_effort(ip().args(["route", "del", "blackhole", &self.subnet]));
+            let metric = std::process::id().to_string();
+            best_effort(ip().args(["route", "del", "blackhole", &self.subnet, "metric", &metric]));
         }
         unmount_under(self.root.path());
         // Shared by concurrent topologies: removed only once empty.
