@@ -14,8 +14,9 @@
 //!   [`MeshConnector`] doing a full handshake per connect.
 //!
 //! Connection setup: sequential connect + 1-byte round trip to the target.
-//! The mesh runs with the default warm pool (2 per peer), and again on a
-//! second proxy whose connector keeps no pool (TLS 1.3 resumption only).
+//! The mesh runs with the default pool (2 warm connections per peer, and
+//! the tunnels of finished connections), and again on a second proxy
+//! whose connector keeps no pool (a TLS 1.3 resumption per connect).
 //! Bulk: N MiB one way, client → target (upload) and target → client
 //! (download), with this process's CPU time per GiB (all parts included).
 //!
@@ -382,6 +383,7 @@ fn mesh_counters(reg: &Registry) -> String {
         .filter(|l| {
             l.starts_with("pier_mesh_client_handshakes_total{")
                 || l.starts_with("pier_mesh_client_pool_hits_total ")
+                || l.starts_with("pier_mesh_client_tunnel_reuses_total ")
         })
         .map(|l| l.trim_start_matches("pier_mesh_client_").to_owned())
         .collect::<Vec<_>>()
@@ -520,7 +522,7 @@ async fn run(b: tokio::runtime::Handle) {
         "",
     );
     let mesh = setup_line(
-        "proxy, mesh hop, warm pool (2)",
+        "proxy, mesh hop, pool (reuse)",
         connects,
         sequential(vips["mesh-ping"], connects).await,
         &format!("[{}]", mesh_counters(&reg)),
@@ -557,7 +559,7 @@ async fn run(b: tokio::runtime::Handle) {
         "(no proxy; reference)",
     );
     println!(
-        "  ratios: mesh/local {:.2} (warm pool), {:.2} (resumed); local/plain {:.2}",
+        "  ratios: mesh/local {:.2} (pool), {:.2} (resumed); local/plain {:.2}",
         mesh / local,
         resumed / local,
         local / direct
