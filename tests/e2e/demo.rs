@@ -29,13 +29,39 @@ fn running_pods(a: &AgentProc) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// The names of kube-demo's Running pods, straight from the agent's API
+/// (`GET /api/v1/namespaces/default/pods`, what `pier get pods -o json`
+/// prints). For timing a bound: one loopback request costs about a
+/// millisecond, where starting the CLI process costs up to a few hundred
+/// on a loaded machine, which would be counted against pier.
+fn running_pod_names_api(a: &AgentProc) -> Result<BTreeSet<String>> {
+    let (code, body) = http_get(&a.api_addr(), "/api/v1/namespaces/default/pods")?;
+    ensure!(code == 200, "GET pods: HTTP {code}: {body}");
+    let pods: Value = serde_json::from_str(&body).context("pods JSON")?;
+    let arr = pods.as_array().context("pods JSON is not an array")?;
+    Ok(arr
+        .iter()
+        .filter(|p| p["phase"] == "Running" && p["replicaset"] == "kube-demo")
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
 fn get_body(addr: &SocketAddr) -> Result<String> {
     let (code, body) = http_get(addr, "/")?;
     ensure!(code == 200, "HTTP {code} from {addr}");
     Ok(body.trim().to_owned())
 }
 
+/// The two demos take turns. Step 8 times a Docker start against a 2 s
+/// bound; run side by side, the two are in step and each one's replacement
+/// waits on dockerd behind the other's (on a loaded 2-core machine that
+/// alone took it past 2 s). Neither proves more by overlapping the other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn demo(store: &str) -> Result<()> {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     ensure_test_image()?;
     let a = AgentProc::start(AgentOpts {
         store: store.to_owned(),
@@ -142,8 +168,10 @@ fn demo(store: &str) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     a.cli_ok(&["delete", "pod", &victim])?;
+    let delete_cmd = t0.elapsed();
+    // Watched through the API, not the CLI: see `running_pod_names_api`.
     let replacement = eventually(Duration::from_secs(10), "a replacement pod Running", || {
-        let now: BTreeSet<String> = running_pods(&a)?.into_iter().map(|p| p.0).collect();
+        let now = running_pod_names_api(&a)?;
         let new: Vec<String> = now.difference(&names).cloned().collect();
         Ok((now.len() == 3 && !now.contains(&victim) && new.len() == 1).then(|| new[0].clone()))
     })?;
@@ -163,7 +191,8 @@ fn demo(store: &str) -> Result<()> {
     ensure!(replacement != victim);
     ensure!(
         took <= Duration::from_secs(2),
-        "replacement {replacement} took {took:?} to be Running (limit 2 s)"
+        "replacement {replacement} took {took:?} to be Running (limit 2 s; \
+         `pier delete pod` itself took {delete_cmd:?} of it)"
     );
 
     // 9. delete rs: the containers go; the service stays until deleted.

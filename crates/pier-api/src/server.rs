@@ -56,6 +56,12 @@ const DRAIN: Duration = Duration::from_secs(5);
 struct Inner {
     st: ApiState,
     cancel: CancellationToken,
+    /// Held from a scale's read to its compare-and-swap: scales sent to this
+    /// server take turns instead of racing each other's revision (one
+    /// client winning every round could make the other fail all its
+    /// attempts). Scales through other hosts' APIs still meet the
+    /// compare-and-swap and its retries.
+    scale_turn: tokio::sync::Mutex<()>,
 }
 
 /// An error answer.
@@ -158,6 +164,7 @@ pub async fn serve(
     let inner = Arc::new(Inner {
         st: state,
         cancel: cancel.clone(),
+        scale_turn: tokio::sync::Mutex::new(()),
     });
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let max_body = cfg.max_body_bytes;
@@ -869,6 +876,7 @@ async fn scale(
     let key = keys::replicaset(&ns, &name);
     let store = &inner.st.store;
     for attempt in 0..SCALE_ATTEMPTS {
+        let turn = inner.scale_turn.lock().await;
         let kv = store
             .get(&key)
             .await?
@@ -907,6 +915,7 @@ async fn scale(
                 failure: vec![],
             })
             .await?;
+        drop(turn);
         if r.succeeded {
             info!(namespace = %ns, replicaset = %name, replicas = new.get(), attempt, "replica set scaled");
             settle(inner, |s| s.revision >= r.revision).await;

@@ -131,7 +131,7 @@ async fn bench(c: Cluster) -> Result<()> {
             let b = c.supervisor("n2", cfg)?;
             tokio::time::sleep(Duration::from_millis(300)).await;
             let t0 = Instant::now();
-            a.crash();
+            a.crash().await;
             tokio::time::timeout(WITHIN, b.leader.clone().wait_for(|l| *l)).await??;
             took.push(t0.elapsed());
             b.cancel.cancel();

@@ -19,11 +19,16 @@ use pier_proxy::tls;
 const PIER: &str = env!("CARGO_BIN_EXE_pier");
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A loopback port that was free a moment ago.
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
+/// Two distinct loopback ports that were free a moment ago. Both are held
+/// until both are picked: picked one after the other, the second could be
+/// the first again, and the agent could not bind both.
+fn free_addrs() -> (SocketAddr, SocketAddr) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    (
+        a.local_addr().expect("local addr"),
+        b.local_addr().expect("local addr"),
+    )
 }
 
 /// A node name no other test (or agent) on this host uses.
@@ -47,11 +52,12 @@ impl Setup {
     fn new(tag: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         tls::ca_init(&dir.path().join("ca")).unwrap();
+        let (api, mesh) = free_addrs();
         Setup {
             dir,
             node: unique_node(tag),
-            api: free_addr(),
-            mesh: free_addr(),
+            api,
+            mesh,
         }
     }
 

@@ -211,11 +211,11 @@ async fn names_that_are_not_rfc_1123_are_refused() {
 
 #[tokio::test]
 async fn unreachable_agent_names_the_address_and_how_to_start_it() {
-    // A port that was just free: nothing listens on it.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port bound but never listening, held for the whole test: a connect
+    // is refused, and nothing else can start listening on it meanwhile.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = closed.local_addr().unwrap().port();
     let url = format!("http://127.0.0.1:{port}");
     let o = pier_at(&url, None, &["get", "pods"]).await;
     assert_eq!(o.code, 1, "{o:?}");
@@ -228,6 +228,7 @@ async fn unreachable_agent_names_the_address_and_how_to_start_it() {
     let o = pier_at(&url, None, &["version"]).await;
     assert!(o.stdout.contains("client: pier"), "{o:?}");
     assert!(one_error_line(&o).contains("cannot reach"), "{o:?}");
+    drop(closed);
 }
 
 #[tokio::test]

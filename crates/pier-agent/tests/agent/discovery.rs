@@ -359,10 +359,12 @@ async fn static_endpoints_are_checked_and_registered_by_the_node() -> Result<()>
     let agent = InProcAgent::start(&env, "n1", agent_config(&d));
     let open = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let open_port = open.local_addr()?.port();
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
+    // Bound but never listening: a connect is refused, and the port stays
+    // ours, so no listener started meanwhile (another test's etcd picks its
+    // ports the same way) can take it and make the endpoint ready.
+    let closed = tokio::net::TcpSocket::new_v4()?;
+    closed.bind("127.0.0.1:0".parse()?)?;
+    let closed_port = closed.local_addr()?.port();
     let accept = tokio::spawn(async move {
         loop {
             if open.accept().await.is_err() {
@@ -391,6 +393,7 @@ async fn static_endpoints_are_checked_and_registered_by_the_node() -> Result<()>
     ensure!(up.ports[0].name.as_str() == "db" && up.ports[0].port.get() == open_port);
     accept.abort();
     agent.stop().await?;
+    drop(closed);
     Ok(())
 }
 

@@ -203,6 +203,36 @@ pub async fn udp_query_from(from: &str, server: SocketAddr, m: &Message) -> Resu
     Ok(r)
 }
 
+/// Query over UDP as a stub resolver does: the same message is sent again
+/// every 500 ms until an answer comes, for up to `limit`. For queries that
+/// follow a flood: while the server's socket queue is still full, the
+/// kernel drops a datagram silently, and only a retry can tell a server
+/// that lives on from one that stopped answering.
+pub async fn udp_query_retrying(
+    server: SocketAddr,
+    m: &Message,
+    limit: Duration,
+) -> Result<Message> {
+    let s = UdpSocket::bind(("127.0.0.1", 0)).await?;
+    let pkt = m.to_vec()?;
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = vec![0u8; 65535];
+    while tokio::time::Instant::now() < deadline {
+        s.send_to(&pkt, server).await?;
+        let wait = Duration::from_millis(500).min(deadline - tokio::time::Instant::now());
+        // Answers to an earlier copy carry the same id and are as good.
+        if let Ok(r) = tokio::time::timeout(wait, s.recv_from(&mut buf)).await {
+            let (n, _) = r?;
+            let r = Message::from_vec(&buf[..n])?;
+            if r.metadata.id != m.metadata.id {
+                bail!("answer id {} != query id {}", r.metadata.id, m.metadata.id);
+            }
+            return Ok(r);
+        }
+    }
+    bail!("no UDP answer within {limit:?} (retrying every 500 ms)")
+}
+
 /// Query over TCP and decode the answer.
 pub async fn tcp_query(server: SocketAddr, m: &Message) -> Result<Message> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

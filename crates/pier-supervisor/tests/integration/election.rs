@@ -65,7 +65,7 @@ async fn crashed_leader_is_replaced_within_ttl_plus_one_second_on_etcd() -> Resu
 
     // a crashes: no resign, its lease runs out.
     let crashed = Instant::now();
-    sa.crash();
+    sa.crash().await;
     wait_leader(&sb, WITHIN).await?;
     let took = crashed.elapsed();
     eprintln!("failover took {took:?}");
@@ -116,7 +116,7 @@ async fn restarted_node_leads_again_without_waiting_out_its_old_lease() -> Resul
     let mut first = c.supervisor("a", cfg.clone())?;
     wait_leader(&first, WITHIN).await?;
     // A crash: the key stays under its lease for 30 s.
-    first.crash();
+    first.crash().await;
     // Another node's supervisor waits for that lease...
     let other = c.supervisor("b", cfg.clone())?;
     tokio::time::sleep(Duration::from_millis(300)).await;

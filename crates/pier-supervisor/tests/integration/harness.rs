@@ -237,10 +237,14 @@ pub struct RunningSupervisor {
 
 impl RunningSupervisor {
     /// Kills the supervisor as a crash would: the task is dropped, its lease
-    /// is not revoked (it expires after the TTL).
-    pub fn crash(&mut self) {
+    /// is not revoked (it expires after the TTL). Returns once the task is
+    /// gone: `abort` only marks it, and a task still being polled on another
+    /// worker would see a `cancel` fired meanwhile (by `Drop`) and resign
+    /// gracefully instead of crashing.
+    pub async fn crash(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
+            let _ = t.await;
         }
     }
 
