@@ -110,7 +110,7 @@ impl Keys {
         Ok(Nonce::assume_unique_for_key(n))
     }
 
-    /// Seals the record in `rec[..HEADER + len + OVERHEAD - HEADER]`: the
+    /// Seals the record in `rec[..len + OVERHEAD]`: the
     /// caller put `len` bytes of plaintext at `rec[HEADER..]`; this writes
     /// the header, the content type and the tag around them, and encrypts
     /// in place. Returns the record's length on the wire.
