@@ -195,9 +195,14 @@ fn shutdown_write(dst: &TcpStream, dst_side: Side, other_done: &AtomicBool) -> C
     if other_done.swap(true, Relaxed) {
         return Ok(());
     }
+    send_fin(dst, dst_side)
+}
+
+/// Shuts down writing to `dst` (a FIN); a peer already gone is not an
+/// error.
+pub(crate) fn send_fin(dst: &TcpStream, dst_side: Side) -> CopyResult {
     match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOTCONN) => Ok(()),
+        Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
         Err(e) => Err((dst_side, e.into())),
     }
 }

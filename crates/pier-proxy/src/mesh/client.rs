@@ -22,7 +22,7 @@ use tracing::debug;
 use super::stream::Setup;
 use super::{
     DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MAX_IDLE_TUNNELS, MeshError, MeshStream, POOL_IDLE_MAX,
-    RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header,
+    RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header, read_exact,
 };
 use crate::tls::{self, CertReloader, MeshConfig};
 
@@ -420,41 +420,39 @@ async fn request(
         source,
     };
     let header = encode_header(target);
+    // Ok(tunnel) when accepted, Err(code) when refused.
     let fut = async {
+        let mut code = [0u8; 1];
         match idle {
             Idle::Fresh(mut s) => {
                 s.write_all(&header).await.map_err(io)?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b).await.map_err(io)?;
-                if b[0] != REPLY_OK {
-                    return Ok::<_, MeshError>((None, b[0]));
+                read_exact(&mut s, &mut code).await.map_err(io)?;
+                if code[0] != REPLY_OK {
+                    return Ok::<_, MeshError>(Err(code[0]));
                 }
-                Ok((Some(s.into_stream().map_err(io)?), b[0]))
+                Ok(Ok(s.into_stream().map_err(io)?))
             }
             Idle::Reused(mut t) => {
                 t.next_stream().map_err(io)?;
                 t.write_all(&header).await.map_err(io)?;
                 t.flush().await.map_err(io)?;
-                let mut b = [0u8; 1];
-                t.read_exact(&mut b).await.map_err(io)?;
-                Ok((Some(t), b[0]))
+                t.read_exact(&mut code).await.map_err(io)?;
+                Ok((code[0] == REPLY_OK).then_some(t).ok_or(code[0]))
             }
         }
     };
-    let (stream, code) = tokio::time::timeout(REPLY_TIMEOUT, fut)
-        .await
-        .map_err(|_| MeshError::Timeout {
-            what: "waiting for the reply of",
-            peer: *peer,
-            node: node.to_string(),
-        })??;
-    match stream {
-        Some(s) if code == REPLY_OK => Ok(s),
-        _ => Err(MeshError::Refused {
-            peer: *peer,
-            node: node.to_string(),
-            target,
-            code: RefusalCode::from_byte(code),
-        }),
-    }
+    let reply: Result<MeshStream, u8> =
+        tokio::time::timeout(REPLY_TIMEOUT, fut)
+            .await
+            .map_err(|_| MeshError::Timeout {
+                what: "waiting for the reply of",
+                peer: *peer,
+                node: node.to_string(),
+            })??;
+    reply.map_err(|code| MeshError::Refused {
+        peer: *peer,
+        node: node.to_string(),
+        target,
+        code: RefusalCode::from_byte(code),
+    })
 }

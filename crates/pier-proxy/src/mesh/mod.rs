@@ -223,7 +223,7 @@ impl ReadPlain for &[u8] {
     }
 }
 
-async fn read_exact<R: ReadPlain>(r: &mut R, mut out: &mut [u8]) -> io::Result<()> {
+pub(crate) async fn read_exact<R: ReadPlain>(r: &mut R, mut out: &mut [u8]) -> io::Result<()> {
     while !out.is_empty() {
         match r.read_some(out).await? {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),

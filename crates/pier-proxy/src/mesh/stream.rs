@@ -25,7 +25,7 @@ use super::record::{
     MAX_RECORD,
 };
 use crate::Side;
-use crate::copy::{CopyResult, Counters, wouldblock, write_all};
+use crate::copy::{CopyResult, Counters, send_fin, wouldblock, write_all};
 
 /// `std::io::Write` over a non-blocking tokio socket, for rustls'
 /// `write_tls`.
@@ -164,16 +164,6 @@ impl Setup {
                 return Ok(0);
             }
         }
-    }
-
-    pub(crate) async fn read_exact(&mut self, mut out: &mut [u8]) -> io::Result<()> {
-        while !out.is_empty() {
-            match self.read(out).await? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => out = &mut out[n..],
-            }
-        }
-        Ok(())
     }
 
     pub(crate) async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -661,10 +651,7 @@ async fn open_loop(
             ranges.clear();
         }
         if ended {
-            return match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
-                Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
-                Err(e) => Err((dst_side, e.into())),
-            };
+            return send_fin(dst, dst_side);
         }
         rx.make_room(bulk);
         let n = loop {
@@ -798,6 +785,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::mesh::read_exact;
     use crate::mesh::record::tests::configs;
 
     /// Both ends handshaken over loopback.
@@ -822,7 +810,7 @@ mod tests {
         let (mut c, mut s) = handshaken().await;
         c.write_all(header).await.expect("header");
         let mut got = vec![0u8; header.len()];
-        s.read_exact(&mut got)
+        read_exact(&mut s, &mut got)
             .await
             .expect("server reads the header");
         assert_eq!(got, header);
@@ -835,7 +823,9 @@ mod tests {
         s.write_all(&[0]).await.expect("reply");
         let s = s.into_stream().expect("server hands over");
         let mut b = [9u8];
-        c.read_exact(&mut b).await.expect("client reads the reply");
+        read_exact(&mut c, &mut b)
+            .await
+            .expect("client reads the reply");
         assert_eq!(b, [0]);
         (c.into_stream().expect("client hands over"), s)
     }
@@ -882,7 +872,7 @@ mod tests {
         s.write_all(&[0]).await.expect("reply");
         let mut s = s.into_stream().expect("server hands over");
         let mut b = [0u8; 1];
-        c.read_exact(&mut b).await.expect("reply");
+        read_exact(&mut c, &mut b).await.expect("reply");
         let mut c = c.into_stream().expect("client hands over");
         let mut got = [0u8; 5];
         s.read_exact(&mut got)
@@ -905,7 +895,7 @@ mod tests {
         let (mut c, mut s) = handshaken().await;
         c.write_all(b"headerxx").await.expect("write");
         let mut header = [0u8; 6];
-        s.read_exact(&mut header).await.expect("header");
+        read_exact(&mut s, &mut header).await.expect("header");
         s.write_all(&[0]).await.expect("reply");
         let e = s.into_stream().expect_err("leftover plaintext refused");
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
