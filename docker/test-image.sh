@@ -14,7 +14,8 @@ set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-$here/target/debug/pier}
-run="img-$(date +%s)-$$"
+# Under run.sh, the run id is a prefix, so run.sh cleans up after a test that died.
+run="${PIER_TEST_RUN:+$PIER_TEST_RUN-}img-$(date +%s)-$$"
 tag="pier-test/pier:$run"
 work=$(mktemp -d /tmp/pier-imgtest.XXXXXX)
 compose=""

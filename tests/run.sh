@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # pier's one test command. On a Debian machine, as root, it:
-#   1. installs whatever is missing (protobuf-compiler, etcd-server, docker.io,
-#      busybox-static, dnsutils, iproute2, iptables, curl);
-#   2. starts dockerd if `docker info` fails (and stops it again at the end);
-#   3. guards the test subnets with blackhole routes;
-#   4. builds the test images with `docker import` (no registry);
-#   5. builds the workspace once, runs `cargo test --workspace`, then
+#   1. installs whatever is missing (scripts/deps.sh: each package is checked
+#      by the file or command the build or the tests use, e.g. protoc's
+#      descriptor.proto from libprotobuf-dev, not just the protoc binary);
+#   2. checks the style: `cargo fmt --check` and
+#      `cargo clippy --workspace --all-targets -- -D warnings`;
+#   3. starts dockerd if `docker info` fails (and stops it again at the end,
+#      unless another run.sh still uses it);
+#   4. guards the test subnets with blackhole routes (metric = this shell's
+#      pid, so that concurrent runs each own theirs);
+#   5. builds the test images with `docker import` (no registry);
+#   6. builds the workspace once, runs `cargo test --workspace`, then
 #      tests pier's own image and compose file (docker/test-image.sh);
-#   6. removes everything it started, also after a failure.
+#   7. removes what this run created, also after a failure, and nothing
+#      else: containers and networks whose pier.test-run label is this run's
+#      id (PIER_TEST_RUN) or starts with "<id>-", the multi-host network
+#      namespaces named "<id>-…", its own blackhole routes, and the test
+#      image only if this run built it.
 #
 #   tests/run.sh [extra cargo test args...]     e.g. tests/run.sh -p pier-dns
 set -euo pipefail
@@ -15,33 +24,23 @@ cd "$(dirname "$0")/.."
 RUN_ID=${PIER_TEST_RUN:-run$(date +%s)$$}
 export PIER_TEST_RUN=$RUN_ID
 log() { printf '[run.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+case "$RUN_ID" in
+  *[!a-z0-9_.-]*|"") log "PIER_TEST_RUN=$RUN_ID: use lower-case letters, digits, '.', '_' or '-' (it names containers, images and namespaces)"; exit 2 ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
   log "needs root (dockerd, network namespaces, pier0); re-run with sudo"
   exit 1
 fi
 
-# 1. Packages. Only call apt when something is missing.
-need=()
-command -v protoc    >/dev/null || need+=(protobuf-compiler)
-command -v etcd      >/dev/null || need+=(etcd-server)
-command -v etcdctl   >/dev/null || need+=(etcd-client)
-command -v dockerd   >/dev/null || need+=(docker.io)
-[ -x /bin/busybox ]  || need+=(busybox-static)
-command -v dig       >/dev/null || need+=(dnsutils)
-command -v ip        >/dev/null || need+=(iproute2)
-command -v iptables  >/dev/null || need+=(iptables)
-command -v curl      >/dev/null || need+=(curl)
-command -v nsenter   >/dev/null || need+=(util-linux)
-command -v ebtables  >/dev/null || need+=(ebtables)
-command -v file      >/dev/null || need+=(file)
-command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing: ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# 1. Packages. Only call apt when a check fails.
+# shellcheck source=../scripts/deps.sh
+. scripts/deps.sh
+test_deps() {
+  # `docker compose` (v2) does as well as Debian's docker-compose.
+  if docker compose version >/dev/null 2>&1; then pier_test_deps | grep -v '^docker-compose '; else pier_test_deps; fi
+}
+pier_install log pier_build_deps pier_run_deps test_deps
 # Debian's etcd-server package starts a system etcd on :2379; the tests start
 # their own on random ports and never use it.
 if [ -z "${CARGO:-}" ] && ! command -v cargo >/dev/null; then
@@ -50,33 +49,74 @@ if [ -z "${CARGO:-}" ] && ! command -v cargo >/dev/null; then
 fi
 command -v cargo >/dev/null || { log "cargo not found (install Rust with rustup)"; exit 1; }
 
-# 2. dockerd.
+# 2. Style, before anything slow.
+log "cargo fmt --check"
+cargo fmt --all --check || { log "formatting differs: run \`cargo fmt --all\`"; exit 1; }
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Runs in flight, so that the dockerd one of them started is stopped only by
+# the last one.
+runs_dir=/run/pier-test-runs
+mkdir -p "$runs_dir"
+echo $$ > "$runs_dir/$RUN_ID"
+
+# 3. dockerd.
 started_dockerd=""
+routes=()
+image_was_there=unknown   # set once dockerd answers
+
+# The ids of containers or networks (`docker ps -a` / `docker network ls`)
+# labelled pier.test-run=RUN_ID or pier.test-run=RUN_ID-…
+ours() {
+  "$@" --filter "label=pier.test-run" --format '{{.ID}} {{.Label "pier.test-run"}}' 2>/dev/null |
+    awk -v id="$RUN_ID" '$2 == id || index($2, id "-") == 1 { print $1 }'
+}
+
+other_runs() {
+  local f pid
+  for f in "$runs_dir"/*; do
+    [ -f "$f" ] && [ "$(basename "$f")" != "$RUN_ID" ] || continue
+    pid=$(cat "$f" 2>/dev/null)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then basename "$f"; else rm -f "$f"; fi
+  done
+}
+
 cleanup() {
   rc=$?
   set +e
   log "cleaning up (run id $RUN_ID)"
   if command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; then
-    ids=$(docker ps -aq --filter "label=pier.test-run" 2>/dev/null)
+    ids=$(ours docker ps -a)
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
-    nets=$(docker network ls -q --filter "label=pier.test-run" 2>/dev/null)
+    nets=$(ours docker network ls)
     [ -n "$nets" ] && docker network rm $nets >/dev/null 2>&1
-    [ -z "${KEEP_IMAGES:-}" ] && docker rmi pier-test/httpd:latest pier:test >/dev/null 2>&1
+    # The test image only if this run built it, and not while a container
+    # (of another run) uses it: no -f.
+    if [ "$image_was_there" = no ] && [ -z "${KEEP_IMAGES:-}" ]; then
+      docker rmi pier-test/httpd:latest >/dev/null 2>&1
+    fi
   fi
-  # Test agents' namespaces (pt…), and the multi-host topologies' (p<k><pid>-sw,
-  # p<k><pid>-h<i>) should a test process have died before its own teardown.
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^pt|^p[0-9]+-(sw|h[0-9])$' ); do
+  # The multi-host topologies' namespaces (<run id>-p<k><pid>-sw and -h<i>,
+  # tests/multihost/netns.rs), should a test process have died before its
+  # own teardown.
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | awk -v id="$RUN_ID" 'index($0, id "-") == 1'); do
     ip netns del "$ns" 2>/dev/null
   done
-  for r in "${routes[@]}"; do ip route del blackhole "$r" 2>/dev/null; done
+  for r in "${routes[@]}"; do ip route del blackhole "$r" metric $$ 2>/dev/null; done
+  rm -f "$runs_dir/$RUN_ID"
   if [ -n "$started_dockerd" ]; then
-    log "stopping the dockerd we started (pid $started_dockerd)"
-    kill "$started_dockerd" 2>/dev/null
-    for _ in $(seq 1 50); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.2; done
+    others=$(other_runs | tr '\n' ' ')
+    if [ -n "$others" ]; then
+      log "leaving the dockerd we started (pid $started_dockerd) running: run(s) $others still use it"
+    else
+      log "stopping the dockerd we started (pid $started_dockerd)"
+      kill "$started_dockerd" 2>/dev/null
+      for _ in $(seq 1 50); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.2; done
+    fi
   fi
   exit $rc
 }
-routes=()
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -88,16 +128,20 @@ if ! timeout 10 docker info >/dev/null 2>&1; then
   timeout 5 docker info >/dev/null 2>&1 || { log "dockerd did not start; see /tmp/pier-test-dockerd.log"; tail -20 /tmp/pier-test-dockerd.log >&2; exit 1; }
 fi
 
-# 3. Blackhole routes: a packet to a test or VIP address that is not assigned
+image_was_there=no
+docker image inspect pier-test/httpd:latest >/dev/null 2>&1 && image_was_there=yes
+
+# 4. Blackhole routes: a packet to a test or VIP address that is not assigned
 # locally is dropped here instead of leaving the machine by the default route.
+# Each run adds its own (metric = its pid) and removes only that one.
 for r in 10.213.0.0/16 10.214.0.0/16; do
-  if ip route add blackhole "$r" 2>/dev/null; then routes+=("$r"); fi
+  if ip route add blackhole "$r" metric $$ 2>/dev/null; then routes+=("$r"); fi
 done
 
-# 4. Test images.
+# 5. Test images.
 tests/images/build.sh
 
-# 5. Build once, then test.
+# 6. Build once, then test.
 log "building"
 cargo build --workspace --all-targets --locked
 log "testing"

@@ -4,10 +4,15 @@
 //!
 //! ```text
 //!   root netns: blackhole route for 10.214.K.0/24 (nothing leaves the box)
-//!   <id>-sw:  br0 ── sw-<id>-1 ─veth─ eth0 10.214.K.1/24  (<id>-h1, dockerd, bip 172.30.1.1/24)
-//!               ├─── sw-<id>-2 ─veth─ eth0 10.214.K.2/24  (<id>-h2, ...)
-//!               └─── ...
+//!   <run>-<id>-sw:  br0 ── sw-<id>-1 ─veth─ eth0 10.214.K.1/24  (<run>-<id>-h1, dockerd, bip 172.30.1.1/24)
+//!                     ├─── sw-<id>-2 ─veth─ eth0 10.214.K.2/24  (<run>-<id>-h2, ...)
+//!                     └─── ...
 //! ```
+//!
+//! `<id>` is `p<k><pid % 10000>` (short: it is part of interface names);
+//! the namespaces also start with the run id (`pier_tests::run_id()`,
+//! `PIER_TEST_RUN` under tests/run.sh), so that run.sh removes the
+//! namespaces its own run left behind and no other run's.
 //!
 //! - Each dockerd is started with `nsenter --net=/run/netns/<host>` (so its
 //!   cgroup mounts are the root mount namespace's, avoiding "Devices cgroup
@@ -488,7 +493,7 @@ impl Topology {
             .tempdir()
             .context("temp dir")?;
         let mut t = Topology {
-            switch: format!("{id}-sw"),
+            switch: format!("{}-{id}-sw", pier_tests::run_id()),
             id,
             hosts: Vec::new(),
             subnet,
@@ -534,7 +539,7 @@ impl Topology {
         run(ip().args(["-n", &self.switch, "link", "set", "br0", "up"]))?;
 
         for i in 1..=n {
-            let netns = format!("{}-h{i}", self.id);
+            let netns = format!("{}-{}-h{i}", pier_tests::run_id(), self.id);
             let dir = self.root.path().join(format!("h{i}"));
             fs::create_dir_all(&dir)?;
             // Short: unix socket paths under exec-root must stay < 108 bytes.

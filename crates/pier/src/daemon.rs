@@ -69,6 +69,21 @@ pub struct AgentArgs {
 const EXIT_CONFIG: i32 = 64;
 
 fn build_config(args: &AgentArgs) -> Result<Config, String> {
+    finish_config(apply_args(args)?)
+}
+
+/// The config `pier doctor` checks: the agent's, except that a node name
+/// is not needed to check a host.
+pub(crate) fn doctor_config(args: &AgentArgs) -> Result<Config, String> {
+    let mut cfg = apply_args(args)?;
+    if cfg.node.name.is_none() {
+        cfg.node.name = Some("doctor".into());
+    }
+    finish_config(cfg)
+}
+
+/// The config file (or the defaults) with the flags applied.
+fn apply_args(args: &AgentArgs) -> Result<Config, String> {
     let mut cfg = match &args.config {
         Some(p) => Config::load(p).map_err(|e| e.0)?,
         None => Config::default(),
@@ -122,6 +137,11 @@ fn build_config(args: &AgentArgs) -> Result<Config, String> {
     {
         cfg.api.token = Some(t);
     }
+    Ok(cfg)
+}
+
+/// Validates the whole config, then the mesh files.
+fn finish_config(cfg: Config) -> Result<Config, String> {
     cfg.validate().map_err(|e| e.0)?;
     if !cfg.proxy.manage_iface
         && !cfg

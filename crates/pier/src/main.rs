@@ -1,15 +1,26 @@
-//! The `pier` binary: `pier agent` runs the daemon; every other subcommand
-//! is a CLI client of the agent's HTTP API (see `cli`).
+//! The `pier` binary: `pier agent` runs the daemon, `pier doctor` checks a
+//! host for it, `pier completions` prints shell completions; every other
+//! subcommand is a CLI client of the agent's HTTP API (see `cli`).
 
 mod cli;
 mod daemon;
+mod doctor;
+
+/// The version with the git revision it was built from (build.rs), e.g.
+/// `0.1.0 (git 1b27814c0a2e)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("PIER_GIT_REVISION"),
+    ")"
+);
 
 use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "pier",
-    version,
+    version = VERSION,
     about = "Service mesh and replica sets for plain Docker hosts"
 )]
 struct Top {
@@ -31,6 +42,14 @@ struct Top {
 enum Cmd {
     /// Run the pier agent on this host.
     Agent(daemon::AgentArgs),
+    /// Check this host for `pier agent` (takes the agent's flags): dockerd,
+    /// ip, iptables, splice, namespaces, ports, routes, the store.
+    Doctor(daemon::AgentArgs),
+    /// Print shell completions: bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     #[command(flatten)]
     Cli(cli::Command),
 }
@@ -80,6 +99,12 @@ fn main() {
     let code = rt.block_on(async {
         match top.cmd {
             Cmd::Agent(a) => daemon::run(a).await,
+            Cmd::Doctor(a) => doctor::run(a).await,
+            Cmd::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Top::command(), "pier", &mut std::io::stdout());
+                0
+            }
             Cmd::Cli(c) => cli::run(&top.server, c).await,
         }
     });

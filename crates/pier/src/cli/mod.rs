@@ -574,7 +574,7 @@ async fn delete(server: &str, a: DeleteArgs) -> Result<()> {
 }
 
 async fn version(server: &str) -> Result<()> {
-    println!("client: pier {}", env!("CARGO_PKG_VERSION"));
+    println!("client: pier {}", crate::VERSION);
     let c = client(server)?;
     let v = c.version().await?;
     println!(
