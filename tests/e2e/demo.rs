@@ -56,7 +56,7 @@ fn get_body(addr: &SocketAddr) -> Result<String> {
 /// bound; run side by side, the two are in step and each one's replacement
 /// waits on dockerd behind the other's (on a loaded 2-core machine that
 /// alone took it past 2 s). Neither proves more by overlapping the other.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn demo(store: &str) -> Result<()> {
     let _turn = ONE_AT_A_TIME

@@ -2,3 +2,4 @@
 //! `pier` binary. One test binary; each module is one scenario family.
 
 mod demo;
+mod dns;

@@ -6,7 +6,9 @@
 //!   reaches, by DNS name and VIP, a service whose pods run only on hosts 2
 //!   and 3 (through the mTLS mesh), and the load is spread over both; a
 //!   service that prefers local endpoints stays on host 1's pod while it is
-//!   ready and falls back to host 2's; the
+//!   ready and falls back to host 2's; `dig` from host 1's own namespace
+//!   and a container on a network created after host 1's agent are
+//!   answered at once; the
 //!   mesh refuses a foreign certificate, plaintext, and targets that are not
 //!   ready endpoints of its node, logging each with the peer's address;
 //!   host 3 is cut off the switch, its endpoints leave host 1's snapshot,
@@ -144,6 +146,67 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
         body == "web-h2" || body == "web-h3",
         "wget http://web:8080/ from a container on h1: {body:?}"
     );
+    // From host 1 itself: `dig` in its namespace is answered (the query
+    // leaves from the DNS VIP's own address, one of the host's), and a
+    // container on a network created now, after the agent, is answered on
+    // its first query and reaches the VIP.
+    let dns = format!("10.213.{}.10", c.octet);
+    let svc = c.cli_json(1, &["get", "svc", "web"])?;
+    let vip = svc
+        .first()
+        .and_then(|s| s["vip"].as_str())
+        .context("web has no VIP")?
+        .to_owned();
+    let out = c.topo.host(1).exec(&[
+        "dig",
+        &format!("@{dns}"),
+        &fqdn("web"),
+        "A",
+        "+time=2",
+        "+tries=1",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("status: NOERROR") && text.contains(&vip),
+        "dig from host 1's namespace:\n{text}"
+    );
+    let net = format!("late-{}", c.label);
+    c.topo.host(1).docker(&[
+        "network",
+        "create",
+        "--label",
+        &format!("pier.test-run={}", c.label),
+        &net,
+    ])?;
+    let out = c.topo.host(1).docker(&[
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "--network",
+        &net,
+        "--label",
+        &format!("pier.test-run={}", c.label),
+        "--dns",
+        &dns,
+        pier_tests::TEST_IMAGE,
+        "sh",
+        "-c",
+        &format!(
+            "nslookup {} && wget -qO- http://{}:8080/",
+            fqdn("web"),
+            fqdn("web")
+        ),
+    ]);
+    let _ = c.topo.host(1).docker(&["network", "rm", &net]);
+    let out = out?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains(&vip) && (text.contains("web-h2") || text.contains("web-h3")),
+        "a container on a network created after host 1's agent:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let m = c.metrics(1)?;
     ensure!(
         m.lines()

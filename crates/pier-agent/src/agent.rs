@@ -56,7 +56,7 @@ enum OpMsg {
         generation: u64,
         seq: u64,
         list: Result<HashMap<String, Container>, String>,
-        nets: Result<Vec<pier_model::Cidr>, String>,
+        nets: Result<HashMap<String, Vec<pier_model::Cidr>>, String>,
     },
 }
 
@@ -96,6 +96,10 @@ pub(crate) struct Agent {
     event_seq: u64,
     touched: HashMap<String, u64>,
     containers: HashMap<String, Container>,
+    /// Docker's networks by id with their subnets, published (as one
+    /// list) to the DNS ACL; `nets_touched` is `touched` for networks.
+    docker_nets: HashMap<String, Vec<pier_model::Cidr>>,
+    nets_touched: HashMap<String, u64>,
     /// Containers already warned about, so a bad label warns once.
     warned: HashSet<String>,
     checks: HashMap<String, Check>,
@@ -154,6 +158,8 @@ impl Agent {
             event_seq: 0,
             touched: HashMap::new(),
             containers: HashMap::new(),
+            docker_nets: HashMap::new(),
+            nets_touched: HashMap::new(),
             warned: HashSet::new(),
             checks: HashMap::new(),
             next_generation: 0,
@@ -305,28 +311,15 @@ impl Agent {
         generation: u64,
         seq: u64,
         list: Result<HashMap<String, Container>, String>,
-        nets: Result<Vec<pier_model::Cidr>, String>,
+        nets: Result<HashMap<String, Vec<pier_model::Cidr>>, String>,
     ) {
         if generation != self.resync_gen {
             return;
         }
         self.resync_running = false;
         match list {
-            Ok(mut map) => {
-                // Containers that events changed while the list ran keep
-                // what the events said.
-                for (id, s) in &self.touched {
-                    if *s > seq {
-                        match self.containers.get(id) {
-                            Some(c) => {
-                                map.insert(id.clone(), c.clone());
-                            }
-                            None => {
-                                map.remove(id);
-                            }
-                        }
-                    }
-                }
+            Ok(map) => {
+                let map = merge_listed(map, &self.containers, &self.touched, seq);
                 self.touched.clear();
                 debug!(containers = map.len(), "docker resync");
                 self.containers = map;
@@ -336,17 +329,70 @@ impl Agent {
         }
         match nets {
             Ok(nets) => {
-                self.networks.send_if_modified(|v| {
-                    if *v != nets {
-                        *v = nets;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                self.docker_nets = merge_listed(nets, &self.docker_nets, &self.nets_touched, seq);
+                self.nets_touched.clear();
+                self.publish_networks();
             }
             Err(e) => warn!(error = %e, "listing docker networks failed"),
         }
+    }
+
+    /// Give the DNS ACL the subnets of every network, if they changed.
+    fn publish_networks(&self) {
+        let nets = docker::all_subnets(&self.docker_nets);
+        self.networks.send_if_modified(|v| {
+            if *v != nets {
+                debug!(subnets = ?nets, "docker networks changed");
+                *v = nets;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// A network event: `create` and a `connect` to a network not yet known
+    /// inspect it and add its subnets; `destroy` removes them. Either way the
+    /// ACL has them before a container on the network can send a query (a
+    /// container joins its networks before its process starts).
+    async fn on_network_event(&mut self, verb: &str, id: String) {
+        match verb {
+            "create" | "connect" => {
+                if verb == "connect" && self.docker_nets.contains_key(&id) {
+                    return;
+                }
+                let Some(d) = self.docker.clone() else { return };
+                match docker::inspect_network(&d, &id).await {
+                    Ok(Some(subnets)) => {
+                        self.touch_net(&id);
+                        debug!(network.id = %id, ?subnets, "docker network added");
+                        self.docker_nets.insert(id, subnets);
+                    }
+                    Ok(None) => {
+                        self.touch_net(&id);
+                        self.docker_nets.remove(&id);
+                    }
+                    Err(e) => {
+                        warn!(network.id = %id, error = %e, "inspecting a new network failed; the next resync repairs it");
+                        return;
+                    }
+                }
+            }
+            "destroy" => {
+                self.touch_net(&id);
+                if self.docker_nets.remove(&id).is_none() {
+                    return;
+                }
+                debug!(network.id = %id, "docker network removed");
+            }
+            _ => return,
+        }
+        self.publish_networks();
+    }
+
+    fn touch_net(&mut self, id: &str) {
+        self.event_seq += 1;
+        self.nets_touched.insert(id.to_owned(), self.event_seq);
     }
 
     fn touch(&mut self, id: &str) {
@@ -375,10 +421,14 @@ impl Agent {
         let action = ev.action.unwrap_or_default();
         let Some(actor) = ev.actor else { return };
         let Some(id) = actor.id else { return };
-        debug!(container.id = %id, action = %action, "docker event");
         // Actions carry suffixes (`health_status: healthy`, `exec_start: sh`):
         // match on the prefix.
         let verb = action.split(':').next().unwrap_or("").trim();
+        if ev.typ == Some(bollard::models::EventMessageTypeEnum::NETWORK) {
+            debug!(network.id = %id, action = %action, "docker network event");
+            return self.on_network_event(verb, id).await;
+        }
+        debug!(container.id = %id, action = %action, "docker event");
         match verb {
             "start" | "unpause" | "restart" | "rename" | "update" => {
                 self.inspect_into_map(&id).await;
@@ -1083,5 +1133,58 @@ fn auto_service(name: &Name, spec: &Spec) -> Service {
         health: None,
         sla: None,
         created_at: now_ms(),
+    }
+}
+
+/// The result of a full list, merged with what events said while it ran:
+/// an entry an event touched after the list started (`touched[id] > seq`)
+/// keeps the event's state (present in `current` or gone), everything else
+/// is as listed.
+fn merge_listed<V: Clone>(
+    mut listed: HashMap<String, V>,
+    current: &HashMap<String, V>,
+    touched: &HashMap<String, u64>,
+    seq: u64,
+) -> HashMap<String, V> {
+    for (id, s) in touched {
+        if *s > seq {
+            match current.get(id) {
+                Some(v) => {
+                    listed.insert(id.clone(), v.clone());
+                }
+                None => {
+                    listed.remove(id);
+                }
+            }
+        }
+    }
+    listed
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::merge_listed;
+    use std::collections::HashMap;
+
+    fn m(kv: &[(&str, u32)]) -> HashMap<String, u32> {
+        kv.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn events_after_the_list_started_win_and_older_ones_do_not() {
+        // The list started at seq 5. Since then: "new" was created (7), "gone"
+        // destroyed (6), "changed" updated to 2 (8). "old" was touched at 3,
+        // before the list, so the list's view of it stands.
+        let listed = m(&[("gone", 1), ("changed", 1), ("old", 9), ("kept", 1)]);
+        let current = m(&[("new", 1), ("changed", 2), ("old", 4)]);
+        let touched: HashMap<String, u64> = [("new", 7), ("gone", 6), ("changed", 8), ("old", 3)]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        let got = merge_listed(listed, &current, &touched, 5);
+        assert_eq!(
+            got,
+            m(&[("new", 1), ("changed", 2), ("old", 9), ("kept", 1)])
+        );
     }
 }

@@ -35,6 +35,10 @@ pub(crate) enum DockerMsg {
 /// in under a second here, so the first retries come quickly.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The network events the agent follows: a network enters the DNS ACL at
+/// its `create` (or, should that be missed, the first `connect`), before
+/// any container on it runs, and leaves it at `destroy`.
+pub(crate) const NETWORK_EVENTS: &[&str] = &["create", "connect", "destroy"];
 
 pub(crate) fn label_filters(filter: &Labels) -> HashMap<String, Vec<String>> {
     let mut f = HashMap::new();
@@ -81,16 +85,32 @@ pub(crate) async fn connection_loop(
         match res {
             Ok(d) => {
                 backoff = BACKOFF_MIN;
+                // Containers, filtered by label on the server; networks,
+                // all of them (the DNS ACL follows every network, and a
+                // network's labels are not the containers'). Two streams
+                // because Docker ANDs its filter keys.
                 let mut filters = label_filters(&filter);
                 filters.insert("type".into(), vec!["container".into()]);
                 // Replay from a second before the resync's list, so an event
                 // between the list and the stream's start is not lost.
-                let since = crate::now_ms() / 1000 - 1;
-                let mut events = Box::pin(d.events(Some(EventsOptions {
-                    since: Some(since.to_string()),
+                let since = (crate::now_ms() / 1000 - 1).to_string();
+                let containers = d.events(Some(EventsOptions {
+                    since: Some(since.clone()),
                     until: None,
                     filters: Some(filters),
-                })));
+                }));
+                let networks = d.events(Some(EventsOptions {
+                    since: Some(since),
+                    until: None,
+                    filters: Some(HashMap::from([
+                        ("type".to_owned(), vec!["network".to_owned()]),
+                        (
+                            "event".to_owned(),
+                            NETWORK_EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+                        ),
+                    ])),
+                }));
+                let mut events = Box::pin(futures::stream::select(containers, networks));
                 if tx.send(DockerMsg::Up(d.clone())).await.is_err() {
                     return;
                 }
@@ -293,8 +313,8 @@ pub(crate) async fn list(
     Ok(out)
 }
 
-/// The subnets of Docker's networks.
-pub(crate) async fn networks(d: &Docker) -> Result<Vec<Cidr>, AgentError> {
+/// Docker's networks by id, each with its subnets (IPv4 and IPv6).
+pub(crate) async fn networks(d: &Docker) -> Result<HashMap<String, Vec<Cidr>>, AgentError> {
     let nets = d
         .list_networks(Some(ListNetworksOptions::default()))
         .await
@@ -302,9 +322,30 @@ pub(crate) async fn networks(d: &Docker) -> Result<Vec<Cidr>, AgentError> {
             what: "list networks".into(),
             source,
         })?;
-    let mut out: Vec<Cidr> = nets
+    Ok(nets
+        .into_iter()
+        .filter_map(|n| Some((n.id?, subnets(n.ipam.as_ref()))))
+        .collect())
+}
+
+/// Inspect one network; `Ok(None)` when it is gone.
+pub(crate) async fn inspect_network(d: &Docker, id: &str) -> Result<Option<Vec<Cidr>>, AgentError> {
+    match d.inspect_network(id, None).await {
+        Ok(n) => Ok(Some(subnets(n.ipam.as_ref()))),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(None),
+        Err(source) => Err(AgentError::Docker {
+            what: format!("inspect network {id}"),
+            source,
+        }),
+    }
+}
+
+fn subnets(ipam: Option<&bollard::models::Ipam>) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = ipam
         .iter()
-        .flat_map(|n| n.ipam.iter().flat_map(|i| i.config.iter().flatten()))
+        .flat_map(|i| i.config.iter().flatten())
         .filter_map(|c| c.subnet.as_deref())
         .filter_map(|s| match s.parse::<Cidr>() {
             Ok(c) => Some(c),
@@ -316,7 +357,16 @@ pub(crate) async fn networks(d: &Docker) -> Result<Vec<Cidr>, AgentError> {
         .collect();
     out.sort();
     out.dedup();
-    Ok(out)
+    out
+}
+
+/// The union of every network's subnets, sorted, without duplicates: what
+/// the DNS ACL is given.
+pub(crate) fn all_subnets(nets: &HashMap<String, Vec<Cidr>>) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = nets.values().flatten().copied().collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// How a pod container is made.

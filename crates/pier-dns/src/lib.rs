@@ -14,8 +14,9 @@
 //!
 //! Everything else is forwarded to the upstreams (UDP, then TCP when the
 //! answer is truncated), cached within its TTL, and answered SERVFAIL when no
-//! upstream answers within the bound. Clients outside loopback, the container
-//! networks and the configured CIDRs get REFUSED.
+//! upstream answers within the bound. Clients other than the host itself
+//! (loopback and its own addresses), the container networks and the
+//! configured CIDRs get REFUSED.
 //!
 //! It is not a recursive resolver, not DNSSEC-aware (the DO bit is echoed,
 //! nothing is signed), and never reads the store: it works from the
@@ -90,8 +91,10 @@ pub struct DnsConfig {
     pub upstream_timeout_ms: u64,
     /// Client networks answered besides loopback and the container networks.
     pub allow: Vec<Cidr>,
-    /// Answer loopback clients. Turning it off makes the ACL testable on one
-    /// host; the agent leaves it on.
+    /// Answer the host itself: loopback clients and clients whose source is
+    /// one of the host's own addresses (a query the host sends to the DNS
+    /// VIP leaves from the VIP's address). Turning it off makes the ACL
+    /// testable on one host; the agent leaves it on.
     pub allow_loopback: bool,
     /// Forward cache size, in responses.
     pub cache_entries: usize,
@@ -232,10 +235,32 @@ impl DnsConfig {
 pub(crate) struct Shared {
     pub zone: Arc<ArcSwap<zone::Zone>>,
     pub acl: Arc<ArcSwap<Acl>>,
+    /// What `acl` is built from; only the slow paths lock it.
+    pub acl_inputs: std::sync::Mutex<acl::AclInputs>,
     pub fwd: forward::Forwarder,
     pub metrics: metrics::Metrics,
     pub our_payload: u16,
     pub forwards: Arc<tokio::sync::Semaphore>,
+}
+
+impl Shared {
+    /// The slow path for a client the caller's (possibly cached) ACL
+    /// refused: answer if the current ACL allows it, or if it is one of the
+    /// host's own addresses added since they were last read (read again at
+    /// most every [`acl::LOCAL_RESCAN`]).
+    pub(crate) fn admit(&self, ip: std::net::IpAddr) -> bool {
+        if self.acl.load().allows(ip) {
+            return true;
+        }
+        let mut inputs = self.acl_inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if !inputs.may_rescan(std::time::Instant::now()) || !inputs.scan_local() {
+            return false;
+        }
+        let acl = Arc::new(inputs.build());
+        let ok = acl.allows(ip);
+        self.acl.store(acl);
+        ok
+    }
 }
 
 /// The DNS server. Build with [`DnsServer::new`], run with [`DnsServer::serve`].
@@ -275,14 +300,19 @@ impl DnsServer {
         let updater = zone::ZoneUpdater::new(snap, cfg.zone_params());
         let z = updater.zone();
         metrics.zone_names.set(z.names.len() as i64);
-        let acl = Acl::new(
-            cfg.allow_loopback,
-            &cfg.allow,
-            &container_networks.borrow_and_update(),
-        );
+        let mut inputs = acl::AclInputs {
+            host: cfg.allow_loopback,
+            allow: cfg.allow.clone(),
+            nets: container_networks.borrow_and_update().clone(),
+            local: Vec::new(),
+            scanned: None,
+        };
+        inputs.scan_local();
+        let acl = inputs.build();
         let shared = Shared {
             zone: Arc::new(ArcSwap::new(z)),
             acl: Arc::new(ArcSwap::from_pointee(acl)),
+            acl_inputs: std::sync::Mutex::new(inputs),
             fwd: forward::Forwarder {
                 upstreams,
                 timeout: Duration::from_millis(cfg.upstream_timeout_ms),

@@ -18,7 +18,7 @@ use crate::engine::{self, Step};
 use crate::forward::{CacheKey, owned_name};
 use crate::mmsg::{BATCH, Batcher};
 use crate::wire::{self, MAX_NAME, Query, rcode};
-use crate::{Acl, DnsError, DnsServer, Shared, zone};
+use crate::{DnsError, DnsServer, Shared, zone};
 
 /// 10 s: RFC 7766 6.2.3 suggests idle TCP timeouts of seconds, not minutes.
 const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -60,7 +60,12 @@ pub(crate) async fn serve(
         });
     }
     let span = info_span!("dns");
-    info!(parent: &span, listen = ?locals, upstreams = ?srv.shared.fwd.upstreams, "dns serving");
+    // UDP and TCP usually share each address: name each address once.
+    let (n_udp, n_tcp) = (udp.len(), tcp.len());
+    let mut listen = locals.clone();
+    listen.sort();
+    listen.dedup();
+    info!(parent: &span, ?listen, udp = n_udp, tcp = n_tcp, upstreams = ?srv.shared.fwd.upstreams, "dns serving");
 
     let tracker = TaskTracker::new();
     // Rebuild the zone when the snapshot changes.
@@ -120,7 +125,6 @@ pub(crate) async fn serve(
     {
         let shared = srv.shared.clone();
         let mut rx = srv.networks.clone();
-        let cfg = srv.cfg.clone();
         let cancel = cancel.clone();
         tracker.spawn(
             async move {
@@ -131,9 +135,12 @@ pub(crate) async fn serve(
                     }
                     let nets = rx.borrow_and_update().clone();
                     debug!(networks = ?nets, "container networks changed");
-                    shared
-                        .acl
-                        .store(Arc::new(Acl::new(cfg.allow_loopback, &cfg.allow, &nets)));
+                    let mut inputs = shared.acl_inputs.lock().unwrap_or_else(|p| p.into_inner());
+                    inputs.nets = nets;
+                    // A new network often comes with a new host address
+                    // (its bridge's gateway): read them again too.
+                    inputs.scan_local();
+                    shared.acl.store(Arc::new(inputs.build()));
                 }
             }
             .instrument(span.clone()),
@@ -256,7 +263,7 @@ fn udp_thread(
             match engine::answer(
                 zone,
                 pkt,
-                acl.allows(peer.ip()),
+                acl.allows(peer.ip()) || shared.admit(peer.ip()),
                 true,
                 shared.our_payload,
                 out,
@@ -453,7 +460,7 @@ async fn tcp_conn(
             Err(_) => return Ok(()),
         };
         let t0 = Instant::now();
-        let allowed = shared.acl.load().allows(peer.ip());
+        let allowed = shared.acl.load().allows(peer.ip()) || shared.admit(peer.ip());
         let step = engine::answer(
             &shared.zone.load(),
             &buf,

@@ -422,3 +422,110 @@ async fn graceful_stop_deregisters_endpoints_and_leaves_containers_running() -> 
     ensure!(running == "true", "container stopped with the agent");
     Ok(())
 }
+
+/// The DNS ACL follows Docker's network events: a network's subnets are
+/// published at its `create` and withdrawn at its `destroy`, with the
+/// periodic resync set far beyond the test, for a plain, an `--internal`
+/// and a dual-stack network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networks_follow_docker_events_without_a_resync() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let cfg = pier_agent::AgentConfig {
+        resync_interval_ms: 600_000,
+        ..agent_config(&d)
+    };
+    let mut agent = InProcAgent::start(&env, "n1", cfg);
+    // The start-up resync has run once the test network is published.
+    let first = d.ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        &d.net,
+    ])?;
+    wait_nets(&mut agent, "the start-up list", |n| n.contains(&first)).await?;
+
+    let cases: [(&str, &[&str]); 3] = [
+        ("plain", &[]),
+        ("internal", &["--internal"]),
+        ("v6", &["--ipv6", "--subnet", "fd42:7e57:2b::/64"]),
+    ];
+    for (kind, flags) in cases {
+        let name = format!("{}-{kind}", d.net);
+        let mut args = vec![
+            "network".to_owned(),
+            "create".into(),
+            "--label".into(),
+            format!("pier.test-run={}", d.run),
+        ];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        args.push(name.clone());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.ok(&a)?;
+        let subnets = d.ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+            &name,
+        ])?;
+        let subnets: Vec<String> = subnets.split_whitespace().map(str::to_owned).collect();
+        ensure!(!subnets.is_empty(), "{name} has no subnet");
+        if kind == "v6" {
+            ensure!(
+                subnets.iter().any(|s| s == "fd42:7e57:2b::/64"),
+                "{subnets:?}"
+            );
+        }
+        wait_nets(&mut agent, &format!("{kind} network in"), |n| {
+            subnets.iter().all(|s| n.contains(s))
+        })
+        .await?;
+        d.ok(&["network", "rm", &name])?;
+        wait_nets(&mut agent, &format!("{kind} network out"), |n| {
+            subnets.iter().all(|s| !n.contains(s))
+        })
+        .await?;
+    }
+    ensure!(
+        agent
+            .networks
+            .borrow()
+            .iter()
+            .any(|c| c.to_string() == first),
+        "removing the other networks took the test network out too"
+    );
+    agent.stop().await?;
+    Ok(())
+}
+
+/// Wait (5 s at most; the resync is 10 minutes away) until the published
+/// subnets, as strings, satisfy `f`.
+async fn wait_nets(
+    agent: &mut InProcAgent,
+    what: &str,
+    f: impl Fn(&[String]) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Vec<String> = agent
+            .networks
+            .borrow_and_update()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        if f(&now) {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero()
+            || tokio::time::timeout(left, agent.networks.changed())
+                .await
+                .is_err()
+        {
+            anyhow::bail!("{what}: not published within 5 s; published: {now:?}");
+        }
+    }
+}
