@@ -41,7 +41,8 @@ EOF
 }
 
 # Only the tests: etcd (multi-host and etcd-store tests), dig, nsenter,
-# ebtables (multi-host cuts), docker-compose (docker/test-image.sh).
+# ebtables (multi-host cuts), docker-compose (docker/test-image.sh and the
+# DNS e2e test), dnsmasq (the DNS e2e test's host resolver).
 pier_test_deps() {
   cat <<EOF
 etcd-server etcd
@@ -50,6 +51,7 @@ dnsutils dig
 util-linux nsenter
 ebtables ebtables
 docker-compose docker-compose
+dnsmasq-base dnsmasq
 EOF
 }
 
