@@ -133,6 +133,15 @@ iptables "${nat_rule[@]}"
 iptables "${fwd_in[@]}"
 iptables "${fwd_out[@]}"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# CAs added to this host by hand (/usr/local/share/ca-certificates), e.g.
+# for a TLS-inspecting egress proxy: a fresh host on the same network needs
+# them as well, or cargo cannot fetch crates. ca-certificates, which up.sh
+# installs, puts them into the bundle as on any Debian host.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$ROOT/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+  log "copied this host's local CAs: $(cd /usr/local/share/ca-certificates && echo *.crt)"
+fi
 
 # Mounts: sysfs is mounted from inside the namespace so that it shows the
 # namespace's interfaces.
