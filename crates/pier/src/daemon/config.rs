@@ -266,8 +266,110 @@ pub fn store_url(url: &str) -> Result<StoreUrl, ConfigError> {
 }
 
 #[cfg(test)]
+mod keys;
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The keys config/pier.toml writes, set or commented out (`# key =`),
+    /// with the section they are in: `["dns", "upstreams"]`. A key inside
+    /// an inline table (`capacity = { pods = 0 }`) is found as
+    /// `["node", "capacity", "pods"]`.
+    fn documented_keys(text: &str) -> Vec<Vec<String>> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        let mut section: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for raw in text.lines() {
+            let line = raw.trim();
+            let line = line.strip_prefix('#').map_or(line, str::trim);
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                if name.split('.').all(ident) {
+                    section = name.split('.').map(str::to_owned).collect();
+                }
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let key = key.trim();
+            if !ident(key) {
+                continue;
+            }
+            let mut path = section.clone();
+            path.push(key.to_owned());
+            // Inline table: its keys too.
+            if let Some(inner) = value.trim().strip_prefix('{') {
+                for kv in inner.trim_end_matches('}').split(',') {
+                    if let Some((k, _)) = kv.split_once('=')
+                        && ident(k.trim())
+                    {
+                        let mut p = path.clone();
+                        p.push(k.trim().to_owned());
+                        out.push(p);
+                    }
+                }
+            }
+            out.push(path);
+        }
+        out
+    }
+
+    /// config/pier.toml says it documents every option: every key the
+    /// parser accepts (found by serde itself, see `keys`) must be in it,
+    /// set or commented out. A key added to any section's config struct
+    /// without a line in the file fails here, naming it.
+    #[test]
+    fn pier_toml_documents_every_accepted_key() {
+        let accepted = keys::accepted_keys::<Config>();
+        // The recorder itself: it must see the sections and keys of every
+        // subsystem, Option-wrapped ones ([mesh]) included.
+        for want in [
+            &["node", "name"][..],
+            &["store", "url"],
+            &["dns", "upstreams"],
+            &["proxy", "splice"],
+            &["agent", "resync_interval_ms"],
+            &["supervisor", "enabled"],
+            &["mesh", "cert"],
+            &["node", "capacity", "pods"],
+        ] {
+            assert!(
+                accepted.iter().any(|k| k.path == want),
+                "the key recorder missed {}: {accepted:?}",
+                want.join(".")
+            );
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/pier.toml");
+        let text = std::fs::read_to_string(&path).expect("config/pier.toml");
+        let documented = documented_keys(&text);
+        let missing: Vec<String> = accepted
+            .iter()
+            .filter(|k| !k.is_struct && !documented.contains(&k.path))
+            .map(|k| k.path.join("."))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "config/pier.toml does not document {} key(s) the parser accepts: {}; add each (with its default, commented out if it has none) to its section",
+            missing.len(),
+            missing.join(", ")
+        );
+        // And the file documents nothing the parser would refuse.
+        let unknown: Vec<String> = documented
+            .iter()
+            .filter(|d| !accepted.iter().any(|k| &k.path == *d))
+            .map(|d| d.join("."))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "config/pier.toml documents keys the parser does not accept: {}",
+            unknown.join(", ")
+        );
+    }
 
     /// Every shipped config parses and validates: config/*.toml as they
     /// are, and docker/pier.toml as docker/compose.yaml runs it.
