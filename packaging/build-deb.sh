@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds pier's .deb with cargo-deb: the release binary, the systemd unit
+# (packaging/pier.service), /etc/pier/pier.toml (config/pier.toml, a
+# conffile) and bash, zsh and fish completions generated from the clap
+# definitions by the binary itself (`pier completions SHELL`).
+#
+#   packaging/build-deb.sh            -> target/debian/pier_<version>-1_<arch>.deb
+#
+# Needs cargo-deb (`cargo install cargo-deb --locked`) and what the build
+# needs (scripts/deps.sh, or just run scripts/up.sh once).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v cargo-deb >/dev/null || { echo "build-deb: cargo-deb missing; install it with: cargo install cargo-deb --locked" >&2; exit 1; }
+cargo build --release --locked -p pier
+mkdir -p target/completions
+target/release/pier completions bash >target/completions/pier.bash
+target/release/pier completions zsh >target/completions/_pier
+target/release/pier completions fish >target/completions/pier.fish
+cargo deb -p pier --no-build --locked "$@"
