@@ -13,6 +13,7 @@ mod names;
 mod objects;
 mod snapshot;
 
+pub mod addr;
 pub mod api;
 pub mod keys;
 
