@@ -13,10 +13,10 @@
 #   6. builds the workspace once, runs `cargo test --workspace`, then
 #      tests pier's own image and compose file (docker/test-image.sh);
 #   7. removes what this run created, also after a failure, and nothing
-#      else: containers and networks whose pier.test-run label is this run's
-#      id (PIER_TEST_RUN) or starts with "<id>-", the multi-host network
-#      namespaces named "<id>-…", its own blackhole routes, and the test
-#      image only if this run built it.
+#      else (tests/cleanup.sh): containers and networks whose pier.test-run
+#      label is this run's id (PIER_TEST_RUN) or starts with "<id>-", the
+#      multi-host network namespaces named "<id>-…", its own blackhole
+#      routes, and the test image only if this run built it.
 #
 #   tests/run.sh [extra cargo test args...]     e.g. tests/run.sh -p pier-dns
 set -euo pipefail
@@ -25,7 +25,7 @@ RUN_ID=${PIER_TEST_RUN:-run$(date +%s)$$}
 export PIER_TEST_RUN=$RUN_ID
 log() { printf '[run.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 case "$RUN_ID" in
-  *[!a-z0-9_.-]*|"") log "PIER_TEST_RUN=$RUN_ID: use lower-case letters, digits, '.', '_' or '-' (it names containers, images and namespaces)"; exit 2 ;;
+  *[!a-z0-9_]*|"") log "PIER_TEST_RUN=$RUN_ID: use lower-case letters, digits and '_' only (it names containers, images and namespaces, and '-' separates it from what follows)"; exit 2 ;;
 esac
 
 if [ "$(id -u)" != 0 ]; then
@@ -66,12 +66,8 @@ started_dockerd=""
 routes=()
 image_was_there=unknown   # set once dockerd answers
 
-# The ids of containers or networks (`docker ps -a` / `docker network ls`)
-# labelled pier.test-run=RUN_ID or pier.test-run=RUN_ID-…
-ours() {
-  "$@" --filter "label=pier.test-run" --format '{{.ID}} {{.Label "pier.test-run"}}' 2>/dev/null |
-    awk -v id="$RUN_ID" '$2 == id || index($2, id "-") == 1 { print $1 }'
-}
+# shellcheck source=cleanup.sh
+. tests/cleanup.sh
 
 other_runs() {
   local f pid
@@ -86,23 +82,13 @@ cleanup() {
   rc=$?
   set +e
   log "cleaning up (run id $RUN_ID)"
-  if command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; then
-    ids=$(ours docker ps -a)
-    [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
-    nets=$(ours docker network ls)
-    [ -n "$nets" ] && docker network rm $nets >/dev/null 2>&1
-    # The test image only if this run built it, and not while a container
-    # (of another run) uses it: no -f.
-    if [ "$image_was_there" = no ] && [ -z "${KEEP_IMAGES:-}" ]; then
-      docker rmi pier-test/httpd:latest >/dev/null 2>&1
-    fi
+  # This run's containers, networks and namespaces (tests/cleanup.sh).
+  pier_cleanup_run "$RUN_ID"
+  # The test image only if this run built it, and not while a container
+  # (of another run) uses it: no -f.
+  if [ "$image_was_there" = no ] && [ -z "${KEEP_IMAGES:-}" ] && timeout 10 docker info >/dev/null 2>&1; then
+    docker rmi pier-test/httpd:latest >/dev/null 2>&1
   fi
-  # The multi-host topologies' namespaces (<run id>-p<k><pid>-sw and -h<i>,
-  # tests/multihost/netns.rs), should a test process have died before its
-  # own teardown.
-  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | awk -v id="$RUN_ID" 'index($0, id "-") == 1'); do
-    ip netns del "$ns" 2>/dev/null
-  done
   for r in "${routes[@]}"; do ip route del blackhole "$r" metric $$ 2>/dev/null; done
   rm -f "$runs_dir/$RUN_ID"
   if [ -n "$started_dockerd" ]; then
