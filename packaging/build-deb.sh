@@ -12,8 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || { echo "build-deb: cargo-deb missing; install it with: cargo install cargo-deb --locked" >&2; exit 1; }
 cargo build --release --locked -p pier
+bin=${CARGO_TARGET_DIR:-target}/release/pier
+# Where the package metadata (crates/pier/Cargo.toml) takes them from.
 mkdir -p target/completions
-target/release/pier completions bash >target/completions/pier.bash
-target/release/pier completions zsh >target/completions/_pier
-target/release/pier completions fish >target/completions/pier.fish
+"$bin" completions bash >target/completions/pier.bash
+"$bin" completions zsh >target/completions/_pier
+"$bin" completions fish >target/completions/pier.fish
 cargo deb -p pier --no-build --locked "$@"

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Installs the .deb on a fresh Debian 12 root and boots that root with
+# systemd as PID 1 (systemd-nspawn, private network: nothing touches the
+# host's), to show that `dpkg -i` installs pier and that its unit starts
+# the agent, restarts it after a crash, and stops it cleanly. Slow (a
+# debootstrap), so not part of CI. As root:
+#
+#   packaging/test-deb.sh [target/debian/pier_*.deb]
+#
+# Needs debootstrap and systemd-container (systemd-nspawn).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deb=${1:-$(ls -t target/debian/pier_*.deb 2>/dev/null | head -1)}
+[ -f "$deb" ] || { echo "test-deb: no .deb (build one with packaging/build-deb.sh)" >&2; exit 1; }
+for c in debootstrap systemd-nspawn nsenter; do
+  command -v "$c" >/dev/null || { echo "test-deb: $c missing (apt-get install debootstrap systemd-container util-linux)" >&2; exit 1; }
+done
+id=$$
+ROOT=/var/tmp/pier-deb-root.$id
+log() { printf '[test-deb %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+nspawn_pid=""
+
+# Processes whose root is $ROOT (the booted system), by pid.
+procs_in_root() {
+  local p r
+  for p in /proc/[0-9]*; do
+    r=$(readlink "$p/root" 2>/dev/null) || continue
+    [ "$r" = "$ROOT" ] && echo "${p#/proc/}"
+  done
+}
+teardown() {
+  rc=$?
+  set +e
+  if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
+    kill "$nspawn_pid"   # nspawn powers the container off
+    for _ in $(seq 1 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$nspawn_pid" 2>/dev/null
+  fi
+  pids=$(procs_in_root)
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null && sleep 0.5
+  for m in $(awk -v r="$ROOT" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m"; done
+  rm -rf --one-file-system "$ROOT"
+  log "done (exit status $rc)"
+  exit $rc
+}
+trap teardown EXIT
+trap 'exit 130' INT TERM
+
+log "debootstrap bookworm -> $ROOT"
+debootstrap bookworm "$ROOT" http://deb.debian.org/debian >"$ROOT.debootstrap.log" 2>&1 ||
+  { tail -20 "$ROOT.debootstrap.log" >&2; exit 1; }
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# No daemon may start in the chroot during the installs (they would start on
+# the host's network): the standard policy-rc.d.
+printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
+chmod +x "$ROOT/usr/sbin/policy-rc.d"
+mount -t proc proc "$ROOT/proc"
+
+log "the package's dependency first (docker.io), with apt"
+chroot "$ROOT" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >/dev/null
+cp "$deb" "$ROOT/root/"
+log "dpkg -i $(basename "$deb") ($(du -k "$deb" | cut -f1) KiB)"
+chroot "$ROOT" dpkg -i "/root/$(basename "$deb")"
+chroot "$ROOT" dpkg -L pier
+log "the unit, verified by the root's own systemd-analyze"
+chroot "$ROOT" systemd-analyze verify /lib/systemd/system/pier.service && log "systemd-analyze verify: no complaints"
+log "enabled: $(chroot "$ROOT" systemctl is-enabled pier)"
+log "conffile: $(chroot "$ROOT" dpkg-query -W -f='${Conffiles}' pier | tr -s ' \n' ' ')"
+rm -f "$ROOT/usr/sbin/policy-rc.d"
+umount "$ROOT/proc"
+# A node name for this machine, as an admin would set it.
+sed -i 's/^name = "host-1"/name = "deb-test"/' "$ROOT/etc/pier/pier.toml"
+echo pier-deb-test >"$ROOT/etc/hostname"
+
+log "booting it: systemd-nspawn -b --private-network"
+systemd-nspawn -q -D "$ROOT" -b --private-network --register=no -M "pierdeb$id" >"$ROOT.boot.log" 2>&1 </dev/null &
+nspawn_pid=$!
+# The container's PID 1: the systemd whose root is $ROOT.
+init=""
+for _ in $(seq 1 100); do
+  for p in $(procs_in_root); do
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = systemd ] && { init=$p; break; }
+  done
+  [ -n "$init" ] && break
+  sleep 0.2
+done
+[ -n "$init" ] || { cat "$ROOT.boot.log" >&2; echo "test-deb: the container's systemd did not start" >&2; exit 1; }
+inside() { nsenter -t "$init" -m -u -i -n -p -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+for _ in $(seq 1 150); do
+  st=$(inside systemctl is-system-running 2>/dev/null || true)
+  case "$st" in running|degraded) break ;; esac
+  sleep 0.2
+done
+log "the container's systemd: $st (PID 1 there: $(inside cat /proc/1/comm))"
+ok=""
+for _ in $(seq 1 100); do
+  if inside pier get nodes >/dev/null 2>&1; then ok=yes; break; fi
+  sleep 0.2
+done
+inside systemctl --no-pager status pier | head -12 || true
+[ -n "$ok" ] || { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: the agent did not answer" >&2; exit 1; }
+inside pier version
+inside pier get nodes
+pid1=$(inside systemctl show -p MainPID --value pier)
+log "the agent runs under the unit (pid $pid1 in the container); killing it with SIGKILL"
+inside kill -9 "$pid1"
+pid2=""
+for _ in $(seq 1 100); do
+  pid2=$(inside systemctl show -p MainPID --value pier)
+  if [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] && inside pier get nodes >/dev/null 2>&1; then break; fi
+  sleep 0.2
+done
+[ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] || { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: not restarted" >&2; exit 1; }
+log "restarted by systemd: pid $pid2, NRestarts=$(inside systemctl show -p NRestarts --value pier)"
+inside systemctl stop pier
+log "after systemctl stop: $(inside systemctl is-active pier || true); pier0 left: $(inside ip link show pier0 >/dev/null 2>&1 && echo yes || echo no)"
+inside journalctl -u pier --no-pager -o cat | grep -iE "shutting|deregister|stopped|removed|listening|ready" | tail -8 || true
+log "PASS: dpkg -i installed pier; its unit started the agent under systemd, restarted it after SIGKILL, stopped it"
