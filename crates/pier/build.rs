@@ -23,7 +23,9 @@ fn main() {
         let mut watch = vec![git.join("HEAD"), common.join("packed-refs")];
         if let Some(r) = head_ref(&git) {
             watch.push(git.join(&r));
-            watch.push(common.join(&r));
+            if common != git {
+                watch.push(common.join(&r));
+            }
         }
         for p in watch {
             if p.is_file() {
