@@ -220,6 +220,7 @@ async fn main() -> Result<()> {
         },
         dns_search: vec![],
         networks: ntx,
+        local_targets: tokio::sync::watch::channel(Default::default()).0,
     };
     let agent = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));
 

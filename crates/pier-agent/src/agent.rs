@@ -84,6 +84,7 @@ pub(crate) struct Agent {
     alloc: pier_store::alloc::AllocConfig,
     dns_search: Vec<String>,
     networks: watch::Sender<Vec<pier_model::Cidr>>,
+    local_targets: watch::Sender<Arc<HashSet<SocketAddr>>>,
 
     snap: Arc<Snapshot>,
     lease: Option<LeaseId>,
@@ -150,6 +151,7 @@ impl Agent {
             alloc: ctx.alloc,
             dns_search: ctx.dns_search,
             networks: ctx.networks,
+            local_targets: ctx.local_targets,
             lease: None,
             docker: None,
             docker_synced: false,
@@ -791,10 +793,27 @@ impl Agent {
 
         let mut desired: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         desired.insert(keys::node(&me), encode(&self.node));
+        // The mesh listener relays only to these: what this agent found
+        // in its own Docker and saw ready, never what the store says.
+        let mut local = HashSet::new();
         for (key, mut ep, r) in endpoints {
             ep.ready = is_ready(&r, &self.checks);
+            if ep.ready && !ep.is_static {
+                let svc = snap.service(&ep.namespace, &ep.service);
+                let svc = svc
+                    .map(|s| &**s)
+                    .or_else(|| missing_services.get(&(ep.namespace.clone(), ep.service.clone())));
+                local_targets_of(&ep, svc, &mut local);
+            }
             desired.insert(key, encode(&ep));
         }
+        self.local_targets.send_if_modified(|cur| {
+            let changed = **cur != local;
+            if changed {
+                *cur = Arc::new(local);
+            }
+            changed
+        });
 
         // The pod runtime.
         if synced && self.docker_synced {
@@ -1066,6 +1085,7 @@ impl Agent {
     /// left running; the caller revokes the lease.
     async fn shutdown(mut self) {
         info!("agent stopping: deregistering endpoints");
+        self.local_targets.send_replace(Arc::new(HashSet::new()));
         self.tasks_cancel.cancel();
         let eps: Vec<String> = self
             .written
@@ -1091,6 +1111,20 @@ impl Agent {
             .is_err()
         {
             warn!("agent tasks did not stop in time");
+        }
+    }
+}
+
+/// The `ip:port`s of a ready endpoint: its ports, or the service's target
+/// ports when it names none (as `Endpoint::port_for` falls back).
+fn local_targets_of(ep: &Endpoint, svc: Option<&Service>, out: &mut HashSet<SocketAddr>) {
+    if ep.ports.is_empty() {
+        for sp in svc.iter().flat_map(|s| s.ports.iter()) {
+            out.insert(SocketAddr::new(ep.ip, sp.target_port.get()));
+        }
+    } else {
+        for p in &ep.ports {
+            out.insert(SocketAddr::new(ep.ip, p.port.get()));
         }
     }
 }

@@ -138,6 +138,11 @@ pub struct AgentContext {
     pub dns_search: Vec<String>,
     /// The subnets of Docker's networks are published here.
     pub networks: tokio::sync::watch::Sender<Vec<pier_model::Cidr>>,
+    /// The `ip:port`s of this node's ready container endpoints, as found in
+    /// its own Docker (not read back from the store), for the mesh
+    /// listener: it relays to nothing else.
+    pub local_targets:
+        tokio::sync::watch::Sender<Arc<std::collections::HashSet<std::net::SocketAddr>>>,
 }
 
 #[derive(Debug, thiserror::Error)]

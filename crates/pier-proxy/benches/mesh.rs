@@ -29,8 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pier_model::{
-    Endpoint, EndpointMap, EndpointPort, LbPolicy, Name, Namespace, Node, PortNum, Service,
-    ServicePort, ServiceType, Snapshot,
+    Endpoint, EndpointMap, EndpointPort, Name, Namespace, Node, PortNum, Service, Snapshot,
 };
 use pier_proxy::mesh::{MeshConnector, MeshServer};
 use pier_proxy::tls::{self, MeshConfig};
@@ -293,27 +292,26 @@ where
 }
 
 fn service(svc: &str, vip: SocketAddr) -> Arc<Service> {
-    Arc::new(Service {
-        name: name(svc),
-        namespace: Namespace::default(),
-        vip: Some(vip.ip()),
-        service_type: ServiceType::ClusterIP,
-        ports: vec![ServicePort {
-            name: name("p"),
-            port: PortNum::new(vip.port()).expect("port"),
-            target_port: PortNum::new(8080).expect("port"),
-            node_port: None,
-        }],
-        selector: Default::default(),
-        static_endpoints: Vec::new(),
-        lb: LbPolicy::P2c,
-        proxy_protocol: false,
-        prefer_local: false,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: 0,
-    })
+    // From JSON, so that fields added to the record later take defaults.
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "name": svc,
+            "vip": vip.ip(),
+            "ports": [{"name": "p", "port": vip.port(), "target_port": 8080}],
+            "lb": "p2c",
+        }))
+        .expect("service"),
+    )
+}
+
+/// A node whose mesh is at `addr` (0: no mesh), from JSON as above.
+fn node(n: &str, addr: SocketAddr) -> Arc<Node> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "name": n, "addr": addr.ip(), "mesh_port": addr.port(),
+        }))
+        .expect("node"),
+    )
 }
 
 fn endpoint(svc: &str, node: &str, a: SocketAddr) -> Arc<Endpoint> {
@@ -435,19 +433,9 @@ async fn run(b: tokio::runtime::Handle) {
         }
     }
     let mut nodes = BTreeMap::new();
-    nodes.insert(
-        name("n2"),
-        Arc::new(Node {
-            name: name("n2"),
-            addr: mesh_addr.ip(),
-            mesh_port: mesh_addr.port(),
-            dns_addr: None,
-            labels: Default::default(),
-            capacity: Default::default(),
-            version: String::new(),
-            started_at: 0,
-        }),
-    );
+    // n1 is the client: n2's listener relays only for a node it knows.
+    nodes.insert(name("n1"), node("n1", SocketAddr::new(mesh_addr.ip(), 0)));
+    nodes.insert(name("n2"), node("n2", mesh_addr));
     let all = Arc::new(Snapshot {
         nodes: Arc::new(nodes),
         services: Arc::new(services),
@@ -468,8 +456,23 @@ async fn run(b: tokio::runtime::Handle) {
         Arc::new(s)
     };
     let (_tx_srv, rx_srv) = watch::channel(all.clone());
-    let server =
-        MeshServer::new(&cfg("n2"), name("n2"), rx_srv, &mut Registry::default()).expect("server");
+    // n2's agent's own view: its endpoints (all ready).
+    let local: pier_proxy::mesh::LocalTargets = all
+        .endpoints
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|e| e.node.as_str() == "n2")
+        .flat_map(|e| e.ports.iter().map(|p| SocketAddr::new(e.ip, p.port.get())))
+        .collect();
+    let (_tx_local, rx_local) = watch::channel(Arc::new(local));
+    let server = MeshServer::new(
+        &cfg("n2"),
+        name("n2"),
+        rx_srv,
+        rx_local,
+        &mut Registry::default(),
+    )
+    .expect("server");
     let c = cancel.clone();
     b.spawn(async move {
         let l = TcpListener::from_std(l).expect("listener");

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use pier_model::{Endpoint, EndpointMap, EndpointPort, Name, Namespace, PortNum, Snapshot};
-use pier_proxy::mesh::{MeshConnector, MeshError, MeshServer, RefusalCode};
+use pier_model::{Endpoint, EndpointMap, EndpointPort, Name, Namespace, Node, PortNum, Snapshot};
+use pier_proxy::mesh::{LocalTargets, MeshConnector, MeshError, MeshServer, RefusalCode};
 use pier_proxy::tls::{self, MeshConfig, TlsError};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,6 +64,23 @@ fn endpoint(node: &str, id: &str, addr: SocketAddr, ready: bool) -> Arc<Endpoint
     })
 }
 
+/// A node of the cluster whose mesh is at `addr` (built from JSON, so that
+/// fields added to the record later take their defaults).
+fn node_at(n: &str, addr: SocketAddr) -> Arc<Node> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "name": n, "addr": addr.ip(), "mesh_port": addr.port(),
+        }))
+        .unwrap(),
+    )
+}
+
+fn node(n: &str) -> Arc<Node> {
+    node_at(n, "127.0.0.1:0".parse().unwrap())
+}
+
+/// The store's view: `eps`, and the nodes n1, n2 and n3 (a peer's
+/// certificate must name a node of the cluster).
 fn snapshot(eps: &[Arc<Endpoint>]) -> Arc<Snapshot> {
     let mut m = EndpointMap::new();
     for e in eps {
@@ -71,10 +88,25 @@ fn snapshot(eps: &[Arc<Endpoint>]) -> Arc<Snapshot> {
     }
     let mut all = BTreeMap::new();
     all.insert((Namespace::default(), name("web")), Arc::new(m));
+    let nodes = ["n1", "n2", "n3"].map(|n| (name(n), node(n)));
     Arc::new(Snapshot {
         endpoints: Arc::new(all),
+        nodes: Arc::new(BTreeMap::from(nodes)),
         ..Snapshot::default()
     })
+}
+
+/// What an honest agent of `node` publishes for the mesh listener: its
+/// own ready endpoints in `snap`.
+fn local_of(node: &str, snap: &Snapshot) -> Arc<LocalTargets> {
+    Arc::new(
+        snap.endpoints
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|e| e.node.as_str() == node && e.ready && !e.is_static)
+            .flat_map(|e| e.ports.iter().map(|p| SocketAddr::new(e.ip, p.port.get())))
+            .collect(),
+    )
 }
 
 /// Log lines captured from the current thread (tests run on a
@@ -125,20 +157,33 @@ fn metric(reg: &Registry, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A running mesh server for node `n1` and its snapshot sender.
+/// A running mesh server for node `n1`, its snapshot sender and its
+/// agent's view.
 struct Running {
     addr: SocketAddr,
     registry: Registry,
     tx: watch::Sender<Arc<Snapshot>>,
+    local: watch::Sender<Arc<LocalTargets>>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), MeshError>>,
 }
 
 impl Running {
+    /// The store and the agent agree: n1's ready endpoints in `snap`.
     async fn start(cfg: &MeshConfig, snap: Arc<Snapshot>) -> Running {
+        let local = local_of("n1", &snap);
+        Self::start_with(cfg, snap, local).await
+    }
+    /// The store says `snap`, n1's agent says `local`.
+    async fn start_with(
+        cfg: &MeshConfig,
+        snap: Arc<Snapshot>,
+        local: Arc<LocalTargets>,
+    ) -> Running {
         let (tx, rx) = watch::channel(snap);
+        let (local, local_rx) = watch::channel(local);
         let mut registry = Registry::default();
-        let server = MeshServer::new(cfg, name("n1"), rx, &mut registry).unwrap();
+        let server = MeshServer::new(cfg, name("n1"), rx, local_rx, &mut registry).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
@@ -147,9 +192,15 @@ impl Running {
             addr,
             registry,
             tx,
+            local,
             cancel,
             task,
         }
+    }
+    /// A new snapshot, and n1's agent agrees with it.
+    fn set(&self, snap: Arc<Snapshot>) {
+        self.local.send_replace(local_of("n1", &snap));
+        self.tx.send_replace(snap);
     }
     async fn stop(mut self) {
         self.cancel.cancel();
@@ -513,7 +564,7 @@ async fn refused_targets_that_are_not_ready_endpoints_of_this_node() {
     );
 
     // The unready endpoint becomes ready: accepted with the next snapshot.
-    srv.tx.send_replace(snapshot(&[
+    srv.set(snapshot(&[
         endpoint("n1", "a", ready, true),
         endpoint("n1", "c", unready, true),
     ]));
@@ -523,13 +574,110 @@ async fn refused_targets_that_are_not_ready_endpoints_of_this_node() {
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"ping");
     // And the ready one goes away: refused again.
-    srv.tx
-        .send_replace(snapshot(&[endpoint("n1", "c", unready, true)]));
+    srv.set(snapshot(&[endpoint("n1", "c", unready, true)]));
     let e = conn
         .connect(srv.addr, &name("n1"), ready)
         .await
         .unwrap_err();
     assert_eq!(e.refusal(), Some(RefusalCode::NotLocalEndpoint));
+    drop(s);
+    srv.stop().await;
+}
+
+/// Attack (M1): someone with write access to the store forges an endpoint
+/// `node=n1, ip=127.0.0.1` for a host-only service, ready, and asks n1's
+/// mesh for it. n1's agent never found it in its Docker, so the listener
+/// refuses, though the store (the snapshot) says it is a ready endpoint
+/// of n1.
+#[tokio::test]
+async fn forged_store_endpoint_on_this_node_is_not_relayed() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    // The host-only service the attacker wants: a real listener, so a
+    // relay would succeed if it were attempted.
+    let (host_only, _h) = echo_server().await;
+    let (pod, _p) = echo_server().await;
+    let store = snapshot(&[
+        endpoint("n1", "pod", pod, true),
+        endpoint("n1", "forged", host_only, true),
+    ]);
+    // n1's agent knows only its pod.
+    let agent = Arc::new(LocalTargets::from([pod]));
+    let srv = Running::start_with(&pki.cfg("n1"), store, agent).await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let e = conn
+        .connect(srv.addr, &name("n1"), host_only)
+        .await
+        .expect_err("a forged store endpoint must not be relayed");
+    assert_eq!(e.refusal(), Some(RefusalCode::NotLocalEndpoint), "{e}");
+    assert!(
+        logs.warned(&[
+            "refused",
+            &format!("target={host_only}"),
+            "not_in_local_view"
+        ]),
+        "logged with the reason:\n{}",
+        logs.text()
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_refusals_total{reason=\"not_in_local_view\"}"
+        ),
+        1.0
+    );
+    // Control: the pod the agent found is relayed.
+    let mut s = conn.connect(srv.addr, &name("n1"), pod).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    drop(s);
+    srv.stop().await;
+}
+
+/// Attack (M1): a certificate the mesh CA really signed, for a node name
+/// that is not in the cluster (a removed node, or one issued by mistake).
+/// The handshake succeeds, then the listener refuses before any header.
+#[tokio::test]
+async fn valid_cert_for_a_node_not_in_the_cluster_is_refused() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("ghost");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let conn = MeshConnector::with_pool_size(
+        &pki.cfg("ghost"),
+        name("ghost"),
+        &mut Registry::default(),
+        0,
+    )
+    .unwrap();
+    let e = conn
+        .connect(srv.addr, &name("n1"), echo)
+        .await
+        .expect_err("a node not in the cluster must be refused");
+    assert_eq!(e.refusal(), Some(RefusalCode::PeerNotAllowed), "{e}");
+    assert!(
+        logs.warned(&["refused", "peer.node=ghost", "unknown_node"]),
+        "logged with the peer's name:\n{}",
+        logs.text()
+    );
+    assert_eq!(metric(&srv.registry, "mesh_server_tunnels_total"), 0.0);
+    // Control: once the node joins the cluster, the same certificate works.
+    let mut snap = (*snapshot(&[endpoint("n1", "a", echo, true)])).clone();
+    let mut nodes = (*snap.nodes).clone();
+    nodes.insert(name("ghost"), node("ghost"));
+    snap.nodes = Arc::new(nodes);
+    srv.set(Arc::new(snap));
+    let s = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
     drop(s);
     srv.stop().await;
 }
@@ -549,7 +697,15 @@ async fn expired_or_missing_cert_is_a_clear_startup_error() {
     .unwrap();
     let cfg = pki.cfg("old");
     let (_tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let e = MeshServer::new(&cfg, name("old"), rx.clone(), &mut Registry::default()).unwrap_err();
+    let (_ltx, lrx) = watch::channel(Arc::new(LocalTargets::new()));
+    let e = MeshServer::new(
+        &cfg,
+        name("old"),
+        rx.clone(),
+        lrx.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(
         msg.contains("expired") && msg.contains("old/node.pem"),
@@ -567,20 +723,35 @@ async fn expired_or_missing_cert_is_a_clear_startup_error() {
         now + Duration::from_secs(2 * 86_400),
     )
     .unwrap();
-    let e = MeshServer::new(&cfg, name("old"), rx.clone(), &mut Registry::default()).unwrap_err();
+    let e = MeshServer::new(
+        &cfg,
+        name("old"),
+        rx.clone(),
+        lrx.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("not valid before"), "{e}");
 
     // Missing key.
     pki.issue("n1");
     let mut cfg = pki.cfg("n1");
     cfg.key = pki.dir.path().join("n1/missing-key.pem");
-    let e = MeshServer::new(&cfg, name("n1"), rx.clone(), &mut Registry::default()).unwrap_err();
+    let e = MeshServer::new(
+        &cfg,
+        name("n1"),
+        rx.clone(),
+        lrx.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("missing-key.pem"), "{e}");
     // n1's files under another node name.
     let e = MeshServer::new(
         &pki.cfg("n1"),
         name("n9"),
         rx.clone(),
+        lrx.clone(),
         &mut Registry::default(),
     )
     .unwrap_err();
@@ -588,7 +759,7 @@ async fn expired_or_missing_cert_is_a_clear_startup_error() {
     // A key that belongs to another certificate.
     pki.issue("n2");
     cfg.key = pki.dir.path().join("n2/node-key.pem");
-    let e = MeshServer::new(&cfg, name("n1"), rx, &mut Registry::default()).unwrap_err();
+    let e = MeshServer::new(&cfg, name("n1"), rx, lrx, &mut Registry::default()).unwrap_err();
     assert!(e.to_string().contains("does not belong"), "{e}");
 }
 
@@ -768,11 +939,12 @@ struct MeshCluster {
         tokio::task::JoinHandle<Result<(), MeshError>>,
     )>,
     _snapshots: (watch::Sender<Arc<Snapshot>>, watch::Sender<Arc<Snapshot>>),
+    _locals: Vec<watch::Sender<Arc<LocalTargets>>>,
 }
 
 impl MeshCluster {
     async fn start(pki: &Pki, eps: &[Arc<Endpoint>]) -> MeshCluster {
-        use pier_model::{LbPolicy, Node, Service, ServicePort, ServiceType};
+        use pier_model::Service;
         use pier_proxy::{Proxy, ProxyConfig};
 
         // A VIP in 127.78/16 that no other test uses, on a free port.
@@ -789,41 +961,32 @@ impl MeshCluster {
             ],
             port,
         ));
-        let svc = Service {
-            name: name("web"),
-            namespace: Namespace::default(),
-            vip: Some(vip.ip()),
-            service_type: ServiceType::ClusterIP,
-            ports: vec![ServicePort {
-                name: name("http"),
-                port: PortNum::new(vip.port()).unwrap(),
-                target_port: PortNum::new(8080).unwrap(),
-                node_port: None,
-            }],
-            selector: Default::default(),
-            static_endpoints: Vec::new(),
-            lb: LbPolicy::P2c,
-            proxy_protocol: false,
-            prefer_local: false,
-            drain_timeout_ms: None,
-            health: None,
-            sla: None,
-            created_at: 0,
-        };
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "name": "web",
+            "vip": vip.ip(),
+            "ports": [{"name": "http", "port": vip.port(), "target_port": 8080}],
+            "lb": "p2c",
+        }))
+        .unwrap();
 
         // One mesh server per node that has an endpoint.
         let mut servers = Vec::new();
-        let mut nodes = BTreeMap::new();
+        let mut locals = Vec::new();
+        // n1 (the proxy's node) is a node of the cluster too.
+        let mut nodes = BTreeMap::from([(name("n1"), node("n1"))]);
         let (snap_tx, snap_rx) = watch::channel(snapshot(eps));
         for ep in eps {
             if nodes.contains_key(&ep.node) {
                 continue;
             }
             let n = ep.node.clone();
+            let (ltx, lrx) = watch::channel(local_of(n.as_str(), &snapshot(eps)));
+            locals.push(ltx);
             let server = MeshServer::new(
                 &pki.cfg(n.as_str()),
                 n.clone(),
                 snap_rx.clone(),
+                lrx,
                 &mut Registry::default(),
             )
             .unwrap();
@@ -831,19 +994,7 @@ impl MeshCluster {
             let addr = l.local_addr().unwrap();
             let cancel = CancellationToken::new();
             servers.push((cancel.clone(), tokio::spawn(server.serve(l, cancel))));
-            nodes.insert(
-                n.clone(),
-                Arc::new(Node {
-                    name: n,
-                    addr: addr.ip(),
-                    mesh_port: addr.port(),
-                    dns_addr: None,
-                    labels: Default::default(),
-                    capacity: Default::default(),
-                    version: String::new(),
-                    started_at: 0,
-                }),
-            );
+            nodes.insert(n.clone(), node_at(n.as_str(), addr));
         }
         let mut full = (*snapshot(eps)).clone();
         full.nodes = Arc::new(nodes);
@@ -889,6 +1040,7 @@ impl MeshCluster {
             proxy: Some(proxy),
             servers,
             _snapshots: (snap_tx, ptx),
+            _locals: locals,
         }
     }
 

@@ -304,6 +304,9 @@ async fn run_config(cfg: Config) -> Result<()> {
         .context("setting up the pier0 interface (run as root, or pass --unprivileged)")?;
 
     let (networks_tx, networks_rx) = watch::channel(Vec::<Cidr>::new());
+    // The agent's own view of its ready endpoints: all the mesh relays to.
+    let (local_targets_tx, local_targets_rx) =
+        watch::channel(Arc::new(pier_proxy::mesh::LocalTargets::new()));
     let (dns_ready_tx, dns_ready) = watch::channel(false);
     let (proxy_ready_tx, proxy_ready) = watch::channel(false);
     let (store_ready_tx, store_ready) = watch::channel(false);
@@ -344,6 +347,7 @@ async fn run_config(cfg: Config) -> Result<()> {
             mc,
             node_name.clone(),
             snapshot.clone(),
+            local_targets_rx,
             &mut registry,
         )
         .context("loading the mesh certificates")?;
@@ -412,6 +416,7 @@ async fn run_config(cfg: Config) -> Result<()> {
             alloc: alloc.clone(),
             dns_search: vec![format!("svc.{domain}"), domain.clone()],
             networks: networks_tx,
+            local_targets: local_targets_tx,
         };
         let c = agent_cancel.clone();
         let cfg_agent = cfg.agent.clone();

@@ -342,6 +342,7 @@ impl InProcAgent {
                 "svc.pier.internal".into(),
             ],
             networks: ntx,
+            local_targets: watch::channel(Default::default()).0,
         };
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));

@@ -52,6 +52,11 @@ pub use stream::MeshStream;
 
 use crate::tls::TlsError;
 
+/// What a mesh listener may relay to: the `ip:port` of every port of
+/// every ready endpoint that this node's agent found in its own Docker
+/// (fed by the agent, never read from the store).
+pub type LocalTargets = std::collections::HashSet<SocketAddr>;
+
 /// The header's version byte. 2: streams end with an end marker and
 /// tunnels are reused (1, before, ended a tunnel with close_notify).
 pub const HEADER_VERSION: u8 = 2;
@@ -96,6 +101,10 @@ pub enum RefusalCode {
     NotReady = 3,
     /// The target is a ready local endpoint but the connect failed.
     ConnectFailed = 4,
+    /// The peer's certificate is valid but the listener does not take it:
+    /// it names no node of the cluster, or it was revoked or expired.
+    /// Sent right after the handshake, before any header is read.
+    PeerNotAllowed = 5,
     /// A code this version does not know.
     Other = 255,
 }
@@ -107,6 +116,7 @@ impl RefusalCode {
             2 => RefusalCode::NotLocalEndpoint,
             3 => RefusalCode::NotReady,
             4 => RefusalCode::ConnectFailed,
+            5 => RefusalCode::PeerNotAllowed,
             _ => RefusalCode::Other,
         }
     }
@@ -116,6 +126,7 @@ impl RefusalCode {
             RefusalCode::NotLocalEndpoint => "not_local_endpoint",
             RefusalCode::NotReady => "not_ready",
             RefusalCode::ConnectFailed => "connect_failed",
+            RefusalCode::PeerNotAllowed => "peer_not_allowed",
             RefusalCode::Other => "other",
         }
     }

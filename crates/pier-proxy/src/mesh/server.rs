@@ -21,8 +21,8 @@ use tracing::{debug, info, warn};
 
 use super::stream::{MeshStream, Setup};
 use super::{
-    DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, MeshError, RELOAD_POLL,
-    REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
+    DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, LocalTargets, MeshError,
+    RELOAD_POLL, REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
 };
 use crate::tls::{self, CertReloader, MeshConfig, ServerSessionState};
 
@@ -98,7 +98,9 @@ enum Verdict {
     Ready,
 }
 
-/// The addresses of every endpoint's ports, built once per snapshot.
+/// The addresses of every endpoint's ports as the store has them, built
+/// once per snapshot. It only names the reason of a refusal: what the
+/// listener relays to comes from its own agent ([`LocalTargets`]).
 #[derive(Debug)]
 struct Targets {
     snapshot: Arc<Snapshot>,
@@ -163,6 +165,8 @@ struct Inner {
     /// Polled by the accept loop's reload tick.
     certs: CertReloader<ServerConfig>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// The ready endpoints this node's agent found in its own Docker.
+    local: watch::Receiver<Arc<LocalTargets>>,
     targets: ArcSwap<Targets>,
     metrics: ServerMetrics,
     handshake_slots: tokio::sync::Semaphore,
@@ -171,10 +175,17 @@ struct Inner {
 impl MeshServer {
     /// Fails with a clear error if a file is missing/unreadable or the cert
     /// is expired/not yet valid.
+    ///
+    /// `local` is what the listener may relay to: the `ip:port`s of the
+    /// ready endpoints this node's agent found in its own Docker (never the
+    /// store's view, which anyone with write access to the store could
+    /// forge). `snapshot` gives the cluster's nodes (a peer's certificate
+    /// must name one) and the reason of a refusal.
     pub fn new(
         cfg: &MeshConfig,
         node: Name,
         snapshot: watch::Receiver<Arc<Snapshot>>,
+        local: watch::Receiver<Arc<LocalTargets>>,
         registry: &mut Registry,
     ) -> Result<MeshServer, MeshError> {
         // One ticketer and session store across reloads, so that tickets
@@ -197,6 +208,7 @@ impl MeshServer {
                 node,
                 certs,
                 snapshot,
+                local,
                 targets: ArcSwap::new(Arc::new(targets)),
                 metrics,
                 handshake_slots: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
@@ -256,8 +268,12 @@ impl MeshServer {
 }
 
 impl Inner {
-    /// What this node's snapshot says about `target`.
+    /// Whether `target` is a ready endpoint this node's agent found in its
+    /// own Docker; if not, why (from the snapshot, for the log).
     fn check(&self, target: SocketAddr) -> Result<(), (RefusalCode, &'static str)> {
+        if self.local.borrow().contains(&target) {
+            return Ok(());
+        }
         let snap = self.snapshot.borrow().clone();
         let mut t = self.targets.load_full();
         if !Arc::ptr_eq(&t.snapshot, &snap) {
@@ -265,12 +281,27 @@ impl Inner {
             self.targets.store(t.clone());
         }
         match t.map.get(&target) {
-            Some(Verdict::Ready) => Ok(()),
+            // The store says so, this node's agent does not: a forged or
+            // stale entry.
+            Some(Verdict::Ready) => Err((RefusalCode::NotLocalEndpoint, "not_in_local_view")),
             Some(Verdict::NotReady) => Err((RefusalCode::NotReady, "not_ready")),
             Some(Verdict::Static) => Err((RefusalCode::NotLocalEndpoint, "static_endpoint")),
             Some(Verdict::OtherNode) => Err((RefusalCode::NotLocalEndpoint, "other_node")),
             None => Err((RefusalCode::NotLocalEndpoint, "not_an_endpoint")),
         }
+    }
+
+    /// A peer whose certificate the CA signed must still name a node of
+    /// the cluster (a certificate issued for a node since removed, or for
+    /// a name never used, gets no relay).
+    fn authorize_peer(&self, peer_node: &str) -> Result<(), &'static str> {
+        let known = Name::new(peer_node)
+            .ok()
+            .is_some_and(|n| self.snapshot.borrow().nodes.contains_key(&n));
+        if !known {
+            return Err("unknown_node");
+        }
+        Ok(())
     }
 
     async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
@@ -329,6 +360,12 @@ impl Inner {
             .handshakes
             .get_or_create(&[("kind", kind)])
             .inc();
+        if let Err(reason) = self.authorize_peer(&peer_node) {
+            self.metrics.refuse(reason);
+            warn!(peer.addr = %peer, peer.node = %peer_node, reason, "mesh: refused: the peer's certificate is not allowed");
+            Conn::Setup(tls).refuse(RefusalCode::PeerNotAllowed).await;
+            return;
+        }
 
         // The first stream's header comes through rustls; once a stream
         // has ended cleanly, the tunnel carries the next one.

@@ -4,10 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use pier_model::{
-    Cidr, Endpoint, EndpointMap, EndpointPort, LbPolicy, Name, Namespace, PortNum, Service,
-    ServicePort, ServiceType, Snapshot,
-};
+use pier_model::{Cidr, Endpoint, EndpointMap, EndpointPort, Name, PortNum, Service, Snapshot};
 use pier_proxy::{Problems, Proxy, ProxyConfig, StatsMap};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,27 +40,14 @@ pub fn rand_u32() -> u32 {
 }
 
 pub fn service(name: &str, vip: SocketAddr) -> Service {
-    Service {
-        name: Name::new(name).unwrap(),
-        namespace: Namespace::default(),
-        vip: Some(vip.ip()),
-        service_type: ServiceType::ClusterIP,
-        ports: vec![ServicePort {
-            name: Name::new("p").unwrap(),
-            port: PortNum::new(vip.port()).unwrap(),
-            target_port: PortNum::new(8080).unwrap(),
-            node_port: None,
-        }],
-        selector: Default::default(),
-        static_endpoints: Vec::new(),
-        lb: LbPolicy::P2c,
-        proxy_protocol: false,
-        prefer_local: false,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: 0,
-    }
+    // From JSON, so that fields added to the record later take defaults.
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "vip": vip.ip(),
+        "ports": [{"name": "p", "port": vip.port(), "target_port": 8080}],
+        "lb": "p2c",
+    }))
+    .unwrap()
 }
 
 /// A static endpoint registered by this node.
