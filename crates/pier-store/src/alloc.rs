@@ -172,6 +172,40 @@ fn alloc_value(svc: &Service) -> Vec<u8> {
     })
 }
 
+/// Checks what a writer asked for explicitly: each `node_port` must lie in
+/// the node-port range (else a service could take :22 or :80 on every
+/// host), and a `vip` must lie in the service CIDR, and be neither its
+/// network, its last (broadcast) address nor the DNS VIP (else a service
+/// could take any address, or DNS's). Every service write passes here.
+pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), AllocError> {
+    for (i, p) in svc.ports.iter().enumerate() {
+        if let Some(np) = p.node_port {
+            let n = np.get();
+            if n < cfg.node_port_min || n > cfg.node_port_max {
+                return Err(AllocError::Invalid(format!(
+                    "ports[{i}].node_port: {n} is outside the node-port range {}-{}; leave it out to be given one, or widen [network] node_port_min/node_port_max on every agent",
+                    cfg.node_port_min, cfg.node_port_max
+                )));
+            }
+        }
+    }
+    if let Some(vip) = svc.vip {
+        let c = &cfg.service_cidr;
+        if !c.contains(vip) {
+            return Err(AllocError::Invalid(format!(
+                "vip: {vip} is outside the service CIDR {c}; leave it out to be given one"
+            )));
+        }
+        let last = c.nth(c.size().saturating_sub(1));
+        if Some(vip) == c.nth(0) || Some(vip) == last || Some(vip) == cfg.dns_vip() {
+            return Err(AllocError::Invalid(format!(
+                "vip: {vip} is reserved in the service CIDR {c} (its network address, last address or the DNS VIP); leave it out to be given one"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_ports(svc: &Service) -> Result<(), AllocError> {
     if svc.ports.is_empty() {
         return Err(AllocError::Invalid(
@@ -219,6 +253,7 @@ pub async fn create_service(
     want_vip: bool,
 ) -> Result<Service, AllocError> {
     check_ports(&svc)?;
+    check_explicit(cfg, &svc)?;
     let key = keys::service(&svc.namespace, &svc.name);
     for _ in 0..ATTEMPTS {
         if let Some((existing, _)) = get_service(store, &key).await? {
@@ -287,6 +322,7 @@ pub async fn update_service(
     svc: Service,
 ) -> Result<Service, AllocError> {
     check_ports(&svc)?;
+    check_explicit(cfg, &svc)?;
     let key = keys::service(&svc.namespace, &svc.name);
     let (old, cur_rev) = get_service(store, &key)
         .await?

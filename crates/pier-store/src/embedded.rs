@@ -340,6 +340,60 @@ impl Changes {
     }
 }
 
+/// The store dir at 0700 and the database file at 0600 (created so if
+/// missing, tightened if open, refused if a symlink or not a file).
+fn secure_files(dir: &Path, path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| unavailable(dir, "create dir", e))?;
+    let tighten = |p: &Path, want: u32| -> Result<(), StoreError> {
+        let md = std::fs::metadata(p).map_err(|e| unavailable(p, "stat", e))?;
+        let mode = md.permissions().mode() & 0o7777;
+        if mode != want {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(want)).map_err(|e| {
+                unavailable(
+                    p,
+                    &format!(
+                        "it is mode {mode:04o}, open to other users, and setting {want:04o} failed"
+                    ),
+                    format!("{e}; chown it to the agent's user or chmod it {want:04o}"),
+                )
+            })?;
+            tracing::warn!(path = %p.display(), was = %format!("{mode:04o}"), now = %format!("{want:04o}"), "tightened the embedded store's mode");
+        }
+        Ok(())
+    };
+    tighten(dir, 0o700)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_symlink() => {
+            return Err(unavailable(
+                path,
+                "open",
+                "it is a symbolic link, which is refused; move the real file here",
+            ));
+        }
+        Ok(md) if !md.is_file() => {
+            return Err(unavailable(path, "open", "it is not a regular file"));
+        }
+        Ok(_) => tighten(path, 0o600)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Empty: redb initialises a database in an empty file.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| unavailable(path, "create", e))?;
+            tighten(path, 0o600)?;
+        }
+        Err(e) => return Err(unavailable(path, "stat", e)),
+    }
+    Ok(())
+}
+
 fn unavailable(path: &Path, what: &str, e: impl fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("embedded store {}: {what}: {e}", path.display()))
 }
@@ -430,9 +484,14 @@ fn load(db: &Database, path: &Path) -> Result<Loaded, StoreError> {
 impl EmbeddedStore {
     /// Opens or creates the store under `dir` (creates the dir). Fails with a
     /// clear error if another process holds it.
+    ///
+    /// The store holds pod environments, often secrets: `dir` is made (or
+    /// tightened to) mode 0700 and the database file 0600, whatever the
+    /// umask; a database file that is a symlink or not a regular file is
+    /// refused.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| unavailable(dir, "create dir", e))?;
         let path = dir.join(DB_FILE);
+        secure_files(dir, &path)?;
         let db = Database::create(&path).map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
                 "embedded store {} is already open (locked by another process, \

@@ -36,6 +36,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
         health: None,
         sla: None,
         created_at: 0,
+        accept_labelled: false,
     }
 }
 
@@ -204,4 +205,68 @@ async fn etcd_concurrent_create_never_doubles() {
             .unwrap(),
     ))
     .await;
+}
+
+/// Attack (P1): a service asks for a node port outside the range (:22,
+/// :80 on every host) or a VIP outside the service CIDR (any address, or
+/// the DNS VIP). Refused at the one place services are written, naming
+/// the field; nothing is stored.
+#[tokio::test]
+async fn explicit_node_ports_and_vips_outside_their_ranges_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let c = cfg();
+    for port in [22u16, 80, 29999, 30003, 65535] {
+        let e = create_service(
+            &*store,
+            &c,
+            svc("np", ServiceType::NodePort, Some(port)),
+            true,
+        )
+        .await
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(e, AllocError::Invalid(_))
+                && m.contains("ports[0].node_port")
+                && m.contains(&port.to_string())
+                && m.contains("30000-30002"),
+            "{m}"
+        );
+    }
+    for vip in [
+        "10.214.0.5",
+        "127.0.0.1",
+        "10.213.0.0",
+        "10.213.0.10",
+        "10.213.0.255",
+    ] {
+        let mut s = svc("v", ServiceType::ClusterIP, None);
+        s.vip = Some(vip.parse().unwrap());
+        let e = create_service(&*store, &c, s, true).await.unwrap_err();
+        let m = e.to_string();
+        assert!(
+            matches!(e, AllocError::Invalid(_)) && m.starts_with("vip: ") && m.contains(vip),
+            "{m}"
+        );
+    }
+    assert!(store.list("").await.unwrap().kvs.is_empty());
+    // In range, both are taken as asked.
+    let mut s = svc("ok", ServiceType::NodePort, Some(30002));
+    s.vip = Some("10.213.0.200".parse().unwrap());
+    let made = create_service(&*store, &c, s, true).await.unwrap();
+    assert_eq!(made.vip, Some("10.213.0.200".parse().unwrap()));
+    assert_eq!(made.ports[0].node_port.map(|p| p.get()), Some(30002));
+    // An update cannot move a node port out of the range either.
+    let kv = store
+        .get(&pier_model::keys::service(&made.namespace, &made.name))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut moved = made.clone();
+    moved.ports[0].node_port = Some(PortNum::new(80).unwrap());
+    let e = update_service(&*store, &c, kv.mod_revision, moved)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("ports[0].node_port: 80"), "{e}");
 }

@@ -186,3 +186,39 @@ async fn history_cap_compacts_oldest_revisions() {
     }
     assert!(store.watch("/h/", 3).await.is_ok());
 }
+
+/// Attack (S1): the store holds pod environments (secrets); with a 022
+/// umask, or an existing world-readable store, other local users could
+/// read it. The dir ends 0700 and the file 0600 either way; a symlink
+/// planted as the database file is refused.
+#[test]
+fn store_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path().join("data").join("store");
+    let s = EmbeddedStore::open(&dir).expect("open");
+    drop(s);
+    let file = dir.join(DB_FILE);
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&file), 0o600);
+    // An existing store left open to everyone is tightened.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(EmbeddedStore::open(&dir).expect("reopen"));
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&file), 0o600);
+    // A symlink in place of the database file is refused, and its target
+    // is left alone.
+    let other = d.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let target = d.path().join("elsewhere.redb");
+    std::fs::write(&target, b"").unwrap();
+    std::os::unix::fs::symlink(&target, other.join(DB_FILE)).unwrap();
+    match EmbeddedStore::open(&other) {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("symbolic link"), "{m}"),
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("a symlinked store file was opened"),
+    }
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), 0);
+}
