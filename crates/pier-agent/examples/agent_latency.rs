@@ -209,6 +209,7 @@ async fn main() -> Result<()> {
             capacity: Default::default(),
             version: "bench".into(),
             started_at: 0,
+            refused: Vec::new(),
         },
         store: store.clone(),
         lease: keeper.subscribe(),

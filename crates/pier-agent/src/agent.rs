@@ -103,6 +103,8 @@ pub(crate) struct Agent {
     nets_touched: HashMap<String, u64>,
     /// Containers already warned about, so a bad label warns once.
     warned: HashSet<String>,
+    /// The (container id, reason) refusals already logged.
+    refused_logged: HashSet<(String, String)>,
     checks: HashMap<String, Check>,
     next_generation: u64,
     /// What this agent believes is in the store for its node.
@@ -163,6 +165,7 @@ impl Agent {
             docker_nets: HashMap::new(),
             nets_touched: HashMap::new(),
             warned: HashSet::new(),
+            refused_logged: HashSet::new(),
             checks: HashMap::new(),
             next_generation: 0,
             written: BTreeMap::new(),
@@ -614,6 +617,11 @@ impl Agent {
         let mut endpoints: Vec<(String, Endpoint, Ready)> = Vec::new();
         let mut container_ready: HashMap<String, Ready> = HashMap::new();
         let mut missing_services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+        let mut refused: Vec<pier_model::Refusal> = Vec::new();
+        let policy = spec::LabelPolicy {
+            namespaces: &self.cfg.label_namespaces,
+            allow_health_none: self.cfg.allow_health_none,
+        };
 
         if self.docker_synced {
             for c in self.containers.values() {
@@ -628,26 +636,58 @@ impl Agent {
                         continue;
                     }
                 };
-                let pod_here = spec.pod.is_some() && spec.node.as_ref() == Some(&me);
+                // Pier's own pod containers are trusted; every other
+                // container that asks for a service by its labels is held
+                // to the label policy (issue 12, M3).
+                let own_pod = spec::is_own_pod(&c.name, &spec, &me);
+                let pod_here = own_pod;
                 if pod_here && synced && self.docker_synced && !self.pod_still_here(&snap, &spec) {
                     // Being removed (see `spawn_remove`): no endpoint.
                     continue;
                 }
-                let services: Vec<&Arc<Service>> = snap
+                let asked: Vec<&Arc<Service>> = snap
                     .services
                     .values()
-                    .filter(|s| spec::is_member(s, &spec, &c.labels))
+                    .filter(|s| spec::matches(s, &spec, &c.labels))
                     .collect();
-                let missing = spec
-                    .service
-                    .as_ref()
-                    .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
-                if services.is_empty() && missing.is_none() && !pod_here && spec.service.is_none() {
+                if asked.is_empty() && !pod_here && spec.service.is_none() {
                     continue;
                 }
                 let (Some(ip), true, false) = (c.ip, c.running, c.held) else {
                     continue;
                 };
+                if !own_pod {
+                    if let Some(why) = spec::refuse_labelled(&spec, &policy) {
+                        refused.push(refusal(c, &spec, spec.service.clone(), why));
+                        continue;
+                    }
+                    for s in asked.iter().filter(|s| !spec::takes(s, false)) {
+                        refused.push(refusal(
+                            c,
+                            &spec,
+                            Some(s.name.clone()),
+                            format!(
+                                "service {}/{} takes only pier's own pods; set accept_labelled on it to let labelled containers join",
+                                s.namespace, s.name
+                            ),
+                        ));
+                    }
+                }
+                let services: Vec<&Arc<Service>> = asked
+                    .into_iter()
+                    .filter(|s| spec::takes(s, own_pod))
+                    .collect();
+                let missing = spec
+                    .service
+                    .as_ref()
+                    .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
+                if services.is_empty()
+                    && missing.is_none()
+                    && !pod_here
+                    && (synced || spec.service.is_none())
+                {
+                    continue;
+                }
                 let port = spec.ports.first().map(|p| p.port).or_else(|| {
                     services
                         .iter()
@@ -791,6 +831,7 @@ impl Agent {
             Ready::Check(k) => checks.get(k).is_some_and(|c| c.ready),
         };
 
+        self.note_refusals(&mut refused);
         let mut desired: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         desired.insert(keys::node(&me), encode(&self.node));
         // The mesh listener relays only to these: what this agent found
@@ -839,6 +880,11 @@ impl Agent {
                     .and_then(|n| pier_model::Namespace::new(n).ok())
                     .unwrap_or_default();
                 let Ok(pod) = Name::new(pod) else { continue };
+                // A container that copies a pod's labels under another name
+                // is not that pod's: never adopted, never removed.
+                if c.name != spec::pod_container_name(&ns, &pod) {
+                    continue;
+                }
                 let k = (ns, pod);
                 if !my_pods.contains_key(&k) {
                     if !self.removing.contains(&c.id) {
@@ -936,6 +982,30 @@ impl Agent {
         }
 
         self.write(desired, synced && self.docker_synced).await;
+    }
+
+    /// Put this reconcile's refusals on the node record (sorted, at most
+    /// [`pier_model::Node::MAX_REFUSED`]) and log each new one once.
+    fn note_refusals(&mut self, refused: &mut Vec<pier_model::Refusal>) {
+        refused.sort();
+        refused.dedup();
+        let now: HashSet<(String, String)> = refused
+            .iter()
+            .map(|r| (r.id.clone(), r.reason.clone()))
+            .collect();
+        for r in refused.iter() {
+            if !self
+                .refused_logged
+                .contains(&(r.id.clone(), r.reason.clone()))
+            {
+                warn!(container.name = %r.container, container.id = %r.id, namespace = %r.namespace,
+                    service = ?r.service.as_ref().map(|s| s.as_str()), reason = %r.reason,
+                    "refused a labelled container");
+            }
+        }
+        self.refused_logged = now;
+        refused.truncate(pier_model::Node::MAX_REFUSED);
+        self.node.refused = std::mem::take(refused);
     }
 
     fn sync_checks(&mut self, targets: HashMap<String, Target>) {
@@ -1167,6 +1237,7 @@ fn auto_service(name: &Name, spec: &Spec) -> Service {
         health: None,
         sla: None,
         created_at: now_ms(),
+        accept_labelled: false,
     }
 }
 
@@ -1220,5 +1291,21 @@ mod merge_tests {
             got,
             m(&[("new", 1), ("changed", 2), ("old", 9), ("kept", 1)])
         );
+    }
+}
+
+/// The record of a refused container.
+fn refusal(
+    c: &Container,
+    spec: &Spec,
+    service: Option<Name>,
+    reason: String,
+) -> pier_model::Refusal {
+    pier_model::Refusal {
+        container: c.name.clone(),
+        id: c.short_id().to_owned(),
+        namespace: spec.namespace.clone(),
+        service,
+        reason,
     }
 }

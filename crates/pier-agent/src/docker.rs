@@ -382,7 +382,7 @@ pub(crate) struct PodSettings {
 
 /// The container name of a pod.
 pub(crate) fn pod_container_name(pod: &Pod) -> String {
-    format!("pier-{}-{}", pod.namespace, pod.name)
+    crate::spec::pod_container_name(&pod.namespace, &pod.name)
 }
 
 /// The DNS search list of a pod: every entry that starts with the default

@@ -54,6 +54,13 @@ pub struct AgentConfig {
     pub registry: Option<String>,
     pub default_health_interval_ms: u64,
     pub default_health_timeout_ms: u64,
+    /// The namespaces that labelled containers (containers pier did not
+    /// start that ask for a service by their labels) may join; `*` is
+    /// every namespace.
+    pub label_namespaces: Vec<String>,
+    /// Whether a labelled container may say `pier.health=none` (ready at
+    /// once, never checked).
+    pub allow_health_none: bool,
 }
 
 impl Default for AgentConfig {
@@ -67,6 +74,8 @@ impl Default for AgentConfig {
             registry: None,
             default_health_interval_ms: pier_model::HealthCheck::default_interval_ms(),
             default_health_timeout_ms: pier_model::HealthCheck::default_timeout_ms(),
+            label_namespaces: vec!["default".to_owned()],
+            allow_health_none: false,
         }
     }
 }
@@ -107,6 +116,15 @@ impl AgentConfig {
             return bad(
                 "agent.pod_network is empty; remove it to use Docker's default bridge".into(),
             );
+        }
+        if let Some(n) = self
+            .label_namespaces
+            .iter()
+            .find(|n| n.as_str() != "*" && pier_model::Namespace::new(n).is_err())
+        {
+            return bad(format!(
+                "agent.label_namespaces has {n:?}, which is neither a namespace name nor \"*\""
+            ));
         }
         if self
             .registry

@@ -170,17 +170,78 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
     Ok(spec)
 }
 
-/// Whether a container with these labels and spec is an endpoint of `svc`:
-/// it names the service in `pier.service`, or the service's non-empty
-/// selector is a subset of its labels (in the same namespace).
-pub(crate) fn is_member(svc: &Service, spec: &Spec, l: &Labels) -> bool {
-    if svc.namespace != spec.namespace {
-        return false;
+/// What the agent's config lets *labelled* containers do: containers that
+/// ask to join a service by their labels but are not pods pier started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LabelPolicy<'a> {
+    /// The namespaces they may join; `*` is every namespace.
+    pub namespaces: &'a [String],
+    /// Whether `pier.health=none` (ready at once, never checked) is allowed.
+    pub allow_health_none: bool,
+}
+
+impl LabelPolicy<'_> {
+    fn namespace_open(&self, ns: &Namespace) -> bool {
+        self.namespaces.iter().any(|n| n == "*" || n == ns.as_str())
     }
-    if spec.service.as_ref() == Some(&svc.name) {
-        return true;
+}
+
+/// Whether a container is one of pier's own pods on `node`: its pod labels
+/// name this node and its name is the one pier gives the pod's container
+/// (Docker's names are unique, so no second container can carry it).
+pub(crate) fn is_own_pod(container_name: &str, spec: &Spec, node: &Name) -> bool {
+    match (&spec.pod, &spec.node) {
+        (Some(pod), Some(n)) if n == node => {
+            container_name == pod_container_name(&spec.namespace, pod)
+        }
+        _ => false,
     }
-    !svc.selector.is_empty() && svc.selector.iter().all(|(k, v)| l.get(k) == Some(v))
+}
+
+/// The container name of a pod.
+pub(crate) fn pod_container_name(ns: &Namespace, pod: &Name) -> String {
+    format!("pier-{ns}-{pod}")
+}
+
+/// Why a labelled container may join no service at all, for a person, or
+/// `None` when the policy lets it ask.
+pub(crate) fn refuse_labelled(spec: &Spec, policy: &LabelPolicy<'_>) -> Option<String> {
+    if !policy.namespace_open(&spec.namespace) {
+        return Some(format!(
+            "namespace {} is closed to labelled containers; list it in [agent] label_namespaces",
+            spec.namespace
+        ));
+    }
+    if spec.health == Some(HealthKind::None) && !policy.allow_health_none {
+        return Some(
+            "pier.health=none would make it ready unchecked; give it a tcp or http check, or set [agent] allow_health_none = true"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Whether `svc` asks for this container: it names the service in
+/// `pier.service`, or the service's non-empty selector is a subset of its
+/// labels (in the same namespace).
+pub(crate) fn matches(svc: &Service, spec: &Spec, l: &Labels) -> bool {
+    svc.namespace == spec.namespace
+        && (spec.service.as_ref() == Some(&svc.name)
+            || (!svc.selector.is_empty() && svc.selector.iter().all(|(k, v)| l.get(k) == Some(v))))
+}
+
+/// Whether `svc` takes a container it [`matches`]: pier's own pods always;
+/// a labelled container only when the service has no selector (it is made
+/// of labelled containers) or opts in with `accept_labelled`.
+pub(crate) fn takes(svc: &Service, own_pod: bool) -> bool {
+    own_pod || svc.selector.is_empty() || svc.accept_labelled
+}
+
+/// Whether a container is an endpoint of `svc` (the agent asks
+/// [`matches`] and [`takes`] apart, to say why it refuses).
+#[cfg(test)]
+pub(crate) fn is_member(svc: &Service, spec: &Spec, l: &Labels, own_pod: bool) -> bool {
+    matches(svc, spec, l) && takes(svc, own_pod)
 }
 
 /// The endpoint ports of a container for a service.
@@ -303,7 +364,7 @@ mod tests {
         .unwrap();
         let p = endpoint_ports(&s, Some(&svc));
         assert_eq!(p[0].name.as_str(), "http");
-        assert!(is_member(&svc, &s, &lbl(&[])));
+        assert!(is_member(&svc, &s, &lbl(&[]), false));
     }
 
     #[test]
@@ -314,15 +375,88 @@ mod tests {
         .unwrap();
         let l = lbl(&[("pier.replicaset", "api"), ("tier", "a")]);
         let s = parse(&l).unwrap();
-        assert!(is_member(&svc, &s, &l));
+        assert!(is_member(&svc, &s, &l, true));
         let l2 = lbl(&[("pier.replicaset", "api")]);
-        assert!(!is_member(&svc, &parse(&l2).unwrap(), &l2));
+        assert!(!is_member(&svc, &parse(&l2).unwrap(), &l2, true));
         let l3 = lbl(&[
             ("pier.replicaset", "api"),
             ("tier", "a"),
             ("pier.namespace", "x"),
         ]);
-        assert!(!is_member(&svc, &parse(&l3).unwrap(), &l3));
+        assert!(!is_member(&svc, &parse(&l3).unwrap(), &l3, true));
+    }
+
+    /// The label attacks of issue 12 (M3), as the pure rules see them.
+    #[test]
+    fn labelled_containers_are_held_to_the_policy() {
+        let me = Name::new("n1").unwrap();
+        let policy = LabelPolicy {
+            namespaces: &["default".to_owned()],
+            allow_health_none: false,
+        };
+        // A selector service made by `pier expose rs api`.
+        let api: Service = serde_json::from_str(
+            r#"{"name":"api","ports":[],"selector":{"pier.replicaset":"api"}}"#,
+        )
+        .unwrap();
+        // 1. A container that copies a pod's labels but is not pier's pod
+        //    container (its name differs) is not taken by the selector...
+        let forged = lbl(&[
+            ("pier.replicaset", "api"),
+            ("pier.pod", "api-x1"),
+            ("pier.node", "n1"),
+        ]);
+        let fs = parse(&forged).unwrap();
+        assert!(!is_own_pod("evil", &fs, &me));
+        assert!(matches(&api, &fs, &forged) && !is_member(&api, &fs, &forged, false));
+        // ...while pier's own pod container is.
+        assert!(is_own_pod("pier-default-api-x1", &fs, &me));
+        assert!(is_member(&api, &fs, &forged, true));
+        // A pod container of another node is not this node's own pod.
+        assert!(!is_own_pod(
+            "pier-default-api-x1",
+            &fs,
+            &Name::new("n2").unwrap()
+        ));
+        // 2. Naming a pod-backed service in pier.service does not get in either.
+        let named = lbl(&[("pier.service", "api"), ("pier.port", "80")]);
+        let ns = parse(&named).unwrap();
+        assert!(matches(&api, &ns, &named) && !is_member(&api, &ns, &named, false));
+        // The service can opt in.
+        let open = Service {
+            accept_labelled: true,
+            ..api.clone()
+        };
+        assert!(is_member(&open, &ns, &named, false));
+        // A service without a selector is made of labelled containers.
+        let plain: Service = serde_json::from_str(r#"{"name":"api","ports":[]}"#).unwrap();
+        assert!(is_member(&plain, &ns, &named, false));
+        // 3. Another namespace is closed by default.
+        let other = lbl(&[("pier.service", "db"), ("pier.namespace", "prod")]);
+        let why = refuse_labelled(&parse(&other).unwrap(), &policy).unwrap();
+        assert!(
+            why.contains("namespace prod") && why.contains("label_namespaces"),
+            "{why}"
+        );
+        let all = LabelPolicy {
+            namespaces: &["*".to_owned()],
+            ..policy
+        };
+        assert_eq!(refuse_labelled(&parse(&other).unwrap(), &all), None);
+        // 4. pier.health=none is refused unless allowed.
+        let unchecked = lbl(&[("pier.service", "web"), ("pier.health", "none")]);
+        let why = refuse_labelled(&parse(&unchecked).unwrap(), &policy).unwrap();
+        assert!(
+            why.contains("pier.health=none") && why.contains("allow_health_none"),
+            "{why}"
+        );
+        let lax = LabelPolicy {
+            allow_health_none: true,
+            ..policy
+        };
+        assert_eq!(refuse_labelled(&parse(&unchecked).unwrap(), &lax), None);
+        // A checked container in the default namespace may ask.
+        assert_eq!(refuse_labelled(&ns, &policy), None);
     }
 
     #[test]

@@ -83,6 +83,33 @@ pub struct Node {
     /// Unix milliseconds when the agent registered.
     #[serde(default)]
     pub started_at: u64,
+    /// Containers on this node that asked to join a service by their labels
+    /// and were refused by the agent's label policy, with the reason (at
+    /// most [`Node::MAX_REFUSED`]). Left out when empty, so that agents of
+    /// an older version still read the record.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refusal>,
+}
+
+impl Node {
+    /// The most refusals a node record carries; the agent's log has all.
+    pub const MAX_REFUSED: usize = 64;
+}
+
+/// A container the agent did not let join a service, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// The container's name.
+    pub container: String,
+    /// The 12 hex digits Docker shows.
+    pub id: String,
+    pub namespace: Namespace,
+    /// The service it asked for or was selected by, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<Name>,
+    /// What was refused and what to do, for a person.
+    pub reason: String,
 }
 
 /// How a service spreads connections over its endpoints.
@@ -222,6 +249,12 @@ pub struct Service {
     /// Prefer endpoints on the proxy's own node when any are ready.
     #[serde(default)]
     pub prefer_local: bool,
+    /// Let containers that are not pier's own pods join through the
+    /// selector (by carrying its labels). Off: a selector takes only the
+    /// pods pier started. Left out when false, so that agents of an older
+    /// version still read the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_labelled: bool,
     /// How long a removed endpoint's connections may live on, in ms. `None`
     /// uses the proxy's default.
     #[serde(default)]

@@ -48,6 +48,7 @@ fn service(
         health: None,
         sla: None,
         created_at: 0,
+        accept_labelled: false,
     };
     let mut eps = EndpointMap::new();
     for (i, b) in backends.iter().enumerate() {

@@ -314,8 +314,11 @@ async fn bad_labels_warn_with_container_and_label_and_skip_only_that_container()
     Ok(())
 }
 
+/// A selector service takes a labelled container (one pier did not start)
+/// only when it opts in with `accept_labelled`; until then the container is
+/// refused, and the refusal is on the node's record with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn selector_service_picks_up_running_container_when_created() -> Result<()> {
+async fn selector_service_takes_a_labelled_container_only_when_it_opts_in() -> Result<()> {
     init_tracing();
     let d = TestDocker::new()?;
     let env = StoreEnv::embedded(5).await?;
@@ -328,17 +331,47 @@ async fn selector_service_picks_up_running_container_when_created() -> Result<()
     let total: usize = snap.borrow().endpoints.values().map(|m| m.len()).sum();
     ensure!(total == 0, "a container with no service became an endpoint");
 
-    let svc: Service = serde_json::from_value(serde_json::json!({
-        "name": "sel",
-        "ports": [{"name": "http", "port": 80, "target_port": 8080}],
-        "selector": {"app": app},
-    }))?;
-    create_service(&*env.store, &alloc(), svc, true).await?;
+    let svc = |name: &str, accept: bool| -> Result<Service> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "name": name,
+            "ports": [{"name": "http", "port": 80, "target_port": 8080}],
+            "selector": {"app": app},
+            "accept_labelled": accept,
+        }))?)
+    };
+    // The attack: a container that merely carries a selector's labels.
+    create_service(&*env.store, &alloc(), svc("closed", false)?, true).await?;
+    let refusal = wait_snap(
+        &mut snap,
+        Duration::from_secs(5),
+        "the refusal on the node record",
+        |s| {
+            s.nodes
+                .get("n1")?
+                .refused
+                .iter()
+                .find(|r| r.id == short(&id))
+                .cloned()
+        },
+    )
+    .await?;
+    ensure!(
+        refusal.service.as_ref().map(|s| s.as_str()) == Some("closed")
+            && refusal.reason.contains("accept_labelled"),
+        "{refusal:?}"
+    );
+    ensure!(
+        web_endpoint(&snap.borrow(), "closed", &id).is_none(),
+        "a refused container became an endpoint"
+    );
+
+    // A service that opts in takes it.
+    create_service(&*env.store, &alloc(), svc("open", true)?, true).await?;
     let ep = wait_snap(
         &mut snap,
         Duration::from_secs(5),
         "the selected endpoint",
-        |s| web_endpoint(s, "sel", &id).filter(|e| e.ready),
+        |s| web_endpoint(s, "open", &id).filter(|e| e.ready),
     )
     .await?;
     ensure!(
@@ -346,6 +379,117 @@ async fn selector_service_picks_up_running_container_when_created() -> Result<()
         "port named after the service port: {:?}",
         ep.ports
     );
+    ensure!(
+        web_endpoint(&snap.borrow(), "closed", &id).is_none(),
+        "the closed service took it after all"
+    );
+    agent.stop().await?;
+    Ok(())
+}
+
+/// The label policy (issue 12, M3): another namespace, a container that
+/// names a pod-backed service, a `pier.health=none` container, and a
+/// container that copies a pier pod's labels are all refused, none becomes
+/// an endpoint or creates a service, and each refusal is on the node
+/// record; with the policy opened, the same containers join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_policy_refuses_what_a_container_may_not_claim() -> Result<()> {
+    init_tracing();
+    let d = TestDocker::new()?;
+    let env = StoreEnv::embedded(5).await?;
+    let mut snap = env.snapshot();
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    // A pod-backed service, as `pier expose rs api` makes it.
+    let api: Service = serde_json::from_value(serde_json::json!({
+        "name": "api",
+        "ports": [{"name": "http", "port": 80, "target_port": 8080}],
+        "selector": {"pier.replicaset": "api"},
+    }))?;
+    create_service(&*env.store, &alloc(), api, true).await?;
+
+    let other_ns = d.run_container(
+        &[
+            ("pier.service", "db"),
+            ("pier.namespace", "prod"),
+            ("pier.port", "8080"),
+        ],
+        &[],
+    )?;
+    let names_api = d.run_container(&[("pier.service", "api"), ("pier.port", "8080")], &[])?;
+    let unchecked = d.run_container(
+        &[
+            ("pier.service", "fast"),
+            ("pier.port", "8080"),
+            ("pier.health", "none"),
+        ],
+        &[],
+    )?;
+    let forged = d.run_container(
+        &[
+            ("pier.replicaset", "api"),
+            ("pier.pod", "api-zz9"),
+            ("pier.node", "n1"),
+            ("pier.port", "8080"),
+        ],
+        &[],
+    )?;
+    let expect = [
+        (&other_ns, "namespace prod"),
+        (&names_api, "takes only pier's own pods"),
+        (&unchecked, "pier.health=none"),
+        (&forged, "takes only pier's own pods"),
+    ];
+    let refused = wait_snap(&mut snap, Duration::from_secs(10), "four refusals", |s| {
+        let r = &s.nodes.get("n1")?.refused;
+        expect
+            .iter()
+            .all(|(id, why)| {
+                r.iter()
+                    .any(|x| x.id == short(id) && x.reason.contains(why))
+            })
+            .then(|| r.clone())
+    })
+    .await?;
+    let s = snap.borrow().clone();
+    let eps: usize = s.endpoints.values().map(|m| m.len()).sum();
+    ensure!(
+        eps == 0,
+        "a refused container became an endpoint: {:?}",
+        s.endpoints
+    );
+    for (ns, name) in [("prod", "db"), ("default", "fast")] {
+        ensure!(
+            s.service(&Namespace::new(ns)?, &Name::new(name)?).is_none(),
+            "a refused container created {ns}/{name}"
+        );
+    }
+    ensure!(refused.len() == 4, "{refused:?}");
+    // The forged pod container was neither adopted nor removed.
+    ensure!(
+        d.ok(&["inspect", "-f", "{{.State.Running}}", &forged])? == "true",
+        "the agent removed a container it does not own"
+    );
+    agent.stop().await?;
+
+    // The same containers with the policy opened: prod and unchecked join.
+    let cfg = pier_agent::AgentConfig {
+        label_namespaces: vec!["*".into()],
+        allow_health_none: true,
+        ..agent_config(&d)
+    };
+    let agent = InProcAgent::start(&env, "n1", cfg);
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(10),
+        "prod/db and fast",
+        |s| {
+            let db = s
+                .endpoints_of(&Namespace::new("prod").ok()?, &Name::new("db").ok()?)
+                .any(|e| e.ready);
+            (db && web_endpoint(s, "fast", &unchecked).is_some_and(|e| e.ready)).then_some(())
+        },
+    )
+    .await?;
     agent.stop().await?;
     Ok(())
 }

@@ -238,6 +238,7 @@ pub fn node(name: &str) -> Node {
         capacity: Default::default(),
         version: "test".into(),
         started_at: 0,
+        refused: Vec::new(),
     }
 }
 

@@ -195,7 +195,8 @@ async fn container_of_a_pod_that_is_not_here_is_stopped_and_removed() -> Result<
     init_tracing();
     let d = TestDocker::new()?;
     let env = StoreEnv::embedded(5).await?;
-    // A pod container of this node whose pod was reassigned to n2.
+    // A pod container of this node (pier's name and labels) whose pod was
+    // reassigned to n2.
     let name = format!("moved-{}", d.run);
     put_pod(&env, &pod(&name, "n2", IMAGE, &[])?).await?;
     let stray = d.run_container(
@@ -205,7 +206,7 @@ async fn container_of_a_pod_that_is_not_here_is_stopped_and_removed() -> Result<
             ("pier.namespace", "default"),
             ("pier.replicaset", "rs1"),
         ],
-        &["--init"],
+        &["--init", "--name", &format!("pier-default-{name}")],
     )?;
     let agent = InProcAgent::start(&env, "n1", agent_config(&d));
     let deadline = std::time::Instant::now() + Duration::from_secs(15);

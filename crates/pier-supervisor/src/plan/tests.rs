@@ -25,6 +25,7 @@ fn node(name: &str, labels: &[(&str, &str)], cap: Resources) -> Node {
         capacity: cap,
         version: String::new(),
         started_at: 0,
+        refused: Vec::new(),
     }
 }
 

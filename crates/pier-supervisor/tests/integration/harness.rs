@@ -129,6 +129,7 @@ impl Cluster {
             capacity,
             version: "test".into(),
             started_at: 0,
+            refused: Vec::new(),
         };
         self.store
             .put(&keys::node(&node.name), encode(&node), Some(lease))

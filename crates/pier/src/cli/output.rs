@@ -475,6 +475,7 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
             );
             print!("{out}");
             print_section("Pods", Resource::Pods, &pods, true)?;
+            print_refused(n.refused.iter().map(|r| (n.name.as_str(), r)));
         }
         Resource::ReplicaSets => {
             let rs = c.get_replicaset(&ns, &name).await?;
@@ -573,8 +574,15 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
             }
             line("Age", age(s.created_at));
             let eps = to_values(c.endpoints_of(&ns, &name).await?);
+            let nodes = c.list_nodes().await?;
             print!("{out}");
             print_section("Endpoints", Resource::Endpoints, &eps, false)?;
+            print_refused(nodes.iter().flat_map(|n| {
+                n.refused
+                    .iter()
+                    .filter(|r| r.namespace == ns && r.service.as_ref() == Some(&name))
+                    .map(move |r| (n.name.as_str(), r))
+            }));
             print_problems(&problems);
         }
         Resource::Endpoints => {
@@ -584,6 +592,17 @@ pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The containers agents refused, as `node/container (id): reason`; nothing
+/// when there are none.
+fn print_refused<'a>(refused: impl Iterator<Item = (&'a str, &'a pier_model::Refusal)>) {
+    let lines: Vec<String> = refused
+        .map(|(node, r)| format!("  {node}/{} ({}): {}", r.container, r.id, r.reason))
+        .collect();
+    if !lines.is_empty() {
+        println!("Refused containers:\n{}", lines.join("\n"));
+    }
 }
 
 fn print_section(title: &str, kind: Resource, items: &[Value], all_ns: bool) -> Result<()> {
