@@ -14,6 +14,16 @@
 //!   revision was compacted it ends with `Err(Compacted)`.
 //! - Lists are paged (at one read revision) so that 100 000 keys never make
 //!   one oversized gRPC message.
+//! - Over TLS (`https://` endpoints, [`EtcdSecurity::tls`]) etcd's server
+//!   certificate is checked against the given CA only (no system roots) and
+//!   for the host or IP address written in the endpoint; a client
+//!   certificate is presented when given. With a user
+//!   ([`EtcdSecurity::user`]) each endpoint's client authenticates when it
+//!   is first used (etcd's simple tokens are per member), and a token etcd
+//!   no longer accepts is renewed once and the call retried.
+//! - Connecting checks more than that a member answers: it reads one key
+//!   under pier's root, so a wrong password, a refused certificate or a
+//!   user without access to `/pier/` fails at start, with what to do.
 
 use std::fmt;
 use std::future::Future;
@@ -25,8 +35,9 @@ use etcd_client::{
     Client, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
     WatchOptions,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OnceCell, mpsc};
 
+use crate::etcd_security::EtcdSecurity;
 use crate::{
     Compare, KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Ttl, Txn, TxnOp,
     TxnResult, WatchEvent, WatchItem, WatchStream,
@@ -56,7 +67,10 @@ pub struct EtcdStore {
 
 struct Inner {
     endpoints: Vec<String>,
-    clients: Vec<Client>,
+    /// One client per endpoint, made on first use: with a user, making it
+    /// authenticates, which needs that member up.
+    clients: Vec<OnceCell<Client>>,
+    options: ConnectOptions,
     current: AtomicUsize,
     /// Per-endpoint attempt timeout of lease keepalives: a quarter of the
     /// shortest TTL granted (at least 200 ms, at most [`ATTEMPT_TIMEOUT`]).
@@ -72,19 +86,44 @@ impl fmt::Debug for EtcdStore {
     }
 }
 
-fn normalize(endpoint: &str) -> String {
+/// The endpoint as a URL: `http://` or, with TLS, `https://` added to a
+/// bare `HOST:PORT`. A scheme that disagrees with the TLS setting is an
+/// error (TLS settings would otherwise be dropped, or plaintext sent to a
+/// TLS port).
+fn normalize(endpoint: &str, tls: bool) -> Result<String, StoreError> {
     let e = endpoint.trim();
-    if e.starts_with("http://") || e.starts_with("https://") {
-        e.to_owned()
-    } else {
-        format!("http://{e}")
+    match (e.split_once("://").map(|(s, _)| s), tls) {
+        (None, false) => Ok(format!("http://{e}")),
+        (None, true) => Ok(format!("https://{e}")),
+        (Some("http"), false) | (Some("https"), true) => Ok(e.to_owned()),
+        (Some("https"), false) => Err(StoreError::Invalid(format!(
+            "etcd endpoint {e} is https:// but no TLS settings were given: give the CA that issued etcd's certificate"
+        ))),
+        (Some("http"), true) => Err(StoreError::Invalid(format!(
+            "etcd endpoint {e} is plain http:// but TLS settings were given: write it as https:// (or HOST:PORT)"
+        ))),
+        (Some(other), _) => Err(StoreError::Invalid(format!(
+            "etcd endpoint {e}: scheme {other}:// is not http:// or https://"
+        ))),
     }
 }
 
 impl EtcdStore {
-    /// `endpoints` like `["127.0.0.1:2379", "http://10.0.0.2:2379"]`.
-    /// Succeeds only when one answers; that one becomes the current endpoint.
+    /// `endpoints` like `["127.0.0.1:2379", "http://10.0.0.2:2379"]`, plain
+    /// and without a user. Succeeds only when one answers; that one becomes
+    /// the current endpoint.
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
+        Self::connect_with(endpoints, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdStore::connect`] with TLS and/or a user. A member that
+    /// refuses us (a wrong password, our certificate refused, its
+    /// certificate not from our CA) is `Invalid`, with what to do, when
+    /// every endpoint refused so; `Unavailable` means none could be reached.
+    pub async fn connect_with(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+    ) -> Result<EtcdStore, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
@@ -93,38 +132,78 @@ impl EtcdStore {
         // member cut off from its quorum cancels our watches and fails our
         // requests instead of serving a silently frozen view, so a
         // partitioned agent reports itself stale and fails over.
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
-        let mut clients = Vec::with_capacity(endpoints.len());
+        if let Some(tls) = &security.tls {
+            options = options.with_tls(tls.options());
+        }
+        if let Some(user) = &security.user {
+            options = options
+                .with_user(user.name.clone(), user.password.clone())
+                .with_auto_token_refresh(true);
+        }
         let mut names = Vec::with_capacity(endpoints.len());
         for e in endpoints {
-            let url = normalize(e);
-            let client = Client::connect([url.as_str()], Some(options.clone()))
-                .await
-                .map_err(|err| map_err(&format!("connect {url}"), err))?;
-            clients.push(client);
-            names.push(url);
+            names.push(normalize(e, security.tls.is_some())?);
         }
+        let inner = Inner {
+            clients: names.iter().map(|_| OnceCell::new()).collect(),
+            endpoints: names,
+            options,
+            current: AtomicUsize::new(0),
+            keepalive_attempt_ms: AtomicU64::new(ATTEMPT_TIMEOUT.as_millis() as u64),
+        };
+        let user = security.user.as_ref().map(|u| u.name.as_str());
+        let sent_cert = security.tls.as_ref().map(|t| t.has_client_cert());
         let mut errors = Vec::new();
-        for (i, client) in clients.iter().enumerate() {
-            let mut c = client.clone();
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, c.status()).await {
+        let mut refusals = 0;
+        for i in 0..inner.endpoints.len() {
+            let url = &inner.endpoints[i];
+            // One read under pier's root: it needs the member up, our
+            // certificate and password accepted and read access to /pier/.
+            let probe = async {
+                let mut c = inner.client(i).await?;
+                let opts = GetOptions::new().with_count_only().with_serializable();
+                c.get(pier_model::keys::ROOT, Some(opts)).await
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, probe).await {
                 Ok(Ok(_)) => {
+                    inner.current.store(i, Ordering::Relaxed);
                     return Ok(EtcdStore {
-                        inner: Arc::new(Inner {
-                            endpoints: names,
-                            clients,
-                            current: AtomicUsize::new(i),
-                            keepalive_attempt_ms: AtomicU64::new(ATTEMPT_TIMEOUT.as_millis() as u64),
-                        }),
+                        inner: Arc::new(inner),
                     });
                 }
-                Ok(Err(err)) => errors.push(format!("{}: {err}", names[i])),
-                Err(_) => errors.push(format!("{}: no answer in {ATTEMPT_TIMEOUT:?}", names[i])),
+                Ok(Err(err)) => {
+                    let mut text = chain(&err);
+                    if let Some(tls) = &security.tls
+                        && refusal(&text, user, sent_cert).is_none()
+                    {
+                        let (tls, u) = (tls.clone(), url.clone());
+                        if let Ok(Some(why)) =
+                            tokio::task::spawn_blocking(move || tls.diagnose(&u)).await
+                        {
+                            text = format!("{text}; a TLS handshake of pier's own: {why}");
+                        }
+                    }
+                    match refusal(&text, user, sent_cert) {
+                        Some(why) => {
+                            refusals += 1;
+                            errors.push(format!("{url}: {why} ({text})"));
+                        }
+                        None => errors.push(format!("{url}: {text}")),
+                    }
+                }
+                Err(_) => errors.push(format!("{url}: no answer in {ATTEMPT_TIMEOUT:?}")),
             }
+        }
+        if refusals == errors.len() {
+            return Err(StoreError::Invalid(format!(
+                "etcd refused pier: {}",
+                errors.join("; ")
+            )));
         }
         Err(StoreError::Unavailable(format!(
             "connect to etcd: no endpoint answered ({})",
@@ -140,6 +219,17 @@ impl EtcdStore {
 }
 
 impl Inner {
+    /// Endpoint `idx`'s client, made (and, with a user, authenticated) on
+    /// first use. A failure leaves it to be made again on the next call.
+    async fn client(&self, idx: usize) -> Result<Client, etcd_client::Error> {
+        self.clients[idx]
+            .get_or_try_init(|| {
+                Client::connect([self.endpoints[idx].as_str()], Some(self.options.clone()))
+            })
+            .await
+            .cloned()
+    }
+
     /// Moves on from endpoint `from` (if nobody did already).
     fn rotate(&self, from: usize) {
         let next = (from + 1) % self.clients.len();
@@ -182,12 +272,26 @@ impl Inner {
         let start = Instant::now();
         let mut backoff = BACKOFF_MIN;
         let mut tried_in_round = 0usize;
+        let mut renewed_token = false;
         loop {
             let idx = self.current.load(Ordering::Relaxed);
-            let client = self.clients[idx].clone();
             let endpoint = &self.endpoints[idx];
-            let err = match tokio::time::timeout(attempt_timeout, f(client)).await {
+            let attempt = async {
+                let client = self.client(idx).await?;
+                f(client).await
+            };
+            let err = match tokio::time::timeout(attempt_timeout, attempt).await {
                 Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if is_invalid_token(&e) && !renewed_token => {
+                    // Watches and keepalive streams are not covered by
+                    // etcd-client's own token refresh: renew it here, once.
+                    renewed_token = true;
+                    tracing::debug!("{what} on {endpoint}: auth token refused; renewing it");
+                    if let Some(c) = self.clients[idx].get() {
+                        let _ = tokio::time::timeout(attempt_timeout, c.refresh_token()).await;
+                    }
+                    continue;
+                }
                 Ok(Err(e)) => map_err(&format!("{what} on {endpoint}"), e),
                 Err(_) => StoreError::Unavailable(format!(
                     "{what} on {endpoint}: no answer in {attempt_timeout:?}"
@@ -247,6 +351,17 @@ impl Inner {
                     }
                     let mut stream = c.watch(prefix, Some(opts)).await?;
                     match stream.message().await? {
+                        // An expired auth token cancels the watch at
+                        // once: an error, so that `call` renews it.
+                        Some(resp)
+                            if resp.canceled()
+                                && resp.cancel_reason().contains("invalid auth token") =>
+                        {
+                            Err(etcd_client::Error::WatchError(format!(
+                                "watch canceled: {}",
+                                resp.cancel_reason()
+                            )))
+                        }
                         Some(resp) => Ok((stream, resp)),
                         None => Err(etcd_client::Error::WatchError(
                             "watch stream closed before it was created".into(),
@@ -286,6 +401,95 @@ enum Opened {
     Compacted(Revision),
 }
 
+/// An error with its sources, deduplicated: tonic's "transport error"
+/// alone says nothing; the rustls or etcd cause is further down.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether `text` (an error [`chain`]) is etcd or the TLS layer refusing
+/// us, rather than etcd being unreachable: what was refused and what to do.
+/// `sent_cert`: whether pier presented a client certificate (None: no TLS).
+fn refusal(text: &str, user: Option<&str>, sent_cert: Option<bool>) -> Option<String> {
+    let t = text.to_ascii_lowercase();
+    if t.contains("invalid peer certificate") {
+        return Some(
+            "etcd's server certificate is not trusted: it was not issued by the CA pier was given, or does not name the host or IP address of the endpoint; give the CA that issued it, and an endpoint its certificate names"
+                .into(),
+        );
+    }
+    let bad_cert = t.contains("badcertificate") || t.contains("bad certificate");
+    if t.contains("certificaterequired")
+        || t.contains("certificate required")
+        || (bad_cert && sent_cert == Some(false))
+    {
+        return Some(
+            "etcd requires a client certificate (--client-cert-auth) and pier sent none; give pier a client certificate and key issued by etcd's --trusted-ca-file"
+                .into(),
+        );
+    }
+    if bad_cert
+        || t.contains("unknownca")
+        || t.contains("unknown ca")
+        || t.contains("unsupportedcertificate")
+        || t.contains("certificateexpired")
+    {
+        return Some(
+            "etcd refused pier's client certificate: it must be issued by etcd's --trusted-ca-file CA, valid now, and usable for client authentication"
+                .into(),
+        );
+    }
+    if t.contains("authentication failed") {
+        return Some(format!(
+            "etcd refused the user {:?} or its password; check the user exists in etcd (`etcdctl user get NAME`) and the password",
+            user.unwrap_or("")
+        ));
+    }
+    if t.contains("user name is empty") || t.contains("user name not found") {
+        return Some(match user {
+            None => "etcd has authentication enabled and pier gave no user; give pier an etcd user and its password".into(),
+            Some(u) => format!("etcd does not know the user {u:?}; add it with `etcdctl user add {u}`"),
+        });
+    }
+    if t.contains("permission denied") {
+        return Some(match user {
+            Some(u) => format!(
+                "the etcd user {u:?} may not read or write pier's keys; grant it a role with `etcdctl role grant-permission ROLE --prefix=true readwrite /pier/`"
+            ),
+            None => "etcd has authentication on and pier gave no user (etcd took the client certificate's CN as the user, and that user may not read /pier/); give pier an etcd user and its password, or grant the CN's user `readwrite /pier/`".into(),
+        });
+    }
+    if t.contains("http2") && t.contains("frame") || t.contains("corrupt message") {
+        return Some(
+            "the endpoint does not speak what pier sent: plaintext to a TLS port, or TLS to a plaintext one; write https:// endpoints (etcds://) for a TLS etcd and http:// (etcd://) for a plain one"
+                .into(),
+        );
+    }
+    None
+}
+
+/// etcd's answer to a token it no longer accepts (expired, or another
+/// member's).
+fn is_invalid_token(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            format!("{:?}", s.code()) == "Unauthenticated"
+                || s.message().contains("invalid auth token")
+        }
+        etcd_client::Error::WatchError(m) => m.contains("invalid auth token"),
+        _ => false,
+    }
+}
+
 /// Maps an etcd-client error to a `StoreError` naming what was being done.
 fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
     if e.to_string().contains("lease not found") {
@@ -308,7 +512,12 @@ fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
             }
             match code.as_str() {
                 "Unavailable" | "DeadlineExceeded" | "Cancelled" | "Aborted" | "Unknown"
-                | "ResourceExhausted" => StoreError::Unavailable(format!("{what}: {code}: {msg}")),
+                | "ResourceExhausted" => {
+                    let cause = std::error::Error::source(&status)
+                        .map(|c| format!(" ({})", chain(c)))
+                        .unwrap_or_default();
+                    StoreError::Unavailable(format!("{what}: {code}: {msg}{cause}"))
+                }
                 "InvalidArgument" | "FailedPrecondition" | "OutOfRange" => {
                     StoreError::Invalid(format!("{what}: {msg}"))
                 }
@@ -316,7 +525,7 @@ fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
             }
         }
         etcd_client::Error::TransportError(err) => {
-            StoreError::Unavailable(format!("{what}: transport: {err}"))
+            StoreError::Unavailable(format!("{what}: transport: {}", chain(&err)))
         }
         etcd_client::Error::IoError(err) => StoreError::Unavailable(format!("{what}: io: {err}")),
         etcd_client::Error::WatchError(err) | etcd_client::Error::LeaseKeepAliveError(err) => {

@@ -23,6 +23,8 @@ mod embedded;
 pub use embedded::EmbeddedStore;
 mod etcd;
 pub use etcd::EtcdStore;
+mod etcd_security;
+pub use etcd_security::{EtcdSecurity, EtcdTls, EtcdUser, FileProblem};
 pub mod election;
 pub mod lease;
 pub mod reflector;

@@ -1,6 +1,8 @@
 //! The conformance suite: every body runs against `EmbeddedStore` (in a temp
-//! dir) and against `EtcdStore` on a real etcd (`testing::EtcdServer`), each
-//! on a fresh store. Bodies assert absolute revisions, so the two stores are
+//! dir), against `EtcdStore` on a real etcd (`testing::EtcdServer`), and
+//! against `EtcdStore` on a real etcd serving TLS with client-certificate
+//! authentication and etcd's users on (pier logs in as a user that may
+//! read and write `/` only, not root), each on a fresh store. Bodies assert absolute revisions, so the two stores are
 //! checked to give the same revisions for the same operations;
 //! `same_trace_on_both_stores` also compares a full trace directly.
 
@@ -10,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use futures::StreamExt;
-use pier_store::testing::EtcdServer;
+use pier_store::testing::{EtcdServer, TestPki, TlsEtcdOptions};
 use pier_store::{
-    Compare, EmbeddedStore, EtcdStore, KeyValue, LeaseId, Store, StoreError, Ttl, Txn, TxnOp,
-    WatchEvent, WatchItem, WatchStream,
+    Compare, EmbeddedStore, EtcdSecurity, EtcdStore, EtcdTls, EtcdUser, KeyValue, LeaseId, Store,
+    StoreError, Ttl, Txn, TxnOp, WatchEvent, WatchItem, WatchStream,
 };
 
 type Guard = Box<dyn Any + Send>;
@@ -31,6 +33,33 @@ async fn etcd_store() -> Result<(Arc<dyn Store>, Guard)> {
         .context("start etcd")?;
     let store = EtcdStore::connect(std::slice::from_ref(&server.endpoint)).await?;
     Ok((Arc::new(store), Box::new(server)))
+}
+
+/// etcd with TLS, `--client-cert-auth` and auth enabled; the store
+/// presents the client certificate and logs in as `conformance`, whose
+/// role may read and write every key under `/`.
+async fn etcd_tls_store() -> Result<(Arc<dyn Store>, Guard)> {
+    let pki = Arc::new(TestPki::new("conformance-client").context("certificates")?);
+    let p = pki.clone();
+    let server = tokio::task::spawn_blocking(move || {
+        let s = EtcdServer::start_tls(&p, &TlsEtcdOptions::default())?;
+        s.enable_auth("root-secret")?;
+        s.add_user("root-secret", "conformance", "conformance-secret", "/")?;
+        std::io::Result::Ok(s)
+    })
+    .await?
+    .context("start etcd with TLS and auth")?;
+    let security = EtcdSecurity {
+        tls: Some(EtcdTls::from_files(
+            &pki.ca,
+            Some((&pki.client_cert, &pki.client_key)),
+        )?),
+        user: Some(EtcdUser::new("conformance", "conformance-secret")),
+    };
+    let store = EtcdStore::connect_with(std::slice::from_ref(&server.endpoint), &security).await?;
+    ensure!(store.current_endpoint().starts_with("https://"));
+    // The server goes first, then the certificates.
+    Ok((Arc::new(store), Box::new((server, pki))))
 }
 
 fn put(key: &str, value: &str) -> TxnOp {
@@ -560,6 +589,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> anyhow::Result<()> {
                     let (store, _guard) = super::etcd_store().await?;
+                    super::$name(store).await
+                }
+            )*
+        }
+        mod etcd_tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    let (store, _guard) = super::etcd_tls_store().await?;
                     super::$name(store).await
                 }
             )*
