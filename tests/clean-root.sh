@@ -143,8 +143,11 @@ if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
   log "copied this host's local CAs: $(cd /usr/local/share/ca-certificates && echo *.crt)"
 fi
 
-# Mounts: sysfs is mounted from inside the namespace so that it shows the
+# Mounts. The root itself first, bound onto itself: dockerd unpacks images
+# after making "/" a slave mount, which fails where "/" is no mount point.
+# sysfs is mounted from inside the namespace so that it shows the
 # namespace's interfaces.
+mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"
 nsenter --net="/run/netns/$NS" mount -t sysfs sysfs "$ROOT/sys"
 mount --rbind /sys/fs/cgroup "$ROOT/sys/fs/cgroup"
