@@ -222,6 +222,7 @@ async fn main() -> Result<()> {
         dns_search: vec![],
         networks: ntx,
         local_targets: tokio::sync::watch::channel(Default::default()).0,
+        static_allow: Vec::new(),
     };
     let agent = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));
 

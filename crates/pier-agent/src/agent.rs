@@ -84,6 +84,12 @@ pub(crate) struct Agent {
     alloc: pier_store::alloc::AllocConfig,
     dns_search: Vec<String>,
     networks: watch::Sender<Vec<pier_model::Cidr>>,
+    static_allow: Vec<pier_model::Cidr>,
+    /// This host's own addresses (read at start and at every resync), which
+    /// no static endpoint may name.
+    host_addrs: Vec<std::net::IpAddr>,
+    /// Static endpoints already warned about, by (service key, address).
+    static_warned: HashSet<(String, SocketAddr)>,
     local_targets: watch::Sender<Arc<HashSet<SocketAddr>>>,
 
     snap: Arc<Snapshot>,
@@ -153,6 +159,9 @@ impl Agent {
             alloc: ctx.alloc,
             dns_search: ctx.dns_search,
             networks: ctx.networks,
+            static_allow: ctx.static_allow,
+            host_addrs: host_addrs(),
+            static_warned: HashSet::new(),
             local_targets: ctx.local_targets,
             lease: None,
             docker: None,
@@ -232,6 +241,7 @@ impl Agent {
                     Err(_) => snap_open = false,
                 },
                 _ = resync.tick() => {
+                    self.host_addrs = host_addrs();
                     self.resync_docker(false);
                     self.need_reset = true;
                 }
@@ -773,6 +783,23 @@ impl Agent {
                     continue;
                 };
                 let key = format!("static/{}/{}/{n}", svc.namespace, svc.name);
+                // Defence in depth behind the API's check (a record written
+                // straight into the store, or by an older version): never
+                // health-check, register or so proxy to an address that
+                // reaches this host itself.
+                if let Err(why) = pier_model::addr::check_static_ip(
+                    se.ip,
+                    &self.alloc.service_cidr,
+                    &self.host_addrs,
+                    &self.static_allow,
+                ) {
+                    let addr = SocketAddr::new(se.ip, se.port.get());
+                    if self.static_warned.insert((key.clone(), addr)) {
+                        warn!(service = %svc.name, namespace = %svc.namespace, address = %addr,
+                            reason = %why, "ignoring a static endpoint; list it in [network] static_endpoint_allow to allow it");
+                    }
+                    continue;
+                }
                 let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
                     interval_ms: def_interval,
                     timeout_ms: def_timeout,
@@ -1307,5 +1334,29 @@ fn refusal(
         namespace: spec.namespace.clone(),
         service,
         reason,
+    }
+}
+
+/// This host's own addresses (of the agent's network namespace); empty,
+/// with a warning, when they cannot be read.
+fn host_addrs() -> Vec<std::net::IpAddr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(list) => {
+            let mut v: Vec<std::net::IpAddr> = list
+                .filter_map(|i| i.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        Err(error) => {
+            warn!(%error, "cannot list this host's addresses; static endpoints are checked without them");
+            Vec::new()
+        }
     }
 }

@@ -161,6 +161,9 @@ pub struct AgentContext {
     /// listener: it relays to nothing else.
     pub local_targets:
         tokio::sync::watch::Sender<Arc<std::collections::HashSet<std::net::SocketAddr>>>,
+    /// `[network] static_endpoint_allow`: static endpoint addresses let
+    /// through although [`pier_model::addr::check_static_ip`] refuses them.
+    pub static_allow: Vec<pier_model::Cidr>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! Discovery, registration and health against the real dockerd and a real
 //! embedded store.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -500,6 +501,8 @@ async fn static_endpoints_are_checked_and_registered_by_the_node() -> Result<()>
     let env = StoreEnv::embedded(5).await?;
     let d = TestDocker::new()?;
     let mut snap = env.snapshot();
+    // The fixtures listen on loopback, which only an allowlist lets through.
+    allow_static(&["127.0.0.0/8"]);
     let agent = InProcAgent::start(&env, "n1", agent_config(&d));
     let open = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let open_port = open.local_addr()?.port();
@@ -538,6 +541,74 @@ async fn static_endpoints_are_checked_and_registered_by_the_node() -> Result<()>
     accept.abort();
     agent.stop().await?;
     drop(closed);
+    Ok(())
+}
+
+/// The attack of issue 12 (A2) past the API: a service whose static
+/// endpoints name this host's loopback, link-local metadata address and a
+/// VIP, written straight into the store. The agent neither health-checks
+/// nor registers them (so no proxy connects there); a static endpoint at an
+/// ordinary address beside them is registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_endpoints_that_reach_the_host_are_ignored() -> Result<()> {
+    init_tracing();
+    let env = StoreEnv::embedded(5).await?;
+    let d = TestDocker::new()?;
+    let mut snap = env.snapshot();
+    allow_static(&[]);
+    let agent = InProcAgent::start(&env, "n1", agent_config(&d));
+    let host_svc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = host_svc.local_addr()?.port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    let accept = tokio::spawn(async move {
+        while host_svc.accept().await.is_ok() {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let vip = alloc().service_cidr.nth(200).context("a VIP")?;
+    let attack: Service = serde_json::from_value(serde_json::json!({
+        "name": "sneaky",
+        "ports": [{"name": "p", "port": 80, "target_port": port}],
+        "static_endpoints": [
+            {"ip": "127.0.0.1", "port": port},
+            {"ip": "::ffff:127.0.0.1", "port": port},
+            {"ip": "169.254.169.254", "port": 80},
+            {"ip": vip.to_string(), "port": 80},
+        ],
+    }))?;
+    create_service(&*env.store, &alloc(), attack, true).await?;
+    // The control: an ordinary address, unchecked (`none`), so that no
+    // packet is sent to it.
+    let plain: Service = serde_json::from_value(serde_json::json!({
+        "name": "plain",
+        "ports": [{"name": "p", "port": 80, "target_port": 80}],
+        "static_endpoints": [{"ip": "10.214.99.7", "port": 80}],
+        "health": {"kind": "none"},
+    }))?;
+    create_service(&*env.store, &alloc(), plain, true).await?;
+    wait_snap(
+        &mut snap,
+        Duration::from_secs(5),
+        "the plain static endpoint",
+        |s| endpoints(s, "plain").get("static-0").map(|_| ()),
+    )
+    .await?;
+    // Give health checks, had any started, time to connect.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = snap.borrow().clone();
+    ensure!(
+        endpoints(&s, "sneaky").is_empty(),
+        "refused static endpoints were registered: {:?}",
+        endpoints(&s, "sneaky")
+    );
+    let got = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        got == 0,
+        "the agent connected to the host's loopback {got} times"
+    );
+    accept.abort();
+    agent.stop().await?;
     Ok(())
 }
 

@@ -313,6 +313,19 @@ impl Drop for StoreEnv {
     }
 }
 
+thread_local! {
+    /// `[network] static_endpoint_allow` for the agents this thread starts
+    /// next (see [`allow_static`]).
+    static STATIC_ALLOW: std::cell::RefCell<Vec<Cidr>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Let the agents this thread starts from now on register static endpoints
+/// in `cidrs` (as `[network] static_endpoint_allow` does).
+pub fn allow_static(cidrs: &[&str]) {
+    STATIC_ALLOW
+        .with(|a| *a.borrow_mut() = cidrs.iter().map(|c| c.parse().expect("CIDR")).collect());
+}
+
 /// An agent running in this process.
 pub struct InProcAgent {
     pub cancel: CancellationToken,
@@ -344,6 +357,7 @@ impl InProcAgent {
             ],
             networks: ntx,
             local_targets: watch::channel(Default::default()).0,
+            static_allow: STATIC_ALLOW.with(|a| a.borrow().clone()),
         };
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));
