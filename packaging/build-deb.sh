@@ -18,4 +18,6 @@ mkdir -p target/completions
 "$bin" completions bash >target/completions/pier.bash
 "$bin" completions zsh >target/completions/_pier
 "$bin" completions fish >target/completions/pier.fish
-cargo deb -p pier --no-build --locked "$@"
+# Stripped: the release profile keeps line tables for profiling, which
+# would make the installed binary 100+ MB.
+cargo deb -p pier --no-build --locked --strip "$@"
