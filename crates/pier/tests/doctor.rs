@@ -240,3 +240,36 @@ fn completions_come_from_the_clap_definitions() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
+
+#[test]
+fn the_store_check_reaches_etcd_or_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real etcd (started for this test, killed by PID when dropped).
+    let etcd =
+        pier_store::testing::EtcdServer::start().expect("start etcd (apt-get install etcd-server)");
+    let url = format!("etcd://{}", etcd.endpoint);
+    let o = doctor(dir.path(), &["--store", &url], None);
+    let (line, _) = line_and_next(&o, "ok    store:");
+    assert_eq!(
+        line,
+        format!("ok    store: etcd at {} answers", etcd.endpoint),
+        "{}",
+        text(&o)
+    );
+    // The same endpoint once etcd is gone: the failure, and what to do.
+    let endpoint = etcd.endpoint.clone();
+    drop(etcd);
+    let o = doctor(dir.path(), &["--store", &url], None);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let (line, fix) = line_and_next(&o, "FAIL  store:");
+    assert!(
+        line.starts_with(&format!("FAIL  store: etcd at {endpoint}")),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        fix.contains("start etcd") && fix.contains("store.url"),
+        "{}",
+        text(&o)
+    );
+}
