@@ -251,15 +251,33 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
         }
     }
 
-    /// Run the CLI against this agent.
+    /// Run the CLI against this agent as a user on its host would: `pier
+    /// --config FILE`, which finds the API address in the config and reads
+    /// the token the agent made in its data dir.
     pub fn cli(&self, args: &[&str]) -> Result<Output> {
         let out = Command::new(pier_bin()?)
-            .arg("--server")
-            .arg(&self.api)
+            .arg("--config")
+            .arg(&self.config)
             .args(args)
+            .env_remove("PIER_SERVER")
+            .env_remove("PIER_TOKEN")
+            .env_remove("PIER_CONFIG")
             .output()
             .context("running the pier CLI")?;
         Ok(out)
+    }
+
+    /// The agent's API token, read from its data dir as `PIER_TOKEN=$(cat
+    /// DATA_DIR/api-token)` would.
+    pub fn token(&self) -> Result<String> {
+        let p = self.dir.path().join("data").join("api-token");
+        let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(t.trim().to_owned())
+    }
+
+    /// A GET of the agent's API with its token.
+    pub fn api_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get_auth(&self.api_addr(), path, Some(&self.token()?))
     }
 
     /// Run the CLI and insist on success; returns stdout.
@@ -349,10 +367,18 @@ pub fn remove_labelled(label: &str, value: &str) {
 
 /// A plain HTTP/1.0 GET with a 2 s bound; returns the status and body.
 pub fn http_get(addr: &SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_get_auth(addr, path, None)
+}
+
+/// [`http_get`] with a bearer token (the agent's API needs one).
+pub fn http_get_auth(addr: &SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)?;
     let text = String::from_utf8_lossy(&buf);

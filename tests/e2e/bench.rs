@@ -16,12 +16,12 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, http_get};
+use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image};
 use serde_json::Value;
 
 /// (name, Running and ready) of the set's pods, from the API.
 fn pods(a: &AgentProc, rs: &str) -> Result<Vec<(String, bool)>> {
-    let (code, body) = http_get(&a.api_addr(), "/api/v1/pods")?;
+    let (code, body) = a.api_get("/api/v1/pods")?;
     if code != 200 {
         bail!("GET /api/v1/pods: HTTP {code}: {body}");
     }

@@ -35,7 +35,7 @@ fn running_pods(a: &AgentProc) -> Result<Vec<(String, String)>> {
 /// millisecond, where starting the CLI process costs up to a few hundred
 /// on a loaded machine, which would be counted against pier.
 fn running_pod_names_api(a: &AgentProc) -> Result<BTreeSet<String>> {
-    let (code, body) = http_get(&a.api_addr(), "/api/v1/namespaces/default/pods")?;
+    let (code, body) = a.api_get("/api/v1/namespaces/default/pods")?;
     ensure!(code == 200, "GET pods: HTTP {code}: {body}");
     let pods: Value = serde_json::from_str(&body).context("pods JSON")?;
     let arr = pods.as_array().context("pods JSON is not an array")?;

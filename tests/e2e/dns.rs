@@ -248,7 +248,7 @@ networks:
 
 /// The agent's count of DNS queries answered, over every type and code.
 fn dns_queries(a: &AgentProc) -> Result<u64> {
-    let (code, body) = pier_tests::http_get(&a.api_addr(), "/metrics")?;
+    let (code, body) = a.api_get("/metrics")?;
     ensure!(code == 200, "/metrics: {code}");
     Ok(body
         .lines()

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use pier_tests::{TEST_IMAGE, ensure_test_image, eventually, http_get, pier_bin, run_id};
+use pier_tests::{
+    TEST_IMAGE, ensure_test_image, eventually, http_get, http_get_auth, pier_bin, run_id,
+};
 use serde_json::Value;
 
 use crate::netns::{self, Topology};
@@ -156,7 +158,10 @@ key = "{certs}/node-key.pem"
             .topo
             .host(i)
             .command(&self.pier)
-            .args(["--server", &format!("http://{API}")])
+            // As a user on the host would: the config names the API and
+            // the data dir, where the CLI reads the agent's token.
+            .arg("--config")
+            .arg(self.topo.host(i).dir.join("pier.toml"))
             .args(args)
             .output()
             .context("running the pier CLI")?;
@@ -347,10 +352,20 @@ done"#
         )
     }
 
+    /// Host `i`'s agent's API token, from its data dir.
+    pub fn token(&self, i: usize) -> Result<String> {
+        let p = self.topo.host(i).dir.join("pier-data").join("api-token");
+        let t = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(t.trim().to_owned())
+    }
+
     /// Host `i`'s agent metrics (Prometheus text).
     pub fn metrics(&self, i: usize) -> Result<String> {
         let netns = self.topo.host(i).netns.clone();
-        let (code, body) = netns::in_netns(&netns, || http_get(&Self::api(), "/metrics"))?;
+        let token = self.token(i)?;
+        let (code, body) = netns::in_netns(&netns, || {
+            http_get_auth(&Self::api(), "/metrics", Some(&token))
+        })?;
         ensure!(code == 200, "/metrics on h{i}: HTTP {code}");
         Ok(body)
     }

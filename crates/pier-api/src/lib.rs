@@ -33,10 +33,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 mod client;
+mod guard;
 mod server;
+pub mod token;
 mod views;
 
 pub use client::{Client, Watch};
+pub use guard::host_addrs;
 pub use server::serve;
 
 /// The API server's settings (`[api]` in pier.toml).
@@ -46,8 +49,25 @@ pub struct ApiConfig {
     /// Where the API listens. Anything but loopback needs a token.
     pub listen: SocketAddr,
     /// A bearer token every request but /healthz and /readyz must carry.
-    /// The agent also reads it from the `PIER_TOKEN` environment variable.
+    /// When unset (the default) the agent makes one on first start and
+    /// keeps it in `<data_dir>/api-token` (see [`token`]); the agent also
+    /// takes it from the `PIER_TOKEN` environment variable.
     pub token: Option<String>,
+    /// A group whose members may read the token file (made mode 0640 with
+    /// this group; the data dir gets 0710 with it). Unset: root only
+    /// (0600). A group name or a numeric gid.
+    pub token_group: Option<String>,
+    /// Serve without a token (development only; logged as a warning at
+    /// start and shown by /readyz). Only on a loopback listener.
+    pub insecure_no_auth: bool,
+    /// Host header names (or addresses) clients may use besides the listen
+    /// address, `localhost`, 127.0.0.1, [::1] and the node's own name and
+    /// addresses. Any other Host is answered 421 (against DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// Watches open at once on this API; more are answered 429.
+    pub max_watches: usize,
+    /// Watches open at once from one client address; more are answered 429.
+    pub max_watches_per_client: usize,
     /// The largest request body accepted; more is a 413.
     pub max_body_bytes: usize,
     /// How long a request may take before it is answered 504 (watches are
@@ -69,6 +89,15 @@ impl ApiConfig {
     pub fn default_request_timeout_ms() -> u64 {
         10_000
     }
+    /// 256 watches: a few dozen `get -w` terminals and controllers, well
+    /// below the file descriptors an agent has.
+    pub fn default_max_watches() -> usize {
+        256
+    }
+    /// 32 per client address: one runaway script cannot take them all.
+    pub fn default_max_watches_per_client() -> usize {
+        32
+    }
 
     pub fn validate(&self) -> Result<(), ApiError> {
         if let Some(t) = &self.token
@@ -78,11 +107,39 @@ impl ApiConfig {
                 "token: must be non-empty and contain no spaces or control characters".into(),
             ));
         }
-        if !self.listen.ip().is_loopback() && self.token.is_none() {
+        if self.insecure_no_auth && self.token.is_some() {
+            return Err(ApiError::Config(
+                "insecure_no_auth: a token is also set (token or PIER_TOKEN); drop one of them"
+                    .into(),
+            ));
+        }
+        if self.insecure_no_auth && !self.listen.ip().is_loopback() {
             return Err(ApiError::Config(format!(
-                "token: the API listens on {}, which is not loopback, so it needs a token: set PIER_TOKEN or [api] token",
+                "insecure_no_auth: the API listens on {}, which is not loopback; serving without a token is allowed on loopback only",
                 self.listen
             )));
+        }
+        if let Some(g) = &self.token_group
+            && g.trim().is_empty()
+        {
+            return Err(ApiError::Config(
+                "token_group: must be a group name or a numeric gid".into(),
+            ));
+        }
+        for h in &self.allowed_hosts {
+            if h.is_empty()
+                || h.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+            {
+                return Err(ApiError::Config(format!(
+                    "allowed_hosts: {h:?} is not a host name or address"
+                )));
+            }
+        }
+        if self.max_watches == 0 || self.max_watches_per_client == 0 {
+            return Err(ApiError::Config(
+                "max_watches and max_watches_per_client: must be at least 1".into(),
+            ));
         }
         if self.max_body_bytes == 0 {
             return Err(ApiError::Config(
@@ -103,6 +160,11 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: Self::default_listen(),
             token: None,
+            token_group: None,
+            insecure_no_auth: false,
+            allowed_hosts: Vec::new(),
+            max_watches: Self::default_max_watches(),
+            max_watches_per_client: Self::default_max_watches_per_client(),
             max_body_bytes: Self::default_max_body_bytes(),
             request_timeout_ms: Self::default_request_timeout_ms(),
         }
@@ -126,6 +188,13 @@ pub struct ApiState {
     /// Per-object problems (the proxy's node-port conflicts, the
     /// supervisor's replica-set problems), shown by `describe`.
     pub problems: Vec<watch::Receiver<Problems>>,
+    /// Names and addresses the Host header may carry besides the listen
+    /// address and the loopback names: the node's name and address.
+    pub host_names: Vec<String>,
+    /// Static endpoints inside these CIDRs are accepted even where
+    /// [`pier_model::addr::check_static_ip`] refuses them
+    /// (`[network] static_endpoint_allow`).
+    pub static_endpoint_allow: Vec<pier_model::Cidr>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -185,13 +254,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_required_off_loopback() {
+    fn token_rules() {
         let mut c = ApiConfig {
             listen: "0.0.0.0:7370".parse().unwrap(),
             ..ApiConfig::default()
         };
+        c.validate().unwrap();
+        c.insecure_no_auth = true;
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("token") && e.contains("PIER_TOKEN"), "{e}");
+        assert!(
+            e.contains("insecure_no_auth") && e.contains("loopback"),
+            "{e}"
+        );
+        c.insecure_no_auth = false;
         c.token = Some("s3cret".into());
         c.validate().unwrap();
         c.token = Some("".into());

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tower::{BoxError, Service as TowerService, ServiceBuilder, ServiceExt};
 use tracing::{debug, info, warn};
 
+use crate::guard::{self, HostCheck, WatchSlot, WatchSlots};
 use crate::views::{self, Filter};
 use crate::{ApiConfig, ApiError, ApiState};
 
@@ -62,7 +63,16 @@ struct Inner {
     /// attempts). Scales through other hosts' APIs still meet the
     /// compare-and-swap and its retries.
     scale_turn: tokio::sync::Mutex<()>,
+    /// The open watches, capped.
+    watches: Arc<WatchSlots>,
+    /// Served without a token (`--insecure-no-auth`).
+    insecure: bool,
 }
+
+/// The client's address, put in each request's extensions by the accept
+/// loop (for the per-client watch cap).
+#[derive(Debug, Clone, Copy)]
+struct Peer(std::net::SocketAddr);
 
 /// An error answer.
 #[derive(Debug)]
@@ -154,6 +164,12 @@ pub async fn serve(
         addr: cfg.listen.to_string(),
         source,
     })?;
+    // No token and no explicit opt-out: refuse to serve an open API.
+    if cfg.token.is_none() && !cfg.insecure_no_auth {
+        return Err(ApiError::Config(
+            "token: the API has no token; the agent makes one in its data dir (api-token), or set PIER_TOKEN or [api] token; for development only, --insecure-no-auth serves without one".into(),
+        ));
+    }
     // The listener, not only the config, decides what is exposed.
     if !local.ip().is_loopback() && cfg.token.is_none() {
         return Err(ApiError::Config(format!(
@@ -161,10 +177,16 @@ pub async fn serve(
         )));
     }
     let addr = local.to_string();
+    let mut extra = state.host_names.clone();
+    extra.extend(cfg.allowed_hosts.iter().cloned());
+    let hosts = HostCheck::new(local, &guard::host_addrs(), &extra);
+    debug!(hosts = ?hosts.names().collect::<Vec<_>>(), "API Host names");
     let inner = Arc::new(Inner {
         st: state,
         cancel: cancel.clone(),
         scale_turn: tokio::sync::Mutex::new(()),
+        watches: WatchSlots::new(cfg.max_watches, cfg.max_watches_per_client),
+        insecure: cfg.insecure_no_auth,
     });
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let max_body = cfg.max_body_bytes;
@@ -173,6 +195,7 @@ pub async fn serve(
         .layer(tower::layer::layer_fn(|s| Auth {
             inner: s,
             token: cfg.token.as_deref().map(Arc::from),
+            hosts: Arc::new(hosts.clone()),
         }))
         .timeout(timeout)
         .service_fn(move |req: Request<Incoming>| {
@@ -181,6 +204,12 @@ pub async fn serve(
         });
 
     let tracker = TaskTracker::new();
+    if cfg.insecure_no_auth {
+        warn!(
+            api.addr = %addr,
+            "THE API HAS NO AUTHENTICATION (--insecure-no-auth): every local user and every process on this host can change the cluster; use this for development only"
+        );
+    }
     info!(api.addr = %addr, auth = cfg.token.is_some(), "API listening");
     loop {
         let (io, peer) = tokio::select! {
@@ -198,7 +227,10 @@ pub async fn serve(
         let svc = svc.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            let hsvc = hyper::service::service_fn(move |req| svc.clone().oneshot(req));
+            let hsvc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
+                svc.clone().oneshot(req)
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .serve_connection(TokioIo::new(io), hsvc);
@@ -281,11 +313,73 @@ where
     }
 }
 
-/// Checks the bearer token on everything but the health probes.
+/// Checks, in order: the Host header (421, against DNS rebinding) and the
+/// Origin header (403, against cross-site requests) on everything but the
+/// health probes; the Content-Type of writes (415); then the bearer token
+/// on everything but the health probes (401).
 #[derive(Clone)]
 struct Auth<S> {
     inner: S,
     token: Option<Arc<str>>,
+    hosts: Arc<HostCheck>,
+}
+
+/// The refusal of a request by its headers, if any.
+fn check_headers(hosts: &HostCheck, req: &Request<Incoming>) -> Option<Fail> {
+    let open = matches!(req.uri().path(), "/healthz" | "/readyz");
+    let h = req.headers();
+    let text = |v: &HeaderValue| {
+        String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(100)
+            .collect::<String>()
+    };
+    if !open {
+        // HTTP/1.1 requires a Host; browsers always send one. A request
+        // without one cannot come from a rebinding page.
+        if let Some(v) = h.get(header::HOST)
+            && !v.to_str().is_ok_and(|s| hosts.allows(s))
+        {
+            return Some(Fail::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "the Host header {:?} does not name this API (a page using DNS rebinding would send such a Host); use the agent's address, or add the name to [api] allowed_hosts",
+                    text(v)
+                ),
+            ));
+        }
+        if let Some(v) = h.get(header::ORIGIN)
+            && !v.to_str().is_ok_and(|s| hosts.allows_origin(s))
+        {
+            return Some(Fail::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the Origin header {:?} is not this API's own; cross-site requests are refused (the API serves no web pages)",
+                    text(v)
+                ),
+            ));
+        }
+    }
+    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        let ct = h.get(header::CONTENT_TYPE);
+        if !ct.is_some_and(|v| v.to_str().is_ok_and(guard::is_json)) {
+            return Some(Fail::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                match ct {
+                    Some(v) => format!(
+                        "the Content-Type header is {:?}; a {} must send Content-Type: application/json",
+                        text(v),
+                        req.method()
+                    ),
+                    None => format!(
+                        "the Content-Type header is missing; a {} must send Content-Type: application/json",
+                        req.method()
+                    ),
+                },
+            ));
+        }
+    }
+    None
 }
 
 /// Compares without an early exit, so the time taken does not say how much
@@ -312,6 +406,11 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if let Some(f) = check_headers(&self.hosts, &req) {
+            debug!(http.method = %req.method(), http.path = %req.uri().path(), status = f.status.as_u16(), reason = %f.message, "API request refused by its headers");
+            let r = fail_response(f);
+            return Box::pin(async move { Ok(r) });
+        }
         if let Some(token) = &self.token {
             let open = matches!(req.uri().path(), "/healthz" | "/readyz");
             let given = req
@@ -324,9 +423,9 @@ where
                 let mut r = fail_response(Fail::new(
                     StatusCode::UNAUTHORIZED,
                     if given.is_some() {
-                        "the bearer token is wrong; set PIER_TOKEN to the agent's token"
+                        "the bearer token is wrong; the agent's token is in its data dir (api-token): run the CLI as root or in [api] token_group, or set PIER_TOKEN to it"
                     } else {
-                        "this API needs a bearer token; set PIER_TOKEN to the agent's token"
+                        "this API needs a bearer token; the agent's token is in its data dir (api-token): run the CLI as root or in [api] token_group, or set PIER_TOKEN to it"
                     },
                 ));
                 r.headers_mut()
@@ -415,6 +514,11 @@ async fn route(
     };
     let segs: Vec<&str> = rest.trim_matches('/').split('/').collect();
     let watch = wants_watch(&req)?;
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     let get = m == Method::GET;
     match segs.as_slice() {
         ["version"] if get => {
@@ -431,7 +535,7 @@ async fn route(
         ["problems"] if get => Ok(json(StatusCode::OK, &problems(&inner))),
         [kind] if get => {
             let kind = parse_kind(kind)?;
-            list(&inner, kind, Filter::default(), watch).await
+            list(&inner, kind, Filter::default(), watch, peer).await
         }
         ["nodes", name] if get => {
             let f = Filter {
@@ -451,7 +555,7 @@ async fn route(
                 (Method::GET, Resource::Nodes) => Err(Fail::not_found(
                     "nodes are not namespaced; use /api/v1/nodes",
                 )),
-                (Method::GET, _) => list(&inner, kind, f, watch).await,
+                (Method::GET, _) => list(&inner, kind, f, watch, peer).await,
                 (Method::POST, Resource::ReplicaSets) => {
                     let rs: ReplicaSet = read_json(req, max_body).await?;
                     create_replicaset(&inner, ns, rs).await
@@ -474,7 +578,7 @@ async fn route(
                         name: Some(name.clone()),
                     };
                     if watch {
-                        return list(&inner, kind, f, true).await;
+                        return list(&inner, kind, f, true, peer).await;
                     }
                     let s = synced(&inner).await?;
                     if s.service(&ns, &name).is_none() {
@@ -482,7 +586,7 @@ async fn route(
                             "service {name:?} not found in namespace {ns:?}"
                         )));
                     }
-                    list(&inner, kind, f, false).await
+                    list(&inner, kind, f, false, peer).await
                 }
                 (Method::GET, _) => {
                     let f = Filter {
@@ -490,7 +594,7 @@ async fn route(
                         name: Some(name),
                     };
                     if watch {
-                        list(&inner, kind, f, true).await
+                        list(&inner, kind, f, true, peer).await
                     } else {
                         get_one(&inner, kind, f).await
                     }
@@ -546,6 +650,7 @@ fn readyz(inner: &Inner) -> Response<Body> {
             ready,
             checks,
             store,
+            insecure_no_auth: inner.insecure,
         },
     )
 }
@@ -633,11 +738,17 @@ async fn list(
     kind: Resource,
     f: Filter,
     watch: bool,
+    peer: std::net::IpAddr,
 ) -> Result<Response<Body>, Fail> {
-    let s = synced(inner).await?;
     if watch {
-        return Ok(watch_response(inner.clone(), kind, f));
+        let slot = inner
+            .watches
+            .take(peer)
+            .map_err(|m| Fail::new(StatusCode::TOO_MANY_REQUESTS, m))?;
+        synced(inner).await?;
+        return Ok(watch_response(inner.clone(), kind, f, slot));
     }
+    let s = synced(inner).await?;
     let items: Vec<Value> = views::collect(kind, &s, &f).into_values().collect();
     Ok(json(StatusCode::OK, &items))
 }
@@ -661,14 +772,23 @@ fn not_found(kind: Resource, ns: Option<&Namespace>, name: Option<&Name>) -> Fai
 /// A chunked stream of JSON lines: first the current objects as ADDED, then
 /// every change as the snapshot moves. Ends when the client goes away or the
 /// server shuts down.
-fn watch_response(inner: Arc<Inner>, kind: Resource, f: Filter) -> Response<Body> {
+///
+/// Cost: snapshots are coalesced (a slow watcher sees only the latest), and
+/// a new snapshot is rebuilt and diffed only when a map this view reads was
+/// replaced ([`views::unchanged`]): a pod flapping costs a services watch,
+/// or an endpoints watch of another service, a few pointer compares.
+fn watch_response(inner: Arc<Inner>, kind: Resource, f: Filter, slot: WatchSlot) -> Response<Body> {
     struct W {
         rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
         cancel: CancellationToken,
         last: Option<BTreeMap<String, Value>>,
+        /// The snapshot `last` was built from.
+        last_snap: Option<Arc<Snapshot>>,
         pending: VecDeque<Bytes>,
         kind: Resource,
         f: Filter,
+        /// Given back when the stream is dropped.
+        _slot: WatchSlot,
     }
     fn line(t: WatchEventType, v: &Value) -> Bytes {
         let mut b = serde_json::to_vec(&serde_json::json!({"type": t, "object": v}))
@@ -680,9 +800,11 @@ fn watch_response(inner: Arc<Inner>, kind: Resource, f: Filter) -> Response<Body
         rx: inner.st.snapshot.clone(),
         cancel: inner.cancel.clone(),
         last: None,
+        last_snap: None,
         pending: VecDeque::new(),
         kind,
         f,
+        _slot: slot,
     };
     let stream = futures::stream::unfold(w, |mut w| async move {
         loop {
@@ -701,6 +823,11 @@ fn watch_response(inner: Arc<Inner>, kind: Resource, f: Filter) -> Response<Body
                 }
             }
             let snap = w.rx.borrow_and_update().clone();
+            if let Some(old) = &w.last_snap
+                && views::unchanged(w.kind, &w.f, old, &snap)
+            {
+                continue;
+            }
             let now = views::collect(w.kind, &snap, &w.f);
             let old = w.last.take().unwrap_or_default();
             for (k, v) in &now {
@@ -716,6 +843,7 @@ fn watch_response(inner: Arc<Inner>, kind: Resource, f: Filter) -> Response<Body
                 }
             }
             w.last = Some(now);
+            w.last_snap = Some(snap);
         }
     });
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -971,12 +1099,38 @@ async fn create_service(
             "static_endpoints: a service has either a selector or static endpoints, not both",
         ));
     }
+    validate_service(&inner.st, &svc)?;
     svc.created_at = now_ms();
     let created = alloc::create_service(&*inner.st.store, &inner.st.alloc, svc, true).await?;
     info!(namespace = %ns, service = %created.name, vip = ?created.vip, "service created");
     let key = (ns, created.name.clone());
     settle(inner, |s| s.services.contains_key(&key)).await;
     Ok(json(StatusCode::CREATED, &created))
+}
+
+/// What a writer asked for explicitly: node ports in the range, a VIP in
+/// the service CIDR (the same check `alloc` makes), and static endpoints
+/// that do not reach a host's own services.
+fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail> {
+    alloc::check_explicit(&st.alloc, svc)?;
+    if svc.static_endpoints.is_empty() {
+        return Ok(());
+    }
+    let host = guard::host_addrs();
+    for (i, ep) in svc.static_endpoints.iter().enumerate() {
+        if let Err(r) = pier_model::addr::check_static_ip(
+            ep.ip,
+            &st.alloc.service_cidr,
+            &host,
+            &st.static_endpoint_allow,
+        ) {
+            return Err(Fail::bad(format!(
+                "static_endpoints[{i}].ip: {} {r}; every host's proxy would connect to its own such address, so it is refused. To allow it anyway, add a CIDR holding it to [network] static_endpoint_allow in every agent's config",
+                ep.ip
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn expose(
@@ -1022,6 +1176,7 @@ async fn expose(
         lb: Default::default(),
         proxy_protocol: false,
         prefer_local: req.prefer_local,
+        accept_labelled: false,
         drain_timeout_ms: None,
         health: None,
         sla: None,

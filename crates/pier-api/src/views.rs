@@ -112,6 +112,7 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
                     version: n.version.clone(),
                     started_at: n.started_at,
                     pods: pods.get(name).copied().unwrap_or(0),
+                    refused: n.refused.clone(),
                 };
                 out.insert(name.to_string(), to_value(&v));
             }
@@ -150,4 +151,107 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
         }
     }
     out
+}
+
+/// Whether `new` shows the same objects of `kind` under `f` as `old` did,
+/// judged by the pointers of the maps the view reads (the reflector
+/// replaces only the maps a change touched). `false` may be a false alarm
+/// (the caller then rebuilds and diffs); `true` is never wrong, because the
+/// caller holds `old`, so its maps cannot be freed and their addresses
+/// reused.
+pub(crate) fn unchanged(kind: Resource, f: &Filter, old: &Snapshot, new: &Snapshot) -> bool {
+    use std::sync::Arc;
+    match kind {
+        Resource::Nodes => {
+            Arc::ptr_eq(&old.nodes, &new.nodes)
+                && Arc::ptr_eq(&old.pods, &new.pods)
+                && old.stale_since_ms.is_none() == new.stale_since_ms.is_none()
+        }
+        Resource::ReplicaSets => {
+            Arc::ptr_eq(&old.replicasets, &new.replicasets)
+                && Arc::ptr_eq(&old.pods, &new.pods)
+                && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
+        }
+        Resource::Pods => {
+            Arc::ptr_eq(&old.pods, &new.pods) && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
+        }
+        Resource::Services => Arc::ptr_eq(&old.services, &new.services),
+        Resource::Endpoints => {
+            if Arc::ptr_eq(&old.endpoints, &new.endpoints) {
+                return true;
+            }
+            // One service's endpoints: only that service's map matters.
+            match (&f.namespace, &f.name) {
+                (Some(ns), Some(name)) => {
+                    let k = (ns.clone(), name.clone());
+                    match (old.endpoints.get(&k), new.endpoints.get(&k)) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        _ => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn ep_map() -> Arc<pier_model::EndpointMap> {
+        Arc::new(pier_model::EndpointMap::new())
+    }
+
+    #[test]
+    fn unchanged_follows_the_maps_a_view_reads() {
+        let a = Snapshot::default();
+        let mut b = a.clone();
+        let all = Filter::default();
+        for k in [
+            Resource::Nodes,
+            Resource::ReplicaSets,
+            Resource::Pods,
+            Resource::Services,
+            Resource::Endpoints,
+        ] {
+            assert!(unchanged(k, &all, &a, &b), "{k:?}");
+        }
+        // A new pod map: pods, replica sets and nodes rebuild; services do not.
+        b.pods = Arc::new(BTreeMap::new());
+        assert!(!unchanged(Resource::Pods, &all, &a, &b));
+        assert!(!unchanged(Resource::ReplicaSets, &all, &a, &b));
+        assert!(!unchanged(Resource::Nodes, &all, &a, &b));
+        assert!(unchanged(Resource::Services, &all, &a, &b));
+        assert!(unchanged(Resource::Endpoints, &all, &a, &b));
+
+        // Endpoints of one service: another service's change is skipped.
+        let ns = Namespace::default();
+        let (x, y) = (Name::new("x").unwrap(), Name::new("y").unwrap());
+        let mut m = BTreeMap::new();
+        m.insert((ns.clone(), x.clone()), ep_map());
+        m.insert((ns.clone(), y.clone()), ep_map());
+        let mut c = Snapshot {
+            endpoints: Arc::new(m),
+            ..Snapshot::default()
+        };
+        let mut d = c.clone();
+        Arc::make_mut(&mut d.endpoints).insert((ns.clone(), y.clone()), ep_map());
+        let fx = Filter {
+            namespace: Some(ns.clone()),
+            name: Some(x.clone()),
+        };
+        let fy = Filter {
+            namespace: Some(ns.clone()),
+            name: Some(y.clone()),
+        };
+        assert!(unchanged(Resource::Endpoints, &fx, &c, &d));
+        assert!(!unchanged(Resource::Endpoints, &fy, &c, &d));
+        assert!(!unchanged(Resource::Endpoints, &all, &c, &d));
+        // A service's map appearing is a change.
+        Arc::make_mut(&mut c.endpoints).remove(&(ns.clone(), x.clone()));
+        assert!(!unchanged(Resource::Endpoints, &fx, &c, &d));
+    }
 }

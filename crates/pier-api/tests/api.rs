@@ -50,6 +50,15 @@ impl Harness {
     }
 
     async fn start_with(tune: impl FnOnce(&mut ApiConfig)) -> Harness {
+        Self::start_full(tune, vec![]).await
+    }
+
+    /// `allow`: `[network] static_endpoint_allow`. The config is the
+    /// development one (`insecure_no_auth`) unless `tune` sets a token.
+    async fn start_full(
+        tune: impl FnOnce(&mut ApiConfig),
+        allow: Vec<pier_model::Cidr>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
@@ -64,6 +73,7 @@ impl Harness {
             ..ApiConfig::default()
         };
         tune(&mut cfg);
+        cfg.insecure_no_auth = cfg.token.is_none();
         let token = cfg.token.clone();
         let (ready_tx, ready_rx) = watch::channel(true);
         let (problems_tx, problems_rx) = watch::channel(Problems::default());
@@ -83,6 +93,8 @@ impl Harness {
             registry: Arc::new(registry),
             readiness: vec![("test", ready_rx)],
             problems: vec![problems_rx],
+            host_names: vec!["n1".into()],
+            static_endpoint_allow: allow,
         };
         let server = tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
         let client = Client::new(&format!("http://{addr}"), token).unwrap();
@@ -127,13 +139,43 @@ async fn raw(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let text = raw_text(addr, method, path, headers, body).await;
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// One raw request; the whole answer, head and body. `Host` defaults to
+/// the address, and a POST or PUT with no `Content-Type` sends JSON's; a
+/// header given with an empty value is left out.
+async fn raw_text(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    let chunked = headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"));
+    let has = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !has("host") {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    if !has("content-type") && matches!(method, "POST" | "PUT") {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    let chunked = has("transfer-encoding");
     for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+        if !v.is_empty() {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
     }
     if !chunked {
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
@@ -158,17 +200,7 @@ async fn raw(
     }
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn rs(name: &str, replicas: u32) -> ReplicaSet {
@@ -597,8 +629,8 @@ async fn services_expose_external_endpoints_and_delete() {
         }],
         selector: Default::default(),
         static_endpoints: vec![
-            "127.0.0.1:5432".parse().unwrap(),
-            "127.0.0.2:5432".parse().unwrap(),
+            "198.51.100.10:5432".parse().unwrap(),
+            "198.51.100.11:5432".parse().unwrap(),
         ],
         lb: Default::default(),
         proxy_protocol: false,
@@ -607,6 +639,7 @@ async fn services_expose_external_endpoints_and_delete() {
         health: None,
         sla: None,
         created_at: 0,
+        accept_labelled: false,
     };
     let got = c.create_service(&ext).await.unwrap();
     assert!(got.vip.is_some() && got.selector.is_empty());
@@ -659,6 +692,7 @@ async fn nodes_are_listed_with_their_pods() {
         capacity: Default::default(),
         version: "0.1.0".into(),
         started_at: 5,
+        refused: Vec::new(),
     };
     h.store
         .put(&keys::node(&node.name), encode(&node), None)
@@ -786,13 +820,17 @@ async fn validation_errors_are_400_and_name_the_field() {
 
 #[tokio::test]
 async fn token_is_required_off_loopback_and_checked_when_set() {
-    // Off loopback with no token: refused before serving.
+    // Off loopback without auth: refused before serving.
     let cfg = ApiConfig {
         listen: "0.0.0.0:7370".parse().unwrap(),
+        insecure_no_auth: true,
         ..ApiConfig::default()
     };
     let e = cfg.validate().unwrap_err().to_string();
-    assert!(e.contains("token"), "{e}");
+    assert!(
+        e.contains("insecure_no_auth") && e.contains("loopback"),
+        "{e}"
+    );
 
     // A listener off loopback is refused too, whatever the config says;
     // serve returns before accepting anything.
@@ -812,8 +850,14 @@ async fn token_is_required_off_loopback_and_checked_when_set() {
         registry: Arc::new(Default::default()),
         readiness: vec![],
         problems: vec![],
+        host_names: vec![],
+        static_endpoint_allow: vec![],
     };
-    let e = serve(ApiConfig::default(), wide, state, CancellationToken::new())
+    let insecure = ApiConfig {
+        insecure_no_auth: true,
+        ..ApiConfig::default()
+    };
+    let e = serve(insecure, wide, state, CancellationToken::new())
         .await
         .unwrap_err()
         .to_string();
@@ -1039,6 +1083,7 @@ async fn slow_requests_are_answered_504() {
     let cfg = ApiConfig {
         listen: addr,
         request_timeout_ms: 200,
+        insecure_no_auth: true,
         ..ApiConfig::default()
     };
     let state = ApiState {
@@ -1053,6 +1098,8 @@ async fn slow_requests_are_answered_504() {
         registry: Arc::new(Default::default()),
         readiness: vec![],
         problems: vec![],
+        host_names: vec![],
+        static_endpoint_allow: vec![],
     };
     let cancel = CancellationToken::new();
     let _guard = cancel.clone().drop_guard();
@@ -1098,9 +1145,12 @@ async fn writes_with_the_store_down_are_503() {
         registry: Arc::new(Default::default()),
         readiness: vec![],
         problems: vec![],
+        host_names: vec![],
+        static_endpoint_allow: vec![],
     };
     let cfg = ApiConfig {
         listen: addr,
+        insecure_no_auth: true,
         ..ApiConfig::default()
     };
     tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
@@ -1112,4 +1162,442 @@ async fn writes_with_the_store_down_are_503() {
     assert!(e.to_string().contains("store unavailable"), "{e}");
     // Reads still answer from the last snapshot.
     assert_eq!(c.list_replicasets(None).await.unwrap().len(), 1);
+}
+
+// ---- attacks (issue 12: A1, A2, P1, P2) ----------------------------------
+//
+// Each `attack_*` test tries one attack against a real server and shows the
+// refusal: the status, the message naming what was wrong, and that nothing
+// was written.
+
+fn service(name: &str) -> Service {
+    Service {
+        name: n(name),
+        namespace: ns(),
+        vip: None,
+        service_type: ServiceType::ClusterIP,
+        ports: vec![ServicePort {
+            name: n("http"),
+            port: PortNum::new(80).unwrap(),
+            target_port: PortNum::new(8080).unwrap(),
+            node_port: None,
+        }],
+        selector: Default::default(),
+        static_endpoints: vec![],
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: 0,
+        accept_labelled: false,
+    }
+}
+
+async fn nothing_stored(store: &dyn Store) {
+    let l = store.list(keys::prefix::SERVICES).await.unwrap();
+    assert!(l.kvs.is_empty(), "{:?}", l.kvs);
+    let l = store.list(keys::prefix::REPLICASETS).await.unwrap();
+    assert!(l.kvs.is_empty(), "{:?}", l.kvs);
+}
+
+/// A1: a server started with the default config (no token, no opt-out)
+/// refuses to serve at all, rather than serve an open API.
+#[tokio::test]
+async fn attack_default_config_without_a_token_serves_nothing() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let (_tx, snap) = watch::channel(Arc::new(pier_model::Snapshot::default()));
+    let state = ApiState {
+        store,
+        snapshot: snap,
+        alloc: AllocConfig {
+            service_cidr: "10.213.0.0/16".parse().unwrap(),
+            node_port_min: 30000,
+            node_port_max: 30010,
+        },
+        node: n("n1"),
+        registry: Arc::new(Default::default()),
+        readiness: vec![],
+        problems: vec![],
+        host_names: vec![],
+        static_endpoint_allow: vec![],
+    };
+    let cfg = ApiConfig {
+        listen: addr,
+        ..ApiConfig::default()
+    };
+    let e = serve(cfg, listener, state, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no token") && e.contains("--insecure-no-auth"),
+        "{e}"
+    );
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// The development opt-out is visible: /readyz says so.
+#[tokio::test]
+async fn insecure_no_auth_is_shown_by_readyz() {
+    let h = Harness::start().await;
+    let (status, body) = raw(h.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["insecure_no_auth"], true, "{body}");
+    let t = Harness::start_with(|c| c.token = Some("t0ken".into())).await;
+    let r = t.client.readyz().await.unwrap();
+    assert!(!r.insecure_no_auth);
+}
+
+/// A1, DNS rebinding: a page on evil.example whose name now resolves to
+/// 127.0.0.1 makes the browser send `Host: evil.example`. Refused 421, even
+/// with no token to steal (the development mode) and even for reads.
+#[tokio::test]
+async fn attack_dns_rebinding_host_is_421() {
+    let h = Harness::start().await;
+    let body = serde_json::to_vec(&rs("web", 1)).unwrap();
+    for host in [
+        "evil.example:7370",
+        "evil.example",
+        "127.0.0.1.evil.example",
+        "localhost.evil.example",
+        "n1.evil.example",
+    ] {
+        for (method, path, b) in [
+            ("GET", "/api/v1/pods", &b""[..]),
+            ("POST", "/api/v1/namespaces/default/replicasets", &body[..]),
+        ] {
+            let (status, text) = raw(h.addr, method, path, &[("Host", host)], b).await;
+            assert_eq!(status, 421, "{method} Host {host}: {text}");
+            assert!(
+                text.contains("Host header")
+                    && text.contains(host)
+                    && text.contains("allowed_hosts"),
+                "{text}"
+            );
+        }
+    }
+    nothing_stored(&*h.store).await;
+    // The names the API does answer to.
+    for host in [
+        h.addr.to_string(),
+        format!("localhost:{}", h.addr.port()),
+        format!("[::1]:{}", h.addr.port()),
+        format!("n1:{}", h.addr.port()),
+    ] {
+        let (status, text) = raw(h.addr, "GET", "/api/v1/pods", &[("Host", &host)], b"").await;
+        assert_eq!(status, 200, "Host {host}: {text}");
+    }
+    // Probes answer whatever the Host.
+    let (status, _) = raw(h.addr, "GET", "/healthz", &[("Host", "evil.example")], b"").await;
+    assert_eq!(status, 200);
+}
+
+/// `[api] allowed_hosts` adds names.
+#[tokio::test]
+async fn allowed_hosts_are_accepted() {
+    let h = Harness::start_with(|c| c.allowed_hosts = vec!["pier.example.org".into()]).await;
+    let (status, text) = raw(
+        h.addr,
+        "GET",
+        "/api/v1/pods",
+        &[("Host", "pier.example.org:7370")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+}
+
+/// A1, CSRF: a page on another site posts to the API from the user's
+/// browser. The Origin header gives it away: refused 403, nothing written,
+/// and reads too; the API's own origin is fine.
+#[tokio::test]
+async fn attack_cross_site_origin_is_403() {
+    let h = Harness::start().await;
+    let body = serde_json::to_vec(&rs("web", 1)).unwrap();
+    let path = "/api/v1/namespaces/default/replicasets";
+    for origin in [
+        "http://evil.example",
+        "https://evil.example",
+        "null",
+        "http://127.0.0.1.evil.example",
+        "https://127.0.0.1:7370",
+    ] {
+        let (status, text) = raw(h.addr, "POST", path, &[("Origin", origin)], &body).await;
+        assert_eq!(status, 403, "Origin {origin}: {text}");
+        assert!(
+            text.contains("Origin header") && text.contains("cross-site"),
+            "{text}"
+        );
+        let (status, _) = raw(
+            h.addr,
+            "DELETE",
+            "/api/v1/namespaces/default/replicasets/web",
+            &[("Origin", origin)],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 403, "DELETE with Origin {origin}");
+        let (status, _) = raw(h.addr, "GET", "/api/v1/pods", &[("Origin", origin)], b"").await;
+        assert_eq!(status, 403, "GET with Origin {origin}");
+    }
+    nothing_stored(&*h.store).await;
+    let own = format!("http://{}", h.addr);
+    let (status, text) = raw(h.addr, "POST", path, &[("Origin", &own)], &body).await;
+    assert_eq!(status, 201, "{text}");
+}
+
+/// A1, CSRF without preflight: an HTML form can post `text/plain`,
+/// `application/x-www-form-urlencoded` or `multipart/form-data` (with a
+/// JSON-looking body) to any site with no preflight. Writes need
+/// `Content-Type: application/json`: refused 415, nothing written.
+#[tokio::test]
+async fn attack_form_posts_are_415() {
+    let h = Harness::start().await;
+    let body = serde_json::to_vec(&rs("web", 1)).unwrap();
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "",
+    ] {
+        for (method, path) in [
+            ("POST", "/api/v1/namespaces/default/replicasets"),
+            ("PUT", "/api/v1/namespaces/default/replicasets/web/scale"),
+        ] {
+            let (status, text) = raw(h.addr, method, path, &[("Content-Type", ct)], &body).await;
+            assert_eq!(status, 415, "{method} {ct:?}: {text}");
+            assert!(
+                text.contains("Content-Type") && text.contains("application/json"),
+                "{text}"
+            );
+        }
+    }
+    nothing_stored(&*h.store).await;
+}
+
+/// No CORS: a preflight gets no `Access-Control-Allow-*`, so a browser
+/// never lets another site's script send a JSON write or read an answer.
+#[tokio::test]
+async fn attack_cors_preflight_gets_no_allow_headers() {
+    let h = Harness::start().await;
+    for headers in [
+        vec![
+            ("Origin", "http://evil.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        vec![("Access-Control-Request-Method", "POST")],
+    ] {
+        let text = raw_text(
+            h.addr,
+            "OPTIONS",
+            "/api/v1/namespaces/default/replicasets",
+            &headers,
+            b"",
+        )
+        .await;
+        let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(status == 403 || status == 405, "{text}");
+        assert!(
+            !text.to_ascii_lowercase().contains("access-control-"),
+            "{text}"
+        );
+    }
+    let text = raw_text(h.addr, "GET", "/api/v1/pods", &[], b"").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("access-control-"),
+        "{text}"
+    );
+}
+
+/// A1 with a token: no token or a wrong one is 401, whatever the Host and
+/// content are right.
+#[tokio::test]
+async fn attack_writes_without_the_token_are_401() {
+    let h = Harness::start_with(|c| c.token = Some("the-real-token".into())).await;
+    let body = serde_json::to_vec(&rs("web", 1)).unwrap();
+    let path = "/api/v1/namespaces/default/replicasets";
+    for auth in [
+        "",
+        "Bearer guess",
+        "Bearer the-real-tokeN",
+        "Basic dGhlLXJlYWwtdG9rZW4=",
+    ] {
+        let (status, text) = raw(h.addr, "POST", path, &[("Authorization", auth)], &body).await;
+        assert_eq!(status, 401, "{auth:?}: {text}");
+    }
+    nothing_stored(&*h.store).await;
+}
+
+/// Opens a watch from `src` and returns the stream once its head has
+/// arrived, with the status.
+async fn open_watch(addr: SocketAddr, src: &str) -> (u16, tokio::net::TcpStream, String) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /api/v1/pods?watch=true HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("the watch's head within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, s, text)
+}
+
+/// P2: one client opening watches without end is capped per client
+/// address (429), and all clients together are capped too; a closed watch
+/// gives its place back.
+#[tokio::test]
+async fn attack_unbounded_watches_are_429() {
+    let h = Harness::start_with(|c| {
+        c.max_watches = 3;
+        c.max_watches_per_client = 2;
+    })
+    .await;
+    let (s1, w1, _) = open_watch(h.addr, "127.0.0.1").await;
+    let (s2, _w2, _) = open_watch(h.addr, "127.0.0.1").await;
+    assert_eq!((s1, s2), (200, 200));
+    let (s3, mut w3, text) = open_watch(h.addr, "127.0.0.1").await;
+    assert_eq!(s3, 429, "{text}");
+    let mut rest = text;
+    let _ = tokio::time::timeout(Duration::from_secs(2), w3.read_to_string(&mut rest)).await;
+    assert!(
+        rest.contains("max_watches_per_client 2") && rest.contains("127.0.0.1"),
+        "{rest}"
+    );
+    // Another client address gets one, then the global cap is reached.
+    let (s4, _w4, _) = open_watch(h.addr, "127.0.0.2").await;
+    assert_eq!(s4, 200);
+    let (s5, mut w5, text) = open_watch(h.addr, "127.0.0.3").await;
+    assert_eq!(s5, 429, "{text}");
+    let mut rest = text;
+    let _ = tokio::time::timeout(Duration::from_secs(2), w5.read_to_string(&mut rest)).await;
+    assert!(rest.contains("max_watches 3"), "{rest}");
+    // Closing one gives its place back (noticed when the server next writes
+    // to it or reads EOF; poll, bounded).
+    drop(w1);
+    eventually("a watch slot to come back", || async {
+        let (s, w, _) = open_watch(h.addr, "127.0.0.1").await;
+        (s == 200).then_some(w)
+    })
+    .await;
+}
+
+/// P1: through the API, an explicit node port outside the range (:22,
+/// :80 on every host) and a VIP outside the service CIDR are 400s naming
+/// the field; nothing is stored.
+#[tokio::test]
+async fn attack_node_port_and_vip_outside_their_ranges_are_400() {
+    let h = Harness::start().await;
+    for port in [22u16, 80, 443, 29999, 30011] {
+        let mut s = service("grab");
+        s.service_type = ServiceType::NodePort;
+        s.ports[0].node_port = Some(PortNum::new(port).unwrap());
+        let e = h.client.create_service(&s).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{e}");
+        let m = e.to_string();
+        assert!(
+            m.contains("ports[0].node_port") && m.contains(&format!("{port} is outside")),
+            "{m}"
+        );
+    }
+    for vip in ["10.214.0.5", "127.0.0.1", "192.0.2.1", "10.213.0.10"] {
+        let mut s = service("grab");
+        s.vip = Some(vip.parse().unwrap());
+        let e = h.client.create_service(&s).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{e}");
+        assert!(e.to_string().starts_with("vip: "), "{e}");
+    }
+    nothing_stored(&*h.store).await;
+}
+
+/// A2: static endpoints that every host's proxy would connect to on its
+/// own side (loopback, link-local and the cloud metadata service,
+/// unspecified, multicast, broadcast, a VIP, the host's own addresses) are
+/// 400s naming the field; nothing is stored.
+#[tokio::test]
+async fn attack_static_endpoints_into_the_host_are_400() {
+    let h = Harness::start().await;
+    let own = pier_api::host_addrs()
+        .into_iter()
+        .find(|ip| {
+            !ip.is_loopback()
+                && !matches!(ip, std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+        })
+        .expect("this host has a non-loopback address");
+    let own = match own {
+        std::net::IpAddr::V4(a) => format!("{a}:7370"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:7370"),
+    };
+    let attacks = [
+        ("127.0.0.1:7370", "loopback"),
+        ("127.0.0.53:53", "loopback"),
+        ("[::1]:2379", "loopback"),
+        ("[::ffff:127.0.0.1]:2379", "loopback"),
+        ("169.254.169.254:80", "link-local"),
+        ("[fe80::1]:80", "link-local"),
+        ("0.0.0.0:22", "unspecified"),
+        ("[::]:22", "unspecified"),
+        ("224.0.0.1:80", "multicast"),
+        ("255.255.255.255:80", "broadcast"),
+        ("10.213.0.10:53", "service CIDR"),
+        (own.as_str(), "this host's own"),
+    ];
+    for (ep, why) in attacks {
+        let mut s = service("ext");
+        s.static_endpoints = vec!["198.51.100.7:80".parse().unwrap(), ep.parse().unwrap()];
+        let e = h.client.create_service(&s).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{ep}: {e}");
+        let m = e.to_string();
+        assert!(
+            m.starts_with("static_endpoints[1].ip: ")
+                && m.contains(why)
+                && m.contains("static_endpoint_allow"),
+            "{ep}: {m}"
+        );
+    }
+    nothing_stored(&*h.store).await;
+    // An ordinary address is fine.
+    let mut s = service("ext");
+    s.static_endpoints = vec!["198.51.100.7:80".parse().unwrap()];
+    h.client.create_service(&s).await.unwrap();
+}
+
+/// The allowlist lets a refused address through, and only it.
+#[tokio::test]
+async fn static_endpoint_allowlist_lets_them_through() {
+    let h = Harness::start_full(|_| {}, vec!["127.0.0.0/8".parse().unwrap()]).await;
+    let mut s = service("local-db");
+    s.static_endpoints = vec!["127.0.0.1:5432".parse().unwrap()];
+    h.client.create_service(&s).await.unwrap();
+    let mut s = service("meta");
+    s.static_endpoints = vec!["169.254.169.254:80".parse().unwrap()];
+    let e = h.client.create_service(&s).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
 }

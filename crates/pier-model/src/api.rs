@@ -117,6 +117,9 @@ pub struct NodeView {
     /// Pods assigned to the node.
     #[serde(default)]
     pub pods: u32,
+    /// Containers the node's agent refused to let join a service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<crate::Refusal>,
 }
 
 /// A replica set with its observed state.
@@ -226,6 +229,10 @@ pub struct Readiness {
     /// ready: it goes on serving DNS and proxying from its last snapshot.
     #[serde(default)]
     pub store: StoreFreshness,
+    /// `true` when the API was started with `--insecure-no-auth`: anyone
+    /// who can reach it may change the cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_no_auth: bool,
 }
 
 /// The agent's view of the store, in `/readyz` and `pier version`.

@@ -212,7 +212,7 @@ async fn etcd_concurrent_create_never_doubles() {
 /// the DNS VIP). Refused at the one place services are written, naming
 /// the field; nothing is stored.
 #[tokio::test]
-async fn explicit_node_ports_and_vips_outside_their_ranges_are_refused() {
+async fn attack_explicit_node_ports_and_vips_outside_their_ranges_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
     let c = cfg();

@@ -63,6 +63,11 @@ pub struct AgentArgs {
     /// Leave pier0 and its addresses in place on shutdown.
     #[arg(long)]
     pub keep_iface: bool,
+    /// Serve the API without a token (development only; loopback only;
+    /// logged as a warning). By default the agent makes a token in its data
+    /// dir (api-token) and the CLI on this host reads it.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 /// Exit code for bad config (EX_USAGE), before anything is bound.
@@ -131,9 +136,13 @@ fn apply_args(args: &AgentArgs) -> Result<Config, String> {
             }
         }
     }
+    if args.insecure_no_auth {
+        cfg.api.insecure_no_auth = true;
+    }
     if let Ok(t) = std::env::var("PIER_TOKEN")
         && !t.is_empty()
         && cfg.api.token.is_none()
+        && !cfg.api.insecure_no_auth
     {
         cfg.api.token = Some(t);
     }
@@ -244,10 +253,26 @@ async fn bind_dns(
     Ok((udp, tcp))
 }
 
-async fn run_config(cfg: Config) -> Result<()> {
+async fn run_config(mut cfg: Config) -> Result<()> {
     let root = CancellationToken::new();
     let tasks = TaskTracker::new();
     let node_name = cfg.node_name().map_err(|e| anyhow::anyhow!(e.0))?;
+    // The data dir (0700, or 0710 with [api] token_group) and the API
+    // token in it, made on first start; before anything is bound.
+    {
+        use pier_api::token;
+        let gid = match &cfg.api.token_group {
+            Some(g) => Some(token::resolve_group(g).map_err(|e| anyhow::anyhow!(e))?),
+            None => None,
+        };
+        let dir = &cfg.network.data_dir;
+        token::prepare_data_dir(dir, gid).map_err(|e| anyhow::anyhow!(e))?;
+        if cfg.api.token.is_none() && !cfg.api.insecure_no_auth {
+            let t = token::ensure(dir, gid).map_err(|e| anyhow::anyhow!(e))?;
+            info!(path = %token::token_path(dir).display(), "API token ready; the CLI on this host reads it");
+            cfg.api.token = Some(t);
+        }
+    }
     let cidr = cfg.network.service_cidr;
     let alloc = AllocConfig {
         service_cidr: cidr,
@@ -391,9 +416,10 @@ async fn run_config(cfg: Config) -> Result<()> {
     let _ = proxy_ready_tx.send(true);
 
     // Agent.
+    let node_addr = cfg.node.addr.unwrap_or_else(default_addr);
     let node = Node {
         name: node_name.clone(),
-        addr: cfg.node.addr.unwrap_or_else(default_addr),
+        addr: node_addr,
         mesh_port,
         dns_addr: if cfg.network.serve_dns_vip {
             dns_vip
@@ -404,6 +430,7 @@ async fn run_config(cfg: Config) -> Result<()> {
         capacity: cfg.node.capacity,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: now_ms(),
+        refused: Vec::new(),
     };
     let domain = cfg.dns.domain.trim_end_matches('.').to_owned();
     let agent_cancel = CancellationToken::new();
@@ -417,6 +444,7 @@ async fn run_config(cfg: Config) -> Result<()> {
             dns_search: vec![format!("svc.{domain}"), domain.clone()],
             networks: networks_tx,
             local_targets: local_targets_tx,
+            static_allow: cfg.network.static_endpoint_allow.clone(),
         };
         let c = agent_cancel.clone();
         let cfg_agent = cfg.agent.clone();
@@ -477,6 +505,8 @@ async fn run_config(cfg: Config) -> Result<()> {
         // The supervisor's reports reach every agent's API through the
         // store (`problems/…` keys in the snapshot); the proxy's are local.
         problems: vec![proxy_problems],
+        host_names: vec![node_name.to_string(), node_addr.to_string()],
+        static_endpoint_allow: cfg.network.static_endpoint_allow.clone(),
     };
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
     {

@@ -24,16 +24,16 @@ use clap::Parser;
     about = "Service mesh and replica sets for plain Docker hosts"
 )]
 struct Top {
-    /// The agent's API, http://HOST:PORT. The token, if the agent needs
-    /// one, comes from the PIER_TOKEN environment variable.
-    #[arg(
-        long,
-        global = true,
-        env = "PIER_SERVER",
-        default_value = "http://127.0.0.1:7370",
-        value_name = "URL"
-    )]
-    server: String,
+    /// The agent's API, http://HOST:PORT (default: the config's [api]
+    /// listen, else http://127.0.0.1:7370). The token comes from
+    /// PIER_TOKEN, else from the agent's data dir (api-token).
+    #[arg(long, global = true, env = "PIER_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// The agent's config file, where the CLI finds the agent's data dir
+    /// (and its token) and API address. Default: /etc/pier/pier.toml if it
+    /// exists. `pier agent` takes it too.
+    #[arg(long = "config", env = "PIER_CONFIG", value_name = "FILE")]
+    cli_config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -98,14 +98,22 @@ fn main() {
     };
     let code = rt.block_on(async {
         match top.cmd {
-            Cmd::Agent(a) => daemon::run(a).await,
+            Cmd::Agent(mut a) => {
+                if a.config.is_none() {
+                    a.config = top.cli_config;
+                }
+                daemon::run(a).await
+            }
             Cmd::Doctor(a) => doctor::run(a).await,
             Cmd::Completions { shell } => {
                 use clap::CommandFactory;
                 clap_complete::generate(shell, &mut Top::command(), "pier", &mut std::io::stdout());
                 0
             }
-            Cmd::Cli(c) => cli::run(&top.server, c).await,
+            Cmd::Cli(c) => {
+                let conn = cli::Conn::find(top.server, top.cli_config);
+                cli::run(&conn, c).await
+            }
         }
     });
     // Do not wait for idle pooled connections or a watch body to wind down.

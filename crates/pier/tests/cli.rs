@@ -36,8 +36,12 @@ impl Drop for Agent {
 }
 
 impl Agent {
+    /// `token`: `None` serves without one (`insecure_no_auth`).
     async fn start(token: Option<&str>) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), token).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, token: Option<&str>) -> Agent {
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.path().join("store")).unwrap());
         let cancel = CancellationToken::new();
@@ -49,6 +53,7 @@ impl Agent {
         let cfg = ApiConfig {
             listen: addr,
             token: token.map(str::to_owned),
+            insecure_no_auth: token.is_none(),
             ..ApiConfig::default()
         };
         let (_problems_tx, problems_rx) = watch::channel(Problems::default());
@@ -64,6 +69,8 @@ impl Agent {
             registry: Arc::new(Default::default()),
             readiness: vec![],
             problems: vec![problems_rx],
+            host_names: vec![],
+            static_endpoint_allow: vec![],
         };
         tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
         Agent {
@@ -138,7 +145,8 @@ async fn pier_at(url: &str, token: Option<&str>, args: &[&str]) -> Out {
     cmd.arg("--server")
         .arg(url)
         .args(args)
-        .env_remove("PIER_SERVER");
+        .env_remove("PIER_SERVER")
+        .env("PIER_CONFIG", no_agent_config());
     match token {
         Some(t) => cmd.env("PIER_TOKEN", t),
         None => cmd.env_remove("PIER_TOKEN"),
@@ -152,6 +160,21 @@ async fn pier_at(url: &str, token: Option<&str>, args: &[&str]) -> Out {
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
     }
+}
+
+/// A config whose data dir holds no token, so that the CLI never finds a
+/// token of an agent running on this host.
+fn no_agent_config() -> &'static std::path::Path {
+    static P: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    let (_, p) = P.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pier.toml");
+        let data = d.path().join("no-agent");
+        std::fs::write(&p, format!("[network]\ndata_dir = {:?}\n", data)).unwrap();
+        (d, p)
+    });
+    p
 }
 
 /// A failure is exactly one line on stderr, starting with `error: `.
@@ -426,12 +449,29 @@ async fn the_demo_flow_with_tables_and_json() {
             "--port",
             "5432",
             "--endpoint",
-            "127.0.0.1:5432",
+            "198.51.100.10:5432",
             "--endpoint",
-            "localhost:5433",
+            "198.51.100.11:5433",
         ])
         .await;
     assert_eq!(o.code, 0, "{o:?}");
+    // The cloud metadata service is not an endpoint (A2).
+    let o = a
+        .pier(&[
+            "expose",
+            "external",
+            "meta",
+            "--port",
+            "80",
+            "--endpoint",
+            "169.254.169.254:80",
+        ])
+        .await;
+    let e = one_error_line(&o);
+    assert!(
+        e.contains("static_endpoints[0].ip: 169.254.169.254 is a link-local address"),
+        "{o:?}"
+    );
     let o = a.pier(&["get", "svc", "db", "-o", "json"]).await;
     let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
     assert_eq!(j[0]["static_endpoints"].as_array().unwrap().len(), 2, "{j}");
@@ -530,7 +570,126 @@ async fn token_comes_from_pier_token() {
     let o = a.pier(&["get", "pods", "-o", "json"]).await;
     assert_eq!((o.code, o.stdout.trim()), (0, "[]"), "{o:?}");
     let o = pier_at(&a.url, None, &["get", "pods"]).await;
-    assert!(one_error_line(&o).contains("PIER_TOKEN"), "{o:?}");
+    let e = one_error_line(&o);
+    assert!(
+        e.contains("needs its API token")
+            && e.contains("no-agent/api-token")
+            && e.contains("PIER_TOKEN"),
+        "{o:?}"
+    );
+}
+
+/// An agent as `pier agent` makes it: the token made in its data dir, the
+/// config naming the data dir and the API address.
+async fn agent_with_token_file(group: Option<u32>) -> (Agent, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Others may read the config (as /etc/pier/pier.toml), not the data dir.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = dir.path().join("data");
+    let token = pier_api::token::ensure(&data, group).unwrap();
+    let cfg = dir.path().join("pier.toml");
+    let a = Agent::start_in(dir, Some(&token)).await;
+    std::fs::write(
+        &cfg,
+        format!(
+            "[network]\ndata_dir = {:?}\n[api]\nlisten = {:?}\n",
+            data,
+            a.url.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (a, cfg)
+}
+
+/// `pier --config FILE` (or PIER_CONFIG): the CLI finds the agent's
+/// address and reads its token from the data dir, with no PIER_TOKEN.
+async fn pier_as(user: Option<u32>, cfg: &std::path::Path, args: &[&str]) -> Out {
+    let mut cmd = match user {
+        Some(uid) => {
+            let mut c = tokio::process::Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg("--clear-groups")
+                .arg(PIER);
+            c
+        }
+        None => tokio::process::Command::new(PIER),
+    };
+    cmd.arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("PIER_SERVER")
+        .env_remove("PIER_TOKEN")
+        .env_remove("PIER_CONFIG");
+    let o = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("pier finished within 30 s")
+        .expect("pier ran");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// 65534: `nobody`, and `nogroup` as its group.
+const NOBODY: u32 = 65534;
+
+#[tokio::test]
+async fn the_cli_reads_the_token_from_the_agents_data_dir() {
+    let (_a, cfg) = agent_with_token_file(None).await;
+    let o = pier_as(None, &cfg, &["get", "pods", "-o", "json"]).await;
+    assert_eq!((o.code, o.stdout.trim()), (0, "[]"), "{o:?}");
+    // PIER_CONFIG works as --config does.
+    let o = tokio::process::Command::new(PIER)
+        .args(["get", "pods", "-o", "json"])
+        .env("PIER_CONFIG", &cfg)
+        .env_remove("PIER_TOKEN")
+        .env_remove("PIER_SERVER")
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// A1: another local user (nobody) runs the CLI against the agent: it
+/// cannot read the token (data dir 0700, file 0600), the agent answers 401,
+/// and the CLI says exactly why and what to do.
+#[tokio::test]
+async fn attack_another_local_user_cannot_use_the_api() {
+    if !rustix::process::geteuid().is_root() {
+        panic!("this test runs the CLI as nobody with setpriv: run it as root (tests/run.sh does)");
+    }
+    let (a, cfg) = agent_with_token_file(None).await;
+    let o = pier_as(Some(NOBODY), &cfg, &["run", "web", "--image", "x"]).await;
+    let e = one_error_line(&o);
+    assert!(
+        e.contains("permission denied")
+            && e.contains("token_group")
+            && e.contains("PIER_TOKEN")
+            && e.contains("/data/api-token"),
+        "{o:?}"
+    );
+    assert!(
+        a.store
+            .get(&keys::replicaset(&Namespace::default(), &n("web")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// `[api] token_group`: members of the group may use the CLI.
+#[tokio::test]
+async fn token_group_members_can_use_the_cli() {
+    if !rustix::process::geteuid().is_root() {
+        panic!("this test runs the CLI as nobody with setpriv: run it as root (tests/run.sh does)");
+    }
+    let (_a, cfg) = agent_with_token_file(Some(NOBODY)).await;
+    let o = pier_as(Some(NOBODY), &cfg, &["get", "pods", "-o", "json"]).await;
+    assert_eq!((o.code, o.stdout.trim()), (0, "[]"), "{o:?}");
 }
 
 #[tokio::test]

@@ -192,7 +192,7 @@ async fn history_cap_compacts_oldest_revisions() {
 /// read it. The dir ends 0700 and the file 0600 either way; a symlink
 /// planted as the database file is refused.
 #[test]
-fn store_files_are_private_whatever_the_umask() {
+fn attack_store_files_are_private_whatever_the_umask() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
     let d = tempfile::tempdir().expect("tempdir");

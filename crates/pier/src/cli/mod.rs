@@ -15,8 +15,11 @@ use pier_model::{
     ServicePort, ServiceType, StaticEndpoint,
 };
 
+mod conn;
 mod output;
 mod wait;
+
+pub use conn::Conn;
 
 /// A bad argument: exit code 2, like clap's own usage errors.
 #[derive(Debug)]
@@ -290,18 +293,34 @@ fn resource_arg(s: &str) -> Result<Resource> {
     )
 }
 
+/// The token found by [`run`] (see `conn`).
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 fn client(server: &str) -> Result<Client> {
-    let token = std::env::var("PIER_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = TOKEN.get().cloned().flatten();
     Client::new(server, token).map_err(|e| Usage(format!("--server: {e}")).into())
 }
 
 /// Runs one CLI command and returns the exit code.
-pub async fn run(server: &str, cmd: Command) -> i32 {
-    match dispatch(server, cmd).await {
+pub async fn run(conn: &Conn, cmd: Command) -> i32 {
+    if let Some(e) = &conn.config_error {
+        eprintln!("error: {e}");
+        return 2;
+    }
+    let _ = TOKEN.set(conn.token.clone());
+    match dispatch(&conn.server, cmd).await {
         Ok(()) => 0,
         Err(e) => {
             // One line: the chain joined with ": ".
-            let msg = format!("{e:#}").replace('\n', " ");
+            let mut msg = format!("{e:#}").replace('\n', " ");
+            // A 401 with no token found: say why none was found.
+            if let Some(p) = &conn.token_problem
+                && e.chain()
+                    .filter_map(|c| c.downcast_ref::<pier_api::ApiError>())
+                    .any(|a| a.status() == Some(401))
+            {
+                msg = format!("the agent needs its API token: {p}");
+            }
             let _ = std::io::stdout().flush();
             eprintln!("error: {msg}");
             if e.downcast_ref::<Usage>().is_some() {
@@ -511,6 +530,7 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         health: None,
         sla: None,
         created_at: 0,
+        accept_labelled: false,
     };
     let c = client(server)?;
     let svc = c.create_service(&svc).await?;

@@ -68,8 +68,14 @@ pub struct NetworkConfig {
     pub serve_dns_vip: bool,
     /// Extra DNS listen addresses (UDP and TCP).
     pub dns_listen: Vec<SocketAddr>,
-    /// Where state lives: the embedded store.
+    /// Where state lives: the embedded store and the API token. Made mode
+    /// 0700 (0710 with `[api] token_group`); an open one is tightened.
     pub data_dir: PathBuf,
+    /// Static endpoints inside these CIDRs are accepted even if they are
+    /// loopback, link-local, unspecified, multicast, in the service CIDR or
+    /// one of a host's own addresses (all refused by default: every host's
+    /// proxy would connect to its own such address).
+    pub static_endpoint_allow: Vec<Cidr>,
 }
 
 impl Default for NetworkConfig {
@@ -81,6 +87,7 @@ impl Default for NetworkConfig {
             serve_dns_vip: true,
             dns_listen: Vec::new(),
             data_dir: PathBuf::from("/var/lib/pier"),
+            static_endpoint_allow: Vec::new(),
         }
     }
 }
