@@ -449,9 +449,9 @@ fn refusal(text: &str, user: Option<&str>, sent_cert: Option<bool>) -> Option<St
         );
     }
     if t.contains("authentication failed") {
+        let u = user.unwrap_or("");
         return Some(format!(
-            "etcd refused the user {:?} or its password; check the user exists in etcd (`etcdctl user get NAME`) and the password",
-            user.unwrap_or("")
+            "etcd refused the user {u:?} or its password; check the user exists (`etcdctl user get {u}`) and the password"
         ));
     }
     if t.contains("user name is empty") || t.contains("user name not found") {

@@ -164,11 +164,25 @@ fn finish_config(cfg: Config) -> Result<Config, String> {
             cfg.network.service_cidr
         ));
     }
-    // The mesh files last: a missing, expired or foreign certificate stops
-    // the agent here, before anything is bound.
+    // The files last: a missing, expired or foreign certificate, or an
+    // open password file, stops the agent here, before anything is bound.
+    cfg.etcd_security().map_err(|e| e.0)?;
     cfg.check_mesh().map_err(|e| e.0)?;
     Ok(cfg)
 }
+
+/// etcd refused the agent (a wrong password, a refused or untrusted
+/// certificate): the config is wrong, and retrying will not help.
+#[derive(Debug)]
+struct StoreRefused(String);
+
+impl std::fmt::Display for StoreRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreRefused {}
 
 /// The source address of the default route, found without sending anything:
 /// connecting a UDP socket only selects a route.
@@ -194,6 +208,11 @@ pub async fn run(args: AgentArgs) -> i32 {
     };
     match run_config(cfg).await {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<StoreRefused>().is_some() => {
+            error!(error = %format!("{e:#}"), "pier agent: etcd refused it");
+            eprintln!("pier agent: {e:#}");
+            EXIT_CONFIG
+        }
         Err(e) => {
             error!(error = %format!("{e:#}"), "pier agent failed");
             eprintln!("pier agent: {e:#}");
@@ -212,15 +231,33 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
             Ok(Arc::new(s))
         }
         StoreUrl::Etcd(eps) => {
+            let security = cfg.etcd_security().map_err(|e| StoreRefused(e.0))?;
             let mut delay = Duration::from_millis(200);
             loop {
-                match pier_store::EtcdStore::connect(&eps).await {
+                match pier_store::EtcdStore::connect_with(&eps, &security).await {
                     Ok(s) => {
-                        info!(endpoints = ?eps, "connected to etcd");
+                        info!(
+                            endpoints = ?eps,
+                            tls = security.tls.is_some(),
+                            user = security.user.as_ref().map(|u| u.name()),
+                            "connected to etcd"
+                        );
                         return Ok(Arc::new(s));
                     }
+                    // Refused, not unreachable: say what to fix and stop.
+                    Err(pier_store::StoreError::Invalid(m)) => {
+                        return Err(StoreRefused(format!(
+                            "{m} (store.url, store.ca/cert/key, store.user/password_file)"
+                        ))
+                        .into());
+                    }
                     Err(e) => {
-                        warn!(endpoints = ?eps, error = %e, "etcd not reachable yet; retrying");
+                        let hint = if security.tls.is_none() {
+                            " (if etcd serves TLS, write store.url as etcds://HOST:PORT and set store.ca)"
+                        } else {
+                            ""
+                        };
+                        warn!(endpoints = ?eps, error = %e, "etcd not reachable yet; retrying{hint}");
                         tokio::select! {
                             _ = cancel.cancelled() => anyhow::bail!("cancelled while connecting to etcd {eps:?}: {e}"),
                             _ = tokio::time::sleep(delay) => {}

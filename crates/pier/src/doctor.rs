@@ -696,9 +696,13 @@ async fn store(cfg: &Config) -> Check {
             }
         }
         Ok(StoreUrl::Etcd(eps)) => {
+            let security = match cfg.etcd_security() {
+                Ok(s) => s,
+                Err(e) => return fail(NAME, e.0, "fix the [store] files named above"),
+            };
             match tokio::time::timeout(
                 Duration::from_secs(10),
-                pier_store::EtcdStore::connect(&eps),
+                pier_store::EtcdStore::connect_with(&eps, &security),
             )
             .await
             {

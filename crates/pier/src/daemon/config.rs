@@ -40,10 +40,25 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
+    /// `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` (plain) or
+    /// `etcds://HOST:PORT[,...]` (TLS; needs `ca`).
     pub url: String,
     /// The node lease: a dead agent's endpoints go after this many seconds.
     pub lease_ttl_secs: u32,
+    /// etcds://: the CA (PEM) that issued etcd's server certificates. Only
+    /// it is trusted, not the system's roots.
+    pub ca: Option<PathBuf>,
+    /// etcds://: pier's client certificate (PEM), for etcd's
+    /// `--client-cert-auth`. With `key`.
+    pub cert: Option<PathBuf>,
+    /// etcds://: the client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The etcd user to log in as (etcd's `auth enable`). With
+    /// `password_file`.
+    pub user: Option<String>,
+    /// A file holding only the user's password (mode 0600 or 0400), so that
+    /// the password is neither in the config nor on the command line.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -53,6 +68,11 @@ impl Default for StoreConfig {
             // 5 s: short enough that a dead host's endpoints leave quickly,
             // long enough to ride out a GC pause or a slow etcd fsync.
             lease_ttl_secs: 5,
+            ca: None,
+            cert: None,
+            key: None,
+            user: None,
+            password_file: None,
         }
     }
 }
@@ -145,7 +165,7 @@ impl Config {
                 self.store.lease_ttl_secs
             )));
         }
-        store_url(&self.store.url)?;
+        self.check_store_settings()?;
         // Each subsystem's own checks, in section order; the first problem wins.
         let sections = [
             ("api", self.api.validate().map_err(|e| e.to_string())),
@@ -234,10 +254,114 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The `[store]` settings that need no file: the URL, and TLS and
+    /// user settings that fit it and each other.
+    fn check_store_settings(&self) -> Result<(), ConfigError> {
+        let s = &self.store;
+        let url = store_url(&s.url)?;
+        let tls =
+            matches!(&url, StoreUrl::Etcd(eps) if eps.iter().any(|e| e.starts_with("https://")));
+        let tls_set = [("ca", &s.ca), ("cert", &s.cert), ("key", &s.key)]
+            .into_iter()
+            .find(|(_, v)| v.is_some());
+        match (&url, tls, tls_set) {
+            (StoreUrl::Embedded, _, _) => {
+                let set = tls_set.map(|(k, _)| k).or_else(|| {
+                    [
+                        ("user", s.user.is_some()),
+                        ("password_file", s.password_file.is_some()),
+                    ]
+                    .into_iter()
+                    .find(|(_, v)| *v)
+                    .map(|(k, _)| k)
+                });
+                if let Some(k) = set {
+                    return Err(ConfigError(format!(
+                        "store.{k} is set but store.url is `embedded`; it is for etcd: remove it, or set store.url to etcds://HOST:PORT"
+                    )));
+                }
+            }
+            (StoreUrl::Etcd(_), false, Some((k, _))) => {
+                return Err(ConfigError(format!(
+                    "store.{k} is set but store.url {:?} is plain etcd://; write etcds://HOST:PORT[,...] to speak TLS to etcd",
+                    s.url
+                )));
+            }
+            (StoreUrl::Etcd(_), true, _) if s.ca.is_none() => {
+                return Err(ConfigError(format!(
+                    "store.url {:?} is etcds:// (TLS) but store.ca is not set; point store.ca at the CA (PEM) that issued etcd's server certificate (etcd's --trusted-ca-file CA if it is the same)",
+                    s.url
+                )));
+            }
+            _ => {}
+        }
+        if s.cert.is_some() != s.key.is_some() {
+            let (set, unset) = if s.cert.is_some() {
+                ("cert", "key")
+            } else {
+                ("key", "cert")
+            };
+            return Err(ConfigError(format!(
+                "store.{set} is set without store.{unset}; a client certificate needs both the certificate and its key"
+            )));
+        }
+        match (&s.user, &s.password_file) {
+            (Some(u), None) => Err(ConfigError(format!(
+                "store.user {u:?} is set without store.password_file; put the password alone in a file (chmod 600) and point store.password_file at it"
+            ))),
+            (None, Some(p)) => Err(ConfigError(format!(
+                "store.password_file {} is set without store.user; name the etcd user",
+                p.display()
+            ))),
+            (Some(u), Some(_)) if u.is_empty() => Err(ConfigError(
+                "store.user is empty; name the etcd user".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `[store]` files read and checked as the store uses them: the
+    /// CA, the client certificate and key (PEM, valid now, the key the
+    /// certificate's), the password file (0600). Separate from
+    /// [`Config::validate`] because it reads files; the agent runs it
+    /// before binding anything, so a bad file is a config error (exit 64).
+    pub fn etcd_security(&self) -> Result<pier_store::EtcdSecurity, ConfigError> {
+        let s = &self.store;
+        let field = |p: &Path| {
+            [("ca", &s.ca), ("cert", &s.cert), ("key", &s.key)]
+                .into_iter()
+                .find(|(_, v)| v.as_deref() == Some(p))
+                .map_or("ca", |(k, _)| k)
+        };
+        let tls = match &s.ca {
+            None => None,
+            Some(ca) => {
+                let client = s.cert.as_deref().zip(s.key.as_deref());
+                Some(pier_store::EtcdTls::from_files(ca, client).map_err(|e| {
+                    ConfigError(format!(
+                        "store.{} {e}; see README \"etcd over TLS\" for making etcd's and pier's certificates",
+                        field(&e.path)
+                    ))
+                })?)
+            }
+        };
+        let user = match (&s.user, &s.password_file) {
+            (Some(u), Some(p)) => Some(
+                pier_store::EtcdUser::from_password_file(u, p)
+                    .map_err(|e| ConfigError(format!("store.password_file {e}")))?,
+            ),
+            _ => None,
+        };
+        Ok(pier_store::EtcdSecurity { tls, user })
+    }
+}
+
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Embedded,
+    /// `etcds://` endpoints are written `https://HOST:PORT`.
     Etcd(Vec<String>),
 }
 
@@ -245,11 +369,15 @@ pub fn store_url(url: &str) -> Result<StoreUrl, ConfigError> {
     if url == "embedded" {
         return Ok(StoreUrl::Embedded);
     }
-    let rest = url.strip_prefix("etcd://").ok_or_else(|| {
-        ConfigError(format!(
-            "store {url:?} is not understood: use `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
-        ))
-    })?;
+    let (rest, tls) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+        (Some(r), _) => (r, false),
+        (None, Some(r)) => (r, true),
+        (None, None) => {
+            return Err(ConfigError(format!(
+                "store {url:?} is not understood: use `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or, for TLS, `etcds://HOST:PORT[,...]`"
+            )));
+        }
+    };
     let eps: Vec<String> = rest
         .split(',')
         .map(str::trim)
@@ -268,6 +396,11 @@ pub fn store_url(url: &str) -> Result<StoreUrl, ConfigError> {
                 "store endpoint {e:?} is not HOST:PORT"
             )));
         }
+    }
+    if tls {
+        return Ok(StoreUrl::Etcd(
+            eps.into_iter().map(|e| format!("https://{e}")).collect(),
+        ));
     }
     Ok(StoreUrl::Etcd(eps))
 }
@@ -529,5 +662,53 @@ mod tests {
         assert!(store_url("etcd://").is_err());
         assert!(store_url("etcd://host").is_err());
         assert!(store_url("redis://x:1").unwrap_err().0.contains("embedded"));
+        assert_eq!(
+            store_url("etcds://etcd-1:2379,10.0.0.2:2379").unwrap(),
+            StoreUrl::Etcd(vec![
+                "https://etcd-1:2379".into(),
+                "https://10.0.0.2:2379".into()
+            ])
+        );
+        assert!(store_url("etcds://host").is_err());
+    }
+
+    /// `[store]` TLS and user settings that do not fit the URL or each
+    /// other are refused, naming the key and what to write instead.
+    #[test]
+    fn store_tls_and_user_settings_must_fit() {
+        let base = "[node]\nname = \"n1\"\n[store]\n";
+        let check = |extra: &str| {
+            Config::parse(&format!("{base}{extra}"))
+                .unwrap()
+                .validate()
+                .map_err(|e| e.0)
+        };
+        for (extra, says) in [
+            (
+                "url = \"etcd://127.0.0.1:2379\"\nca = \"/x/ca.pem\"",
+                "store.ca is set but store.url \"etcd://127.0.0.1:2379\" is plain etcd://; write etcds://",
+            ),
+            ("url = \"etcds://127.0.0.1:2379\"", "store.ca is not set"),
+            (
+                "url = \"etcds://127.0.0.1:2379\"\nca = \"/x/ca.pem\"\ncert = \"/x/c.pem\"",
+                "store.cert is set without store.key",
+            ),
+            (
+                "url = \"etcd://127.0.0.1:2379\"\nuser = \"pier\"",
+                "without store.password_file",
+            ),
+            (
+                "url = \"etcd://127.0.0.1:2379\"\npassword_file = \"/x/pw\"",
+                "without store.user",
+            ),
+            (
+                "url = \"embedded\"\nuser = \"pier\"",
+                "store.user is set but store.url is `embedded`",
+            ),
+        ] {
+            let e = check(extra).expect_err(extra);
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        check("url = \"etcds://127.0.0.1:2379\"\nca = \"/x/ca.pem\"\ncert = \"/x/c.pem\"\nkey = \"/x/k.pem\"\nuser = \"pier\"\npassword_file = \"/x/pw\"").unwrap();
     }
 }
