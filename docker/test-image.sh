@@ -6,7 +6,9 @@
 #   3. `pier agent --store embedded` starts inside it and serves its API;
 #   4. docker/compose.yaml validates and runs the agent with its mounts,
 #      NET_ADMIN and the Docker socket (network_mode overridden to `none`
-#      so that the test never touches the host's network).
+#      so that the test never touches the host's network);
+#   5. the agent's API token is made 0600 in the bind-mounted data dir,
+#      the CLI in the container reads it, and a wrong token is refused.
 # Everything is labelled pier.test-run=$run and removed on exit.
 #
 #   docker/test-image.sh [BINARY]      (default target/debug/pier)
@@ -95,7 +97,9 @@ services:
     labels:
       pier.test-run: "$run"
 YAML
-export PIER_NODE=img-test PIER_IMAGE="$tag" PIER_CERTS="$work/certs" PIER_CONFIG="$work/pier.toml"
+mkdir -p "$work/data"
+export PIER_NODE=img-test PIER_IMAGE="$tag" PIER_CERTS="$work/certs" PIER_CONFIG="$work/pier.toml" \
+    PIER_DATA="$work/data"
 $compose -p "$run" -f "$here/docker/compose.yaml" config >/dev/null || fail "$compose config"
 pass "$compose accepts docker/compose.yaml"
 $compose -p "$run" -f "$here/docker/compose.yaml" -f "$work/override.yaml" up -d >/dev/null 2>&1 \
@@ -108,4 +112,15 @@ case "$caps" in *NET_ADMIN*) ;; *) fail "compose: NET_ADMIN missing ($caps)";; e
 docker exec "$c" test -S /var/run/docker.sock || fail "compose: Docker socket not mounted"
 docker exec "$c" test -r /etc/pier/certs/node.pem || fail "compose: certificates not mounted"
 pass "$compose runs pier agent with NET_ADMIN, the Docker socket and the certificates"
+
+# 5. The API token: made in the data dir (the host's, bind-mounted), 0600;
+# the CLI as root reads it by itself; a wrong token is refused.
+[ "$(stat -c %a "$work/data/api-token" 2>/dev/null)" = 600 ] \
+    || fail "compose: no 0600 api-token in the data dir ($(ls -la "$work/data" 2>&1))"
+[ "$(stat -c %a "$work/data")" = 700 ] || fail "compose: the data dir is not 0700"
+docker exec "$c" pier get nodes >/dev/null 2>&1 || fail "compose: pier get nodes in the container (token from the data dir)"
+if docker exec -e PIER_TOKEN=wrong "$c" pier get nodes >/dev/null 2>&1; then
+    fail "compose: a wrong token was accepted"
+fi
+pass "the agent makes its API token (0600) in the host's data dir; the CLI reads it, a wrong one is refused"
 echo "PASS"
