@@ -56,7 +56,7 @@ enum OpMsg {
         generation: u64,
         seq: u64,
         list: Result<HashMap<String, Container>, String>,
-        nets: Result<HashMap<String, Vec<pier_model::Cidr>>, String>,
+        nets: Result<HashMap<String, docker::Net>, String>,
     },
 }
 
@@ -105,8 +105,10 @@ pub(crate) struct Agent {
     containers: HashMap<String, Container>,
     /// Docker's networks by id with their subnets, published (as one
     /// list) to the DNS ACL; `nets_touched` is `touched` for networks.
-    docker_nets: HashMap<String, Vec<pier_model::Cidr>>,
+    docker_nets: HashMap<String, docker::Net>,
     nets_touched: HashMap<String, u64>,
+    /// LAN-driver networks already logged.
+    lan_warned: HashSet<String>,
     /// Containers already warned about, so a bad label warns once.
     warned: HashSet<String>,
     /// The (container id, reason) refusals already logged.
@@ -173,6 +175,7 @@ impl Agent {
             containers: HashMap::new(),
             docker_nets: HashMap::new(),
             nets_touched: HashMap::new(),
+            lan_warned: HashSet::new(),
             warned: HashSet::new(),
             refused_logged: HashSet::new(),
             checks: HashMap::new(),
@@ -326,7 +329,7 @@ impl Agent {
         generation: u64,
         seq: u64,
         list: Result<HashMap<String, Container>, String>,
-        nets: Result<HashMap<String, Vec<pier_model::Cidr>>, String>,
+        nets: Result<HashMap<String, docker::Net>, String>,
     ) {
         if generation != self.resync_gen {
             return;
@@ -353,7 +356,15 @@ impl Agent {
     }
 
     /// Give the DNS ACL the subnets of every network, if they changed.
-    fn publish_networks(&self) {
+    fn publish_networks(&mut self) {
+        for (id, n) in &self.docker_nets {
+            if let Some(driver) = &n.lan_driver
+                && self.lan_warned.insert(id.clone())
+            {
+                info!(network.id = %id, %driver,
+                    "DNS does not answer this network's containers: a {driver} network is usually the LAN itself; add its CIDR to [dns] allow to answer them");
+            }
+        }
         let nets = docker::all_subnets(&self.docker_nets);
         self.networks.send_if_modified(|v| {
             if *v != nets {
@@ -378,10 +389,10 @@ impl Agent {
                 }
                 let Some(d) = self.docker.clone() else { return };
                 match docker::inspect_network(&d, &id).await {
-                    Ok(Some(subnets)) => {
+                    Ok(Some(net)) => {
                         self.touch_net(&id);
-                        debug!(network.id = %id, ?subnets, "docker network added");
-                        self.docker_nets.insert(id, subnets);
+                        debug!(network.id = %id, subnets = ?net.subnets, "docker network added");
+                        self.docker_nets.insert(id, net);
                     }
                     Ok(None) => {
                         self.touch_net(&id);

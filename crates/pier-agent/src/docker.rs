@@ -313,8 +313,36 @@ pub(crate) async fn list(
     Ok(out)
 }
 
-/// Docker's networks by id, each with its subnets (IPv4 and IPv6).
-pub(crate) async fn networks(d: &Docker) -> Result<HashMap<String, Vec<Cidr>>, AgentError> {
+/// One Docker network, as the DNS ACL sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Net {
+    /// Its subnets (IPv4 and IPv6) that DNS answers; none for a LAN driver.
+    pub subnets: Vec<Cidr>,
+    /// `macvlan` or `ipvlan`: the network's subnet is usually the LAN
+    /// itself, so its clients are not trusted (add its CIDR to `[dns]
+    /// allow` to answer them).
+    pub lan_driver: Option<String>,
+}
+
+/// The drivers whose networks put containers straight on the host's LAN.
+const LAN_DRIVERS: &[&str] = &["macvlan", "ipvlan"];
+
+/// A network as the DNS ACL sees it, from its driver and IPAM config.
+pub(crate) fn net(driver: Option<&str>, ipam: Option<&bollard::models::Ipam>) -> Net {
+    match driver.filter(|d| LAN_DRIVERS.contains(d)) {
+        Some(d) => Net {
+            subnets: Vec::new(),
+            lan_driver: Some(d.to_owned()),
+        },
+        None => Net {
+            subnets: subnets(ipam),
+            lan_driver: None,
+        },
+    }
+}
+
+/// Docker's networks by id.
+pub(crate) async fn networks(d: &Docker) -> Result<HashMap<String, Net>, AgentError> {
     let nets = d
         .list_networks(Some(ListNetworksOptions::default()))
         .await
@@ -324,14 +352,14 @@ pub(crate) async fn networks(d: &Docker) -> Result<HashMap<String, Vec<Cidr>>, A
         })?;
     Ok(nets
         .into_iter()
-        .filter_map(|n| Some((n.id?, subnets(n.ipam.as_ref()))))
+        .filter_map(|n| Some((n.id?, net(n.driver.as_deref(), n.ipam.as_ref()))))
         .collect())
 }
 
 /// Inspect one network; `Ok(None)` when it is gone.
-pub(crate) async fn inspect_network(d: &Docker, id: &str) -> Result<Option<Vec<Cidr>>, AgentError> {
+pub(crate) async fn inspect_network(d: &Docker, id: &str) -> Result<Option<Net>, AgentError> {
     match d.inspect_network(id, None).await {
-        Ok(n) => Ok(Some(subnets(n.ipam.as_ref()))),
+        Ok(n) => Ok(Some(net(n.driver.as_deref(), n.ipam.as_ref()))),
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Ok(None),
@@ -362,8 +390,8 @@ fn subnets(ipam: Option<&bollard::models::Ipam>) -> Vec<Cidr> {
 
 /// The union of every network's subnets, sorted, without duplicates: what
 /// the DNS ACL is given.
-pub(crate) fn all_subnets(nets: &HashMap<String, Vec<Cidr>>) -> Vec<Cidr> {
-    let mut out: Vec<Cidr> = nets.values().flatten().copied().collect();
+pub(crate) fn all_subnets(nets: &HashMap<String, Net>) -> Vec<Cidr> {
+    let mut out: Vec<Cidr> = nets.values().flat_map(|n| &n.subnets).copied().collect();
     out.sort();
     out.dedup();
     out
@@ -691,5 +719,36 @@ mod tests {
             image_in_registry("reg.x/web:1", "reg.local:5000"),
             "reg.x/web:1"
         );
+    }
+
+    /// Issue 12 (D1): a macvlan or ipvlan network's subnet is usually the
+    /// LAN, so the DNS ACL does not take it in; a bridge's subnet it does.
+    /// (This kernel cannot create such networks, so the driver is judged
+    /// as dockerd reports it.)
+    #[test]
+    fn lan_driver_networks_are_not_trusted() {
+        let ipam = bollard::models::Ipam {
+            config: Some(vec![bollard::models::IpamConfig {
+                subnet: Some("192.168.1.0/24".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        for driver in ["macvlan", "ipvlan"] {
+            let n = net(Some(driver), Some(&ipam));
+            assert!(n.subnets.is_empty(), "{driver}: {n:?}");
+            assert_eq!(n.lan_driver.as_deref(), Some(driver));
+        }
+        for driver in [Some("bridge"), Some("overlay"), None] {
+            let n = net(driver, Some(&ipam));
+            assert_eq!(n.subnets, vec!["192.168.1.0/24".parse::<Cidr>().unwrap()]);
+            assert_eq!(n.lan_driver, None);
+        }
+        let all: HashMap<String, Net> = [
+            ("a".to_owned(), net(Some("bridge"), Some(&ipam))),
+            ("b".to_owned(), net(Some("macvlan"), Some(&ipam))),
+        ]
+        .into();
+        assert_eq!(all_subnets(&all).len(), 1);
     }
 }
