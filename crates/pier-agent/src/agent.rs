@@ -1304,34 +1304,6 @@ fn merge_listed<V: Clone>(
     listed
 }
 
-#[cfg(test)]
-mod merge_tests {
-    use super::merge_listed;
-    use std::collections::HashMap;
-
-    fn m(kv: &[(&str, u32)]) -> HashMap<String, u32> {
-        kv.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
-    }
-
-    #[test]
-    fn events_after_the_list_started_win_and_older_ones_do_not() {
-        // The list started at seq 5. Since then: "new" was created (7), "gone"
-        // destroyed (6), "changed" updated to 2 (8). "old" was touched at 3,
-        // before the list, so the list's view of it stands.
-        let listed = m(&[("gone", 1), ("changed", 1), ("old", 9), ("kept", 1)]);
-        let current = m(&[("new", 1), ("changed", 2), ("old", 4)]);
-        let touched: HashMap<String, u64> = [("new", 7), ("gone", 6), ("changed", 8), ("old", 3)]
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), *v))
-            .collect();
-        let got = merge_listed(listed, &current, &touched, 5);
-        assert_eq!(
-            got,
-            m(&[("new", 1), ("changed", 2), ("old", 9), ("kept", 1)])
-        );
-    }
-}
-
 /// The record of a refused container.
 fn refusal(
     c: &Container,
@@ -1369,5 +1341,33 @@ fn host_addrs() -> Vec<std::net::IpAddr> {
             warn!(%error, "cannot list this host's addresses; static endpoints are checked without them");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::merge_listed;
+    use std::collections::HashMap;
+
+    fn m(kv: &[(&str, u32)]) -> HashMap<String, u32> {
+        kv.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn events_after_the_list_started_win_and_older_ones_do_not() {
+        // The list started at seq 5. Since then: "new" was created (7), "gone"
+        // destroyed (6), "changed" updated to 2 (8). "old" was touched at 3,
+        // before the list, so the list's view of it stands.
+        let listed = m(&[("gone", 1), ("changed", 1), ("old", 9), ("kept", 1)]);
+        let current = m(&[("new", 1), ("changed", 2), ("old", 4)]);
+        let touched: HashMap<String, u64> = [("new", 7), ("gone", 6), ("changed", 8), ("old", 3)]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect();
+        let got = merge_listed(listed, &current, &touched, 5);
+        assert_eq!(
+            got,
+            m(&[("new", 1), ("changed", 2), ("old", 9), ("kept", 1)])
+        );
     }
 }
