@@ -203,38 +203,53 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
         svc: &t.m.bytes_out,
         ep: Some(&ep.m.bytes_out),
     };
+    let mut up = up;
     let work = async {
-        match up {
-            Upstream::Direct(mut s) => {
+        match &mut up {
+            Upstream::Direct(s) => {
                 if t.proxy_protocol {
-                    send_proxy_header(&client, peer, &mut s).await?;
+                    send_proxy_header(&client, peer, s).await?;
                 }
-                copy::tcp_bidi(&client, &s, ctx.splice, c_in, c_out).await
+                copy::tcp_bidi(&client, s, ctx.splice, c_in, c_out).await
             }
-            Upstream::Mesh(mut s) => {
+            Upstream::Mesh(s) => {
                 if t.proxy_protocol {
-                    send_proxy_header(&client, peer, &mut *s).await?;
+                    send_proxy_header(&client, peer, &mut **s).await?;
                 }
                 s.relay(&client, Side::Downstream, Side::Upstream, c_in, c_out)
-                    .await?;
-                // Both directions ended cleanly: the tunnel can carry the
-                // next connection to that peer.
-                if let (Some(mesh), Route::Mesh { peer, node }) = (&ctx.mesh, &ep.route) {
-                    mesh.give_back(*peer, node, *s);
-                }
-                Ok(())
+                    .await
             }
         }
     };
-    tokio::select! {
+    let cut = tokio::select! {
         r = work => match r {
-            Ok(()) => {}
-            Err((side, e)) => tracing::debug!(service = %t.service, client.addr = %peer, endpoint = %ep.addr, %side, error = %e, "connection ended"),
+            Ok(()) => false,
+            Err((side, e)) => {
+                tracing::debug!(service = %t.service, client.addr = %peer, endpoint = %ep.addr, %side, error = %e, "connection ended");
+                true
+            }
         },
         _ = ep.drain.cancelled() => {
             tracing::debug!(service = %t.service, client.addr = %peer, endpoint = %ep.addr, "drain timeout: closing");
+            true
         }
-        _ = ctx.hard_stop.cancelled() => {}
+        _ = ctx.hard_stop.cancelled() => true,
+    };
+    if cut {
+        // A connection cut in the middle (an error on either side, a
+        // drain or shutdown deadline) ends with a reset on both sides, so
+        // that neither client nor endpoint takes it for a clean end.
+        crate::mesh::reset_on_close(&client);
+        match &up {
+            Upstream::Direct(s) => crate::mesh::reset_on_close(s),
+            Upstream::Mesh(s) => crate::mesh::reset_on_close(s.get_ref()),
+        }
+    } else if let (Upstream::Mesh(s), Some(mesh), Route::Mesh { peer, node }) =
+        (up, &ctx.mesh, &ep.route)
+    {
+        // Both directions ended cleanly: the tunnel can carry the next
+        // connection to that peer.
+        mesh.give_back(*peer, node, *s);
     }
 }
 

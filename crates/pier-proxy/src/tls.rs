@@ -7,10 +7,22 @@
 //!
 //! - `pier ca init DIR` → `DIR/ca.pem`, `DIR/ca-key.pem` (0600);
 //! - `pier ca issue NODE --ca DIR --out OUT` → `OUT/node.pem`,
-//!   `OUT/node-key.pem` (0600) and a copy of `OUT/ca.pem`, so that `OUT` is
-//!   all a node needs. Re-issuing replaces the files atomically (renewal).
+//!   `OUT/node-key.pem` (0600) and a copy of `OUT/ca.pem` (and of
+//!   `crl.pem` when the CA has one), so that `OUT` is all a node needs.
+//!   Re-issuing replaces the files atomically (renewal). Each issued
+//!   certificate's serial is recorded in `DIR/issued.txt`.
+//! - `pier ca revoke NODE --ca DIR` → `DIR/crl.pem`, the CA's signed list
+//!   of revoked certificates (every one recorded for NODE, or `--cert
+//!   FILE`). Agents read `crl.pem` beside their `ca.pem` and reload it as
+//!   they reload a renewed certificate.
+//!
+//! Files are replaced through a temporary file with a random name in the
+//! same directory, created with `O_CREAT|O_EXCL|O_NOFOLLOW` (never an
+//! existing file or a symlink planted there), then renamed over the target.
 
+use std::collections::HashSet;
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -21,13 +33,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use rustls::client::Resumption;
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{ProducesTickets, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -40,6 +54,14 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub const NODE_CERT_FILE: &str = "node.pem";
 /// A node's private key (0600).
 pub const NODE_KEY_FILE: &str = "node-key.pem";
+/// The CA's revocation list, in the CA dir and beside a node's `ca.pem`.
+pub const CRL_FILE: &str = "crl.pem";
+/// The serials the CA issued, one `SERIAL NODE NOT_AFTER` line each (in
+/// the CA dir); `pier ca revoke NODE` revokes the ones of NODE.
+pub const ISSUED_FILE: &str = "issued.txt";
+/// The default lifetime of a node certificate: 90 days, renewed (re-issued
+/// into the same directory, picked up without a restart) well before.
+pub const DEFAULT_CERT_DAYS: u32 = 90;
 /// ALPN of the mesh protocol; a peer speaking another version fails the
 /// handshake instead of misreading the header.
 pub const MESH_ALPN: &[u8] = b"pier-mesh/1";
@@ -124,6 +146,12 @@ pub enum TlsError {
         node: String,
         found: String,
     },
+    #[error("certificate {} is revoked by {}; issue a new one with `pier ca issue`", cert.display(), crl.display())]
+    Revoked { cert: PathBuf, crl: PathBuf },
+    #[error("revocation list {}: {reason}; make it again with `pier ca revoke` from the mesh CA", path.display())]
+    BadCrl { path: PathBuf, reason: String },
+    #[error("{what}")]
+    NothingToRevoke { what: String },
 }
 
 /// The TLS server name of a node: its name as a DNS name. RFC 1123 names
@@ -147,16 +175,30 @@ pub struct MeshConfig {
     pub cert: PathBuf,
     /// This node's private key (`node-key.pem`).
     pub key: PathBuf,
+    /// The mesh CA's revocation list (`crl.pem`, from `pier ca revoke`).
+    /// Unset: `crl.pem` beside `ca`, where a missing file revokes nothing.
+    /// Set: the file must exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 impl MeshConfig {
-    /// The three files of a directory written by `pier ca issue`.
+    /// The files of a directory written by `pier ca issue`.
     pub fn from_dir(listen: SocketAddr, dir: &Path) -> MeshConfig {
         MeshConfig {
             listen,
             ca: dir.join(CA_CERT_FILE),
             cert: dir.join(NODE_CERT_FILE),
             key: dir.join(NODE_KEY_FILE),
+            crl: None,
+        }
+    }
+
+    /// Where the revocation list is read from, and whether it must exist.
+    pub fn crl_path(&self) -> (PathBuf, bool) {
+        match &self.crl {
+            Some(p) => (p.clone(), true),
+            None => (self.ca.with_file_name(CRL_FILE), false),
         }
     }
 }
@@ -222,7 +264,7 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + Duration::from_secs(CA_VALIDITY_DAYS * 86_400)).into();
-    params.serial_number = Some(random_serial()?);
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
     Ok(params)
 }
 
@@ -310,7 +352,8 @@ pub fn ca_issue_with_validity(
     params.use_authority_key_identifier_extension = true;
     params.not_before = not_before.into();
     params.not_after = not_after.into();
-    params.serial_number = Some(random_serial()?);
+    let serial = random_serial()?;
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|source| TlsError::Generate {
@@ -332,11 +375,225 @@ pub fn ca_issue_with_validity(
     write_replace(&out_dir.join(NODE_CERT_FILE), cert.pem().as_bytes(), 0o644)?;
     if out_dir.join(CA_CERT_FILE) != ca_cert_path {
         write_replace(&out_dir.join(CA_CERT_FILE), ca_pem.as_bytes(), 0o644)?;
+        let crl = ca_dir.join(CRL_FILE);
+        if crl.exists() {
+            write_replace(&out_dir.join(CRL_FILE), &read(&crl)?, 0o644)?;
+        }
     }
-    Ok(())
+    let not_after_unix = not_after
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    record_issued(ca_dir, &serial, node, not_after_unix)
 }
 
-fn random_serial() -> Result<SerialNumber, TlsError> {
+/// Appends `SERIAL NODE NOT_AFTER` to the CA's `issued.txt`.
+fn record_issued(
+    ca_dir: &Path,
+    serial: &[u8],
+    node: &pier_model::Name,
+    not_after_unix: u64,
+) -> Result<(), TlsError> {
+    let path = ca_dir.join(ISSUED_FILE);
+    let io = |source| TlsError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path)
+        .map_err(io)?;
+    writeln!(f, "{} {node} {not_after_unix}", hex(serial)).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// What `pier ca revoke` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeReport {
+    /// The serials revoked by this call (hex).
+    pub added: Vec<String>,
+    /// Every serial the list now holds.
+    pub total: usize,
+    /// The list written.
+    pub crl: PathBuf,
+}
+
+/// Revokes every certificate recorded in the CA's `issued.txt` for `node`
+/// (or only `cert`, a certificate file the CA issued, e.g. one issued
+/// before serials were recorded) and writes the CA's `crl.pem`, signed by
+/// the CA, keeping what it already revoked.
+pub fn ca_revoke(
+    ca_dir: &Path,
+    node: &pier_model::Name,
+    cert: Option<&Path>,
+) -> Result<RevokeReport, TlsError> {
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_pem = String::from_utf8(read(&ca_cert_path)?).map_err(|e| TlsError::BadCert {
+        path: ca_cert_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca_key_pem = String::from_utf8(read(&ca_key_path)?).map_err(|e| TlsError::BadCert {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    // The serials to revoke.
+    let wanted: Vec<Vec<u8>> = match cert {
+        Some(path) => {
+            let der = read_certs(path)?.swap_remove(0);
+            let (_, x) =
+                x509_parser::parse_x509_certificate(&der).map_err(|e| TlsError::BadCert {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let found = peer_node_name(&der).unwrap_or_default();
+            if found != node.as_str() {
+                return Err(TlsError::WrongNode {
+                    path: path.to_owned(),
+                    node: node.to_string(),
+                    found,
+                });
+            }
+            let ca_der = read_certs(&ca_cert_path)?.swap_remove(0);
+            let (_, ca_x) =
+                x509_parser::parse_x509_certificate(&ca_der).map_err(|e| TlsError::BadCert {
+                    path: ca_cert_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            if x.issuer() != ca_x.subject() {
+                return Err(TlsError::NotFromCa {
+                    cert: path.to_owned(),
+                    ca: ca_cert_path.clone(),
+                    reason: "its issuer is not the CA".into(),
+                });
+            }
+            vec![x.raw_serial().to_vec()]
+        }
+        None => {
+            let path = ca_dir.join(ISSUED_FILE);
+            let text = match fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+                Err(source) => return Err(TlsError::Io { path, source }),
+            };
+            let v: Vec<Vec<u8>> = text
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (serial, n) = (f.next()?, f.next()?);
+                    (n == node.as_str()).then(|| unhex(serial)).flatten()
+                })
+                .collect();
+            if v.is_empty() {
+                return Err(TlsError::NothingToRevoke {
+                    what: format!(
+                        "{} records no certificate for node {node}; revoke its certificate file with `pier ca revoke {node} --ca {} --cert FILE`",
+                        path.display(),
+                        ca_dir.display()
+                    ),
+                });
+            }
+            v
+        }
+    };
+    // What the list already holds.
+    let crl_path = ca_dir.join(CRL_FILE);
+    let mut entries: Vec<(Vec<u8>, i64)> = Vec::new();
+    let mut number: u64 = 0;
+    if crl_path.exists() {
+        for der in read_crls(&crl_path)? {
+            let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| TlsError::BadCrl {
+                path: crl_path.clone(),
+                reason: e.to_string(),
+            })?;
+            for r in crl.iter_revoked_certificates() {
+                entries.push((r.raw_serial().to_vec(), r.revocation_date.timestamp()));
+            }
+            if let Some(n) = crl.crl_number() {
+                let d = n.to_u64_digits();
+                number = number.max(d.first().copied().unwrap_or(0));
+            }
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let mut added = Vec::new();
+    for w in wanted {
+        if !entries.iter().any(|(s, _)| *s == w) {
+            added.push(hex(&w));
+            entries.push((w, now.unix_timestamp()));
+        }
+    }
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| TlsError::Generate {
+        what: "reading the CA key",
+        source,
+    })?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|source| TlsError::Generate {
+            what: "reading the CA certificate",
+            source,
+        })?;
+    let revoked_certs = entries
+        .iter()
+        .map(|(serial, at)| RevokedCertParams {
+            serial_number: SerialNumber::from_slice(serial),
+            revocation_time: time::OffsetDateTime::from_unix_timestamp(*at).unwrap_or(now),
+            reason_code: None,
+            invalidity_date: None,
+        })
+        .collect();
+    let params = CertificateRevocationListParams {
+        this_update: now - BACKDATE,
+        // Agents do not enforce next_update (a stale list must not stop
+        // the mesh); the CA's lifetime is as far as it can mean anything.
+        next_update: now + Duration::from_secs(CA_VALIDITY_DAYS * 86_400),
+        crl_number: SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&issuer)
+        .map_err(|source| TlsError::Generate {
+            what: "signing the revocation list",
+            source,
+        })?;
+    let pem = crl.pem().map_err(|source| TlsError::Generate {
+        what: "encoding the revocation list",
+        source,
+    })?;
+    write_replace(&crl_path, pem.as_bytes(), 0o644)?;
+    Ok(RevokeReport {
+        added,
+        total: entries.len(),
+        crl: crl_path,
+    })
+}
+
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))
+}
+
+fn random_serial() -> Result<[u8; 16], TlsError> {
     let mut b = [0u8; 16];
     provider()
         .secure_random
@@ -344,7 +601,7 @@ fn random_serial() -> Result<SerialNumber, TlsError> {
         .map_err(|_| TlsError::Validity("no randomness for a serial number".into()))?;
     b[0] &= 0x7f; // positive
     b[0] |= 0x01; // no leading zero byte
-    Ok(SerialNumber::from_slice(&b))
+    Ok(b)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -362,6 +619,7 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .mode(mode)
         .open(path)
         .map_err(|e| {
@@ -377,32 +635,124 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     f.sync_all().map_err(io)
 }
 
-/// Write `path` atomically: a temp file in the same directory, then rename.
+/// Creates `tmp` for writing, mode `mode`: `O_CREAT|O_EXCL|O_NOFOLLOW`,
+/// so an existing file or a symlink planted at that name is an error,
+/// never followed or reused.
+pub(crate) fn create_temp(tmp: &Path, mode: u32) -> io::Result<fs::File> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(mode)
+        .open(tmp)?;
+    // The umask may have taken bits `mode` asked for; never adds any.
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    Ok(f)
+}
+
+/// Write `path` atomically: a temp file with a random name in the same
+/// directory ([`create_temp`]), then rename over `path` (rename replaces a
+/// symlink at `path`, it does not follow it).
 fn write_replace(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     let io = |source| TlsError::Io {
         path: path.to_owned(),
         source,
     };
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io)?;
-        // `mode` applies only on creation; a leftover temp file keeps its own.
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io)?;
-        f.write_all(data).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    let mut attempt = 0;
+    let (tmp, mut f) = loop {
+        let mut r = [0u8; 12];
+        provider()
+            .secure_random
+            .fill(&mut r)
+            .map_err(|_| io(io::Error::other("no randomness for a temporary file name")))?;
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", hex(&r)));
+        match create_temp(&tmp, mode) {
+            Ok(f) => break (tmp, f),
+            // 96 random bits taken: someone is planting names. Retry a few
+            // times, then give up.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(io(e)),
+        }
+    };
+    let done = (|| {
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = done {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
     }
-    fs::rename(&tmp, path).map_err(io)
+    Ok(())
 }
 
-/// A node's loaded and checked identity: its chain and key, and the CA roots.
+/// The serials the mesh CA revoked (from its `crl.pem`), shared by the
+/// listener, the client and every open tunnel.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    serials: HashSet<Vec<u8>>,
+}
+
+impl Revoked {
+    /// Whether the certificate with this serial (DER content bytes) is
+    /// revoked.
+    pub fn contains(&self, serial: &[u8]) -> bool {
+        self.serials.contains(serial)
+    }
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.serials.is_empty()
+    }
+}
+
+/// What a tunnel knows of its peer's certificate, read once per handshake
+/// (full or resumed: a resumed session carries the certificate of the
+/// full handshake it came from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The node name the certificate was issued for.
+    pub node: String,
+    /// Its serial (DER content bytes), as a CRL lists it.
+    pub serial: Vec<u8>,
+    /// The end of its validity, Unix seconds.
+    pub not_after_unix: i64,
+}
+
+impl PeerCert {
+    pub fn of(cert: &CertificateDer<'_>) -> Option<PeerCert> {
+        let (_, x) = x509_parser::parse_x509_certificate(cert).ok()?;
+        Some(PeerCert {
+            node: peer_node_name(cert)?,
+            serial: x.raw_serial().to_vec(),
+            not_after_unix: x.validity().not_after.timestamp(),
+        })
+    }
+
+    /// Why this certificate may no longer carry a tunnel, if it may not:
+    /// revoked, or past its validity.
+    pub fn refusal(&self, revoked: &Revoked) -> Option<&'static str> {
+        if revoked.contains(&self.serial) {
+            Some("revoked")
+        } else if unix_now() > self.not_after_unix {
+            Some("peer_cert_expired")
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A node's loaded and checked identity: its chain and key, the CA roots,
+/// and the CA's revocation list.
 #[derive(Debug)]
 pub struct Identity {
     pub chain: Vec<CertificateDer<'static>>,
@@ -410,6 +760,13 @@ pub struct Identity {
     pub roots: Arc<RootCertStore>,
     /// The end of the node certificate's validity, in Unix seconds.
     pub not_after_unix: i64,
+    /// The CA's revocation lists (empty: none).
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    pub revoked: Arc<Revoked>,
+    /// Changes when the CA or the revocation list changes: sessions
+    /// resumed across such a change would skip the new checks, so the
+    /// mesh starts a new ticketer and session cache then.
+    pub trust_id: u64,
 }
 
 impl Clone for Identity {
@@ -419,6 +776,9 @@ impl Clone for Identity {
             key: self.key.clone_key(),
             roots: self.roots.clone(),
             not_after_unix: self.not_after_unix,
+            crls: self.crls.clone(),
+            revoked: self.revoked.clone(),
+            trust_id: self.trust_id,
         }
     }
 }
@@ -447,12 +807,89 @@ pub fn load_identity(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, Tls
             source,
         })?;
     }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    read(ca)?.hash(&mut h);
     Ok(Identity {
         chain,
         key: key_der,
         roots: Arc::new(roots),
         not_after_unix,
+        crls: Vec::new(),
+        revoked: Arc::new(Revoked::default()),
+        trust_id: h.finish(),
     })
+}
+
+/// [`load_identity`], plus the CA's revocation list at `crl` (`required`:
+/// a missing file is an error; otherwise it revokes nothing). The list must
+/// be the CA's (its signature is checked by verifying this node's own
+/// certificate against it), and must not revoke this node's certificate.
+pub fn load_identity_with_crl(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    crl: &Path,
+    required: bool,
+) -> Result<Identity, TlsError> {
+    let mut id = load_identity(ca, cert, key)?;
+    let bytes = match fs::read(crl) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => return Ok(id),
+        Err(source) => {
+            return Err(TlsError::Io {
+                path: crl.to_owned(),
+                source,
+            });
+        }
+    };
+    let bad = |reason: String| TlsError::BadCrl {
+        path: crl.to_owned(),
+        reason,
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(bad("no X509 CRL in the file".into()));
+    }
+    let mut serials = HashSet::new();
+    for der in &crls {
+        let (_, list) = x509_parser::parse_x509_crl(der).map_err(|e| bad(e.to_string()))?;
+        for r in list.iter_revoked_certificates() {
+            serials.insert(r.raw_serial().to_vec());
+        }
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(crls.iter().cloned())
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
+    match verifier.verify_client_cert(
+        &id.chain[0],
+        &id.chain[1..],
+        rustls::pki_types::UnixTime::now(),
+    ) {
+        Ok(_) => {}
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+            return Err(TlsError::Revoked {
+                cert: cert.to_owned(),
+                crl: crl.to_owned(),
+            });
+        }
+        Err(e) => {
+            return Err(bad(format!(
+                "not usable with the mesh CA {}: {e}",
+                ca.display()
+            )));
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.trust_id.hash(&mut h);
+    bytes.hash(&mut h);
+    id.trust_id = h.finish();
+    id.crls = crls;
+    id.revoked = Arc::new(Revoked { serials });
+    Ok(id)
 }
 
 fn pem_err(path: &Path, source: rustls::pki_types::pem::Error) -> TlsError {
@@ -606,6 +1043,8 @@ pub fn server_config(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
+        .with_crls(id.crls.iter().cloned())
+        .only_check_end_entity_revocation()
         .build()
         .map_err(|source| TlsError::Verifier {
             path: ca_path.to_owned(),
@@ -631,19 +1070,28 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// TLS 1.3 only, server verified against the CA, our certificate as the
-/// client certificate, and the shared `resumption` store.
+/// TLS 1.3 only, server verified against the CA (and its revocation
+/// list), our certificate as the client certificate, and the shared
+/// `resumption` store.
 pub fn client_config(
     id: &Identity,
     resumption: &Resumption,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(id.roots.clone(), provider())
+        .with_crls(id.crls.iter().cloned())
+        .only_check_end_entity_revocation()
+        .build()
+        .map_err(|e| TlsError::Rustls {
+            what: "the mesh server verifier",
+            source: rustls::Error::General(e.to_string()),
+        })?;
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
             what: "TLS 1.3 client config",
             source,
         })?
-        .with_root_certificates(id.roots.clone())
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
         .map_err(|source| TlsError::Rustls {
             what: "client certificate",
@@ -682,16 +1130,21 @@ type BuildConfig<C> = Box<dyn Fn(&Identity) -> Result<Arc<C>, TlsError> + Send +
 /// on disk: the one reload mechanism of the mesh client and listener. A
 /// rebuild that fails (often a renewal caught half-way: new key, old cert)
 /// keeps the previous config and is tried again when the files change again.
-/// Only new handshakes see a new config; open connections are untouched.
+/// Only new handshakes see a new config; the revocation list it loaded is
+/// also published ([`CertReloader::revoked`]) so that open tunnels whose
+/// peer it revokes are cut.
 pub(crate) struct CertReloader<C> {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    crl: PathBuf,
+    crl_required: bool,
     node: pier_model::Name,
     /// "client" or "listener", for the logs.
     side: &'static str,
     build: BuildConfig<C>,
     config: arc_swap::ArcSwap<C>,
+    revoked: tokio::sync::watch::Sender<Arc<Revoked>>,
     /// (loaded, last failed) stamps. A std Mutex, only `try_lock`ed, never
     /// held across an `.await`.
     stamps: std::sync::Mutex<(FileStamps, Option<FileStamps>)>,
@@ -708,36 +1161,38 @@ impl<C> CertReloader<C> {
         reloads: Family<[(&'static str, &'static str); 1], Counter>,
         build: impl Fn(&Identity) -> Result<Arc<C>, TlsError> + Send + Sync + 'static,
     ) -> Result<CertReloader<C>, TlsError> {
-        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key]);
+        let (crl, crl_required) = cfg.crl_path();
+        let stamps = FileStamps::of(&[&cfg.ca, &cfg.cert, &cfg.key, &crl]);
         let build: BuildConfig<C> = Box::new(build);
-        let first = Self::load_with(&cfg.ca, &cfg.cert, &cfg.key, &node, &build)?;
+        let id = Self::load_id(&cfg.ca, &cfg.cert, &cfg.key, &crl, crl_required, &node)?;
+        let first = build(&id)?;
         Ok(CertReloader {
             ca: cfg.ca.clone(),
             cert: cfg.cert.clone(),
             key: cfg.key.clone(),
+            crl,
+            crl_required,
             node,
             side,
             build,
             config: arc_swap::ArcSwap::new(first),
+            revoked: tokio::sync::watch::Sender::new(id.revoked.clone()),
             stamps: std::sync::Mutex::new((stamps, None)),
             reloads,
         })
     }
 
-    fn load_with(
+    fn load_id(
         ca: &Path,
         cert: &Path,
         key: &Path,
+        crl: &Path,
+        crl_required: bool,
         node: &pier_model::Name,
-        build: &BuildConfig<C>,
-    ) -> Result<Arc<C>, TlsError> {
-        let id = load_identity(ca, cert, key)?;
+    ) -> Result<Identity, TlsError> {
+        let id = load_identity_with_crl(ca, cert, key, crl, crl_required)?;
         check_node(&id, cert, node)?;
-        build(&id)
-    }
-
-    fn load(&self) -> Result<Arc<C>, TlsError> {
-        Self::load_with(&self.ca, &self.cert, &self.key, &self.node, &self.build)
+        Ok(id)
     }
 
     /// The config for the next handshake.
@@ -745,27 +1200,52 @@ impl<C> CertReloader<C> {
         self.config.load_full()
     }
 
+    /// The revocation list last loaded; open tunnels watch it.
+    pub(crate) fn revoked(&self) -> tokio::sync::watch::Receiver<Arc<Revoked>> {
+        self.revoked.subscribe()
+    }
+
     /// Rebuild the config if the files changed since the last attempt. A
     /// concurrent caller already doing it makes this one return at once.
-    pub(crate) fn reload_if_changed(&self) {
+    /// Returns true when a new config (and revocation list) took effect.
+    pub(crate) fn reload_if_changed(&self) -> bool {
         let Ok(mut st) = self.stamps.try_lock() else {
-            return;
+            return false;
         };
-        let now = FileStamps::of(&[&self.ca, &self.cert, &self.key]);
+        let now = FileStamps::of(&[&self.ca, &self.cert, &self.key, &self.crl]);
         if now == st.0 || st.1.as_ref() == Some(&now) {
-            return;
+            return false;
         }
-        match self.load() {
-            Ok(cfg) => {
+        let r = Self::load_id(
+            &self.ca,
+            &self.cert,
+            &self.key,
+            &self.crl,
+            self.crl_required,
+            &self.node,
+        )
+        .and_then(|id| Ok(((self.build)(&id)?, id.revoked)));
+        match r {
+            Ok((cfg, revoked)) => {
                 self.config.store(cfg);
+                let n = revoked.len();
+                self.revoked.send_if_modified(|cur| {
+                    let changed = **cur != *revoked;
+                    if changed {
+                        *cur = revoked;
+                    }
+                    changed
+                });
                 *st = (now, None);
                 self.reloads.get_or_create(&[("result", "ok")]).inc();
-                tracing::info!(side = self.side, cert = %self.cert.display(), "mesh: reloaded certificates for new handshakes");
+                tracing::info!(side = self.side, cert = %self.cert.display(), revoked = n, "mesh: reloaded certificates and revocation list for new handshakes");
+                true
             }
             Err(e) => {
                 st.1 = Some(now);
                 self.reloads.get_or_create(&[("result", "error")]).inc();
                 tracing::warn!(side = self.side, error = %e, "mesh: certificate reload failed; keeping the previous certificates");
+                false
             }
         }
     }

@@ -413,6 +413,7 @@ async fn refused_client_cert_from_another_ca() {
         ca: pki.ca_dir().join("ca.pem"),
         cert: n2.join("node.pem"),
         key: n2.join("node-key.pem"),
+        crl: None,
     };
     let conn =
         MeshConnector::with_pool_size(&cfg, name("n2"), &mut Registry::default(), 0).unwrap();
@@ -1258,5 +1259,323 @@ async fn bulk_both_ways_through_proxy_and_mesh_arrives_intact() {
                 && l.ends_with(&format!(" {TOTAL}"))),
         "{text}"
     );
+    c.stop().await;
+}
+
+/// Waits (bounded) until `f` holds; panics naming `what` otherwise.
+async fn until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Pki {
+    /// `pier ca revoke NODE`, then the CA's crl.pem copied beside the
+    /// ca.pem of each of `to` (as an operator distributes it).
+    fn revoke(&self, node: &str, to: &[&str]) {
+        let r = tls::ca_revoke(&self.ca_dir(), &name(node), None).unwrap();
+        assert_eq!(r.added.len(), 1, "{r:?}");
+        for n in to {
+            std::fs::copy(&r.crl, self.dir.path().join(n).join("crl.pem")).unwrap();
+        }
+    }
+}
+
+/// Attack (M2): node n2's certificate is revoked while n2 holds an open
+/// tunnel into n1 and has a session ticket from n1. The open tunnel is cut
+/// (a reset, not a clean end) within RELOAD_POLL of the list landing on
+/// n1; n2's next connect, full or resumed, is refused.
+#[tokio::test]
+async fn revoked_node_is_cut_off_within_the_reload_poll() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    pki.issue("n3");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    // A session ticket for later, and an open tunnel.
+    drop(conn.connect(srv.addr, &name("n1"), echo).await.unwrap());
+    let mut t = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(t.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    t.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    t.read_exact(&mut b).await.unwrap();
+    // Control: n3 is not revoked and keeps working throughout.
+    let n3 = MeshConnector::with_pool_size(&pki.cfg("n3"), name("n3"), &mut Registry::default(), 0)
+        .unwrap();
+    let mut t3 = n3.connect(srv.addr, &name("n1"), echo).await.unwrap();
+
+    pki.revoke("n2", &["n1"]);
+    let landed = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), t.read_to_end(&mut rest))
+        .await
+        .expect("the revoked node's tunnel is cut");
+    let took = landed.elapsed();
+    let e = r.expect_err("a cut tunnel must not end like a clean stream");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+        ),
+        "{e}"
+    );
+    // The stated bound: the list is polled every RELOAD_POLL (2 s); 1 s
+    // more for the poll's own scheduling on a busy 2-core box.
+    assert!(
+        took <= pier_proxy::mesh::RELOAD_POLL + Duration::from_secs(1),
+        "cut after {took:?}"
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_tunnel_cuts_total{reason=\"revoked\"}"
+        ),
+        1.0
+    );
+    assert!(
+        logs.warned(&["tunnel cut", "peer.node=n2", "revoked"]),
+        "{}",
+        logs.text()
+    );
+    // New tunnels: the resumption n2 tries and the full handshake after
+    // it are both refused.
+    for _ in 0..2 {
+        let e = conn
+            .connect(srv.addr, &name("n1"), echo)
+            .await
+            .expect_err("a revoked node gets no new tunnel");
+        assert!(
+            e.refusal().is_none() || e.refusal() == Some(RefusalCode::PeerNotAllowed),
+            "{e}"
+        );
+    }
+    let rejected = metric(
+        &srv.registry,
+        "mesh_server_refusals_total{reason=\"client_cert\"}",
+    ) + metric(
+        &srv.registry,
+        "mesh_server_refusals_total{reason=\"revoked\"}",
+    );
+    assert_eq!(rejected, 2.0, "{}", logs.text());
+    // n3's open tunnel and new ones still work.
+    t3.write_all(b"pong").await.unwrap();
+    t3.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"pong");
+    drop(n3.connect(srv.addr, &name("n1"), echo).await.unwrap());
+    srv.stop().await;
+}
+
+/// Attack (M2): the listener n2 is revoked; n1 (the proxy's node) gets the
+/// list. n1 cuts its own open stream through n2 (the revoked side would
+/// not), drops its pooled tunnels to n2, and opens no new one.
+#[tokio::test]
+async fn client_side_cuts_streams_to_a_revoked_listener() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let c = MeshCluster::start(&pki, &[endpoint("n2", "a", echo, true)]).await;
+    // A finished connection leaves a pooled tunnel; a second stays open.
+    {
+        let mut s = TcpStream::connect(c.vip).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.unwrap();
+    }
+    let mut s = TcpStream::connect(c.vip).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+
+    let oks = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("pier_mesh_client_connects_total{result=\"ok\"} "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    let before = oks(&c.metrics_text());
+    pki.revoke("n2", &["n1"]);
+    let landed = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the stream to the revoked listener is cut");
+    let took = landed.elapsed();
+    let e = r.expect_err("the client must see a reset, not a clean end");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert!(
+        took <= pier_proxy::mesh::RELOAD_POLL + Duration::from_secs(1),
+        "cut after {took:?}"
+    );
+    // No new tunnel to n2: the connection through the VIP fails.
+    let mut s = TcpStream::connect(c.vip).await.unwrap();
+    let _ = s.write_all(b"x").await;
+    let mut v = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut v))
+        .await
+        .expect("answered in time");
+    assert!(
+        r.is_err() || v.is_empty(),
+        "a revoked listener carried a new connection: {v:?}"
+    );
+    let text = c.metrics_text();
+    assert_eq!(
+        oks(&text),
+        before,
+        "a mesh connect to n2 succeeded:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pier_mesh_client_connects_total{result=\"error\"}")),
+        "{text}"
+    );
+    c.stop().await;
+}
+
+/// A new revocation list means no session resumes across it: the
+/// listener starts a new ticketer and the client a new session store.
+#[tokio::test]
+async fn no_resumption_across_a_new_revocation_list() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    pki.issue("n3");
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let s = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(s.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    let s = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(s.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    drop(s);
+    // n3 (neither of these two) is revoked; the list lands on n1 only.
+    pki.revoke("n3", &["n1"]);
+    until(Duration::from_secs(10), "n1 reloads the list", || {
+        metric(
+            &srv.registry,
+            "mesh_server_cert_reloads_total{result=\"ok\"}",
+        ) >= 1.0
+    })
+    .await;
+    let s = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    assert_eq!(
+        s.handshake_kind(),
+        Some(rustls::HandshakeKind::Full),
+        "a ticket from before the new list must not resume"
+    );
+    drop(s);
+    srv.stop().await;
+}
+
+#[test]
+fn ca_revoke_keeps_the_list_and_names_what_is_wrong() {
+    let pki = Pki::new();
+    let n1 = pki.issue("n1");
+    pki.issue("n2");
+    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    assert_eq!((r.added.len(), r.total), (1, 1));
+    // Renewed (a second serial for n1), then revoked again: only the new
+    // serial is added, the old one stays.
+    tls::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
+    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    assert_eq!((r.added.len(), r.total), (1, 2));
+    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    assert_eq!((r.added.len(), r.total), (0, 2));
+    let r = tls::ca_revoke(&pki.ca_dir(), &name("n2"), None).unwrap();
+    assert_eq!((r.added.len(), r.total), (1, 3));
+    // The list is the CA's: n1's current certificate loads as revoked.
+    std::fs::copy(&r.crl, n1.join("crl.pem")).unwrap();
+    let cfg = pki.cfg("n1");
+    let (crl, _) = cfg.crl_path();
+    let e = tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, false).unwrap_err();
+    assert!(matches!(e, TlsError::Revoked { .. }), "{e}");
+    // A node the CA never issued for.
+    let e = tls::ca_revoke(&pki.ca_dir(), &name("nobody"), None).unwrap_err();
+    assert!(e.to_string().contains("--cert FILE"), "{e}");
+    // --cert naming another node's file.
+    let e = tls::ca_revoke(&pki.ca_dir(), &name("n2"), Some(&n1.join("node.pem"))).unwrap_err();
+    assert!(matches!(e, TlsError::WrongNode { .. }), "{e}");
+}
+
+/// Attack (M2): a revocation list signed by another CA (or garbage) is
+/// not taken: at start a clear error, on reload the previous list stays.
+#[test]
+fn a_revocation_list_from_another_ca_is_refused() {
+    let pki = Pki::new();
+    let n1 = pki.issue("n1");
+    let other = Pki::new();
+    other.issue("n1");
+    let r = tls::ca_revoke(&other.ca_dir(), &name("n1"), None).unwrap();
+    std::fs::copy(&r.crl, n1.join("crl.pem")).unwrap();
+    let cfg = pki.cfg("n1");
+    let (crl, _) = cfg.crl_path();
+    let e = tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, false).unwrap_err();
+    assert!(matches!(e, TlsError::BadCrl { .. }), "{e}");
+    assert!(e.to_string().contains("pier ca revoke"), "{e}");
+    write_file(
+        &n1.join("crl.pem"),
+        b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+    );
+    let e = tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, false).unwrap_err();
+    assert!(matches!(e, TlsError::BadCrl { .. }), "{e}");
+    // An explicit crl path that does not exist is an error; the default
+    // one missing revokes nothing.
+    std::fs::remove_file(n1.join("crl.pem")).unwrap();
+    tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, false).unwrap();
+    let e = tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, true).unwrap_err();
+    assert!(e.to_string().contains("crl.pem"), "{e}");
+}
+
+/// Attack (R3): the target resets in the middle of a stream. The client
+/// at the other end of proxy and mesh must see a reset too, not a clean
+/// end of stream it could take for a complete response.
+#[tokio::test]
+async fn a_stream_cut_at_the_target_resets_the_client() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = l.local_addr().unwrap();
+    // The cluster's start-up probe connects too: only the connection
+    // that says "ping" gets the partial answer and the reset.
+    let t = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 4];
+            if s.read_exact(&mut b).await.is_err() || &b != b"ping" {
+                continue;
+            }
+            s.write_all(b"partial").await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(s); // RST
+            return;
+        }
+    });
+    let c = MeshCluster::start(&pki, &[endpoint("n2", "a", target, true)]).await;
+    let mut s = TcpStream::connect(c.vip).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the cut reaches the client");
+    let e = r.expect_err("a cut stream must not end like a clean one");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    assert_eq!(got, b"partial");
+    t.await.unwrap();
     c.stop().await;
 }

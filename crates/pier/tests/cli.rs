@@ -767,4 +767,25 @@ async fn ca_init_and_issue() {
     )
     .await;
     assert_eq!(o.code, 2, "{o:?}");
+
+    // Revocation: the CA's crl.pem lists n1's certificate.
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["ca", "revoke", "n1", "--ca", ca.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("revoked 1 certificate"), "{o:?}");
+    assert!(ca.join("crl.pem").exists());
+    // A node the CA never issued for: one line saying what to do.
+    let o = pier_at(
+        "http://127.0.0.1:9",
+        None,
+        &["ca", "revoke", "n9", "--ca", ca.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(o.code, 1, "{o:?}");
+    one_error_line(&o);
+    assert!(o.stderr.contains("--cert FILE"), "{o:?}");
 }

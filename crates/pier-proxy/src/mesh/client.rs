@@ -15,6 +15,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -24,7 +25,7 @@ use super::{
     DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MAX_IDLE_TUNNELS, MeshError, MeshStream, POOL_IDLE_MAX,
     RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header, read_exact,
 };
-use crate::tls::{self, CertReloader, MeshConfig};
+use crate::tls::{self, CertReloader, MeshConfig, Revoked};
 
 type Labels = [(&'static str, &'static str); 1];
 type PeerKey = (SocketAddr, Name);
@@ -75,6 +76,25 @@ enum Idle {
     Reused(MeshStream),
 }
 
+impl Idle {
+    /// Why it must not carry another stream, if it must not (see
+    /// [`MeshStream::retired`]).
+    fn retired(&self, revoked: &Revoked) -> Option<&'static str> {
+        match self {
+            Idle::Reused(t) => t.retired(),
+            Idle::Fresh(s) => {
+                if s.born().elapsed() >= super::MAX_TUNNEL_AGE {
+                    return Some("max_age");
+                }
+                match s.peer() {
+                    Some(p) => p.refusal(revoked),
+                    None => Some("no_peer_cert"),
+                }
+            }
+        }
+    }
+}
+
 struct Pooled {
     since: Instant,
     conn: Idle,
@@ -99,6 +119,8 @@ impl std::fmt::Debug for MeshConnector {
 struct Inner {
     node: Name,
     certs: CertReloader<ClientConfig>,
+    /// The CA's revocation list as last loaded.
+    revoked: watch::Receiver<Arc<Revoked>>,
     /// When connects next look at the certificate files. A std Mutex:
     /// `try_lock` on the connect path, no `.await` inside.
     next_reload: Mutex<Instant>,
@@ -134,31 +156,62 @@ impl MeshConnector {
         registry: &mut Registry,
         pool_size: usize,
     ) -> Result<MeshConnector, MeshError> {
-        // 256 sessions: a few tickets for each of up to ~100 peers; one
-        // store across reloads, so sessions resume after a renewal.
-        let resumption = Resumption::in_memory_sessions(256);
+        // 256 sessions: a few tickets for each of up to ~100 peers. One
+        // store across renewals of this node's certificate, so sessions
+        // resume after one; a new store when the CA or the revocation list
+        // changes, so that no session resumes with a peer the new list
+        // revokes. A std Mutex: the reloader calls this from one place.
+        let sessions: Mutex<Option<(u64, Resumption)>> = Mutex::new(None);
         let metrics = ClientMetrics::default();
         let certs = CertReloader::new(
             cfg,
             node.clone(),
             "client",
             metrics.reloads.clone(),
-            move |id| tls::client_config(id, &resumption),
+            move |id| {
+                let mut g = sessions.lock().unwrap_or_else(|p| p.into_inner());
+                if g.as_ref().is_none_or(|(t, _)| *t != id.trust_id) {
+                    *g = Some((id.trust_id, Resumption::in_memory_sessions(256)));
+                }
+                let (_, r) = g.as_ref().expect("set above");
+                tls::client_config(id, r)
+            },
         )?;
         metrics.register(registry);
-        Ok(MeshConnector {
-            inner: Arc::new(Inner {
-                node,
-                certs,
-                next_reload: Mutex::new(Instant::now() + RELOAD_POLL),
-                pool_size,
-                pool: Mutex::new(HashMap::new()),
-                refilling: Mutex::new(HashSet::new()),
-                tasks: TaskTracker::new(),
-                cancel: CancellationToken::new(),
-                metrics,
-            }),
-        })
+        let revoked = certs.revoked();
+        let inner = Arc::new(Inner {
+            node,
+            certs,
+            revoked,
+            next_reload: Mutex::new(Instant::now() + RELOAD_POLL),
+            pool_size,
+            pool: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(HashSet::new()),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            metrics,
+        });
+        // The reload poll: a revocation list that lands on disk cuts the
+        // open tunnels to the peers it revokes within RELOAD_POLL, whether
+        // or not this node makes new connections.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let weak = Arc::downgrade(&inner);
+            let cancel = inner.cancel.clone();
+            inner.tasks.spawn(async move {
+                let mut tick = tokio::time::interval(RELOAD_POLL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let Some(inner) = weak.upgrade() else { return };
+                    inner.certs.reload_if_changed();
+                    inner.prune_all();
+                }
+            });
+        }
+        Ok(MeshConnector { inner })
     }
 
     /// This node's name (the identity in its client certificate).
@@ -210,7 +263,7 @@ impl MeshConnector {
     ) -> Result<MeshStream, MeshError> {
         while let Some(idle) = self.inner.take_pooled(key) {
             let reused = matches!(idle, Idle::Reused(_));
-            match request(idle, key, target).await {
+            match request(idle, key, target, &self.inner.revoked).await {
                 Ok(s) => {
                     self.inner.metrics.pool_hits.inc();
                     if reused {
@@ -225,7 +278,7 @@ impl MeshConnector {
             }
         }
         let stream = self.inner.handshake(key).await?;
-        request(Idle::Fresh(stream), key, target).await
+        request(Idle::Fresh(stream), key, target, &self.inner.revoked).await
     }
 
     /// Returns a tunnel after its stream: if the stream ended cleanly both
@@ -238,9 +291,10 @@ impl MeshConnector {
             return;
         }
         stream.release_buffers();
+        let revoked = inner.revoked.borrow().clone();
         if let Ok(mut p) = inner.pool.lock() {
             let q = p.entry((peer, peer_node.clone())).or_default();
-            prune(q);
+            prune(q, &revoked);
             if q.len() < MAX_IDLE_TUNNELS {
                 q.push_back(Pooled {
                     since: Instant::now(),
@@ -329,10 +383,21 @@ impl Inner {
     /// The most recently pooled connection (the least likely to have been
     /// closed by the peer); expired ones are dropped on the way.
     fn take_pooled(&self, key: &PeerKey) -> Option<Idle> {
+        let revoked = self.revoked.borrow().clone();
         let mut pool = self.pool.lock().ok()?;
         let q = pool.get_mut(key)?;
-        prune(q);
+        prune(q, &revoked);
         q.pop_back().map(|p| p.conn)
+    }
+
+    /// Drops every pooled connection that may no longer be used.
+    fn prune_all(&self) {
+        let revoked = self.revoked.borrow().clone();
+        if let Ok(mut pool) = self.pool.lock() {
+            for q in pool.values_mut() {
+                prune(q, &revoked);
+            }
+        }
     }
 
     async fn handshake(&self, (peer, node): &PeerKey) -> Result<Setup, MeshError> {
@@ -367,6 +432,20 @@ impl Inner {
                 peer: *peer,
                 node: node.to_string(),
             })??;
+        // A resumed session skips the certificate checks of a full
+        // handshake: the peer's certificate (the one of the session) is
+        // checked against the current revocation list here, every time.
+        if let Some(reason) = stream
+            .peer()
+            .as_ref()
+            .map_or(Some("no_peer_cert"), |p| p.refusal(&self.revoked.borrow()))
+        {
+            return Err(MeshError::PeerRejected {
+                peer: *peer,
+                node: node.to_string(),
+                reason,
+            });
+        }
         let kind = match stream.conn().handshake_kind() {
             Some(rustls::HandshakeKind::Resumed) => "resumed",
             _ => "full",
@@ -394,15 +473,17 @@ impl Inner {
     }
 }
 
-/// Drops pooled connections older than [`POOL_IDLE_MAX`] (the oldest are
-/// at the front).
-fn prune(q: &mut VecDeque<Pooled>) {
+/// Drops pooled connections idle for [`POOL_IDLE_MAX`] (the oldest are
+/// at the front), and any whose peer's certificate is now revoked or
+/// expired, or which are older than [`super::MAX_TUNNEL_AGE`].
+fn prune(q: &mut VecDeque<Pooled>, revoked: &Revoked) {
     while q
         .front()
         .is_some_and(|p| p.since.elapsed() >= POOL_IDLE_MAX)
     {
         q.pop_front();
     }
+    q.retain(|p| p.conn.retired(revoked).is_none());
 }
 
 /// Send the header, wait for the reply byte (through rustls on a fresh
@@ -412,6 +493,7 @@ async fn request(
     idle: Idle,
     (peer, node): &PeerKey,
     target: SocketAddr,
+    revoked: &watch::Receiver<Arc<Revoked>>,
 ) -> Result<MeshStream, MeshError> {
     let io = |source| MeshError::Io {
         peer: *peer,
@@ -430,7 +512,9 @@ async fn request(
                 if code[0] != REPLY_OK {
                     return Ok::<_, MeshError>(Err(code[0]));
                 }
-                Ok(Ok(s.into_stream().map_err(io)?))
+                let mut t = s.into_stream().map_err(io)?;
+                t.set_guard(revoked.clone());
+                Ok(Ok(t))
             }
             Idle::Reused(mut t) => {
                 t.next_stream().map_err(io)?;

@@ -49,6 +49,7 @@ pub use crate::tls::MeshConfig;
 pub use client::MeshConnector;
 pub use server::MeshServer;
 pub use stream::MeshStream;
+pub(crate) use stream::reset_on_close;
 
 use crate::tls::TlsError;
 
@@ -82,6 +83,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After cancel, open tunnels get this long to finish before they are cut.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A tunnel carries no new stream once it is this old (the stream it
+/// carries then goes on: a stream is cut only when its peer's certificate
+/// is revoked or expires). 1 h: reuse saves a handshake per connection,
+/// an hour of it is plenty, and a tunnel's keys do not live on for days.
+pub const MAX_TUNNEL_AGE: Duration = Duration::from_secs(3600);
 /// Warm connections kept per peer by default.
 pub const DEFAULT_POOL_SIZE: usize = 2;
 /// At most this many idle tunnels (whose stream ended cleanly) are kept
@@ -172,6 +178,12 @@ pub enum MeshError {
         node: String,
         target: SocketAddr,
         code: RefusalCode,
+    },
+    #[error("mesh peer {node} at {peer}: its certificate is {reason}; not used")]
+    PeerRejected {
+        peer: SocketAddr,
+        node: String,
+        reason: &'static str,
     },
     #[error("timed out {what} mesh peer {node} at {peer}")]
     Timeout {

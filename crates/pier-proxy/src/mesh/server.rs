@@ -19,12 +19,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::stream::{MeshStream, Setup};
+use super::stream::{MeshStream, Setup, peer_cut, reset_on_close};
 use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, LocalTargets, MeshError,
     RELOAD_POLL, REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
 };
-use crate::tls::{self, CertReloader, MeshConfig, ServerSessionState};
+use crate::tls::{self, CertReloader, MeshConfig, PeerCert, Revoked, ServerSessionState};
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -43,6 +43,7 @@ struct ServerMetrics {
     reuses: Counter,
     bytes: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
+    cuts: Family<Labels, Counter>,
 }
 
 impl ServerMetrics {
@@ -81,6 +82,11 @@ impl ServerMetrics {
             "mesh_server_cert_reloads",
             "Certificate reloads of the mesh listener, by result",
             self.reloads.clone(),
+        );
+        r.register(
+            "mesh_server_tunnel_cuts",
+            "Open tunnels cut because the peer's certificate was revoked or expired, by reason",
+            self.cuts.clone(),
         );
     }
     fn refuse(&self, reason: &'static str) {
@@ -167,6 +173,8 @@ struct Inner {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     /// The ready endpoints this node's agent found in its own Docker.
     local: watch::Receiver<Arc<LocalTargets>>,
+    /// The CA's revocation list as last loaded.
+    revoked: watch::Receiver<Arc<Revoked>>,
     targets: ArcSwap<Targets>,
     metrics: ServerMetrics,
     handshake_slots: tokio::sync::Semaphore,
@@ -188,9 +196,13 @@ impl MeshServer {
         local: watch::Receiver<Arc<LocalTargets>>,
         registry: &mut Registry,
     ) -> Result<MeshServer, MeshError> {
-        // One ticketer and session store across reloads, so that tickets
-        // issued before a renewal still resume after it.
-        let sessions = ServerSessionState::new()?;
+        // One ticketer and session store across renewals of this node's
+        // certificate, so that tickets issued before still resume after;
+        // a new one when the CA or the revocation list changes, so that no
+        // session resumes past a check it would now fail. A std Mutex: the
+        // reloader calls this from one place, no `.await` inside.
+        let sessions: std::sync::Mutex<Option<(u64, ServerSessionState)>> =
+            std::sync::Mutex::new(None);
         let metrics = ServerMetrics::default();
         let ca = cfg.ca.clone();
         let certs = CertReloader::new(
@@ -198,8 +210,19 @@ impl MeshServer {
             node.clone(),
             "listener",
             metrics.reloads.clone(),
-            move |id| tls::server_config(id, &ca, &sessions),
+            move |id| {
+                let mut g = sessions.lock().unwrap_or_else(|p| p.into_inner());
+                if g.as_ref().is_none_or(|(t, _)| *t != id.trust_id) {
+                    if g.is_some() {
+                        info!("mesh: the CA or the revocation list changed; new session tickets");
+                    }
+                    *g = Some((id.trust_id, ServerSessionState::new()?));
+                }
+                let (_, st) = g.as_ref().expect("set above");
+                tls::server_config(id, &ca, st)
+            },
         )?;
+        let revoked = certs.revoked();
         metrics.register(registry);
         let first = snapshot.borrow().clone();
         let targets = Targets::build(&node, first);
@@ -209,6 +232,7 @@ impl MeshServer {
                 certs,
                 snapshot,
                 local,
+                revoked,
                 targets: ArcSwap::new(Arc::new(targets)),
                 metrics,
                 handshake_slots: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
@@ -243,7 +267,9 @@ impl MeshServer {
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
                 },
-                _ = reload.tick() => self.inner.certs.reload_if_changed(),
+                _ = reload.tick() => {
+                    self.inner.certs.reload_if_changed();
+                }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
@@ -293,13 +319,21 @@ impl Inner {
 
     /// A peer whose certificate the CA signed must still name a node of
     /// the cluster (a certificate issued for a node since removed, or for
-    /// a name never used, gets no relay).
-    fn authorize_peer(&self, peer_node: &str) -> Result<(), &'static str> {
-        let known = Name::new(peer_node)
+    /// a name never used, gets no relay), and must not be revoked or
+    /// expired. Checked after every handshake, resumed ones included (a
+    /// resumed session skips the certificate checks of a full handshake).
+    fn authorize_peer(&self, peer: Option<&PeerCert>) -> Result<(), &'static str> {
+        let Some(peer) = peer else {
+            return Err("no_peer_cert");
+        };
+        let known = Name::new(&peer.node)
             .ok()
             .is_some_and(|n| self.snapshot.borrow().nodes.contains_key(&n));
         if !known {
             return Err("unknown_node");
+        }
+        if let Some(why) = peer.refusal(&self.revoked.borrow()) {
+            return Err(why);
         }
         Ok(())
     }
@@ -343,12 +377,12 @@ impl Inner {
                 return;
             }
         }
+        let peer_cert = tls.peer();
         let (peer_node, kind) = {
             let conn = tls.conn();
-            let node = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(tls::peer_node_name)
+            let node = peer_cert
+                .as_ref()
+                .map(|p| p.node.clone())
                 .unwrap_or_else(|| "?".to_owned());
             let kind = match conn.handshake_kind() {
                 Some(rustls::HandshakeKind::Resumed) => "resumed",
@@ -360,12 +394,14 @@ impl Inner {
             .handshakes
             .get_or_create(&[("kind", kind)])
             .inc();
-        if let Err(reason) = self.authorize_peer(&peer_node) {
+        if let Err(reason) = self.authorize_peer(peer_cert.as_ref()) {
             self.metrics.refuse(reason);
             warn!(peer.addr = %peer, peer.node = %peer_node, reason, "mesh: refused: the peer's certificate is not allowed");
             Conn::Setup(tls).refuse(RefusalCode::PeerNotAllowed).await;
             return;
         }
+
+        let Some(peer_cert) = peer_cert else { return };
 
         // The first stream's header comes through rustls; once a stream
         // has ended cleanly, the tunnel carries the next one.
@@ -373,6 +409,12 @@ impl Inner {
         loop {
             let header = tokio::select! {
                 r = tokio::time::timeout(HEADER_TIMEOUT, conn.read_header()) => r,
+                why = peer_cut(&peer_cert, self.revoked.clone()) => {
+                    self.metrics.cuts.get_or_create(&[("reason", why)]).inc();
+                    warn!(peer.addr = %peer, peer.node = %peer_node, reason = why, "mesh: idle tunnel closed: the peer's certificate is no longer valid");
+                    reset_on_close(conn.tcp());
+                    return;
+                }
                 _ = cancel.cancelled() => return,
             };
             let target = match header {
@@ -432,7 +474,10 @@ impl Inner {
                 debug!(target = %target, error = %e, "mesh: set_nodelay");
             }
             let mut tunnel = match conn.accept().await {
-                Ok(t) => t,
+                Ok(mut t) => {
+                    t.set_guard(self.revoked.clone());
+                    t
+                }
                 Err(e) => {
                     debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
                     return;
@@ -481,7 +526,14 @@ impl Inner {
                     } else {
                         "target"
                     };
-                    debug!(peer.addr = %peer, target = %target, side, error = %e, "mesh: tunnel ended with an error");
+                    if e.kind() == std::io::ErrorKind::ConnectionAborted
+                        && let Some(why) = tunnel.retired()
+                    {
+                        self.metrics.cuts.get_or_create(&[("reason", why)]).inc();
+                        warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, reason = why, "mesh: tunnel cut: the peer's certificate is no longer valid");
+                    } else {
+                        debug!(peer.addr = %peer, target = %target, side, error = %e, "mesh: tunnel ended with an error");
+                    }
                     return;
                 }
             }
@@ -502,6 +554,13 @@ enum Conn {
 }
 
 impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Setup(s) => s.tcp(),
+            Conn::Tunnel(t) => t.get_ref(),
+        }
+    }
+
     async fn read_header(&mut self) -> Result<SocketAddr, HeaderError> {
         match self {
             Conn::Setup(s) => read_header(s).await,

@@ -13,12 +13,15 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::CertificateDer;
 use rustls::{Connection, HandshakeKind};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::record::{
     self, APPLICATION_DATA, CHANGE_CIPHER_SPEC, Content, FULL_RECORD, HEADER, Keys, MAX_PLAIN,
@@ -26,6 +29,7 @@ use super::record::{
 };
 use crate::Side;
 use crate::copy::{CopyResult, Counters, send_fin, wouldblock, write_all};
+use crate::tls::{PeerCert, Revoked};
 
 /// `std::io::Write` over a non-blocking tokio socket, for rustls'
 /// `write_tls`.
@@ -68,6 +72,7 @@ pub(crate) struct Setup {
     conn: Connection,
     /// Received bytes not yet given to rustls.
     rbuf: Vec<u8>,
+    born: Instant,
 }
 
 impl Setup {
@@ -76,7 +81,27 @@ impl Setup {
             tcp,
             conn: conn.into(),
             rbuf: Vec::new(),
+            born: Instant::now(),
         }
+    }
+
+    /// The peer's certificate as the handshake verified it (or as the
+    /// resumed session recorded it).
+    pub(crate) fn peer(&self) -> Option<PeerCert> {
+        self.conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(PeerCert::of)
+    }
+
+    /// When the connection was made.
+    pub(crate) fn born(&self) -> Instant {
+        self.born
+    }
+
+    /// The TCP connection under it.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
     }
 
     pub(crate) fn conn(&self) -> &Connection {
@@ -201,6 +226,8 @@ impl Setup {
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned());
         let handshake_kind = self.conn.handshake_kind();
+        let peer = self.peer();
+        let born = self.born;
         let secrets = self
             .conn
             .dangerous_extract_secrets()
@@ -209,6 +236,8 @@ impl Setup {
         let rx = Keys::new(secrets.rx.0, secrets.rx.1)?;
         let mut s = MeshStream::new(self.tcp, tx, rx, self.rbuf);
         s.peer_certificate = peer_certificate;
+        s.peer = peer;
+        s.born = born;
         s.handshake_kind = handshake_kind;
         Ok(s)
     }
@@ -247,6 +276,11 @@ pub struct MeshStream {
     broken: bool,
     streams: u64,
     peer_certificate: Option<CertificateDer<'static>>,
+    peer: Option<PeerCert>,
+    /// The CA's revocation list as this node last loaded it: a stream
+    /// whose peer it revokes is cut (see [`MeshStream::relay`]).
+    guard: Option<watch::Receiver<Arc<Revoked>>>,
+    born: Instant,
     handshake_kind: Option<HandshakeKind>,
 }
 
@@ -367,7 +401,35 @@ impl MeshStream {
             broken: false,
             streams: 1,
             peer_certificate: None,
+            peer: None,
+            guard: None,
+            born: Instant::now(),
             handshake_kind: None,
+        }
+    }
+
+    /// What the peer's certificate says (node, serial, expiry).
+    pub fn peer(&self) -> Option<&PeerCert> {
+        self.peer.as_ref()
+    }
+
+    /// Cut the stream if the revocation list (as reloaded) revokes the
+    /// peer's certificate, or when that certificate expires.
+    pub(crate) fn set_guard(&mut self, revoked: watch::Receiver<Arc<Revoked>>) {
+        self.guard = Some(revoked);
+    }
+
+    /// Why this tunnel must carry no further stream, if it must not: it
+    /// is older than [`super::MAX_TUNNEL_AGE`], or its peer's certificate
+    /// is revoked or expired.
+    pub(crate) fn retired(&self) -> Option<&'static str> {
+        if self.born.elapsed() >= super::MAX_TUNNEL_AGE {
+            return Some("max_age");
+        }
+        match (&self.peer, &self.guard) {
+            (Some(p), Some(g)) => p.refusal(&g.borrow()),
+            (Some(p), None) => p.refusal(&Revoked::default()),
+            (None, _) => None,
         }
     }
 
@@ -396,7 +458,8 @@ impl MeshStream {
     /// next stream.
     pub fn reusable(&self) -> bool {
         let rx = &self.rx_state;
-        !self.broken
+        self.retired().is_none()
+            && !self.broken
             && self.end_sent
             && self.wpos == self.wbuf.len()
             && rx.ended
@@ -483,11 +546,29 @@ impl MeshStream {
         to_mesh: Counters<'_>,
         from_mesh: Counters<'_>,
     ) -> CopyResult {
-        let r = self
-            .relay_inner(plain, plain_side, mesh_side, to_mesh, from_mesh)
-            .await;
+        let cut = match (&self.peer, &self.guard) {
+            (Some(p), Some(g)) => Some((p.clone(), g.clone())),
+            _ => None,
+        };
+        let r = match cut {
+            Some((peer, revoked)) => tokio::select! {
+                r = self.relay_inner(plain, plain_side, mesh_side, to_mesh, from_mesh) => r,
+                why = peer_cut(&peer, revoked) => Err((mesh_side, io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("mesh: tunnel cut: the peer's certificate ({}) is {why}", peer.node),
+                ))),
+            },
+            None => {
+                self.relay_inner(plain, plain_side, mesh_side, to_mesh, from_mesh)
+                    .await
+            }
+        };
         if r.is_err() {
+            // A cut stream must not look like a clean end at either end:
+            // both sockets are reset when their owners close them.
             self.broken = true;
+            reset_on_close(plain);
+            reset_on_close(&self.tcp);
         }
         r
     }
@@ -522,6 +603,42 @@ impl MeshStream {
         };
         let down = open_loop(tcp, plain, rx, rx_state, mesh_side, plain_side, from_mesh);
         crate::copy::both(up, down).await
+    }
+}
+
+/// SO_LINGER 0: the socket's close sends a RST, not a FIN, so the other
+/// end sees a reset connection rather than a clean end of stream.
+pub(crate) fn reset_on_close(s: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0");
+    }
+}
+
+/// Resolves once the peer behind `peer` may no longer be served: the
+/// revocation list (as this node reloads it, every
+/// [`super::RELOAD_POLL`]) revokes its certificate, or it expires. The
+/// reason, for the log.
+pub(crate) async fn peer_cut(
+    peer: &PeerCert,
+    mut revoked: watch::Receiver<Arc<Revoked>>,
+) -> &'static str {
+    let mut listening = true;
+    loop {
+        if let Some(why) = peer.refusal(&revoked.borrow_and_update()) {
+            return why;
+        }
+        // Wake at the expiry (in steps of at most an hour: tokio's timer
+        // takes long sleeps, an hour keeps the arithmetic obvious).
+        let left = (peer.not_after_unix - crate::tls::unix_now()).clamp(0, 3600) as u64 + 1;
+        tokio::select! {
+            r = revoked.changed(), if listening => {
+                // The reloader is gone (shutdown): only the expiry is left.
+                if r.is_err() {
+                    listening = false;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_secs(left)) => {}
+        }
     }
 }
 

@@ -211,7 +211,9 @@ impl Config {
             )));
         }
         let renew = format!("`pier ca issue {node} --ca CA_DIR --out DIR`");
-        let id = tls::load_identity(&m.ca, &m.cert, &m.key).map_err(|e| {
+        let (crl, crl_required) = m.crl_path();
+        let id = tls::load_identity_with_crl(&m.ca, &m.cert, &m.key, &crl, crl_required)
+            .map_err(|e| {
             ConfigError(match e {
                 TlsError::Expired {
                     path, not_after, ..
