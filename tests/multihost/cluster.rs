@@ -363,7 +363,7 @@ done"#
     pub fn metrics(&self, i: usize) -> Result<String> {
         let netns = self.topo.host(i).netns.clone();
         let token = self.token(i)?;
-        let (code, body) = netns::in_netns(&netns, || {
+        let (code, body) = netns::in_netns(&netns, move || {
             http_get_auth(&Self::api(), "/metrics", Some(&token))
         })?;
         ensure!(code == 200, "/metrics on h{i}: HTTP {code}");
