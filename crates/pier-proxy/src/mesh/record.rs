@@ -9,10 +9,20 @@
 //! the kernel's. The wire format is unchanged: a rustls peer reads these
 //! records (tested below against rustls itself).
 //!
-//! What this layer does not do: key updates (it refuses one), and more
-//! records per key than the AEAD's confidentiality limit (2^24 records,
-//! 256 GiB of full records, for AES-GCM). A tunnel that reaches the limit
-//! ends with an error; the peer and the proxy see a reset connection.
+//! Every record it opens is checked as RFC 8446 §5 asks: an
+//! application_data header of legal length, authentic, and an inner
+//! plaintext (content, type, padding) of at most 2^14 + 1 bytes. A record
+//! that fails is answered with a fatal alert (bad_record_mac,
+//! record_overflow, unexpected_message, decode_error) before the tunnel
+//! closes, as rustls would.
+//!
+//! What this layer does not do: key updates (a KeyUpdate from the peer
+//! ends the tunnel with unexpected_message; pier's own peers never send
+//! one), and more records per key than the AEAD's confidentiality limit
+//! (2^24 records, 256 GiB of full records, for AES-GCM). A tunnel is
+//! retired from reuse once either direction has used [`RETIRE_AT`] of
+//! its records, so only one stream longer than that could still reach the
+//! limit: it then ends with an error.
 
 use std::io;
 use std::ops::Range;
@@ -43,6 +53,46 @@ pub(crate) const APPLICATION_DATA: u8 = 23;
 /// AES-GCM's confidentiality limit per key (RFC 8446 §5.5 gives 2^24.5
 /// full records); ChaCha20-Poly1305 has none that matters.
 const AES_GCM_LIMIT: u64 = 1 << 24;
+/// A tunnel whose keys have sealed or opened this many records (a quarter
+/// of AES-GCM's limit: 2^22 records, 64 GiB of full records) carries no
+/// further stream, so that a reused tunnel never starts a stream near the
+/// limit.
+pub(crate) const RETIRE_AT: u64 = AES_GCM_LIMIT / 4;
+
+/// TLS alert descriptions (RFC 8446 §6).
+pub(crate) mod alert {
+    pub(crate) const UNEXPECTED_MESSAGE: u8 = 10;
+    pub(crate) const BAD_RECORD_MAC: u8 = 20;
+    pub(crate) const RECORD_OVERFLOW: u8 = 22;
+    pub(crate) const DECODE_ERROR: u8 = 50;
+    pub(crate) const INTERNAL_ERROR: u8 = 80;
+}
+
+/// A record this side refused, and the alert that tells the peer why.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) alert: u8,
+    pub(crate) why: &'static str,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.why)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn refused(alert: u8, why: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, Refused { alert, why })
+}
+
+/// The alert to send for `e`, if it is a record this side refused.
+pub(crate) fn alert_for(e: &io::Error) -> Option<u8> {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<Refused>())
+        .map(|r| r.alert)
+}
 
 fn invalid(msg: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -98,7 +148,8 @@ impl Keys {
     /// right-aligned (RFC 8446 §5.3). Fails once the key's limit is reached.
     fn next_nonce(&mut self) -> io::Result<Nonce> {
         if self.seq >= self.limit {
-            return Err(io::Error::other(
+            return Err(refused(
+                alert::INTERNAL_ERROR,
                 "mesh: the tunnel reached its key's record limit",
             ));
         }
@@ -136,21 +187,48 @@ impl Keys {
         Ok(total)
     }
 
+    /// Records sealed or opened with this key so far.
+    pub(crate) fn used(&self) -> u64 {
+        self.seq
+    }
+
+    /// Moves the sequence number (both ends of a test must agree).
+    #[cfg(test)]
+    pub(crate) fn set_used(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+
     /// Opens the complete record `rec` (header included, as measured by
     /// [`record_len`]) in place: its content type and where its plaintext
     /// now is, relative to `rec`.
     pub(crate) fn open(&mut self, rec: &mut [u8]) -> io::Result<(u8, Range<usize>)> {
         let header: [u8; HEADER] = rec[..HEADER]
             .try_into()
-            .map_err(|_| invalid("mesh: short record"))?;
+            .map_err(|_| refused(alert::DECODE_ERROR, "mesh: short record"))?;
         let nonce = self.next_nonce()?;
         let plain = self
             .key
             .open_in_place(nonce, Aad::from(header), &mut rec[HEADER..])
-            .map_err(|_| invalid("mesh: a record failed authentication"))?;
+            .map_err(|_| {
+                refused(
+                    alert::BAD_RECORD_MAC,
+                    "mesh: a record failed authentication",
+                )
+            })?;
+        // RFC 8446 §5.2: the TLSInnerPlaintext (content, type, padding)
+        // is at most 2^14 + 1 bytes, whatever the ciphertext allows.
+        if plain.len() > MAX_PLAIN + 1 {
+            return Err(refused(
+                alert::RECORD_OVERFLOW,
+                "mesh: a record's plaintext is longer than 2^14 + 1 bytes",
+            ));
+        }
         // TLSInnerPlaintext: content, the type, then zero padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(invalid("mesh: a record has no content type"));
+            return Err(refused(
+                alert::UNEXPECTED_MESSAGE,
+                "mesh: a record has no content type",
+            ));
         };
         Ok((plain[end], HEADER..HEADER + end))
     }
@@ -164,11 +242,23 @@ pub(crate) fn record_len(buf: &[u8]) -> io::Result<Option<usize>> {
         return Ok(None);
     }
     if buf[0] != APPLICATION_DATA || buf[1] != 3 || buf[2] != 3 {
-        return Err(invalid("mesh: not a TLS 1.3 record"));
+        return Err(refused(
+            alert::UNEXPECTED_MESSAGE,
+            "mesh: not a TLS 1.3 record",
+        ));
     }
     let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if !(1 + TAG..=MAX_CIPHERTEXT).contains(&len) {
-        return Err(invalid("mesh: record length out of range"));
+    if len > MAX_CIPHERTEXT {
+        return Err(refused(
+            alert::RECORD_OVERFLOW,
+            "mesh: record length out of range",
+        ));
+    }
+    if len < 1 + TAG {
+        return Err(refused(
+            alert::DECODE_ERROR,
+            "mesh: record length out of range",
+        ));
     }
     Ok((buf.len() >= HEADER + len).then_some(HEADER + len))
 }
@@ -190,22 +280,32 @@ pub(crate) fn open_record(keys: &mut Keys, rec: &mut [u8]) -> io::Result<Content
         APPLICATION_DATA => Ok(Content::Data(range)),
         ALERT => match &rec[range] {
             [_, 0] => Ok(Content::Closed),
+            // The peer's alert ends the tunnel; no alert back.
             [_, desc] => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 format!("mesh: the peer sent TLS alert {desc}"),
             )),
-            _ => Err(invalid("mesh: malformed alert")),
+            _ => Err(refused(alert::DECODE_ERROR, "mesh: malformed alert")),
         },
-        HANDSHAKE => Err(invalid(
-            "mesh: unexpected handshake message on an established tunnel",
+        HANDSHAKE => Err(refused(
+            alert::UNEXPECTED_MESSAGE,
+            "mesh: unexpected handshake message (key update or ticket) on an established tunnel",
         )),
-        _ => Err(invalid("mesh: unknown record content type")),
+        _ => Err(refused(
+            alert::UNEXPECTED_MESSAGE,
+            "mesh: unknown record content type",
+        )),
     }
 }
 
 /// Seals a close_notify alert into `out` (appended).
 pub(crate) fn push_close_notify(keys: &mut Keys, out: &mut Vec<u8>) -> io::Result<()> {
     push_record(keys, out, &[1, 0], ALERT)
+}
+
+/// Seals a fatal alert `desc` into `out` (appended).
+pub(crate) fn push_fatal_alert(keys: &mut Keys, out: &mut Vec<u8>, desc: u8) -> io::Result<()> {
+    push_record(keys, out, &[2, desc], ALERT)
 }
 
 /// Seals `data` (at most [`MAX_PLAIN`]) as one record appended to `out`.
@@ -242,6 +342,17 @@ pub(crate) mod tests {
         Arc<rustls::ServerConfig>,
         rustls::pki_types::ServerName<'static>,
     ) {
+        configs_with(None)
+    }
+
+    /// [`configs`], the client offering only `suite` when given.
+    pub(crate) fn configs_with(
+        suite: Option<rustls::SupportedCipherSuite>,
+    ) -> (
+        Arc<rustls::ClientConfig>,
+        Arc<rustls::ServerConfig>,
+        rustls::pki_types::ServerName<'static>,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = dir.path().join("ca");
         tls::ca_init(&ca).expect("ca");
@@ -260,14 +371,51 @@ pub(crate) mod tests {
         }
         let sessions = tls::ServerSessionState::new().expect("sessions");
         let scfg = tls::server_config(&ids[1], &ca, &sessions).expect("server config");
-        let ccfg = tls::client_config(&ids[0], &Resumption::disabled()).expect("client config");
+        let mut ccfg = tls::client_config(&ids[0], &Resumption::disabled()).expect("client config");
+        if let Some(suite) = suite {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites = vec![suite];
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(p))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("TLS 1.3")
+                .with_root_certificates(ids[0].roots.clone())
+                .with_client_auth_cert(ids[0].chain.clone(), ids[0].key.clone_key())
+                .expect("client cert");
+            c.alpn_protocols = vec![tls::MESH_ALPN.to_vec()];
+            c.enable_secret_extraction = true;
+            ccfg = Arc::new(c);
+        }
         let name = tls::node_server_name(&pier_model::Name::new("b").expect("name")).expect("sn");
         (ccfg, scfg, name)
     }
 
+    /// Seals any TLSInnerPlaintext `inner` (content, type, padding: any
+    /// length, unlike [`Keys::seal`]) as one application_data record, as a
+    /// misbehaving peer holding the keys could.
+    pub(crate) fn seal_inner(keys: &mut Keys, inner: &[u8]) -> Vec<u8> {
+        let ct_len = (inner.len() + TAG) as u16;
+        let header = [APPLICATION_DATA, 3, 3, (ct_len >> 8) as u8, ct_len as u8];
+        let nonce = keys.next_nonce().expect("nonce");
+        let mut body = inner.to_vec();
+        let tag = keys
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut body)
+            .expect("seal");
+        let mut rec = header.to_vec();
+        rec.extend_from_slice(&body);
+        rec.extend_from_slice(tag.as_ref());
+        rec
+    }
+
     /// A rustls client and server, handshaken in memory.
     fn pair() -> (ClientConnection, ServerConnection) {
-        let (ccfg, scfg, name) = configs();
+        pair_with(None)
+    }
+
+    fn pair_with(
+        suite: Option<rustls::SupportedCipherSuite>,
+    ) -> (ClientConnection, ServerConnection) {
+        let (ccfg, scfg, name) = configs_with(suite);
         let mut c = ClientConnection::new(ccfg, name).expect("client");
         let mut s = ServerConnection::new(scfg).expect("server");
         for _ in 0..20 {
@@ -305,7 +453,16 @@ pub(crate) mod tests {
     /// The server side leaves rustls; the client stays a rustls
     /// connection, so every record must be one rustls accepts and makes.
     fn ours_vs_rustls() -> (ClientConnection, Keys, Keys) {
-        let (c, s) = pair();
+        ours_vs_rustls_with(None)
+    }
+
+    fn ours_vs_rustls_with(
+        suite: Option<rustls::SupportedCipherSuite>,
+    ) -> (ClientConnection, Keys, Keys) {
+        let (c, s) = pair_with(suite);
+        if let Some(suite) = suite {
+            assert_eq!(c.negotiated_cipher_suite(), Some(suite));
+        }
         let secrets = s.dangerous_extract_secrets().expect("extract");
         let tx = Keys::new(secrets.tx.0, secrets.tx.1).expect("tx");
         let rx = Keys::new(secrets.rx.0, secrets.rx.1).expect("rx");
@@ -424,5 +581,146 @@ pub(crate) mod tests {
         tx.seq = tx.limit;
         let mut out = Vec::new();
         assert!(push_record(&mut tx, &mut out, b"x", APPLICATION_DATA).is_err());
+    }
+
+    /// The suites other than the default AES-128-GCM, both ways: rustls
+    /// reads our records and we read rustls'.
+    #[test]
+    fn interop_with_aes256_gcm_and_chacha20_poly1305() {
+        use rustls::crypto::ring::cipher_suite::{
+            TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+        };
+        for suite in [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256] {
+            let (mut c, mut tx, mut rx) = ours_vs_rustls_with(Some(suite));
+            let data: Vec<u8> = (0..2 * MAX_PLAIN + 7).map(|i| (i * 31) as u8).collect();
+            let mut wire = Vec::new();
+            for chunk in data.chunks(MAX_PLAIN) {
+                push_record(&mut tx, &mut wire, chunk, APPLICATION_DATA).expect("seal");
+            }
+            let mut r = &wire[..];
+            while !r.is_empty() {
+                c.read_tls(&mut r).expect("read_tls");
+                c.process_new_packets().expect("rustls accepts our records");
+            }
+            let mut got = vec![0u8; data.len()];
+            c.reader().read_exact(&mut got).expect("read");
+            assert_eq!(got, data, "{suite:?}: ours -> rustls");
+
+            c.writer().write_all(&data).expect("write");
+            let mut wire = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut wire).expect("write_tls");
+            }
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < wire.len() {
+                let len = record_len(&wire[at..]).expect("header").expect("complete");
+                let rec = &mut wire[at..at + len];
+                match open_record(&mut rx, rec).expect("opens") {
+                    Content::Data(r) => got.extend_from_slice(&rec[r]),
+                    Content::Closed => panic!("no close_notify sent"),
+                }
+                at += len;
+            }
+            assert_eq!(got, data, "{suite:?}: rustls -> ours");
+        }
+    }
+
+    /// Both ends leave rustls: the peer's sending keys and ours for
+    /// opening what it sends (the same key, IV and sequence number).
+    fn peer_tx_and_our_rx() -> (Keys, Keys) {
+        let (c, s) = pair();
+        let cs = c.dangerous_extract_secrets().expect("client extract");
+        let ss = s.dangerous_extract_secrets().expect("server extract");
+        (
+            Keys::new(cs.tx.0, cs.tx.1).expect("peer tx"),
+            Keys::new(ss.rx.0, ss.rx.1).expect("our rx"),
+        )
+    }
+
+    /// Padding is legal (RFC 8446 §5.4): the content is what precedes the
+    /// last non-zero byte, whatever follows.
+    #[test]
+    fn padded_records_open_to_their_content() {
+        let (mut peer, mut rx) = peer_tx_and_our_rx();
+        for (content, pad) in [
+            (&b"hello"[..], 300usize),
+            (&b"x"[..], 0),
+            (&b"y"[..], 16_000),
+        ] {
+            let mut inner = content.to_vec();
+            inner.push(APPLICATION_DATA);
+            inner.extend(std::iter::repeat_n(0u8, pad));
+            let mut rec = seal_inner(&mut peer, &inner);
+            match open_record(&mut rx, &mut rec).expect("a padded record opens") {
+                Content::Data(r) => assert_eq!(&rec[r], content),
+                Content::Closed => panic!("not an alert"),
+            }
+        }
+    }
+
+    /// Attack (R2): a peer holding the keys seals an inner plaintext longer
+    /// than 2^14 + 1 bytes (within the ciphertext limit). Refused with a
+    /// record_overflow alert; the longest legal one opens.
+    #[test]
+    fn oversized_plaintext_is_refused_with_record_overflow() {
+        // Exactly 2^14 of content and its type: legal.
+        let (mut peer, mut rx) = peer_tx_and_our_rx();
+        let mut inner = vec![7u8; MAX_PLAIN];
+        inner.push(APPLICATION_DATA);
+        let mut rec = seal_inner(&mut peer, &inner);
+        assert!(
+            matches!(open_record(&mut rx, &mut rec).expect("legal"), Content::Data(r) if r.len() == MAX_PLAIN)
+        );
+        // 2^14 + 2 inner bytes: padding after a full record, or content
+        // past 2^14. A refusal ends the tunnel, so a fresh one each.
+        for extra in [vec![0u8], vec![7u8, APPLICATION_DATA]] {
+            let (mut peer, mut rx) = peer_tx_and_our_rx();
+            let mut inner = vec![7u8; MAX_PLAIN];
+            inner.push(APPLICATION_DATA);
+            inner.extend_from_slice(&extra);
+            let mut rec = seal_inner(&mut peer, &inner);
+            assert!(rec.len() <= MAX_RECORD, "within the ciphertext limit");
+            let len = record_len(&rec).expect("header").expect("complete");
+            let e = open_record(&mut rx, &mut rec[..len]).expect_err("oversized accepted");
+            assert_eq!(alert_for(&e), Some(alert::RECORD_OVERFLOW), "{e}");
+        }
+        // A ciphertext longer than 2^14 + 256: refused at the header.
+        let e = record_len(&[23, 3, 3, 0x41, 1]).expect_err("too long");
+        assert_eq!(alert_for(&e), Some(alert::RECORD_OVERFLOW));
+    }
+
+    /// Attack (R2): a KeyUpdate (which this layer cannot follow) and a
+    /// record that fails authentication are refused with the alert that
+    /// says so, and rustls reads that alert as fatal.
+    #[test]
+    fn refusals_carry_an_alert_that_rustls_reads() {
+        let (mut c, mut tx, mut rx) = ours_vs_rustls();
+        c.refresh_traffic_keys().expect("key update");
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire).expect("write_tls");
+        }
+        let len = record_len(&wire).expect("header").expect("complete");
+        let e = open_record(&mut rx, &mut wire[..len]).expect_err("a key update is refused");
+        assert_eq!(alert_for(&e), Some(alert::UNEXPECTED_MESSAGE), "{e}");
+        let mut out = Vec::new();
+        push_fatal_alert(&mut tx, &mut out, alert::UNEXPECTED_MESSAGE).expect("seal");
+        let mut r = &out[..];
+        c.read_tls(&mut r).expect("read_tls");
+        let got = c
+            .process_new_packets()
+            .expect_err("rustls takes it as fatal");
+        assert_eq!(
+            got,
+            rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage)
+        );
+
+        let (first, _, mut rx) = two_rustls_records();
+        let mut first = first;
+        first[HEADER + 2] ^= 0x80;
+        let len = record_len(&first).expect("header").expect("complete");
+        let e = open_record(&mut rx, &mut first[..len]).expect_err("tampered");
+        assert_eq!(alert_for(&e), Some(alert::BAD_RECORD_MAC), "{e}");
     }
 }

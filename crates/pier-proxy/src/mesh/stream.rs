@@ -210,6 +210,15 @@ impl Setup {
     /// until the reply, the server writes the reply alone), so rustls
     /// holds no plaintext here; if it does, the peer broke the protocol.
     pub(crate) fn into_stream(mut self) -> io::Result<MeshStream> {
+        // rustls must have nothing left to send (a ticket, an alert, a
+        // record of the reply): the record layer starts at the sequence
+        // numbers rustls reports, and anything queued would be lost or
+        // sent out of order.
+        if self.conn.is_handshaking() || self.conn.wants_write() {
+            return Err(io::Error::other(
+                "mesh: rustls still has a handshake or output queued at the handover",
+            ));
+        }
         let state = self
             .conn
             .process_new_packets()
@@ -426,6 +435,9 @@ impl MeshStream {
         if self.born.elapsed() >= super::MAX_TUNNEL_AGE {
             return Some("max_age");
         }
+        if self.tx.used() >= record::RETIRE_AT || self.rx.used() >= record::RETIRE_AT {
+            return Some("key_use");
+        }
         match (&self.peer, &self.guard) {
             (Some(p), Some(g)) => p.refusal(&g.borrow()),
             (Some(p), None) => p.refusal(&Revoked::default()),
@@ -563,14 +575,39 @@ impl MeshStream {
                     .await
             }
         };
-        if r.is_err() {
+        if let Err((_, e)) = &r {
             // A cut stream must not look like a clean end at either end:
-            // both sockets are reset when their owners close them.
+            // both sockets are reset when their owners close them. A
+            // record this side refused is answered with its alert first
+            // (then a FIN, so that the alert is not lost to the reset).
             self.broken = true;
             reset_on_close(plain);
-            reset_on_close(&self.tcp);
+            match record::alert_for(e) {
+                Some(desc) if self.send_alert(desc) => {}
+                _ => reset_on_close(&self.tcp),
+            }
         }
         r
+    }
+
+    /// Sends fatal alert `desc` and a FIN, best effort and without
+    /// waiting (the tunnel is over). False when it could not be sent.
+    fn send_alert(&mut self, desc: u8) -> bool {
+        self.broken = true;
+        if self.wpos != self.wbuf.len() {
+            return false; // a record half written: the alert would not parse
+        }
+        let mut out = Vec::with_capacity(HEADER + 2 + 1 + 16);
+        if record::push_fatal_alert(&mut self.tx, &mut out, desc).is_err() {
+            return false;
+        }
+        match self.tcp.try_write(&out) {
+            Ok(n) if n == out.len() => {
+                let _ = rustix::net::shutdown(&self.tcp, rustix::net::Shutdown::Write);
+                true
+            }
+            _ => false,
+        }
     }
 
     async fn relay_inner(
@@ -804,8 +841,11 @@ impl AsyncRead for MeshStream {
     ) -> Poll<io::Result<()>> {
         let me = &mut *self;
         let r = poll_read_rx(&mut me.tcp, &mut me.rx, &mut me.rx_state, cx, out);
-        if let Poll::Ready(Err(_)) = r {
+        if let Poll::Ready(Err(e)) = &r {
             me.broken = true;
+            if let Some(desc) = record::alert_for(e) {
+                me.send_alert(desc);
+            }
         }
         r
     }
@@ -1107,5 +1147,69 @@ mod tests {
         assert!(r.is_err(), "a reset target ends the stream with an error");
         assert!(!s.reusable());
         assert!(s.next_stream().is_err());
+    }
+
+    /// Both directions of the current stream end cleanly (end markers).
+    async fn end_both(c: &mut MeshStream, s: &mut MeshStream) {
+        c.shutdown().await.expect("client end marker");
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.expect("server sees the end");
+        s.shutdown().await.expect("server end marker");
+        c.read_to_end(&mut v).await.expect("client sees the end");
+    }
+
+    /// R1: a tunnel whose keys have used a quarter of the AES-GCM record
+    /// limit carries no further stream, though it ended cleanly.
+    #[tokio::test]
+    async fn a_tunnel_past_its_key_budget_is_not_reused() {
+        let (mut c, mut s) = tunnel(b"header").await;
+        end_both(&mut c, &mut s).await;
+        assert!(
+            c.reusable() && s.reusable(),
+            "control: a fresh tunnel is reused"
+        );
+        c.next_stream().expect("next");
+        s.next_stream().expect("next");
+        // Both ends jump to the budget (their sequence numbers must agree).
+        let at = record::RETIRE_AT;
+        c.tx.set_used(at);
+        s.rx.set_used(at);
+        end_both(&mut c, &mut s).await;
+        assert_eq!(c.retired(), Some("key_use"));
+        assert_eq!(s.retired(), Some("key_use"));
+        assert!(!c.reusable() && !s.reusable());
+        assert!(c.next_stream().is_err());
+    }
+
+    /// Attack (R2): the peer sends an inner plaintext of 2^14 + 2 bytes on
+    /// an established tunnel. The reader fails, and the peer gets a
+    /// record_overflow alert (22), not a silent close.
+    #[tokio::test]
+    async fn an_oversized_record_is_answered_with_record_overflow() {
+        let (mut c, mut s) = tunnel(b"header").await;
+        let mut inner = vec![1u8; MAX_PLAIN + 1];
+        inner.push(APPLICATION_DATA);
+        let rec = record::tests::seal_inner(&mut s.tx, &inner);
+        AsyncWriteExt::write_all(&mut s.tcp, &rec)
+            .await
+            .expect("raw write");
+        let mut buf = vec![0u8; 1 << 16];
+        let e = c.read(&mut buf).await.expect_err("oversized record read");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let e = s.read(&mut buf).await.expect_err("the alert arrives");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+        assert!(e.to_string().contains("alert 22"), "{e}");
+    }
+
+    /// R2: the handover refuses while rustls still has output queued (it
+    /// would be lost, or sent after records sealed with later sequence
+    /// numbers).
+    #[tokio::test]
+    async fn no_handover_while_rustls_has_output_queued() {
+        let (_c, mut s) = set_up(b"header").await;
+        s.conn.writer().write_all(&[0]).expect("queue the reply");
+        assert!(s.conn.wants_write());
+        let e = s.into_stream().expect_err("handover with output queued");
+        assert!(e.to_string().contains("queued"), "{e}");
     }
 }
