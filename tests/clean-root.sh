@@ -6,9 +6,10 @@
 # from nothing: once in release, once in debug for the tests), so it is not
 # part of CI. As root, on a Debian host with debootstrap and nsenter:
 #
-#   tests/clean-root.sh [--no-tests] [--keep]
+#   tests/clean-root.sh [--no-tests] [--keep] [--rev REV]
 #
 #   --no-tests   stop after scripts/up.sh and the quick start
+#   --rev REV    the commit to clone into the root (default HEAD)
 #   --keep       leave the root directory (not the mounts, namespaces or
 #                processes) in place for a look afterwards
 #
@@ -32,14 +33,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$(pwd)
-tests=yes keep=""
-for a in "$@"; do
-  case "$a" in
+tests=yes keep="" rev=HEAD
+while [ $# -gt 0 ]; do
+  case "$1" in
     --no-tests) tests="" ;;
     --keep) keep=yes ;;
-    *) echo "clean-root.sh: unknown argument $a (use --no-tests, --keep)" >&2; exit 2 ;;
+    --rev) rev=${2:?--rev needs a commit}; shift ;;
+    *) echo "clean-root.sh: unknown argument $1 (use --no-tests, --keep, --rev REV)" >&2; exit 2 ;;
   esac
+  shift
 done
+rev=$(git rev-parse --verify "$rev^{commit}") || { echo "clean-root.sh: --rev: no such commit" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "clean-root.sh: needs root (debootstrap, chroot, namespaces)" >&2; exit 1; }
 for c in debootstrap nsenter iptables ip; do
   command -v "$c" >/dev/null || { echo "clean-root.sh: $c missing (apt-get install debootstrap util-linux iptables iproute2)" >&2; exit 1; }
@@ -163,6 +167,7 @@ cp -a "$cargo_bin"/. "$ROOT/root/.cargo/bin/"
 printf '. "$HOME/.cargo/env"\n' >>"$ROOT/root/.bashrc"
 printf 'export PATH="$HOME/.cargo/bin:$PATH"\n' >"$ROOT/root/.cargo/env"
 git clone -q "$src" "$ROOT/root/pier"
+git -C "$ROOT/root/pier" checkout -q "$rev"
 log "source: $(git -C "$ROOT/root/pier" log -1 --format='%h %s' | cut -c1-80)"
 
 inside() {
