@@ -1,7 +1,9 @@
 //! pier's HTTP API and the typed client the CLI uses.
 //!
-//! The server ([`serve`]) is hyper 1 behind tower layers (tracing, bearer
-//! token auth, a request timeout, a body size limit). Reads are answered
+//! The server ([`serve`]) is hyper 1 behind tower layers (tracing; the
+//! Host, Origin and Content-Type checks and bearer token auth, see `guard`;
+//! a request timeout; a body size limit). It refuses to start without a
+//! token unless `insecure_no_auth`; the agent's token file is [`token`]. Reads are answered
 //! from the agent's `Arc<Snapshot>`; writes go to the store with a revision
 //! check (create-if-absent, or compare-and-swap on `mod_revision` with a few
 //! retries before a 409). Watches (`?watch=true`) are chunked streams of JSON

@@ -441,6 +441,50 @@ mod tests {
         assert_eq!(mode(&p), 0o600);
     }
 
+    /// Files another user made: a token owned by someone else could have
+    /// been chosen by them; a data dir owned by someone else could have
+    /// anything planted in it. Both are refused (chown needs root).
+    #[test]
+    fn attack_token_or_data_dir_owned_by_another_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            panic!("this test chowns files to nobody: run it as root (tests/run.sh does)");
+        }
+        let nobody = 65534;
+        let d = tempfile::tempdir().unwrap();
+        ensure(d.path(), None).unwrap();
+        let p = token_path(d.path());
+        std::os::unix::fs::chown(&p, Some(nobody), None).unwrap();
+        let e = ensure(d.path(), None).unwrap_err().0;
+        assert!(
+            e.contains("owned by uid 65534") && e.contains("delete it"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(d.path(), Some(nobody), None).unwrap();
+        let e = ensure(d.path(), None).unwrap_err().0;
+        assert!(
+            e.contains("data dir") && e.contains("owned by uid 65534"),
+            "{e}"
+        );
+        assert!(!token_path(d.path()).exists());
+    }
+
+    /// Two agents starting on one data dir at once end up with one token.
+    #[test]
+    fn racing_first_starts_agree_on_one_token() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_owned();
+        let tokens: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| ensure(&dir, None).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(tokens.iter().all(|t| t == &tokens[0]), "{tokens:?}");
+        assert_eq!(read(&dir).unwrap(), tokens[0]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
     #[test]
     fn missing_token_says_what_to_do() {
         let d = tempfile::tempdir().unwrap();
