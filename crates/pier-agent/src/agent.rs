@@ -10,19 +10,17 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::EventMessage;
 use pier_model::keys::{self, Key};
-use pier_model::{
-    Endpoint, EndpointPort, HealthCheck, HealthKind, Name, Node, ObjectKey, Pod, PodPhase,
-    PodStatus, Service, ServicePort, ServiceType, Snapshot, decode, encode,
-};
+use pier_model::{Endpoint, Node, ObjectKey, Pod, PodStatus, Service, Snapshot, decode, encode};
 use pier_store::{LeaseId, Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::desired::{self, Ready};
 use crate::docker::{self, Container, DockerMsg, PodSettings};
 use crate::health::{self, Report, Target};
-use crate::spec::{self, Spec};
+use crate::spec;
 use crate::{AgentConfig, AgentContext, AgentError, now_ms};
 
 /// Bound on one store call, so a hung store cannot stall Docker events;
@@ -66,13 +64,6 @@ struct Check {
     generation: u64,
     ready: bool,
     cancel: CancellationToken,
-}
-
-/// Where an endpoint's readiness comes from.
-#[derive(Debug, Clone)]
-enum Ready {
-    Fixed(bool),
-    Check(String),
 }
 
 pub(crate) struct Agent {
@@ -631,237 +622,33 @@ impl Agent {
         let me = self.node.name.clone();
         let snap = self.snap.clone();
         let synced = self.snapshot_synced();
-        let (def_interval, def_timeout) = self.health_defaults();
-
-        let mut targets: HashMap<String, Target> = HashMap::new();
-        // (key, endpoint without readiness, readiness source)
-        let mut endpoints: Vec<(String, Endpoint, Ready)> = Vec::new();
-        let mut container_ready: HashMap<String, Ready> = HashMap::new();
-        let mut missing_services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
-        let mut refused: Vec<pier_model::Refusal> = Vec::new();
-        let policy = spec::LabelPolicy {
-            namespaces: &self.cfg.label_namespaces,
-            allow_health_none: self.cfg.allow_health_none,
-        };
-
-        if self.docker_synced {
-            for c in self.containers.values() {
-                let spec = match spec::parse(&c.labels) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        if spec::has_pier_labels(&c.labels) && self.warned.insert(c.id.clone()) {
-                            warn!(container.name = %c.name, container.id = %c.short_id(),
-                                label = %e.label, value = %e.value, error = %e.why,
-                                "skipping container with a bad label");
-                        }
-                        continue;
-                    }
-                };
-                // Pier's own pod containers are trusted; every other
-                // container that asks for a service by its labels is held
-                // to the label policy (issue 12, M3).
-                let own_pod = spec::is_own_pod(&c.name, &spec, &me);
-                let pod_here = own_pod;
-                if pod_here && synced && self.docker_synced && !self.pod_still_here(&snap, &spec) {
-                    // Being removed (see `spawn_remove`): no endpoint.
-                    continue;
-                }
-                let asked: Vec<&Arc<Service>> = snap
-                    .services
-                    .values()
-                    .filter(|s| spec::matches(s, &spec, &c.labels))
-                    .collect();
-                if asked.is_empty() && !pod_here && spec.service.is_none() {
-                    continue;
-                }
-                let (Some(ip), true, false) = (c.ip, c.running, c.held) else {
-                    continue;
-                };
-                if !own_pod {
-                    if let Some(why) = spec::refuse_labelled(&spec, &policy) {
-                        refused.push(refusal(c, &spec, spec.service.clone(), why));
-                        continue;
-                    }
-                    for s in asked.iter().filter(|s| !spec::takes(s, false)) {
-                        refused.push(refusal(
-                            c,
-                            &spec,
-                            Some(s.name.clone()),
-                            format!(
-                                "service {}/{} takes only pier's own pods; set accept_labelled on it to let labelled containers join",
-                                s.namespace, s.name
-                            ),
-                        ));
-                    }
-                }
-                let services: Vec<&Arc<Service>> = asked
-                    .into_iter()
-                    .filter(|s| spec::takes(s, own_pod))
-                    .collect();
-                let missing = spec
-                    .service
-                    .as_ref()
-                    .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
-                if services.is_empty()
-                    && missing.is_none()
-                    && !pod_here
-                    && (synced || spec.service.is_none())
-                {
-                    continue;
-                }
-                let port = spec.ports.first().map(|p| p.port).or_else(|| {
-                    services
-                        .iter()
-                        .find_map(|s| s.ports.first().map(|p| p.target_port))
-                });
-                let check = spec::health_check(
-                    &spec,
-                    c.image_has_healthcheck,
-                    port.is_some(),
-                    def_interval,
-                    def_timeout,
-                );
-                let ready = match (&check.kind, port) {
-                    (HealthKind::None, _) => Ready::Fixed(true),
-                    (HealthKind::Docker, _) => Ready::Fixed(c.docker_healthy == Some(true)),
-                    (_, Some(port)) => {
-                        targets.insert(
-                            c.id.clone(),
-                            Target {
-                                addr: SocketAddr::new(ip, port.get()),
-                                check,
-                            },
-                        );
-                        Ready::Check(c.id.clone())
-                    }
-                    (_, None) => {
-                        if self.warned.insert(c.id.clone()) {
-                            warn!(container.name = %c.name, container.id = %c.short_id(),
-                                label = pier_model::labels::HEALTH, error = "the check needs a port; add pier.port",
-                                "skipping container with a bad label");
-                        }
-                        continue;
-                    }
-                };
-                container_ready.insert(c.id.clone(), ready.clone());
-                let Ok(id) = Name::new(c.short_id()) else {
-                    continue;
-                };
-                let hostname = c.hostname.clone().or_else(|| Some(c.name.clone()));
-                let mk = |svc: &Name, svc_obj: Option<&Service>| Endpoint {
-                    service: svc.clone(),
-                    namespace: spec.namespace.clone(),
-                    node: me.clone(),
-                    id: id.clone(),
-                    pod: spec.pod.clone(),
-                    hostname: hostname.clone(),
-                    ip,
-                    ports: spec::endpoint_ports(&spec, svc_obj),
-                    ready: false,
-                    is_static: false,
-                };
-                for s in &services {
-                    endpoints.push((
-                        keys::endpoint(&s.namespace, &s.name, &me, &id),
-                        mk(&s.name, Some(s)),
-                        ready.clone(),
-                    ));
-                }
-                if let Some(svc) = missing {
-                    endpoints.push((
-                        keys::endpoint(&spec.namespace, svc, &me, &id),
-                        mk(svc, None),
-                        ready.clone(),
-                    ));
-                    missing_services
-                        .entry((spec.namespace.clone(), svc.clone()))
-                        .or_insert_with(|| auto_service(svc, &spec));
-                } else if !synced && let Some(svc) = &spec.service {
-                    // Before the first snapshot, register by label alone.
-                    endpoints.push((
-                        keys::endpoint(&spec.namespace, svc, &me, &id),
-                        mk(svc, None),
-                        ready.clone(),
-                    ));
-                }
-            }
+        let d = desired::endpoints(&desired::View {
+            me: &me,
+            snap: &snap,
+            synced,
+            docker_synced: self.docker_synced,
+            containers: &self.containers,
+            policy: spec::LabelPolicy {
+                namespaces: &self.cfg.label_namespaces,
+                allow_health_none: self.cfg.allow_health_none,
+            },
+            health: self.health_defaults(),
+            service_cidr: &self.alloc.service_cidr,
+            host_addrs: &self.host_addrs,
+            static_allow: &self.static_allow,
+            now_ms: now_ms(),
+        });
+        let desired::Endpoints {
+            targets,
+            endpoints,
+            container_ready,
+            missing_services,
+            mut refused,
+            notes,
+        } = d;
+        for n in notes {
+            self.note(n);
         }
-
-        // Static endpoints: every node checks them and registers its view.
-        for svc in snap.services.values() {
-            for (n, se) in svc.static_endpoints.iter().enumerate() {
-                let Ok(id) = Name::new(&format!("static-{n}")) else {
-                    continue;
-                };
-                let key = format!("static/{}/{}/{n}", svc.namespace, svc.name);
-                // Defence in depth behind the API's check (a record written
-                // straight into the store, or by an older version): never
-                // health-check, register or so proxy to an address that
-                // reaches this host itself.
-                if let Err(why) = pier_model::addr::check_static_ip(
-                    se.ip,
-                    &self.alloc.service_cidr,
-                    &self.host_addrs,
-                    &self.static_allow,
-                ) {
-                    let addr = SocketAddr::new(se.ip, se.port.get());
-                    if self.static_warned.insert((key.clone(), addr)) {
-                        warn!(service = %svc.name, namespace = %svc.namespace, address = %addr,
-                            reason = %why, "ignoring a static endpoint; list it in [network] static_endpoint_allow to allow it");
-                    }
-                    continue;
-                }
-                let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
-                    interval_ms: def_interval,
-                    timeout_ms: def_timeout,
-                    ..HealthCheck::new(HealthKind::Tcp)
-                });
-                if check.kind == HealthKind::Docker {
-                    check.kind = HealthKind::Tcp;
-                }
-                let ready = if check.kind == HealthKind::None {
-                    Ready::Fixed(true)
-                } else {
-                    targets.insert(
-                        key.clone(),
-                        Target {
-                            addr: SocketAddr::new(se.ip, se.port.get()),
-                            check,
-                        },
-                    );
-                    Ready::Check(key)
-                };
-                let port_name = svc
-                    .ports
-                    .first()
-                    .map(|p| p.name.clone())
-                    .or_else(|| Name::new(&format!("p{}", se.port.get())).ok());
-                endpoints.push((
-                    keys::endpoint(&svc.namespace, &svc.name, &me, &id),
-                    Endpoint {
-                        service: svc.name.clone(),
-                        namespace: svc.namespace.clone(),
-                        node: me.clone(),
-                        id,
-                        pod: None,
-                        hostname: None,
-                        ip: se.ip,
-                        ports: port_name
-                            .map(|name| {
-                                vec![EndpointPort {
-                                    name,
-                                    port: se.port,
-                                }]
-                            })
-                            .unwrap_or_default(),
-                        ready: false,
-                        is_static: true,
-                    },
-                    ready,
-                ));
-            }
-        }
-
         self.sync_checks(targets);
 
         let is_ready = |r: &Ready, checks: &HashMap<String, Check>| match r {
@@ -870,8 +657,8 @@ impl Agent {
         };
 
         self.note_refusals(&mut refused);
-        let mut desired: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        desired.insert(keys::node(&me), encode(&self.node));
+        let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        want.insert(keys::node(&me), encode(&self.node));
         // The mesh listener relays only to these: what this agent found
         // in its own Docker and saw ready, never what the store says.
         let mut local = HashSet::new();
@@ -884,7 +671,7 @@ impl Agent {
                     .or_else(|| missing_services.get(&(ep.namespace.clone(), ep.service.clone())));
                 local_targets_of(&ep, svc, &mut local);
             }
-            desired.insert(key, encode(&ep));
+            want.insert(key, encode(&ep));
         }
         self.local_targets.send_if_modified(|cur| {
             let changed = **cur != local;
@@ -896,95 +683,30 @@ impl Agent {
 
         // The pod runtime.
         if synced && self.docker_synced {
-            let my_pods: BTreeMap<&ObjectKey, &Arc<Pod>> =
-                snap.pods.iter().filter(|(_, p)| p.node == me).collect();
-            self.pod_errors.retain(|k, _| my_pods.contains_key(k));
-            // The containers pier started here, by pod; a running one wins.
-            let mut by_pod: HashMap<ObjectKey, &Container> = HashMap::new();
-            let mut to_remove: Vec<String> = Vec::new();
-            for c in self.containers.values() {
-                let (Some(pod), Some(node)) = (
-                    c.labels.get(pier_model::labels::POD),
-                    c.labels.get(pier_model::labels::NODE),
-                ) else {
+            self.pod_errors
+                .retain(|k, _| snap.pods.get(k).is_some_and(|p| p.node == me));
+            let plan = desired::pods(
+                &desired::PodView {
+                    me: &me,
+                    snap: &snap,
+                    containers: &self.containers,
+                    pod_errors: &self.pod_errors,
+                    starting: &self.starting,
+                    removing: &self.removing,
+                    container_ready: &container_ready,
+                },
+                |r| is_ready(r, &self.checks),
+            );
+            for st in plan.statuses {
+                let (Some(name), ns) = (&st.name, &st.namespace) else {
                     continue;
                 };
-                if node != me.as_str() {
-                    continue;
-                }
-                let ns = c
-                    .labels
-                    .get(pier_model::labels::NAMESPACE)
-                    .and_then(|n| pier_model::Namespace::new(n).ok())
-                    .unwrap_or_default();
-                let Ok(pod) = Name::new(pod) else { continue };
-                // A container that copies a pod's labels under another name
-                // is not that pod's: never adopted, never removed.
-                if c.name != spec::pod_container_name(&ns, &pod) {
-                    continue;
-                }
-                let k = (ns, pod);
-                if !my_pods.contains_key(&k) {
-                    if !self.removing.contains(&c.id) {
-                        to_remove.push(c.id.clone());
-                    }
-                    continue;
-                }
-                match by_pod.get(&k) {
-                    Some(o) if o.running => {}
-                    _ => {
-                        by_pod.insert(k, c);
-                    }
-                }
+                want.insert(keys::pod_status(ns, name), encode(&st));
             }
-            let mut to_start: Vec<Arc<Pod>> = Vec::new();
-            for (k, pod) in &my_pods {
-                let c = by_pod.get(*k);
-                let mut st = PodStatus {
-                    name: Some(pod.name.clone()),
-                    namespace: pod.namespace.clone(),
-                    node: Some(me.clone()),
-                    ..Default::default()
-                };
-                if let Some(c) = c {
-                    st.container_id = Some(c.id.clone());
-                    st.ip = c.ip;
-                    st.started_at = c.started_at_ms;
-                    st.restarts = c.restarts;
-                }
-                if let Some(msg) = self.pod_errors.get(*k) {
-                    st.phase = PodPhase::Failed;
-                    st.message = msg.clone();
-                } else if let Some(c) = c {
-                    if c.running {
-                        st.phase = PodPhase::Running;
-                        st.ready = container_ready
-                            .get(&c.id)
-                            .is_some_and(|r| is_ready(r, &self.checks));
-                    } else if c.started_at_ms.is_none() || self.starting.contains(*k) {
-                        st.phase = PodPhase::Pending;
-                        st.message = "container created, not started yet".into();
-                    } else {
-                        st.phase = PodPhase::Failed;
-                        st.message = if c.error.is_empty() {
-                            format!("container exited with code {}", c.exit_code.unwrap_or(-1))
-                        } else {
-                            format!("container failed: {}", c.error)
-                        };
-                    }
-                } else {
-                    st.phase = PodPhase::Pending;
-                    st.message = "creating the container".into();
-                    if !self.starting.contains(*k) {
-                        to_start.push((*pod).clone());
-                    }
-                }
-                desired.insert(keys::pod_status(&pod.namespace, &pod.name), encode(&st));
-            }
-            for pod in to_start {
+            for pod in plan.start {
                 self.spawn_start(pod);
             }
-            for id in to_remove {
+            for id in plan.remove {
                 self.spawn_remove(id);
             }
         }
@@ -1019,7 +741,43 @@ impl Agent {
             }
         }
 
-        self.write(desired, synced && self.docker_synced).await;
+        self.write(want, synced && self.docker_synced).await;
+    }
+
+    /// Log a note of [`desired::endpoints`] once per container or static
+    /// endpoint.
+    fn note(&mut self, n: desired::Note) {
+        match n {
+            desired::Note::BadLabel {
+                container,
+                name,
+                error: e,
+            } => {
+                if self.warned.insert(container.clone()) {
+                    warn!(container.name = %name, container.id = %short(&container),
+                        label = %e.label, value = %e.value, error = %e.why,
+                        "skipping container with a bad label");
+                }
+            }
+            desired::Note::CheckNeedsPort { container, name } => {
+                if self.warned.insert(container.clone()) {
+                    warn!(container.name = %name, container.id = %short(&container),
+                        label = pier_model::labels::HEALTH, error = "the check needs a port; add pier.port",
+                        "skipping container with a bad label");
+                }
+            }
+            desired::Note::StaticRefused {
+                key,
+                service,
+                addr,
+                why,
+            } => {
+                if self.static_warned.insert((key, addr)) {
+                    warn!(service = %service.1, namespace = %service.0, address = %addr,
+                        reason = %why, "ignoring a static endpoint; list it in [network] static_endpoint_allow to allow it");
+                }
+            }
+        }
     }
 
     /// Put this reconcile's refusals on the node record (sorted, at most
@@ -1109,16 +867,6 @@ impl Agent {
                 }
             }
         });
-    }
-
-    /// Whether the pod of a pod container on this node is still assigned
-    /// here in `snap` (else the runtime removes the container).
-    fn pod_still_here(&self, snap: &Snapshot, spec: &spec::Spec) -> bool {
-        spec.pod.as_ref().is_some_and(|pod| {
-            snap.pods
-                .get(&(spec.namespace.clone(), pod.clone()))
-                .is_some_and(|p| p.node == self.node.name)
-        })
     }
 
     /// Stop and remove a pod container that is no longer wanted, after
@@ -1248,37 +996,6 @@ async fn timed<T>(
     }
 }
 
-/// The service an agent creates for a `pier.service` container whose
-/// service does not exist: its ports named like the endpoint's, with
-/// `port == target_port`.
-fn auto_service(name: &Name, spec: &Spec) -> Service {
-    Service {
-        name: name.clone(),
-        namespace: spec.namespace.clone(),
-        vip: None,
-        service_type: ServiceType::ClusterIP,
-        ports: spec::endpoint_ports(spec, None)
-            .into_iter()
-            .map(|p| ServicePort {
-                name: p.name,
-                port: p.port,
-                target_port: p.port,
-                node_port: None,
-            })
-            .collect(),
-        selector: Default::default(),
-        static_endpoints: Vec::new(),
-        lb: Default::default(),
-        proxy_protocol: false,
-        prefer_local: spec.prefer_local,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: now_ms(),
-        accept_labelled: false,
-    }
-}
-
 /// The result of a full list, merged with what events said while it ran:
 /// an entry an event touched after the list started (`touched[id] > seq`)
 /// keeps the event's state (present in `current` or gone), everything else
@@ -1304,22 +1021,6 @@ fn merge_listed<V: Clone>(
     listed
 }
 
-/// The record of a refused container.
-fn refusal(
-    c: &Container,
-    spec: &Spec,
-    service: Option<Name>,
-    reason: String,
-) -> pier_model::Refusal {
-    pier_model::Refusal {
-        container: c.name.clone(),
-        id: c.short_id().to_owned(),
-        namespace: spec.namespace.clone(),
-        service,
-        reason,
-    }
-}
-
 /// This host's own addresses (of the agent's network namespace); empty,
 /// with a warning, when they cannot be read.
 fn host_addrs() -> Vec<std::net::IpAddr> {
@@ -1342,6 +1043,11 @@ fn host_addrs() -> Vec<std::net::IpAddr> {
             Vec::new()
         }
     }
+}
+
+/// The 12 hex digits Docker shows of a container id.
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 mod agent;
+mod desired;
 mod docker;
 mod health;
 mod spec;

@@ -1,0 +1,782 @@
+//! The agent's desired state, as pure functions of what it sees, shaped
+//! like the supervisor's `plan.rs`: [`endpoints`] turns the containers, the
+//! snapshot and the config into this node's endpoints (each with where its
+//! readiness comes from), the health checks to run, the services to create
+//! and the containers refused; [`pods`] turns the snapshot's pods for this
+//! node and the containers into pod statuses and the containers to start
+//! and remove. `agent.rs` only carries them out: it runs the checks, writes
+//! the keys, starts and removes containers and logs the [`Note`]s once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use pier_model::keys;
+use pier_model::{
+    Cidr, Endpoint, EndpointPort, HealthCheck, HealthKind, Name, ObjectKey, Pod, PodPhase,
+    PodStatus, Refusal, Service, ServicePort, ServiceType, Snapshot,
+};
+
+use crate::docker::Container;
+use crate::health::Target;
+use crate::spec::{self, LabelPolicy, Spec};
+
+/// Where an endpoint's readiness comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ready {
+    Fixed(bool),
+    /// The health check of this key in [`Endpoints::targets`].
+    Check(String),
+}
+
+/// What [`endpoints`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub me: &'a Name,
+    pub snap: &'a Snapshot,
+    /// The snapshot reflects the store (not the empty one before the first
+    /// sync).
+    pub synced: bool,
+    /// `containers` is Docker's full list (a resync has completed).
+    pub docker_synced: bool,
+    pub containers: &'a HashMap<String, Container>,
+    pub policy: LabelPolicy<'a>,
+    /// The default health check interval and timeout, in ms.
+    pub health: (u64, u64),
+    pub service_cidr: &'a Cidr,
+    pub host_addrs: &'a [IpAddr],
+    pub static_allow: &'a [Cidr],
+    /// Unix milliseconds, for the services it creates.
+    pub now_ms: u64,
+}
+
+/// Something the caller logs, once per container or static endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Note {
+    BadLabel {
+        container: String,
+        name: String,
+        error: spec::LabelError,
+    },
+    CheckNeedsPort {
+        container: String,
+        name: String,
+    },
+    StaticRefused {
+        key: String,
+        service: ObjectKey,
+        addr: SocketAddr,
+        why: pier_model::addr::Refusal,
+    },
+}
+
+/// What [`endpoints`] decides.
+#[derive(Debug, Default)]
+pub(crate) struct Endpoints {
+    /// The health checks to run, by key (a container id, or
+    /// `static/<ns>/<svc>/<n>`).
+    pub targets: HashMap<String, Target>,
+    /// (key, endpoint without its readiness, where the readiness comes from)
+    pub endpoints: Vec<(String, Endpoint, Ready)>,
+    /// The readiness source of each container that is an endpoint.
+    pub container_ready: HashMap<String, Ready>,
+    /// Services a `pier.service` container asks for that do not exist.
+    pub missing_services: BTreeMap<ObjectKey, Service>,
+    pub refused: Vec<Refusal>,
+    pub notes: Vec<Note>,
+}
+
+/// This node's endpoints: its containers that belong to services (by
+/// `pier.service` or a selector, within the label policy), and its view of
+/// every static endpoint.
+pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
+    let (me, snap, synced) = (v.me, v.snap, v.synced);
+    let (def_interval, def_timeout) = v.health;
+    let mut targets: HashMap<String, Target> = HashMap::new();
+    // (key, endpoint without readiness, readiness source)
+    let mut endpoints: Vec<(String, Endpoint, Ready)> = Vec::new();
+    let mut container_ready: HashMap<String, Ready> = HashMap::new();
+    let mut missing_services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+    let mut refused: Vec<pier_model::Refusal> = Vec::new();
+    let mut notes: Vec<Note> = Vec::new();
+    let policy = v.policy;
+
+    if v.docker_synced {
+        for c in v.containers.values() {
+            let spec = match spec::parse(&c.labels) {
+                Ok(s) => s,
+                Err(e) => {
+                    if spec::has_pier_labels(&c.labels) {
+                        notes.push(Note::BadLabel {
+                            container: c.id.clone(),
+                            name: c.name.clone(),
+                            error: e,
+                        });
+                    }
+                    continue;
+                }
+            };
+            // Pier's own pod containers are trusted; every other
+            // container that asks for a service by its labels is held
+            // to the label policy (issue 12, M3).
+            let own_pod = spec::is_own_pod(&c.name, &spec, me);
+            let pod_here = own_pod;
+            if pod_here && synced && !pod_still_here(snap, &spec, me) {
+                // Being removed (see `spawn_remove`): no endpoint.
+                continue;
+            }
+            let asked: Vec<&Arc<Service>> = snap
+                .services
+                .values()
+                .filter(|s| spec::matches(s, &spec, &c.labels))
+                .collect();
+            if asked.is_empty() && !pod_here && spec.service.is_none() {
+                continue;
+            }
+            let (Some(ip), true, false) = (c.ip, c.running, c.held) else {
+                continue;
+            };
+            if !own_pod {
+                if let Some(why) = spec::refuse_labelled(&spec, &policy) {
+                    refused.push(refusal(c, &spec, spec.service.clone(), why));
+                    continue;
+                }
+                for s in asked.iter().filter(|s| !spec::takes(s, false)) {
+                    refused.push(refusal(
+                            c,
+                            &spec,
+                            Some(s.name.clone()),
+                            format!(
+                                "service {}/{} takes only pier's own pods; set accept_labelled on it to let labelled containers join",
+                                s.namespace, s.name
+                            ),
+                        ));
+                }
+            }
+            let services: Vec<&Arc<Service>> = asked
+                .into_iter()
+                .filter(|s| spec::takes(s, own_pod))
+                .collect();
+            let missing = spec
+                .service
+                .as_ref()
+                .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
+            if services.is_empty()
+                && missing.is_none()
+                && !pod_here
+                && (synced || spec.service.is_none())
+            {
+                continue;
+            }
+            let port = spec.ports.first().map(|p| p.port).or_else(|| {
+                services
+                    .iter()
+                    .find_map(|s| s.ports.first().map(|p| p.target_port))
+            });
+            let check = spec::health_check(
+                &spec,
+                c.image_has_healthcheck,
+                port.is_some(),
+                def_interval,
+                def_timeout,
+            );
+            let ready = match (&check.kind, port) {
+                (HealthKind::None, _) => Ready::Fixed(true),
+                (HealthKind::Docker, _) => Ready::Fixed(c.docker_healthy == Some(true)),
+                (_, Some(port)) => {
+                    targets.insert(
+                        c.id.clone(),
+                        Target {
+                            addr: SocketAddr::new(ip, port.get()),
+                            check,
+                        },
+                    );
+                    Ready::Check(c.id.clone())
+                }
+                (_, None) => {
+                    notes.push(Note::CheckNeedsPort {
+                        container: c.id.clone(),
+                        name: c.name.clone(),
+                    });
+                    continue;
+                }
+            };
+            container_ready.insert(c.id.clone(), ready.clone());
+            let Ok(id) = Name::new(c.short_id()) else {
+                continue;
+            };
+            let hostname = c.hostname.clone().or_else(|| Some(c.name.clone()));
+            let mk = |svc: &Name, svc_obj: Option<&Service>| Endpoint {
+                service: svc.clone(),
+                namespace: spec.namespace.clone(),
+                node: me.clone(),
+                id: id.clone(),
+                pod: spec.pod.clone(),
+                hostname: hostname.clone(),
+                ip,
+                ports: spec::endpoint_ports(&spec, svc_obj),
+                ready: false,
+                is_static: false,
+            };
+            for s in &services {
+                endpoints.push((
+                    keys::endpoint(&s.namespace, &s.name, me, &id),
+                    mk(&s.name, Some(s)),
+                    ready.clone(),
+                ));
+            }
+            if let Some(svc) = missing {
+                endpoints.push((
+                    keys::endpoint(&spec.namespace, svc, me, &id),
+                    mk(svc, None),
+                    ready.clone(),
+                ));
+                missing_services
+                    .entry((spec.namespace.clone(), svc.clone()))
+                    .or_insert_with(|| auto_service(svc, &spec, v.now_ms));
+            } else if !synced && let Some(svc) = &spec.service {
+                // Before the first snapshot, register by label alone.
+                endpoints.push((
+                    keys::endpoint(&spec.namespace, svc, me, &id),
+                    mk(svc, None),
+                    ready.clone(),
+                ));
+            }
+        }
+    }
+
+    // Static endpoints: every node checks them and registers its view.
+    for svc in snap.services.values() {
+        for (n, se) in svc.static_endpoints.iter().enumerate() {
+            let Ok(id) = Name::new(&format!("static-{n}")) else {
+                continue;
+            };
+            let key = format!("static/{}/{}/{n}", svc.namespace, svc.name);
+            // Defence in depth behind the API's check (a record written
+            // straight into the store, or by an older version): never
+            // health-check, register or so proxy to an address that
+            // reaches this host itself.
+            if let Err(why) = pier_model::addr::check_static_ip(
+                se.ip,
+                v.service_cidr,
+                v.host_addrs,
+                v.static_allow,
+            ) {
+                notes.push(Note::StaticRefused {
+                    key,
+                    service: (svc.namespace.clone(), svc.name.clone()),
+                    addr: SocketAddr::new(se.ip, se.port.get()),
+                    why,
+                });
+                continue;
+            }
+            let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
+                interval_ms: def_interval,
+                timeout_ms: def_timeout,
+                ..HealthCheck::new(HealthKind::Tcp)
+            });
+            if check.kind == HealthKind::Docker {
+                check.kind = HealthKind::Tcp;
+            }
+            let ready = if check.kind == HealthKind::None {
+                Ready::Fixed(true)
+            } else {
+                targets.insert(
+                    key.clone(),
+                    Target {
+                        addr: SocketAddr::new(se.ip, se.port.get()),
+                        check,
+                    },
+                );
+                Ready::Check(key)
+            };
+            let port_name = svc
+                .ports
+                .first()
+                .map(|p| p.name.clone())
+                .or_else(|| Name::new(&format!("p{}", se.port.get())).ok());
+            endpoints.push((
+                keys::endpoint(&svc.namespace, &svc.name, me, &id),
+                Endpoint {
+                    service: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                    node: me.clone(),
+                    id,
+                    pod: None,
+                    hostname: None,
+                    ip: se.ip,
+                    ports: port_name
+                        .map(|name| {
+                            vec![EndpointPort {
+                                name,
+                                port: se.port,
+                            }]
+                        })
+                        .unwrap_or_default(),
+                    ready: false,
+                    is_static: true,
+                },
+                ready,
+            ));
+        }
+    }
+
+    Endpoints {
+        targets,
+        endpoints,
+        container_ready,
+        missing_services,
+        refused,
+        notes,
+    }
+}
+
+/// Whether the pod of a pod container on this node is still assigned
+/// here in `snap` (else the runtime removes the container).
+fn pod_still_here(snap: &Snapshot, spec: &Spec, me: &Name) -> bool {
+    spec.pod.as_ref().is_some_and(|pod| {
+        snap.pods
+            .get(&(spec.namespace.clone(), pod.clone()))
+            .is_some_and(|p| &p.node == me)
+    })
+}
+
+/// The record of a refused container.
+fn refusal(c: &Container, spec: &Spec, service: Option<Name>, reason: String) -> Refusal {
+    Refusal {
+        container: c.name.clone(),
+        id: c.short_id().to_owned(),
+        namespace: spec.namespace.clone(),
+        service,
+        reason,
+    }
+}
+
+/// The service an agent creates for a `pier.service` container whose
+/// service does not exist: its ports named like the endpoint's, with
+/// `port == target_port`.
+fn auto_service(name: &Name, spec: &Spec, now_ms: u64) -> Service {
+    Service {
+        name: name.clone(),
+        namespace: spec.namespace.clone(),
+        vip: None,
+        service_type: ServiceType::ClusterIP,
+        ports: spec::endpoint_ports(spec, None)
+            .into_iter()
+            .map(|p| ServicePort {
+                name: p.name,
+                port: p.port,
+                target_port: p.port,
+                node_port: None,
+            })
+            .collect(),
+        selector: Default::default(),
+        static_endpoints: Vec::new(),
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: spec.prefer_local,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: now_ms,
+        accept_labelled: false,
+    }
+}
+
+/// What [`pods`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PodView<'a> {
+    pub me: &'a Name,
+    pub snap: &'a Snapshot,
+    pub containers: &'a HashMap<String, Container>,
+    /// Pods whose container could not be started, with the error.
+    pub pod_errors: &'a HashMap<ObjectKey, String>,
+    /// Pods whose container is being started.
+    pub starting: &'a HashSet<ObjectKey>,
+    /// Containers being removed.
+    pub removing: &'a HashSet<String>,
+    /// The readiness source of each container that is an endpoint
+    /// ([`Endpoints::container_ready`]).
+    pub container_ready: &'a HashMap<String, Ready>,
+}
+
+/// What [`pods`] decides.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct PodPlan {
+    /// The status of every pod assigned to this node.
+    pub statuses: Vec<PodStatus>,
+    /// Pods with no container yet: start one.
+    pub start: Vec<Arc<Pod>>,
+    /// Pier's pod containers whose pod is no longer assigned here.
+    pub remove: Vec<String>,
+}
+
+/// The pod runtime: the status of each pod assigned to this node, which pods
+/// need a container, and which of pier's pod containers are no longer
+/// wanted. `ready` says whether a readiness source passes now.
+pub(crate) fn pods(v: &PodView<'_>, ready: impl Fn(&Ready) -> bool) -> PodPlan {
+    let me = v.me;
+    let my_pods: BTreeMap<&ObjectKey, &Arc<Pod>> =
+        v.snap.pods.iter().filter(|(_, p)| &p.node == me).collect();
+    // The containers pier started here, by pod; a running one wins.
+    let mut by_pod: HashMap<ObjectKey, &Container> = HashMap::new();
+    let mut plan = PodPlan::default();
+    for c in v.containers.values() {
+        let (Some(pod), Some(node)) = (
+            c.labels.get(pier_model::labels::POD),
+            c.labels.get(pier_model::labels::NODE),
+        ) else {
+            continue;
+        };
+        if node != me.as_str() {
+            continue;
+        }
+        let ns = c
+            .labels
+            .get(pier_model::labels::NAMESPACE)
+            .and_then(|n| pier_model::Namespace::new(n).ok())
+            .unwrap_or_default();
+        let Ok(pod) = Name::new(pod) else { continue };
+        // A container that copies a pod's labels under another name is not
+        // that pod's: never adopted, never removed.
+        if c.name != spec::pod_container_name(&ns, &pod) {
+            continue;
+        }
+        let k = (ns, pod);
+        if !my_pods.contains_key(&k) {
+            if !v.removing.contains(&c.id) {
+                plan.remove.push(c.id.clone());
+            }
+            continue;
+        }
+        match by_pod.get(&k) {
+            Some(o) if o.running => {}
+            _ => {
+                by_pod.insert(k, c);
+            }
+        }
+    }
+    for (k, pod) in &my_pods {
+        let c = by_pod.get(*k);
+        let mut st = PodStatus {
+            name: Some(pod.name.clone()),
+            namespace: pod.namespace.clone(),
+            node: Some(me.clone()),
+            ..Default::default()
+        };
+        if let Some(c) = c {
+            st.container_id = Some(c.id.clone());
+            st.ip = c.ip;
+            st.started_at = c.started_at_ms;
+            st.restarts = c.restarts;
+        }
+        if let Some(msg) = v.pod_errors.get(*k) {
+            st.phase = PodPhase::Failed;
+            st.message = msg.clone();
+        } else if let Some(c) = c {
+            if c.running {
+                st.phase = PodPhase::Running;
+                st.ready = v.container_ready.get(&c.id).is_some_and(&ready);
+            } else if c.started_at_ms.is_none() || v.starting.contains(*k) {
+                st.phase = PodPhase::Pending;
+                st.message = "container created, not started yet".into();
+            } else {
+                st.phase = PodPhase::Failed;
+                st.message = if c.error.is_empty() {
+                    format!("container exited with code {}", c.exit_code.unwrap_or(-1))
+                } else {
+                    format!("container failed: {}", c.error)
+                };
+            }
+        } else {
+            st.phase = PodPhase::Pending;
+            st.message = "creating the container".into();
+            if !v.starting.contains(*k) {
+                plan.start.push((*pod).clone());
+            }
+        }
+        plan.statuses.push(st);
+    }
+    plan.remove.sort();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "n1";
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn container(id: &str, cname: &str, labels: &[(&str, &str)], ip: &str) -> Container {
+        Container {
+            id: id.repeat(64)[..64].to_owned(),
+            name: cname.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            running: true,
+            held: false,
+            ip: Some(ip.parse().unwrap()),
+            hostname: None,
+            image_has_healthcheck: false,
+            docker_healthy: None,
+            started_at_ms: Some(1),
+            exit_code: None,
+            error: String::new(),
+            restarts: 0,
+        }
+    }
+
+    fn service(json: serde_json::Value) -> Arc<Service> {
+        Arc::new(serde_json::from_value(json).unwrap())
+    }
+
+    fn pod(pod: &str, node: &str) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "name": pod, "replicaset": "api", "node": node, "template_hash": "h",
+                "template": {"image": "img", "ports": [{"name": "http", "port": 8080}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn snapshot(services: &[Arc<Service>], pods: &[Arc<Pod>]) -> Snapshot {
+        Snapshot {
+            revision: 7,
+            services: Arc::new(
+                services
+                    .iter()
+                    .map(|s| ((s.namespace.clone(), s.name.clone()), s.clone()))
+                    .collect(),
+            ),
+            pods: Arc::new(
+                pods.iter()
+                    .map(|p| ((p.namespace.clone(), p.name.clone()), p.clone()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn run(snap: &Snapshot, cs: &[Container], host_addrs: &[IpAddr]) -> Endpoints {
+        let me = name(ME);
+        let containers: HashMap<String, Container> =
+            cs.iter().map(|c| (c.id.clone(), c.clone())).collect();
+        let ns = ["default".to_owned()];
+        endpoints(&View {
+            me: &me,
+            snap,
+            synced: true,
+            docker_synced: true,
+            containers: &containers,
+            policy: LabelPolicy {
+                namespaces: &ns,
+                allow_health_none: false,
+            },
+            health: (500, 1000),
+            service_cidr: &"10.213.0.0/16".parse().unwrap(),
+            host_addrs,
+            static_allow: &[],
+            now_ms: 42,
+        })
+    }
+
+    /// One table: each container or static endpoint, and what becomes of it.
+    #[test]
+    fn endpoints_table() {
+        let api = service(serde_json::json!({
+            "name": "api", "vip": "10.213.0.20",
+            "ports": [{"name": "http", "port": 80, "target_port": 8080}],
+            "selector": {"pier.replicaset": "api"},
+        }));
+        let ext = service(serde_json::json!({
+            "name": "ext", "ports": [{"name": "db", "port": 5432, "target_port": 5432}],
+            "static_endpoints": [
+                {"ip": "192.0.2.9", "port": 5432},
+                {"ip": "127.0.0.1", "port": 5432},
+                {"ip": "198.51.100.1", "port": 5432},
+            ],
+        }));
+        let snap = snapshot(&[api, ext], &[pod("api-a1", ME)]);
+        let pod_labels = [
+            ("pier.replicaset", "api"),
+            ("pier.pod", "api-a1"),
+            ("pier.node", ME),
+            ("pier.ports", "8080"),
+        ];
+        let own = container("a", "pier-default-api-a1", &pod_labels, "172.17.0.2");
+        let forged = container("b", "evil", &pod_labels, "172.17.0.3");
+        let labelled = container(
+            "c",
+            "web1",
+            &[("pier.service", "web"), ("pier.port", "8080")],
+            "172.17.0.4",
+        );
+        let bad = container("d", "bad", &[("pier.service", "Web_1")], "172.17.0.5");
+        let unrelated = container("e", "db", &[("app", "x")], "172.17.0.6");
+        let d = run(
+            &snap,
+            &[
+                own.clone(),
+                forged.clone(),
+                labelled.clone(),
+                bad,
+                unrelated,
+            ],
+            &["198.51.100.1".parse().unwrap()],
+        );
+
+        let mut keys: Vec<&str> = d.endpoints.iter().map(|e| e.0.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "/pier/v1/endpoints/default/api/n1/aaaaaaaaaaaa",
+                "/pier/v1/endpoints/default/ext/n1/static-0",
+                "/pier/v1/endpoints/default/web/n1/cccccccccccc",
+            ],
+            "own pod, labelled container, the one static endpoint that may be reached"
+        );
+        // The pod's endpoint takes the service port's name and a TCP check.
+        let (_, ep, ready) = d
+            .endpoints
+            .iter()
+            .find(|e| e.1.service.as_str() == "api")
+            .unwrap();
+        assert_eq!(ep.ports[0].name.as_str(), "http");
+        assert_eq!(ready, &Ready::Check(own.id.clone()));
+        assert_eq!(
+            d.targets[&own.id].addr,
+            "172.17.0.2:8080".parse::<SocketAddr>().unwrap()
+        );
+        // The missing service is created, named like the endpoint's port.
+        let web = &d.missing_services[&(Default::default(), name("web"))];
+        assert_eq!(web.ports[0].name.as_str(), "p8080");
+        assert_eq!(web.created_at, 42);
+        // The forged pod container is refused, with the reason.
+        assert_eq!(d.refused.len(), 1);
+        assert_eq!(d.refused[0].id, forged.short_id());
+        assert!(d.refused[0].reason.contains("takes only pier's own pods"));
+        // A bad label, loopback and a host address are notes, not endpoints.
+        let mut kinds: Vec<String> = d
+            .notes
+            .iter()
+            .map(|n| match n {
+                Note::BadLabel { error, .. } => format!("label {}", error.label),
+                Note::CheckNeedsPort { .. } => "port".into(),
+                Note::StaticRefused { why, .. } => format!("static {}", why.kind()),
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                "label pier.service",
+                "static host-address",
+                "static loopback"
+            ]
+        );
+        assert!(
+            !d.targets
+                .keys()
+                .any(|k| k.ends_with("/1") || k.ends_with("/2"))
+        );
+        assert!(d.container_ready.contains_key(&labelled.id));
+    }
+
+    #[test]
+    fn before_docker_is_listed_only_static_endpoints() {
+        let me = name(ME);
+        let snap = snapshot(&[], &[]);
+        let containers = HashMap::from([(
+            "x".repeat(64),
+            container("x", "web1", &[("pier.service", "web")], "172.17.0.4"),
+        )]);
+        let d = endpoints(&View {
+            me: &me,
+            snap: &snap,
+            synced: true,
+            docker_synced: false,
+            containers: &containers,
+            policy: LabelPolicy {
+                namespaces: &[],
+                allow_health_none: false,
+            },
+            health: (500, 1000),
+            service_cidr: &"10.213.0.0/16".parse().unwrap(),
+            host_addrs: &[],
+            static_allow: &[],
+            now_ms: 0,
+        });
+        assert!(d.endpoints.is_empty() && d.missing_services.is_empty());
+    }
+
+    /// One table for the pod runtime.
+    #[test]
+    fn pods_table() {
+        let me = name(ME);
+        let snap = snapshot(
+            &[],
+            &[
+                pod("run1", ME),
+                pod("new1", ME),
+                pod("err1", ME),
+                pod("other", "n2"),
+            ],
+        );
+        let labels = |p: &'static str| [("pier.pod", p), ("pier.node", ME)];
+        let running = container("a", "pier-default-run1", &labels("run1"), "172.17.0.2");
+        let mut failed = container("b", "pier-default-err1", &labels("err1"), "172.17.0.3");
+        failed.running = false;
+        failed.exit_code = Some(3);
+        let orphan = container("c", "pier-default-gone", &labels("gone"), "172.17.0.4");
+        let forged = container("d", "not-pier", &labels("gone"), "172.17.0.5");
+        let containers: HashMap<String, Container> =
+            [running.clone(), failed, orphan.clone(), forged]
+                .into_iter()
+                .map(|c| (c.id.clone(), c))
+                .collect();
+        let ready = HashMap::from([(running.id.clone(), Ready::Fixed(true))]);
+        let plan = pods(
+            &PodView {
+                me: &me,
+                snap: &snap,
+                containers: &containers,
+                pod_errors: &HashMap::new(),
+                starting: &HashSet::new(),
+                removing: &HashSet::new(),
+                container_ready: &ready,
+            },
+            |r| matches!(r, Ready::Fixed(true)),
+        );
+        let by: HashMap<&str, &PodStatus> = plan
+            .statuses
+            .iter()
+            .map(|s| (s.name.as_ref().unwrap().as_str(), s))
+            .collect();
+        assert_eq!(by.len(), 3, "only this node's pods: {by:?}");
+        assert_eq!(by["run1"].phase, PodPhase::Running);
+        assert!(by["run1"].ready);
+        assert_eq!(
+            by["run1"].container_id.as_deref(),
+            Some(running.id.as_str())
+        );
+        assert_eq!(by["new1"].phase, PodPhase::Pending);
+        assert_eq!(by["err1"].phase, PodPhase::Failed);
+        assert!(
+            by["err1"].message.contains("code 3"),
+            "{}",
+            by["err1"].message
+        );
+        let started: Vec<&str> = plan.start.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(started, ["new1"]);
+        // Only pier's own container of a pod that is gone is removed.
+        assert_eq!(plan.remove, std::slice::from_ref(&orphan.id));
+    }
+}
