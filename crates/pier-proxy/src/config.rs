@@ -51,6 +51,11 @@ pub struct ProxyConfig {
     pub bind_retry_ms: u64,
     /// How often per-service traffic stats are sampled.
     pub stats_interval_ms: u64,
+    /// At most this many open client connections on this node's node ports
+    /// in all; more are reset at once (`pier_proxy_node_port_refusals`).
+    pub node_port_max_conns: u32,
+    /// At most this many open node-port connections from one client IP.
+    pub node_port_max_conns_per_client: u32,
 }
 
 impl Default for ProxyConfig {
@@ -74,6 +79,13 @@ impl Default for ProxyConfig {
             // and a retry logs nothing new unless the error changes.
             bind_retry_ms: 30_000,
             stats_interval_ms: 5_000,
+            // 16384 in all: each proxied connection holds two sockets and,
+            // with splice, two pipes (six descriptors), which stays within
+            // a 1 Mi nofile limit. 1024 per client IP: many clients share
+            // one address behind NAT, but one address holding all of the
+            // node's connections is an attack.
+            node_port_max_conns: 16_384,
+            node_port_max_conns_per_client: 1024,
         }
     }
 }
@@ -150,6 +162,20 @@ impl ProxyConfig {
             return bad(
                 "bind_retry_ms",
                 format!("{} must be at least 100", self.bind_retry_ms),
+            );
+        }
+        if self.node_port_max_conns == 0 {
+            return bad("node_port_max_conns", "must be at least 1".into());
+        }
+        if self.node_port_max_conns_per_client == 0
+            || self.node_port_max_conns_per_client > self.node_port_max_conns
+        {
+            return bad(
+                "node_port_max_conns_per_client",
+                format!(
+                    "{} must be 1..=node_port_max_conns ({})",
+                    self.node_port_max_conns_per_client, self.node_port_max_conns
+                ),
             );
         }
         if self.stats_interval_ms < 100 {

@@ -22,6 +22,7 @@ mod conn;
 mod copy;
 mod error;
 mod iface;
+mod limit;
 mod metrics;
 pub mod ppv2;
 mod server;

@@ -91,6 +91,7 @@ pub(crate) struct Metrics {
     ep_errors: Family<EpCauseLabels, Counter>,
     ep_latency: HistFamily<EpLabels>,
     ep_bytes: Family<EpDirLabels, Counter>,
+    pub(crate) node_port_refusals: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Metrics {
@@ -106,6 +107,7 @@ impl Metrics {
             ep_errors: Family::default(),
             ep_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             ep_bytes: Family::default(),
+            node_port_refusals: Family::default(),
         }
     }
 
@@ -161,6 +163,11 @@ impl Metrics {
             "endpoint_bytes",
             "Bytes proxied per endpoint; in = client to endpoint",
             self.ep_bytes.clone(),
+        );
+        r.register(
+            "node_port_refusals",
+            "Node-port connections reset at accept because of a cap, by reason (total, per_client)",
+            self.node_port_refusals.clone(),
         );
     }
 

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{Balancer, EpState, Route};
 use crate::conn::{self, Ctx, PortTarget};
 use crate::iface::Iface;
+use crate::limit::ConnLimiter;
 use crate::mesh::MeshConnector;
 use crate::metrics::{LatencyBuckets, Metrics, SvcMetrics};
 use crate::{ProxyConfig, ProxyError};
@@ -110,6 +111,7 @@ impl Proxy {
             hard_stop: CancellationToken::new(),
         });
         let mut st = State {
+            limiter: ConnLimiter::new(cfg.node_port_max_conns, cfg.node_port_max_conns_per_client),
             cfg: cfg.clone(),
             node,
             service_cidr,
@@ -199,6 +201,8 @@ struct ListenerEntry {
 #[derive(Debug)]
 struct State {
     cfg: ProxyConfig,
+    /// The caps on node-port connections, shared by every node port.
+    limiter: ConnLimiter,
     node: Name,
     service_cidr: Cidr,
     ctx: Arc<Ctx>,
@@ -256,6 +260,7 @@ impl State {
         let mut wanted_ports: HashSet<(ObjectKey, Name)> = HashSet::new();
         let mut wanted_listeners: HashMap<SocketAddr, (ObjectKey, Name)> = HashMap::new();
         let mut wanted_vips: HashSet<IpAddr> = HashSet::new();
+        let mut node_ports: HashSet<SocketAddr> = HashSet::new();
 
         for (key, svc) in snap.services.iter() {
             let Some(vip) = svc.vip else { continue };
@@ -273,6 +278,7 @@ impl State {
                     && let Some(np) = sp.node_port
                 {
                     let a = SocketAddr::new(self.cfg.node_port_addr, np.get());
+                    node_ports.insert(a);
                     if let Some(other) = wanted_listeners.insert(a, pk.clone())
                         && other != pk
                     {
@@ -361,12 +367,17 @@ impl State {
             match bind(a) {
                 Ok(l) => {
                     let cancel = CancellationToken::new();
+                    let limit = node_ports.contains(&a).then(|| Limit {
+                        limiter: self.limiter.clone(),
+                        refusals: self.metrics.node_port_refusals.clone(),
+                    });
                     let task = self.listen_tasks.spawn(accept_loop(
                         l,
                         pe.target.clone(),
                         self.ctx.clone(),
                         self.conns.clone(),
                         cancel.clone(),
+                        limit,
                     ));
                     if self.failed.remove(&a).is_some() {
                         tracing::info!(addr = %a, service = %service_label(&pk.0), "bind succeeded after earlier failure");
@@ -647,13 +658,25 @@ fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// A node port's caps and where its refusals are counted.
+struct Limit {
+    limiter: ConnLimiter,
+    refusals: prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
 async fn accept_loop(
     l: TcpListener,
     target: Arc<ArcSwap<PortTarget>>,
     ctx: Arc<Ctx>,
     conns: TaskTracker,
     cancel: CancellationToken,
+    limit: Option<Limit>,
 ) {
+    // Logged once per listener and reason, not per refused connection.
+    let mut warned: [bool; 2] = [false; 2];
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -661,8 +684,27 @@ async fn accept_loop(
         };
         match r {
             Ok((s, peer)) => {
+                let slot = match limit.as_ref().map(|lm| lm.limiter.try_acquire(peer.ip())) {
+                    None => None,
+                    Some(Ok(slot)) => Some(slot),
+                    Some(Err(why)) => {
+                        let lm = limit.as_ref().expect("Some above");
+                        lm.refusals.get_or_create(&[("reason", why.as_str())]).inc();
+                        let i = why as usize;
+                        if !warned[i] {
+                            warned[i] = true;
+                            tracing::warn!(client.addr = %peer, reason = why.as_str(), "node port: connection refused by a cap (node_port_max_conns, node_port_max_conns_per_client); logged once per listener");
+                        }
+                        crate::mesh::reset_on_close(&s);
+                        continue;
+                    }
+                };
                 let t = target.load_full();
-                conns.spawn(conn::serve(ctx.clone(), t, s, peer));
+                let ctx = ctx.clone();
+                conns.spawn(async move {
+                    conn::serve(ctx, t, s, peer).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.

@@ -1579,3 +1579,79 @@ async fn a_stream_cut_at_the_target_resets_the_client() {
     t.await.unwrap();
     c.stop().await;
 }
+
+/// Attack (P1): a flood of TCP connections that never send a ClientHello.
+/// Beyond the handshake queue (here 1 in flight, 2 queued or running) the
+/// listener resets new connections at once instead of holding them for
+/// the handshake timeout; once the flood ends, real peers get in.
+#[tokio::test]
+async fn handshake_queue_is_capped() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let (echo, _e) = echo_server().await;
+    let snap = snapshot(&[endpoint("n1", "a", echo, true)]);
+    let (_tx, rx) = watch::channel(snap.clone());
+    let (_ltx, lrx) = watch::channel(local_of("n1", &snap));
+    let mut registry = Registry::default();
+    let server = MeshServer::new(&pki.cfg("n1"), name("n1"), rx, lrx, &mut registry)
+        .unwrap()
+        .with_handshake_limits(1, 2);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(server.serve(listener, cancel.clone()));
+
+    // Two silent connections fill the queue (one in the handshake, one
+    // waiting for it).
+    let held = [
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = std::time::Instant::now();
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(pier_proxy::mesh::HANDSHAKE_TIMEOUT, third.read(&mut b))
+        .await
+        .expect("the third connection is closed before the handshake timeout");
+    assert!(
+        matches!(r, Ok(0) | Err(_)),
+        "nothing but a close for the third: {r:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "refused at once, not after a timeout: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "mesh_server_refusals_total{reason=\"handshake_queue_full\"}"
+        ),
+        1.0
+    );
+    // The flood ends: a real peer gets a tunnel.
+    drop(held);
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let mut ok = None;
+    for _ in 0..50 {
+        match conn.connect(addr, &name("n1"), echo).await {
+            Ok(s) => {
+                ok = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(ok.is_some(), "no tunnel after the flood ended");
+    drop(ok);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -33,6 +33,12 @@ type Labels = [(&'static str, &'static str); 1];
 /// a millisecond of CPU, so a flood of unauthenticated connections cannot
 /// pile up unbounded work.
 const MAX_HANDSHAKES: usize = 256;
+/// At most this many connections wait for or run a handshake (the
+/// handshake queue); more are reset at accept, before a task or a TLS
+/// session is made for them. 1024: four times the handshakes in flight,
+/// enough for a burst of real peers' pools, while a flood of idle sockets
+/// costs at most 1024 of them for the handshake timeout.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 #[derive(Debug, Clone, Default)]
 struct ServerMetrics {
@@ -178,6 +184,20 @@ struct Inner {
     targets: ArcSwap<Targets>,
     metrics: ServerMetrics,
     handshake_slots: tokio::sync::Semaphore,
+    /// Connections accepted whose handshake has not finished.
+    pending: std::sync::atomic::AtomicUsize,
+    max_pending: usize,
+}
+
+/// One place in the handshake queue, freed on drop.
+struct Pending(Arc<Inner>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl MeshServer {
@@ -236,8 +256,20 @@ impl MeshServer {
                 targets: ArcSwap::new(Arc::new(targets)),
                 metrics,
                 handshake_slots: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
+                pending: std::sync::atomic::AtomicUsize::new(0),
+                max_pending: MAX_PENDING_HANDSHAKES,
             }),
         })
+    }
+
+    /// Caps other than the defaults (for tests): handshakes in flight, and
+    /// connections queued for or in a handshake.
+    pub fn with_handshake_limits(mut self, in_flight: usize, pending: usize) -> MeshServer {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.handshake_slots = tokio::sync::Semaphore::new(in_flight.max(1));
+            inner.max_pending = pending.max(1);
+        }
+        self
     }
 
     /// Accept mesh connections until `cancel`; then stop accepting, give
@@ -257,9 +289,21 @@ impl MeshServer {
                 _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok((tcp, peer)) => {
+                        let Some(pending) = self.inner.enter_queue() else {
+                            let n = self.inner.metrics.refusals
+                                .get_or_create(&[("reason", "handshake_queue_full")]);
+                            n.inc();
+                            // Logged at 1, 2, 4, 8, ... refusals: a flood
+                            // does not flood the log.
+                            if n.get().is_power_of_two() {
+                                warn!(peer.addr = %peer, refused = n.get(), max = self.inner.max_pending, "mesh: refused: the handshake queue is full");
+                            }
+                            super::stream::reset_on_close(&tcp);
+                            continue;
+                        };
                         let inner = self.inner.clone();
                         let cancel = cancel.clone();
-                        tasks.spawn(async move { inner.handle(tcp, peer, cancel).await });
+                        tasks.spawn(async move { inner.handle(tcp, peer, cancel, pending).await });
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -338,7 +382,21 @@ impl Inner {
         Ok(())
     }
 
-    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+    /// A place in the handshake queue, if there is one.
+    fn enter_queue(self: &Arc<Self>) -> Option<Pending> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.pending.fetch_add(1, Relaxed);
+        let p = Pending(self.clone());
+        (n < self.max_pending).then_some(p)
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+        pending: Pending,
+    ) {
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(peer.addr = %peer, error = %e, "mesh: set_nodelay");
         }
@@ -363,6 +421,7 @@ impl Inner {
             _ = cancel.cancelled() => return,
         };
         drop(slot);
+        drop(pending);
         match accepted {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

@@ -134,3 +134,105 @@ async fn node_port_in_use_is_reported_as_a_problem() {
     assert_eq!(request_id(node_port).await.unwrap(), "np");
     p.stop().await;
 }
+
+/// A connection from `from` (a loopback source address) to `to`; whether
+/// the proxy serves it: an echo of one byte comes back.
+async fn served_from(from: [u8; 4], to: std::net::SocketAddr) -> (bool, tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    let ok = async {
+        s.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await?;
+        Ok::<_, std::io::Error>(b == *b"x")
+    };
+    let ok = tokio::time::timeout(Duration::from_secs(5), ok)
+        .await
+        .expect("served or refused in time")
+        .unwrap_or(false);
+    (ok, s)
+}
+
+/// Attack (P1): one client holds many node-port connections, and then
+/// many clients do. The per-client cap, then the total cap, reset the
+/// extra connections at accept (counted by reason); a freed slot is
+/// taken again; the VIP listener has no such cap.
+#[tokio::test]
+async fn node_port_connection_caps_refuse_floods() {
+    let (echo, _h) = echo_backend().await;
+    let np = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let vip = unique_vip();
+    let mut svc = service("capped", vip);
+    svc.service_type = pier_model::ServiceType::NodePort;
+    svc.ports[0].node_port = Some(pier_model::PortNum::new(np).unwrap());
+    let eps = [endpoint(&svc, "e1", echo, true)];
+    let mut cfg = test_config();
+    cfg.node_port_max_conns = 3;
+    cfg.node_port_max_conns_per_client = 2;
+    let p = start(cfg, snapshot(&[(&svc, &eps)]));
+    let node_port = std::net::SocketAddr::from(([127, 0, 0, 1], np));
+    drop(connect_within(node_port, Duration::from_secs(2)).await);
+    // That probe's slot is freed once its connection ends: wait (bounded)
+    // for the service's active connections to go back to 0.
+    let idle = |t: &str| {
+        t.lines().any(|l| {
+            l.starts_with("pier_proxy_connections_active{")
+                && l.contains("capped")
+                && l.ends_with(" 0")
+        })
+    };
+    for _ in 0..100 {
+        if idle(&p.metrics_text()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(idle(&p.metrics_text()), "{}", p.metrics_text());
+
+    let (ok1, a1) = served_from([127, 0, 0, 1], node_port).await;
+    let (ok2, _a2) = served_from([127, 0, 0, 1], node_port).await;
+    assert!(ok1 && ok2, "a client's first two connections are served");
+    let (ok3, _a3) = served_from([127, 0, 0, 1], node_port).await;
+    assert!(!ok3, "a client's third connection must be refused");
+    let (ok4, _b1) = served_from([127, 0, 0, 2], node_port).await;
+    assert!(ok4, "another client is served while the total allows");
+    let (ok5, _b2) = served_from([127, 0, 0, 3], node_port).await;
+    assert!(!ok5, "the fourth connection in all must be refused");
+    let text = p.metrics_text();
+    for reason in ["per_client", "total"] {
+        assert!(
+            text.lines()
+                .any(|l| l
+                    == format!("pier_proxy_node_port_refusals_total{{reason=\"{reason}\"}} 1")),
+            "{reason} not counted once:\n{text}"
+        );
+    }
+    // A freed slot is taken again (bounded wait for the proxy to see the
+    // close and end that connection).
+    drop(a1);
+    let mut served = false;
+    for _ in 0..50 {
+        let (ok, s) = served_from([127, 0, 0, 1], node_port).await;
+        if ok {
+            served = true;
+            drop(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot was not reused");
+    // The VIP listener is not capped.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (ok, s) = served_from([127, 0, 0, 1], vip).await;
+        assert!(ok, "VIP connections are not capped");
+        held.push(s);
+    }
+    drop(held);
+    p.stop().await;
+}
