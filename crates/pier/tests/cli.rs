@@ -692,6 +692,58 @@ async fn token_group_members_can_use_the_cli() {
     assert_eq!((o.code, o.stdout.trim()), (0, "[]"), "{o:?}");
 }
 
+/// A node's refusals (written by its agent under the label policy) are
+/// shown by `describe node`, and those naming a service by `describe svc`.
+#[tokio::test]
+async fn describe_shows_the_containers_an_agent_refused() {
+    let a = Agent::start(None).await;
+    let o = a
+        .pier(&["run", "api", "--image", "img", "--port", "8080"])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["expose", "rs", "api", "--port", "80"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let node: pier_model::Node = serde_json::from_value(serde_json::json!({
+        "name": "n1", "addr": "127.0.0.1",
+        "refused": [
+            {"container": "intruder", "id": "07244df1807f", "namespace": "default",
+             "service": "api", "reason": "service default/api takes only pier's own pods"},
+            {"container": "other", "id": "8549bc81d87d", "namespace": "prod",
+             "reason": "namespace prod is closed to labelled containers"},
+        ],
+    }))
+    .unwrap();
+    let rev = a
+        .store
+        .put(&keys::node(&node.name), encode(&node), None)
+        .await
+        .unwrap();
+    let mut rx = a.snap.clone();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.revision >= rev))
+        .await
+        .expect("the snapshot catches up within 5 s")
+        .unwrap();
+    let o = a.pier(&["describe", "node", "n1"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout.contains("Refused containers:")
+            && o.stdout
+                .contains("n1/intruder (07244df1807f): service default/api")
+            && o.stdout.contains("n1/other (8549bc81d87d): namespace prod"),
+        "{}",
+        o.stdout
+    );
+    let o = a.pier(&["describe", "svc", "api"]).await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(
+        o.stdout.contains("n1/intruder") && !o.stdout.contains("n1/other"),
+        "{}",
+        o.stdout
+    );
+    let o = a.pier(&["get", "nodes", "-o", "json"]).await;
+    assert!(o.stdout.contains("\"refused\""), "{}", o.stdout);
+}
+
 #[tokio::test]
 async fn get_watch_prints_changes() {
     let a = Agent::start(None).await;
