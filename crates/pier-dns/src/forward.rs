@@ -323,6 +323,45 @@ pub fn owned_name(lc: &[u8; MAX_NAME], len: usize) -> Vec<u8> {
     lc[..len].to_vec()
 }
 
+/// The forwarder's handling of one upstream response, minus the sockets:
+/// `resp` is matched against the query (the client's `query`, sent
+/// upstream with ID `id`), checked, given the client's ID and question,
+/// cached, and read back from the cache. The entry point of
+/// `fuzz/fuzz_targets/upstream_response.rs`. Asserts the invariants: no
+/// panic; a response is taken only if it carries `id`, QR and the question;
+/// what the client gets has its ID and question and the response's length;
+/// the cached copy is the same bytes (TTLs aged by at most the test's
+/// runtime, here zero seconds).
+#[doc(hidden)]
+pub fn fuzz_response(query: &[u8], id: u16, resp: &[u8]) {
+    let mut lc = [0u8; MAX_NAME];
+    let wire::Parsed::Query(q) = wire::parse(query, &mut lc) else {
+        return;
+    };
+    let lc_name = owned_name(&lc, q.name_len);
+    // Caching alone: must not panic on anything.
+    let _ = cacheable(resp);
+    if !matches(resp, id, &q, &lc_name) {
+        return;
+    }
+    assert!(resp.len() >= wire::HDR + q.question.len());
+    assert_eq!(wire::be16(resp, 0), id);
+    let Ok(mut r) = check(resp.to_vec()) else {
+        return;
+    };
+    patch(&mut r, &q);
+    assert_eq!(r.len(), resp.len());
+    assert_eq!(wire::be16(&r, 0), q.id);
+    assert_eq!(&r[wire::HDR..wire::HDR + q.question.len()], q.question);
+    let key = CacheKey::new(&lc_name, &q);
+    let mut cache = Cache::new(4);
+    cache.put(key.clone(), &r);
+    let mut out = Vec::new();
+    if cache.get(&key, &q, &mut out) {
+        assert_eq!(out, r, "the cached answer differs");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -57,6 +57,8 @@
 mod acl;
 pub mod engine;
 mod forward;
+#[doc(hidden)]
+pub use forward::fuzz_response;
 mod metrics;
 mod mmsg;
 mod server;

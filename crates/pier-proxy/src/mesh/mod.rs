@@ -36,6 +36,8 @@
 //! established tunnels are never dropped by a reload.
 
 mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 mod record;
 mod server;
 mod stream;
