@@ -25,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
         if body == 12 || body == 36 {
             let mut buf = [0u8; MAX_LEN];
             let m = encode(src, dst, &mut buf);
-            assert_eq!(&buf[..m], &data[..n], "{src} -> {dst} re-encodes differently");
+            assert_eq!(
+                &buf[..m],
+                &data[..n],
+                "{src} -> {dst} re-encodes differently"
+            );
         }
     }
     // The other way round: addresses from the input, encoded, decoded.
@@ -38,8 +42,14 @@ fuzz_target!(|data: &[u8]| {
                 IpAddr::V6(Ipv6Addr::from(o))
             }
         };
-        let src = SocketAddr::new(ip(&data[1..17], data[0] & 1 == 1), u16::from_be_bytes([data[33], data[34]]));
-        let dst = SocketAddr::new(ip(&data[17..33], data[0] & 2 == 2), u16::from_be_bytes([data[35], data[36]]));
+        let src = SocketAddr::new(
+            ip(&data[1..17], data[0] & 1 == 1),
+            u16::from_be_bytes([data[33], data[34]]),
+        );
+        let dst = SocketAddr::new(
+            ip(&data[17..33], data[0] & 2 == 2),
+            u16::from_be_bytes([data[35], data[36]]),
+        );
         let mut buf = [0u8; MAX_LEN];
         let m = encode(src, dst, &mut buf);
         let (s, d, n) = decode(&buf[..m]).expect("decode what encode wrote");
