@@ -1250,3 +1250,72 @@ impl<C> CertReloader<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attack (S1): a symlink or a file planted at the temporary name is
+    /// never opened: creation fails, the target is untouched.
+    #[test]
+    fn temp_files_refuse_planted_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").expect("victim");
+        let link = dir.path().join(".node-key.pem.planted.tmp");
+        std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+        let e = create_temp(&link, 0o600).expect_err("followed a planted symlink");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        let dangling = dir.path().join(".dangling.tmp");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).expect("symlink");
+        assert!(
+            create_temp(&dangling, 0o600).is_err(),
+            "created through a dangling symlink"
+        );
+        assert!(!dir.path().join("nowhere").exists());
+        let e = create_temp(&victim, 0o600).expect_err("reused an existing file");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(fs::read(&victim).expect("read"), b"precious");
+        // A fresh name works, with exactly the mode asked for.
+        let ok = dir.path().join(".fresh.tmp");
+        create_temp(&ok, 0o600).expect("fresh");
+        let mode = fs::metadata(&ok).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// Attack (S1): symlinks planted at the names the old code used
+    /// (`.NAME.tmpPID`) to catch the node key. Issuing ignores them: the
+    /// victim is untouched and the key is a new 0600 file.
+    #[test]
+    fn issuing_ignores_symlinks_at_predictable_temp_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        ca_init(&ca).expect("ca");
+        let out = dir.path().join("n1");
+        fs::create_dir_all(&out).expect("out");
+        let victim = dir.path().join("stolen-key");
+        fs::write(&victim, b"").expect("victim");
+        for f in [NODE_KEY_FILE, NODE_CERT_FILE, CA_CERT_FILE] {
+            let old = out.join(format!(".{f}.tmp{}", std::process::id()));
+            std::os::unix::fs::symlink(&victim, old).expect("plant");
+        }
+        ca_issue(&pier_model::Name::new("n1").expect("name"), &ca, &out, 1).expect("issue");
+        assert_eq!(
+            fs::read(&victim).expect("victim"),
+            b"",
+            "the key went through a symlink"
+        );
+        let key = out.join(NODE_KEY_FILE);
+        let md = fs::symlink_metadata(&key).expect("key");
+        assert!(md.file_type().is_file(), "the key is a regular file");
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        // No temporary file is left behind (only the planted links).
+        let left: Vec<_> = fs::read_dir(&out)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
