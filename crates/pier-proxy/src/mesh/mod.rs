@@ -8,9 +8,12 @@
 //!   peer takes the handshake off the connect path (the proxy warms a
 //!   peer's pool as soon as one of its endpoints appears).
 //! - [`MeshServer`] (listener): TLS 1.3 only, client certificate required.
-//!   The target must be a ready endpoint registered on this node in the
-//!   current snapshot; anything else is refused with a reply code and logged
-//!   at warn. The mesh is never an open relay.
+//!   The peer's certificate must name a node of the cluster and be neither
+//!   revoked nor expired (checked after every handshake, resumed ones
+//!   too). The target must be a ready endpoint that this node's own agent
+//!   found in its own Docker ([`LocalTargets`]), whatever the store says;
+//!   anything else is refused with a reply code and logged at warn. The
+//!   mesh is never an open relay.
 //!
 //! Wire format after the handshake (ALPN `pier-mesh/1`):
 //!
@@ -33,11 +36,12 @@
 //! would. Each header is checked against the snapshot like the first.
 //!
 //! Certificates renewed on disk are picked up for new handshakes only;
-//! established tunnels are never dropped by a reload.
+//! established tunnels are not dropped by a renewal. A new revocation list
+//! (`crl.pem` beside `ca.pem`) cuts every tunnel whose peer it revokes,
+//! within [`RELOAD_POLL`]; a tunnel carries no new stream after
+//! [`MAX_TUNNEL_AGE`] or past its peer certificate's expiry.
 
 mod client;
-#[doc(hidden)]
-pub mod fuzzing;
 mod record;
 mod server;
 mod stream;
