@@ -377,4 +377,35 @@ mod tests {
             ]
         );
     }
+
+    /// The fuzz harness's path on a real answer (taken, patched, cached
+    /// and read back the same) and on near misses (another ID, a response
+    /// bit unset, a truncated header): its assertions decide.
+    #[test]
+    fn fuzz_response_harness_on_an_answer_and_near_misses() {
+        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        query.extend_from_slice(b"\x03www\x07example\x03com\x00\x00\x01\x00\x01");
+        let mut resp = vec![0x5a, 0x17, 0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0];
+        // The question in mixed case (0x20), then an A record by pointer.
+        resp.extend_from_slice(b"\x03wWw\x07exAmple\x03com\x00\x00\x01\x00\x01");
+        resp.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 1]);
+        fuzz_response(&query, 0x5a17, &resp);
+        fuzz_response(&query, 0x5a18, &resp);
+        let mut no_qr = resp.clone();
+        no_qr[2] &= 0x7f;
+        fuzz_response(&query, 0x5a17, &no_qr);
+        fuzz_response(&query, 0x5a17, &resp[..20]);
+        // What the harness checks, checked here too: the client gets its
+        // own ID and question.
+        let mut lc = [0u8; MAX_NAME];
+        let wire::Parsed::Query(q) = wire::parse(&query, &mut lc) else {
+            panic!("the query parses");
+        };
+        let name = owned_name(&lc, q.name_len);
+        assert!(matches(&resp, 0x5a17, &q, &name));
+        let mut r = resp.clone();
+        patch(&mut r, &q);
+        assert_eq!(&r[..2], &[0x12, 0x34]);
+        assert_eq!(&r[12..12 + q.question.len()], q.question);
+    }
 }
