@@ -468,6 +468,28 @@ impl TestPki {
         cert_path: &Path,
         key_path: &Path,
     ) -> io::Result<()> {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        self.issue_valid(
+            cn,
+            sans,
+            server,
+            (now - day, now + day),
+            cert_path,
+            key_path,
+        )
+    }
+
+    /// [`TestPki::issue`], valid over `validity` (not before, not after).
+    pub fn issue_valid(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        server: bool,
+        validity: (SystemTime, SystemTime),
+        cert_path: &Path,
+        key_path: &Path,
+    ) -> io::Result<()> {
         use rcgen::{
             CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose,
         };
@@ -479,6 +501,8 @@ impl TestPki {
             CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
                 .map_err(gen_err)?;
         params.distinguished_name.push(DnType::CommonName, cn);
+        params.not_before = validity.0.into();
+        params.not_after = validity.1.into();
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

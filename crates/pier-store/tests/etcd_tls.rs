@@ -438,6 +438,26 @@ fn bad_tls_and_password_files_are_named() -> Result<()> {
             "does not exist",
         ),
     ];
+    // A client certificate that expired yesterday.
+    let expired = dir.path().join("expired.pem");
+    let expired_key = dir.path().join("expired-key.pem");
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    pki.issue_valid(
+        CLIENT_CN,
+        &[],
+        false,
+        (now - 10 * day, now - day),
+        &expired,
+        &expired_key,
+    )?;
+    let mut cases = cases;
+    cases.push((
+        "expired client certificate",
+        EtcdTls::from_files(&pki.ca, Some((&expired, &expired_key))),
+        &expired,
+        "expired at",
+    ));
     for (what, r, path, says) in cases {
         match r {
             Err(p) => {
