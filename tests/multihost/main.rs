@@ -51,9 +51,22 @@ fn mesh_request(
     identity: MeshConfig,
     target: SocketAddr,
 ) -> Result<std::result::Result<String, pier_proxy::mesh::MeshError>> {
+    mesh_request_as(c, from, &format!("h{from}"), to, identity, target)
+}
+
+/// [`mesh_request`] from host `from`'s namespace with an identity issued
+/// for node `me` (which need not be host `from`'s).
+fn mesh_request_as(
+    c: &Cluster,
+    from: usize,
+    me: &str,
+    to: usize,
+    identity: MeshConfig,
+    target: SocketAddr,
+) -> Result<std::result::Result<String, pier_proxy::mesh::MeshError>> {
     let peer = SocketAddr::new(c.topo.host(to).addr.into(), MESH_PORT);
     let peer_node = Name::new(&format!("h{to}"))?;
-    let me = Name::new(&format!("h{from}"))?;
+    let me = Name::new(me)?;
     c.topo.host(from).within(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -333,6 +346,91 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
     )
     .with_context(|| c.topo.host(2).agent_log())?;
 
+    // An endpoint forged in the store (as anyone with write access to etcd
+    // could): node=h2, ip=127.0.0.1, port 2379 (h2's own etcd on its
+    // loopback), ready. The store says so; h2's agent never found it, so
+    // h2's mesh refuses to relay to it.
+    let forged_key = pier_model::keys::endpoint(
+        &pier_model::Namespace::default(),
+        &Name::new("web")?,
+        &Name::new("h2")?,
+        &Name::new("forged")?,
+    );
+    let forged = serde_json::json!({
+        "service": "web", "node": "h2", "id": "forged", "ip": "127.0.0.1",
+        "ports": [{"name": "http", "port": 2379}], "ready": true,
+    })
+    .to_string();
+    let etcdctl = |args: &[&str]| -> Result<()> {
+        let mut a = vec!["etcdctl", "--endpoints", "http://127.0.0.1:2379"];
+        a.extend_from_slice(args);
+        let out = c.topo.host(1).exec(&a)?;
+        ensure!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    etcdctl(&["put", &forged_key, &forged])?;
+    let loopback_etcd: SocketAddr = "127.0.0.1:2379".parse()?;
+    let tried = (|| {
+        eventually(
+            Duration::from_secs(10),
+            "h2's snapshot has the forged endpoint",
+            || {
+                let eps = c.cli_json(2, &["get", "endpoints", "web"])?;
+                Ok(eps
+                    .iter()
+                    .any(|e| e.to_string().contains("forged"))
+                    .then_some(()))
+            },
+        )?;
+        match mesh_request(&c, 1, 2, ours.clone(), loopback_etcd)? {
+            Ok(body) => bail!("h2's mesh relayed to its loopback etcd: {body:?}"),
+            Err(e) => ensure!(
+                e.refusal() == Some(RefusalCode::NotLocalEndpoint),
+                "forged endpoint: expected not_local_endpoint, got {e}"
+            ),
+        }
+        eventually(Duration::from_secs(5), "h2 logs not_in_local_view", || {
+            let n = log_lines(
+                &c,
+                2,
+                &[
+                    "mesh: refused",
+                    "target=127.0.0.1:2379",
+                    "not_in_local_view",
+                ],
+            )
+            .len();
+            Ok((n > 0).then_some(()))
+        })
+        .with_context(|| c.topo.host(2).agent_log())
+    })();
+    // Removed even when the check failed.
+    etcdctl(&["del", &forged_key])?;
+    tried?;
+
+    // A certificate the real CA issued for a node that is not in the
+    // cluster: handshake fine, then refused before any header.
+    let ghost = c.topo.host(1).dir.join("ghost-certs");
+    run_ok(
+        std::process::Command::new(&c.pier)
+            .args(["ca", "issue", "h9", "--ca"])
+            .arg(&c.ca)
+            .arg("--out")
+            .arg(&ghost),
+    )?;
+    let ghost_id = MeshConfig::from_dir("0.0.0.0:0".parse()?, &ghost);
+    match mesh_request_as(&c, 1, "h9", 2, ghost_id, web_h2)? {
+        Ok(body) => bail!("h2's mesh served a node not in the cluster: {body:?}"),
+        Err(e) => ensure!(
+            e.refusal() == Some(RefusalCode::PeerNotAllowed),
+            "unknown node: expected peer_not_allowed, got {e}"
+        ),
+    }
+
     // Plaintext: an HTTP request straight at the mesh port.
     let mesh2 = SocketAddr::new(c.topo.host(2).addr.into(), MESH_PORT);
     let (local_port, reply) = c.topo.host(1).within(move || {
@@ -428,6 +526,54 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
         );
         Ok((count(&got, "web-h3") > 0).then_some(()))
     })?;
+
+    // --- Revoke host 3 -------------------------------------------------------
+    // h3 is revoked and the list copied to every host (as an operator
+    // does): h1 sends nothing more to h3, and h3's identity gets no tunnel
+    // into h2. (The cut of open tunnels within RELOAD_POLL is timed in
+    // crates/pier-proxy/tests/mesh.rs.)
+    run_ok(
+        std::process::Command::new(&c.pier)
+            .args(["ca", "revoke", "h3", "--ca"])
+            .arg(&c.ca),
+    )?;
+    for i in 1..=3 {
+        std::fs::copy(
+            c.ca.join("crl.pem"),
+            c.topo.host(i).dir.join("certs/crl.pem"),
+        )?;
+    }
+    let landed = Instant::now();
+    eventually(Duration::from_secs(10), "h1 stops using h3", || {
+        let got = c.requests(1, &fqdn("web"), 10)?;
+        ensure!(count(&got, "FAIL") == 0, "requests failed: {got:?}");
+        Ok((count(&got, "web-h2") == 10).then_some(()))
+    })?;
+    eprintln!(
+        "h1 sent only to h2 {:?} after the list landed",
+        landed.elapsed()
+    );
+    let got = c.requests(1, &fqdn("web"), 30)?;
+    ensure!(
+        count(&got, "web-h2") == 30,
+        "a revoked host must get no traffic: {got:?}"
+    );
+    // h3's files without the list (which would stop this connector at
+    // start, as it stops h3's own reload): the attacker's copy.
+    let certs3 = c.topo.host(3).dir.join("certs");
+    let stolen = c.topo.host(3).dir.join("stolen-certs");
+    std::fs::create_dir_all(&stolen)?;
+    for f in ["ca.pem", "node.pem", "node-key.pem"] {
+        std::fs::copy(certs3.join(f), stolen.join(f))?;
+    }
+    let revoked = MeshConfig::from_dir("0.0.0.0:0".parse()?, &stolen);
+    match mesh_request(&c, 3, 2, revoked, web_h2)? {
+        Ok(body) => bail!("h2's mesh served revoked h3: {body:?}"),
+        Err(e) => ensure!(
+            e.refusal().is_none() || e.refusal() == Some(RefusalCode::PeerNotAllowed),
+            "revoked: expected a refused handshake, got {e}"
+        ),
+    }
     Ok(())
 }
 
