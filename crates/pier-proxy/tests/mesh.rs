@@ -1655,3 +1655,53 @@ async fn handshake_queue_is_capped() {
         .unwrap()
         .unwrap();
 }
+
+/// Attack (M2): a tunnel that outlives its peer's certificate. n2's
+/// certificate expires 3 s after the handshake; the open tunnel is cut
+/// then (a reset), not kept for as long as it is used.
+#[tokio::test]
+async fn a_tunnel_is_cut_when_its_peer_certificate_expires() {
+    let logs = Logs::default();
+    let _g = logs.install();
+    let pki = Pki::new();
+    pki.issue("n1");
+    let n2 = pki.dir.path().join("n2");
+    let now = SystemTime::now();
+    tls::ca_issue_with_validity(
+        &name("n2"),
+        &pki.ca_dir(),
+        &n2,
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3),
+    )
+    .unwrap();
+    let (echo, _e) = echo_server().await;
+    let srv = Running::start(&pki.cfg("n1"), snapshot(&[endpoint("n1", "a", echo, true)])).await;
+    let conn =
+        MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut Registry::default(), 0)
+            .unwrap();
+    let mut t = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
+    t.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    t.read_exact(&mut b).await.unwrap();
+    let mut rest = Vec::new();
+    // Expiry at +3 s (1 s granularity), the cut at most 1 s later.
+    let r = tokio::time::timeout(Duration::from_secs(8), t.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is cut once the peer's certificate expires");
+    assert!(r.is_err(), "a cut, not a clean end: {r:?}");
+    assert!(
+        now.elapsed().unwrap() >= Duration::from_secs(3),
+        "cut before the expiry"
+    );
+    assert_eq!(
+        metric(
+            &srv.registry,
+            "mesh_server_tunnel_cuts_total{reason=\"peer_cert_expired\"}"
+        ),
+        1.0,
+        "{}",
+        logs.text()
+    );
+    srv.stop().await;
+}
