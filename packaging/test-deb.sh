@@ -22,11 +22,7 @@ nspawn_pid=""
 
 # Processes whose root is $ROOT (the booted system), by pid.
 procs_in_root() {
-  local p r
-  for p in /proc/[0-9]*; do
-    r=$(readlink "$p/root" 2>/dev/null) || continue
-    [ "$r" = "$ROOT" ] && echo "${p#/proc/}"
-  done
+  find /proc -mindepth 2 -maxdepth 2 -name root -lname "$ROOT" 2>/dev/null | cut -d/ -f3
 }
 teardown() {
   rc=$?
@@ -40,6 +36,7 @@ teardown() {
   [ -n "$pids" ] && kill -9 $pids 2>/dev/null && sleep 0.5
   for m in $(awk -v r="$ROOT" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m"; done
   rm -rf --one-file-system "$ROOT"
+  if [ "$rc" = 0 ]; then rm -f "$ROOT.debootstrap.log" "$ROOT.boot.log"; else log "logs: $ROOT.debootstrap.log $ROOT.boot.log"; fi
   log "done (exit status $rc)"
   exit $rc
 }
@@ -73,15 +70,16 @@ sed -i 's/^name = "host-1"/name = "deb-test"/' "$ROOT/etc/pier/pier.toml"
 echo pier-deb-test >"$ROOT/etc/hostname"
 
 log "booting it: systemd-nspawn -b --private-network"
-systemd-nspawn -q -D "$ROOT" -b --private-network --register=no -M "pierdeb$id" >"$ROOT.boot.log" 2>&1 </dev/null &
+systemd-nspawn -q -D "$ROOT" -b --private-network --register=no --keep-unit -M "pierdeb$id" >"$ROOT.boot.log" 2>&1 </dev/null &
 nspawn_pid=$!
 # The container's PID 1: the systemd whose root is $ROOT.
 init=""
 for _ in $(seq 1 100); do
-  for p in $(procs_in_root); do
+  for p in $(ps -o pid= --ppid "$nspawn_pid"); do
     [ "$(cat "/proc/$p/comm" 2>/dev/null)" = systemd ] && { init=$p; break; }
   done
   [ -n "$init" ] && break
+  kill -0 "$nspawn_pid" 2>/dev/null || break
   sleep 0.2
 done
 [ -n "$init" ] || { cat "$ROOT.boot.log" >&2; echo "test-deb: the container's systemd did not start" >&2; exit 1; }

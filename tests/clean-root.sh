@@ -69,11 +69,7 @@ fwd_out=(-A FORWARD -o "$VH" -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEP
 
 # Processes whose root is $ROOT: everything started inside the chroot.
 procs_in_root() {
-  local p r
-  for p in /proc/[0-9]*; do
-    r=$(readlink "$p/root" 2>/dev/null) || continue
-    [ "$r" = "$ROOT" ] && echo "${p#/proc/}"
-  done
+  find /proc -mindepth 2 -maxdepth 2 -name root -lname "$ROOT" 2>/dev/null | cut -d/ -f3
 }
 
 teardown() {
