@@ -436,7 +436,7 @@ impl Inner {
                 return;
             }
         }
-        let peer_cert = tls.peer();
+        let peer_cert = tls.peer().cloned();
         let (peer_node, kind) = {
             let conn = tls.conn();
             let node = peer_cert
@@ -453,7 +453,7 @@ impl Inner {
             .handshakes
             .get_or_create(&[("kind", kind)])
             .inc();
-        if let Err(reason) = self.authorize_peer(peer_cert.as_ref()) {
+        if let Err(reason) = self.authorize_peer(peer_cert.as_deref()) {
             self.metrics.refuse(reason);
             warn!(peer.addr = %peer, peer.node = %peer_node, reason, "mesh: refused: the peer's certificate is not allowed");
             Conn::Setup(tls).refuse(RefusalCode::PeerNotAllowed).await;

@@ -73,6 +73,8 @@ pub(crate) struct Setup {
     /// Received bytes not yet given to rustls.
     rbuf: Vec<u8>,
     born: Instant,
+    /// The peer's certificate, read once when the handshake ends.
+    peer: Option<Arc<PeerCert>>,
 }
 
 impl Setup {
@@ -82,16 +84,14 @@ impl Setup {
             conn: conn.into(),
             rbuf: Vec::new(),
             born: Instant::now(),
+            peer: None,
         }
     }
 
     /// The peer's certificate as the handshake verified it (or as the
     /// resumed session recorded it).
-    pub(crate) fn peer(&self) -> Option<PeerCert> {
-        self.conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(PeerCert::of)
+    pub(crate) fn peer(&self) -> Option<&Arc<PeerCert>> {
+        self.peer.as_ref()
     }
 
     /// When the connection was made.
@@ -114,6 +114,12 @@ impl Setup {
         loop {
             self.flush().await?;
             if !self.conn.is_handshaking() {
+                self.peer = self
+                    .conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(PeerCert::of)
+                    .map(Arc::new);
                 return Ok(());
             }
             if !self.feed_one().await? {
@@ -235,7 +241,7 @@ impl Setup {
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned());
         let handshake_kind = self.conn.handshake_kind();
-        let peer = self.peer();
+        let peer = self.peer.take();
         let born = self.born;
         let secrets = self
             .conn
@@ -285,7 +291,7 @@ pub struct MeshStream {
     broken: bool,
     streams: u64,
     peer_certificate: Option<CertificateDer<'static>>,
-    peer: Option<PeerCert>,
+    peer: Option<Arc<PeerCert>>,
     /// The CA's revocation list as this node last loaded it: a stream
     /// whose peer it revokes is cut (see [`MeshStream::relay`]).
     guard: Option<watch::Receiver<Arc<Revoked>>>,
@@ -419,7 +425,7 @@ impl MeshStream {
 
     /// What the peer's certificate says (node, serial, expiry).
     pub fn peer(&self) -> Option<&PeerCert> {
-        self.peer.as_ref()
+        self.peer.as_deref()
     }
 
     /// Cut the stream if the revocation list (as reloaded) revokes the
