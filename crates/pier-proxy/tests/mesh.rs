@@ -1277,8 +1277,12 @@ impl Pki {
     fn revoke(&self, node: &str, to: &[&str]) {
         let r = tls::ca_revoke(&self.ca_dir(), &name(node), None).unwrap();
         assert_eq!(r.added.len(), 1, "{r:?}");
+        // As the README says to: copy beside, then rename over (a reload
+        // never reads a half-written list).
         for n in to {
-            std::fs::copy(&r.crl, self.dir.path().join(n).join("crl.pem")).unwrap();
+            let dir = self.dir.path().join(n);
+            std::fs::copy(&r.crl, dir.join(".crl.pem.new")).unwrap();
+            std::fs::rename(dir.join(".crl.pem.new"), dir.join("crl.pem")).unwrap();
         }
     }
 }
