@@ -96,6 +96,7 @@ teardown() {
   if [ "$fwd_before" = 0 ] && ! { [ -f /var/run/docker.pid ] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; }; then
     sysctl -qw net.ipv4.ip_forward=0
   fi
+  [ "$rc" = 0 ] && rm -f "/var/tmp/pier-clean-root.$id.debootstrap.log"
   if [ -z "$keep" ]; then
     if awk -v r="$ROOT" 'index($5, r) == 1 {f=1} END {exit !f}' /proc/self/mountinfo; then
       log "mounts remain under $ROOT; not removing it"
