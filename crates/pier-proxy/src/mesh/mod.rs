@@ -42,6 +42,8 @@
 //! [`MAX_TUNNEL_AGE`] or past its peer certificate's expiry.
 
 mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 mod record;
 mod server;
 mod stream;
