@@ -10,9 +10,10 @@ use pier_model::Name;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use rustls::ClientConfig;
 use rustls::client::Resumption;
+use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -408,7 +409,7 @@ impl Inner {
             node: node.to_string(),
             source,
         };
-        let conn = ClientConnection::new(self.certs.current(), name)
+        let conn = UnbufferedClientConnection::new(self.certs.current(), name)
             .map_err(|e| handshake_err(std::io::Error::other(e)))?;
         let fut = async {
             let tcp = TcpStream::connect(peer)
@@ -446,7 +447,7 @@ impl Inner {
                 reason,
             });
         }
-        let kind = match stream.conn().handshake_kind() {
+        let kind = match stream.common().handshake_kind() {
             Some(rustls::HandshakeKind::Resumed) => "resumed",
             _ => "full",
         };

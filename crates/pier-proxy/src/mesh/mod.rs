@@ -33,7 +33,7 @@
 //! (truncation), not an EOF, and is never reused; a tunnel whose stream
 //! ended cleanly both ways carries the next connection to the same peer
 //! without a TCP or TLS handshake, as an HTTP/1.1 keep-alive connection
-//! would. Each header is checked against the snapshot like the first.
+//! would. Each header is checked against this node's own view like the first.
 //!
 //! Certificates renewed on disk are picked up for new handshakes only;
 //! established tunnels are not dropped by a renewal. A new revocation list

@@ -1,9 +1,10 @@
 //! The TLS 1.3 record layer of an established mesh tunnel (RFC 8446 §5).
 //!
-//! rustls does the handshake, the header and the reply; then it hands the
-//! traffic keys and sequence numbers over (`dangerous_extract_secrets`, the
-//! hand-over kTLS uses) and the tunnel's records are sealed and opened
-//! here, in place, with ring's AEADs. What that saves over rustls' buffered
+//! rustls does the handshake, the header and the reply (its unbuffered
+//! API); then it hands the traffic keys and sequence numbers over with a
+//! kernel connection (`dangerous_into_kernel_connection`, the hand-over
+//! kTLS uses) and the tunnel's records are sealed and opened here, in
+//! place, with ring's AEADs. What that saves over rustls' buffered
 //! API on the bulk path: its copies into and out of its own buffers and an
 //! allocation per record (both directions), so the only copies left are
 //! the kernel's. The wire format is unchanged: a rustls peer reads these
@@ -16,13 +17,13 @@
 //! record_overflow, unexpected_message, decode_error) before the tunnel
 //! closes, as rustls would.
 //!
-//! What this layer does not do: key updates (a KeyUpdate from the peer
-//! ends the tunnel with unexpected_message; pier's own peers never send
-//! one), and more records per key than the AEAD's confidentiality limit
-//! (2^24 records, 256 GiB of full records, for AES-GCM). A tunnel is
-//! retired from reuse once either direction has used [`RETIRE_AT`] of
-//! its records, so only one stream longer than that could still reach the
-//! limit: it then ends with an error.
+//! Key updates (RFC 8446 §4.6.3) are handled by the tunnel
+//! (`stream::on_handshake`): the kernel connection derives the next
+//! secret; a sender moves to a new key at half of the AEAD's
+//! confidentiality limit ([`Keys::update_at`]: 2^23 records for AES-GCM)
+//! and when the peer asks. [`open_record`] itself (no kernel connection)
+//! refuses handshake messages. A tunnel is also retired from reuse once
+//! either direction has used [`RETIRE_AT`] records of one key.
 
 use std::io;
 use std::ops::Range;
@@ -45,10 +46,13 @@ pub(crate) const FULL_RECORD: usize = HEADER + MAX_PLAIN + 1 + TAG;
 /// What a record adds to its plaintext when this side seals it.
 pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
 
-pub(crate) const CHANGE_CIPHER_SPEC: u8 = 20;
 pub(crate) const ALERT: u8 = 21;
 pub(crate) const HANDSHAKE: u8 = 22;
 pub(crate) const APPLICATION_DATA: u8 = 23;
+
+/// Handshake message types an established tunnel may carry (RFC 8446 §4).
+pub(crate) const NEW_SESSION_TICKET: u8 = 4;
+pub(crate) const KEY_UPDATE: u8 = 24;
 
 /// AES-GCM's confidentiality limit per key (RFC 8446 §5.5 gives 2^24.5
 /// full records); ChaCha20-Poly1305 has none that matters.
@@ -83,7 +87,7 @@ impl std::fmt::Display for Refused {
 
 impl std::error::Error for Refused {}
 
-fn refused(alert: u8, why: &'static str) -> io::Error {
+pub(crate) fn refused(alert: u8, why: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, Refused { alert, why })
 }
 
@@ -192,6 +196,13 @@ impl Keys {
         self.seq
     }
 
+    /// When the sender moves to the next key (a KeyUpdate): half of the
+    /// AEAD's confidentiality limit (2^23 records for AES-GCM; never, in
+    /// practice, for ChaCha20-Poly1305).
+    pub(crate) fn update_at(&self) -> u64 {
+        self.limit / 2
+    }
+
     /// Moves the sequence number (both ends of a test must agree).
     #[cfg(test)]
     pub(crate) fn set_used(&mut self, seq: u64) {
@@ -272,10 +283,32 @@ pub(crate) enum Content {
     Closed,
 }
 
+/// What a record of an established tunnel holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Opened {
+    Content(Content),
+    /// Handshake messages (KeyUpdate, NewSessionTicket) at this range.
+    Handshake(Range<usize>),
+}
+
+/// Opens `rec` for the tunnel: like [`open_record`], but handshake
+/// messages are handed back for the kernel connection to handle.
+pub(crate) fn open_tunnel_record(keys: &mut Keys, rec: &mut [u8]) -> io::Result<Opened> {
+    let (ty, range) = keys.open(rec)?;
+    if ty == HANDSHAKE {
+        return Ok(Opened::Handshake(range));
+    }
+    classify(ty, range, rec).map(Opened::Content)
+}
+
 /// Opens `rec` and classifies it; any alert other than close_notify, and
 /// any handshake message (key update, late ticket), ends the tunnel.
 pub(crate) fn open_record(keys: &mut Keys, rec: &mut [u8]) -> io::Result<Content> {
     let (ty, range) = keys.open(rec)?;
+    classify(ty, range, rec)
+}
+
+fn classify(ty: u8, range: Range<usize>, rec: &[u8]) -> io::Result<Content> {
     match ty {
         APPLICATION_DATA => Ok(Content::Data(range)),
         ALERT => match &rec[range] {

@@ -11,7 +11,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -409,7 +410,7 @@ impl Inner {
             warn!(peer.addr = %peer, "mesh: refused: too many handshakes in progress");
             return;
         };
-        let mut tls = match ServerConnection::new(self.certs.current()) {
+        let mut tls = match UnbufferedServerConnection::new(self.certs.current()) {
             Ok(c) => Setup::new(tcp, c),
             Err(e) => {
                 warn!(peer.addr = %peer, error = %e, "mesh: cannot start a TLS session");
@@ -438,7 +439,7 @@ impl Inner {
         }
         let peer_cert = tls.peer().cloned();
         let (peer_node, kind) = {
-            let conn = tls.conn();
+            let conn = tls.common();
             let node = peer_cert
                 .as_ref()
                 .map(|p| p.node.clone())

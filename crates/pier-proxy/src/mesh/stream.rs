@@ -1,90 +1,209 @@
 //! A mesh connection in its two phases.
 //!
-//! - [`Setup`]: rustls over the TCP stream for the handshake, the header
-//!   and the reply. Records are handed to rustls one at a time, so the
-//!   byte where rustls stopped is always known.
+//! - [`Setup`]: rustls' unbuffered connection over the TCP stream for the
+//!   handshake, the header and the reply. It consumes records from our own
+//!   buffer and stops after each application_data record, so the byte
+//!   where rustls stopped is always known.
 //! - [`MeshStream`]: the tunnel after the reply. rustls hands its traffic
-//!   keys over and [`super::record`] seals and opens the records in place.
+//!   keys over with a kernel connection (`dangerous_into_kernel_connection`,
+//!   which refuses while output is queued) and [`super::record`] seals and
+//!   opens the records in place; KeyUpdates and late session tickets go to
+//!   the kernel connection.
 //!   [`MeshStream::relay`] is the data path: plaintext is read straight
 //!   into record slots and sealed there, records are opened where they
 //!   were received and written out from there, so the only copies are the
 //!   kernel's. It also implements `AsyncRead`/`AsyncWrite` for everything
 //!   else (the PROXY header, tests).
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use rustls::HandshakeKind;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::CertificateDer;
-use rustls::{Connection, HandshakeKind};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::record::{
-    self, APPLICATION_DATA, CHANGE_CIPHER_SPEC, Content, FULL_RECORD, HEADER, Keys, MAX_PLAIN,
-    MAX_RECORD,
+    self, APPLICATION_DATA, Content, FULL_RECORD, HEADER, Keys, MAX_PLAIN, MAX_RECORD,
 };
 use crate::Side;
 use crate::copy::{CopyResult, Counters, send_fin, wouldblock, write_all};
 use crate::tls::{PeerCert, Revoked};
 
-/// `std::io::Write` over a non-blocking tokio socket, for rustls'
-/// `write_tls`.
-struct TryWrite<'a>(&'a TcpStream);
+/// The rustls connection of the handshake phase: rustls' unbuffered API,
+/// whose `dangerous_into_kernel_connection` hands the keys over together
+/// with a [`rustls::kernel::KernelConnection`] (new secrets for a
+/// KeyUpdate, late session tickets).
+pub(crate) enum Unbuffered {
+    Client(UnbufferedClientConnection),
+    Server(UnbufferedServerConnection),
+}
 
-impl Write for TryWrite<'_> {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.try_write(b)
-    }
-    fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(b)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+impl From<UnbufferedClientConnection> for Unbuffered {
+    fn from(c: UnbufferedClientConnection) -> Self {
+        Unbuffered::Client(c)
     }
 }
 
-/// The length of the complete handshake-phase record at the start of
-/// `buf`: `Ok(None)` while incomplete, `Err(())` when `buf` does not start
-/// with a TLS record header at all (rustls then gets the bytes and says
-/// what is wrong with them).
-fn setup_record_len(buf: &[u8]) -> Result<Option<usize>, ()> {
-    if buf.len() < HEADER {
-        return Ok(None);
+impl From<UnbufferedServerConnection> for Unbuffered {
+    fn from(c: UnbufferedServerConnection) -> Self {
+        Unbuffered::Server(c)
     }
-    let ty_ok = (CHANGE_CIPHER_SPEC..=APPLICATION_DATA).contains(&buf[0]);
-    if !ty_ok || buf[1] != 3 || buf[2] > 4 {
-        return Err(());
-    }
-    let len = HEADER + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if len > MAX_RECORD + 2048 {
-        return Err(());
-    }
-    Ok((buf.len() >= len).then_some(len))
 }
 
-/// The handshake phase: rustls, fed one record at a time.
+/// What one turn of rustls' state machine asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Encoded output was added: turn again.
+    Again,
+    /// Output is ready in `out`: send it.
+    Transmit,
+    /// The handshake needs more bytes from the peer.
+    NeedRead,
+    /// Plaintext was appended.
+    Data,
+    /// The handshake is over and nothing is pending.
+    Idle,
+    /// The peer sent close_notify.
+    PeerClosed,
+}
+
+/// What to encrypt at the next `WriteTraffic`.
+enum Send<'a> {
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+/// Appends what `f` writes to `out`, growing it as rustls asks.
+fn encode_into(
+    out: &mut Vec<u8>,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> Result<(), rustls::Error> {
+    let at = out.len();
+    out.resize(at + 4096, 0);
+    loop {
+        match f(&mut out[at..]) {
+            Ok(n) => {
+                out.truncate(at + n);
+                return Ok(());
+            }
+            Err(Some(need)) => out.resize(at + need, 0),
+            Err(None) => {
+                out.truncate(at);
+                return Err(rustls::Error::General(
+                    "mesh: rustls refused to encode".into(),
+                ));
+            }
+        }
+    }
+}
+
+fn encode_size(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+fn encrypt_size(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(s) => Some(s.required_size),
+        _ => None,
+    }
+}
+
+/// One turn of rustls' state machine over `rbuf` (consumed bytes are
+/// dropped from its front).
+macro_rules! turn {
+    ($conn:expr, $rbuf:expr, $out:expr, $plain:expr, $send:expr) => {{
+        let UnbufferedStatus { discard, state } = $conn.process_tls_records(&mut $rbuf[..]);
+        let r: Result<Step, rustls::Error> = match state {
+            Err(e) => Err(e),
+            Ok(ConnectionState::ReadTraffic(mut t)) => {
+                let mut r = Ok(Step::Data);
+                while let Some(rec) = t.next_record() {
+                    match rec {
+                        Ok(rec) => $plain.extend_from_slice(rec.payload),
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
+                    }
+                }
+                r
+            }
+            Ok(ConnectionState::EncodeTlsData(mut e)) => {
+                encode_into($out, |b| e.encode(b).map_err(encode_size)).map(|_| Step::Again)
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                // The bytes are in `out` and are sent before the next turn.
+                t.done();
+                Ok(Step::Transmit)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Step::NeedRead),
+            Ok(ConnectionState::WriteTraffic(mut w)) => match $send.take() {
+                Some(Send::Data(d)) => encode_into($out, |b| w.encrypt(d, b).map_err(encrypt_size))
+                    .map(|_| Step::Transmit),
+                Some(Send::CloseNotify) => {
+                    encode_into($out, |b| w.queue_close_notify(b).map_err(encrypt_size))
+                        .map(|_| Step::Transmit)
+                }
+                None => Ok(Step::Idle),
+            },
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => Ok(Step::PeerClosed),
+            Ok(_) => Err(rustls::Error::General(
+                "mesh: unexpected TLS state (early data is never enabled)".into(),
+            )),
+        };
+        $rbuf.drain(..discard);
+        r
+    }};
+}
+
+/// The handshake phase: rustls' unbuffered connection, fed from our own
+/// buffer, so the bytes rustls has not consumed are always known.
 pub(crate) struct Setup {
     tcp: TcpStream,
-    conn: Connection,
-    /// Received bytes not yet given to rustls.
+    conn: Unbuffered,
+    /// Received bytes not yet consumed by rustls.
     rbuf: Vec<u8>,
+    /// Encoded TLS not yet sent.
+    out: Vec<u8>,
+    /// Plaintext received, not yet read (`plain[ppos..]`).
+    plain: Vec<u8>,
+    ppos: usize,
     born: Instant,
     /// The peer's certificate, read once when the handshake ends.
     peer: Option<Arc<PeerCert>>,
 }
 
 impl Setup {
-    pub(crate) fn new(tcp: TcpStream, conn: impl Into<Connection>) -> Setup {
+    pub(crate) fn new(tcp: TcpStream, conn: impl Into<Unbuffered>) -> Setup {
         Setup {
             tcp,
             conn: conn.into(),
             rbuf: Vec::new(),
+            out: Vec::new(),
+            plain: Vec::new(),
+            ppos: 0,
             born: Instant::now(),
             peer: None,
+        }
+    }
+
+    /// The negotiated state: handshake kind, peer certificates, suite.
+    pub(crate) fn common(&self) -> &rustls::CommonState {
+        match &self.conn {
+            Unbuffered::Client(c) => c,
+            Unbuffered::Server(c) => c,
         }
     }
 
@@ -104,109 +223,152 @@ impl Setup {
         &self.tcp
     }
 
-    pub(crate) fn conn(&self) -> &Connection {
-        &self.conn
+    fn turn(&mut self, send: &mut Option<Send<'_>>) -> io::Result<Step> {
+        let r = match &mut self.conn {
+            Unbuffered::Client(c) => turn!(c, self.rbuf, &mut self.out, self.plain, send),
+            Unbuffered::Server(c) => turn!(c, self.rbuf, &mut self.out, self.plain, send),
+        };
+        r.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Sends what rustls encoded.
+    async fn flush(&mut self) -> io::Result<()> {
+        let out = std::mem::take(&mut self.out);
+        let r = write_all(&self.tcp, &out).await;
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Reads more bytes from the socket. `Ok(false)`: EOF.
+    async fn read_more(&mut self) -> io::Result<bool> {
+        self.rbuf.reserve(MAX_RECORD);
+        loop {
+            self.tcp.readable().await?;
+            match self.tcp.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(true),
+                Err(e) if wouldblock(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// On an error, rustls may have encoded an alert: send it, best effort.
+    async fn fail(&mut self, e: io::Error) -> io::Error {
+        if !self.out.is_empty() {
+            let _ = self.flush().await;
+        }
+        e
     }
 
     /// Runs the handshake to its end (and sends what it leaves queued,
     /// such as the server's session tickets).
     pub(crate) async fn handshake(&mut self) -> io::Result<()> {
         loop {
-            self.flush().await?;
-            if !self.conn.is_handshaking() {
-                self.peer = self
-                    .conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(PeerCert::of)
-                    .map(Arc::new);
-                return Ok(());
-            }
-            if !self.feed_one().await? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the peer closed during the TLS handshake",
-                ));
-            }
-        }
-    }
-
-    /// Writes whatever rustls has queued.
-    async fn flush(&mut self) -> io::Result<()> {
-        while self.conn.wants_write() {
-            self.tcp.writable().await?;
-            match self.conn.write_tls(&mut TryWrite(&self.tcp)) {
-                Ok(_) => {}
-                Err(e) if wouldblock(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Hands rustls one complete record, reading from the socket as needed.
-    /// `Ok(false)`: the peer closed before another record began.
-    async fn feed_one(&mut self) -> io::Result<bool> {
-        let len = loop {
-            match setup_record_len(&self.rbuf) {
-                Ok(Some(len)) => break len,
-                Ok(None) => {}
-                // Not TLS: rustls reads it and fails with its own error.
-                Err(()) => break self.rbuf.len(),
-            }
-            self.rbuf.reserve(MAX_RECORD);
-            self.tcp.readable().await?;
-            match self.tcp.try_read_buf(&mut self.rbuf) {
-                Ok(0) if self.rbuf.is_empty() => return Ok(false),
-                Ok(0) => {
+            let step = match self.turn(&mut None) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(e).await),
+            };
+            match step {
+                Step::Again => {}
+                Step::Transmit => self.flush().await?,
+                Step::Idle | Step::Data if !self.common().is_handshaking() => {
+                    self.flush().await?;
+                    self.peer = self
+                        .common()
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(PeerCert::of)
+                        .map(Arc::new);
+                    return Ok(());
+                }
+                Step::PeerClosed => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        "the peer closed in the middle of a TLS record",
+                        "the peer closed during the TLS handshake",
                     ));
                 }
-                Ok(_) => {}
-                Err(e) if wouldblock(&e) => {}
-                Err(e) => return Err(e),
+                Step::NeedRead | Step::Idle | Step::Data => {
+                    if !self.read_more().await? {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed during the TLS handshake",
+                        ));
+                    }
+                }
             }
-        };
-        let mut rec = &self.rbuf[..len];
-        while !rec.is_empty() {
-            self.conn.read_tls(&mut rec)?;
         }
-        self.rbuf.drain(..len);
-        if let Err(e) = self.conn.process_new_packets() {
-            // rustls queued an alert saying why: send it, best effort.
-            let _ = self.flush().await;
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-        }
-        Ok(true)
     }
 
     /// Up to `out.len()` bytes of plaintext; 0 when the peer closed
     /// (close_notify or EOF) before sending any.
     pub(crate) async fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         loop {
-            match self.conn.reader().read(out) {
-                Ok(n) => return Ok(n),
-                Err(e) if wouldblock(&e) => {}
-                Err(e) => return Err(e),
+            if self.ppos < self.plain.len() {
+                let n = out.len().min(self.plain.len() - self.ppos);
+                out[..n].copy_from_slice(&self.plain[self.ppos..self.ppos + n]);
+                self.ppos += n;
+                if self.ppos == self.plain.len() {
+                    self.plain.clear();
+                    self.ppos = 0;
+                }
+                return Ok(n);
             }
-            if !self.feed_one().await? {
-                return Ok(0);
+            let step = match self.turn(&mut None) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(e).await),
+            };
+            match step {
+                Step::Data => {}
+                Step::Again => {}
+                Step::Transmit => self.flush().await?,
+                Step::PeerClosed => return Ok(0),
+                Step::NeedRead | Step::Idle => {
+                    if !self.read_more().await? {
+                        if self.rbuf.is_empty() {
+                            return Ok(0);
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the peer closed in the middle of a TLS record",
+                        ));
+                    }
+                }
             }
         }
     }
 
+    async fn send(&mut self, what: Send<'_>) -> io::Result<()> {
+        let mut send = Some(what);
+        while send.is_some() {
+            let step = match self.turn(&mut send) {
+                Ok(s) => s,
+                Err(e) => return Err(self.fail(e).await),
+            };
+            match step {
+                Step::Transmit => self.flush().await?,
+                Step::Again | Step::Data => {}
+                Step::NeedRead | Step::Idle | Step::PeerClosed => {
+                    if send.is_some() {
+                        return Err(io::Error::other(
+                            "mesh: cannot send before the handshake is over",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.conn.writer().write_all(data)?;
-        self.flush().await
+        self.send(Send::Data(data)).await
     }
 
     /// Sends `data`, a close_notify and a FIN: the end of a refused tunnel.
     pub(crate) async fn close_with(mut self, data: &[u8]) -> io::Result<()> {
-        self.conn.writer().write_all(data)?;
-        self.conn.send_close_notify();
-        self.flush().await?;
+        self.send(Send::Data(data)).await?;
+        self.send(Send::CloseNotify).await?;
         rustix::net::shutdown(&self.tcp, rustix::net::Shutdown::Write)?;
         Ok(())
     }
@@ -215,47 +377,205 @@ impl Setup {
     /// the other at this point (the client sends nothing after the header
     /// until the reply, the server writes the reply alone), so rustls
     /// holds no plaintext here; if it does, the peer broke the protocol.
-    pub(crate) fn into_stream(mut self) -> io::Result<MeshStream> {
-        // rustls must have nothing left to send (a ticket, an alert, a
-        // record of the reply): the record layer starts at the sequence
-        // numbers rustls reports, and anything queued would be lost or
-        // sent out of order.
-        if self.conn.is_handshaking() || self.conn.wants_write() {
+    /// rustls' `dangerous_into_kernel_connection` refuses while it has
+    /// output queued; the bytes it has not consumed (records the peer
+    /// pipelined) stay for the record layer.
+    pub(crate) fn into_stream(self) -> io::Result<MeshStream> {
+        if self.common().is_handshaking() || !self.out.is_empty() {
             return Err(io::Error::other(
                 "mesh: rustls still has a handshake or output queued at the handover",
             ));
         }
-        let state = self
-            .conn
-            .process_new_packets()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if state.plaintext_bytes_to_read() > 0 {
+        if self.ppos < self.plain.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "mesh: the peer sent data before the tunnel was set up",
             ));
         }
         let peer_certificate = self
-            .conn
+            .common()
             .peer_certificates()
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned());
-        let handshake_kind = self.conn.handshake_kind();
-        let peer = self.peer.take();
-        let born = self.born;
-        let secrets = self
-            .conn
-            .dangerous_extract_secrets()
-            .map_err(io::Error::other)?;
+        let handshake_kind = self.common().handshake_kind();
+        let Setup {
+            tcp,
+            conn,
+            rbuf,
+            peer,
+            born,
+            ..
+        } = self;
+        let handover =
+            |e: rustls::Error| io::Error::other(format!("mesh: rustls refused the handover: {e}"));
+        let (secrets, kernel) = match conn {
+            Unbuffered::Client(c) => {
+                let (s, k) = c.dangerous_into_kernel_connection().map_err(handover)?;
+                (s, Kernel::Client(k))
+            }
+            Unbuffered::Server(c) => {
+                let (s, k) = c.dangerous_into_kernel_connection().map_err(handover)?;
+                (s, Kernel::Server(k))
+            }
+        };
         let tx = Keys::new(secrets.tx.0, secrets.tx.1)?;
         let rx = Keys::new(secrets.rx.0, secrets.rx.1)?;
-        let mut s = MeshStream::new(self.tcp, tx, rx, self.rbuf);
+        let mut s = MeshStream::new(tcp, tx, rx, rbuf);
+        s.kernel = Some(Arc::new(KernelShared {
+            conn: std::sync::Mutex::new(kernel),
+            tx_update: std::sync::atomic::AtomicBool::new(false),
+        }));
         s.peer_certificate = peer_certificate;
         s.peer = peer;
         s.born = born;
         s.handshake_kind = handshake_kind;
         Ok(s)
     }
+}
+
+/// What rustls keeps after the handover: it derives the next traffic
+/// secrets for a KeyUpdate and takes a client's late session tickets.
+pub(crate) enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+    fn update_rx(&mut self) -> Result<(u64, rustls::ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+    /// A late NewSessionTicket; only a client takes one.
+    fn ticket(&mut self, payload: &[u8]) -> Result<(), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.handle_new_session_ticket(payload),
+            Kernel::Server(_) => Err(rustls::Error::General(
+                "a client sent a session ticket".into(),
+            )),
+        }
+    }
+}
+
+/// The kernel connection, shared by both directions of a relay.
+pub(crate) struct KernelShared {
+    /// A std Mutex: a secret derivation, no `.await` inside.
+    conn: std::sync::Mutex<Kernel>,
+    /// The peer asked for our KeyUpdate (update_requested): sent before
+    /// our next record.
+    tx_update: std::sync::atomic::AtomicBool,
+}
+
+impl KernelShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kernel> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Handles the handshake messages of one record on an established tunnel
+/// (RFC 8446 §4.6): a KeyUpdate switches `rx` to the next secret (and, if
+/// the peer asks, schedules ours); a NewSessionTicket goes to rustls.
+/// Anything else is refused with unexpected_message.
+fn on_handshake(mut msgs: &[u8], rx: &mut Keys, kernel: Option<&KernelShared>) -> io::Result<()> {
+    let Some(k) = kernel else {
+        return Err(record::refused(
+            record::alert::UNEXPECTED_MESSAGE,
+            "mesh: unexpected handshake message on an established tunnel",
+        ));
+    };
+    while !msgs.is_empty() {
+        let [ty, a, b, c, rest @ ..] = msgs else {
+            return Err(record::refused(
+                record::alert::DECODE_ERROR,
+                "mesh: a handshake message split across records",
+            ));
+        };
+        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        if rest.len() < len {
+            return Err(record::refused(
+                record::alert::DECODE_ERROR,
+                "mesh: a handshake message split across records",
+            ));
+        }
+        let (body, next) = rest.split_at(len);
+        msgs = next;
+        match *ty {
+            record::KEY_UPDATE => {
+                let requested = match body {
+                    [0] => false,
+                    [1] => true,
+                    _ => {
+                        return Err(record::refused(
+                            record::alert::DECODE_ERROR,
+                            "mesh: a malformed KeyUpdate",
+                        ));
+                    }
+                };
+                // RFC 8446 §5.1: a KeyUpdate ends its record.
+                if !msgs.is_empty() {
+                    return Err(record::refused(
+                        record::alert::UNEXPECTED_MESSAGE,
+                        "mesh: data after a KeyUpdate in its record",
+                    ));
+                }
+                let (seq, secrets) = k.lock().update_rx().map_err(io::Error::other)?;
+                *rx = Keys::new(seq, secrets)?;
+                if requested {
+                    k.tx_update
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            record::NEW_SESSION_TICKET => {
+                k.lock().ticket(body).map_err(|e| {
+                    record::refused(
+                        record::alert::UNEXPECTED_MESSAGE,
+                        if matches!(e, rustls::Error::General(_)) {
+                            "mesh: a client sent a session ticket"
+                        } else {
+                            "mesh: a malformed session ticket"
+                        },
+                    )
+                })?;
+            }
+            _ => {
+                return Err(record::refused(
+                    record::alert::UNEXPECTED_MESSAGE,
+                    "mesh: unexpected handshake message on an established tunnel",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether this side must send a KeyUpdate before its next record: the
+/// peer asked, or the key has sealed half of its confidentiality limit.
+fn tx_update_due(tx: &Keys, kernel: Option<&KernelShared>) -> bool {
+    let Some(k) = kernel else { return false };
+    tx.used() >= tx.update_at()
+        || k.tx_update
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Seals a KeyUpdate (update_not_requested) with the current key into
+/// `out`, then moves `tx` to the next secret.
+fn push_key_update(tx: &mut Keys, kernel: &KernelShared, out: &mut Vec<u8>) -> io::Result<()> {
+    record::push_record(
+        tx,
+        out,
+        &[record::KEY_UPDATE, 0, 0, 1, 0],
+        record::HANDSHAKE,
+    )?;
+    let (seq, secrets) = kernel.lock().update_tx().map_err(io::Error::other)?;
+    *tx = Keys::new(seq, secrets)?;
+    Ok(())
 }
 
 impl super::ReadPlain for Setup {
@@ -297,6 +617,8 @@ pub struct MeshStream {
     guard: Option<watch::Receiver<Arc<Revoked>>>,
     born: Instant,
     handshake_kind: Option<HandshakeKind>,
+    /// rustls after the handover (None in tests that build keys by hand).
+    kernel: Option<Arc<KernelShared>>,
 }
 
 /// Lengths and flags only: the buffers hold plaintext.
@@ -342,16 +664,25 @@ enum Next {
 impl Rx {
     /// Opens the next complete record, if there is one; nothing after the
     /// stream's end.
-    fn open_next(&mut self, keys: &mut Keys) -> io::Result<Next> {
-        if self.ended || self.closed {
-            return Ok(Next::End);
-        }
-        let Some(len) = record::record_len(&self.buf[self.start..self.end])? else {
-            return Ok(Next::Incomplete);
+    fn open_next(&mut self, keys: &mut Keys, kernel: Option<&KernelShared>) -> io::Result<Next> {
+        let c = loop {
+            if self.ended || self.closed {
+                return Ok(Next::End);
+            }
+            let Some(len) = record::record_len(&self.buf[self.start..self.end])? else {
+                return Ok(Next::Incomplete);
+            };
+            let at = self.start;
+            let opened = record::open_tunnel_record(keys, &mut self.buf[at..at + len])?;
+            self.start += len;
+            match opened {
+                record::Opened::Content(c) => break (at, c),
+                record::Opened::Handshake(r) => {
+                    on_handshake(&self.buf[at + r.start..at + r.end], keys, kernel)?;
+                }
+            }
         };
-        let at = self.start;
-        let c = record::open_record(keys, &mut self.buf[at..at + len])?;
-        self.start += len;
+        let (at, c) = c;
         Ok(match c {
             Content::Data(r) if r.is_empty() => {
                 self.ended = true;
@@ -420,6 +751,7 @@ impl MeshStream {
             guard: None,
             born: Instant::now(),
             handshake_kind: None,
+            kernel: None,
         }
     }
 
@@ -596,6 +928,16 @@ impl MeshStream {
         r
     }
 
+    /// Queues a KeyUpdate (and moves to the next key) when one is due.
+    fn key_update_if_due(&mut self) -> io::Result<()> {
+        if let Some(k) = self.kernel.clone()
+            && tx_update_due(&self.tx, Some(&k))
+        {
+            push_key_update(&mut self.tx, &k, &mut self.wbuf)?;
+        }
+        Ok(())
+    }
+
     /// Sends fatal alert `desc` and a FIN, best effort and without
     /// waiting (the tunnel is over). False when it could not be sent.
     fn send_alert(&mut self, desc: u8) -> bool {
@@ -635,16 +977,20 @@ impl MeshStream {
             rx,
             rx_state,
             end_sent,
+            kernel,
             ..
         } = self;
+        let kernel = kernel.as_deref();
         let up = async {
             if !*end_sent {
-                seal_loop(plain, tcp, tx, plain_side, mesh_side, to_mesh).await?;
+                seal_loop(plain, tcp, tx, kernel, plain_side, mesh_side, to_mesh).await?;
                 *end_sent = true;
             }
             Ok(())
         };
-        let down = open_loop(tcp, plain, rx, rx_state, mesh_side, plain_side, from_mesh);
+        let down = open_loop(
+            tcp, plain, rx, rx_state, kernel, mesh_side, plain_side, from_mesh,
+        );
         crate::copy::both(up, down).await
     }
 }
@@ -705,6 +1051,7 @@ async fn seal_loop(
     src: &TcpStream,
     dst: &TcpStream,
     keys: &mut Keys,
+    kernel: Option<&KernelShared>,
     src_side: Side,
     dst_side: Side,
     cnt: Counters<'_>,
@@ -721,6 +1068,15 @@ async fn seal_loop(
                 .collect();
             src.try_read_vectored(&mut iov)
         };
+        if !matches!(&r, Err(e) if wouldblock(e))
+            && let Some(k) = kernel
+            && tx_update_due(keys, kernel)
+        {
+            // A KeyUpdate goes before the next record (RFC 8446 §4.6.3).
+            let mut ku = Vec::with_capacity(32);
+            push_key_update(keys, k, &mut ku).map_err(|e| (dst_side, e))?;
+            write_all(dst, &ku).await.map_err(|e| (dst_side, e))?;
+        }
         let n = match r {
             Ok(0) => {
                 let w = keys
@@ -767,11 +1123,13 @@ async fn seal_loop(
 /// tunnel → plain: read many records per `recv`, open each where it lies,
 /// write their plaintexts with one `writev`. At the stream's end: a FIN.
 /// Bytes after the end marker stay buffered for the next stream.
+#[allow(clippy::too_many_arguments)]
 async fn open_loop(
     src: &TcpStream,
     dst: &TcpStream,
     keys: &mut Keys,
     rx: &mut Rx,
+    kernel: Option<&KernelShared>,
     src_side: Side,
     dst_side: Side,
     cnt: Counters<'_>,
@@ -789,7 +1147,7 @@ async fn open_loop(
     loop {
         let mut ended = false;
         loop {
-            match rx.open_next(keys).map_err(|e| (src_side, e))? {
+            match rx.open_next(keys, kernel).map_err(|e| (src_side, e))? {
                 Next::Data(r) => ranges.push(r),
                 Next::End => {
                     ended = true;
@@ -846,7 +1204,8 @@ impl AsyncRead for MeshStream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = &mut *self;
-        let r = poll_read_rx(&mut me.tcp, &mut me.rx, &mut me.rx_state, cx, out);
+        let kernel = me.kernel.as_deref();
+        let r = poll_read_rx(&mut me.tcp, &mut me.rx, &mut me.rx_state, kernel, cx, out);
         if let Poll::Ready(Err(e)) = &r {
             me.broken = true;
             if let Some(desc) = record::alert_for(e) {
@@ -861,6 +1220,7 @@ fn poll_read_rx(
     tcp: &mut TcpStream,
     keys: &mut Keys,
     rx: &mut Rx,
+    kernel: Option<&KernelShared>,
     cx: &mut Context<'_>,
     out: &mut ReadBuf<'_>,
 ) -> Poll<io::Result<()>> {
@@ -875,7 +1235,7 @@ fn poll_read_rx(
                 return Poll::Ready(Ok(()));
             }
         }
-        match rx.open_next(keys)? {
+        match rx.open_next(keys, kernel)? {
             Next::Data(r) => {
                 rx.plain = r;
                 continue;
@@ -906,6 +1266,7 @@ impl AsyncWrite for MeshStream {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         ready!(me.poll_drain(cx))?;
+        me.key_update_if_due()?;
         let n = data.len().min(BULK_RECORDS * MAX_PLAIN);
         for chunk in data[..n].chunks(MAX_PLAIN) {
             record::push_record(&mut me.tx, &mut me.wbuf, chunk, APPLICATION_DATA)?;
@@ -929,6 +1290,7 @@ impl AsyncWrite for MeshStream {
         let me = &mut *self;
         if !me.end_sent {
             ready!(me.poll_drain(cx))?;
+            me.key_update_if_due()?;
             record::push_record(&mut me.tx, &mut me.wbuf, &[], APPLICATION_DATA)?;
             me.end_sent = true;
         }
@@ -957,8 +1319,8 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
         let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-        let client = rustls::ClientConnection::new(ccfg, name).expect("client");
-        let server = rustls::ServerConnection::new(scfg).expect("server");
+        let client = UnbufferedClientConnection::new(ccfg, name).expect("client");
+        let server = UnbufferedServerConnection::new(scfg).expect("server");
         let mut c = Setup::new(c.expect("connect"), client);
         let mut s = Setup::new(s.expect("accept").0, server);
         let (a, b) = tokio::join!(c.handshake(), s.handshake());
@@ -1213,9 +1575,102 @@ mod tests {
     #[tokio::test]
     async fn no_handover_while_rustls_has_output_queued() {
         let (_c, mut s) = set_up(b"header").await;
-        s.conn.writer().write_all(&[0]).expect("queue the reply");
-        assert!(s.conn.wants_write());
+        // The reply encoded but not yet sent.
+        let mut send = Some(Send::Data(&[0]));
+        assert_eq!(s.turn(&mut send).expect("encrypt"), Step::Transmit);
+        assert!(!s.out.is_empty());
         let e = s.into_stream().expect_err("handover with output queued");
         assert!(e.to_string().contains("queued"), "{e}");
+    }
+
+    /// R1/R2: both ends pass half of the AES-GCM limit in the middle of a
+    /// stream (their sequence numbers moved there by hand, in step). Each
+    /// sends a KeyUpdate and moves to the next key (derived by rustls'
+    /// kernel connection); the stream goes on intact through the relay,
+    /// and the tunnel can carry the next one.
+    #[tokio::test]
+    async fn key_updates_keep_a_long_stream_going() {
+        let (mut c, mut s) = tunnel(b"header").await;
+        let counter = prometheus_client::metrics::counter::Counter::default();
+        let cnt = Counters {
+            svc: &counter,
+            ep: None,
+        };
+        let at = c.tx.update_at();
+        c.tx.set_used(at);
+        s.rx.set_used(at);
+        s.tx.set_used(at);
+        c.rx.set_used(at);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (addr, echo) = echo_once().await;
+        let plain = TcpStream::connect(addr).await.expect("connect");
+        let (got, relayed) = tokio::join!(
+            round_trip(&mut c, &data),
+            s.relay(&plain, Side::Upstream, Side::Downstream, cnt, cnt)
+        );
+        relayed.expect("relay across key updates");
+        assert_eq!(got, data);
+        echo.await.expect("echo");
+        // 1 MB is 62 full records and an end marker, give or take the
+        // chunking of the writes: far below `at` only after a new key.
+        for (side, used) in [
+            ("c.tx", c.tx.used()),
+            ("s.tx", s.tx.used()),
+            ("c.rx", c.rx.used()),
+            ("s.rx", s.rx.used()),
+        ] {
+            assert!(used < 100, "{side} is still on the old key: {used}");
+        }
+        assert!(c.reusable() && s.reusable());
+    }
+
+    /// Interop (R2): a rustls peer (the buffered API, as any TLS 1.3 stack)
+    /// sends a KeyUpdate asking for ours in the middle of the tunnel. Our
+    /// end follows it, answers with its own before its next record, and
+    /// rustls reads that record.
+    #[tokio::test]
+    async fn a_rustls_peer_key_update_is_followed_and_answered() {
+        let (ccfg, scfg, name) = configs();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let peer = std::thread::spawn(move || {
+            let tcp = std::net::TcpStream::connect(addr).expect("connect");
+            tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .expect("timeout");
+            let conn = rustls::ClientConnection::new(ccfg, name).expect("client");
+            let mut t = rustls::StreamOwned::new(conn, tcp);
+            std::io::Write::write_all(&mut t, b"h").expect("header");
+            let mut b = [0u8; 1];
+            std::io::Read::read_exact(&mut t, &mut b).expect("reply");
+            t.conn.refresh_traffic_keys().expect("key update");
+            std::io::Write::write_all(&mut t, b"after-update").expect("write");
+            std::io::Write::flush(&mut t).expect("flush");
+            let mut got = [0u8; 5];
+            std::io::Read::read_exact(&mut t, &mut got).expect("rustls reads our record");
+            got
+        });
+        let (tcp, _) = l.accept().await.expect("accept");
+        let mut setup = Setup::new(tcp, UnbufferedServerConnection::new(scfg).expect("server"));
+        setup.handshake().await.expect("handshake");
+        let mut h = [0u8; 1];
+        read_exact(&mut setup, &mut h).await.expect("header");
+        setup.write_all(&[0]).await.expect("reply");
+        let mut s = setup.into_stream().expect("hand over");
+        let mut got = [0u8; 12];
+        s.read_exact(&mut got)
+            .await
+            .expect("read across the peer's KeyUpdate");
+        assert_eq!(&got, b"after-update");
+        // rustls' KeyUpdate restarted the sequence: one record since.
+        assert_eq!(s.rx.used(), 1, "rx did not move to the peer's new key");
+        s.write_all(b"reply").await.expect("write");
+        s.flush().await.expect("flush");
+        // Ours went first (rustls asked for it: update_requested), so the
+        // reply is record 0 of the new key.
+        assert_eq!(s.tx.used(), 1, "no KeyUpdate of ours before the reply");
+        let back = tokio::task::spawn_blocking(move || peer.join().expect("peer"))
+            .await
+            .expect("join");
+        assert_eq!(&back, b"reply");
     }
 }
