@@ -1673,4 +1673,67 @@ mod tests {
             .expect("join");
         assert_eq!(&back, b"reply");
     }
+
+    /// A TLS 1.3 NewSessionTicket message (RFC 8446 §4.6.1), its length
+    /// and extensions filled in by the test: lifetime 60 s, age_add 1, an
+    /// empty nonce, a 4-byte ticket.
+    const TICKET: [u8; 19] = [
+        record::NEW_SESSION_TICKET,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        60,
+        0,
+        0,
+        0,
+        1,
+        0,
+        0,
+        4,
+        1,
+        2,
+        3,
+        4,
+    ];
+
+    /// A late session ticket from the listener (after the handover) goes to
+    /// rustls' session store and the stream goes on; the same message from
+    /// a client is refused with unexpected_message (attack: a client
+    /// posing as a server).
+    #[tokio::test]
+    async fn late_tickets_are_taken_from_a_server_and_refused_from_a_client() {
+        let mut ticket = TICKET.to_vec();
+        ticket.extend_from_slice(&[0, 0]); // the extensions' length
+        ticket[3] = (ticket.len() - 4) as u8;
+        let (mut c, mut s) = tunnel(b"header").await;
+        let mut wire = Vec::new();
+        record::push_record(&mut s.tx, &mut wire, &ticket, record::HANDSHAKE).expect("seal");
+        record::push_record(&mut s.tx, &mut wire, b"ok", APPLICATION_DATA).expect("seal");
+        AsyncWriteExt::write_all(&mut s.tcp, &wire)
+            .await
+            .expect("raw write");
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b)
+            .await
+            .expect("the ticket is taken, the stream goes on");
+        assert_eq!(&b, b"ok");
+
+        let mut wire = Vec::new();
+        record::push_record(&mut c.tx, &mut wire, &ticket, record::HANDSHAKE).expect("seal");
+        AsyncWriteExt::write_all(&mut c.tcp, &wire)
+            .await
+            .expect("raw write");
+        let mut buf = [0u8; 16];
+        let e = s.read(&mut buf).await.expect_err("a ticket from a client");
+        assert_eq!(
+            record::alert_for(&e),
+            Some(record::alert::UNEXPECTED_MESSAGE),
+            "{e}"
+        );
+        let e = c.read(&mut buf).await.expect_err("the alert arrives");
+        assert!(e.to_string().contains("alert 10"), "{e}");
+    }
 }
