@@ -114,6 +114,17 @@ pub fn check_static_ip(
     Ok(())
 }
 
+/// The refusal that depends on the address alone (loopback, link-local,
+/// unspecified, multicast, broadcast), for callers that know no service
+/// CIDR or host addresses: the proxy, before it connects straight to an
+/// endpoint.
+pub fn address_kind_refusal(ip: IpAddr) -> Option<Refusal> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => refusal_v4(v4),
+        IpAddr::V6(v6) => refusal_v6(v6),
+    }
+}
+
 fn refusal_v4(ip: Ipv4Addr) -> Option<Refusal> {
     if ip.is_loopback() {
         Some(Refusal::Loopback)

@@ -349,6 +349,7 @@ async fn start_proxy(
 ) {
     let cfg = ProxyConfig {
         node_port_addr: "127.0.0.1".parse().expect("addr"),
+        direct_allow: vec!["127.0.0.0/8".parse().expect("CIDR")],
         ..ProxyConfig::unprivileged()
     };
     let p = Proxy::new(

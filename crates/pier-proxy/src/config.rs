@@ -56,6 +56,12 @@ pub struct ProxyConfig {
     pub node_port_max_conns: u32,
     /// At most this many open node-port connections from one client IP.
     pub node_port_max_conns_per_client: u32,
+    /// Addresses the proxy may connect to directly although they reach the
+    /// host itself (loopback, link-local, unspecified, multicast,
+    /// broadcast): the agent's `[network] static_endpoint_allow`, set by
+    /// the agent, not a key of this section.
+    #[serde(skip)]
+    pub direct_allow: Vec<pier_model::Cidr>,
 }
 
 impl Default for ProxyConfig {
@@ -86,6 +92,7 @@ impl Default for ProxyConfig {
             // node's connections is an attack.
             node_port_max_conns: 16_384,
             node_port_max_conns_per_client: 1024,
+            direct_allow: Vec::new(),
         }
     }
 }

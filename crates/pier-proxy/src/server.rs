@@ -129,6 +129,7 @@ impl Proxy {
             problems,
             stats,
             prev_p99: HashMap::new(),
+            refused_direct: HashSet::new(),
         };
         st.adopt_existing_vips().await;
 
@@ -224,6 +225,19 @@ struct State {
     problems: watch::Sender<Arc<Problems>>,
     stats: watch::Sender<Arc<StatsMap>>,
     prev_p99: HashMap<(ObjectKey, Name), [u64; 25]>,
+    /// Endpoint addresses refused by [`direct_allowed`], logged once.
+    refused_direct: HashSet<SocketAddr>,
+}
+
+/// Whether the proxy may connect straight to `ip`: not a loopback,
+/// link-local, unspecified, multicast or broadcast address (which reach the
+/// host itself), unless `allow` lists it. A pod's address is none of these.
+fn direct_allowed(ip: IpAddr, allow: &[Cidr]) -> bool {
+    // Not the host's own addresses: a host-network pod's endpoint is one.
+    pier_model::addr::address_kind_refusal(ip).is_none()
+        || allow
+            .iter()
+            .any(|c| c.contains(ip) || c.contains(ip.to_canonical()))
 }
 
 fn service_label(k: &ObjectKey) -> String {
@@ -461,6 +475,16 @@ impl State {
             };
             let addr = SocketAddr::new(ep.ip, port.get());
             let local = ep.is_static || *node == self.node;
+            // Defence in depth behind the API and the agent: an endpoint
+            // record (forged in the store, say) never sends this proxy
+            // straight into the host's loopback or link-local services.
+            if local && !direct_allowed(ep.ip, &self.cfg.direct_allow) {
+                if self.refused_direct.insert(addr) {
+                    tracing::warn!(service = %service_label(&pk.0), endpoint.node = %node, endpoint.addr = %addr,
+                        "not proxying to an endpoint that reaches this host itself; list it in [network] static_endpoint_allow to allow it");
+                }
+                continue;
+            }
             let route = if local || self.ctx.mesh.is_none() {
                 Route::Direct
             } else {

@@ -1012,6 +1012,7 @@ impl MeshCluster {
         let (ptx, prx) = watch::channel(full);
         let cfg = ProxyConfig {
             node_port_addr: "127.0.0.1".parse().unwrap(),
+            direct_allow: vec!["127.0.0.0/8".parse().unwrap()],
             ..ProxyConfig::unprivileged()
         };
         let proxy = Proxy::new(

@@ -432,7 +432,10 @@ async fn run_config(mut cfg: Config) -> Result<()> {
     // Proxy.
     let proxy_cancel = CancellationToken::new();
     let proxy = pier_proxy::Proxy::new(
-        cfg.proxy.clone(),
+        pier_proxy::ProxyConfig {
+            direct_allow: cfg.network.static_endpoint_allow.clone(),
+            ..cfg.proxy.clone()
+        },
         node_name.clone(),
         cidr,
         snapshot.clone(),

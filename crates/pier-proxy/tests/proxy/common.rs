@@ -124,6 +124,8 @@ impl Drop for Running {
 pub fn test_config() -> ProxyConfig {
     ProxyConfig {
         node_port_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        // The fixtures' backends listen on loopback.
+        direct_allow: vec!["127.0.0.0/8".parse().expect("CIDR")],
         stats_interval_ms: 200,
         drain_timeout_ms: 2_000,
         ..ProxyConfig::unprivileged()

@@ -236,3 +236,58 @@ async fn node_port_connection_caps_refuse_floods() {
     drop(held);
     p.stop().await;
 }
+
+/// Issue 12, in depth behind the API and the agent: endpoint records that
+/// point this node's proxy at the host itself (loopback, link-local
+/// metadata; forged in the store, say) are not proxied to unless
+/// `[network] static_endpoint_allow` lists them. The allowlisted endpoint
+/// beside them serves every request, and the host's loopback service is
+/// never connected to.
+#[tokio::test]
+async fn endpoints_into_the_host_itself_are_not_proxied() {
+    // The host's "private" service, on 127.0.0.1.
+    let private = listener();
+    let private_addr = private.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    let _h = tokio::spawn(async move {
+        while private.accept().await.is_ok() {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The legitimate backend, on 127.0.0.2, which the allowlist names.
+    let good = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let good_addr = good.local_addr().unwrap();
+    let _g = tokio::spawn(async move {
+        while let Ok((mut s, _)) = good.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"good").await;
+            });
+        }
+    });
+    let vip = unique_vip();
+    let svc = service("intohost", vip);
+    let eps = [
+        endpoint(&svc, "good", good_addr, true),
+        endpoint(&svc, "loop", private_addr, true),
+        endpoint(&svc, "loop6", "[::ffff:127.0.0.1]:1".parse().unwrap(), true),
+        endpoint(&svc, "meta", "169.254.169.254:80".parse().unwrap(), true),
+    ];
+    let cfg = pier_proxy::ProxyConfig {
+        direct_allow: vec!["127.0.0.2/32".parse().unwrap()],
+        ..test_config()
+    };
+    let _p = start(cfg, snapshot(&[(&svc, &eps)]));
+    let _ = connect_within(vip, Duration::from_secs(5)).await;
+    for i in 0..40 {
+        let got = request_id(vip)
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(got, "good", "request {i}");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the proxy connected to the host's loopback service"
+    );
+}
