@@ -1024,25 +1024,10 @@ fn merge_listed<V: Clone>(
 /// This host's own addresses (of the agent's network namespace); empty,
 /// with a warning, when they cannot be read.
 fn host_addrs() -> Vec<std::net::IpAddr> {
-    match nix::ifaddrs::getifaddrs() {
-        Ok(list) => {
-            let mut v: Vec<std::net::IpAddr> = list
-                .filter_map(|i| i.address)
-                .filter_map(|a| {
-                    a.as_sockaddr_in()
-                        .map(|v4| std::net::IpAddr::V4(v4.ip()))
-                        .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
-                })
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        }
-        Err(error) => {
-            warn!(%error, "cannot list this host's addresses; static endpoints are checked without them");
-            Vec::new()
-        }
-    }
+    pier_model::addr::host_addrs().unwrap_or_else(|error| {
+        warn!(%error, "cannot list this host's addresses; static endpoints are checked without them");
+        Vec::new()
+    })
 }
 
 /// The 12 hex digits Docker shows of a container id.

@@ -109,25 +109,11 @@ pub(crate) fn is_json(content_type: &str) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// The host's own addresses, from getifaddrs(3). Empty if it fails (the
-/// caller still refuses loopback, link-local and the rest).
+/// The host's own addresses ([`pier_model::addr::host_addrs`]). Empty if
+/// they cannot be read (the caller still refuses loopback, link-local and
+/// the rest).
 pub fn host_addrs() -> Vec<IpAddr> {
-    let Ok(it) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    let mut out: Vec<IpAddr> = it
-        .filter_map(|i| i.address)
-        .filter_map(|a| {
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    pier_model::addr::host_addrs().unwrap_or_default()
 }
 
 /// The open watches: at most `max` in all and `per_client` per client

@@ -117,24 +117,9 @@ impl AclInputs {
     }
 }
 
-/// The addresses of every interface in this network namespace
-/// (`getifaddrs`), canonical, sorted, without duplicates.
+/// The host's own addresses ([`pier_model::addr::host_addrs`]).
 pub fn local_addrs() -> std::io::Result<Vec<IpAddr>> {
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .map_err(std::io::Error::from)?
-        .filter_map(|i| i.address)
-        .filter_map(|a| {
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .map(|a| a.to_canonical())
-        .collect();
-    out.sort();
-    out.dedup();
-    Ok(out)
+    pier_model::addr::host_addrs()
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! (at write time, a 400 naming the field) and the agent (before it proxies
 //! to or health-checks an endpoint already in the store) make.
 //!
-//! Pure: the caller supplies the host's own addresses and the allowlist.
+//! Pure but for [`host_addrs`], which reads the host's own addresses: the
+//! one place pier lists them (the API, the agent and DNS all ask it).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -123,6 +124,26 @@ pub fn address_kind_refusal(ip: IpAddr) -> Option<Refusal> {
         IpAddr::V4(v4) => refusal_v4(v4),
         IpAddr::V6(v6) => refusal_v6(v6),
     }
+}
+
+/// The addresses of every interface of this network namespace
+/// (getifaddrs(3)), IPv4-mapped ones as IPv4, sorted, without duplicates.
+pub fn host_addrs() -> std::io::Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .map_err(std::io::Error::from)?
+        .filter_map(|i| i.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .map(canonical)
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 fn refusal_v4(ip: Ipv4Addr) -> Option<Refusal> {
