@@ -120,8 +120,7 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
             // container that asks for a service by its labels is held
             // to the label policy (issue 12, M3).
             let own_pod = spec::is_own_pod(&c.name, &spec, me);
-            let pod_here = own_pod;
-            if pod_here && synced && !pod_still_here(snap, &spec, me) {
+            if own_pod && synced && !pod_still_here(snap, &spec, me) {
                 // Being removed (see `spawn_remove`): no endpoint.
                 continue;
             }
@@ -130,7 +129,7 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                 .values()
                 .filter(|s| spec::matches(s, &spec, &c.labels))
                 .collect();
-            if asked.is_empty() && !pod_here && spec.service.is_none() {
+            if asked.is_empty() && !own_pod && spec.service.is_none() {
                 continue;
             }
             let (Some(ip), true, false) = (c.ip, c.running, c.held) else {
@@ -163,7 +162,7 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                 .filter(|svc| synced && snap.service(&spec.namespace, svc).is_none());
             if services.is_empty()
                 && missing.is_none()
-                && !pod_here
+                && !own_pod
                 && (synced || spec.service.is_none())
             {
                 continue;
