@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use cluster::{Cluster, MESH_PORT, POD_PORT, count, fqdn, run_ok, store_stale_since};
 use pier_model::Name;
-use pier_proxy::mesh::{MeshConnector, RefusalCode};
+use pier_proxy::mesh::{MeshConnector, RELOAD_POLL, RefusalCode};
 use pier_proxy::tls::MeshConfig;
 use pier_tests::{eventually, http_get};
 use serde_json::Value;
@@ -566,13 +566,30 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
     for f in ["ca.pem", "node.pem", "node-key.pem"] {
         std::fs::copy(certs3.join(f), stolen.join(f))?;
     }
-    let revoked = MeshConfig::from_dir("0.0.0.0:0".parse()?, &stolen);
-    match mesh_request(&c, 3, 2, revoked, web_h2)? {
-        Ok(body) => bail!("h2's mesh served revoked h3: {body:?}"),
-        Err(e) => ensure!(
-            e.refusal().is_none() || e.refusal() == Some(RefusalCode::PeerNotAllowed),
-            "revoked: expected a refused handshake, got {e}"
-        ),
+    // h2's listener re-reads its files every RELOAD_POLL, on its own
+    // clock: the list is in force there within one poll of landing (h1's
+    // connector, above, re-reads on its next connect, so it can be first).
+    let stolen_identity = || MeshConfig::from_dir("0.0.0.0:0".parse().expect("addr"), &stolen);
+    eventually(
+        RELOAD_POLL + Duration::from_secs(1),
+        "h2's mesh refuses revoked h3",
+        || match mesh_request(&c, 3, 2, stolen_identity(), web_h2)? {
+            Ok(_) => Ok(None),
+            Err(e) => {
+                ensure!(
+                    e.refusal().is_none() || e.refusal() == Some(RefusalCode::PeerNotAllowed),
+                    "revoked: expected a refused handshake, got {e}"
+                );
+                Ok(Some(()))
+            }
+        },
+    )?;
+    eprintln!("h2 refused h3 {:?} after the list landed", landed.elapsed());
+    // And it stays refused.
+    for _ in 0..3 {
+        if let Ok(body) = mesh_request(&c, 3, 2, stolen_identity(), web_h2)? {
+            bail!("h2's mesh served revoked h3 after refusing it: {body:?}");
+        }
     }
     Ok(())
 }
