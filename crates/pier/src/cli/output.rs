@@ -1,15 +1,17 @@
-//! `get` and `describe`: tables for people, JSON and YAML for scripts.
+//! How the CLI shows objects: tables for people, JSON and YAML for
+//! scripts, and the one-line summaries. Pure formatting and printing: it
+//! calls no command and no API.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use comfy_table::{ContentArrangement, Table};
-use pier_model::api::{NodeView, PodView, ReplicaSetView, Resource, WatchEvent};
+use pier_model::api::{NodeView, PodView, ReplicaSetView, Resource};
 use pier_model::{Endpoint, Service, ServiceType};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::{DescribeArgs, GetArgs, client, name_arg, resource_arg, usage};
+use super::args::usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -20,7 +22,7 @@ pub enum Format {
 }
 
 impl Format {
-    fn parse(s: &str) -> Result<Format> {
+    pub(super) fn parse(s: &str) -> Result<Format> {
         Ok(match s {
             "table" => Format::Table,
             "wide" => Format::Wide,
@@ -35,7 +37,7 @@ impl Format {
     }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -43,7 +45,7 @@ fn now_ms() -> u64 {
 }
 
 /// kubectl's AGE: `45s`, `12m`, `3h`, `4d`.
-pub fn age(ms: u64) -> String {
+pub(super) fn age(ms: u64) -> String {
     if ms == 0 {
         return "<unknown>".into();
     }
@@ -56,11 +58,11 @@ pub fn age(ms: u64) -> String {
     }
 }
 
-fn dash<T: ToString>(v: Option<T>) -> String {
+pub(super) fn dash<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "<none>".into())
 }
 
-fn svc_ports(svc: &Service) -> String {
+pub(super) fn svc_ports(svc: &Service) -> String {
     svc.ports
         .iter()
         .map(|p| match p.node_port {
@@ -71,7 +73,7 @@ fn svc_ports(svc: &Service) -> String {
         .join(",")
 }
 
-fn labels_str(l: &pier_model::Labels) -> String {
+pub(super) fn labels_str(l: &pier_model::Labels) -> String {
     or_none(
         l.iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -81,15 +83,15 @@ fn labels_str(l: &pier_model::Labels) -> String {
 }
 
 /// `<none>` for an empty cell.
-fn or_none(s: String) -> String {
+pub(super) fn or_none(s: String) -> String {
     if s.is_empty() { "<none>".into() } else { s }
 }
 
-fn ready_str(ready: bool) -> String {
+pub(super) fn ready_str(ready: bool) -> String {
     if ready { "Ready" } else { "NotReady" }.into()
 }
 
-fn mesh_port_str(port: u16) -> String {
+pub(super) fn mesh_port_str(port: u16) -> String {
     if port == 0 {
         "<off>".into()
     } else {
@@ -97,7 +99,7 @@ fn mesh_port_str(port: u16) -> String {
     }
 }
 
-fn svc_type_str(t: ServiceType) -> String {
+pub(super) fn svc_type_str(t: ServiceType) -> String {
     match t {
         ServiceType::ClusterIP => "ClusterIP",
         ServiceType::NodePort => "NodePort",
@@ -106,7 +108,7 @@ fn svc_type_str(t: ServiceType) -> String {
 }
 
 /// A row's first cells: the namespace (with `-A`), then `cells`.
-fn row<const N: usize>(
+pub(super) fn row<const N: usize>(
     all_ns: bool,
     ns: &pier_model::Namespace,
     cells: [String; N],
@@ -119,21 +121,21 @@ fn row<const N: usize>(
     r
 }
 
-fn to_values<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<Value> {
+pub(super) fn to_values<T: serde::Serialize>(items: impl IntoIterator<Item = T>) -> Vec<Value> {
     items
         .into_iter()
         .map(|v| serde_json::to_value(v).expect("API objects serialize to JSON"))
         .collect()
 }
 
-fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
+pub(super) fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
     serde_json::from_value(v.clone())
         .context("the agent's answer does not have the expected fields")
 }
 
 /// One kind's table: its `columns`, plus `wide_columns` with `-o wide`; an
 /// object's `cells`, plus its `wide_cells` with `-o wide`.
-fn kind_table<T: DeserializeOwned>(
+pub(super) fn kind_table<T: DeserializeOwned>(
     items: &[Value],
     wide: bool,
     header: &mut Vec<&'static str>,
@@ -160,7 +162,7 @@ fn kind_table<T: DeserializeOwned>(
 }
 
 /// The header and one row per object.
-fn table_rows(
+pub(super) fn table_rows(
     kind: Resource,
     items: &[Value],
     wide: bool,
@@ -316,7 +318,7 @@ fn table_rows(
     Ok((header, rows))
 }
 
-fn render_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(super) fn render_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut t = Table::new();
     t.load_style(comfy_table::presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Disabled)
@@ -333,7 +335,7 @@ fn render_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 /// A row for a watch, in columns at least as wide as the header's, so that
 /// rows printed one at a time still line up roughly.
-fn fixed_row(cells: &[String], widths: &[usize]) -> String {
+pub(super) fn fixed_row(cells: &[String], widths: &[usize]) -> String {
     let mut out = String::new();
     for (i, c) in cells.iter().enumerate() {
         let w = widths.get(i).copied().unwrap_or(0);
@@ -342,270 +344,32 @@ fn fixed_row(cells: &[String], widths: &[usize]) -> String {
     out.trim_end().to_owned()
 }
 
-pub async fn get(server: &str, a: GetArgs) -> Result<()> {
-    let kind = resource_arg(&a.resource)?;
-    let format = Format::parse(&a.output)?;
-    let name = a
-        .name
-        .as_deref()
-        .map(|n| name_arg(&format!("{} name", kind.singular()), n))
-        .transpose()?;
-    let ns = a.namespace.get()?;
-    let all_ns = a.all_namespaces || !kind.namespaced();
-    let nsf = if all_ns { None } else { Some(&ns) };
-    let c = client(server)?;
-    if a.watch {
-        return watch(&c, kind, nsf, name.as_ref(), format, a.all_namespaces).await;
-    }
-    let items: Vec<Value> = match &name {
-        None => c.list_raw(kind, nsf).await?,
-        Some(n) => match kind {
-            Resource::Endpoints => to_values(c.endpoints_of(&ns, n).await?),
-            Resource::Nodes => to_values([c.get_node(n).await?]),
-            Resource::ReplicaSets => to_values([c.get_replicaset(&ns, n).await?]),
-            Resource::Pods => to_values([c.get_pod(&ns, n).await?]),
-            Resource::Services => to_values([c.get_service(&ns, n).await?]),
-        },
-    };
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(&items)?),
-        Format::Table | Format::Wide => {
-            if items.is_empty() {
-                match nsf {
-                    Some(ns) => eprintln!("No {kind} found in namespace {ns}."),
-                    None => eprintln!("No {kind} found."),
-                }
-                return Ok(());
-            }
-            let (header, rows) =
-                table_rows(kind, &items, format == Format::Wide, a.all_namespaces)?;
-            println!("{}", render_table(&header, rows));
-        }
-    }
-    Ok(())
+/// `VIP 10.213.0.5, port 80 -> 8080`, as `expose` and `create` print it.
+pub(super) fn describe_vip_and_ports(svc: &Service) -> String {
+    let vip = svc
+        .vip
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "none".into());
+    format!("VIP {vip}, {}", describe_service_ports(svc))
 }
 
-async fn watch(
-    c: &pier_api::Client,
+pub(super) fn describe_service_ports(svc: &Service) -> String {
+    svc.ports
+        .iter()
+        .map(|p| match p.node_port {
+            Some(np) => format!("port {} -> {} (node port {np})", p.port, p.target_port),
+            None => format!("port {} -> {}", p.port, p.target_port),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(super) fn print_section(
+    title: &str,
     kind: Resource,
-    ns: Option<&pier_model::Namespace>,
-    name: Option<&pier_model::Name>,
-    format: Format,
+    items: &[Value],
     all_ns: bool,
 ) -> Result<()> {
-    use std::io::Write;
-    let mut w = c.watch::<Value>(kind, ns, name).await?;
-    let mut widths: Option<Vec<usize>> = None;
-    let mut out = std::io::stdout();
-    while let Some(ev) = w.next().await {
-        let ev: WatchEvent<Value> = ev?;
-        match format {
-            Format::Json => writeln!(out, "{}", serde_json::to_string(&ev)?)?,
-            Format::Yaml => write!(out, "---\n{}", serde_yaml_ng::to_string(&ev)?)?,
-            Format::Table | Format::Wide => {
-                let (header, rows) = table_rows(
-                    kind,
-                    std::slice::from_ref(&ev.object),
-                    format == Format::Wide,
-                    all_ns,
-                )?;
-                let ws = widths.get_or_insert_with(|| {
-                    let ws: Vec<usize> = header
-                        .iter()
-                        .map(|h| match *h {
-                            "NAME" | "SERVICE" | "POD" | "ADDRESS" => h.len().max(24),
-                            "NAMESPACE" | "NODE" | "IP" | "VIP" | "PORT(S)" => h.len().max(14),
-                            _ => h.len().max(8),
-                        })
-                        .collect();
-                    let hs: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-                    let _ = writeln!(out, "{}   EVENT", fixed_row(&hs, &ws));
-                    ws
-                });
-                for r in rows {
-                    writeln!(out, "{}   {}", fixed_row(&r, ws), ev.kind)?;
-                }
-            }
-        }
-        out.flush()?;
-    }
-    anyhow::bail!("the agent closed the watch (is it shutting down?)")
-}
-
-pub async fn describe(server: &str, a: DescribeArgs) -> Result<()> {
-    let kind = resource_arg(&a.kind)?;
-    let name = name_arg(&format!("{} name", kind.singular()), &a.name)?;
-    let ns = a.namespace.get()?;
-    let c = client(server)?;
-    let problems: Vec<String> = match kind {
-        Resource::ReplicaSets | Resource::Services => c
-            .problems()
-            .await?
-            .into_iter()
-            .filter(|p| p.namespace == ns && p.name == name)
-            .map(|p| p.message)
-            .collect(),
-        _ => Vec::new(),
-    };
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
-    match kind {
-        Resource::Nodes => {
-            let n = c.get_node(&name).await?;
-            line("Name", n.name.to_string());
-            line("Status", ready_str(n.ready));
-            line("Address", n.addr.to_string());
-            line("Mesh port", mesh_port_str(n.mesh_port));
-            line("Labels", labels_str(&n.labels));
-            line(
-                "Capacity",
-                format!(
-                    "cpu {}m, memory {} MB, pods {}",
-                    n.capacity.cpu_millis, n.capacity.memory_mb, n.capacity.pods
-                ),
-            );
-            line("Version", n.version.clone());
-            line("Age", age(n.started_at));
-            let pods = to_values(
-                c.list_pods(None)
-                    .await?
-                    .into_iter()
-                    .filter(|p| p.node == name),
-            );
-            print!("{out}");
-            print_section("Pods", Resource::Pods, &pods, true)?;
-            print_refused(n.refused.iter().map(|r| (n.name.as_str(), r)));
-        }
-        Resource::ReplicaSets => {
-            let rs = c.get_replicaset(&ns, &name).await?;
-            line("Name", rs.name.to_string());
-            line("Namespace", rs.namespace.to_string());
-            line("Image", rs.template.image.clone());
-            line(
-                "Command",
-                if rs.template.cmd.is_empty() {
-                    "<image default>".into()
-                } else {
-                    rs.template.cmd.join(" ")
-                },
-            );
-            line(
-                "Ports",
-                rs.template
-                    .ports
-                    .iter()
-                    .map(|p| format!("{}:{}", p.name, p.port))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            );
-            line("Env", labels_str(&rs.template.env));
-            line("Labels", labels_str(&rs.template.labels));
-            line(
-                "Replicas",
-                format!(
-                    "{} desired, {} current, {} ready",
-                    rs.replicas, rs.current, rs.ready
-                ),
-            );
-            line("Node selector", labels_str(&rs.placement.node_selector));
-            line("Age", age(rs.created_at));
-            let pods = to_values(
-                c.list_pods(Some(&ns))
-                    .await?
-                    .into_iter()
-                    .filter(|p| p.replicaset == name),
-            );
-            print!("{out}");
-            print_section("Pods", Resource::Pods, &pods, false)?;
-            print_problems(&problems);
-        }
-        Resource::Pods => {
-            let p = c.get_pod(&ns, &name).await?;
-            line("Name", p.name.to_string());
-            line("Namespace", p.namespace.to_string());
-            line("Replica set", p.replicaset.to_string());
-            line("Node", p.node.to_string());
-            line("Image", p.image.clone());
-            line("Phase", p.phase.to_string());
-            line("Ready", p.ready.to_string());
-            line("IP", dash(p.ip));
-            line("Container", dash(p.container_id.clone()));
-            line("Restarts", p.restarts.to_string());
-            line("Started", age(p.started_at.unwrap_or(0)));
-            line("Message", or_none(p.message.clone()));
-            print!("{out}");
-        }
-        Resource::Services => {
-            let s = c.get_service(&ns, &name).await?;
-            line("Name", s.name.to_string());
-            line("Namespace", s.namespace.to_string());
-            line("Type", svc_type_str(s.service_type));
-            line(
-                "VIP",
-                s.vip
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "None (headless)".into()),
-            );
-            for p in &s.ports {
-                line(
-                    "Port",
-                    format!(
-                        "{} {}/TCP -> {}{}",
-                        p.name,
-                        p.port,
-                        p.target_port,
-                        p.node_port
-                            .map(|n| format!(", node port {n}"))
-                            .unwrap_or_default()
-                    ),
-                );
-            }
-            line("Selector", labels_str(&s.selector));
-            if !s.static_endpoints.is_empty() {
-                line(
-                    "Static",
-                    s.static_endpoints
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                );
-            }
-            line("Age", age(s.created_at));
-            let eps = to_values(c.endpoints_of(&ns, &name).await?);
-            let nodes = c.list_nodes().await?;
-            print!("{out}");
-            print_section("Endpoints", Resource::Endpoints, &eps, false)?;
-            print_refused(nodes.iter().flat_map(|n| {
-                n.refused
-                    .iter()
-                    .filter(|r| r.namespace == ns && r.service.as_ref() == Some(&name))
-                    .map(move |r| (n.name.as_str(), r))
-            }));
-            print_problems(&problems);
-        }
-        Resource::Endpoints => {
-            return usage(
-                "describe takes node, rs, pod or svc; for endpoints use `pier get endpoints NAME`",
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The containers agents refused, as `node/container (id): reason`; nothing
-/// when there are none.
-fn print_refused<'a>(refused: impl Iterator<Item = (&'a str, &'a pier_model::Refusal)>) {
-    let lines: Vec<String> = refused
-        .map(|(node, r)| format!("  {node}/{} ({}): {}", r.container, r.id, r.reason))
-        .collect();
-    if !lines.is_empty() {
-        println!("Refused containers:\n{}", lines.join("\n"));
-    }
-}
-
-fn print_section(title: &str, kind: Resource, items: &[Value], all_ns: bool) -> Result<()> {
     if items.is_empty() {
         println!("{title}:\n  <none>");
         return Ok(());
@@ -616,16 +380,6 @@ fn print_section(title: &str, kind: Resource, items: &[Value], all_ns: bool) -> 
         println!("  {l}");
     }
     Ok(())
-}
-
-fn print_problems(problems: &[String]) {
-    if problems.is_empty() {
-        return;
-    }
-    println!("Problems:");
-    for p in problems {
-        println!("  {p}");
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,163 @@
+//! The routing table: a request's method and path to its handler. A new
+//! route is one arm here and one handler in `reads` or `writes`.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use pier_model::api::{ExposeRequest, Resource, ScaleRequest, VersionInfo};
+use pier_model::{ReplicaSet, Service, keys};
+
+use super::plumbing::{
+    Body, Fail, fail_response, full, json, method_not_allowed, parse_kind, parse_name, parse_ns,
+    read_json, wants_watch,
+};
+use super::reads::{get_one, list, metrics, problems, readyz, synced};
+use super::writes::{create_replicaset, create_service, delete_key, delete_service, expose, scale};
+use super::{Inner, Peer};
+use crate::views::Filter;
+
+pub(super) async fn handle(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    max_body: usize,
+) -> Response<Body> {
+    match route(inner, req, max_body).await {
+        Ok(r) => r,
+        Err(f) => fail_response(f),
+    }
+}
+
+pub(super) async fn route(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+    max_body: usize,
+) -> Result<Response<Body>, Fail> {
+    let path = req.uri().path().to_owned();
+    let m = req.method().clone();
+    match path.as_str() {
+        "/healthz" => return Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+        "/readyz" => return Ok(readyz(&inner)),
+        "/metrics" => return metrics(&inner),
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix(pier_model::api::PREFIX) else {
+        return Err(Fail::not_found(format!(
+            "no such path {path:?}; the API is under {}",
+            pier_model::api::PREFIX
+        )));
+    };
+    let segs: Vec<&str> = rest.trim_matches('/').split('/').collect();
+    let watch = wants_watch(&req)?;
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .map(|p| p.0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let get = m == Method::GET;
+    match segs.as_slice() {
+        ["version"] if get => {
+            let s = inner.st.snapshot.borrow().clone();
+            Ok(json(
+                StatusCode::OK,
+                &VersionInfo {
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    node: inner.st.node.clone(),
+                    revision: s.revision,
+                },
+            ))
+        }
+        ["problems"] if get => Ok(json(StatusCode::OK, &problems(&inner))),
+        [kind] if get => {
+            let kind = parse_kind(kind)?;
+            list(&inner, kind, Filter::default(), watch, peer).await
+        }
+        ["nodes", name] if get => {
+            let f = Filter {
+                namespace: None,
+                name: Some(parse_name(name)?),
+            };
+            get_one(&inner, Resource::Nodes, f).await
+        }
+        ["namespaces", ns, kind] => {
+            let ns = parse_ns(ns)?;
+            let kind = parse_kind(kind)?;
+            let f = Filter {
+                namespace: Some(ns.clone()),
+                name: None,
+            };
+            match (m.clone(), kind) {
+                (Method::GET, Resource::Nodes) => Err(Fail::not_found(
+                    "nodes are not namespaced; use /api/v1/nodes",
+                )),
+                (Method::GET, _) => list(&inner, kind, f, watch, peer).await,
+                (Method::POST, Resource::ReplicaSets) => {
+                    let rs: ReplicaSet = read_json(req, max_body).await?;
+                    create_replicaset(&inner, ns, rs).await
+                }
+                (Method::POST, Resource::Services) => {
+                    let svc: Service = read_json(req, max_body).await?;
+                    create_service(&inner, ns, svc).await
+                }
+                _ => Err(method_not_allowed(&m, &path)),
+            }
+        }
+        ["namespaces", ns, kind, name] => {
+            let ns = parse_ns(ns)?;
+            let kind = parse_kind(kind)?;
+            let name = parse_name(name)?;
+            match (m.clone(), kind) {
+                (Method::GET, Resource::Endpoints) => {
+                    let f = Filter {
+                        namespace: Some(ns.clone()),
+                        name: Some(name.clone()),
+                    };
+                    if watch {
+                        return list(&inner, kind, f, true, peer).await;
+                    }
+                    let s = synced(&inner).await?;
+                    if s.service(&ns, &name).is_none() {
+                        return Err(Fail::not_found(format!(
+                            "service {name:?} not found in namespace {ns:?}"
+                        )));
+                    }
+                    list(&inner, kind, f, false, peer).await
+                }
+                (Method::GET, _) => {
+                    let f = Filter {
+                        namespace: Some(ns),
+                        name: Some(name),
+                    };
+                    if watch {
+                        list(&inner, kind, f, true, peer).await
+                    } else {
+                        get_one(&inner, kind, f).await
+                    }
+                }
+                (Method::DELETE, Resource::ReplicaSets) => {
+                    delete_key(&inner, kind, &ns, &name, keys::replicaset(&ns, &name)).await
+                }
+                (Method::DELETE, Resource::Pods) => {
+                    delete_key(&inner, kind, &ns, &name, keys::pod(&ns, &name)).await
+                }
+                (Method::DELETE, Resource::Services) => delete_service(&inner, ns, name).await,
+                _ => Err(method_not_allowed(&m, &path)),
+            }
+        }
+        ["namespaces", ns, "replicasets", name, "scale"]
+            if m == Method::PUT || m == Method::POST =>
+        {
+            let ns = parse_ns(ns)?;
+            let name = parse_name(name)?;
+            let r: ScaleRequest = read_json(req, max_body).await?;
+            scale(&inner, ns, name, r).await
+        }
+        ["namespaces", ns, "replicasets", name, "expose"] if m == Method::POST => {
+            let ns = parse_ns(ns)?;
+            let name = parse_name(name)?;
+            let r: ExposeRequest = read_json(req, max_body).await?;
+            expose(&inner, ns, name, r).await
+        }
+        _ => Err(Fail::not_found(format!("no such path {path:?} for {m}"))),
+    }
+}

@@ -1,0 +1,89 @@
+//! What a write's body must satisfy beyond its types: the checks that
+//! answer 400 before anything reaches the store.
+
+use pier_model::{Namespace, ReplicaSet, Service};
+use pier_store::alloc;
+
+use super::plumbing::Fail;
+use crate::ApiState;
+use crate::guard;
+
+/// The path's namespace wins; a body that names another one is an error.
+pub(super) fn check_ns(body: &mut Namespace, path: &Namespace) -> Result<(), Fail> {
+    if body != path && body.as_str() != pier_model::DEFAULT_NAMESPACE {
+        return Err(Fail::bad(format!(
+            "namespace: the body says {body:?} but the path says {path:?}"
+        )));
+    }
+    *body = path.clone();
+    Ok(())
+}
+
+pub(super) fn validate_replicaset(rs: &ReplicaSet) -> Result<(), Fail> {
+    let t = &rs.template;
+    if t.image.trim().is_empty() {
+        return Err(Fail::bad("template.image: must not be empty"));
+    }
+    if t.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Fail::bad(format!(
+            "template.image: {:?} contains spaces",
+            t.image
+        )));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for (i, p) in t.ports.iter().enumerate() {
+        if !names.insert(&p.name) {
+            return Err(Fail::bad(format!(
+                "template.ports[{i}].name: {:?} is used twice",
+                p.name.as_str()
+            )));
+        }
+        if !ports.insert(p.port) {
+            return Err(Fail::bad(format!(
+                "template.ports[{i}].port: {} is used twice",
+                p.port
+            )));
+        }
+    }
+    for k in t.env.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(Fail::bad(format!(
+                "template.env: {k:?} is not a valid variable name"
+            )));
+        }
+    }
+    if let (Some(min), Some(max)) = (rs.min_replicas, rs.max_replicas)
+        && min > max
+    {
+        return Err(Fail::bad(format!(
+            "min_replicas: {min} is above max_replicas {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// What a writer asked for explicitly: node ports in the range, a VIP in
+/// the service CIDR (the same check `alloc` makes), and static endpoints
+/// that do not reach a host's own services.
+pub(super) fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail> {
+    alloc::check_explicit(&st.alloc, svc)?;
+    if svc.static_endpoints.is_empty() {
+        return Ok(());
+    }
+    let host = guard::host_addrs();
+    for (i, ep) in svc.static_endpoints.iter().enumerate() {
+        if let Err(r) = pier_model::addr::check_static_ip(
+            ep.ip,
+            &st.alloc.service_cidr,
+            &host,
+            &st.static_endpoint_allow,
+        ) {
+            return Err(Fail::bad(format!(
+                "static_endpoints[{i}].ip: {} {r}; every host's proxy would connect to its own such address, so it is refused. To allow it anyway, add a CIDR holding it to [network] static_endpoint_allow in every agent's config",
+                ep.ip
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! The handlers that write: create, scale, expose and delete. Each answers
+//! once its change has reached this agent's snapshot (bounded), so a read
+//! right after it sees it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Response, StatusCode};
+use pier_model::api::{ExposeRequest, Resource, ScaleRequest};
+use pier_model::{
+    Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, encode, keys,
+    labels,
+};
+use pier_store::alloc;
+use pier_store::{Compare, Txn, TxnOp};
+use tracing::{debug, info};
+
+use super::plumbing::{Body, Fail, json, not_found};
+use super::validate::{check_ns, validate_replicaset, validate_service};
+use super::{Inner, now_ms};
+use crate::views;
+
+/// How long a write waits for its own change to reach the snapshot, so that
+/// a `get` right after a `run` shows it. A lagging reflector only delays the
+/// answer; the write has happened.
+pub(super) const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(2);
+
+/// How often a scale retries a revision conflict before answering 409.
+pub(super) const SCALE_ATTEMPTS: u32 = 16;
+
+pub(super) async fn create_replicaset(
+    inner: &Inner,
+    ns: Namespace,
+    mut rs: ReplicaSet,
+) -> Result<Response<Body>, Fail> {
+    check_ns(&mut rs.namespace, &ns)?;
+    validate_replicaset(&rs)?;
+    rs.created_at = now_ms();
+    let key = keys::replicaset(&ns, &rs.name);
+    let r = inner
+        .st
+        .store
+        .txn(Txn {
+            compares: vec![Compare::Absent(key.clone())],
+            success: vec![TxnOp::Put {
+                key,
+                value: encode(&rs),
+                lease: None,
+            }],
+            failure: vec![],
+        })
+        .await?;
+    if !r.succeeded {
+        return Err(Fail::conflict(format!(
+            "replicaset {:?} already exists in namespace {ns:?}; scale it with `pier scale rs {} --replicas N` or delete it first",
+            rs.name.as_str(),
+            rs.name
+        )));
+    }
+    info!(namespace = %ns, replicaset = %rs.name, replicas = rs.replicas.get(), "replica set created");
+    settle(inner, |s| s.revision >= r.revision).await;
+    let s = inner.st.snapshot.borrow().clone();
+    Ok(json(StatusCode::CREATED, &views::replicaset_view(&s, &rs)))
+}
+
+/// Scale by compare-and-swap on the replica set's `mod_revision`: a racing
+/// writer makes the txn fail, and the scale is recomputed from the new value,
+/// so neither update is lost.
+pub(super) async fn scale(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+    req: ScaleRequest,
+) -> Result<Response<Body>, Fail> {
+    match (&req.replicas, &req.delta) {
+        (Some(_), Some(_)) => {
+            return Err(Fail::bad("delta: give either replicas or delta, not both"));
+        }
+        (None, None) => return Err(Fail::bad("replicas: missing (or give delta)")),
+        _ => {}
+    }
+    let key = keys::replicaset(&ns, &name);
+    let store = &inner.st.store;
+    for attempt in 0..SCALE_ATTEMPTS {
+        let turn = inner.scale_turn.lock().await;
+        let kv = store
+            .get(&key)
+            .await?
+            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(&ns), Some(&name)))?;
+        let mut rs: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e}; fix or delete it"),
+            )
+        })?;
+        let new = match (req.replicas, req.delta) {
+            (Some(r), _) => r,
+            (None, Some(d)) => {
+                let want = rs.replicas.get() as i64 + d;
+                u32::try_from(want)
+                    .ok()
+                    .and_then(|w| pier_model::Replicas::new(w).ok())
+                    .ok_or_else(|| {
+                        Fail::bad(format!(
+                            "delta: {d} would make {want} replicas; replicas are 0 to {}",
+                            pier_model::Replicas::MAX
+                        ))
+                    })?
+            }
+            (None, None) => return Err(Fail::bad("replicas: missing (or give delta)")),
+        };
+        rs.replicas = new;
+        let r = store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: encode(&rs),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        drop(turn);
+        if r.succeeded {
+            info!(namespace = %ns, replicaset = %name, replicas = new.get(), attempt, "replica set scaled");
+            settle(inner, |s| s.revision >= r.revision).await;
+            let s = inner.st.snapshot.borrow().clone();
+            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
+        }
+        // Someone else wrote it between our read and our txn. Back off a
+        // little, varying by attempt and clock so two racers separate.
+        let jitter = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() % 3_000)
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_micros(
+            500 * u64::from(attempt + 1) + u64::from(jitter),
+        ))
+        .await;
+    }
+    Err(Fail::conflict(format!(
+        "replicaset {name:?} kept changing while it was being scaled ({SCALE_ATTEMPTS} attempts); try again"
+    )))
+}
+
+pub(super) async fn delete_key(
+    inner: &Inner,
+    kind: Resource,
+    ns: &Namespace,
+    name: &Name,
+    key: String,
+) -> Result<Response<Body>, Fail> {
+    let (existed, rev) = inner.st.store.delete(&key).await?;
+    if !existed {
+        return Err(not_found(kind, Some(ns), Some(name)));
+    }
+    info!(namespace = %ns, name = %name, kind = kind.singular(), "deleted");
+    settle(inner, |s| s.revision >= rev).await;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"deleted": kind.singular(), "namespace": ns, "name": name}),
+    ))
+}
+
+pub(super) async fn create_service(
+    inner: &Inner,
+    ns: Namespace,
+    mut svc: Service,
+) -> Result<Response<Body>, Fail> {
+    check_ns(&mut svc.namespace, &ns)?;
+    if svc.ports.is_empty() {
+        return Err(Fail::bad("ports: a service needs at least one port"));
+    }
+    if !svc.selector.is_empty() && !svc.static_endpoints.is_empty() {
+        return Err(Fail::bad(
+            "static_endpoints: a service has either a selector or static endpoints, not both",
+        ));
+    }
+    validate_service(&inner.st, &svc)?;
+    svc.created_at = now_ms();
+    let created = alloc::create_service(&*inner.st.store, &inner.st.alloc, svc, true).await?;
+    info!(namespace = %ns, service = %created.name, vip = ?created.vip, "service created");
+    let key = (ns, created.name.clone());
+    settle(inner, |s| s.services.contains_key(&key)).await;
+    Ok(json(StatusCode::CREATED, &created))
+}
+
+pub(super) async fn expose(
+    inner: &Inner,
+    ns: Namespace,
+    rs_name: Name,
+    req: ExposeRequest,
+) -> Result<Response<Body>, Fail> {
+    let key = keys::replicaset(&ns, &rs_name);
+    let kv = inner.st.store.get(&key).await?.ok_or_else(|| {
+        Fail::not_found(format!(
+            "replicaset {:?} not found in namespace {ns:?}; create it with `pier run {} --image IMAGE`",
+            rs_name.as_str(),
+            rs_name
+        ))
+    })?;
+    let rs: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
+        Fail::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e}; fix or delete it"),
+        )
+    })?;
+    let target = req.target_port.unwrap_or(req.port);
+    let port_name = match rs.template.ports.iter().find(|p| p.port == target) {
+        Some(p) => p.name.clone(),
+        None => Name::new(&format!("p{}", req.port)).expect("p<digits> is a valid name"),
+    };
+    let mut selector = Labels::new();
+    selector.insert(labels::REPLICASET.into(), rs_name.to_string());
+    let svc = Service {
+        name: req.name.unwrap_or_else(|| rs_name.clone()),
+        namespace: ns.clone(),
+        vip: None,
+        service_type: req.service_type,
+        ports: vec![ServicePort {
+            name: port_name,
+            port: req.port,
+            target_port: target,
+            node_port: req.node_port,
+        }],
+        selector,
+        static_endpoints: vec![],
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: req.prefer_local,
+        accept_labelled: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: 0,
+    };
+    create_service(inner, ns, svc).await
+}
+
+pub(super) async fn delete_service(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+) -> Result<Response<Body>, Fail> {
+    if !alloc::delete_service(&*inner.st.store, &ns, &name).await? {
+        return Err(not_found(Resource::Services, Some(&ns), Some(&name)));
+    }
+    info!(namespace = %ns, service = %name, "service deleted");
+    let key = (ns.clone(), name.clone());
+    settle(inner, |s| !s.services.contains_key(&key)).await;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"deleted": "service", "namespace": ns, "name": name}),
+    ))
+}
+
+/// Waits (bounded) until the snapshot satisfies `done`, so that a read right
+/// after this write sees it.
+pub(super) async fn settle(inner: &Inner, done: impl FnMut(&Arc<Snapshot>) -> bool) {
+    let mut rx = inner.st.snapshot.clone();
+    if tokio::time::timeout(READ_YOUR_WRITE_WAIT, rx.wait_for(done))
+        .await
+        .is_err()
+    {
+        debug!("the snapshot did not catch up with a write within 2 s");
+    }
+}

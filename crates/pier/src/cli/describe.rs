@@ -1,0 +1,202 @@
+//! `pier describe`: one object in detail, with its pods, endpoints and
+//! problems.
+
+use anyhow::Result;
+use pier_model::api::Resource;
+
+use super::args::{NamespaceArg, client, name_arg, resource_arg, usage};
+use super::output::{
+    age, dash, labels_str, mesh_port_str, or_none, print_section, ready_str, svc_type_str,
+    to_values,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct DescribeArgs {
+    /// node, rs, pod or svc.
+    pub(super) kind: String,
+    pub(super) name: String,
+    #[command(flatten)]
+    pub(super) namespace: NamespaceArg,
+}
+
+pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
+    let kind = resource_arg(&a.kind)?;
+    let name = name_arg(&format!("{} name", kind.singular()), &a.name)?;
+    let ns = a.namespace.get()?;
+    let c = client(server)?;
+    let problems: Vec<String> = match kind {
+        Resource::ReplicaSets | Resource::Services => c
+            .problems()
+            .await?
+            .into_iter()
+            .filter(|p| p.namespace == ns && p.name == name)
+            .map(|p| p.message)
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+    match kind {
+        Resource::Nodes => {
+            let n = c.get_node(&name).await?;
+            line("Name", n.name.to_string());
+            line("Status", ready_str(n.ready));
+            line("Address", n.addr.to_string());
+            line("Mesh port", mesh_port_str(n.mesh_port));
+            line("Labels", labels_str(&n.labels));
+            line(
+                "Capacity",
+                format!(
+                    "cpu {}m, memory {} MB, pods {}",
+                    n.capacity.cpu_millis, n.capacity.memory_mb, n.capacity.pods
+                ),
+            );
+            line("Version", n.version.clone());
+            line("Age", age(n.started_at));
+            let pods = to_values(
+                c.list_pods(None)
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.node == name),
+            );
+            print!("{out}");
+            print_section("Pods", Resource::Pods, &pods, true)?;
+            print_refused(n.refused.iter().map(|r| (n.name.as_str(), r)));
+        }
+        Resource::ReplicaSets => {
+            let rs = c.get_replicaset(&ns, &name).await?;
+            line("Name", rs.name.to_string());
+            line("Namespace", rs.namespace.to_string());
+            line("Image", rs.template.image.clone());
+            line(
+                "Command",
+                if rs.template.cmd.is_empty() {
+                    "<image default>".into()
+                } else {
+                    rs.template.cmd.join(" ")
+                },
+            );
+            line(
+                "Ports",
+                rs.template
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}:{}", p.name, p.port))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            line("Env", labels_str(&rs.template.env));
+            line("Labels", labels_str(&rs.template.labels));
+            line(
+                "Replicas",
+                format!(
+                    "{} desired, {} current, {} ready",
+                    rs.replicas, rs.current, rs.ready
+                ),
+            );
+            line("Node selector", labels_str(&rs.placement.node_selector));
+            line("Age", age(rs.created_at));
+            let pods = to_values(
+                c.list_pods(Some(&ns))
+                    .await?
+                    .into_iter()
+                    .filter(|p| p.replicaset == name),
+            );
+            print!("{out}");
+            print_section("Pods", Resource::Pods, &pods, false)?;
+            print_problems(&problems);
+        }
+        Resource::Pods => {
+            let p = c.get_pod(&ns, &name).await?;
+            line("Name", p.name.to_string());
+            line("Namespace", p.namespace.to_string());
+            line("Replica set", p.replicaset.to_string());
+            line("Node", p.node.to_string());
+            line("Image", p.image.clone());
+            line("Phase", p.phase.to_string());
+            line("Ready", p.ready.to_string());
+            line("IP", dash(p.ip));
+            line("Container", dash(p.container_id.clone()));
+            line("Restarts", p.restarts.to_string());
+            line("Started", age(p.started_at.unwrap_or(0)));
+            line("Message", or_none(p.message.clone()));
+            print!("{out}");
+        }
+        Resource::Services => {
+            let s = c.get_service(&ns, &name).await?;
+            line("Name", s.name.to_string());
+            line("Namespace", s.namespace.to_string());
+            line("Type", svc_type_str(s.service_type));
+            line(
+                "VIP",
+                s.vip
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "None (headless)".into()),
+            );
+            for p in &s.ports {
+                line(
+                    "Port",
+                    format!(
+                        "{} {}/TCP -> {}{}",
+                        p.name,
+                        p.port,
+                        p.target_port,
+                        p.node_port
+                            .map(|n| format!(", node port {n}"))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+            line("Selector", labels_str(&s.selector));
+            if !s.static_endpoints.is_empty() {
+                line(
+                    "Static",
+                    s.static_endpoints
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+            }
+            line("Age", age(s.created_at));
+            let eps = to_values(c.endpoints_of(&ns, &name).await?);
+            let nodes = c.list_nodes().await?;
+            print!("{out}");
+            print_section("Endpoints", Resource::Endpoints, &eps, false)?;
+            print_refused(nodes.iter().flat_map(|n| {
+                n.refused
+                    .iter()
+                    .filter(|r| r.namespace == ns && r.service.as_ref() == Some(&name))
+                    .map(move |r| (n.name.as_str(), r))
+            }));
+            print_problems(&problems);
+        }
+        Resource::Endpoints => {
+            return usage(
+                "describe takes node, rs, pod or svc; for endpoints use `pier get endpoints NAME`",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The containers agents refused, as `node/container (id): reason`; nothing
+/// when there are none.
+fn print_refused<'a>(refused: impl Iterator<Item = (&'a str, &'a pier_model::Refusal)>) {
+    let lines: Vec<String> = refused
+        .map(|(node, r)| format!("  {node}/{} ({}): {}", r.container, r.id, r.reason))
+        .collect();
+    if !lines.is_empty() {
+        println!("Refused containers:\n{}", lines.join("\n"));
+    }
+}
+
+fn print_problems(problems: &[String]) {
+    if problems.is_empty() {
+        return;
+    }
+    println!("Problems:");
+    for p in problems {
+        println!("  {p}");
+    }
+}

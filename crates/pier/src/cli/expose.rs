@@ -1,0 +1,180 @@
+//! `pier expose rs` and `pier expose external`: make a service.
+
+use anyhow::Result;
+use pier_model::api::ExposeRequest;
+use pier_model::{Labels, Name, Service, ServicePort, ServiceType, StaticEndpoint};
+
+use super::args::{NamespaceArg, Usage, client, name_arg, port_arg, usage};
+use super::output::describe_vip_and_ports;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ExposeCmd {
+    /// A service whose endpoints are a replica set's pods.
+    Rs(ExposeRsArgs),
+    /// A service in front of fixed HOST:PORT endpoints that pier does not run.
+    External(ExposeExternalArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExposeRsArgs {
+    /// The replica set.
+    pub(super) name: String,
+    /// The service port (on the VIP).
+    #[arg(long, value_name = "P")]
+    pub(super) port: String,
+    /// The container port; the service port by default.
+    #[arg(long, value_name = "P")]
+    pub(super) target_port: Option<String>,
+    /// ClusterIP (a VIP) or NodePort (a VIP and a port on every node).
+    #[arg(long = "type", default_value = "ClusterIP", value_name = "TYPE")]
+    pub(super) service_type: String,
+    /// The node port for a NodePort service; one is allocated by default.
+    #[arg(long, value_name = "N")]
+    pub(super) node_port: Option<String>,
+    /// The service's name; the replica set's by default.
+    #[arg(long = "name", value_name = "SVC")]
+    pub(super) service_name: Option<String>,
+    /// Each host sends its clients to its own ready pods when it has any,
+    /// to other hosts' pods only when it has none.
+    #[arg(long)]
+    pub(super) prefer_local: bool,
+    #[command(flatten)]
+    pub(super) namespace: NamespaceArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExposeExternalArgs {
+    /// The service's name.
+    pub(super) name: String,
+    /// The service port (on the VIP).
+    #[arg(long, value_name = "P")]
+    pub(super) port: String,
+    /// An endpoint, HOST:PORT; repeat for more.
+    #[arg(long = "endpoint", value_name = "HOST:PORT", required = true)]
+    pub(super) endpoints: Vec<String>,
+    #[command(flatten)]
+    pub(super) namespace: NamespaceArg,
+}
+
+pub(super) async fn run(server: &str, what: ExposeCmd) -> Result<()> {
+    match what {
+        ExposeCmd::Rs(a) => expose_rs(server, a).await,
+        ExposeCmd::External(a) => expose_external(server, a).await,
+    }
+}
+
+async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
+    let rs = name_arg("replica set name", &a.name)?;
+    let namespace = a.namespace.get()?;
+    let port = port_arg("--port", &a.port)?;
+    let target_port = a
+        .target_port
+        .as_deref()
+        .map(|p| port_arg("--target-port", p))
+        .transpose()?;
+    let node_port = a
+        .node_port
+        .as_deref()
+        .map(|p| port_arg("--node-port", p))
+        .transpose()?;
+    let service_type: ServiceType = a
+        .service_type
+        .parse()
+        .or_else(|e| usage(format!("--type: {e}")))?;
+    if node_port.is_some() && service_type != ServiceType::NodePort {
+        return usage("--node-port: needs --type NodePort");
+    }
+    let name = a
+        .service_name
+        .as_deref()
+        .map(|n| name_arg("--name", n))
+        .transpose()?;
+    let c = client(server)?;
+    let svc = c
+        .expose_replicaset(
+            &namespace,
+            &rs,
+            &ExposeRequest {
+                name,
+                port,
+                target_port,
+                service_type,
+                node_port,
+                prefer_local: a.prefer_local,
+            },
+        )
+        .await?;
+    println!(
+        "service/{} exposed: {}",
+        svc.name,
+        describe_vip_and_ports(&svc)
+    );
+    Ok(())
+}
+
+async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
+    if let Ok(e) = s.parse::<StaticEndpoint>() {
+        return Ok(e);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return usage(format!("--endpoint: {s:?} is not HOST:PORT"));
+    };
+    let port = port_arg("--endpoint", port)?;
+    let mut addrs = tokio::net::lookup_host((host, port.get()))
+        .await
+        .map_err(|e| Usage(format!("--endpoint: cannot resolve {host:?}: {e}")))?;
+    match addrs.next() {
+        Some(a) => Ok(StaticEndpoint { ip: a.ip(), port }),
+        None => usage(format!("--endpoint: {host:?} has no address")),
+    }
+}
+
+async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
+    let name = name_arg("service name", &a.name)?;
+    let namespace = a.namespace.get()?;
+    let port = port_arg("--port", &a.port)?;
+    let mut eps = Vec::new();
+    for e in &a.endpoints {
+        eps.push(resolve_endpoint(e).await?);
+    }
+    // The endpoints' own ports are used; target_port records the common one.
+    let target_port = match eps.first() {
+        Some(first) if eps.iter().all(|e| e.port == first.port) => first.port,
+        _ => port,
+    };
+    let svc = Service {
+        name: name.clone(),
+        namespace,
+        vip: None,
+        service_type: ServiceType::ClusterIP,
+        ports: vec![ServicePort {
+            name: Name::new(&format!("p{port}")).expect("p<digits> is a valid name"),
+            port,
+            target_port,
+            node_port: None,
+        }],
+        selector: Labels::new(),
+        static_endpoints: eps,
+        lb: Default::default(),
+        proxy_protocol: false,
+        prefer_local: false,
+        drain_timeout_ms: None,
+        health: None,
+        sla: None,
+        created_at: 0,
+        accept_labelled: false,
+    };
+    let c = client(server)?;
+    let svc = c.create_service(&svc).await?;
+    println!(
+        "service/{} created: {}, endpoints {}",
+        svc.name,
+        describe_vip_and_ports(&svc),
+        svc.static_endpoints
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! `pier get`: list objects, or follow them with `-w`.
+
+use anyhow::Result;
+use pier_model::api::{Resource, WatchEvent};
+use serde_json::Value;
+
+use super::args::{NamespaceArg, client, name_arg, resource_arg};
+use super::output::{Format, fixed_row, render_table, table_rows, to_values};
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// nodes, rs, pods, svc or endpoints.
+    pub(super) resource: String,
+    /// One object (for endpoints: one service's).
+    pub(super) name: Option<String>,
+    #[command(flatten)]
+    pub(super) namespace: NamespaceArg,
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    pub(super) all_namespaces: bool,
+    /// table, wide, json or yaml.
+    #[arg(short = 'o', long, default_value = "table", value_name = "FORMAT")]
+    pub(super) output: String,
+    /// After listing, print every change until interrupted.
+    #[arg(short = 'w', long)]
+    pub(super) watch: bool,
+}
+
+pub(super) async fn run(server: &str, a: GetArgs) -> Result<()> {
+    let kind = resource_arg(&a.resource)?;
+    let format = Format::parse(&a.output)?;
+    let name = a
+        .name
+        .as_deref()
+        .map(|n| name_arg(&format!("{} name", kind.singular()), n))
+        .transpose()?;
+    let ns = a.namespace.get()?;
+    let all_ns = a.all_namespaces || !kind.namespaced();
+    let nsf = if all_ns { None } else { Some(&ns) };
+    let c = client(server)?;
+    if a.watch {
+        return watch(&c, kind, nsf, name.as_ref(), format, a.all_namespaces).await;
+    }
+    let items: Vec<Value> = match &name {
+        None => c.list_raw(kind, nsf).await?,
+        Some(n) => match kind {
+            Resource::Endpoints => to_values(c.endpoints_of(&ns, n).await?),
+            Resource::Nodes => to_values([c.get_node(n).await?]),
+            Resource::ReplicaSets => to_values([c.get_replicaset(&ns, n).await?]),
+            Resource::Pods => to_values([c.get_pod(&ns, n).await?]),
+            Resource::Services => to_values([c.get_service(&ns, n).await?]),
+        },
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+        Format::Yaml => print!("{}", serde_yaml_ng::to_string(&items)?),
+        Format::Table | Format::Wide => {
+            if items.is_empty() {
+                match nsf {
+                    Some(ns) => eprintln!("No {kind} found in namespace {ns}."),
+                    None => eprintln!("No {kind} found."),
+                }
+                return Ok(());
+            }
+            let (header, rows) =
+                table_rows(kind, &items, format == Format::Wide, a.all_namespaces)?;
+            println!("{}", render_table(&header, rows));
+        }
+    }
+    Ok(())
+}
+
+async fn watch(
+    c: &pier_api::Client,
+    kind: Resource,
+    ns: Option<&pier_model::Namespace>,
+    name: Option<&pier_model::Name>,
+    format: Format,
+    all_ns: bool,
+) -> Result<()> {
+    use std::io::Write;
+    let mut w = c.watch::<Value>(kind, ns, name).await?;
+    let mut widths: Option<Vec<usize>> = None;
+    let mut out = std::io::stdout();
+    while let Some(ev) = w.next().await {
+        let ev: WatchEvent<Value> = ev?;
+        match format {
+            Format::Json => writeln!(out, "{}", serde_json::to_string(&ev)?)?,
+            Format::Yaml => write!(out, "---\n{}", serde_yaml_ng::to_string(&ev)?)?,
+            Format::Table | Format::Wide => {
+                let (header, rows) = table_rows(
+                    kind,
+                    std::slice::from_ref(&ev.object),
+                    format == Format::Wide,
+                    all_ns,
+                )?;
+                let ws = widths.get_or_insert_with(|| {
+                    let ws: Vec<usize> = header
+                        .iter()
+                        .map(|h| match *h {
+                            "NAME" | "SERVICE" | "POD" | "ADDRESS" => h.len().max(24),
+                            "NAMESPACE" | "NODE" | "IP" | "VIP" | "PORT(S)" => h.len().max(14),
+                            _ => h.len().max(8),
+                        })
+                        .collect();
+                    let hs: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+                    let _ = writeln!(out, "{}   EVENT", fixed_row(&hs, &ws));
+                    ws
+                });
+                for r in rows {
+                    writeln!(out, "{}   {}", fixed_row(&r, ws), ev.kind)?;
+                }
+            }
+        }
+        out.flush()?;
+    }
+    anyhow::bail!("the agent closed the watch (is it shutting down?)")
+}
