@@ -46,42 +46,63 @@ pub(crate) fn pod_view(s: &Snapshot, pod: &Pod) -> PodView {
     }
 }
 
-/// `(current, ready)` pods per replica set.
-fn rs_counts(s: &Snapshot) -> BTreeMap<ObjectKey, (u32, u32)> {
-    let mut out: BTreeMap<ObjectKey, (u32, u32)> = BTreeMap::new();
+/// Pod counts of one replica set.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    current: u32,
+    ready: u32,
+    /// On the replica set's current template.
+    updated: u32,
+    updated_ready: u32,
+}
+
+/// Pod counts per replica set.
+fn rs_counts(s: &Snapshot) -> BTreeMap<ObjectKey, Counts> {
+    let hashes: BTreeMap<&ObjectKey, String> = s
+        .replicasets
+        .iter()
+        .map(|(k, rs)| (k, rs.template.hash()))
+        .collect();
+    let mut out: BTreeMap<ObjectKey, Counts> = BTreeMap::new();
     for pod in s.pods.values() {
-        let e = out
-            .entry((pod.namespace.clone(), pod.replicaset.clone()))
-            .or_default();
-        e.0 += 1;
-        if pod_view(s, pod).ready {
-            e.1 += 1;
-        }
+        let k = (pod.namespace.clone(), pod.replicaset.clone());
+        let updated = hashes.get(&k).is_some_and(|h| *h == pod.template_hash);
+        let e = out.entry(k).or_default();
+        let ready = pod_view(s, pod).ready;
+        e.current += 1;
+        e.ready += u32::from(ready);
+        e.updated += u32::from(updated);
+        e.updated_ready += u32::from(updated && ready);
     }
     out
 }
 
-fn rs_view(rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, (u32, u32)>) -> ReplicaSetView {
-    let (current, ready) = counts
-        .get(&(rs.namespace.clone(), rs.name.clone()))
-        .copied()
-        .unwrap_or((0, 0));
+fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) -> ReplicaSetView {
+    let key = (rs.namespace.clone(), rs.name.clone());
+    let c = counts.get(&key).copied().unwrap_or_default();
     ReplicaSetView {
         name: rs.name.clone(),
         namespace: rs.namespace.clone(),
         replicas: rs.replicas,
-        current,
-        ready,
+        current: c.current,
+        ready: c.ready,
+        updated: c.updated,
+        updated_ready: c.updated_ready,
         template: rs.template.clone(),
         placement: rs.placement.clone(),
         min_replicas: rs.min_replicas,
         max_replicas: rs.max_replicas,
         created_at: rs.created_at,
+        update_config: rs.update_config,
+        rollback_config: rs.rollback_config,
+        revision: rs.revision,
+        history: rs.history.clone(),
+        rollout: s.rollouts.get(&key).map(|r| (**r).clone()),
     }
 }
 
 pub(crate) fn replicaset_view(s: &Snapshot, rs: &ReplicaSet) -> ReplicaSetView {
-    rs_view(rs, &rs_counts(s))
+    rs_view(s, rs, &rs_counts(s))
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
@@ -106,7 +127,7 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
                     name: n.name.clone(),
                     addr: n.addr,
                     ready: s.stale_since_ms.is_none(),
-                    labels: n.labels.clone(),
+                    labels: s.node_labels(name),
                     mesh_port: n.mesh_port,
                     capacity: n.capacity,
                     version: n.version.clone(),
@@ -121,7 +142,7 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
             let counts = rs_counts(s);
             for ((ns, name), rs) in s.replicasets.iter() {
                 if f.ns_ok(ns) && f.name_ok(name) {
-                    out.insert(format!("{ns}/{name}"), to_value(&rs_view(rs, &counts)));
+                    out.insert(format!("{ns}/{name}"), to_value(&rs_view(s, rs, &counts)));
                 }
             }
         }

@@ -220,6 +220,10 @@ fn rs(name: &str, replicas: u32) -> ReplicaSet {
         min_replicas: None,
         max_replicas: None,
         created_at: 0,
+        update_config: Default::default(),
+        rollback_config: Default::default(),
+        revision: 0,
+        history: Vec::new(),
     }
 }
 

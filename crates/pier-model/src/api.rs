@@ -16,7 +16,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{Name, Namespace, PortNum, Replicas};
-use crate::objects::{Labels, Placement, PodPhase, PodTemplate, Resources, ServiceType};
+use crate::objects::{Labels, PodPhase, PodTemplate, Resources, ServiceType};
+use crate::placement::Placement;
+use crate::rollout::{Rollout, TemplateRevision, UpdateConfig};
 
 /// Every API path starts with this.
 pub const PREFIX: &str = "/api/v1";
@@ -133,6 +135,12 @@ pub struct ReplicaSetView {
     pub current: u32,
     /// Pods that run and passed their health check.
     pub ready: u32,
+    /// Pods on the current template (`revision`).
+    #[serde(default)]
+    pub updated: u32,
+    /// Of those, ready.
+    #[serde(default)]
+    pub updated_ready: u32,
     pub template: PodTemplate,
     #[serde(default)]
     pub placement: Placement,
@@ -142,6 +150,19 @@ pub struct ReplicaSetView {
     pub max_replicas: Option<Replicas>,
     #[serde(default)]
     pub created_at: u64,
+    #[serde(default)]
+    pub update_config: UpdateConfig,
+    #[serde(default)]
+    pub rollback_config: UpdateConfig,
+    /// The template's revision.
+    #[serde(default)]
+    pub revision: u64,
+    /// Earlier templates, oldest first.
+    #[serde(default)]
+    pub history: Vec<TemplateRevision>,
+    /// The latest rollout, as the supervisor leader recorded it.
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
 }
 
 /// A pod merged with its status.

@@ -12,6 +12,9 @@
 //! /pier/v1/alloc/nodeport/<port>
 //! /pier/v1/stats/<ns>/<svc>/<node>
 //! /pier/v1/election/<name>
+//! /pier/v1/problems/<ns>/<rs>
+//! /pier/v1/rollouts/<ns>/<rs>
+//! /pier/v1/nodelabels/<node>
 //! ```
 
 use std::fmt;
@@ -35,6 +38,8 @@ pub mod prefix {
     pub const STATS: &str = "/pier/v1/stats/";
     pub const ELECTIONS: &str = "/pier/v1/election/";
     pub const PROBLEMS: &str = "/pier/v1/problems/";
+    pub const ROLLOUTS: &str = "/pier/v1/rollouts/";
+    pub const NODE_LABELS: &str = "/pier/v1/nodelabels/";
 
     use crate::names::{Name, Namespace};
 
@@ -68,6 +73,10 @@ pub enum Key {
     Election(Name),
     /// What keeps a replica set from its desired state.
     Problem(Namespace, Name),
+    /// A replica set's rollout progress.
+    Rollout(Namespace, Name),
+    /// Labels set on a node through the API.
+    NodeLabels(Name),
 }
 
 /// A key that is not in pier's schema.
@@ -102,6 +111,8 @@ impl fmt::Display for Key {
             } => write!(f, "{STATS}{namespace}/{service}/{node}"),
             Key::Election(n) => write!(f, "{ELECTIONS}{n}"),
             Key::Problem(ns, n) => write!(f, "{PROBLEMS}{ns}/{n}"),
+            Key::Rollout(ns, n) => write!(f, "{ROLLOUTS}{ns}/{n}"),
+            Key::NodeLabels(n) => write!(f, "{NODE_LABELS}{n}"),
         }
     }
 }
@@ -144,6 +155,8 @@ impl Key {
             }),
             ["election", e] => Ok(Key::Election(n(e)?)),
             ["problems", a, b] => Ok(Key::Problem(ns(a)?, n(b)?)),
+            ["rollouts", a, b] => Ok(Key::Rollout(ns(a)?, n(b)?)),
+            ["nodelabels", a] => Ok(Key::NodeLabels(n(a)?)),
             _ => Err(err("unknown kind or wrong number of parts")),
         }
     }
@@ -191,6 +204,14 @@ pub fn stats(ns: &Namespace, svc: &Name, node: &Name) -> String {
 pub fn problem(ns: &Namespace, rs: &Name) -> String {
     Key::Problem(ns.clone(), rs.clone()).to_string()
 }
+/// The supervisor's rollout record for replica set `rs`.
+pub fn rollout(ns: &Namespace, rs: &Name) -> String {
+    Key::Rollout(ns.clone(), rs.clone()).to_string()
+}
+/// The labels set on `node` through the API.
+pub fn node_labels(node: &Name) -> String {
+    Key::NodeLabels(node.clone()).to_string()
+}
 pub fn election(name: &Name) -> String {
     Key::Election(name.clone()).to_string()
 }
@@ -236,6 +257,8 @@ mod tests {
             }),
             nm().prop_map(Key::Election),
             (ns(), nm()).prop_map(|(a, b)| Key::Problem(a, b)),
+            (ns(), nm()).prop_map(|(a, b)| Key::Rollout(a, b)),
+            nm().prop_map(Key::NodeLabels),
         ]
     }
 

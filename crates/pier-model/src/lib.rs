@@ -11,6 +11,8 @@
 
 mod names;
 mod objects;
+mod placement;
+mod rollout;
 mod snapshot;
 
 pub mod addr;
@@ -19,6 +21,10 @@ pub mod keys;
 
 pub use names::{Cidr, Name, NameError, Namespace, PortNum, Replicas};
 pub use objects::*;
+pub use placement::{Constraint, ConstraintField, ConstraintOp, Placement, valid_label_key};
+pub use rollout::{
+    FailureAction, Ratio, Rollout, RolloutState, TemplateRevision, UpdateConfig, UpdateOrder,
+};
 pub use snapshot::{EndpointKey, EndpointMap, ObjectKey, Snapshot};
 
 /// The default namespace, as in Kubernetes.

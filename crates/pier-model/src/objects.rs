@@ -11,6 +11,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{Name, NameError, Namespace, PortNum, Replicas};
+use crate::placement::Placement;
+use crate::rollout::{TemplateRevision, UpdateConfig};
 
 /// Free-form labels, as on Docker containers and Kubernetes objects.
 pub type Labels = BTreeMap<String, String>;
@@ -413,28 +415,6 @@ impl PodTemplate {
     }
 }
 
-/// Where a replica set's pods may go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Placement {
-    /// Only nodes whose labels include all of these.
-    pub node_selector: Labels,
-    /// At most this many of the set's pods on one node.
-    pub max_per_node: Option<u32>,
-    /// Spread the pods across nodes (the default).
-    pub spread: bool,
-}
-
-impl Default for Placement {
-    fn default() -> Self {
-        Placement {
-            node_selector: Labels::new(),
-            max_per_node: None,
-            spread: true,
-        }
-    }
-}
-
 /// `/pier/v1/problems/<ns>/<rs>`: what keeps a replica set from its desired
 /// state (an image missing on every node, no node that fits…). Written and
 /// deleted by the supervisor leader only, under its election lease, so a
@@ -465,6 +445,82 @@ pub struct ReplicaSet {
     pub max_replicas: Option<Replicas>,
     #[serde(default)]
     pub created_at: u64,
+    /// How a new template rolls out (Compose `deploy.update_config`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub update_config: UpdateConfig,
+    /// How a failed rollout rolls back (Compose `deploy.rollback_config`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rollback_config: UpdateConfig,
+    /// The template's revision: 1 at creation, +1 on every template change.
+    /// Set by the API; 0 in records written before revisions existed.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub revision: u64,
+    /// Earlier templates, oldest first, at most
+    /// [`ReplicaSet::HISTORY_LIMIT`]. Set by the API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<TemplateRevision>,
+}
+
+impl ReplicaSet {
+    /// Earlier templates kept for `rollout undo` (Kubernetes keeps 10).
+    pub const HISTORY_LIMIT: usize = 10;
+
+    /// The template of `revision`: the current one or one in the history.
+    pub fn template_of(&self, revision: u64) -> Option<&PodTemplate> {
+        if revision == self.revision {
+            return Some(&self.template);
+        }
+        self.history
+            .iter()
+            .find(|h| h.revision == revision)
+            .map(|h| &h.template)
+    }
+
+    /// The revision whose template hashes to `hash`, newest first.
+    pub fn revision_of_hash(&self, hash: &str) -> Option<u64> {
+        if self.template.hash() == hash {
+            return Some(self.revision);
+        }
+        self.history
+            .iter()
+            .rev()
+            .find(|h| h.template.hash() == hash)
+            .map(|h| h.revision)
+    }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// `/pier/v1/nodelabels/<node>`: labels set with `pier label node`, laid
+/// over the labels the node's agent registers from its `[node] labels`.
+/// Written by the API only; kept when the node goes away (no lease), so a
+/// host that comes back keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabels {
+    /// `Some(v)` sets the label; `None` removes it, also when the config
+    /// sets it (`pier label node N k-`).
+    pub labels: BTreeMap<String, Option<String>>,
+}
+
+impl NodeLabels {
+    /// The node's labels with this overlay applied.
+    pub fn apply(&self, base: &Labels) -> Labels {
+        let mut out = base.clone();
+        for (k, v) in &self.labels {
+            match v {
+                Some(v) => {
+                    out.insert(k.clone(), v.clone());
+                }
+                None => {
+                    out.remove(k);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// `/pier/v1/pods/<ns>/<pod>`: a pod placed on a node. Written by the

@@ -10,7 +10,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::names::{Name, Namespace};
-use crate::objects::{Endpoint, Node, Pod, PodStatus, ReplicaSet, ReplicaSetProblem, Service};
+use crate::objects::{
+    Endpoint, Labels, Node, NodeLabels, Pod, PodStatus, ReplicaSet, ReplicaSetProblem, Service,
+};
+use crate::rollout::Rollout;
 
 /// `(namespace, name)`.
 pub type ObjectKey = (Namespace, Name);
@@ -38,6 +41,11 @@ pub struct Snapshot {
     pub pod_statuses: Arc<BTreeMap<ObjectKey, Arc<PodStatus>>>,
     /// Service `(namespace, name)` → its endpoints on every node.
     pub endpoints: Arc<BTreeMap<ObjectKey, Arc<EndpointMap>>>,
+    /// The supervisor leader's rollout records, by replica set.
+    pub rollouts: Arc<BTreeMap<ObjectKey, Arc<Rollout>>>,
+    /// Labels set with `pier label node`, by node (see
+    /// [`Snapshot::node_labels`]).
+    pub node_labels: Arc<BTreeMap<Name, Arc<NodeLabels>>>,
 }
 
 impl Snapshot {
@@ -60,6 +68,20 @@ impl Snapshot {
         svc: &Name,
     ) -> impl Iterator<Item = &Arc<Endpoint>> {
         self.endpoints_of(ns, svc).filter(|e| e.ready)
+    }
+
+    /// A node's effective labels: those its agent registered, overlaid by
+    /// `pier label node`. Empty for a node not in the snapshot.
+    pub fn node_labels(&self, node: &Name) -> Labels {
+        let base = self
+            .nodes
+            .get(node)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default();
+        match self.node_labels.get(node) {
+            Some(o) => o.apply(&base),
+            None => base,
+        }
     }
 
     /// The service whose VIP is `ip`.

@@ -409,6 +409,12 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
         Key::Problem(ns, n) => decode(key, value).map(|v| {
             Arc::make_mut(&mut snap.problems).insert((ns.clone(), n.clone()), Arc::new(v));
         }),
+        Key::Rollout(ns, n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.rollouts).insert((ns.clone(), n.clone()), Arc::new(v));
+        }),
+        Key::NodeLabels(n) => decode(key, value).map(|v| {
+            Arc::make_mut(&mut snap.node_labels).insert(n.clone(), Arc::new(v));
+        }),
         Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => Ok(()),
     };
     if let Err(e) = ok {
@@ -429,6 +435,12 @@ fn remove(snap: &mut Snapshot, k: &Key) {
         Key::Pod(ns, n) => remove_obj(&mut snap.pods, ns, n),
         Key::PodStatus(ns, n) => remove_obj(&mut snap.pod_statuses, ns, n),
         Key::Problem(ns, n) => remove_obj(&mut snap.problems, ns, n),
+        Key::Rollout(ns, n) => remove_obj(&mut snap.rollouts, ns, n),
+        Key::NodeLabels(n) => {
+            if snap.node_labels.contains_key(n) {
+                Arc::make_mut(&mut snap.node_labels).remove(n);
+            }
+        }
         Key::Endpoint {
             namespace,
             service,

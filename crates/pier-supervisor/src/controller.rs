@@ -5,14 +5,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pier_model::{Name, ObjectKey, PodPhase, ReplicaSetProblem, Snapshot, encode, keys};
+use pier_model::{
+    Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, encode, keys,
+};
 use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp, election};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::plan::{self, Action, PlanInput};
+use crate::plan::{self, Action, PlanInput, RolloutWrite};
 use crate::{Problems, Supervisor, SupervisorError};
 
 /// The election every supervisor campaigns in.
@@ -203,6 +205,10 @@ struct Leader<'a> {
     timers: BTreeMap<ObjectKey, Instant>,
     sets: BTreeMap<ObjectKey, SetState>,
     problems: BTreeMap<ObjectKey, String>,
+    /// Sets with replicas no node could take: any change of pods, sets or
+    /// nodes may unblock them (another set's pod gone frees its node of an
+    /// anti-affinity), so each such change plans them again.
+    blocked: BTreeSet<ObjectKey>,
     node_absent_since: BTreeMap<Name, Instant>,
     last_write: Revision,
     next_resync: Instant,
@@ -246,6 +252,7 @@ impl<'a> Leader<'a> {
             timers: BTreeMap::new(),
             sets: BTreeMap::new(),
             problems: BTreeMap::new(),
+            blocked: BTreeSet::new(),
             node_absent_since: BTreeMap::new(),
             last_write: 0,
             next_resync: Instant::now(),
@@ -273,6 +280,16 @@ impl<'a> Leader<'a> {
             return;
         }
         plan::dirty(&self.current, &snap, &mut self.dirty);
+        if !self.blocked.is_empty()
+            && (!Arc::ptr_eq(&self.current.pods, &snap.pods)
+                || !Arc::ptr_eq(&self.current.replicasets, &snap.replicasets))
+        {
+            for k in &self.blocked {
+                self.dirty
+                    .entry(k.clone())
+                    .or_insert("placement may have changed");
+            }
+        }
         let now = Instant::now();
         let mut absent: BTreeSet<&Name> = BTreeSet::new();
         for p in snap.pods.values() {
@@ -476,8 +493,9 @@ impl<'a> Leader<'a> {
             plan::plan(&snap, key, &mut input)
         };
 
-        if !plan.exists && plan.actions.is_empty() {
+        if !plan.exists && plan.actions.is_empty() && plan.rollout.is_none() {
             self.sets.remove(key);
+            self.blocked.remove(key);
             self.timers.remove(key);
             self.set_problem(key, None).await;
             self.problems_unsynced.remove(key);
@@ -528,9 +546,24 @@ impl<'a> Leader<'a> {
             }
         }
 
+        if plan.unscheduled > 0 {
+            self.blocked.insert(key.clone());
+        } else {
+            self.blocked.remove(key);
+        }
+        if let Some(at) = plan.wake_at_ms {
+            let t = now + Duration::from_millis(at.saturating_sub(now_ms()));
+            requeue = Some(requeue.map_or(t, |r| r.min(t)));
+        }
         let mut problem: Vec<String> = Vec::new();
         if let Some(u) = &plan.unschedulable {
             problem.push(u.clone());
+        }
+        if let Some(r) = &plan.rollout_state
+            && matches!(r.state, RolloutState::Paused | RolloutState::RolledBack)
+            && !r.message.is_empty()
+        {
+            problem.push(format!("rollout {}: {}", r.state, r.message));
         }
         if st.failures > 0 || !plan.failed_waiting.is_empty() {
             if let Some(f) = &st.last_failure {
@@ -546,14 +579,19 @@ impl<'a> Leader<'a> {
         let problem = (!problem.is_empty()).then(|| problem.join("; "));
         self.set_problem(key, problem).await;
 
-        if plan.actions.is_empty() {
+        if plan.actions.is_empty() && plan.rollout.is_none() {
             tracing::debug!("nothing to do");
             if let Some(t) = requeue {
                 self.timers.insert(key.clone(), t);
             }
             return None;
         }
-        match self.write(key, &plan.actions).await {
+        if let Some(r) = &plan.rollout_state
+            && plan.rollout.is_some()
+        {
+            tracing::info!(revision = r.revision, target = r.target, state = %r.state, steps = r.steps, failures = r.failures, message = %r.message, "rollout");
+        }
+        match self.write(key, &plan.actions, plan.rollout.as_ref()).await {
             Ok(()) => {}
             Err(WriteError::Conflict) => {
                 if let Some(stop) = self.check_fence().await {
@@ -578,11 +616,39 @@ impl<'a> Leader<'a> {
     /// Writes `actions` in txns of [`TXN_BATCH`], each fenced by the
     /// election key, creates guarded by create-if-absent, their node's
     /// presence and their replica set's.
-    async fn write(&mut self, key: &ObjectKey, actions: &[Action]) -> Result<(), WriteError> {
+    /// The rollout record goes in the first txn, so a failure counted in it
+    /// and the deletion of the failed pod happen together.
+    async fn write(
+        &mut self,
+        key: &ObjectKey,
+        actions: &[Action],
+        rollout: Option<&RolloutWrite>,
+    ) -> Result<(), WriteError> {
         let rs_key = keys::replicaset(&key.0, &key.1);
-        for chunk in actions.chunks(TXN_BATCH) {
+        let mut chunks: Vec<&[Action]> = actions.chunks(TXN_BATCH).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let mut rollout = rollout;
+        for chunk in chunks {
             let mut compares = vec![Compare::ModRevision(self.fence.0.clone(), self.fence.1)];
-            let mut success = Vec::with_capacity(chunk.len());
+            let mut success = Vec::with_capacity(chunk.len() + 1);
+            if let Some(r) = rollout.take() {
+                let k = keys::rollout(&key.0, &key.1);
+                success.push(match r {
+                    RolloutWrite::Put(r) => {
+                        // Only while the set exists, so a late write never
+                        // outlives a deleted set.
+                        compares.push(Compare::Exists(rs_key.clone()));
+                        TxnOp::Put {
+                            key: k,
+                            value: encode(r),
+                            lease: None,
+                        }
+                    }
+                    RolloutWrite::Delete => TxnOp::Delete { key: k },
+                });
+            }
             let mut nodes: BTreeSet<&Name> = BTreeSet::new();
             let mut creates = false;
             for a in chunk {
@@ -603,7 +669,7 @@ impl<'a> Leader<'a> {
                     }),
                 }
             }
-            if creates {
+            if creates && !compares.contains(&Compare::Exists(rs_key.clone())) {
                 compares.push(Compare::Exists(rs_key.clone()));
             }
             compares.extend(nodes.into_iter().map(|n| Compare::Exists(keys::node(n))));

@@ -1,13 +1,26 @@
 //! The pure part of the supervisor: from a snapshot and one replica set's
-//! key, what to create and what to delete. No I/O, no clock, no randomness
-//! (pod names and the time come in through [`PlanInput`]).
+//! key, what to create and what to delete, and where the set's rollout
+//! stands. No I/O, no clock, no randomness (pod names and the time come in
+//! through [`PlanInput`]).
+//!
+//! **Rollouts.** Pods whose template hash is the rollout's target are
+//! *new*, the others *old*. While a rollout is active (progressing or
+//! rolling back), each step replaces at most `parallelism` old pods
+//! (`stop-first`: delete, then create; `start-first`: create, and delete an
+//! old pod for each new one that is ready), and the next step waits until
+//! every new pod is *done* (ready, and up for `monitor_ms`) and `delay_ms`
+//! has passed. A new pod that fails, or is not ready `ready_timeout_ms`
+//! after it was created, is a failure; past `max_failure_ratio` the
+//! `failure_action` is taken. The record of all this is
+//! `rollouts/<ns>/<rs>` ([`Rollout`]), returned in [`Plan::rollout`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use pier_model::{
-    Name, Node, ObjectKey, Pod, PodPhase, PodStatus, ReplicaSet, Resources, Snapshot,
+    FailureAction, Labels, Name, Node, ObjectKey, Pod, PodPhase, PodStatus, PodTemplate,
+    ReplicaSet, Resources, Rollout, RolloutState, Snapshot, UpdateConfig, UpdateOrder,
 };
 
 /// Suffix length of a generated pod name: `<rs>-<5 random [a-z0-9]>`.
@@ -25,6 +38,10 @@ pub enum DeleteReason {
     NodeLost,
     /// Its replica set was deleted.
     Orphan,
+    /// An old pod replaced by a rollout step.
+    Rollout,
+    /// A new pod of a rollout that was not ready by its deadline.
+    NotReady,
 }
 
 impl std::fmt::Display for DeleteReason {
@@ -34,6 +51,8 @@ impl std::fmt::Display for DeleteReason {
             DeleteReason::Failed => "failed",
             DeleteReason::NodeLost => "node lost",
             DeleteReason::Orphan => "replica set deleted",
+            DeleteReason::Rollout => "replaced by rollout",
+            DeleteReason::NotReady => "not ready by the rollout's deadline",
         })
     }
 }
@@ -53,7 +72,8 @@ pub enum Action {
 
 /// What the controller knows that the snapshot does not.
 pub struct PlanInput<'a> {
-    /// Unix milliseconds, stamped on new pods.
+    /// Unix milliseconds, stamped on new pods and used for rollout
+    /// deadlines, monitors and delays.
     pub now_ms: u64,
     /// Failed pods may be replaced now (the replica set's backoff elapsed).
     /// When false they are kept, and counted as replicas, so that a set
@@ -76,6 +96,13 @@ impl std::fmt::Debug for PlanInput<'_> {
     }
 }
 
+/// What to do with `rollouts/<ns>/<rs>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RolloutWrite {
+    Put(Rollout),
+    Delete,
+}
+
 /// The outcome of [`plan`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -92,6 +119,13 @@ pub struct Plan {
     pub waiting_on_absent_node: usize,
     /// The replica set exists.
     pub exists: bool,
+    /// The rollout record to write with the actions, when it changed.
+    pub rollout: Option<RolloutWrite>,
+    /// The rollout's state after this plan (also when unchanged).
+    pub rollout_state: Option<Rollout>,
+    /// Unix ms when a rollout deadline, monitor or delay ends: plan again
+    /// then.
+    pub wake_at_ms: Option<u64>,
 }
 
 impl Plan {
@@ -106,6 +140,18 @@ impl Plan {
             Action::Delete { pod, reason, .. } => Some((pod, *reason)),
             Action::Create(_) => None,
         })
+    }
+    fn wake(&mut self, at: u64) {
+        self.wake_at_ms = Some(self.wake_at_ms.map_or(at, |w| w.min(at)));
+    }
+    fn delete(&mut self, deleted: &mut BTreeSet<ObjectKey>, p: &Pod, reason: DeleteReason) {
+        let pk = (p.namespace.clone(), p.name.clone());
+        self.actions.push(Action::Delete {
+            pod: pk.clone(),
+            node: p.node.clone(),
+            reason,
+        });
+        deleted.insert(pk);
     }
 }
 
@@ -141,11 +187,65 @@ pub fn pods_of<'a>(snap: &'a Snapshot, key: &ObjectKey) -> Vec<&'a Arc<Pod>> {
         .collect()
 }
 
+/// The rollout record for `rs` as of now: `old` when it is about the
+/// set's current revision, else a new rollout toward it.
+fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], now: u64) -> Rollout {
+    if let Some(r) = old
+        && r.revision == rs.revision
+    {
+        return r.clone();
+    }
+    let from = match old {
+        // The pods ran `target` in full: that is what a rollback returns to.
+        Some(r) if matches!(r.state, RolloutState::Complete | RolloutState::RolledBack) => {
+            Some(r.target)
+        }
+        // Mid-rollout: the last revision that ran in full.
+        Some(r) => r.from,
+        // No record (a set from before rollouts): the revision most old
+        // pods run, when the history has it.
+        None => {
+            let current = rs.template.hash();
+            let mut by_hash: BTreeMap<&str, usize> = BTreeMap::new();
+            for p in pods.iter().filter(|p| p.template_hash != current) {
+                *by_hash.entry(p.template_hash.as_str()).or_default() += 1;
+            }
+            by_hash
+                .into_iter()
+                .max_by_key(|(_, n)| *n)
+                .and_then(|(h, _)| rs.revision_of_hash(h))
+        }
+    };
+    Rollout {
+        revision: rs.revision,
+        target: rs.revision,
+        from: from.filter(|f| *f != rs.revision),
+        state: RolloutState::Progressing,
+        message: String::new(),
+        failures: 0,
+        steps: 0,
+        step_done_at: None,
+        started_at: now,
+        finished_at: None,
+    }
+}
+
+/// One pod that counts as a replica.
+struct Active<'a> {
+    readiness: Readiness,
+    pod: &'a Arc<Pod>,
+    /// On the rollout's target template.
+    new: bool,
+    /// New, ready, and up for the monitor period.
+    done: bool,
+}
+
 /// Computes the writes that bring replica set `key` to its desired state in
 /// `snap`. Level-triggered: it reads only the snapshot and `input`.
 pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan {
     let mut out = Plan::default();
     let pods = pods_of(snap, key);
+    let now = input.now_ms;
     let Some(rs) = snap.replicasets.get(key) else {
         for p in pods {
             out.actions.push(Action::Delete {
@@ -154,92 +254,332 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                 reason: DeleteReason::Orphan,
             });
         }
+        if snap.rollouts.contains_key(key) {
+            out.rollout = Some(RolloutWrite::Delete);
+        }
         return out;
     };
     out.exists = true;
+    let old_rec = snap.rollouts.get(key).map(|r| &**r);
+    let mut rec = rollout_record(rs, old_rec, &pods, now);
+
+    // The template pods should run: the set's, or on a rollback the earlier
+    // revision's.
+    let target: &PodTemplate = match rs.template_of(rec.target) {
+        Some(t) => t,
+        None => {
+            if !rec.state.is_final() {
+                rec.state = RolloutState::Paused;
+                rec.message = format!(
+                    "revision {} is no longer in the history; run `pier rollout undo` or set a new template",
+                    rec.target
+                );
+                rec.finished_at = Some(now);
+            }
+            &rs.template
+        }
+    };
+    let target_hash = target.hash();
+    let active_rollout = !rec.state.is_final();
+    let cfg: UpdateConfig = if rec.state == RolloutState::RollingBack {
+        rs.rollback_config
+    } else {
+        rs.update_config
+    };
+    let done_at = |p: &Pod| -> u64 {
+        let st = snap
+            .pod_statuses
+            .get(&(p.namespace.clone(), p.name.clone()))
+            .and_then(|s| s.started_at)
+            .unwrap_or(p.created_at);
+        st.max(p.created_at).saturating_add(cfg.monitor_ms)
+    };
 
     // Classify the existing pods.
     let mut deleted: BTreeSet<ObjectKey> = BTreeSet::new();
-    // (readiness, created_at, name) of the pods that count as replicas.
-    let mut active: Vec<(Readiness, u64, &Arc<Pod>)> = Vec::new();
-    for p in pods {
+    let mut active: Vec<Active<'_>> = Vec::new();
+    let mut failing: u32 = 0;
+    let mut first_failure: Option<String> = None;
+    let mut timed_out: Vec<&Arc<Pod>> = Vec::new();
+    for p in pods.iter().copied() {
         let pk = (p.namespace.clone(), p.name.clone());
         let status = snap.pod_statuses.get(&pk).map(|s| &**s);
+        let new = p.template_hash == target_hash;
         if !snap.nodes.contains_key(&p.node) {
             if input.expired_nodes.contains(&p.node) {
-                out.actions.push(Action::Delete {
-                    pod: pk.clone(),
-                    node: p.node.clone(),
-                    reason: DeleteReason::NodeLost,
-                });
-                deleted.insert(pk);
+                out.delete(&mut deleted, p, DeleteReason::NodeLost);
             } else {
                 out.waiting_on_absent_node += 1;
-                active.push((Readiness::NodeAbsent, p.created_at, p));
+                active.push(Active {
+                    readiness: Readiness::NodeAbsent,
+                    pod: p,
+                    new,
+                    done: false,
+                });
             }
             continue;
         }
         let r = readiness(status);
         if r == Readiness::Failed {
             let msg = status.map(|s| s.message.clone()).unwrap_or_default();
+            if new && active_rollout && first_failure.is_none() {
+                first_failure = Some(format!(
+                    "pod {} failed: {}",
+                    p.name,
+                    if msg.is_empty() {
+                        "no message from the node"
+                    } else {
+                        &msg
+                    }
+                ));
+            }
             if input.replace_failed {
-                out.actions.push(Action::Delete {
-                    pod: pk.clone(),
-                    node: p.node.clone(),
-                    reason: DeleteReason::Failed,
-                });
-                deleted.insert(pk);
+                out.delete(&mut deleted, p, DeleteReason::Failed);
                 out.failed_replaced.push((p.name.clone(), msg));
+                if new && active_rollout {
+                    rec.failures += 1;
+                }
             } else {
                 out.failed_waiting.push((p.name.clone(), msg));
-                active.push((r, p.created_at, p));
+                active.push(Active {
+                    readiness: r,
+                    pod: p,
+                    new,
+                    done: false,
+                });
+                if new && active_rollout {
+                    failing += 1;
+                }
             }
             continue;
         }
-        active.push((r, p.created_at, p));
-    }
-    let want = rs.replicas.get() as usize;
-    if active.len() > want {
-        // Surplus: least ready first, then newest first, then by name.
-        active.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(b.1.cmp(&a.1))
-                .then(b.2.name.cmp(&a.2.name))
-        });
-        for (_, _, p) in active.iter().take(active.len() - want) {
-            let pk = (p.namespace.clone(), p.name.clone());
-            out.actions.push(Action::Delete {
-                pod: pk.clone(),
-                node: p.node.clone(),
-                reason: DeleteReason::Surplus,
-            });
-            deleted.insert(pk);
+        let done = new && r == Readiness::Ready && now >= done_at(p);
+        if new && active_rollout && r != Readiness::Ready {
+            let deadline = p.created_at.saturating_add(cfg.ready_timeout_ms);
+            if now >= deadline {
+                if first_failure.is_none() {
+                    first_failure = Some(format!(
+                        "pod {} not ready {}s after it was created",
+                        p.name,
+                        cfg.ready_timeout_ms / 1000
+                    ));
+                }
+                timed_out.push(p);
+                continue;
+            }
+            out.wake(deadline);
         }
-    } else if active.len() < want {
-        let missing = want - active.len();
-        let mut usage = Usage::from_snapshot(snap, key, &deleted);
+        if new && active_rollout && r == Readiness::Ready && !done {
+            out.wake(done_at(p));
+        }
+        active.push(Active {
+            readiness: r,
+            pod: p,
+            new,
+            done,
+        });
+    }
+
+    // Failures of the rollout's new pods.
+    if active_rollout {
+        let observed = rec.failures + failing + timed_out.len() as u32;
+        let allowed = cfg.max_failure_ratio.get() * f64::from(rs.replicas.get());
+        let exceeded = observed > 0 && f64::from(observed) > allowed;
+        let why = first_failure.clone().unwrap_or_default();
+        let action = match (exceeded, rec.state, cfg.failure_action) {
+            (false, _, _) | (true, _, FailureAction::Continue) => None,
+            // A failing rollback is not rolled back again.
+            (true, RolloutState::RollingBack, _) => Some(FailureAction::Pause),
+            (true, _, a) => Some(a),
+        };
+        match action {
+            None => {
+                // Under the limit (or `continue`): a pod past its deadline
+                // is replaced, and counted.
+                for p in timed_out.drain(..) {
+                    out.delete(&mut deleted, p, DeleteReason::NotReady);
+                    rec.failures += 1;
+                }
+                if !why.is_empty() {
+                    rec.message = why;
+                }
+            }
+            Some(FailureAction::Rollback)
+                if rec.from.is_some_and(|f| rs.template_of(f).is_some()) =>
+            {
+                let from = rec.from.expect("checked above");
+                rec.message = format!(
+                    "revision {} failed ({why}; {observed} of {} new pods failed); rolling back to revision {from}",
+                    rec.revision, rs.replicas
+                );
+                rec.state = RolloutState::RollingBack;
+                rec.target = from;
+                rec.from = None;
+                rec.failures = 0;
+                rec.steps = 0;
+                rec.step_done_at = None;
+                // The next plan (the record's write wakes it) moves the pods.
+                out.rollout_state = Some(rec.clone());
+                out.rollout = Some(RolloutWrite::Put(rec));
+                out.wake_at_ms = None;
+                return out;
+            }
+            Some(a) => {
+                let what = if rec.state == RolloutState::RollingBack {
+                    format!("rollback to revision {}", rec.target)
+                } else {
+                    format!("rollout of revision {}", rec.revision)
+                };
+                let tail = if a == FailureAction::Rollback {
+                    "; there is no earlier revision to roll back to"
+                } else {
+                    ""
+                };
+                rec.message = format!(
+                    "{what} paused: {why} ({observed} of {} new pods failed){tail}; fix the template (`pier set image`) or run `pier rollout undo`",
+                    rs.replicas
+                );
+                rec.state = RolloutState::Paused;
+                rec.finished_at = Some(now);
+                out.wake_at_ms = None;
+            }
+        }
+        // Timed-out pods left (paused) stay as they are.
+        for p in timed_out {
+            active.push(Active {
+                readiness: readiness(
+                    snap.pod_statuses
+                        .get(&(p.namespace.clone(), p.name.clone()))
+                        .map(|s| &**s),
+                ),
+                pod: p,
+                new: true,
+                done: false,
+            });
+        }
+    }
+    let active_rollout = !rec.state.is_final();
+    if !active_rollout {
+        out.wake_at_ms = None;
+    }
+
+    let want = rs.replicas.get() as usize;
+    // Least ready first, then newest first, then by name.
+    let by_deletion_order = |a: &&Active<'_>, b: &&Active<'_>| {
+        a.readiness
+            .cmp(&b.readiness)
+            .then(b.pod.created_at.cmp(&a.pod.created_at))
+            .then(b.pod.name.cmp(&a.pod.name))
+    };
+    let old: Vec<&Active<'_>> = active.iter().filter(|a| !a.new).collect();
+    let new: Vec<&Active<'_>> = active.iter().filter(|a| a.new).collect();
+    let mut to_create = 0usize;
+    if !active_rollout || old.is_empty() {
+        if active.len() > want {
+            let mut v: Vec<&Active<'_>> = active.iter().collect();
+            v.sort_by(by_deletion_order);
+            for a in v.iter().take(active.len() - want) {
+                out.delete(&mut deleted, a.pod, DeleteReason::Surplus);
+            }
+        } else {
+            to_create = want - active.len();
+        }
+        if active_rollout {
+            let done = new.iter().filter(|a| a.done).count();
+            if to_create == 0 && done >= want && active.len() == want {
+                rec.state = if rec.state == RolloutState::RollingBack {
+                    RolloutState::RolledBack
+                } else {
+                    rec.message.clear();
+                    RolloutState::Complete
+                };
+                rec.finished_at = Some(now);
+                out.wake_at_ms = None;
+            }
+        }
+    } else {
+        let step = cfg.step(rs.replicas.get()) as usize;
+        let new_ready = new
+            .iter()
+            .filter(|a| a.readiness == Readiness::Ready)
+            .count();
+        let in_flight = new.iter().filter(|a| !a.done).count();
+        let mut old_sorted = old.clone();
+        old_sorted.sort_by(by_deletion_order);
+        let mut old_iter = old_sorted.into_iter();
+        // Old pods made redundant: by ready new ones (start-first), or
+        // beyond the count (stop-first, or after a scale down).
+        let redundant = match cfg.order {
+            UpdateOrder::StartFirst => (old.len() + new_ready).saturating_sub(want),
+            UpdateOrder::StopFirst => (old.len() + new.len()).saturating_sub(want),
+        }
+        .min(old.len());
+        for a in old_iter.by_ref().take(redundant) {
+            out.delete(&mut deleted, a.pod, DeleteReason::Rollout);
+        }
+        let mut old_left = old.len() - redundant;
+        if new.len() > want {
+            let mut v = new.clone();
+            v.sort_by(by_deletion_order);
+            for a in v.iter().take(new.len() - want) {
+                out.delete(&mut deleted, a.pod, DeleteReason::Surplus);
+            }
+        }
+        let new_kept = new.len().min(want);
+        to_create = want.saturating_sub(old_left + new_kept);
+        if old_left > 0 && in_flight == 0 && to_create == 0 {
+            let mut go = true;
+            if rec.steps > 0 && cfg.delay_ms > 0 {
+                let since = *rec.step_done_at.get_or_insert(now);
+                let at = since.saturating_add(cfg.delay_ms);
+                if now < at {
+                    out.wake(at);
+                    go = false;
+                }
+            }
+            if go {
+                let k = step.min(old_left);
+                if cfg.order == UpdateOrder::StopFirst {
+                    for a in old_iter.by_ref().take(k) {
+                        out.delete(&mut deleted, a.pod, DeleteReason::Rollout);
+                    }
+                    old_left -= k;
+                }
+                to_create += k;
+                rec.steps += 1;
+                rec.step_done_at = None;
+            }
+        }
+        let _ = old_left;
+    }
+
+    if to_create > 0 {
+        let mut usage = Usage::from_snapshot(snap, &deleted);
         let mut taken: BTreeSet<Name> = BTreeSet::new();
-        for i in 0..missing {
+        for i in 0..to_create {
             match schedule(snap, rs, &usage) {
                 Ok(node) => {
                     let name = pod_name(snap, &key.0, &key.1, &taken, input.suffix);
                     taken.insert(name.clone());
-                    usage.add(&node, &rs.template.resources, true);
+                    usage.add(&node, &key.0, &key.1, &target.resources);
                     out.actions.push(Action::Create(Box::new(Pod {
                         name,
                         namespace: key.0.clone(),
                         replicaset: key.1.clone(),
                         node,
-                        template_hash: rs.template.hash(),
-                        template: rs.template.clone(),
-                        created_at: input.now_ms,
+                        template_hash: target_hash.clone(),
+                        template: target.clone(),
+                        created_at: now,
                     })));
+                    if active_rollout {
+                        out.wake(now.saturating_add(cfg.ready_timeout_ms));
+                    }
                 }
                 Err(why) => {
-                    out.unscheduled = (missing - i) as u32;
+                    out.unscheduled = (to_create - i) as u32;
                     out.unschedulable = Some(format!(
                         "cannot place {} of {} replicas: {why}",
-                        missing - i,
+                        to_create - i,
                         want
                     ));
                     break;
@@ -247,6 +587,10 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
             }
         }
     }
+    if old_rec != Some(&rec) {
+        out.rollout = Some(RolloutWrite::Put(rec.clone()));
+    }
+    out.rollout_state = Some(rec);
     out
 }
 
@@ -278,60 +622,111 @@ fn pod_name(
 /// deleted, plus those this plan creates.
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
-    /// node → (pods, sum of requests, pods of this replica set)
     per_node: BTreeMap<Name, NodeUsage>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One node's pods and requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeUsage {
     pub pods: u32,
     pub cpu_millis: u64,
     pub memory_mb: u64,
-    pub of_set: u32,
+    /// Pods per replica set `(namespace, name)` (for max per node, spread
+    /// and affinity).
+    pub sets: BTreeMap<ObjectKey, u32>,
+}
+
+impl NodeUsage {
+    fn of_set(&self, ns: &pier_model::Namespace, rs: &Name) -> u32 {
+        self.sets
+            .get(&(ns.clone(), rs.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Usage {
-    pub fn from_snapshot(snap: &Snapshot, key: &ObjectKey, deleted: &BTreeSet<ObjectKey>) -> Usage {
+    pub fn from_snapshot(snap: &Snapshot, deleted: &BTreeSet<ObjectKey>) -> Usage {
         let mut u = Usage::default();
         for (pk, p) in snap.pods.iter() {
             if deleted.contains(pk) {
                 continue;
             }
-            let mine = pk.0 == key.0 && p.replicaset == key.1;
-            u.add(&p.node, &p.template.resources, mine);
+            u.add(&p.node, &p.namespace, &p.replicaset, &p.template.resources);
         }
         u
     }
 
-    fn add(&mut self, node: &Name, r: &Resources, mine: bool) {
+    fn add(&mut self, node: &Name, ns: &pier_model::Namespace, rs: &Name, r: &Resources) {
         let e = self.per_node.entry(node.clone()).or_default();
         e.pods += 1;
         e.cpu_millis += r.cpu_millis as u64;
         e.memory_mb += r.memory_mb as u64;
-        if mine {
-            e.of_set += 1;
-        }
+        *e.sets.entry((ns.clone(), rs.clone())).or_default() += 1;
     }
 
     pub fn of(&self, node: &Name) -> NodeUsage {
-        self.per_node.get(node).copied().unwrap_or_default()
+        self.per_node.get(node).cloned().unwrap_or_default()
     }
 }
 
-/// Why a node was filtered out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Why a node was filtered out. Each names the rule, for the set's problem.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Rejection {
     Selector,
+    /// The constraint at this index fails.
+    Constraint(usize),
+    /// The node runs a pod of this set, which this set's anti-affinity
+    /// names.
+    AntiAffinity(Name),
+    /// The node runs a pod of this set, whose anti-affinity names this set.
+    AntiAffinityOf(Name),
+    /// The node runs no pod of this set, which this set's affinity names.
+    Affinity(Name),
     Pods,
     Cpu,
     Memory,
     MaxPerNode,
 }
 
-fn check(node: &Node, rs: &ReplicaSet, u: NodeUsage) -> Result<(), Rejection> {
-    let sel = &rs.placement.node_selector;
-    if !sel.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
+fn check(
+    snap: &Snapshot,
+    name: &Name,
+    node: &Node,
+    labels: &Labels,
+    rs: &ReplicaSet,
+    u: &NodeUsage,
+) -> Result<(), Rejection> {
+    let pl = &rs.placement;
+    if !pl
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+    {
         return Err(Rejection::Selector);
+    }
+    if let Some(i) = pl.constraints.iter().position(|c| !c.matches(name, labels)) {
+        return Err(Rejection::Constraint(i));
+    }
+    // Anti-affinity, both ways: this set's rule, and the rule of every set
+    // with a pod on the node that names this set.
+    for ((ns, other), n) in &u.sets {
+        if *n == 0 || *ns != rs.namespace || *other == rs.name {
+            continue;
+        }
+        if pl.anti_affinity.contains(other) {
+            return Err(Rejection::AntiAffinity(other.clone()));
+        }
+        if snap
+            .replicasets
+            .get(&(ns.clone(), other.clone()))
+            .is_some_and(|o| o.placement.anti_affinity.contains(&rs.name))
+        {
+            return Err(Rejection::AntiAffinityOf(other.clone()));
+        }
+    }
+    if let Some(a) = pl.affinity.iter().find(|a| u.of_set(&rs.namespace, a) == 0) {
+        return Err(Rejection::Affinity(a.clone()));
     }
     let cap = node.capacity;
     let req = rs.template.resources;
@@ -345,8 +740,8 @@ fn check(node: &Node, rs: &ReplicaSet, u: NodeUsage) -> Result<(), Rejection> {
     if cap.memory_mb != 0 && u.memory_mb + req.memory_mb as u64 > cap.memory_mb as u64 {
         return Err(Rejection::Memory);
     }
-    if let Some(max) = rs.placement.max_per_node
-        && u.of_set + 1 > max
+    if let Some(max) = pl.max_per_node
+        && u.of_set(&rs.namespace, &rs.name) + 1 > max
     {
         return Err(Rejection::MaxPerNode);
     }
@@ -354,18 +749,40 @@ fn check(node: &Node, rs: &ReplicaSet, u: NodeUsage) -> Result<(), Rejection> {
 }
 
 /// Picks a node for one more pod of `rs`: filter (in the snapshot, so its
-/// lease is alive; selector; capacity; `max_per_node`), then score (fewest
-/// pods of this set when spreading, then fewest pods in total, then name).
-/// The error says why no node fits.
+/// lease is alive; selector; constraints; anti-affinity both ways;
+/// affinity; capacity; `max_per_node`), then score (when spreading: fewest
+/// pods of this set among the nodes with the same `spread_by` label value,
+/// then on the node; then fewest pods in total, then name). The error says
+/// which rule kept each node out.
 pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name, String> {
-    let mut best: Option<((u32, u32), &Name)> = None;
+    let (ns, me) = (&rs.namespace, &rs.name);
+    let labels: BTreeMap<&Name, Labels> = snap
+        .nodes
+        .keys()
+        .map(|n| (n, snap.node_labels(n)))
+        .collect();
+    // Pods of this set per value of the spread_by label (None: unlabelled).
+    let mut per_value: BTreeMap<Option<&String>, u32> = BTreeMap::new();
+    if let Some(k) = &rs.placement.spread_by {
+        for n in snap.nodes.keys() {
+            *per_value.entry(labels[n].get(k)).or_default() += usage.of(n).of_set(ns, me);
+        }
+    }
+    let mut best: Option<((u32, u32, u32), &Name)> = None;
     let mut rejected: BTreeMap<Rejection, u32> = BTreeMap::new();
     for (name, node) in snap.nodes.iter() {
         let u = usage.of(name);
-        match check(node, rs, u) {
+        match check(snap, name, node, &labels[name], rs, &u) {
             Ok(()) => {
-                let spread = if rs.placement.spread { u.of_set } else { 0 };
-                let score = (spread, u.pods);
+                let score = if rs.placement.spread {
+                    let by_value = match &rs.placement.spread_by {
+                        Some(k) => per_value.get(&labels[name].get(k)).copied().unwrap_or(0),
+                        None => 0,
+                    };
+                    (by_value, u.of_set(ns, me), u.pods)
+                } else {
+                    (0, 0, u.pods)
+                };
                 // Nodes iterate in name order: a strict `<` keeps the first name.
                 if best.as_ref().is_none_or(|(s, _)| score < *s) {
                     best = Some((score, name));
@@ -393,6 +810,16 @@ pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name,
                     .collect();
                 format!("do not match node_selector {}", sel.join(","))
             }
+            Rejection::Constraint(i) => format!("fail constraint {}", rs.placement.constraints[i]),
+            Rejection::AntiAffinity(o) => {
+                format!("run a pod of {o}, which this set's anti_affinity keeps away")
+            }
+            Rejection::AntiAffinityOf(o) => {
+                format!("run a pod of {o}, whose anti_affinity keeps this set away")
+            }
+            Rejection::Affinity(o) => {
+                format!("run no pod of {o}, which this set's affinity needs beside it")
+            }
             Rejection::Pods => "are full (pod capacity)".into(),
             Rejection::Cpu => format!(
                 "lack cpu ({} millis asked)",
@@ -418,9 +845,16 @@ pub fn dirty(old: &Snapshot, new: &Snapshot, out: &mut BTreeMap<ObjectKey, &'sta
     let mut mark = |k: ObjectKey, why: &'static str| {
         out.entry(k).or_insert(why);
     };
-    if !Arc::ptr_eq(&old.nodes, &new.nodes) {
+    if !Arc::ptr_eq(&old.nodes, &new.nodes) || !Arc::ptr_eq(&old.node_labels, &new.node_labels) {
         for k in all_sets(new) {
             mark(k, "nodes changed");
+        }
+    }
+    if !Arc::ptr_eq(&old.rollouts, &new.rollouts) {
+        for (k, v) in new.rollouts.iter() {
+            if old.rollouts.get(k).is_none_or(|o| !Arc::ptr_eq(o, v)) {
+                mark(k.clone(), "rollout changed");
+            }
         }
     }
     if !Arc::ptr_eq(&old.replicasets, &new.replicasets) {
@@ -475,6 +909,7 @@ pub fn dirty(old: &Snapshot, new: &Snapshot, out: &mut BTreeMap<ObjectKey, &'sta
 /// those that are gone but still have pods.
 pub fn all_sets(snap: &Snapshot) -> BTreeSet<ObjectKey> {
     let mut s: BTreeSet<ObjectKey> = snap.replicasets.keys().cloned().collect();
+    s.extend(snap.rollouts.keys().cloned());
     for ((ns, _), p) in snap.pods.iter() {
         s.insert((ns.clone(), p.replicaset.clone()));
     }

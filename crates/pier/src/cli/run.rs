@@ -89,6 +89,10 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
         min_replicas: None,
         max_replicas: None,
         created_at: 0,
+        update_config: Default::default(),
+        rollback_config: Default::default(),
+        revision: 0,
+        history: Vec::new(),
     };
     let c = client(server)?;
     c.create_replicaset(&rs).await?;
