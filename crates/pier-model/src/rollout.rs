@@ -274,6 +274,9 @@ impl fmt::Display for RolloutState {
 pub struct Rollout {
     /// The replica set revision this rollout brings in.
     pub revision: u64,
+    /// Its template's hash: a template written without a new revision (by
+    /// hand in the store) still starts a new rollout.
+    pub hash: String,
     /// The revision the pods are moving to: `revision`, or after a failure
     /// with `failure_action: rollback`, the one that ran before.
     pub target: u64,

@@ -190,8 +190,10 @@ pub fn pods_of<'a>(snap: &'a Snapshot, key: &ObjectKey) -> Vec<&'a Arc<Pod>> {
 /// The rollout record for `rs` as of now: `old` when it is about the
 /// set's current revision, else a new rollout toward it.
 fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], now: u64) -> Rollout {
+    let hash = rs.template.hash();
     if let Some(r) = old
         && r.revision == rs.revision
+        && r.hash == hash
     {
         return r.clone();
     }
@@ -205,9 +207,8 @@ fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], no
         // No record (a set from before rollouts): the revision most old
         // pods run, when the history has it.
         None => {
-            let current = rs.template.hash();
             let mut by_hash: BTreeMap<&str, usize> = BTreeMap::new();
-            for p in pods.iter().filter(|p| p.template_hash != current) {
+            for p in pods.iter().filter(|p| p.template_hash != hash) {
                 *by_hash.entry(p.template_hash.as_str()).or_default() += 1;
             }
             by_hash
@@ -218,6 +219,7 @@ fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], no
     };
     Rollout {
         revision: rs.revision,
+        hash,
         target: rs.revision,
         from: from.filter(|f| *f != rs.revision),
         state: RolloutState::Progressing,

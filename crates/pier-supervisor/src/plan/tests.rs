@@ -461,3 +461,658 @@ fn dirty_marks_only_the_sets_a_change_concerns() {
     dirty(&old, &new, &mut d);
     assert_eq!(d, BTreeMap::from([((ns(), n("other")), "pod deleted")]));
 }
+
+// ---- placement across nodes and sets ----
+
+fn constraint(s: &str) -> pier_model::Constraint {
+    s.parse().unwrap()
+}
+
+#[test]
+fn constraints_by_hostname_and_label_are_respected_and_named() {
+    let w = World::default()
+        .node(node("a", &[("zone", "x")], Resources::default()))
+        .node(node("b", &[("zone", "y")], Resources::default()))
+        .node(node("c", &[], Resources::default()));
+    let cases: &[(&[&str], &[(&str, usize)])] = &[
+        (&["node.labels.zone==y"], &[("b", 2)]),
+        (&["node.labels.zone!=x"], &[("b", 1), ("c", 1)]),
+        (&["node.hostname==c"], &[("c", 2)]),
+        (&["node.hostname!=a", "node.labels.zone!=y"], &[("c", 2)]),
+    ];
+    for (cs, want) in cases {
+        let mut web = rs("web", 2);
+        web.placement.constraints = cs.iter().map(|c| constraint(c)).collect();
+        let w = World {
+            snap: w.snap.clone(),
+        }
+        .rs(web);
+        let p = run_plan(&w.snap, "web", true, &[]);
+        let want: BTreeMap<String, usize> = want.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        assert_eq!(per_node(&p), want, "{cs:?}");
+    }
+    let mut web = rs("web", 1);
+    web.placement.constraints = vec![constraint("node.labels.zone==z")];
+    let w = World {
+        snap: w.snap.clone(),
+    }
+    .rs(web);
+    let p = run_plan(&w.snap, "web", true, &[]);
+    let why = p.unschedulable.unwrap();
+    assert!(
+        why.contains("3 fail constraint node.labels.zone==z"),
+        "{why}"
+    );
+}
+
+#[test]
+fn labels_set_through_the_api_overlay_the_nodes_own() {
+    let mut w = World::default()
+        .node(node("a", &[("zone", "x")], Resources::default()))
+        .node(node("b", &[("zone", "x")], Resources::default()));
+    let overlay = pier_model::NodeLabels {
+        labels: [
+            ("zone".to_string(), Some("y".to_string())),
+            ("gone".to_string(), None),
+        ]
+        .into(),
+    };
+    Arc::make_mut(&mut w.snap.node_labels).insert(n("b"), Arc::new(overlay));
+    let mut web = rs("web", 2);
+    web.placement.constraints = vec![constraint("node.labels.zone==y")];
+    let w = w.rs(web);
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 2)]));
+}
+
+/// The single-host case: whichever set came first keeps the host,
+/// the other's pods are not placed and the reason names the rule; once
+/// the first set's pods are gone the second is placed.
+#[test]
+fn anti_affinity_is_hard_and_two_way() {
+    let keyserver = rs("keyserver", 1);
+    let mut frontend = rs("frontend", 1);
+    frontend.placement.anti_affinity = vec![n("keyserver")];
+
+    // The keyserver came first: the frontend's own rule blocks it.
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(keyserver.clone())
+        .rs(frontend.clone())
+        .pod(pod(&keyserver, "keyserver-1", "a", 1));
+    let p = run_plan(&w.snap, "frontend", true, &[]);
+    assert_eq!(p.creates().count(), 0);
+    let why = p.unschedulable.unwrap();
+    assert!(
+        why.contains("run a pod of keyserver, which this set's anti_affinity keeps away"),
+        "{why}"
+    );
+
+    // The frontend came first: the keyserver, which has no rule of its
+    // own, is kept away by the frontend's.
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(keyserver.clone())
+        .rs(frontend.clone())
+        .pod(pod(&frontend, "frontend-1", "a", 1));
+    let p = run_plan(&w.snap, "keyserver", true, &[]);
+    assert_eq!(p.creates().count(), 0);
+    let why = p.unschedulable.unwrap();
+    assert!(
+        why.contains("run a pod of frontend, whose anti_affinity keeps this set away"),
+        "{why}"
+    );
+
+    // The blocker's pod is gone: placed.
+    let w = World::default().nodes(&["a"]).rs(keyserver).rs(frontend);
+    let p = run_plan(&w.snap, "keyserver", true, &[]);
+    assert_eq!(per_node(&p), BTreeMap::from([("a".into(), 1)]));
+    assert!(p.unschedulable.is_none());
+}
+
+/// The OAuth example on three hosts: the keyserver on one, one front-end on
+/// each of the others, and a third front-end nowhere.
+#[test]
+fn anti_affinity_with_max_per_node_across_three_nodes() {
+    let keyserver = rs("keyserver", 1);
+    let mut frontend = rs("frontend", 3);
+    frontend.placement.anti_affinity = vec![n("keyserver")];
+    frontend.placement.max_per_node = Some(1);
+    let w = World::default()
+        .nodes(&["a", "b", "c"])
+        .rs(keyserver.clone())
+        .rs(frontend)
+        .pod(pod(&keyserver, "keyserver-1", "b", 1));
+    let p = run_plan(&w.snap, "frontend", true, &[]);
+    assert_eq!(
+        per_node(&p),
+        BTreeMap::from([("a".into(), 1), ("c".into(), 1)])
+    );
+    assert_eq!(p.unscheduled, 1);
+    let why = p.unschedulable.unwrap();
+    assert!(
+        why.contains("1 run a pod of keyserver") && why.contains("2 already hold max_per_node=1"),
+        "{why}"
+    );
+}
+
+#[test]
+fn anti_affinity_ignores_other_namespaces() {
+    let mut keyserver = rs("keyserver", 1);
+    keyserver.namespace = Namespace::new("other").unwrap();
+    let mut frontend = rs("frontend", 1);
+    frontend.placement.anti_affinity = vec![n("keyserver")];
+    let mut ks_pod = pod(&keyserver, "keyserver-1", "a", 1);
+    ks_pod.namespace = keyserver.namespace.clone();
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(keyserver)
+        .rs(frontend)
+        .pod(ks_pod);
+    let p = run_plan(&w.snap, "frontend", true, &[]);
+    assert_eq!(p.creates().count(), 1);
+}
+
+#[test]
+fn affinity_places_beside_the_named_set_or_explains() {
+    let db = rs("db", 1);
+    let mut cache = rs("cache", 2);
+    cache.placement.affinity = vec![n("db")];
+    let w = World::default()
+        .nodes(&["a", "b", "c"])
+        .rs(db.clone())
+        .rs(cache.clone())
+        .pod(pod(&db, "db-1", "b", 1));
+    let p = run_plan(&w.snap, "cache", true, &[]);
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 2)]));
+
+    let w = World::default().nodes(&["a", "b"]).rs(db).rs(cache);
+    let p = run_plan(&w.snap, "cache", true, &[]);
+    assert_eq!(p.unscheduled, 2);
+    let why = p.unschedulable.unwrap();
+    assert!(why.contains("2 run no pod of db"), "{why}");
+}
+
+#[test]
+fn spread_by_a_label_spreads_over_its_values_first() {
+    let mut web = rs("web", 2);
+    web.placement.spread_by = Some("zone".into());
+    let w = World::default()
+        .node(node("a", &[("zone", "1")], Resources::default()))
+        .node(node("b", &[("zone", "1")], Resources::default()))
+        .node(node("c", &[("zone", "2")], Resources::default()))
+        .rs(web.clone());
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(
+        per_node(&p),
+        BTreeMap::from([("a".into(), 1), ("c".into(), 1)])
+    );
+    // Without spread_by, node names break the tie: a then b.
+    web.placement.spread_by = None;
+    let w = w.rs(web);
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(
+        per_node(&p),
+        BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+    );
+}
+
+// ---- rollouts ----
+
+use pier_model::{
+    FailureAction, Ratio, Rollout, RolloutState, TemplateRevision, UpdateConfig, UpdateOrder,
+};
+
+const NOW: u64 = 1000;
+
+fn tpl(image: &str) -> PodTemplate {
+    PodTemplate {
+        image: image.into(),
+        ..Default::default()
+    }
+}
+
+/// A set at revision 2 (image v2) whose revision 1 ran image v1.
+fn rs_v2(replicas: u32, cfg: UpdateConfig) -> ReplicaSet {
+    let mut r = rs("web", replicas);
+    r.template = tpl("web:v2");
+    r.revision = 2;
+    r.history = vec![TemplateRevision {
+        revision: 1,
+        template: tpl("web:v1"),
+        created_at: 0,
+        cause: String::new(),
+    }];
+    r.update_config = cfg;
+    r
+}
+
+fn pod_of(rs: &ReplicaSet, t: &PodTemplate, name: &str, node: &str, created_at: u64) -> Pod {
+    Pod {
+        template_hash: t.hash(),
+        template: t.clone(),
+        ..pod(rs, name, node, created_at)
+    }
+}
+
+fn started(name: &str, phase: PodPhase, ready: bool, at: u64) -> PodStatus {
+    PodStatus {
+        started_at: Some(at),
+        ..status(name, phase, ready, "")
+    }
+}
+
+fn complete_at(rev: u64) -> Rollout {
+    Rollout {
+        revision: rev,
+        hash: tpl(&format!("web:v{rev}")).hash(),
+        target: rev,
+        state: RolloutState::Complete,
+        ..Default::default()
+    }
+}
+
+impl World {
+    fn rollout(mut self, r: Rollout) -> Self {
+        Arc::make_mut(&mut self.snap.rollouts).insert((ns(), n("web")), Arc::new(r));
+        self
+    }
+    /// `count` ready pods `web-<prefix><i>` on node a, started long ago.
+    fn ready_pods(mut self, rs: &ReplicaSet, t: &PodTemplate, prefix: &str, count: usize) -> Self {
+        for i in 0..count {
+            let name = format!("web-{prefix}{i}");
+            self = self.pod(pod_of(rs, t, &name, "a", 1)).status(started(
+                &name,
+                PodPhase::Running,
+                true,
+                1,
+            ));
+        }
+        self
+    }
+}
+
+fn run_at(snap: &Snapshot, now: u64, replace_failed: bool) -> Plan {
+    let expired = BTreeSet::new();
+    let mut i = 0u32;
+    let mut suffix = move || {
+        i += 1;
+        format!("n{i:04}")
+    };
+    let mut input = PlanInput {
+        now_ms: now,
+        replace_failed,
+        expired_nodes: &expired,
+        suffix: &mut suffix,
+    };
+    plan(snap, &(ns(), n("web")), &mut input)
+}
+
+fn written(p: &Plan) -> Rollout {
+    match &p.rollout {
+        Some(RolloutWrite::Put(r)) => r.clone(),
+        other => panic!("no rollout record written: {other:?}"),
+    }
+}
+
+fn deleted_names(p: &Plan, reason: DeleteReason) -> Vec<String> {
+    p.deletes()
+        .filter(|(_, r)| *r == reason)
+        .map(|(k, _)| k.1.to_string())
+        .collect()
+}
+
+#[test]
+fn stop_first_step_replaces_one_old_pod_and_records_where_it_came_from() {
+    let web = rs_v2(3, UpdateConfig::default());
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(complete_at(1))
+        .ready_pods(&web, &tpl("web:v1"), "old", 3);
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 1);
+    let created: Vec<&Pod> = p.creates().collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].template.image, "web:v2");
+    let r = written(&p);
+    assert_eq!(
+        (r.revision, r.target, r.from, r.state, r.steps),
+        (2, 2, Some(1), RolloutState::Progressing, 1)
+    );
+    // The new pod's deadline is the next wake-up.
+    assert_eq!(
+        p.wake_at_ms,
+        Some(NOW + UpdateConfig::DEFAULT_READY_TIMEOUT_MS)
+    );
+}
+
+/// Each step waits for the new pods to pass their checks and the monitor.
+#[test]
+fn next_step_waits_until_the_new_pods_are_ready_and_monitored() {
+    let cfg = UpdateConfig::default();
+    let web = rs_v2(3, cfg);
+    let v2 = web.template.clone();
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let base = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec.clone())
+        .ready_pods(&web, &tpl("web:v1"), "old", 2)
+        .pod(pod_of(&web, &v2, "web-new0", "a", NOW));
+    // Not ready yet: nothing happens; woken at its deadline.
+    let p = run_at(&base.snap, NOW + 10, true);
+    assert!(p.actions.is_empty() && p.rollout.is_none(), "{p:?}");
+    assert_eq!(p.wake_at_ms, Some(NOW + cfg.ready_timeout_ms));
+    // Ready but inside the monitor: still nothing; woken when it ends.
+    let w = World {
+        snap: base.snap.clone(),
+    }
+    .status(started("web-new0", PodPhase::Running, true, NOW + 100));
+    let p = run_at(&w.snap, NOW + 200, true);
+    assert!(p.actions.is_empty(), "{p:?}");
+    assert_eq!(p.wake_at_ms, Some(NOW + 100 + cfg.monitor_ms));
+    // Monitored: the next step.
+    let p = run_at(&w.snap, NOW + 100 + cfg.monitor_ms, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 1);
+    assert_eq!(p.creates().count(), 1);
+    assert_eq!(written(&p).steps, 2);
+}
+
+#[test]
+fn start_first_starts_the_new_pod_then_stops_an_old_one_when_it_is_ready() {
+    let cfg = UpdateConfig {
+        order: UpdateOrder::StartFirst,
+        monitor_ms: 0,
+        ..Default::default()
+    };
+    let web = rs_v2(2, cfg);
+    let v2 = web.template.clone();
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(complete_at(1))
+        .ready_pods(&web, &tpl("web:v1"), "old", 2);
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(p.deletes().count(), 0, "start-first deletes nothing first");
+    assert_eq!(p.creates().count(), 1);
+    let rec = written(&p);
+    // The new pod starts, unready: nothing more.
+    let w = w
+        .rollout(rec.clone())
+        .pod(pod_of(&web, &v2, "web-new0", "a", NOW))
+        .status(started("web-new0", PodPhase::Running, false, NOW + 10));
+    let p = run_at(&w.snap, NOW + 20, true);
+    assert!(p.actions.is_empty(), "{p:?}");
+    // Ready: one old pod goes, and (monitor 0) the next step starts.
+    let w = w.status(started("web-new0", PodPhase::Running, true, NOW + 10));
+    let p = run_at(&w.snap, NOW + 30, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 1);
+    assert_eq!(p.creates().count(), 1);
+}
+
+#[test]
+fn parallelism_zero_replaces_every_pod_in_one_step() {
+    let cfg = UpdateConfig {
+        parallelism: 0,
+        ..Default::default()
+    };
+    let web = rs_v2(4, cfg);
+    let w = World::default()
+        .nodes(&["a", "b"])
+        .rs(web.clone())
+        .rollout(complete_at(1))
+        .ready_pods(&web, &tpl("web:v1"), "old", 4);
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 4);
+    assert_eq!(p.creates().count(), 4);
+}
+
+#[test]
+fn delay_runs_from_when_the_step_was_done() {
+    let cfg = UpdateConfig {
+        delay_ms: 2000,
+        monitor_ms: 0,
+        ..Default::default()
+    };
+    let web = rs_v2(2, cfg);
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec)
+        .ready_pods(&web, &tpl("web:v1"), "old", 1)
+        .ready_pods(&web, &web.template.clone(), "new", 1);
+    let p = run_at(&w.snap, NOW, true);
+    assert!(p.actions.is_empty());
+    let rec = written(&p);
+    assert_eq!(rec.step_done_at, Some(NOW));
+    assert_eq!(p.wake_at_ms, Some(NOW + 2000));
+    let w = w.rollout(rec);
+    let p = run_at(&w.snap, NOW + 1999, true);
+    assert!(p.actions.is_empty() && p.rollout.is_none());
+    let p = run_at(&w.snap, NOW + 2000, true);
+    assert_eq!(p.creates().count(), 1);
+    assert_eq!(written(&p).step_done_at, None);
+}
+
+#[test]
+fn rollout_completes_when_every_pod_is_new_and_done() {
+    let web = rs_v2(2, UpdateConfig::default());
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 2,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec)
+        .ready_pods(&web, &web.template.clone(), "new", 2);
+    let p = run_at(&w.snap, NOW + 10_000, true);
+    assert!(p.actions.is_empty());
+    let r = written(&p);
+    assert_eq!(r.state, RolloutState::Complete);
+    assert_eq!(r.finished_at, Some(NOW + 10_000));
+}
+
+/// A failing new pod with `pause`: the rollout stops where it is, the old
+/// pods stay, and the record says which pod and why.
+#[test]
+fn failed_new_pod_pauses_the_rollout_with_the_reason() {
+    let web = rs_v2(3, UpdateConfig::default());
+    let v2 = web.template.clone();
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec)
+        .ready_pods(&web, &tpl("web:v1"), "old", 2)
+        .pod(pod_of(&web, &v2, "web-new0", "a", NOW))
+        .status(status(
+            "web-new0",
+            PodPhase::Failed,
+            false,
+            "image web:v2 not found",
+        ));
+    let p = run_at(&w.snap, NOW + 50, false);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 0);
+    let r = written(&p);
+    assert_eq!(r.state, RolloutState::Paused);
+    assert!(
+        r.message.contains("rollout of revision 2 paused")
+            && r.message
+                .contains("pod web-new0 failed: image web:v2 not found"),
+        "{}",
+        r.message
+    );
+    // Paused is final: later plans make no step.
+    let w = w.rollout(r);
+    let p = run_at(&w.snap, NOW + 100_000, false);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout).len(), 0);
+    assert!(p.rollout.is_none());
+}
+
+/// A new pod never ready, with `rollback`: past its deadline the rollout
+/// turns around, and the next plan replaces the new pod by one of the
+/// revision that ran before.
+#[test]
+fn never_ready_pod_rolls_back_after_the_deadline() {
+    let cfg = UpdateConfig {
+        failure_action: FailureAction::Rollback,
+        ready_timeout_ms: 5000,
+        ..Default::default()
+    };
+    let web = rs_v2(2, cfg);
+    let v2 = web.template.clone();
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec)
+        .ready_pods(&web, &tpl("web:v1"), "old", 1)
+        .pod(pod_of(&web, &v2, "web-new0", "a", NOW))
+        .status(started("web-new0", PodPhase::Running, false, NOW + 10));
+    let p = run_at(&w.snap, NOW + 4999, true);
+    assert!(p.actions.is_empty() && p.rollout.is_none());
+    let p = run_at(&w.snap, NOW + 5000, true);
+    assert!(p.actions.is_empty());
+    let r = written(&p);
+    assert_eq!((r.state, r.target), (RolloutState::RollingBack, 1));
+    assert!(
+        r.message
+            .contains("pod web-new0 not ready 5s after it was created")
+            && r.message.contains("rolling back to revision 1"),
+        "{}",
+        r.message
+    );
+    // Rolling back (rollback_config: stop-first, one at a time): the v2
+    // pod is the old one now.
+    let w = w.rollout(r);
+    let p = run_at(&w.snap, NOW + 5001, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout), vec!["web-new0"]);
+    let c: Vec<&Pod> = p.creates().collect();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].template.image, "web:v1");
+    // Back on v1 and done: rolled back, the message kept.
+    let r = written(&p);
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(r)
+        .ready_pods(&web, &tpl("web:v1"), "back", 2);
+    let p = run_at(&w.snap, NOW + 60_000, true);
+    let r = written(&p);
+    assert_eq!(r.state, RolloutState::RolledBack);
+    assert!(r.message.contains("rolling back to revision 1"));
+}
+
+#[test]
+fn failures_under_max_failure_ratio_are_replaced_and_counted() {
+    let cfg = UpdateConfig {
+        max_failure_ratio: Ratio::new(0.5).unwrap(),
+        ready_timeout_ms: 5000,
+        ..Default::default()
+    };
+    let web = rs_v2(4, cfg);
+    let v2 = web.template.clone();
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(rec)
+        .ready_pods(&web, &tpl("web:v1"), "old", 3)
+        .pod(pod_of(&web, &v2, "web-new0", "a", NOW));
+    let p = run_at(&w.snap, NOW + 5000, true);
+    assert_eq!(deleted_names(&p, DeleteReason::NotReady), vec!["web-new0"]);
+    assert_eq!(p.creates().count(), 1);
+    let r = written(&p);
+    assert_eq!((r.state, r.failures), (RolloutState::Progressing, 1));
+    // Two more (3 > 0.5 × 4): paused.
+    let w = w.rollout(Rollout { failures: 2, ..r }).status(status(
+        "web-new0",
+        PodPhase::Failed,
+        false,
+        "exit 1",
+    ));
+    let p = run_at(&w.snap, NOW + 6000, false);
+    assert_eq!(written(&p).state, RolloutState::Paused);
+}
+
+#[test]
+fn a_new_template_starts_from_what_ran_in_full_not_a_paused_revision() {
+    let mut web = rs_v2(1, UpdateConfig::default());
+    // Revision 3 after revision 2 paused mid-way: a rollback returns to 1.
+    web.history.push(TemplateRevision {
+        revision: 2,
+        template: tpl("web:v2"),
+        created_at: 0,
+        cause: String::new(),
+    });
+    web.template = tpl("web:v3");
+    web.revision = 3;
+    let paused = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        state: RolloutState::Paused,
+        ..Default::default()
+    };
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(paused)
+        .ready_pods(&web, &tpl("web:v1"), "old", 1);
+    let r = written(&run_at(&w.snap, NOW, true));
+    assert_eq!(
+        (r.revision, r.from, r.state),
+        (3, Some(1), RolloutState::Progressing)
+    );
+}
+
+#[test]
+fn the_rollout_record_of_a_deleted_set_is_deleted() {
+    let w = World::default().nodes(&["a"]).rollout(complete_at(1));
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(p.rollout, Some(RolloutWrite::Delete));
+    assert!(all_sets(&w.snap).contains(&(ns(), n("web"))));
+}
