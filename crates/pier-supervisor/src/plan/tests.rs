@@ -474,7 +474,8 @@ fn constraints_by_hostname_and_label_are_respected_and_named() {
         .node(node("a", &[("zone", "x")], Resources::default()))
         .node(node("b", &[("zone", "y")], Resources::default()))
         .node(node("c", &[], Resources::default()));
-    let cases: &[(&[&str], &[(&str, usize)])] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, usize)]);
+    let cases: &[Case<'_>] = &[
         (&["node.labels.zone==y"], &[("b", 2)]),
         (&["node.labels.zone!=x"], &[("b", 1), ("c", 1)]),
         (&["node.hostname==c"], &[("c", 2)]),
