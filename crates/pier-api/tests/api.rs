@@ -219,6 +219,7 @@ fn rs(name: &str, replicas: u32) -> ReplicaSet {
         placement: Default::default(),
         min_replicas: None,
         max_replicas: None,
+        sla: None,
         created_at: 0,
         update_config: Default::default(),
         rollback_config: Default::default(),

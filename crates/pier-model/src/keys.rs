@@ -11,6 +11,7 @@
 //! /pier/v1/alloc/vip/<ip>
 //! /pier/v1/alloc/nodeport/<port>
 //! /pier/v1/stats/<ns>/<svc>/<node>
+//! /pier/v1/autoscale/<ns>/<rs>
 //! /pier/v1/election/<name>
 //! /pier/v1/problems/<ns>/<rs>
 //! /pier/v1/rollouts/<ns>/<rs>
@@ -40,12 +41,18 @@ pub mod prefix {
     pub const PROBLEMS: &str = "/pier/v1/problems/";
     pub const ROLLOUTS: &str = "/pier/v1/rollouts/";
     pub const NODE_LABELS: &str = "/pier/v1/nodelabels/";
+    pub const AUTOSCALE: &str = "/pier/v1/autoscale/";
 
     use crate::names::{Name, Namespace};
 
     /// All endpoints of one service, on every node.
     pub fn endpoints_of(ns: &Namespace, svc: &Name) -> String {
         format!("{ENDPOINTS}{ns}/{svc}/")
+    }
+
+    /// Every node's stats of one service.
+    pub fn stats_of(ns: &Namespace, svc: &Name) -> String {
+        format!("{STATS}{ns}/{svc}/")
     }
 }
 
@@ -77,6 +84,8 @@ pub enum Key {
     Rollout(Namespace, Name),
     /// Labels set on a node through the API.
     NodeLabels(Name),
+    /// The autoscaler's decisions for a replica set.
+    Autoscale(Namespace, Name),
 }
 
 /// A key that is not in pier's schema.
@@ -113,6 +122,7 @@ impl fmt::Display for Key {
             Key::Problem(ns, n) => write!(f, "{PROBLEMS}{ns}/{n}"),
             Key::Rollout(ns, n) => write!(f, "{ROLLOUTS}{ns}/{n}"),
             Key::NodeLabels(n) => write!(f, "{NODE_LABELS}{n}"),
+            Key::Autoscale(ns, n) => write!(f, "{AUTOSCALE}{ns}/{n}"),
         }
     }
 }
@@ -157,6 +167,7 @@ impl Key {
             ["problems", a, b] => Ok(Key::Problem(ns(a)?, n(b)?)),
             ["rollouts", a, b] => Ok(Key::Rollout(ns(a)?, n(b)?)),
             ["nodelabels", a] => Ok(Key::NodeLabels(n(a)?)),
+            ["autoscale", a, b] => Ok(Key::Autoscale(ns(a)?, n(b)?)),
             _ => Err(err("unknown kind or wrong number of parts")),
         }
     }
@@ -212,6 +223,10 @@ pub fn rollout(ns: &Namespace, rs: &Name) -> String {
 pub fn node_labels(node: &Name) -> String {
     Key::NodeLabels(node.clone()).to_string()
 }
+/// The autoscaler leader's decisions for replica set `rs`.
+pub fn autoscale(ns: &Namespace, rs: &Name) -> String {
+    Key::Autoscale(ns.clone(), rs.clone()).to_string()
+}
 pub fn election(name: &Name) -> String {
     Key::Election(name.clone()).to_string()
 }
@@ -259,6 +274,7 @@ mod tests {
             (ns(), nm()).prop_map(|(a, b)| Key::Problem(a, b)),
             (ns(), nm()).prop_map(|(a, b)| Key::Rollout(a, b)),
             nm().prop_map(Key::NodeLabels),
+            (ns(), nm()).prop_map(|(a, b)| Key::Autoscale(a, b)),
         ]
     }
 

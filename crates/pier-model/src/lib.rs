@@ -3,7 +3,8 @@
 //! This crate holds the validated names ([`Name`], [`Namespace`], [`PortNum`],
 //! [`Replicas`], [`Cidr`]), the objects kept in the store ([`Node`],
 //! [`Service`], [`ReplicaSet`], [`Pod`], [`PodStatus`], [`Endpoint`],
-//! [`Stats`]), the key schema ([`keys`], the only place that formats or
+//! [`Stats`], the autoscaler's [`autoscale::AutoscaleStatus`]), the mergeable
+//! latency [`sketch`], the key schema ([`keys`], the only place that formats or
 //! parses a store key), and the immutable [`Snapshot`] that every reader
 //! works from.
 //!
@@ -17,7 +18,9 @@ mod snapshot;
 
 pub mod addr;
 pub mod api;
+pub mod autoscale;
 pub mod keys;
+pub mod sketch;
 
 pub use names::{Cidr, Name, NameError, Namespace, PortNum, Replicas};
 pub use objects::*;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::names::{Name, NameError, Namespace, PortNum, Replicas};
 use crate::placement::Placement;
 use crate::rollout::{TemplateRevision, UpdateConfig};
+use crate::sketch::Sketch;
 
 /// Free-form labels, as on Docker containers and Kubernetes objects.
 pub type Labels = BTreeMap<String, String>;
@@ -211,14 +212,68 @@ impl FromStr for StaticEndpoint {
     }
 }
 
-/// What an autoscaler should keep true for a service.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What the autoscaler keeps true for a replica set (`ReplicaSet.sla`):
+/// targets per ready pod, summed over every node's proxy, and how fast it
+/// may move. A target left out is not scaled on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sla {
-    /// Keep the p99 connect latency below this, in milliseconds.
+    /// At most this many open connections per ready pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_active_per_pod: Option<u32>,
+    /// At most this many new connections per second per ready pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_conn_rate_per_pod: Option<u32>,
+    /// The p99 time to first response byte (first client byte forwarded →
+    /// first byte back), over all nodes' traffic, at most this, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_first_byte_ms: Option<u32>,
+    /// A scale-up happens only when every recommendation of this window
+    /// (ms) asked for more; 0 (the default, as Kubernetes' HPA) scales up
+    /// at once.
+    pub scale_up_window_ms: u64,
+    /// A scale-down goes only to the highest recommendation of this window
+    /// (ms): the `--scale-down-delay`. Default 30 s.
+    pub scale_down_window_ms: u64,
+    /// The most pods added or removed in one decision; 0 for no limit.
+    pub max_step: u32,
+    /// Ratios of measurement to target within this many percent of 1 do
+    /// not scale (10, as the HPA's 0.1).
+    pub tolerance_pct: u32,
+    /// Service-level fields of an earlier version, kept so that such
+    /// records still read; not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_p99_connect_ms: Option<u32>,
-    /// Keep the active connections per ready endpoint below this.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_active_per_endpoint: Option<u32>,
+}
+
+impl Sla {
+    pub const DEFAULT_SCALE_DOWN_WINDOW_MS: u64 = 30_000;
+    pub const DEFAULT_TOLERANCE_PCT: u32 = 10;
+
+    /// True when at least one target is set.
+    pub fn has_target(&self) -> bool {
+        self.max_active_per_pod.is_some()
+            || self.max_conn_rate_per_pod.is_some()
+            || self.p99_first_byte_ms.is_some()
+    }
+}
+
+impl Default for Sla {
+    fn default() -> Self {
+        Sla {
+            max_active_per_pod: None,
+            max_conn_rate_per_pod: None,
+            p99_first_byte_ms: None,
+            scale_up_window_ms: 0,
+            scale_down_window_ms: Self::DEFAULT_SCALE_DOWN_WINDOW_MS,
+            max_step: 0,
+            tolerance_pct: Self::DEFAULT_TOLERANCE_PCT,
+            max_p99_connect_ms: None,
+            max_active_per_endpoint: None,
+        }
+    }
 }
 
 /// `/pier/v1/services/<ns>/<svc>`.
@@ -438,11 +493,16 @@ pub struct ReplicaSet {
     pub replicas: Replicas,
     #[serde(default)]
     pub placement: Placement,
-    /// Bounds for an autoscaler.
+    /// Bounds for the autoscaler; it runs for a set that has both and an
+    /// `sla` with a target.
     #[serde(default)]
     pub min_replicas: Option<Replicas>,
     #[serde(default)]
     pub max_replicas: Option<Replicas>,
+    /// The autoscaler's targets. Left out when unset, so that agents of an
+    /// older version still read the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla: Option<Sla>,
     #[serde(default)]
     pub created_at: u64,
     /// How a new template rolls out (Compose `deploy.update_config`).
@@ -520,6 +580,16 @@ impl NodeLabels {
             }
         }
         out
+    }
+}
+
+impl ReplicaSet {
+    /// The set's autoscaling, when it has bounds and a target.
+    pub fn autoscale(&self) -> Option<(Replicas, Replicas, &Sla)> {
+        match (self.min_replicas, self.max_replicas, &self.sla) {
+            (Some(min), Some(max), Some(sla)) if sla.has_target() => Some((min, max, sla)),
+            _ => None,
+        }
     }
 }
 
@@ -638,18 +708,79 @@ impl Endpoint {
 }
 
 /// `/pier/v1/stats/<ns>/<svc>/<node>`: one node's proxy traffic for one
-/// service, for the autoscaler. Leased.
+/// service (all its ports), for the autoscaler. Leased. Written by the
+/// node's agent when [`Stats::worth_writing`] says so, never per
+/// connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Stats {
+    /// Open client connections now.
     pub active: u64,
+    /// Client connections accepted since the proxy started.
     pub total: u64,
     pub connect_errors: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The p99 connect latency of the window, µs (0: no connects).
     pub connect_p99_us: u64,
     /// Unix milliseconds when sampled.
     pub at: u64,
+    /// The window the fields below cover, ms (the proxy's sample interval).
+    pub window_ms: u64,
+    /// Client connections accepted in the window.
+    pub new_conns: u64,
+    /// Connect latencies of the window, µs.
+    #[serde(skip_serializing_if = "Sketch::is_empty")]
+    pub connect: Sketch,
+    /// Times to first response byte of the window, µs.
+    #[serde(skip_serializing_if = "Sketch::is_empty")]
+    pub first_byte: Sketch,
+}
+
+/// A record with load is written again after this long even when nothing
+/// moved, so that a reader can tell a live steady load from a stale one.
+pub const STATS_REFRESH_MS: u64 = 10_000;
+
+impl Stats {
+    /// New connections per second over the window.
+    pub fn conn_rate(&self) -> f64 {
+        if self.window_ms == 0 {
+            return 0.0;
+        }
+        self.new_conns as f64 * 1000.0 / self.window_ms as f64
+    }
+
+    /// No open connection and nothing in the window.
+    pub fn is_idle(&self) -> bool {
+        self.active == 0 && self.new_conns == 0 && self.first_byte.is_empty()
+    }
+
+    /// Whether `self` (the new sample) is worth a store write after `last`
+    /// (what was last written): the open connections moved by at least 1
+    /// and 10%, the connection rate by at least 1/s and 10%, the
+    /// first-byte p99 by 10%, the record went idle or stopped being idle,
+    /// or a record with load is [`STATS_REFRESH_MS`] old. A steady load is
+    /// so one write per 10 s, and an idle service none.
+    pub fn worth_writing(&self, last: Option<&Stats>) -> bool {
+        let Some(last) = last else { return true };
+        if self.is_idle() != last.is_idle() {
+            return true;
+        }
+        if self.is_idle() {
+            return false;
+        }
+        let moved = |a: f64, b: f64, min: f64| (a - b).abs() >= min.max(b.abs() / 10.0);
+        moved(self.active as f64, last.active as f64, 1.0)
+            || moved(self.conn_rate(), last.conn_rate(), 1.0)
+            || match (
+                self.first_byte.quantile(0.99),
+                last.first_byte.quantile(0.99),
+            ) {
+                (Some(a), Some(b)) => moved(a as f64, b as f64, 0.0),
+                (a, b) => a.is_some() != b.is_some(),
+            }
+            || self.at.saturating_sub(last.at) >= STATS_REFRESH_MS
+    }
 }
 
 /// The value of an allocation key: which service holds the address or port.
@@ -688,6 +819,74 @@ mod tests {
         let mut t2 = t.clone();
         t2.env.insert("A".into(), "1".into());
         assert_ne!(t.hash(), t2.hash());
+    }
+
+    #[test]
+    fn sla_fills_defaults_and_old_replica_sets_read() {
+        let sla: Sla = serde_json::from_str(r#"{"max_active_per_pod":5}"#).unwrap();
+        assert_eq!(sla.max_active_per_pod, Some(5));
+        assert_eq!(sla.scale_down_window_ms, Sla::DEFAULT_SCALE_DOWN_WINDOW_MS);
+        assert_eq!(sla.tolerance_pct, 10);
+        assert!(sla.has_target() && !Sla::default().has_target());
+        let rs: ReplicaSet = serde_json::from_str(
+            r#"{"name":"web","template":{"image":"busybox"},"replicas":2,"min_replicas":1,"max_replicas":4}"#,
+        )
+        .unwrap();
+        assert_eq!(rs.sla, None);
+        assert!(rs.autoscale().is_none());
+        // Unset, it is left out, so that an older agent still reads it.
+        assert!(
+            !String::from_utf8(crate::encode(&rs))
+                .unwrap()
+                .contains("sla")
+        );
+    }
+
+    #[test]
+    fn stats_written_on_real_change_or_refresh_only() {
+        let base = Stats {
+            active: 20,
+            new_conns: 100,
+            window_ms: 1000,
+            at: 1_000,
+            ..Default::default()
+        };
+        assert!(base.worth_writing(None));
+        let same = |f: &dyn Fn(&mut Stats)| {
+            let mut s = base.clone();
+            s.at += 1000;
+            f(&mut s);
+            s.worth_writing(Some(&base))
+        };
+        assert!(!same(&|_| {}));
+        assert!(!same(&|s| s.active = 21), "under 10% of 20");
+        assert!(same(&|s| s.active = 22));
+        assert!(!same(&|s| s.new_conns = 105));
+        assert!(same(&|s| s.new_conns = 120));
+        assert!(same(&|s| s.at = 1_000 + STATS_REFRESH_MS));
+        // Small counts: any whole change counts.
+        let one = Stats {
+            active: 1,
+            at: 1,
+            ..Default::default()
+        };
+        let two = Stats {
+            active: 2,
+            at: 2,
+            ..Default::default()
+        };
+        assert!(two.worth_writing(Some(&one)));
+        // Going idle is written once, then nothing.
+        let idle = Stats {
+            at: 3,
+            ..Default::default()
+        };
+        assert!(idle.worth_writing(Some(&one)));
+        let later = Stats {
+            at: 3 + 10 * STATS_REFRESH_MS,
+            ..Default::default()
+        };
+        assert!(!later.worth_writing(Some(&idle)));
     }
 
     #[test]

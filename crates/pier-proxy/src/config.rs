@@ -49,7 +49,8 @@ pub struct ProxyConfig {
     /// How often listeners whose bind failed (e.g. a node port taken by
     /// another process) are tried again, besides on every snapshot change.
     pub bind_retry_ms: u64,
-    /// How often per-service traffic stats are sampled.
+    /// How often per-service traffic stats are sampled: the window of the
+    /// autoscaler's signals (1 s, its resolution).
     pub stats_interval_ms: u64,
     /// At most this many open client connections on this node's node ports
     /// in all; more are reset at once (`pier_proxy_node_port_refusals`).
@@ -84,7 +85,7 @@ impl Default for ProxyConfig {
             // 30 s: a port held by another process is rarely freed quickly,
             // and a retry logs nothing new unless the error changes.
             bind_retry_ms: 30_000,
-            stats_interval_ms: 5_000,
+            stats_interval_ms: 1_000,
             // 16384 in all: each proxied connection holds two sockets and,
             // with splice, two pipes (six descriptors), which stays within
             // a 1 Mi nofile limit. 1024 per client IP: many clients share

@@ -16,7 +16,7 @@ use crate::config::MAX_CONNECT_ATTEMPTS;
 use crate::copy::{self, Counters};
 use crate::error::{ConnectCause, Side};
 use crate::mesh::MeshConnector;
-use crate::metrics::SvcMetrics;
+use crate::metrics::{FirstByte, SvcMetrics};
 use crate::ppv2;
 
 /// What every connection task shares.
@@ -131,7 +131,7 @@ async fn connect_one(ctx: &Ctx, t: &PortTarget, ep: &EpState) -> Result<Upstream
             let secs = us as f64 / 1e6;
             ep.m.latency.observe(secs);
             t.m.latency.observe(secs);
-            t.m.p99.observe(us);
+            t.m.sig.connect.observe(us);
             ep.m.total.inc();
         }
         Err(cause) => {
@@ -195,13 +195,16 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
     };
     let _ep_active = GaugeGuard(&ep.m.active);
 
+    let fb = FirstByte::new(&t.m.sig, &ep.m.sig);
     let c_in = Counters {
         svc: &t.m.bytes_in,
         ep: Some(&ep.m.bytes_in),
+        first_byte: Some((&fb, true)),
     };
     let c_out = Counters {
         svc: &t.m.bytes_out,
         ep: Some(&ep.m.bytes_out),
+        first_byte: Some((&fb, false)),
     };
     let mut up = up;
     let work = async {

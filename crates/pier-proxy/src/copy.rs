@@ -81,11 +81,14 @@ pub fn spliced_directions() -> u64 {
     SPLICED_DIRECTIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Byte counters for one direction: the service port's and the endpoint's.
+/// Byte counters for one direction: the service port's and the endpoint's,
+/// and the connection's first-byte timer with whether this direction is
+/// client → endpoint.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Counters<'a> {
     pub svc: &'a Counter,
     pub ep: Option<&'a Counter>,
+    pub first_byte: Option<(&'a crate::metrics::FirstByte<'a>, bool)>,
 }
 
 impl Counters<'_> {
@@ -93,6 +96,9 @@ impl Counters<'_> {
         self.svc.inc_by(n as u64);
         if let Some(ep) = self.ep {
             ep.inc_by(n as u64);
+        }
+        if let Some((fb, to_endpoint)) = self.first_byte {
+            fb.on_bytes(to_endpoint);
         }
     }
 }

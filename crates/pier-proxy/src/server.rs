@@ -22,7 +22,7 @@ use crate::conn::{self, Ctx, PortTarget};
 use crate::iface::Iface;
 use crate::limit::ConnLimiter;
 use crate::mesh::MeshConnector;
-use crate::metrics::{LatencyBuckets, Metrics, SvcMetrics};
+use crate::metrics::{Metrics, SvcMetrics};
 use crate::{ProxyConfig, ProxyError};
 
 /// Per-service problems on this node, for `describe svc`.
@@ -128,7 +128,6 @@ impl Proxy {
             conns: TaskTracker::new(),
             problems,
             stats,
-            prev_p99: HashMap::new(),
             refused_direct: HashSet::new(),
         };
         st.adopt_existing_vips().await;
@@ -224,7 +223,6 @@ struct State {
     conns: TaskTracker,
     problems: watch::Sender<Arc<Problems>>,
     stats: watch::Sender<Arc<StatsMap>>,
-    prev_p99: HashMap<(ObjectKey, Name), [u64; 25]>,
     /// Endpoint addresses refused by [`direct_allowed`], logged once.
     refused_direct: HashSet<SocketAddr>,
 }
@@ -316,7 +314,6 @@ impl State {
                 }
                 self.metrics
                     .remove_service(&pe.service, pe.port_name.as_str());
-                self.prev_p99.remove(&k);
             }
         }
 
@@ -623,25 +620,37 @@ impl State {
         });
     }
 
+    /// Closes every service port's and endpoint's window (their /metrics
+    /// gauges) and publishes the per-service sums for the `stats/` keys.
+    /// The sketches of a service's ports merge, so its p99 is over all its
+    /// ports' traffic.
     fn sample_stats(&mut self) {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let now = std::time::Instant::now();
         let mut out = StatsMap::new();
         for (pk, pe) in &self.ports {
             let s = out.entry(pk.0.clone()).or_default();
+            let total = pe.m.total.get();
+            let w = pe.m.sig.window(total, now);
+            for ep in pe.eps.values() {
+                ep.m.sig.window(ep.m.total.get(), now);
+            }
             s.active += pe.m.active.get().max(0) as u64;
-            s.total += pe.m.total.get();
+            s.total += total;
             s.connect_errors += pe.m.error_total();
             s.bytes_in += pe.m.bytes_in.get();
             s.bytes_out += pe.m.bytes_out.get();
-            let now = pe.m.p99.counts();
-            let prev = self.prev_p99.insert(pk.clone(), now).unwrap_or([0; 25]);
-            s.connect_p99_us = s
-                .connect_p99_us
-                .max(LatencyBuckets::p99_between(&prev, &now));
+            s.new_conns += w.new_conns;
+            s.window_ms = s.window_ms.max(w.ms);
+            s.connect.merge(&w.connect);
+            s.first_byte.merge(&w.first_byte);
             s.at = at;
+        }
+        for s in out.values_mut() {
+            s.connect_p99_us = s.connect.quantile(0.99).unwrap_or(0);
         }
         self.stats.send_replace(Arc::new(out));
     }

@@ -17,7 +17,7 @@
 //!   keep-alive gives up); it is fresh again when both are fine.
 //! - A key that does not parse, or a value that does not decode, is logged
 //!   with its key and skipped (and any older value under that key dropped).
-//!   Keys it does not use (alloc, stats, election) are ignored.
+//!   Keys it does not use (alloc, stats, election, autoscale) are ignored.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -415,7 +415,11 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
         Key::NodeLabels(n) => decode(key, value).map(|v| {
             Arc::make_mut(&mut snap.node_labels).insert(n.clone(), Arc::new(v));
         }),
-        Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => Ok(()),
+        Key::VipAlloc(_)
+        | Key::NodePortAlloc(_)
+        | Key::Stats { .. }
+        | Key::Election(_)
+        | Key::Autoscale(..) => Ok(()),
     };
     if let Err(e) = ok {
         tracing::warn!(key, "reflector: skipping value that does not decode: {e}");
@@ -469,7 +473,11 @@ fn remove(snap: &mut Snapshot, k: &Key) {
                 outer.remove(&skey);
             }
         }
-        Key::VipAlloc(_) | Key::NodePortAlloc(_) | Key::Stats { .. } | Key::Election(_) => {}
+        Key::VipAlloc(_)
+        | Key::NodePortAlloc(_)
+        | Key::Stats { .. }
+        | Key::Election(_)
+        | Key::Autoscale(..) => {}
     }
 }
 

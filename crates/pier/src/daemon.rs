@@ -619,14 +619,7 @@ async fn write_stats(
         };
         let cur = stats.borrow_and_update().clone();
         for ((ns, svc), st) in cur.iter() {
-            let mut cmp = st.clone();
-            cmp.at = 0;
-            let unchanged = last.get(&(ns.clone(), svc.clone())).is_some_and(|l| {
-                let mut l = l.clone();
-                l.at = 0;
-                l == cmp
-            });
-            if unchanged {
+            if !st.worth_writing(last.get(&(ns.clone(), svc.clone()))) {
                 continue;
             }
             let key = pier_model::keys::stats(ns, svc, &node);

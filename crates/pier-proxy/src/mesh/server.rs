@@ -567,10 +567,12 @@ impl Inner {
                     crate::copy::Counters {
                         svc: &from_target,
                         ep: None,
+                        first_byte: None,
                     },
                     crate::copy::Counters {
                         svc: &to_target,
                         ep: None,
+                        first_byte: None,
                     },
                 )
                 .await;

@@ -1462,6 +1462,7 @@ mod tests {
         let cnt = Counters {
             svc: &counter,
             ep: None,
+            first_byte: None,
         };
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         for round in 0..2 {
@@ -1491,6 +1492,7 @@ mod tests {
         let cnt = Counters {
             svc: &counter,
             ep: None,
+            first_byte: None,
         };
         // The target resets the connection mid-stream.
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1595,6 +1597,7 @@ mod tests {
         let cnt = Counters {
             svc: &counter,
             ep: None,
+            first_byte: None,
         };
         let at = c.tx.update_at();
         c.tx.set_used(at);

@@ -8,3 +8,4 @@ mod failures;
 mod forwarding;
 mod iface;
 mod listeners;
+mod signals;

@@ -44,6 +44,7 @@ pub fn replicaset(name: &str, replicas: u32) -> ReplicaSet {
         placement: Placement::default(),
         min_replicas: None,
         max_replicas: None,
+        sla: None,
         created_at: 0,
         update_config: Default::default(),
         rollback_config: Default::default(),
@@ -384,6 +385,7 @@ pub fn test_config() -> SupervisorConfig {
         lease_ttl_secs: 2,
         requeue_interval_ms: 1000,
         node_grace_ms: 0,
+        autoscale_interval_ms: 1000,
     }
 }
 

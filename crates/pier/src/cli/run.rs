@@ -88,6 +88,7 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
         placement: Default::default(),
         min_replicas: None,
         max_replicas: None,
+        sla: None,
         created_at: 0,
         update_config: Default::default(),
         rollback_config: Default::default(),
