@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub mod autoscale;
+mod autoscaler;
 mod controller;
 pub mod plan;
 
@@ -47,6 +49,9 @@ pub struct SupervisorConfig {
     /// A pod whose node record is gone (lease expired) is replaced after
     /// this many ms.
     pub node_grace_ms: u64,
+    /// How often the autoscaler leader decides every autoscaled set, in
+    /// ms: the proxies' stats window (1 s) is its resolution.
+    pub autoscale_interval_ms: u64,
 }
 
 impl SupervisorConfig {
@@ -60,6 +65,10 @@ impl SupervisorConfig {
     }
     pub fn default_node_grace_ms() -> u64 {
         0
+    }
+    /// 1 s: the stats' resolution; a decision within 3 s of a breach.
+    pub fn default_autoscale_interval_ms() -> u64 {
+        1000
     }
 
     pub fn validate(&self) -> Result<(), SupervisorError> {
@@ -83,6 +92,15 @@ impl SupervisorConfig {
                 ),
             });
         }
+        if !(100..=60_000).contains(&self.autoscale_interval_ms) {
+            return Err(SupervisorError::Config {
+                field: "supervisor.autoscale_interval_ms",
+                why: format!(
+                    "{} is out of range: use 100 to 60000 ms",
+                    self.autoscale_interval_ms
+                ),
+            });
+        }
         if self.node_grace_ms > 3_600_000 {
             return Err(SupervisorError::Config {
                 field: "supervisor.node_grace_ms",
@@ -103,6 +121,7 @@ impl Default for SupervisorConfig {
             lease_ttl_secs: Self::default_lease_ttl_secs(),
             requeue_interval_ms: Self::default_requeue_interval_ms(),
             node_grace_ms: Self::default_node_grace_ms(),
+            autoscale_interval_ms: Self::default_autoscale_interval_ms(),
         }
     }
 }
@@ -176,7 +195,18 @@ impl Supervisor {
             cancel.cancelled().await;
             return Ok(());
         }
-        controller::run(self, cancel).await
+        // The autoscaler runs beside the controller, in its own election.
+        let autoscaler = autoscaler::Autoscaler {
+            cfg: self.cfg.clone(),
+            node: self.node.clone(),
+            store: self.store.clone(),
+            snapshot: self.snapshot.clone(),
+        };
+        let (a, b) = tokio::join!(
+            controller::run(self, cancel.clone()),
+            autoscaler.run(cancel)
+        );
+        a.and(b)
     }
 }
 
