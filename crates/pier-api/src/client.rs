@@ -11,8 +11,8 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use pier_model::api::{
-    ErrorBody, ExposeRequest, NodeView, PodView, Problem, Readiness, ReplicaSetView, Resource,
-    ScaleRequest, VersionInfo, WatchEvent,
+    AutoscaleRequest, AutoscaleView, ErrorBody, ExposeRequest, NodeView, PodView, Problem,
+    Readiness, ReplicaSetView, Resource, ScaleRequest, VersionInfo, WatchEvent,
 };
 use pier_model::{Endpoint, Name, Namespace, ReplicaSet, Service};
 use serde::Serialize;
@@ -348,6 +348,27 @@ impl Client {
     ) -> Result<ReplicaSetView, ApiError> {
         let path = format!("{}/scale", object_path(Resource::ReplicaSets, ns, name));
         self.call_body(Method::PUT, &path, req).await
+    }
+    /// Autoscales the set (`Some`), or turns its autoscaling off (`None`).
+    pub async fn autoscale_replicaset(
+        &self,
+        ns: &Namespace,
+        name: &Name,
+        req: Option<&AutoscaleRequest>,
+    ) -> Result<ReplicaSetView, ApiError> {
+        let path = format!("{}/autoscale", object_path(Resource::ReplicaSets, ns, name));
+        match req {
+            Some(r) => self.call_body(Method::PUT, &path, r).await,
+            None => self.call(Method::DELETE, &path, None).await,
+        }
+    }
+    pub async fn get_autoscale(
+        &self,
+        ns: &Namespace,
+        name: &Name,
+    ) -> Result<AutoscaleView, ApiError> {
+        let path = format!("{}/autoscale", object_path(Resource::ReplicaSets, ns, name));
+        self.call(Method::GET, &path, None).await
     }
     pub async fn delete_replicaset(&self, ns: &Namespace, name: &Name) -> Result<(), ApiError> {
         self.call::<serde_json::Value>(

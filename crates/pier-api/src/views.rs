@@ -92,6 +92,7 @@ fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) 
         placement: rs.placement.clone(),
         min_replicas: rs.min_replicas,
         max_replicas: rs.max_replicas,
+        sla: rs.sla.clone(),
         created_at: rs.created_at,
         update_config: rs.update_config,
         rollback_config: rs.rollback_config,

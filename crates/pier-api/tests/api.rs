@@ -1612,3 +1612,137 @@ async fn static_endpoint_allowlist_lets_them_through() {
     let e = h.client.create_service(&s).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
 }
+
+/// `pier autoscale`'s endpoint: bad SLAs are 400 naming the field; a set
+/// autoscaled refuses a manual scale with what to do instead; the view
+/// sums every node's stats of the services that select the set (one
+/// service's p99 over both nodes' traffic); off again, scale works.
+#[tokio::test]
+async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
+    use pier_model::Sla;
+    use pier_model::api::AutoscaleRequest;
+    use pier_model::sketch::{BUCKETS, Sketch, bucket};
+    let h = Harness::start().await;
+    let c = &h.client;
+    c.create_replicaset(&rs("web", 1)).await.unwrap();
+    let path = "/api/v1/namespaces/default/replicasets/web/autoscale";
+    for (body, want) in [
+        (r#"{"min":1,"max":4,"sla":{}}"#, "sla: no target"),
+        (
+            r#"{"min":5,"max":4,"sla":{"max_active_per_pod":5}}"#,
+            "min: 5 is above max 4",
+        ),
+        (
+            r#"{"min":1,"max":4,"sla":{"max_active_per_pod":0}}"#,
+            "sla.max_active_per_pod",
+        ),
+        (
+            r#"{"min":1,"max":4,"sla":{"max_active_per_pod":5,"scale_down_window_ms":99999999}}"#,
+            "sla.scale_down_window_ms",
+        ),
+        (
+            r#"{"min":1,"max":4,"sla":{"max_actve_per_pod":5}}"#,
+            "max_actve_per_pod",
+        ),
+    ] {
+        let (status, text) = raw(h.addr, "PUT", path, &[], body.as_bytes()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(want), "{body}: {text}");
+    }
+    let req = AutoscaleRequest {
+        min: Replicas::new(1).unwrap(),
+        max: Replicas::new(4).unwrap(),
+        sla: Sla {
+            max_active_per_pod: Some(5),
+            p99_first_byte_ms: Some(50),
+            ..Default::default()
+        },
+    };
+    let v = c
+        .autoscale_replicaset(&ns(), &n("web"), Some(&req))
+        .await
+        .unwrap();
+    assert_eq!(v.min_replicas.map(|r| r.get()), Some(1));
+    assert_eq!(v.sla.as_ref().unwrap().max_active_per_pod, Some(5));
+    let e = c
+        .scale_replicaset(
+            &ns(),
+            &n("web"),
+            &ScaleRequest {
+                replicas: Some(Replicas::new(3).unwrap()),
+                delta: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(409), "{e}");
+    assert!(
+        e.to_string().contains("autoscaled between 1 and 4")
+            && e.to_string().contains("pier autoscale rs web --off"),
+        "{e}"
+    );
+    // No service yet: nothing measured.
+    let a = c.get_autoscale(&ns(), &n("web")).await.unwrap();
+    assert!(a.services.is_empty() && a.measured.nodes == 0, "{a:?}");
+    // Exposed, with two nodes' stats: 100 fast first bytes on one, 100
+    // slow ones on the other; the p99 is the slow node's.
+    c.expose_replicaset(
+        &ns(),
+        &n("web"),
+        &ExposeRequest {
+            name: None,
+            port: PortNum::new(80).unwrap(),
+            target_port: None,
+            service_type: ServiceType::ClusterIP,
+            node_port: None,
+            prefer_local: false,
+        },
+    )
+    .await
+    .unwrap();
+    let fb = |us: u64| {
+        let mut d = vec![0u64; BUCKETS];
+        d[bucket(us)] = 100;
+        Sketch::from_counts(&d)
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for (node, active, us) in [("h1", 10, 1_000), ("h2", 6, 80_000)] {
+        let st = pier_model::Stats {
+            active,
+            new_conns: 20,
+            window_ms: 1000,
+            first_byte: fb(us),
+            at: now,
+            ..Default::default()
+        };
+        h.store
+            .put(&keys::stats(&ns(), &n("web"), &n(node)), encode(&st), None)
+            .await
+            .unwrap();
+    }
+    let a = c.get_autoscale(&ns(), &n("web")).await.unwrap();
+    assert_eq!(a.services, vec![n("web")]);
+    assert_eq!((a.measured.nodes, a.measured.active), (2, 16), "{a:?}");
+    assert_eq!(a.measured.conn_rate, 40.0);
+    let p99 = a.measured.p99_first_byte_us.unwrap();
+    assert!((75_000..=85_000).contains(&p99), "{p99}");
+    // Off: the count is the user's again.
+    let v = c
+        .autoscale_replicaset(&ns(), &n("web"), None)
+        .await
+        .unwrap();
+    assert!(v.sla.is_none() && v.min_replicas.is_none());
+    c.scale_replicaset(
+        &ns(),
+        &n("web"),
+        &ScaleRequest {
+            replicas: Some(Replicas::new(3).unwrap()),
+            delta: None,
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -148,6 +148,9 @@ pub struct ReplicaSetView {
     pub min_replicas: Option<Replicas>,
     #[serde(default)]
     pub max_replicas: Option<Replicas>,
+    /// The autoscaler's targets, when the set is autoscaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla: Option<crate::Sla>,
     #[serde(default)]
     pub created_at: u64,
     #[serde(default)]
@@ -197,6 +200,35 @@ pub struct PodView {
 pub struct ScaleRequest {
     pub replicas: Option<Replicas>,
     pub delta: Option<i64>,
+}
+
+/// `PUT …/replicasets/<rs>/autoscale`: autoscale the set between `min`
+/// and `max` replicas on `sla`'s targets. `DELETE` on the same path turns
+/// autoscaling off (the count stays where it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscaleRequest {
+    pub min: Replicas,
+    pub max: Replicas,
+    pub sla: crate::Sla,
+}
+
+/// `GET …/replicasets/<rs>/autoscale`: the set's targets, what the
+/// autoscaler measures now (every node's stats, as it reads them) and its
+/// last decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleView {
+    pub min: Option<Replicas>,
+    pub max: Option<Replicas>,
+    pub sla: Option<crate::Sla>,
+    /// Desired, as the set says now.
+    pub replicas: Replicas,
+    pub ready: u32,
+    /// The services whose stats are summed.
+    pub services: Vec<Name>,
+    pub measured: crate::autoscale::Measurement,
+    #[serde(default)]
+    pub status: crate::autoscale::AutoscaleStatus,
 }
 
 /// `POST …/replicasets/<rs>/expose`: a service whose selector is the replica

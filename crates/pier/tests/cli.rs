@@ -310,11 +310,16 @@ async fn the_demo_flow_with_tables_and_json() {
         .collect();
     assert_eq!(
         lines[0],
-        ["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+        ["NAME", "DESIRED", "CURRENT", "READY", "MIN", "MAX", "AGE"],
         "{}",
         o.stdout
     );
-    assert_eq!(lines[1][..4], ["kube-demo", "1", "0", "0"], "{}", o.stdout);
+    assert_eq!(
+        lines[1][..6],
+        ["kube-demo", "1", "0", "0", "-", "-"],
+        "{}",
+        o.stdout
+    );
     let o = a.pier(&["get", "rs", "-o", "json"]).await;
     let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
     assert_eq!(j.as_array().unwrap().len(), 1);

@@ -143,3 +143,72 @@ pub(super) async fn get_one(
         None => Err(not_found(kind, f.namespace.as_ref(), f.name.as_ref())),
     }
 }
+
+/// A set's autoscaling: its targets, what the autoscaler measures now and
+/// its last decisions. Unlike the other reads, this one reads the store:
+/// the `stats/` records of the services that select the set (as the
+/// autoscaler does, summed by the same `measure`) and `autoscale/<ns>/<rs>`,
+/// which the snapshot does not hold.
+pub(super) async fn autoscale_view(
+    inner: &Inner,
+    ns: pier_model::Namespace,
+    name: pier_model::Name,
+) -> Result<Response<Body>, Fail> {
+    use pier_model::autoscale::{AutoscaleStatus, measure, selects};
+    use pier_model::keys::{self, Key};
+    let s = synced(inner).await?;
+    let rs = s
+        .replicasets
+        .get(&(ns.clone(), name.clone()))
+        .ok_or_else(|| not_found(Resource::ReplicaSets, Some(&ns), Some(&name)))?
+        .clone();
+    let mut recs = Vec::new();
+    let mut services = Vec::new();
+    for svc in s.services.values().filter(|svc| selects(svc, &rs)) {
+        services.push(svc.name.clone());
+        let list = inner
+            .st
+            .store
+            .list(&keys::prefix::stats_of(&svc.namespace, &svc.name))
+            .await?;
+        for kv in list.kvs {
+            let Ok(Key::Stats { node, .. }) = Key::parse(&kv.key) else {
+                tracing::warn!(key = kv.key, "not a stats key; skipped");
+                continue;
+            };
+            match pier_model::decode::<pier_model::Stats>(&kv.key, &kv.value) {
+                Ok(st) => recs.push((node, st)),
+                Err(e) => tracing::warn!(error = %e, "stats record skipped"),
+            }
+        }
+    }
+    let st_key = keys::autoscale(&ns, &name);
+    let status = match inner.st.store.get(&st_key).await? {
+        Some(kv) => pier_model::decode::<AutoscaleStatus>(&st_key, &kv.value).map_err(|e| {
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e}; delete it and the autoscaler writes a new one"),
+            )
+        })?,
+        None => AutoscaleStatus::default(),
+    };
+    let ready = s
+        .pods
+        .iter()
+        .filter(|((pns, _), p)| *pns == ns && p.replicaset == name)
+        .filter(|(k, _)| s.pod_statuses.get(*k).is_some_and(|st| st.ready))
+        .count() as u32;
+    Ok(json(
+        StatusCode::OK,
+        &pier_model::api::AutoscaleView {
+            min: rs.min_replicas,
+            max: rs.max_replicas,
+            sla: rs.sla.clone(),
+            replicas: rs.replicas,
+            ready,
+            services,
+            measured: measure(recs.iter().map(|(n, st)| (n, st)), now_ms()),
+            status,
+        },
+    ))
+}

@@ -5,15 +5,17 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use pier_model::api::{ExposeRequest, Resource, ScaleRequest, VersionInfo};
+use pier_model::api::{AutoscaleRequest, ExposeRequest, Resource, ScaleRequest, VersionInfo};
 use pier_model::{ReplicaSet, Service, keys};
 
 use super::plumbing::{
     Body, Fail, fail_response, full, json, method_not_allowed, parse_kind, parse_name, parse_ns,
     read_json, wants_watch,
 };
-use super::reads::{get_one, list, metrics, problems, readyz, synced};
-use super::writes::{create_replicaset, create_service, delete_key, delete_service, expose, scale};
+use super::reads::{autoscale_view, get_one, list, metrics, problems, readyz, synced};
+use super::writes::{
+    autoscale, create_replicaset, create_service, delete_key, delete_service, expose, scale,
+};
 use super::{Inner, Peer};
 use crate::views::Filter;
 
@@ -151,6 +153,19 @@ pub(super) async fn route(
             let name = parse_name(name)?;
             let r: ScaleRequest = read_json(req, max_body).await?;
             scale(&inner, ns, name, r).await
+        }
+        ["namespaces", ns, "replicasets", name, "autoscale"] => {
+            let ns = parse_ns(ns)?;
+            let name = parse_name(name)?;
+            match m {
+                Method::GET => autoscale_view(&inner, ns, name).await,
+                Method::PUT | Method::POST => {
+                    let r: AutoscaleRequest = read_json(req, max_body).await?;
+                    autoscale(&inner, ns, name, Some(r)).await
+                }
+                Method::DELETE => autoscale(&inner, ns, name, None).await,
+                _ => Err(method_not_allowed(&m, &path)),
+            }
         }
         ["namespaces", ns, "replicasets", name, "expose"] if m == Method::POST => {
             let ns = parse_ns(ns)?;

@@ -60,6 +60,48 @@ pub(super) fn validate_replicaset(rs: &ReplicaSet) -> Result<(), Fail> {
             "min_replicas: {min} is above max_replicas {max}"
         )));
     }
+    if let Some(sla) = &rs.sla {
+        validate_sla("sla", sla)?;
+    }
+    Ok(())
+}
+
+/// The longest window or delay: an hour (the HPA's longest default is 5
+/// minutes; more is a typo).
+const MAX_WINDOW_MS: u64 = 3_600_000;
+
+/// An SLA the autoscaler can act on; errors name the field as `at.field`.
+pub(super) fn validate_sla(at: &str, sla: &pier_model::Sla) -> Result<(), Fail> {
+    if !sla.has_target() {
+        return Err(Fail::bad(format!(
+            "{at}: no target; give at least one of max_active_per_pod, max_conn_rate_per_pod, p99_first_byte_ms (--max-active-per-pod, --max-conn-rate-per-pod, --p99-first-byte)"
+        )));
+    }
+    for (f, v) in [
+        ("max_active_per_pod", sla.max_active_per_pod),
+        ("max_conn_rate_per_pod", sla.max_conn_rate_per_pod),
+        ("p99_first_byte_ms", sla.p99_first_byte_ms),
+    ] {
+        if v == Some(0) {
+            return Err(Fail::bad(format!("{at}.{f}: must be at least 1")));
+        }
+    }
+    for (f, v) in [
+        ("scale_up_window_ms", sla.scale_up_window_ms),
+        ("scale_down_window_ms", sla.scale_down_window_ms),
+    ] {
+        if v > MAX_WINDOW_MS {
+            return Err(Fail::bad(format!(
+                "{at}.{f}: {v} ms is more than an hour; use 0 to {MAX_WINDOW_MS}"
+            )));
+        }
+    }
+    if sla.tolerance_pct > 100 {
+        return Err(Fail::bad(format!(
+            "{at}.tolerance_pct: {} is not a percentage of 0 to 100",
+            sla.tolerance_pct
+        )));
+    }
     Ok(())
 }
 

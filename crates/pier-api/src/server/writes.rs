@@ -1,4 +1,4 @@
-//! The handlers that write: create, scale, expose and delete. Each answers
+//! The handlers that write: create, scale, autoscale, expose and delete. Each answers
 //! once its change has reached this agent's snapshot (bounded), so a read
 //! right after it sees it.
 
@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Response, StatusCode};
-use pier_model::api::{ExposeRequest, Resource, ScaleRequest};
+use pier_model::api::{AutoscaleRequest, ExposeRequest, Resource, ScaleRequest};
 use pier_model::{
     Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, encode, keys,
     labels,
@@ -16,7 +16,7 @@ use pier_store::{Compare, Txn, TxnOp};
 use tracing::{debug, info};
 
 use super::plumbing::{Body, Fail, json, not_found};
-use super::validate::{check_ns, validate_replicaset, validate_service};
+use super::validate::{check_ns, validate_replicaset, validate_service, validate_sla};
 use super::{Inner, now_ms};
 use crate::views;
 
@@ -93,6 +93,11 @@ pub(super) async fn scale(
                 format!("{e}; fix or delete it"),
             )
         })?;
+        if let Some((min, max, _)) = rs.autoscale() {
+            return Err(Fail::conflict(format!(
+                "replicaset {name:?} is autoscaled between {min} and {max} replicas, so its count is the autoscaler's; change the bounds with `pier autoscale rs {name} --min N --max M`, or turn autoscaling off with `pier autoscale rs {name} --off` and scale again"
+            )));
+        }
         let new = match (req.replicas, req.delta) {
             (Some(r), _) => r,
             (None, Some(d)) => {
@@ -141,6 +146,74 @@ pub(super) async fn scale(
     }
     Err(Fail::conflict(format!(
         "replicaset {name:?} kept changing while it was being scaled ({SCALE_ATTEMPTS} attempts); try again"
+    )))
+}
+
+/// Sets (`Some`) or clears (`None`) a set's autoscaling, by
+/// compare-and-swap on its revision like `scale`. The count itself is left
+/// to the autoscaler, which moves a set outside the bounds in at its next
+/// round.
+pub(super) async fn autoscale(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+    req: Option<AutoscaleRequest>,
+) -> Result<Response<Body>, Fail> {
+    if let Some(r) = &req {
+        if r.min > r.max {
+            return Err(Fail::bad(format!("min: {} is above max {}", r.min, r.max)));
+        }
+        if r.max.get() == 0 {
+            return Err(Fail::bad("max: must be at least 1"));
+        }
+        validate_sla("sla", &r.sla)?;
+    }
+    let key = keys::replicaset(&ns, &name);
+    let store = &inner.st.store;
+    for _ in 0..SCALE_ATTEMPTS {
+        let kv = store
+            .get(&key)
+            .await?
+            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(&ns), Some(&name)))?;
+        let mut rs: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e}; fix or delete it"),
+            )
+        })?;
+        match &req {
+            Some(r) => {
+                rs.min_replicas = Some(r.min);
+                rs.max_replicas = Some(r.max);
+                rs.sla = Some(r.sla.clone());
+            }
+            None => {
+                rs.min_replicas = None;
+                rs.max_replicas = None;
+                rs.sla = None;
+            }
+        }
+        let r = store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: encode(&rs),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            info!(namespace = %ns, replicaset = %name, on = req.is_some(), "replica set autoscaling set");
+            settle(inner, |s| s.revision >= r.revision).await;
+            let s = inner.st.snapshot.borrow().clone();
+            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Err(Fail::conflict(format!(
+        "replicaset {name:?} kept changing while its autoscaling was being set ({SCALE_ATTEMPTS} attempts); try again"
     )))
 }
 

@@ -35,7 +35,15 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
         _ => Vec::new(),
     };
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{:<16}{v}\n", format!("{k}:")));
+    let mut line = |k: &str, v: String| {
+        // An empty key continues the previous line's list.
+        let k = if k.is_empty() {
+            String::new()
+        } else {
+            format!("{k}:")
+        };
+        out.push_str(&format!("{k:<16}{v}\n"))
+    };
     match kind {
         Resource::Nodes => {
             let n = c.get_node(&name).await?;
@@ -96,6 +104,12 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
             );
             line("Node selector", labels_str(&rs.placement.node_selector));
             line("Age", age(rs.created_at));
+            if rs.sla.as_ref().is_some_and(|s| s.has_target()) {
+                let v = c.get_autoscale(&ns, &name).await?;
+                for (k, val) in autoscale_lines(&v) {
+                    line(k, val);
+                }
+            }
             let pods = to_values(
                 c.list_pods(Some(&ns))
                     .await?
@@ -199,4 +213,102 @@ fn print_problems(problems: &[String]) {
     for p in problems {
         println!("  {p}");
     }
+}
+
+/// The autoscaling part of `describe rs`: bounds, each target against
+/// what is measured now, and the last decisions with their reasons.
+fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, String)> {
+    let Some(sla) = &v.sla else { return vec![] };
+    let m = &v.measured;
+    let per = |x: f64| {
+        if v.ready == 0 {
+            "no ready pod".to_string()
+        } else {
+            format!("{:.1} per ready pod", x / v.ready as f64)
+        }
+    };
+    let mut out = vec![(
+        "Autoscale",
+        format!(
+            "min {}, max {}; scale-down delay {} s, scale-up delay {} s, max step {}, tolerance {}%",
+            dash(v.min),
+            dash(v.max),
+            sla.scale_down_window_ms / 1000,
+            sla.scale_up_window_ms / 1000,
+            if sla.max_step == 0 {
+                "none".to_string()
+            } else {
+                sla.max_step.to_string()
+            },
+            sla.tolerance_pct
+        ),
+    )];
+    if let Some(t) = sla.max_active_per_pod {
+        out.push((
+            "  Open connections",
+            format!(
+                "{} ({}), target {t} per pod",
+                m.active,
+                per(m.active as f64)
+            ),
+        ));
+    }
+    if let Some(t) = sla.max_conn_rate_per_pod {
+        out.push((
+            "  New connections/s",
+            format!(
+                "{:.1} ({}), target {t} per pod",
+                m.conn_rate,
+                per(m.conn_rate)
+            ),
+        ));
+    }
+    if let Some(t) = sla.p99_first_byte_ms {
+        out.push((
+            "  p99 first byte",
+            match m.p99_first_byte_us {
+                Some(us) => format!(
+                    "{:.1} ms over {} samples, target {t} ms",
+                    us as f64 / 1000.0,
+                    m.first_byte_samples
+                ),
+                None => format!("no samples in the last window, target {t} ms"),
+            },
+        ));
+    }
+    let svcs: Vec<&str> = v.services.iter().map(|s| s.as_str()).collect();
+    out.push((
+        "  Measured from",
+        if svcs.is_empty() {
+            "no service selects the pods: expose the set (`pier expose rs`) to measure it".into()
+        } else {
+            let mut s = format!(
+                "service {} on {} node{}",
+                svcs.join(", "),
+                m.nodes,
+                if m.nodes == 1 { "" } else { "s" }
+            );
+            if !m.stale_nodes.is_empty() {
+                let names: Vec<&str> = m.stale_nodes.iter().map(|n| n.as_str()).collect();
+                s.push_str(&format!(" (stale: {})", names.join(", ")));
+            }
+            s
+        },
+    ));
+    if v.status.decisions.is_empty() {
+        out.push(("Decisions", "<none>".into()));
+    } else {
+        out.push((
+            "Decisions",
+            format!(
+                "{} in all; the last {}:",
+                v.status.total,
+                v.status.decisions.len()
+            ),
+        ));
+        for d in v.status.decisions.iter().rev() {
+            out.push(("", format!("{} ago  {}", age(d.at), d.reason)));
+        }
+    }
+    out
 }

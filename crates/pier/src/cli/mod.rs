@@ -3,7 +3,7 @@
 //! bad argument, 1 for anything else.
 
 //!
-//! One file per command (`run`, `expose`, `scale`, `get`, `describe`,
+//! One file per command (`run`, `expose`, `scale`, `autoscale`, `get`, `describe`,
 //! `delete`, `version`, `ca`): its flags and what it does. They share
 //! `args` (flags, parsers, the client) and `output` (tables and text);
 //! neither calls a command. A new command is a new file, a variant of
@@ -14,6 +14,7 @@ use std::io::Write;
 use anyhow::Result;
 
 mod args;
+mod autoscale;
 mod ca;
 mod conn;
 mod delete;
@@ -30,6 +31,7 @@ pub use args::Usage;
 pub use conn::Conn;
 
 use args::TOKEN;
+use autoscale::AutoscaleArgs;
 use ca::CaCmd;
 use delete::DeleteArgs;
 use describe::DescribeArgs;
@@ -49,6 +51,9 @@ pub enum Command {
     },
     /// Change a replica set's replica count.
     Scale(ScaleArgs),
+    /// Scale a replica set on its traffic, measured by pier's proxies:
+    /// open connections, new connections/s, p99 time to first byte.
+    Autoscale(AutoscaleArgs),
     /// List objects: nodes, rs, pods, svc, endpoints.
     Get(GetArgs),
     /// Show one object in detail, with its pods, endpoints and problems.
@@ -100,6 +105,7 @@ async fn dispatch(server: &str, cmd: Command) -> Result<()> {
         Command::Run(a) => run::run(server, a).await,
         Command::Expose { what } => expose::run(server, what).await,
         Command::Scale(a) => scale::run(server, a).await,
+        Command::Autoscale(a) => autoscale::run(server, a).await,
         Command::Get(a) => get::run(server, a).await,
         Command::Describe(a) => describe::run(server, a).await,
         Command::Delete(a) => delete::run(server, a).await,

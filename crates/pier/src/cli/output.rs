@@ -200,9 +200,15 @@ pub(super) fn table_rows(
             items,
             wide,
             h,
-            &["NAME", "DESIRED", "CURRENT", "READY", "AGE"],
+            &["NAME", "DESIRED", "CURRENT", "READY", "MIN", "MAX", "AGE"],
             &["IMAGE", "PORTS"],
             |rs: &ReplicaSetView| {
+                // Min and max only when the autoscaler acts on them.
+                let auto = rs.sla.as_ref().is_some_and(|s| s.has_target());
+                let bound = |b: Option<pier_model::Replicas>| match b {
+                    Some(b) if auto => b.to_string(),
+                    _ => "-".into(),
+                };
                 row(
                     all_ns,
                     &rs.namespace,
@@ -211,6 +217,8 @@ pub(super) fn table_rows(
                         rs.replicas.to_string(),
                         rs.current.to_string(),
                         rs.ready.to_string(),
+                        bound(rs.min_replicas),
+                        bound(rs.max_replicas),
                         age(rs.created_at),
                     ],
                 )
@@ -406,7 +414,8 @@ mod tests {
                 Resource::ReplicaSets,
                 vec![
                     json!({"name": "web", "namespace": "prod", "replicas": 3, "current": 2,
-                           "ready": 1, "template": {"image": "httpd",
+                           "ready": 1, "min_replicas": 1, "max_replicas": 4,
+                           "sla": {"max_active_per_pod": 5}, "template": {"image": "httpd",
                            "ports": [{"name": "http", "port": 8080}]}}),
                     json!({"name": "db", "namespace": "default", "replicas": 0, "current": 0,
                            "ready": 0, "template": {"image": "pg"}}),
@@ -477,21 +486,21 @@ NAME   STATUS     ADDRESS    PODS   AGE         VERSION     MESH-PORT   LABELS
 n1     Ready      10.0.0.1   2      <unknown>   0.1.0       7443        app=web,tier=front
 n2     NotReady   10.0.0.2   0      <unknown>   <unknown>   <off>       <none>
 replicasets wide=false all=false
-NAME   DESIRED   CURRENT   READY   AGE
-web    3         2         1       <unknown>
-db     0         0         0       <unknown>
+NAME   DESIRED   CURRENT   READY   MIN   MAX   AGE
+web    3         2         1       1     4     <unknown>
+db     0         0         0       -     -     <unknown>
 replicasets wide=true all=false
-NAME   DESIRED   CURRENT   READY   AGE         IMAGE   PORTS
-web    3         2         1       <unknown>   httpd   http:8080
-db     0         0         0       <unknown>   pg      <none>
+NAME   DESIRED   CURRENT   READY   MIN   MAX   AGE         IMAGE   PORTS
+web    3         2         1       1     4     <unknown>   httpd   http:8080
+db     0         0         0       -     -     <unknown>   pg      <none>
 replicasets wide=false all=true
-NAMESPACE   NAME   DESIRED   CURRENT   READY   AGE
-prod        web    3         2         1       <unknown>
-default     db     0         0         0       <unknown>
+NAMESPACE   NAME   DESIRED   CURRENT   READY   MIN   MAX   AGE
+prod        web    3         2         1       1     4     <unknown>
+default     db     0         0         0       -     -     <unknown>
 replicasets wide=true all=true
-NAMESPACE   NAME   DESIRED   CURRENT   READY   AGE         IMAGE   PORTS
-prod        web    3         2         1       <unknown>   httpd   http:8080
-default     db     0         0         0       <unknown>   pg      <none>
+NAMESPACE   NAME   DESIRED   CURRENT   READY   MIN   MAX   AGE         IMAGE   PORTS
+prod        web    3         2         1       1     4     <unknown>   httpd   http:8080
+default     db     0         0         0       -     -     <unknown>   pg      <none>
 pods wide=false all=false
 NAME        READY   STATUS    RESTARTS   AGE         NODE   IP
 web-abcde   1/1     Running   1          <unknown>   n1     172.17.0.2
