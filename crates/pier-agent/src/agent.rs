@@ -187,7 +187,11 @@ impl Agent {
         }
     }
 
-    pub(crate) async fn run(mut self, cancel: CancellationToken) -> Result<(), AgentError> {
+    pub(crate) async fn run(
+        mut self,
+        cancel: CancellationToken,
+        handoff: CancellationToken,
+    ) -> Result<(), AgentError> {
         let (dtx, mut drx) = mpsc::channel(1024);
         self.spawn(docker::connection_loop(
             self.cfg.filter_labels.clone(),
@@ -249,7 +253,11 @@ impl Agent {
             }
             self.reconcile().await;
         }
-        self.shutdown().await;
+        if handoff.is_cancelled() {
+            self.stop_for_handoff().await;
+        } else {
+            self.shutdown().await;
+        }
         Ok(())
     }
 
@@ -934,6 +942,21 @@ impl Agent {
                     self.dirty = true;
                 }
             }
+        }
+    }
+
+    /// Stop every task and leave this node's keys in the store: a successor
+    /// process (an upgrade) writes them again under its own lease, and
+    /// the local targets stay as they are for the mesh until it stops.
+    async fn stop_for_handoff(self) {
+        info!("agent stopping for a successor: endpoints stay registered");
+        self.tasks_cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("agent tasks did not stop in time");
         }
     }
 

@@ -37,6 +37,7 @@ mod desired;
 mod docker;
 mod health;
 mod spec;
+mod stats;
 
 /// The agent's config section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -197,10 +198,31 @@ pub async fn run(
     cfg.validate()?;
     let span = tracing::info_span!("agent", node = %ctx.node.name);
     agent::Agent::new(cfg, ctx)
-        .run(cancel)
+        .run(cancel, CancellationToken::new())
         .instrument(span)
         .await
 }
+
+/// [`run`], except that when `handoff` is cancelled before `cancel`, the
+/// agent stops without deregistering: this node's endpoints stay in the
+/// store for the process that takes over (an upgrade), which writes them
+/// again under its own lease.
+pub async fn run_with_handoff(
+    cfg: AgentConfig,
+    ctx: AgentContext,
+    cancel: CancellationToken,
+    handoff: CancellationToken,
+) -> Result<(), AgentError> {
+    use tracing::Instrument;
+    cfg.validate()?;
+    let span = tracing::info_span!("agent", node = %ctx.node.name);
+    agent::Agent::new(cfg, ctx)
+        .run(cancel, handoff)
+        .instrument(span)
+        .await
+}
+
+pub use stats::write_stats;
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -31,4 +31,4 @@ pub use config::{MAX_CONNECT_ATTEMPTS, ProxyConfig};
 pub use copy::spliced_directions;
 pub use error::{ConnectCause, ProxyError, Side};
 pub use iface::{setup_iface, teardown_iface};
-pub use server::{Problems, Proxy, StatsMap};
+pub use server::{ListenerSource, Problems, Proxy, StatsMap};

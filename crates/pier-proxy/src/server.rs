@@ -34,10 +34,28 @@ pub type StatsMap = BTreeMap<ObjectKey, Stats>;
 /// the benchmark, thousands in tests) must not be refused.
 const BACKLOG: i32 = 4096;
 
+/// Where the proxy's listening sockets come from. Without one, the proxy
+/// binds them itself. The agent's keeper (hitless restarts) supplies one
+/// that hands out a socket it already holds, or shares a new one with it,
+/// so that the sockets outlive this process.
+pub trait ListenerSource: Send + Sync + std::fmt::Debug {
+    /// A listener on `a`: one held already, else `bind(a)` (then shared).
+    fn listen(
+        &self,
+        a: SocketAddr,
+        bind: fn(SocketAddr) -> std::io::Result<std::net::TcpListener>,
+    ) -> std::io::Result<std::net::TcpListener>;
+    /// The listener on `a` is closed for good (its service port is gone):
+    /// no copy of it may stay open anywhere.
+    fn release(&self, a: SocketAddr);
+}
+
 /// The L4 proxy of one node.
 #[derive(Debug)]
 pub struct Proxy {
     cfg: ProxyConfig,
+    source: Option<Arc<dyn ListenerSource>>,
+    ready: watch::Sender<bool>,
     node: Name,
     service_cidr: Cidr,
     snapshot: watch::Receiver<Arc<Snapshot>>,
@@ -62,6 +80,8 @@ impl Proxy {
         metrics.register(registry);
         Ok(Proxy {
             cfg,
+            source: None,
+            ready: watch::channel(false).0,
             node,
             service_cidr,
             snapshot,
@@ -70,6 +90,18 @@ impl Proxy {
             problems: watch::channel(Arc::new(Problems::new())).0,
             stats: watch::channel(Arc::new(StatsMap::new())).0,
         })
+    }
+
+    /// Takes listening sockets from `source` instead of binding them.
+    pub fn with_listener_source(mut self, source: Arc<dyn ListenerSource>) -> Proxy {
+        self.source = Some(source);
+        self
+    }
+
+    /// `true` once the first snapshot is reconciled: every listener it
+    /// asks for is open (or failed, with a problem reported).
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Per-service problems on this node (e.g. "node port 30080 is in use
@@ -88,6 +120,8 @@ impl Proxy {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), ProxyError> {
         let Proxy {
             cfg,
+            source,
+            ready,
             node,
             service_cidr,
             mut snapshot,
@@ -113,6 +147,7 @@ impl Proxy {
         let mut st = State {
             limiter: ConnLimiter::new(cfg.node_port_max_conns, cfg.node_port_max_conns_per_client),
             cfg: cfg.clone(),
+            source,
             node,
             service_cidr,
             ctx: ctx.clone(),
@@ -134,6 +169,7 @@ impl Proxy {
 
         let mut snap = snapshot.borrow_and_update().clone();
         st.reconcile(&snap).await;
+        ready.send_replace(true);
         let mut retry = tokio::time::interval(Duration::from_millis(cfg.bind_retry_ms));
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         retry.reset();
@@ -201,6 +237,7 @@ struct ListenerEntry {
 #[derive(Debug)]
 struct State {
     cfg: ProxyConfig,
+    source: Option<Arc<dyn ListenerSource>>,
     /// The caps on node-port connections, shared by every node port.
     limiter: ConnLimiter,
     node: Name,
@@ -335,6 +372,9 @@ impl State {
                 {
                     tracing::warn!(addr = %a, "listener task did not end within 1 s");
                 }
+                if let Some(src) = &self.source {
+                    src.release(a);
+                }
                 tracing::info!(addr = %a, service = %service_label(&l.key.0), port = %l.key.1, "listener removed");
             }
         }
@@ -375,7 +415,11 @@ impl State {
             let Some(pe) = self.ports.get(&pk) else {
                 continue;
             };
-            match bind(a) {
+            let bound = match &self.source {
+                Some(src) => src.listen(a, bind),
+                None => bind(a),
+            };
+            match bound.and_then(TcpListener::from_std) {
                 Ok(l) => {
                     let cancel = CancellationToken::new();
                     let limit = node_ports.contains(&a).then(|| Limit {
@@ -680,7 +724,7 @@ impl State {
 
 /// Binds a listener with SO_REUSEADDR, TCP_NODELAY and keepalive (which
 /// accepted sockets inherit).
-fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
@@ -688,7 +732,7 @@ fn bind(a: SocketAddr) -> std::io::Result<TcpListener> {
     conn::tune(SockRef::from(&s))?;
     s.bind(&a.into())?;
     s.listen(BACKLOG)?;
-    TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 /// A node port's caps and where its refusals are counted.

@@ -1,0 +1,128 @@
+//! A worker's listening sockets: from the keeper when there is one
+//! ([`super::keeper`]), else bound here.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+
+use super::fdpass::{self, Proto, Reply, Request, SockKey};
+
+/// The worker's end of the keeper's socket pair (its stdin), or nothing.
+#[derive(Debug)]
+pub struct Sockets {
+    /// One request at a time: each waits for its answer. A std mutex: the
+    /// keeper answers at once, and nothing awaits inside.
+    keeper: Option<Mutex<std::io::Stdin>>,
+}
+
+impl Sockets {
+    /// Without a keeper: every socket is bound here and closes with this
+    /// process.
+    pub fn local() -> Sockets {
+        Sockets { keeper: None }
+    }
+
+    /// Under a keeper: stdin is its socket.
+    pub fn from_keeper() -> std::io::Result<Sockets> {
+        let stdin = std::io::stdin();
+        let fd = stdin.as_fd();
+        let st = rustix::fs::fstat(fd)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+            return Err(std::io::Error::other(format!(
+                "{} is set but stdin is not the keeper's socket (run `pier agent` without it)",
+                super::keeper::WORKER_ENV
+            )));
+        }
+        // Answers come within milliseconds; a keeper that hangs is a bug.
+        rustix::net::sockopt::set_socket_timeout(
+            fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_secs(10)),
+        )?;
+        Ok(Sockets {
+            keeper: Some(Mutex::new(stdin)),
+        })
+    }
+
+    pub fn has_keeper(&self) -> bool {
+        self.keeper.is_some()
+    }
+
+    fn ask(&self, req: &Request, fd: Option<BorrowedFd<'_>>) -> std::io::Result<(Reply, Option<OwnedFd>)> {
+        let Some(k) = &self.keeper else {
+            return Ok((Reply::None, None));
+        };
+        let k = k.lock().unwrap_or_else(|p| p.into_inner());
+        fdpass::send(k.as_fd(), &req.encode(), fd)?;
+        match fdpass::recv(k.as_fd())? {
+            Some((text, fd)) => Ok((Reply::parse(&text), fd)),
+            None => Err(std::io::Error::other("the keeper is gone")),
+        }
+    }
+
+    /// The socket on `key`: the keeper's copy, else `bind()` handed to the
+    /// keeper.
+    fn get_or_bind<T: AsFd + From<OwnedFd>>(
+        &self,
+        key: SockKey,
+        bind: impl FnOnce() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        if self.keeper.is_none() {
+            return bind();
+        }
+        if let (Reply::Fd, Some(fd)) = self.ask(&Request::Get(key), None)? {
+            tracing::debug!(proto = ?key.0, addr = %key.1, "listening socket from the keeper");
+            return Ok(T::from(fd));
+        }
+        let s = bind()?;
+        match self.ask(&Request::Hold(key), Some(s.as_fd()))? {
+            (Reply::Ok, _) => Ok(s),
+            (r, _) => Err(std::io::Error::other(format!(
+                "the keeper refused {key:?}: {r:?}"
+            ))),
+        }
+    }
+
+    pub fn tcp(
+        &self,
+        a: SocketAddr,
+        bind: impl FnOnce() -> std::io::Result<std::net::TcpListener>,
+    ) -> std::io::Result<std::net::TcpListener> {
+        let l = self.get_or_bind((Proto::Tcp, a), bind)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }
+
+    pub fn udp(
+        &self,
+        a: SocketAddr,
+        bind: impl FnOnce() -> std::io::Result<std::net::UdpSocket>,
+    ) -> std::io::Result<std::net::UdpSocket> {
+        let s = self.get_or_bind((Proto::Udp, a), bind)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    }
+
+    /// Tells the keeper something; logged, not fatal, when it fails.
+    pub fn notify(&self, req: Request) {
+        if self.keeper.is_some()
+            && let Err(e) = self.ask(&req, None)
+        {
+            tracing::warn!(request = %req.encode(), error = %e, "cannot tell the keeper");
+        }
+    }
+}
+
+impl pier_proxy::ListenerSource for Sockets {
+    fn listen(
+        &self,
+        a: SocketAddr,
+        bind: fn(SocketAddr) -> std::io::Result<std::net::TcpListener>,
+    ) -> std::io::Result<std::net::TcpListener> {
+        self.tcp(a, || bind(a))
+    }
+
+    fn release(&self, a: SocketAddr) {
+        self.notify(Request::Release((Proto::Tcp, a)));
+    }
+}
