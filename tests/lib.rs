@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod load;
+
 /// The image every scenario runs: busybox httpd serving its hostname on 8080.
 pub const TEST_IMAGE: &str = "pier-test/httpd:latest";
 

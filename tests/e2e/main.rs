@@ -4,3 +4,4 @@
 mod autoscale;
 mod demo;
 mod dns;
+mod restart;

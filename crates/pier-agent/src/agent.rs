@@ -63,6 +63,10 @@ struct Check {
     target: Target,
     generation: u64,
     ready: bool,
+    /// The check has given its first verdict. Until then an endpoint the
+    /// store already has as ready (written by this node's previous process:
+    /// an upgrade or a restart) stays ready, so a takeover has no gap.
+    settled: bool,
     cancel: CancellationToken,
 }
 
@@ -524,6 +528,7 @@ impl Agent {
         {
             debug!(health.key = %r.key, ready = r.ready, "readiness changed");
             c.ready = r.ready;
+            c.settled = true;
         }
     }
 
@@ -659,9 +664,21 @@ impl Agent {
         }
         self.sync_checks(targets);
 
-        let is_ready = |r: &Ready, checks: &HashMap<String, Check>| match r {
+        // This node's endpoints the store has as ready, by key and address.
+        let was_ready: HashSet<(String, std::net::IpAddr)> = snap
+            .endpoints
+            .iter()
+            .flat_map(|((ns, svc), m)| {
+                m.iter()
+                    .filter(|((node, _), e)| *node == me && e.ready)
+                    .map(move |((node, id), e)| (keys::endpoint(ns, svc, node, id), e.ip))
+            })
+            .collect();
+        let is_ready = |key: &str, ip, r: &Ready, checks: &HashMap<String, Check>| match r {
             Ready::Fixed(b) => *b,
-            Ready::Check(k) => checks.get(k).is_some_and(|c| c.ready),
+            Ready::Check(k) => checks.get(k).is_some_and(|c| {
+                c.ready || (!c.settled && was_ready.contains(&(key.to_owned(), ip)))
+            }),
         };
 
         self.note_refusals(&mut refused);
@@ -671,7 +688,7 @@ impl Agent {
         // in its own Docker and saw ready, never what the store says.
         let mut local = HashSet::new();
         for (key, mut ep, r) in endpoints {
-            ep.ready = is_ready(&r, &self.checks);
+            ep.ready = is_ready(&key, ep.ip, &r, &self.checks);
             if ep.ready && !ep.is_static {
                 let svc = snap.service(&ep.namespace, &ep.service);
                 let svc = svc
@@ -703,7 +720,10 @@ impl Agent {
                     removing: &self.removing,
                     container_ready: &container_ready,
                 },
-                |r| is_ready(r, &self.checks),
+                |r| match r {
+                    Ready::Fixed(b) => *b,
+                    Ready::Check(k) => self.checks.get(k).is_some_and(|c| c.ready),
+                },
             );
             for st in plan.statuses {
                 let (Some(name), ns) = (&st.name, &st.namespace) else {
@@ -840,6 +860,7 @@ impl Agent {
                     target: t,
                     generation,
                     ready: false,
+                    settled: false,
                     cancel,
                 },
             );

@@ -85,8 +85,9 @@ pub(crate) async fn probe(t: &Target) -> Result<(), String> {
     }
 }
 
-/// Probe `target` until cancelled, reporting each change of readiness
-/// (starting from not ready) with the thresholds of its check.
+/// Probe `target` until cancelled, reporting its first verdict (ready, or
+/// not ready after `unhealthy_threshold` failures) and then each change,
+/// with the thresholds of its check.
 pub(crate) async fn run(
     key: String,
     generation: u64,
@@ -97,6 +98,7 @@ pub(crate) async fn run(
     let interval = Duration::from_millis(target.check.interval_ms.max(10));
     let mut ready = false;
     let mut ever_ready = false;
+    let mut reported = false;
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
         let r = tokio::select! {
@@ -110,6 +112,7 @@ pub(crate) async fn run(
                 if !ready && passes >= target.check.healthy_threshold.max(1) {
                     ready = true;
                     ever_ready = true;
+                    reported = true;
                     if tx
                         .send(Report {
                             key: key.clone(),
@@ -126,8 +129,9 @@ pub(crate) async fn run(
                 tracing::debug!(health.key = %key, error = %why, "health check failed");
                 fails += 1;
                 passes = 0;
-                if ready && fails >= target.check.unhealthy_threshold.max(1) {
+                if (ready || !reported) && fails >= target.check.unhealthy_threshold.max(1) {
                     ready = false;
+                    reported = true;
                     if tx
                         .send(Report {
                             key: key.clone(),

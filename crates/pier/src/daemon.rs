@@ -209,9 +209,9 @@ pub async fn run(args: AgentArgs) -> i32 {
     }
     let sockets = if std::env::var_os(keeper::WORKER_ENV).is_some() {
         // Die with the keeper: its sockets are gone then anyway.
-        if let Err(e) = rustix::process::set_parent_process_death_signal(Some(
-            rustix::process::Signal::KILL,
-        )) {
+        if let Err(e) =
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        {
             warn!(error = %e, "cannot tie the worker's life to the keeper's");
         }
         match sockets::Sockets::from_keeper() {

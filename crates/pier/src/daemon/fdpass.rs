@@ -136,7 +136,12 @@ pub fn send(sock: BorrowedFd<'_>, msg: &str, fd: Option<BorrowedFd<'_>>) -> std:
         fds = [f];
         anc.push(SendAncillaryMessage::ScmRights(&fds));
     }
-    sendmsg(sock, &[IoSlice::new(msg.as_bytes())], &mut anc, SendFlags::NOSIGNAL)?;
+    sendmsg(
+        sock,
+        &[IoSlice::new(msg.as_bytes())],
+        &mut anc,
+        SendFlags::NOSIGNAL,
+    )?;
     Ok(())
 }
 
@@ -186,8 +191,16 @@ mod tests {
         ] {
             assert_eq!(Request::parse(&r.encode()).unwrap(), r);
         }
-        assert!(Request::parse("GET sctp 1.2.3.4:5").unwrap_err().contains("sctp"));
-        assert!(Request::parse("GET tcp").unwrap_err().contains("no address"));
+        assert!(
+            Request::parse("GET sctp 1.2.3.4:5")
+                .unwrap_err()
+                .contains("sctp")
+        );
+        assert!(
+            Request::parse("GET tcp")
+                .unwrap_err()
+                .contains("no address")
+        );
         assert!(Request::parse("GET tcp 1.2.3.4").is_err());
         assert!(Request::parse("GET tcp 1.2.3.4:5 x").is_err());
         assert!(Request::parse("READY now").is_err());

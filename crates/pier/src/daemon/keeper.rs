@@ -92,7 +92,11 @@ pub async fn run() -> i32 {
             return 1;
         }
     };
-    info!(keeper = std::process::id(), worker = first, "keeper started; SIGHUP upgrades the worker");
+    info!(
+        keeper = std::process::id(),
+        worker = first,
+        "keeper started; SIGHUP upgrades the worker"
+    );
     let mut plan = Plan::started(first);
     let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
@@ -275,12 +279,7 @@ fn signal_worker(w: Worker, sig: Signal) {
 }
 
 /// Answers one worker's requests until it closes its end.
-fn serve_worker(
-    w: Worker,
-    conn: OwnedFd,
-    holdings: Shared,
-    events: mpsc::UnboundedSender<Event>,
-) {
+fn serve_worker(w: Worker, conn: OwnedFd, holdings: Shared, events: mpsc::UnboundedSender<Event>) {
     loop {
         let got = match fdpass::recv(conn.as_fd()) {
             Ok(Some(m)) => m,
@@ -343,11 +342,7 @@ fn h_get(
 }
 
 fn reply(conn: &OwnedFd, w: Worker, r: Reply, fd: Option<OwnedFd>) {
-    let sent = fdpass::send(
-        conn.as_fd(),
-        &r.encode(),
-        fd.as_ref().map(|f| f.as_fd()),
-    );
+    let sent = fdpass::send(conn.as_fd(), &r.encode(), fd.as_ref().map(|f| f.as_fd()));
     if let Err(e) = sent {
         warn!(worker = w, error = %e, "cannot answer the worker");
     }

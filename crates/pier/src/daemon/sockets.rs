@@ -48,7 +48,11 @@ impl Sockets {
         self.keeper.is_some()
     }
 
-    fn ask(&self, req: &Request, fd: Option<BorrowedFd<'_>>) -> std::io::Result<(Reply, Option<OwnedFd>)> {
+    fn ask(
+        &self,
+        req: &Request,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<(Reply, Option<OwnedFd>)> {
         let Some(k) = &self.keeper else {
             return Ok((Reply::None, None));
         };

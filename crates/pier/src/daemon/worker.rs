@@ -85,7 +85,9 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
     // The API socket first of the listeners, so that a taken port fails
     // fast (the keeper may hold it already).
     let api_listener = sockets
-        .tcp(cfg.api.listen, || std::net::TcpListener::bind(cfg.api.listen))
+        .tcp(cfg.api.listen, || {
+            std::net::TcpListener::bind(cfg.api.listen)
+        })
         .and_then(tokio::net::TcpListener::from_std)
         .with_context(|| {
             format!(
@@ -143,7 +145,16 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
         ));
         Stoppable { cancel, done }
     };
-    let api = start_api(&cfg, &node_name, node_addr, &ctl, &dp, alloc, registry, api_listener);
+    let api = start_api(
+        &cfg,
+        &node_name,
+        node_addr,
+        &ctl,
+        &dp,
+        alloc,
+        registry,
+        api_listener,
+    );
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
     let mut proxy_ready = dp.proxy_ready.clone();
     tokio::select! {
@@ -225,7 +236,9 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
                         info!(dir = %dir.display(), "using the embedded store");
                         return Ok(Arc::new(s));
                     }
-                    Err(e) if tries < 50 && std::env::var_os(super::keeper::WORKER_ENV).is_some() => {
+                    Err(e)
+                        if tries < 50 && std::env::var_os(super::keeper::WORKER_ENV).is_some() =>
+                    {
                         tries += 1;
                         if tries == 1 {
                             info!(error = %e, "embedded store busy; waiting for the predecessor to close it");
@@ -350,8 +363,9 @@ async fn start_data_plane(
     let dns = CancellationToken::new();
     if !dns_addrs.is_empty() {
         let (udp, tcp) = bind_dns(sockets, &dns_addrs)?;
-        let server = pier_dns::DnsServer::new(cfg.dns.clone(), snapshot.clone(), networks_rx, registry)
-            .context("starting DNS")?;
+        let server =
+            pier_dns::DnsServer::new(cfg.dns.clone(), snapshot.clone(), networks_rx, registry)
+                .context("starting DNS")?;
         info!(addrs = ?dns_addrs, "DNS listening");
         let c = dns.clone();
         tasks.spawn(async move {

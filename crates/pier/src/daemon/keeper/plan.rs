@@ -131,8 +131,7 @@ impl Plan {
                 if self.stopping {
                     return vec![Action::Log("stopping; upgrade ignored".into())];
                 }
-                if self.handing_off.is_some() || self.starting.is_some() || self.restart_pending
-                {
+                if self.handing_off.is_some() || self.starting.is_some() || self.restart_pending {
                     return vec![Action::Log(
                         "an upgrade or restart is in progress; SIGHUP ignored".into(),
                     )];
@@ -395,7 +394,10 @@ mod tests {
         assert_eq!(p.on(exited(1, 1, 0)), vec![Action::Exit(1)]);
         let mut p = Plan::started(1);
         p.on(Event::Ready(1));
-        assert_eq!(no_logs(p.on(exited(1, EXIT_CONFIG, 5))), vec![Action::Exit(64)]);
+        assert_eq!(
+            no_logs(p.on(exited(1, EXIT_CONFIG, 5))),
+            vec![Action::Exit(64)]
+        );
         // A new binary that refuses the config during an upgrade: the old
         // worker is stopped too, and the keeper exits 64.
         let mut p = Plan::started(1);
