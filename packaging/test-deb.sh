@@ -2,7 +2,8 @@
 # Installs the .deb on a fresh Debian 12 root and boots that root with
 # systemd as PID 1 (systemd-nspawn, private network: nothing touches the
 # host's), to show that `dpkg -i` installs pier and that its unit starts
-# the agent, restarts it after a crash, and stops it cleanly. Slow (a
+# the agent, hands it over to a new worker on `systemctl reload`, restarts
+# it after a crash, and stops it cleanly. Slow (a
 # debootstrap), so not part of CI. As root:
 #
 #   packaging/test-deb.sh [target/debian/pier_*.deb]
@@ -100,6 +101,20 @@ inside systemctl --no-pager status pier | head -12 || true
 inside pier version
 inside pier get nodes
 pid1=$(inside systemctl show -p MainPID --value pier)
+# The keeper's worker (its only child), before and after `systemctl reload`.
+worker_of() { inside ps -o pid= --ppid "$1" | tr -d ' ' | head -1; }
+w1=$(worker_of "$pid1")
+inside systemctl reload pier
+w2=""
+for _ in $(seq 1 100); do
+  w2=$(worker_of "$pid1")
+  if [ -n "$w2" ] && [ "$w2" != "$w1" ] && [ "$(inside ps -o pid= --ppid "$pid1" | wc -l)" = 1 ]; then break; fi
+  sleep 0.2
+done
+[ -n "$w2" ] && [ "$w2" != "$w1" ] && [ "$(inside systemctl show -p MainPID --value pier)" = "$pid1" ] ||
+  { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: systemctl reload did not hand over to a new worker" >&2; exit 1; }
+inside pier get nodes >/dev/null
+log "systemctl reload: worker $w1 handed over to $w2 under the same keeper (pid $pid1)"
 log "the agent runs under the unit (pid $pid1 in the container); killing it with SIGKILL"
 inside kill -9 "$pid1"
 pid2=""
