@@ -23,6 +23,12 @@
 //!   and the service keeps answering; after the heal the cut host removes
 //!   its orphaned container and the set stays at 3.
 //!
+//! - `upgrade_and_crash_across_hosts`: a client container on host 1 loops
+//!   requests (DNS name, VIP, mesh) to a pod on host 2 while host 2's agent
+//!   is upgraded (SIGHUP to its keeper), its worker is killed with SIGKILL,
+//!   and then the same on host 1: no failed request on an upgrade, at most
+//!   the one in flight through a killed worker.
+//!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
 
@@ -848,6 +854,55 @@ fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
         if i == 1 {
             eprintln!("h1: pier describe rs ghost\n{out}");
         }
+    }
+    Ok(())
+}
+
+/// Hitless restarts across hosts (issue 18): the mesh's server side (host
+/// 2) and the client's side (host 1: DNS and the proxy) are each upgraded
+/// and crashed under a bounded request loop from a container on host 1.
+#[test]
+fn upgrade_and_crash_across_hosts() -> Result<()> {
+    use pier_tests::load::children;
+    let c = Cluster::start(4, 2)?;
+    c.run_pod(2, "web-h2", "web", POD_PORT)?;
+    c.run_client(1)?;
+    eventually(Duration::from_secs(30), "h1 sees web on h2", || {
+        let eps = c.ready_endpoints(1, "web")?;
+        Ok((eps.len() == 1 && eps[0].0 == "h2").then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    let warm = c.requests(1, &fqdn("web"), 10)?;
+    ensure!(count(&warm, "web-h2") == 10, "before any restart: {warm:?}");
+    for (host, sig) in [(2, "HUP"), (2, "KILL"), (1, "HUP"), (1, "KILL")] {
+        let keeper = c.agents[host - 1];
+        let before = children(keeper);
+        ensure!(before.len() == 1, "h{host}'s keeper has workers {before:?}");
+        let target = if sig == "HUP" { keeper } else { before[0] };
+        let got = std::thread::scope(|s| {
+            let load = s.spawn(|| c.requests(1, &fqdn("web"), 80));
+            std::thread::sleep(Duration::from_secs(1));
+            run_ok(
+                std::process::Command::new("kill")
+                    .arg(format!("-{sig}"))
+                    .arg(target.to_string()),
+            )?;
+            load.join().expect("load thread")
+        })?;
+        let failed = got.len() - count(&got, "web-h2");
+        eprintln!("h{host} {sig}: {} requests, {failed} failed", got.len());
+        let allowed = if sig == "HUP" { 0 } else { 1 };
+        ensure!(
+            got.len() == 80 && failed <= allowed,
+            "h{host} {sig}: {failed} of {} failed (allowed {allowed}): {got:?}{}",
+            got.len(),
+            c.logs()
+        );
+        eventually(Duration::from_secs(30), "a new worker, alone", || {
+            let now = children(keeper);
+            Ok((now.len() == 1 && now != before).then_some(()))
+        })
+        .with_context(|| c.logs())?;
     }
     Ok(())
 }
