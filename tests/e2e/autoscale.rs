@@ -201,3 +201,203 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     );
     Ok(())
 }
+
+fn median(mut v: Vec<i64>) -> i64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(-1)
+}
+
+/// The figures of BENCHMARKS.md ("Autoscaler reaction"): five cycles of a
+/// breach (16 connections held, 5 per pod allowed, 1 → 4 pods) on one
+/// release agent: breach → decision (the decision's own time stamp),
+/// decision → Docker started each new container (its `State.StartedAt`),
+/// and Docker started → the pod answering through the VIP. Not in CI:
+/// `cargo test --release -p pier-tests --test e2e autoscale_reaction_figures
+/// -- --ignored --nocapture` (after `cargo build --release -p pier`, with
+/// `PIER_BIN=target/release/pier`).
+#[test]
+#[ignore]
+fn autoscale_reaction_figures() -> Result<()> {
+    let _turn = crate::demo::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ensure_test_image()?;
+    // etcd, so that the test can read how often the stats key was written.
+    let etcd = pier_store::testing::EtcdServer::start()?;
+    let a = AgentProc::start(AgentOpts {
+        store: format!("etcd://{}", etcd.endpoint),
+        node: "as-fig".into(),
+        extra_toml: String::new(),
+    })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let store = rt.block_on(pier_store::EtcdStore::connect(std::slice::from_ref(
+        &etcd.endpoint,
+    )))?;
+    let stats_key = pier_model::keys::stats(
+        &pier_model::Namespace::new("default")?,
+        &pier_model::Name::new(RS)?,
+        &pier_model::Name::new("as-fig")?,
+    );
+    let writes = || -> Result<i64> {
+        use pier_store::Store;
+        Ok(rt
+            .block_on(store.get(&stats_key))?
+            .map(|kv| kv.version)
+            .unwrap_or(0))
+    };
+    a.cli_ok(&["run", RS, "--image", TEST_IMAGE, "--port", "8080"])?;
+    a.cli_ok(&["expose", "rs", RS, "--port", "8080"])?;
+    a.cli_ok(&[
+        "autoscale",
+        "rs",
+        RS,
+        "--min",
+        "1",
+        "--max",
+        "4",
+        "--max-active-per-pod",
+        "5",
+        "--scale-down-delay",
+        "2s",
+    ])?;
+    let svc = a.cli_json(&["get", "svc", RS])?;
+    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
+    let vip_addr = SocketAddr::new(vip, 8080);
+    let (mut decide, mut started, mut serving) = (vec![], vec![], vec![]);
+    for cycle in 0..5 {
+        eventually(Duration::from_secs(30), "1 ready pod, alone", || {
+            let pods = a.cli_json(&["get", "pods"])?;
+            Ok((counts(&a)? == (1, 1)
+                && pods.as_array().is_some_and(|p| p.len() == 1)
+                && http_get(&vip_addr, "/").is_ok_and(|(c, _)| c == 200))
+            .then_some(()))
+        })
+        .with_context(|| a.log_tail())?;
+        std::thread::sleep(Duration::from_millis(2500));
+        let before: std::collections::BTreeSet<String> = a
+            .cli_json(&["get", "pods"])?
+            .as_array()
+            .context("pods")?
+            .iter()
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect();
+        let mut conns = Vec::new();
+        for _ in 0..16 {
+            let mut s = TcpStream::connect_timeout(&vip_addr, Duration::from_secs(2))?;
+            s.write_all(b"GET / HTTP/1.0\r\n")?;
+            conns.push(s);
+        }
+        let breach = now_ms();
+        // The new pods' first answers through the VIP (P2C sends new
+        // connections to the pods without the 16).
+        let mut seen: std::collections::BTreeMap<String, u64> = Default::default();
+        // One request every 2 ms (eventually's 50 ms would add to the
+        // figure), bounded at 30 s.
+        let until = Instant::now() + Duration::from_secs(30);
+        while seen.len() < 3 {
+            ensure!(
+                Instant::now() < until,
+                "3 new pods not answering after 30 s: {seen:?}\n{}",
+                a.log_tail()
+            );
+            if let Ok((200, body)) = http_get(&vip_addr, "/") {
+                let name = body.trim().to_owned();
+                if !before.contains(&name) {
+                    seen.entry(name).or_insert_with(now_ms);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let view = autoscale_view(&a)?;
+        let dec = view["status"]["decisions"]
+            .as_array()
+            .and_then(|d| d.last())
+            .context("no decision")?
+            .clone();
+        let dec_at = dec["at"].as_u64().context("at")?;
+        decide.push(dec_at as i64 - breach as i64);
+        let pods = a.cli_json(&["get", "pods"])?;
+        for p in pods.as_array().context("pods")? {
+            let name = p["name"].as_str().unwrap_or_default();
+            if let (Some(first), Some(st)) = (seen.get(name), p["started_at"].as_u64()) {
+                started.push(st as i64 - dec_at as i64);
+                serving.push(*first as i64 - st as i64);
+            }
+        }
+        eprintln!(
+            "cycle {cycle}: breach → decision {} ms; {dec}",
+            dec_at as i64 - breach as i64
+        );
+        for s in conns.iter_mut() {
+            s.write_all(b"\r\n")?;
+        }
+        drop(conns);
+    }
+    // The stats key's writes (its etcd version) under three loads, for the
+    // write-load estimate: idle, 16 connections held, and a steady 50
+    // short connections per second.
+    let rate = |what: &str, secs: u64, mut load: Box<dyn FnMut() -> Result<()>>| -> Result<()> {
+        let v0 = writes()?;
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            load()?;
+        }
+        let n = writes()? - v0;
+        eprintln!(
+            "RESULT stats_writes load={what} writes={n} secs={secs} per_s={:.2}",
+            n as f64 / secs as f64
+        );
+        Ok(())
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    rate(
+        "idle",
+        20,
+        Box::new(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
+        }),
+    )?;
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut s = TcpStream::connect_timeout(&vip_addr, Duration::from_secs(2))?;
+        s.write_all(b"GET / HTTP/1.0\r\n")?;
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    rate(
+        "16_held",
+        30,
+        Box::new(|| {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
+        }),
+    )?;
+    drop(held);
+    std::thread::sleep(Duration::from_secs(3));
+    rate(
+        "50_conn_per_s",
+        30,
+        Box::new(move || {
+            let t = Instant::now();
+            let _ = http_get(&vip_addr, "/");
+            std::thread::sleep(Duration::from_millis(20).saturating_sub(t.elapsed()));
+            Ok(())
+        }),
+    )?;
+    eprintln!(
+        "RESULT autoscale breach_to_decision_ms median={} all={decide:?}",
+        median(decide.clone())
+    );
+    eprintln!(
+        "RESULT autoscale decision_to_docker_started_ms median={} all={started:?}",
+        median(started.clone())
+    );
+    eprintln!(
+        "RESULT autoscale docker_started_to_serving_ms median={} all={serving:?}",
+        median(serving.clone())
+    );
+    Ok(())
+}
