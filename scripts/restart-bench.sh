@@ -30,7 +30,7 @@ N=${N:-300}
 GAP=${GAP:-0.03}
 DIR=$(mktemp -d /tmp/pier-rb.XXXXXX)
 API_PORT=$((17000 + RANDOM % 1000))
-CIDR=10.213.250.0/24
+CIDR=${CIDR:-10.213.226.0/24}
 IFACE=prb$((RANDOM % 1000))
 NP=30990
 cat >"$DIR/pier.toml" <<EOF
@@ -126,9 +126,10 @@ T1=$(date +%s.%N)
 wait $L1 $L2 $L3
 summary() { # NAME FILE
   # curl's exit code 7 (refused) or 28 (timed out): a new connection
-  # failed; 52/56 (no reply, reset): one established before a crash lost.
+  # failed; 52/56 (no reply, reset): accepted, then closed unanswered (in
+  # flight through a process that died, or no ready endpoint yet).
   awk -v n="$1" '{ if ($1 != "200") { f++; if ($3 == 52 || $3 == 56) e++ } if ($2 > m) m = $2; c++ }
-    END { printf "%-9s requests %d  failed %d (of which established and cut %d)  longest %.3f s\n", n, c, f, e, m }' "$2"
+    END { printf "%-9s requests %d  failed %d (of which accepted, then closed unanswered %d)  longest %.3f s\n", n, c, f, e, m }' "$2"
 }
 echo "pier $("$PIER" --version | cut -d' ' -f2-) style=$STYLE mode=$MODE"
 summary nodeport "$DIR/np"
