@@ -8,7 +8,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, EventMessage,
-    HealthStatusEnum, HostConfig,
+    HealthConfig, HealthStatusEnum, HostConfig,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions,
@@ -462,6 +462,20 @@ pub(crate) fn pod_labels(pod: &Pod, s: &PodSettings) -> Labels {
     l
 }
 
+/// Compose's `healthcheck` as Docker's: durations in nanoseconds, 0 (or an
+/// empty test) for the image's own.
+fn health_config(h: &pier_model::ContainerHealth) -> HealthConfig {
+    let ns = |ms: u64| (ms > 0).then(|| (ms.min(i64::MAX as u64 / 1_000_000) * 1_000_000) as i64);
+    HealthConfig {
+        test: (!h.test.is_empty()).then(|| h.test.clone()),
+        interval: ns(h.interval_ms),
+        timeout: ns(h.timeout_ms),
+        retries: (h.retries > 0).then_some(i64::from(h.retries)),
+        start_period: ns(h.start_period_ms),
+        start_interval: None,
+    }
+}
+
 fn image_in_registry(image: &str, registry: &str) -> String {
     let first = image.split('/').next().unwrap_or("");
     if image.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost") {
@@ -519,6 +533,8 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
                 .collect(),
         ),
         cmd: (!pod.template.cmd.is_empty()).then(|| pod.template.cmd.clone()),
+        entrypoint: (!pod.template.entrypoint.is_empty()).then(|| pod.template.entrypoint.clone()),
+        healthcheck: pod.template.container_health.as_ref().map(health_config),
         exposed_ports: (!pod.template.ports.is_empty()).then(|| {
             pod.template
                 .ports

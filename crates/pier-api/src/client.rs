@@ -380,6 +380,42 @@ impl Client {
         .map(drop)
     }
 
+    /// Apply (`write`) or diff an application.
+    pub async fn apply_app(
+        &self,
+        spec: &pier_model::app::AppSpec,
+        write: bool,
+    ) -> Result<pier_model::app::AppPlan, ApiError> {
+        let path = format!(
+            "{}/namespaces/{}/apps/{}/{}",
+            pier_model::api::PREFIX,
+            spec.namespace,
+            spec.name,
+            if write { "apply" } else { "diff" }
+        );
+        self.call_body(Method::POST, &path, spec).await
+    }
+    /// Delete an application and everything it owns.
+    pub async fn delete_app(
+        &self,
+        ns: &Namespace,
+        name: &Name,
+    ) -> Result<pier_model::app::AppPlan, ApiError> {
+        let path = format!("{}/namespaces/{ns}/apps/{name}", pier_model::api::PREFIX);
+        self.call(Method::DELETE, &path, None).await
+    }
+    /// Applications, in one namespace or all.
+    pub async fn list_apps(
+        &self,
+        ns: Option<&Namespace>,
+    ) -> Result<Vec<pier_model::app::AppView>, ApiError> {
+        let path = match ns {
+            Some(ns) => format!("{}/namespaces/{ns}/apps", pier_model::api::PREFIX),
+            None => format!("{}/apps", pier_model::api::PREFIX),
+        };
+        self.call(Method::GET, &path, None).await
+    }
+
     pub async fn list_pods(&self, ns: Option<&Namespace>) -> Result<Vec<PodView>, ApiError> {
         self.call(Method::GET, &list_path(Resource::Pods, ns), None)
             .await

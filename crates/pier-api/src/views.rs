@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use pier_model::api::{NodeView, PodView, ReplicaSetView, Resource};
+use pier_model::app::{AppServiceView, AppView};
 use pier_model::{Name, Namespace, ObjectKey, Pod, PodPhase, ReplicaSet, Snapshot};
 use serde_json::Value;
 
@@ -99,6 +100,63 @@ fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) 
         revision: rs.revision,
         history: rs.history.clone(),
         rollout: s.rollouts.get(&key).map(|r| (**r).clone()),
+    }
+}
+
+/// A row of `pier get apps`: each component's desired and ready pods, its
+/// VIP ports and node ports, and the supervisor's problem if any.
+pub(crate) fn app_view(s: &Snapshot, app: &pier_model::app::App, revision: i64) -> AppView {
+    let counts = rs_counts(s);
+    let mut ready_all = true;
+    let services = app
+        .components
+        .iter()
+        .map(|c| {
+            let key = (app.namespace.clone(), c.name.clone());
+            let desired = s
+                .replicasets
+                .get(&key)
+                .map(|r| r.replicas.get())
+                .unwrap_or(0);
+            let ready = counts.get(&key).map(|c| c.ready).unwrap_or(0);
+            ready_all &= ready >= desired && s.replicasets.contains_key(&key);
+            let ports = if c.service {
+                s.services
+                    .get(&key)
+                    .map(|svc| {
+                        svc.ports
+                            .iter()
+                            .map(|p| {
+                                let vip = svc.vip.map(|v| v.to_string()).unwrap_or_default();
+                                match p.node_port {
+                                    Some(np) => format!("{vip}:{} (node port {np})", p.port),
+                                    None => format!("{vip}:{}", p.port),
+                                }
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                vec![]
+            };
+            AppServiceView {
+                name: c.name.clone(),
+                desired,
+                ready,
+                ports,
+                problem: s.problems.get(&key).map(|p| p.message.clone()),
+            }
+        })
+        .collect();
+    AppView {
+        name: app.name.clone(),
+        namespace: app.namespace.clone(),
+        generation: app.generation,
+        revision,
+        files: app.files.clone(),
+        services,
+        ready: ready_all,
+        updated_at: app.updated_at,
     }
 }
 

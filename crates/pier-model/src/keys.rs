@@ -16,6 +16,7 @@
 //! /pier/v1/problems/<ns>/<rs>
 //! /pier/v1/rollouts/<ns>/<rs>
 //! /pier/v1/nodelabels/<node>
+//! /pier/v1/apps/<ns>/<app>
 //! ```
 
 use std::fmt;
@@ -42,6 +43,22 @@ pub mod prefix {
     pub const ROLLOUTS: &str = "/pier/v1/rollouts/";
     pub const NODE_LABELS: &str = "/pier/v1/nodelabels/";
     pub const AUTOSCALE: &str = "/pier/v1/autoscale/";
+    pub const APPS: &str = "/pier/v1/apps/";
+
+    /// Every replica set of one namespace.
+    pub fn replicasets_in(ns: &Namespace) -> String {
+        format!("{REPLICASETS}{ns}/")
+    }
+
+    /// Every service of one namespace.
+    pub fn services_in(ns: &Namespace) -> String {
+        format!("{SERVICES}{ns}/")
+    }
+
+    /// Every application of one namespace.
+    pub fn apps_in(ns: &Namespace) -> String {
+        format!("{APPS}{ns}/")
+    }
 
     use crate::names::{Name, Namespace};
 
@@ -86,6 +103,8 @@ pub enum Key {
     NodeLabels(Name),
     /// The autoscaler's decisions for a replica set.
     Autoscale(Namespace, Name),
+    /// An application (`pier apply`) and the objects it owns.
+    App(Namespace, Name),
 }
 
 /// A key that is not in pier's schema.
@@ -123,6 +142,7 @@ impl fmt::Display for Key {
             Key::Rollout(ns, n) => write!(f, "{ROLLOUTS}{ns}/{n}"),
             Key::NodeLabels(n) => write!(f, "{NODE_LABELS}{n}"),
             Key::Autoscale(ns, n) => write!(f, "{AUTOSCALE}{ns}/{n}"),
+            Key::App(ns, n) => write!(f, "{APPS}{ns}/{n}"),
         }
     }
 }
@@ -168,6 +188,7 @@ impl Key {
             ["rollouts", a, b] => Ok(Key::Rollout(ns(a)?, n(b)?)),
             ["nodelabels", a] => Ok(Key::NodeLabels(n(a)?)),
             ["autoscale", a, b] => Ok(Key::Autoscale(ns(a)?, n(b)?)),
+            ["apps", a, b] => Ok(Key::App(ns(a)?, n(b)?)),
             _ => Err(err("unknown kind or wrong number of parts")),
         }
     }
@@ -227,6 +248,10 @@ pub fn node_labels(node: &Name) -> String {
 pub fn autoscale(ns: &Namespace, rs: &Name) -> String {
     Key::Autoscale(ns.clone(), rs.clone()).to_string()
 }
+/// The application `app` (`pier apply`).
+pub fn app(ns: &Namespace, app: &Name) -> String {
+    Key::App(ns.clone(), app.clone()).to_string()
+}
 pub fn election(name: &Name) -> String {
     Key::Election(name.clone()).to_string()
 }
@@ -275,6 +300,7 @@ mod tests {
             (ns(), nm()).prop_map(|(a, b)| Key::Rollout(a, b)),
             nm().prop_map(Key::NodeLabels),
             (ns(), nm()).prop_map(|(a, b)| Key::Autoscale(a, b)),
+            (ns(), nm()).prop_map(|(a, b)| Key::App(a, b)),
         ]
     }
 

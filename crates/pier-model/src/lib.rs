@@ -18,6 +18,7 @@ mod snapshot;
 
 pub mod addr;
 pub mod api;
+pub mod app;
 pub mod autoscale;
 pub mod keys;
 pub mod sketch;

@@ -454,6 +454,32 @@ pub struct PodTemplate {
     /// `None`: a TCP check on the first port, or `none` without ports.
     #[serde(default)]
     pub health: Option<HealthCheck>,
+    /// Replaces the image's entrypoint; empty keeps it. Left out when
+    /// empty, so the hash of a template without it is unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// A check Docker runs inside the container (Compose's
+    /// `healthcheck`); pier reads its result with a `docker` health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_health: Option<ContainerHealth>,
+}
+
+/// A health check that Docker runs in the container, as Compose's
+/// `healthcheck` and the Dockerfile's `HEALTHCHECK` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerHealth {
+    /// `["CMD", args…]`, `["CMD-SHELL", command]` or `["NONE"]`.
+    pub test: Vec<String>,
+    /// 0 leaves Docker's default (30 s).
+    #[serde(default)]
+    pub interval_ms: u64,
+    #[serde(default)]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub start_period_ms: u64,
 }
 
 impl PodTemplate {

@@ -53,7 +53,8 @@ pub enum AllocError {
 /// Attempts before a racing writer is reported as a conflict.
 const ATTEMPTS: usize = 8;
 
-async fn used_vips(store: &dyn Store) -> Result<BTreeSet<IpAddr>, StoreError> {
+/// Every allocated VIP.
+pub async fn used_vips(store: &dyn Store) -> Result<BTreeSet<IpAddr>, StoreError> {
     let l = store.list(keys::prefix::VIP_ALLOCS).await?;
     Ok(l.kvs
         .iter()
@@ -68,7 +69,8 @@ async fn used_vips(store: &dyn Store) -> Result<BTreeSet<IpAddr>, StoreError> {
         .collect())
 }
 
-async fn used_node_ports(
+/// Every allocated node port, with its holder.
+pub async fn used_node_ports(
     store: &dyn Store,
 ) -> Result<std::collections::BTreeMap<u16, Allocation>, StoreError> {
     let l = store.list(keys::prefix::NODE_PORT_ALLOCS).await?;
@@ -99,7 +101,8 @@ async fn used_node_ports(
     Ok(out)
 }
 
-fn pick_vip(cfg: &AllocConfig, used: &BTreeSet<IpAddr>) -> Result<IpAddr, AllocError> {
+/// The first free VIP of the service CIDR.
+pub fn pick_vip(cfg: &AllocConfig, used: &BTreeSet<IpAddr>) -> Result<IpAddr, AllocError> {
     // .0 is the network, .1 is often a gateway, .10 is DNS: start at .11,
     // and stop before the last address (the broadcast address in IPv4).
     let size = cfg.service_cidr.size();

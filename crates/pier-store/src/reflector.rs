@@ -419,7 +419,8 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
         | Key::NodePortAlloc(_)
         | Key::Stats { .. }
         | Key::Election(_)
-        | Key::Autoscale(..) => Ok(()),
+        | Key::Autoscale(..)
+        | Key::App(..) => Ok(()),
     };
     if let Err(e) = ok {
         tracing::warn!(key, "reflector: skipping value that does not decode: {e}");
@@ -477,7 +478,8 @@ fn remove(snap: &mut Snapshot, k: &Key) {
         | Key::NodePortAlloc(_)
         | Key::Stats { .. }
         | Key::Election(_)
-        | Key::Autoscale(..) => {}
+        | Key::Autoscale(..)
+        | Key::App(..) => {}
     }
 }
 

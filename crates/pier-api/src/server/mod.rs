@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::guard::{self, HostCheck, WatchSlots};
 use crate::{ApiConfig, ApiError, ApiState};
 
+mod apps;
 mod layers;
 mod plumbing;
 mod reads;

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use pier_model::api::{AutoscaleRequest, ExposeRequest, Resource, ScaleRequest, VersionInfo};
+use pier_model::app::AppSpec;
 use pier_model::{ReplicaSet, Service, keys};
 
+use super::apps::{apply_app, delete_app, list_apps};
 use super::plumbing::{
     Body, Fail, fail_response, full, json, method_not_allowed, parse_kind, parse_name, parse_ns,
     read_json, wants_watch,
@@ -70,6 +72,19 @@ pub(super) async fn route(
             ))
         }
         ["problems"] if get => Ok(json(StatusCode::OK, &problems(&inner))),
+        ["apps"] if get => list_apps(&inner, None, None).await,
+        ["namespaces", ns, "apps"] if get => list_apps(&inner, Some(parse_ns(ns)?), None).await,
+        ["namespaces", ns, "apps", name] if get => {
+            list_apps(&inner, Some(parse_ns(ns)?), Some(parse_name(name)?)).await
+        }
+        ["namespaces", ns, "apps", name] if m == Method::DELETE => {
+            delete_app(&inner, parse_ns(ns)?, parse_name(name)?).await
+        }
+        ["namespaces", ns, "apps", name, verb @ ("apply" | "diff")] if m == Method::POST => {
+            let (ns, name) = (parse_ns(ns)?, parse_name(name)?);
+            let spec: AppSpec = read_json(req, max_body).await?;
+            apply_app(&inner, ns, name, spec, *verb == "apply").await
+        }
         [kind] if get => {
             let kind = parse_kind(kind)?;
             list(&inner, kind, Filter::default(), watch, peer).await

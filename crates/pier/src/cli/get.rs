@@ -4,8 +4,8 @@ use anyhow::Result;
 use pier_model::api::{Resource, WatchEvent};
 use serde_json::Value;
 
-use super::args::{NamespaceArg, client, name_arg, resource_arg};
-use super::output::{Format, fixed_row, render_table, table_rows, to_values};
+use super::args::{NamespaceArg, Usage, client, name_arg, resource_arg};
+use super::output::{Format, apps_table, fixed_row, render_table, table_rows, to_values};
 
 #[derive(Debug, clap::Args)]
 pub struct GetArgs {
@@ -27,6 +27,17 @@ pub struct GetArgs {
 }
 
 pub(super) async fn run(server: &str, a: GetArgs) -> Result<()> {
+    if matches!(a.resource.as_str(), "apps" | "app") {
+        if a.watch || a.name.is_some() {
+            return Err(Usage("get apps takes neither a name nor -w".into()).into());
+        }
+        // An application's namespace is its project name, so apps are
+        // listed across namespaces unless -n names one.
+        let ns = a.namespace.get()?;
+        let nsf =
+            (!a.all_namespaces && ns.as_str() != pier_model::DEFAULT_NAMESPACE).then_some(&ns);
+        return apps(server, nsf, &a.output).await;
+    }
     let kind = resource_arg(&a.resource)?;
     let format = Format::parse(&a.output)?;
     let name = a
@@ -115,4 +126,28 @@ async fn watch(
         out.flush()?;
     }
     anyhow::bail!("the agent closed the watch (is it shutting down?)")
+}
+
+/// `pier get apps`.
+async fn apps(server: &str, ns: Option<&pier_model::Namespace>, format: &str) -> Result<()> {
+    let c = client(server)?;
+    let apps = c.list_apps(ns).await?;
+    match format {
+        "json" => println!("{}", serde_json::to_string_pretty(&apps)?),
+        "yaml" => print!("{}", serde_yaml_ng::to_string(&apps)?),
+        "table" | "wide" => {
+            if apps.is_empty() {
+                match ns {
+                    Some(ns) => eprintln!("No apps found in namespace {ns}."),
+                    None => eprintln!("No apps found."),
+                }
+                return Ok(());
+            }
+            print!("{}", apps_table(&apps, format == "wide"));
+        }
+        other => {
+            return Err(Usage(format!("-o {other:?}: use table, wide, json or yaml")).into());
+        }
+    }
+    Ok(())
 }

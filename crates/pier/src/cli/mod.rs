@@ -3,19 +3,22 @@
 //! bad argument, 1 for anything else.
 
 //!
-//! One file per command (`run`, `expose`, `scale`, `autoscale`, `get`, `describe`,
-//! `delete`, `version`, `ca`): its flags and what it does. They share
-//! `args` (flags, parsers, the client) and `output` (tables and text);
-//! neither calls a command. A new command is a new file, a variant of
+//! One file per command (`run`, `expose`, `scale`, `autoscale`, `get`,
+//! `describe`, `delete`, `apply` with `diff`, `version`, `ca`): its flags
+//! and what it does. They share `args` (flags, parsers, the client),
+//! `compose` (reading Compose files) and `output` (tables and text); none
+//! of these calls a command. A new command is a new file, a variant of
 //! [`Command`] and an arm in `dispatch`.
 
 use std::io::Write;
 
 use anyhow::Result;
 
+mod apply;
 mod args;
 mod autoscale;
 mod ca;
+mod compose;
 mod conn;
 mod delete;
 mod describe;
@@ -30,6 +33,7 @@ mod wait;
 pub use args::Usage;
 pub use conn::Conn;
 
+use apply::{ApplyArgs, DiffArgs};
 use args::TOKEN;
 use autoscale::AutoscaleArgs;
 use ca::CaCmd;
@@ -58,8 +62,13 @@ pub enum Command {
     Get(GetArgs),
     /// Show one object in detail, with its pods, endpoints and problems.
     Describe(DescribeArgs),
-    /// Delete a pod (the supervisor replaces it), a replica set or a service.
+    /// Delete a pod (the supervisor replaces it), a replica set, a service,
+    /// or with -f an application and all it owns.
     Delete(DeleteArgs),
+    /// Create or update an application from Compose files.
+    Apply(ApplyArgs),
+    /// Show what `pier apply -f` would change.
+    Diff(DiffArgs),
     /// Print the client's and the agent's versions.
     Version,
     /// Make the mesh CA and node certificates.
@@ -109,6 +118,8 @@ async fn dispatch(server: &str, cmd: Command) -> Result<()> {
         Command::Get(a) => get::run(server, a).await,
         Command::Describe(a) => describe::run(server, a).await,
         Command::Delete(a) => delete::run(server, a).await,
+        Command::Apply(a) => apply::apply(server, a).await,
+        Command::Diff(a) => apply::diff(server, a).await,
         Command::Version => version::run(server).await,
         Command::Ca { cmd } => ca::run(cmd),
     }
