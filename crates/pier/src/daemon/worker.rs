@@ -472,7 +472,14 @@ fn start_agent(
         lease: ctl.lease.subscribe(),
         snapshot: ctl.reflector.subscribe(),
         alloc: alloc.clone(),
-        dns_search: vec![format!("svc.{domain}"), domain.clone()],
+        // As Kubernetes: a pod finds `db` in its own namespace (`default.`
+        // becomes the pod's namespace, see `dns_search_for`), `db.other`
+        // in another.
+        dns_search: vec![
+            format!("{}.svc.{domain}", pier_model::DEFAULT_NAMESPACE),
+            format!("svc.{domain}"),
+            domain.clone(),
+        ],
         networks,
         local_targets,
         static_allow: cfg.network.static_endpoint_allow.clone(),
