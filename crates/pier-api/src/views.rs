@@ -118,8 +118,12 @@ pub(crate) fn app_view(s: &Snapshot, app: &pier_model::app::App, revision: i64) 
                 .get(&key)
                 .map(|r| r.replicas.get())
                 .unwrap_or(0);
-            let ready = counts.get(&key).map(|c| c.ready).unwrap_or(0);
-            ready_all &= ready >= desired && s.replicasets.contains_key(&key);
+            // Ready on the current template: an app in the middle of a
+            // rollout is not ready yet.
+            let n = counts.get(&key).copied().unwrap_or_default();
+            let ready = n.updated_ready;
+            ready_all &=
+                ready >= desired && n.current == desired && s.replicasets.contains_key(&key);
             let ports = if c.service {
                 s.services
                     .get(&key)

@@ -135,7 +135,8 @@ pub struct AppView {
     pub revision: i64,
     pub files: Vec<String>,
     pub services: Vec<AppServiceView>,
-    /// Every replica set has all its desired pods ready.
+    /// Every replica set has its desired pods, all on its current template
+    /// and ready (so not while a rollout is under way).
     pub ready: bool,
     #[serde(default)]
     pub updated_at: u64,
@@ -147,6 +148,7 @@ pub struct AppView {
 pub struct AppServiceView {
     pub name: Name,
     pub desired: u32,
+    /// Pods on the replica set's current template that are ready.
     pub ready: u32,
     /// `VIP:port` list, and node ports, when it has a service.
     #[serde(default)]

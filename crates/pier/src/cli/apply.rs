@@ -49,14 +49,6 @@ pub(super) async fn apply(server: &str, a: ApplyArgs) -> Result<()> {
             p.name, p.namespace, p.from_revision
         ),
     }
-    if p.changes
-        .iter()
-        .any(|c| c.kind == "replicaset" && c.fields.iter().any(|f| f.starts_with("template")))
-    {
-        eprintln!(
-            "note: a changed pod template is used for new pods; pods already running keep theirs until they are replaced (pier delete pod NAME)"
-        );
-    }
     if a.wait {
         wait_ready(&c, &spec.namespace, &spec.name, a.timeout).await?;
     }
