@@ -401,3 +401,126 @@ fn autoscale_reaction_figures() -> Result<()> {
     );
     Ok(())
 }
+
+/// A CGI script for busybox httpd whose answer takes 50 ms per request in
+/// flight on its pod: latency that grows with concurrency.
+const SLOW_CGI: &str = r#"mkdir -p /www/cgi-bin && cat > /www/cgi-bin/slow <<'X'
+#!/bin/sh
+f=/tmp/r.$$; : > $f
+n=$(ls /tmp/r.* | wc -l)
+sleep $(awk "BEGIN{print $n*0.05}")
+rm -f $f
+printf 'Content-Type: text/plain\r\n\r\nok\n'
+X
+chmod +x /www/cgi-bin/slow && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"#;
+
+/// `--p99-first-byte 200ms` on a backend that answers in 50 ms × the
+/// requests in flight on its pod: 6 clients in a loop make one pod answer
+/// in ~300 ms; the autoscaler adds pods until the p99 over all of them is
+/// back under 200 ms. Bounded: 6 clients for at most 45 s.
+#[test]
+fn p99_first_byte_target_adds_pods_until_latency_is_back_under() -> Result<()> {
+    let _turn = crate::demo::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ensure_test_image()?;
+    const LAT: &str = "as-lat";
+    let a = AgentProc::start(AgentOpts {
+        store: "embedded".into(),
+        node: "as-2".into(),
+        extra_toml: String::new(),
+    })?;
+    a.cli_ok(&[
+        "run", LAT, "--image", TEST_IMAGE, "--port", "8080", "--", "/bin/sh", "-c", SLOW_CGI,
+    ])?;
+    a.cli_ok(&["expose", "rs", LAT, "--port", "8080"])?;
+    a.cli_ok(&[
+        "autoscale",
+        "rs",
+        LAT,
+        "--min",
+        "1",
+        "--max",
+        "4",
+        "--p99-first-byte",
+        "200ms",
+        "--scale-down-delay",
+        "60s",
+    ])?;
+    let svc = a.cli_json(&["get", "svc", LAT])?;
+    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
+    let vip_addr = SocketAddr::new(vip, 8080);
+    eventually(Duration::from_secs(20), "the slow CGI answering", || {
+        Ok(http_get(&vip_addr, "/cgi-bin/slow")
+            .is_ok_and(|(c, b)| c == 200 && b.trim() == "ok")
+            .then_some(()))
+    })
+    .with_context(|| a.log_tail())?;
+    let view = |a: &AgentProc| -> Result<Value> {
+        let (code, body) = a.api_get(&format!(
+            "/api/v1/namespaces/default/replicasets/{LAT}/autoscale"
+        ))?;
+        ensure!(code == 200, "GET autoscale: HTTP {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let until = Instant::now() + Duration::from_secs(45);
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < until {
+                    match http_get(&vip_addr, "/cgi-bin/slow") {
+                        Ok((200, _)) => ok += 1,
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let r = (|| -> Result<(u64, u64)> {
+        let up = eventually(Duration::from_secs(20), "more than 1 replica", || {
+            let v = view(&a)?;
+            Ok((v["replicas"].as_u64() > Some(1)).then_some(v))
+        })
+        .with_context(|| a.log_tail())?;
+        eprintln!(
+            "autoscale latency e2e: scaled up after {} ms: {}",
+            started.elapsed().as_millis(),
+            up["status"]["decisions"]
+        );
+        // Then the p99 over every pod's traffic comes back under 200 ms
+        // with the pods ready.
+        let v = eventually(
+            Duration::from_secs(20),
+            "p99 first byte under 200 ms",
+            || {
+                let v = view(&a)?;
+                let p99 = v["measured"]["p99_first_byte_us"].as_u64();
+                let ready = v["ready"].as_u64().unwrap_or(0);
+                Ok((ready >= 2
+                    && ready == v["replicas"].as_u64().unwrap_or(0)
+                    && p99.is_some_and(|p| p < 200_000))
+                .then_some(v))
+            },
+        )
+        .with_context(|| a.log_tail())?;
+        Ok((
+            v["replicas"].as_u64().unwrap_or(0),
+            v["measured"]["p99_first_byte_us"].as_u64().unwrap_or(0),
+        ))
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = 0;
+    for c in clients {
+        failed += c.join().map(|(_, f)| f).unwrap_or(1);
+    }
+    let (replicas, p99) = r?;
+    eprintln!("autoscale latency e2e: {replicas} replicas, p99 first byte {p99} µs");
+    ensure!((2..=4).contains(&replicas), "{replicas} replicas");
+    ensure!(failed == 0, "{failed} requests failed");
+    Ok(())
+}
