@@ -1,6 +1,7 @@
 //! End-to-end scenarios against a real dockerd, real stores and the real
 //! `pier` binary. One test binary; each module is one scenario family.
 
+mod apps;
 mod autoscale;
 mod demo;
 mod dns;

@@ -608,3 +608,15 @@ fn not_yaml_or_not_compose() {
     let e = errors("name: p\nservice: {a: {image: x}}");
     assert!(e.iter().any(|m| m.starts_with("service:")), "{e:?}");
 }
+
+#[test]
+fn the_shipped_oauth_example_loads_clean() {
+    let l = load_str(include_str!("../../../examples/oauth/compose.yaml")).unwrap();
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    assert_eq!(l.spec.namespace.as_str(), "oauth");
+    let fe = &comp(&l, "frontend").replicaset;
+    let ks = &comp(&l, "keyserver").replicaset;
+    assert_eq!(fe.placement.anti_affinity[0].as_str(), "keyserver");
+    assert_eq!(ks.placement.anti_affinity[0].as_str(), "frontend");
+    assert!(ks.template.container_health.is_some());
+}
