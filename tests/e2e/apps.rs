@@ -119,6 +119,16 @@ fn compose_app_applies_reapplies_prunes_and_deletes() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     ensure!(containers(&a)? == before, "a second apply changed the pods");
 
+    // 2b. An apply checked against a revision the app has moved past is a
+    //     409 that says so, and writes nothing.
+    let o = a.cli(&["apply", "-f", f, "--revision", "1"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        o.status.code() == Some(1) && err.contains("not 1") && err.contains("pier diff"),
+        "{:?}: {err}",
+        o.status
+    );
+
     // 3. A bad file is refused naming the key, and changes nothing.
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
