@@ -145,7 +145,7 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     );
     let d = a.cli_ok(&["describe", "rs", RS])?;
     ensure!(
-        d.contains("Open connections:") && d.contains("target 5 per pod") && d.contains("up 1 → 4"),
+        d.contains("Open conns:") && d.contains("target 5 per pod") && d.contains("up 1 → 4"),
         "{d}"
     );
 

@@ -906,3 +906,80 @@ fn upgrade_and_crash_across_hosts() -> Result<()> {
     }
     Ok(())
 }
+
+/// Load that enters through two hosts counts as one service's load (issue
+/// 15): 8 connections held from a container on each host (each host alone
+/// would ask for 2 pods at 5 per pod) take the set to 4; the autoscaler's
+/// view sums both hosts' stats.
+#[test]
+fn autoscale_sums_the_load_of_two_hosts() -> Result<()> {
+    let c = Cluster::start(5, 2)?;
+    c.run_client(1)?;
+    c.run_client(2)?;
+    c.cli(
+        1,
+        &[
+            "run",
+            "asx",
+            "--image",
+            pier_tests::TEST_IMAGE,
+            "--port",
+            "8080",
+        ],
+    )?;
+    c.cli(1, &["expose", "rs", "asx", "--port", "8080"])?;
+    c.cli(
+        1,
+        &[
+            "autoscale",
+            "rs",
+            "asx",
+            "--min",
+            "1",
+            "--max",
+            "4",
+            "--max-active-per-pod",
+            "5",
+            "--scale-down-delay",
+            "60s",
+        ],
+    )?;
+    eventually(Duration::from_secs(30), "1 ready pod answering", || {
+        let got = c.requests(1, &fqdn("asx"), 1)?;
+        Ok((ready_pods(&c, 1, "asx")?.len() == 1 && count(&got, "FAIL") == 0).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    // 8 connections per host, each a request begun and held for 40 s
+    // (bounded; busybox httpd waits 60 s for the rest of the headers).
+    let name = fqdn("asx");
+    let hold = format!(
+        r#"ip=$(nslookup {name} 2>/dev/null | awk '/^Name:/{{n=1}} n&&/^Address/{{print $2; exit}}')
+for i in 1 2 3 4 5 6 7 8; do (printf 'GET / HTTP/1.0\r\n'; sleep 40) | nc "$ip" {POD_PORT} >/dev/null 2>&1 & done; wait"#
+    );
+    for i in [1, 2] {
+        c.topo
+            .host(i)
+            .docker(&["exec", "-d", "client", "sh", "-c", &hold])?;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "4 replicas on both hosts' load",
+        || {
+            let rs = c.cli_json(1, &["get", "rs", "asx"])?;
+            Ok((rs.first().and_then(|r| r["replicas"].as_u64()) == Some(4)).then_some(()))
+        },
+    )
+    .with_context(|| c.logs())?;
+    // Read after the count: the decision is written with it.
+    let view = c.cli(1, &["describe", "rs", "asx"])?;
+    eprintln!("h1: pier describe rs asx\n{view}");
+    // The last decision rests on both hosts' 16 connections (the first one
+    // may have seen one host's 8 alone: the two clients start apart).
+    ensure!(
+        view.contains("on 2 nodes")
+            && view.contains("open connections 16 over")
+            && view.contains("→ 4"),
+        "the decision should rest on both hosts' stats: {view}"
+    );
+    Ok(())
+}

@@ -245,7 +245,7 @@ fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, Str
     )];
     if let Some(t) = sla.max_active_per_pod {
         out.push((
-            "  Open connections",
+            "  Open conns",
             format!(
                 "{} ({}), target {t} per pod",
                 m.active,
@@ -255,7 +255,7 @@ fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, Str
     }
     if let Some(t) = sla.max_conn_rate_per_pod {
         out.push((
-            "  New connections/s",
+            "  New conns/s",
             format!(
                 "{:.1} ({}), target {t} per pod",
                 m.conn_rate,
@@ -265,7 +265,7 @@ fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, Str
     }
     if let Some(t) = sla.p99_first_byte_ms {
         out.push((
-            "  p99 first byte",
+            "  p99 1st byte",
             match m.p99_first_byte_us {
                 Some(us) => format!(
                     "{:.1} ms over {} samples, target {t} ms",
@@ -278,7 +278,7 @@ fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, Str
     }
     let svcs: Vec<&str> = v.services.iter().map(|s| s.as_str()).collect();
     out.push((
-        "  Measured from",
+        "  Measured on",
         if svcs.is_empty() {
             "no service selects the pods: expose the set (`pier expose rs`) to measure it".into()
         } else {
