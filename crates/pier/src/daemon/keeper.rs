@@ -47,7 +47,7 @@ pub const WORKER_ENV: &str = "PIER_KEEPER_WORKER";
 pub const CHECK_ENV: &str = "PIER_CHECK_CONFIG";
 
 /// Shared by the connection tasks; a std mutex: tiny sections, no await.
-type Shared = Arc<Mutex<Holdings<OwnedFd>>>;
+pub(super) type Shared = Arc<Mutex<Holdings<OwnedFd>>>;
 
 struct Keeper {
     exe: PathBuf,
@@ -279,7 +279,12 @@ fn signal_worker(w: Worker, sig: Signal) {
 }
 
 /// Answers one worker's requests until it closes its end.
-fn serve_worker(w: Worker, conn: OwnedFd, holdings: Shared, events: mpsc::UnboundedSender<Event>) {
+pub(super) fn serve_worker(
+    w: Worker,
+    conn: OwnedFd,
+    holdings: Shared,
+    events: mpsc::UnboundedSender<Event>,
+) {
     loop {
         let got = match fdpass::recv(conn.as_fd()) {
             Ok(Some(m)) => m,

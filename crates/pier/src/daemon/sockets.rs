@@ -12,7 +12,25 @@ use super::fdpass::{self, Proto, Reply, Request, SockKey};
 pub struct Sockets {
     /// One request at a time: each waits for its answer. A std mutex: the
     /// keeper answers at once, and nothing awaits inside.
-    keeper: Option<Mutex<std::io::Stdin>>,
+    keeper: Option<Mutex<KeeperEnd>>,
+}
+
+/// Where the keeper is: stdin, or (in tests) one end of a socket pair.
+#[derive(Debug)]
+enum KeeperEnd {
+    Stdin(std::io::Stdin),
+    #[cfg(test)]
+    Fd(OwnedFd),
+}
+
+impl AsFd for KeeperEnd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            KeeperEnd::Stdin(s) => s.as_fd(),
+            #[cfg(test)]
+            KeeperEnd::Fd(f) => f.as_fd(),
+        }
+    }
 }
 
 impl Sockets {
@@ -40,7 +58,7 @@ impl Sockets {
             Some(std::time::Duration::from_secs(10)),
         )?;
         Ok(Sockets {
-            keeper: Some(Mutex::new(stdin)),
+            keeper: Some(Mutex::new(KeeperEnd::Stdin(stdin))),
         })
     }
 
@@ -128,5 +146,60 @@ impl pier_proxy::ListenerSource for Sockets {
 
     fn release(&self, a: SocketAddr) {
         self.notify(Request::Release((Proto::Tcp, a)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::keeper::plan::Event;
+    use super::*;
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+
+    /// The worker's client against the keeper's real request loop: a
+    /// socket handed over outlives the worker's copy, comes back on the
+    /// next ask with the connections queued meanwhile, and is closed for
+    /// good on release.
+    #[test]
+    fn sockets_survive_the_worker_and_close_on_release() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let holdings = std::sync::Arc::default();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let keeper = std::thread::spawn({
+            let h = std::sync::Arc::clone(&holdings);
+            move || super::super::keeper::serve_worker(7, ours, h, tx)
+        });
+        let s = Sockets {
+            keeper: Some(Mutex::new(KeeperEnd::Fd(theirs))),
+        };
+        let a: SocketAddr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        // Not held yet: bound here and handed over.
+        let l = s.tcp(a, || std::net::TcpListener::bind(a)).unwrap();
+        drop(l);
+        // The keeper's copy still listens: a connection waits in the backlog.
+        let c = std::net::TcpStream::connect(a).unwrap();
+        // Held now: the same socket comes back, never bound again.
+        let l = s.tcp(a, || panic!("bound twice")).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (_conn, peer) = l.accept().unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        // Released: with the worker's copy gone too, the port is free.
+        pier_proxy::ListenerSource::release(&s, a);
+        drop(l);
+        std::net::TcpListener::bind(a).expect("the port is free after the release");
+        // Ready reaches the keeper's loop as an event.
+        s.notify(Request::Ready);
+        assert_eq!(rx.try_recv().unwrap(), Event::Ready(7));
+        // The worker goes: the keeper's thread ends.
+        drop(s);
+        keeper.join().unwrap();
     }
 }
