@@ -6,3 +6,4 @@ mod autoscale;
 mod demo;
 mod dns;
 mod restart;
+mod rollout;

@@ -11,8 +11,9 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use pier_model::api::{
-    AutoscaleRequest, AutoscaleView, ErrorBody, ExposeRequest, NodeView, PodView, Problem,
-    Readiness, ReplicaSetView, Resource, ScaleRequest, VersionInfo, WatchEvent,
+    AutoscaleRequest, AutoscaleView, ErrorBody, ExposeRequest, NodeLabelsRequest, NodeView,
+    PodView, Problem, Readiness, ReplicaSetView, Resource, RollbackRequest, ScaleRequest,
+    SetImageRequest, VersionInfo, WatchEvent,
 };
 use pier_model::{Endpoint, Name, Namespace, ReplicaSet, Service};
 use serde::Serialize;
@@ -369,6 +370,53 @@ impl Client {
     ) -> Result<AutoscaleView, ApiError> {
         let path = format!("{}/autoscale", object_path(Resource::ReplicaSets, ns, name));
         self.call(Method::GET, &path, None).await
+    }
+    /// Replaces the replica set's spec; a changed template is a new
+    /// revision, rolled out.
+    pub async fn replace_replicaset(&self, rs: &ReplicaSet) -> Result<ReplicaSetView, ApiError> {
+        self.call_body(
+            Method::PUT,
+            &object_path(Resource::ReplicaSets, &rs.namespace, &rs.name),
+            rs,
+        )
+        .await
+    }
+    /// A new image for the template: a new revision, rolled out.
+    pub async fn set_image(
+        &self,
+        ns: &Namespace,
+        name: &Name,
+        image: &str,
+    ) -> Result<ReplicaSetView, ApiError> {
+        let path = format!("{}/image", object_path(Resource::ReplicaSets, ns, name));
+        let req = SetImageRequest {
+            image: image.to_owned(),
+        };
+        self.call_body(Method::PUT, &path, &req).await
+    }
+    /// An earlier revision's template becomes the next revision.
+    pub async fn rollback_replicaset(
+        &self,
+        ns: &Namespace,
+        name: &Name,
+        to_revision: Option<u64>,
+    ) -> Result<ReplicaSetView, ApiError> {
+        let path = format!("{}/rollback", object_path(Resource::ReplicaSets, ns, name));
+        self.call_body(Method::POST, &path, &RollbackRequest { to_revision })
+            .await
+    }
+    /// Sets (`Some`) and removes (`None`) labels of a node.
+    pub async fn label_node(
+        &self,
+        node: &Name,
+        labels: std::collections::BTreeMap<String, Option<String>>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let path = format!(
+            "{}/labels",
+            object_path(Resource::Nodes, &Namespace::default(), node)
+        );
+        self.call_body(Method::PATCH, &path, &NodeLabelsRequest { labels })
+            .await
     }
     pub async fn delete_replicaset(&self, ns: &Namespace, name: &Name) -> Result<(), ApiError> {
         self.call::<serde_json::Value>(

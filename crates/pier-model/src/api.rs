@@ -231,6 +231,31 @@ pub struct AutoscaleView {
     pub status: crate::autoscale::AutoscaleStatus,
 }
 
+/// `PUT …/replicasets/<rs>/image`: a new image for the template (a new
+/// revision, rolled out under the set's `update_config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetImageRequest {
+    pub image: String,
+}
+
+/// `POST …/replicasets/<rs>/rollback`: the template of an earlier revision
+/// becomes a new revision (as `kubectl rollout undo` does).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollbackRequest {
+    /// The revision to go back to; the one before the current by default.
+    pub to_revision: Option<u64>,
+}
+
+/// `PATCH /api/v1/nodes/<node>/labels`: `Some(v)` sets a label, `None`
+/// (JSON null) removes it, also one the node's config sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabelsRequest {
+    pub labels: BTreeMap<String, Option<String>>,
+}
+
 /// `POST …/replicasets/<rs>/expose`: a service whose selector is the replica
 /// set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

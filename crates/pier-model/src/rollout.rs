@@ -220,12 +220,12 @@ impl Default for UpdateConfig {
 pub struct TemplateRevision {
     pub revision: u64,
     pub template: PodTemplate,
-    /// Unix milliseconds when it became the replica set's template.
+    /// Unix milliseconds when a newer template replaced it.
     #[serde(default)]
-    pub created_at: u64,
-    /// What made it (`pier set image`, `pier rollout undo --to-revision 2`).
+    pub replaced_at: u64,
+    /// What replaced it (`set image web:v2`, `rollout undo`, `replace`).
     #[serde(default)]
-    pub cause: String,
+    pub replaced_by: String,
 }
 
 /// Where a rollout is.

@@ -202,8 +202,9 @@ fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], no
         Some(r) if matches!(r.state, RolloutState::Complete | RolloutState::RolledBack) => {
             Some(r.target)
         }
-        // Mid-rollout: the last revision that ran in full.
-        Some(r) => r.from,
+        // Mid-rollout: the last revision that ran in full, or (the set's
+        // first rollout) the only earlier one.
+        Some(r) => r.from.or(Some(r.target)),
         // No record (a set from before rollouts): the revision most old
         // pods run, when the history has it.
         None => {

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use pier_model::api::{AutoscaleRequest, ExposeRequest, Resource, ScaleRequest, VersionInfo};
+use pier_model::api::{
+    AutoscaleRequest, ExposeRequest, NodeLabelsRequest, Resource, RollbackRequest, ScaleRequest,
+    SetImageRequest, VersionInfo,
+};
 use pier_model::app::AppSpec;
 use pier_model::{ReplicaSet, Service, keys};
 
@@ -16,7 +19,8 @@ use super::plumbing::{
 };
 use super::reads::{autoscale_view, get_one, list, metrics, problems, readyz, synced};
 use super::writes::{
-    autoscale, create_replicaset, create_service, delete_key, delete_service, expose, scale,
+    autoscale, create_replicaset, create_service, delete_key, delete_service, expose, label_node,
+    replace_replicaset, rollback, scale, set_image,
 };
 use super::{Inner, Peer};
 use crate::views::Filter;
@@ -158,6 +162,10 @@ pub(super) async fn route(
                     delete_key(&inner, kind, &ns, &name, keys::pod(&ns, &name)).await
                 }
                 (Method::DELETE, Resource::Services) => delete_service(&inner, ns, name).await,
+                (Method::PUT, Resource::ReplicaSets) => {
+                    let rs: ReplicaSet = read_json(req, max_body).await?;
+                    replace_replicaset(&inner, ns, name, rs).await
+                }
                 _ => Err(method_not_allowed(&m, &path)),
             }
         }
@@ -181,6 +189,23 @@ pub(super) async fn route(
                 Method::DELETE => autoscale(&inner, ns, name, None).await,
                 _ => Err(method_not_allowed(&m, &path)),
             }
+        }
+        ["namespaces", ns, "replicasets", name, "image"] if m == Method::PUT => {
+            let ns = parse_ns(ns)?;
+            let name = parse_name(name)?;
+            let r: SetImageRequest = read_json(req, max_body).await?;
+            set_image(&inner, ns, name, r).await
+        }
+        ["namespaces", ns, "replicasets", name, "rollback"] if m == Method::POST => {
+            let ns = parse_ns(ns)?;
+            let name = parse_name(name)?;
+            let r: RollbackRequest = read_json(req, max_body).await?;
+            rollback(&inner, ns, name, r).await
+        }
+        ["nodes", name, "labels"] if m == Method::PATCH || m == Method::PUT => {
+            let name = parse_name(name)?;
+            let r: NodeLabelsRequest = read_json(req, max_body).await?;
+            label_node(&inner, name, r).await
         }
         ["namespaces", ns, "replicasets", name, "expose"] if m == Method::POST => {
             let ns = parse_ns(ns)?;

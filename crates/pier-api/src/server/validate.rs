@@ -60,6 +60,13 @@ pub(super) fn validate_replicaset(rs: &ReplicaSet) -> Result<(), Fail> {
             "min_replicas: {min} is above max_replicas {max}"
         )));
     }
+    rs.placement.validate(&rs.name).map_err(Fail::bad)?;
+    rs.update_config
+        .validate("update_config")
+        .map_err(Fail::bad)?;
+    rs.rollback_config
+        .validate("rollback_config")
+        .map_err(Fail::bad)?;
     if let Some(sla) = &rs.sla {
         validate_sla("sla", sla)?;
     }
@@ -124,6 +131,35 @@ pub(super) fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail>
             return Err(Fail::bad(format!(
                 "static_endpoints[{i}].ip: {} {r}; every host's proxy would connect to its own such address, so it is refused. To allow it anyway, add a CIDR holding it to [network] static_endpoint_allow in every agent's config",
                 ep.ip
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A label set on a node: a key as [`pier_model::valid_label_key`], a value
+/// of at most 63 characters without spaces (`None` removes).
+pub(super) fn validate_node_labels(
+    labels: &std::collections::BTreeMap<String, Option<String>>,
+) -> Result<(), Fail> {
+    if labels.is_empty() {
+        return Err(Fail::bad(
+            "labels: give at least one label to set or remove",
+        ));
+    }
+    for (k, v) in labels {
+        if !pier_model::valid_label_key(k) {
+            return Err(Fail::bad(format!(
+                "labels: {k:?} is not a label key (letters, digits, '.', '-', '_', '/')"
+            )));
+        }
+        if let Some(v) = v
+            && (v.len() > 63
+                || v.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '='))
+        {
+            return Err(Fail::bad(format!(
+                "labels.{k}: {v:?} is not a label value (at most 63 characters, no spaces or '=')"
             )));
         }
     }

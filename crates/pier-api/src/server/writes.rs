@@ -1,4 +1,5 @@
-//! The handlers that write: create, scale, autoscale, expose and delete. Each answers
+//! The handlers that write: create, replace, set image, roll back, scale,
+//! autoscale, label nodes, expose and delete. Each answers
 //! once its change has reached this agent's snapshot (bounded), so a read
 //! right after it sees it.
 
@@ -6,17 +7,22 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{Response, StatusCode};
-use pier_model::api::{AutoscaleRequest, ExposeRequest, Resource, ScaleRequest};
+use pier_model::api::{
+    AutoscaleRequest, ExposeRequest, NodeLabelsRequest, Resource, RollbackRequest, ScaleRequest,
+    SetImageRequest,
+};
 use pier_model::{
-    Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, encode, keys,
-    labels,
+    Labels, Name, Namespace, NodeLabels, ReplicaSet, Service, ServicePort, Snapshot,
+    TemplateRevision, decode, encode, keys, labels,
 };
 use pier_store::alloc;
 use pier_store::{Compare, Txn, TxnOp};
 use tracing::{debug, info};
 
 use super::plumbing::{Body, Fail, json, not_found};
-use super::validate::{check_ns, validate_replicaset, validate_service, validate_sla};
+use super::validate::{
+    check_ns, validate_node_labels, validate_replicaset, validate_service, validate_sla,
+};
 use super::{Inner, now_ms};
 use crate::views;
 
@@ -36,6 +42,8 @@ pub(super) async fn create_replicaset(
     check_ns(&mut rs.namespace, &ns)?;
     validate_replicaset(&rs)?;
     rs.created_at = now_ms();
+    rs.revision = 1;
+    rs.history.clear();
     let key = keys::replicaset(&ns, &rs.name);
     let r = inner
         .st
@@ -214,6 +222,232 @@ pub(super) async fn autoscale(
     }
     Err(Fail::conflict(format!(
         "replicaset {name:?} kept changing while its autoscaling was being set ({SCALE_ATTEMPTS} attempts); try again"
+    )))
+}
+
+/// Read-modify-write of a replica set by compare-and-swap on its
+/// `mod_revision`, retried on a race like a scale. `change` edits the spec;
+/// when the template's hash changed, the old template goes into the
+/// history and the revision goes up by one (the supervisor then rolls the
+/// new template out). `what` names the change in the log and the history.
+async fn update_replicaset(
+    inner: &Inner,
+    ns: &Namespace,
+    name: &Name,
+    what: &str,
+    mut change: impl FnMut(&mut ReplicaSet) -> Result<(), Fail>,
+) -> Result<Response<Body>, Fail> {
+    let key = keys::replicaset(ns, name);
+    let store = &inner.st.store;
+    for attempt in 0..SCALE_ATTEMPTS {
+        let turn = inner.scale_turn.lock().await;
+        let kv = store
+            .get(&key)
+            .await?
+            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(ns), Some(name)))?;
+        let old: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
+            Fail::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e}; fix or delete it"),
+            )
+        })?;
+        let mut rs = old.clone();
+        change(&mut rs)?;
+        // Server-kept fields: a body never sets them.
+        rs.name = old.name.clone();
+        rs.namespace = old.namespace.clone();
+        rs.created_at = old.created_at;
+        rs.revision = old.revision;
+        rs.history = old.history.clone();
+        validate_replicaset(&rs)?;
+        let changed_template = rs.template.hash() != old.template.hash();
+        if changed_template {
+            rs.history.push(TemplateRevision {
+                revision: old.revision,
+                template: old.template.clone(),
+                replaced_at: now_ms(),
+                replaced_by: what.to_owned(),
+            });
+            // The same template twice in the history is kept once, newest.
+            let h = rs.template.hash();
+            rs.history.retain(|t| t.template.hash() != h);
+            let excess = rs.history.len().saturating_sub(ReplicaSet::HISTORY_LIMIT);
+            rs.history.drain(..excess);
+            rs.revision = old.revision + 1;
+        }
+        if rs == old {
+            drop(turn);
+            let s = inner.st.snapshot.borrow().clone();
+            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
+        }
+        let r = store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: encode(&rs),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        drop(turn);
+        if r.succeeded {
+            info!(namespace = %ns, replicaset = %name, revision = rs.revision, what, "replica set updated");
+            settle(inner, |s| s.revision >= r.revision).await;
+            let s = inner.st.snapshot.borrow().clone();
+            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
+        }
+        tokio::time::sleep(Duration::from_micros(500 * u64::from(attempt + 1))).await;
+    }
+    Err(Fail::conflict(format!(
+        "replicaset {name:?} kept changing while it was being updated ({SCALE_ATTEMPTS} attempts); try again"
+    )))
+}
+
+/// `PUT …/replicasets/<rs>`: a new spec. A changed template is a new
+/// revision, rolled out under the set's `update_config`.
+pub(super) async fn replace_replicaset(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+    mut body: ReplicaSet,
+) -> Result<Response<Body>, Fail> {
+    check_ns(&mut body.namespace, &ns)?;
+    if body.name != name {
+        return Err(Fail::bad(format!(
+            "name: the body says {:?} but the path says {:?}",
+            body.name.as_str(),
+            name.as_str()
+        )));
+    }
+    update_replicaset(inner, &ns, &name, "replace", |rs| {
+        *rs = body.clone();
+        Ok(())
+    })
+    .await
+}
+
+/// `PUT …/replicasets/<rs>/image`.
+pub(super) async fn set_image(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+    req: SetImageRequest,
+) -> Result<Response<Body>, Fail> {
+    let what = format!("set image {}", req.image);
+    update_replicaset(inner, &ns, &name, &what, |rs| {
+        rs.template.image = req.image.clone();
+        Ok(())
+    })
+    .await
+}
+
+/// `POST …/replicasets/<rs>/rollback`: an earlier revision's template
+/// becomes the next revision.
+pub(super) async fn rollback(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+    req: RollbackRequest,
+) -> Result<Response<Body>, Fail> {
+    let what = match req.to_revision {
+        Some(r) => format!("rollout undo --to-revision {r}"),
+        None => "rollout undo".to_owned(),
+    };
+    update_replicaset(inner, &ns, &name, &what, |rs| {
+        let entry = match req.to_revision {
+            Some(r) if r == rs.revision => {
+                return Err(Fail::bad(format!(
+                    "to_revision: {r} is the current revision; `pier rollout history rs {name}` lists the others"
+                )));
+            }
+            Some(r) => rs.history.iter().find(|h| h.revision == r).ok_or_else(|| {
+                let kept: Vec<String> = rs.history.iter().map(|h| h.revision.to_string()).collect();
+                Fail::bad(format!(
+                    "to_revision: revision {r} is not in the history (kept: {})",
+                    if kept.is_empty() { "none".into() } else { kept.join(", ") }
+                ))
+            })?,
+            None => rs.history.iter().max_by_key(|h| h.revision).ok_or_else(|| {
+                Fail::bad(format!(
+                    "replicaset {name:?} has no earlier revision to roll back to"
+                ))
+            })?,
+        };
+        rs.template = entry.template.clone();
+        Ok(())
+    })
+    .await
+}
+
+/// `PATCH /nodes/<node>/labels`: merges into `nodelabels/<node>` by
+/// compare-and-swap.
+pub(super) async fn label_node(
+    inner: &Inner,
+    node: Name,
+    req: NodeLabelsRequest,
+) -> Result<Response<Body>, Fail> {
+    validate_node_labels(&req.labels)?;
+    {
+        let s = inner.st.snapshot.borrow().clone();
+        if !s.nodes.contains_key(&node) {
+            let known: Vec<String> = s.nodes.keys().map(|n| n.to_string()).collect();
+            return Err(Fail::not_found(format!(
+                "node {:?} is not registered (nodes: {}); `pier get nodes` lists them",
+                node.as_str(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        }
+    }
+    let key = keys::node_labels(&node);
+    let store = &inner.st.store;
+    for attempt in 0..SCALE_ATTEMPTS {
+        let kv = store.get(&key).await?;
+        let mut cur: NodeLabels = match &kv {
+            Some(kv) => decode(&key, &kv.value).map_err(|e| {
+                Fail::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{e}; fix or delete it"),
+                )
+            })?,
+            None => NodeLabels::default(),
+        };
+        for (k, v) in &req.labels {
+            cur.labels.insert(k.clone(), v.clone());
+        }
+        let compare = match &kv {
+            Some(kv) => Compare::ModRevision(key.clone(), kv.mod_revision),
+            None => Compare::Absent(key.clone()),
+        };
+        let r = store
+            .txn(Txn {
+                compares: vec![compare],
+                success: vec![TxnOp::Put {
+                    key: key.clone(),
+                    value: encode(&cur),
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            info!(node = %node, labels = ?req.labels, "node labelled");
+            settle(inner, |s| s.revision >= r.revision).await;
+            let s = inner.st.snapshot.borrow().clone();
+            return Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"node": node, "labels": s.node_labels(&node)}),
+            ));
+        }
+        tokio::time::sleep(Duration::from_micros(500 * u64::from(attempt + 1))).await;
+    }
+    Err(Fail::conflict(format!(
+        "the labels of node {node:?} kept changing ({SCALE_ATTEMPTS} attempts); try again"
     )))
 }
 

@@ -682,8 +682,8 @@ fn rs_v2(replicas: u32, cfg: UpdateConfig) -> ReplicaSet {
     r.history = vec![TemplateRevision {
         revision: 1,
         template: tpl("web:v1"),
-        created_at: 0,
-        cause: String::new(),
+        replaced_at: 0,
+        replaced_by: String::new(),
     }];
     r.update_config = cfg;
     r
@@ -1086,8 +1086,8 @@ fn a_new_template_starts_from_what_ran_in_full_not_a_paused_revision() {
     web.history.push(TemplateRevision {
         revision: 2,
         template: tpl("web:v2"),
-        created_at: 0,
-        cause: String::new(),
+        replaced_at: 0,
+        replaced_by: String::new(),
     });
     web.template = tpl("web:v3");
     web.revision = 3;

@@ -102,7 +102,60 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     rs.replicas, rs.current, rs.ready
                 ),
             );
+            let pending = (rs.replicas.get()).saturating_sub(rs.current);
+            if pending > 0 {
+                line(
+                    "Pending",
+                    format!("{pending} not placed (the problems below say why)"),
+                );
+            }
             line("Node selector", labels_str(&rs.placement.node_selector));
+            let pl = &rs.placement;
+            let mut rules: Vec<String> = pl.constraints.iter().map(|c| c.to_string()).collect();
+            if let Some(m) = pl.max_per_node {
+                rules.push(format!("max_per_node={m}"));
+            }
+            if !pl.anti_affinity.is_empty() {
+                rules.push(format!("anti_affinity={}", join(&pl.anti_affinity)));
+            }
+            if !pl.affinity.is_empty() {
+                rules.push(format!("affinity={}", join(&pl.affinity)));
+            }
+            if let Some(k) = &pl.spread_by {
+                rules.push(format!("spread_by={k}"));
+            }
+            line("Placement", or_none(rules.join(", ")));
+            let u = &rs.update_config;
+            line(
+                "Update",
+                format!(
+                    "parallelism {}, {}, on failure {}, monitor {}ms, delay {}ms, ready timeout {}ms",
+                    u.parallelism,
+                    u.order,
+                    u.failure_action,
+                    u.monitor_ms,
+                    u.delay_ms,
+                    u.ready_timeout_ms
+                ),
+            );
+            line(
+                "Revision",
+                format!(
+                    "{} ({} pods on it, {} ready)",
+                    rs.revision, rs.updated, rs.updated_ready
+                ),
+            );
+            if let Some(r) = &rs.rollout {
+                let mut v = format!("{} (revision {}", r.state, r.revision);
+                if r.target != r.revision {
+                    v.push_str(&format!(", pods on revision {}", r.target));
+                }
+                v.push(')');
+                if !r.message.is_empty() {
+                    v.push_str(&format!(": {}", r.message));
+                }
+                line("Rollout", v);
+            }
             line("Age", age(rs.created_at));
             if rs.sla.as_ref().is_some_and(|s| s.has_target()) {
                 let v = c.get_autoscale(&ns, &name).await?;
@@ -311,4 +364,8 @@ fn autoscale_lines(v: &pier_model::api::AutoscaleView) -> Vec<(&'static str, Str
         }
     }
     out
+}
+
+fn join(v: &[pier_model::Name]) -> String {
+    v.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(",")
 }

@@ -4,10 +4,11 @@
 
 //!
 //! One file per command (`run`, `expose`, `scale`, `autoscale`, `get`,
-//! `describe`, `delete`, `apply` with `diff`, `version`, `ca`): its flags
-//! and what it does. They share `args` (flags, parsers, the client),
-//! `compose` (reading Compose files) and `output` (tables and text); none
-//! of these calls a command. A new command is a new file, a variant of
+//! `describe`, `delete`, `apply` with `diff`, `label`, `set`, `rollout`,
+//! `version`, `ca`): its flags and what it does. They share `args` (flags,
+//! parsers, the client), `compose` (reading Compose files) and `output`
+//! (tables and text); none of these calls a command. A new command is a
+//! new file, a variant of
 //! [`Command`] and an arm in `dispatch`.
 
 use std::io::Write;
@@ -24,9 +25,12 @@ mod delete;
 mod describe;
 mod expose;
 mod get;
+mod label;
 mod output;
+mod rollout;
 mod run;
 mod scale;
+mod set;
 mod version;
 mod wait;
 
@@ -41,8 +45,11 @@ use delete::DeleteArgs;
 use describe::DescribeArgs;
 use expose::ExposeCmd;
 use get::GetArgs;
+use label::LabelArgs;
+use rollout::RolloutCmd;
 use run::RunArgs;
 use scale::ScaleArgs;
+use set::SetCmd;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -69,6 +76,18 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Show what `pier apply -f` would change.
     Diff(DiffArgs),
+    /// Set or remove node labels: `pier label node NODE zone=a disk-`.
+    Label(LabelArgs),
+    /// Change a replica set's template: `pier set image rs NAME IMAGE`.
+    Set {
+        #[command(subcommand)]
+        what: SetCmd,
+    },
+    /// Follow, list or undo a replica set's rollouts.
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+    },
     /// Print the client's and the agent's versions.
     Version,
     /// Make the mesh CA and node certificates.
@@ -120,6 +139,9 @@ async fn dispatch(server: &str, cmd: Command) -> Result<()> {
         Command::Delete(a) => delete::run(server, a).await,
         Command::Apply(a) => apply::apply(server, a).await,
         Command::Diff(a) => apply::diff(server, a).await,
+        Command::Label(a) => label::run(server, a).await,
+        Command::Set { what } => set::run(server, what).await,
+        Command::Rollout { cmd } => rollout::run(server, cmd).await,
         Command::Version => version::run(server).await,
         Command::Ca { cmd } => ca::run(cmd),
     }

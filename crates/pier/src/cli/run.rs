@@ -3,10 +3,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use pier_model::{ContainerPort, Labels, Name, PodTemplate, ReplicaSet};
+use pier_model::{
+    Constraint, ContainerPort, FailureAction, Labels, Name, Placement, PodTemplate, ReplicaSet,
+    UpdateConfig, UpdateOrder,
+};
 
 use super::args::{
-    NamespaceArg, WaitArgs, client, kv_arg, name_arg, port_arg, replicas_arg, usage,
+    NamespaceArg, WaitArgs, client, kv_arg, name_arg, parse_duration, port_arg, replicas_arg, usage,
 };
 use super::wait;
 
@@ -29,6 +32,35 @@ pub struct RunArgs {
     /// A container label, K=V; repeat for more.
     #[arg(long = "label", value_name = "K=V")]
     pub(super) labels: Vec<String>,
+    /// A placement rule, as Swarm writes it: node.hostname==H,
+    /// node.labels.K==V, or with !=; repeat for more (all must hold).
+    #[arg(long = "constraint", value_name = "RULE")]
+    pub(super) constraints: Vec<String>,
+    /// At most N of the set's pods on one node.
+    #[arg(long, value_name = "N")]
+    pub(super) max_per_node: Option<u32>,
+    /// Never share a node with a pod of this replica set, and keep its pods
+    /// off this set's nodes too; repeat for more.
+    #[arg(long = "anti-affinity", value_name = "RS")]
+    pub(super) anti_affinity: Vec<String>,
+    /// Only nodes that run a pod of this replica set; repeat for more.
+    #[arg(long = "affinity", value_name = "RS")]
+    pub(super) affinity: Vec<String>,
+    /// Pods replaced per rollout step (0: all at once).
+    #[arg(long, default_value = "1", value_name = "N")]
+    pub(super) update_parallelism: u32,
+    /// start-first or stop-first.
+    #[arg(long, default_value = "stop-first", value_name = "ORDER")]
+    pub(super) update_order: String,
+    /// What a failing rollout does: pause, rollback or continue.
+    #[arg(long, default_value = "pause", value_name = "ACTION")]
+    pub(super) update_failure_action: String,
+    /// How long a new pod must stay ready before the next step.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(super) update_monitor: std::time::Duration,
+    /// A new pod not ready this long after it was created has failed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub(super) update_ready_timeout: std::time::Duration,
     #[command(flatten)]
     pub(super) namespace: NamespaceArg,
     #[command(flatten)]
@@ -73,6 +105,42 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
         }
         labels.insert(k, v);
     }
+    let mut placement = Placement::default();
+    for c in &a.constraints {
+        let c: Constraint = c.parse().or_else(|e| usage(format!("--constraint: {e}")))?;
+        placement.constraints.push(c);
+    }
+    placement.max_per_node = a.max_per_node;
+    for n in &a.anti_affinity {
+        placement
+            .anti_affinity
+            .push(name_arg("--anti-affinity", n)?);
+    }
+    for n in &a.affinity {
+        placement.affinity.push(name_arg("--affinity", n)?);
+    }
+    if let Err(e) = placement.validate(&name) {
+        return usage(e);
+    }
+    let order: UpdateOrder = a
+        .update_order
+        .parse()
+        .or_else(|e| usage(format!("--update-order: {e}")))?;
+    let failure_action: FailureAction = a
+        .update_failure_action
+        .parse()
+        .or_else(|e| usage(format!("--update-failure-action: {e}")))?;
+    let update_config = UpdateConfig {
+        parallelism: a.update_parallelism,
+        order,
+        failure_action,
+        monitor_ms: a.update_monitor.as_millis() as u64,
+        ready_timeout_ms: a.update_ready_timeout.as_millis() as u64,
+        ..Default::default()
+    };
+    if let Err(e) = update_config.validate("update") {
+        return usage(e.replace("update.", "--update-").replace('_', "-"));
+    }
     let rs = ReplicaSet {
         name: name.clone(),
         namespace: namespace.clone(),
@@ -85,12 +153,12 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
             ..Default::default()
         },
         replicas,
-        placement: Default::default(),
+        placement,
         min_replicas: None,
         max_replicas: None,
         sla: None,
         created_at: 0,
-        update_config: Default::default(),
+        update_config,
         rollback_config: Default::default(),
         revision: 0,
         history: Vec::new(),
