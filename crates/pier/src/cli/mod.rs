@@ -54,7 +54,7 @@ use set::SetCmd;
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Create a replica set that runs IMAGE (as `kubectl run` did in 2015).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Make a service: for a replica set, or for fixed external endpoints.
     Expose {
         #[command(subcommand)]
@@ -130,7 +130,7 @@ pub async fn run(conn: &Conn, cmd: Command) -> i32 {
 
 async fn dispatch(server: &str, cmd: Command) -> Result<()> {
     match cmd {
-        Command::Run(a) => run::run(server, a).await,
+        Command::Run(a) => run::run(server, *a).await,
         Command::Expose { what } => expose::run(server, what).await,
         Command::Scale(a) => scale::run(server, a).await,
         Command::Autoscale(a) => autoscale::run(server, a).await,
