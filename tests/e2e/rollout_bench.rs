@@ -37,8 +37,17 @@ fn rollout_state(a: &AgentProc, rs: &str) -> Result<(u64, String)> {
 
 fn one(a: &AgentProc, name: &str, flags: &[&str], v2: &str) -> Result<(Duration, u32, u32)> {
     let mut args = vec![
-        "run", name, "--image", TEST_IMAGE, "--port", "8080", "--replicas", "10", "--wait",
-        "--timeout", "120s",
+        "run",
+        name,
+        "--image",
+        TEST_IMAGE,
+        "--port",
+        "8080",
+        "--replicas",
+        "10",
+        "--wait",
+        "--timeout",
+        "120s",
     ];
     args.extend(flags);
     a.cli_ok(&args)?;
@@ -99,9 +108,13 @@ fn one(a: &AgentProc, name: &str, flags: &[&str], v2: &str) -> Result<(Duration,
 
 fn main() -> Result<()> {
     ensure_test_image()?;
-    let tag = run_id().to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "");
+    let tag = run_id()
+        .to_lowercase()
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "");
     let v2 = format!("pier-test/httpd:{tag}-bench-v2");
-    let out = Command::new("docker").args(["tag", TEST_IMAGE, &v2]).output()?;
+    let out = Command::new("docker")
+        .args(["tag", TEST_IMAGE, &v2])
+        .output()?;
     if !out.status.success() {
         bail!("docker tag: {}", String::from_utf8_lossy(&out.stderr));
     }
