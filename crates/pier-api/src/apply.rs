@@ -435,8 +435,8 @@ fn next_revision(old: &ReplicaSet, mut want: ReplicaSet) -> ReplicaSet {
         want.history.push(TemplateRevision {
             revision: want.revision,
             template: old.template.clone(),
-            created_at: 0,
-            cause: String::new(),
+            replaced_at: 0,
+            replaced_by: "apply".into(),
         });
         let extra = want.history.len().saturating_sub(ReplicaSet::HISTORY_LIMIT);
         want.history.drain(..extra);
