@@ -91,6 +91,8 @@ pub(crate) struct Agent {
     lease: Option<LeaseId>,
     docker: Option<Docker>,
     docker_synced: bool,
+    /// Whether the first complete local view went to the mesh listener.
+    local_view_sent: bool,
     resync_running: bool,
     resync_gen: u64,
     /// Bumped by every event that changes the container map; a resync
@@ -163,6 +165,7 @@ impl Agent {
             lease: None,
             docker: None,
             docker_synced: false,
+            local_view_sent: false,
             resync_running: false,
             resync_gen: 0,
             event_seq: 0,
@@ -698,12 +701,16 @@ impl Agent {
             }
             want.insert(key, encode(&ep));
         }
+        // The first complete view is announced even when it is empty: a
+        // successor's mesh listener waits for it before it accepts.
+        let first_view = synced && self.docker_synced && !self.local_view_sent;
+        self.local_view_sent |= first_view;
         self.local_targets.send_if_modified(|cur| {
             let changed = **cur != local;
             if changed {
                 *cur = Arc::new(local);
             }
-            changed
+            changed || first_view
         });
 
         // The pod runtime.

@@ -40,6 +40,10 @@ use super::fdpass::Request;
 use super::sockets::Sockets;
 use super::{StoreRefused, default_addr, now_ms};
 
+/// The longest a new worker's mesh listener waits for its agent's first
+/// view of the endpoints it may relay to (see `start_data_plane`).
+const LOCAL_VIEW_WAIT: Duration = Duration::from_secs(5);
+
 /// The control plane: what talks to the store. A handoff stops all of it.
 struct Control {
     store: Arc<dyn Store>,
@@ -61,6 +65,8 @@ struct DataPlane {
     mesh: CancellationToken,
     proxy: CancellationToken,
     proxy_ready: watch::Receiver<bool>,
+    /// The mesh listener accepts (true at once without a mesh).
+    mesh_accepting: watch::Receiver<bool>,
     problems: watch::Receiver<Arc<pier_proxy::Problems>>,
     stats: watch::Receiver<Arc<pier_proxy::StatsMap>>,
     mesh_port: u16,
@@ -157,8 +163,12 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
     );
     info!(addr = %cfg.api.listen, node = %node_name, "pier agent running");
     let mut proxy_ready = dp.proxy_ready.clone();
+    let mut mesh_accepting = dp.mesh_accepting.clone();
     tokio::select! {
-        r = proxy_ready.wait_for(|r| *r) => if r.is_ok() {
+        r = async {
+            proxy_ready.wait_for(|r| *r).await?;
+            mesh_accepting.wait_for(|r| *r).await.map(|_| ())
+        } => if r.is_ok() {
             sockets.notify(Request::Ready);
         },
         _ = root.cancelled() => {}
@@ -379,7 +389,9 @@ async fn start_data_plane(
     let mut mesh_connector = None;
     let mut mesh_port = 0u16;
     let mesh = CancellationToken::new();
+    let (mesh_accepting_tx, mesh_accepting) = watch::channel(cfg.mesh.is_none());
     if let Some(mc) = &cfg.mesh {
+        let mut first_view = local_targets_rx.clone();
         let server = pier_proxy::mesh::MeshServer::new(
             mc,
             node_name.clone(),
@@ -399,6 +411,18 @@ async fn start_data_plane(
         );
         let c = mesh.clone();
         tasks.spawn(async move {
+            // The mesh relays only to what this worker's agent found ready in
+            // its own Docker, so it accepts once the agent has announced its
+            // first complete view (bounded by LOCAL_VIEW_WAIT, should Docker
+            // or the store not answer). Until then a successor's connections
+            // are taken by the old worker (an upgrade) or wait in the
+            // keeper's backlog (a crash), instead of being refused as not in
+            // the local view.
+            tokio::select! {
+                _ = tokio::time::timeout(LOCAL_VIEW_WAIT, first_view.changed()) => {}
+                _ = c.cancelled() => return,
+            }
+            mesh_accepting_tx.send_replace(true);
             if let Err(e) = server.serve(listener, c).await {
                 error!(error = %e, "mesh listener stopped");
             }
@@ -425,6 +449,7 @@ async fn start_data_plane(
         mesh,
         proxy: proxy.clone(),
         proxy_ready: server.ready(),
+        mesh_accepting,
         problems: server.problems(),
         stats: server.stats(),
         mesh_port,
