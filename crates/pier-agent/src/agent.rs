@@ -753,7 +753,7 @@ impl Agent {
                 }
                 let r = tokio::time::timeout(
                     STORE_TIMEOUT,
-                    pier_store::alloc::create_service(&*self.store, &self.alloc, svc, true),
+                    pier_store::writes::create_service(&*self.store, &self.alloc, svc, true),
                 )
                 .await;
                 match r {
@@ -761,7 +761,7 @@ impl Agent {
                         info!(service = %s.name, namespace = %s.namespace, vip = ?s.vip, "created service for a labelled container");
                         self.services_created.insert(k);
                     }
-                    Ok(Err(pier_store::alloc::AllocError::AlreadyExists(_))) => {
+                    Ok(Err(pier_store::writes::WriteError::AlreadyExists(_))) => {
                         self.services_created.insert(k);
                     }
                     Ok(Err(e)) => {

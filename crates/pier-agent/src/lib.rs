@@ -13,7 +13,7 @@
 //! - **Registration**: the node record, endpoints and pod statuses, all
 //!   leased, re-put whenever the lease changes. A missing service named by a
 //!   `pier.service` label is created once, with a VIP, through
-//!   `pier_store::alloc::create_service`.
+//!   `pier_store::writes::create_service`.
 //! - **Pod runtime**: pods assigned to this node become containers; the
 //!   containers of deleted or reassigned pods are stopped and removed.
 //!

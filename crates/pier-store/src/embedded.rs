@@ -450,11 +450,9 @@ fn load(db: &Database, path: &Path) -> Result<Loaded, StoreError> {
     for entry in table.iter().map_err(|e| err("read kv", &e))? {
         let (k, v) = entry.map_err(|e| err("read kv", &e))?;
         let key = k.value();
-        let kv = decode(key, v.value()).ok_or_else(|| {
-            StoreError::Other(format!(
-                "embedded store {}: record of key {key:?} is malformed",
-                path.display()
-            ))
+        let kv = decode(key, v.value()).ok_or_else(|| StoreError::Corrupt {
+            path: path.display().to_string(),
+            key: key.to_owned(),
         })?;
         kvs.insert(key.to_owned(), kv);
     }

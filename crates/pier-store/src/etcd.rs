@@ -494,7 +494,9 @@ fn is_invalid_token(e: &etcd_client::Error) -> bool {
 fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
     if e.to_string().contains("lease not found") {
         // Not retryable; the caller turns it into `LeaseNotFound(id)`.
-        return StoreError::Other(format!("{what}: lease not found"));
+        return StoreError::NoSuchLease {
+            what: what.to_owned(),
+        };
     }
     match e {
         etcd_client::Error::GRpcStatus(status) => {
@@ -521,7 +523,11 @@ fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
                 "InvalidArgument" | "FailedPrecondition" | "OutOfRange" => {
                     StoreError::Invalid(format!("{what}: {msg}"))
                 }
-                _ => StoreError::Other(format!("{what}: {code}: {msg}")),
+                _ => StoreError::Refused {
+                    what: what.to_owned(),
+                    code,
+                    message: msg.to_owned(),
+                },
             }
         }
         etcd_client::Error::TransportError(err) => {
@@ -531,12 +537,15 @@ fn map_err(what: &str, e: etcd_client::Error) -> StoreError {
         etcd_client::Error::WatchError(err) | etcd_client::Error::LeaseKeepAliveError(err) => {
             StoreError::Unavailable(format!("{what}: {err}"))
         }
-        other => StoreError::Other(format!("{what}: {other}")),
+        other => StoreError::Client {
+            what: what.to_owned(),
+            message: other.to_string(),
+        },
     }
 }
 
 fn is_lease_not_found(e: &StoreError) -> bool {
-    matches!(e, StoreError::Other(m) if m.ends_with("lease not found"))
+    matches!(e, StoreError::NoSuchLease { .. })
 }
 
 /// Keys under pier's prefixes are ASCII; a foreign non-UTF-8 key is kept

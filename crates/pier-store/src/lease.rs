@@ -107,8 +107,10 @@ impl LeaseKeeper {
         if let Some(task) = task {
             // The task only ends by cancellation; a panic in it is a bug we
             // surface as an error.
-            task.await
-                .map_err(|e| StoreError::Other(format!("lease keeper task: {e}")))?;
+            task.await.map_err(|e| StoreError::Task {
+                task: "lease keeper task",
+                message: e.to_string(),
+            })?;
         }
         let lease = self.inner.tx.send_replace(None);
         match lease {

@@ -20,6 +20,7 @@ use futures::Stream;
 
 pub mod alloc;
 mod embedded;
+pub mod writes;
 pub use embedded::EmbeddedStore;
 mod etcd;
 pub use etcd::EtcdStore;
@@ -191,8 +192,27 @@ pub enum StoreError {
     Invalid(String),
     #[error("store closed")]
     Closed,
-    #[error("store error: {0}")]
-    Other(String),
+    /// etcd's "lease not found", before the caller names the lease (it
+    /// answers `LeaseNotFound(id)`).
+    #[error("store error: {what}: lease not found")]
+    NoSuchLease { what: String },
+    /// The store refused a request with a status pier has no better name
+    /// for: etcd's gRPC code and message.
+    #[error("store error: {what}: {code}: {message}")]
+    Refused {
+        what: String,
+        code: String,
+        message: String,
+    },
+    /// The store client failed in a way pier has no better name for.
+    #[error("store error: {what}: {message}")]
+    Client { what: String, message: String },
+    /// A record in the embedded store's file does not parse.
+    #[error("store error: embedded store {path}: record of key {key:?} is malformed")]
+    Corrupt { path: String, key: String },
+    /// A background task of the store client ended abnormally (a bug).
+    #[error("store error: {task}: {message}")]
+    Task { task: &'static str, message: String },
 }
 
 /// The store. Semantics follow etcd 3.4; the conformance suite checks that

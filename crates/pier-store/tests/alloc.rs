@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use pier_model::{Name, Namespace, PortNum, Service, ServicePort, ServiceType};
-use pier_store::alloc::{AllocConfig, AllocError, create_service, delete_service, update_service};
+use pier_store::alloc::AllocConfig;
 use pier_store::testing::EtcdServer;
+use pier_store::writes::{WriteError, create_service, delete_service, update_service};
 use pier_store::{EmbeddedStore, EtcdStore, Store};
 
 fn cfg() -> AllocConfig {
@@ -55,7 +56,7 @@ async fn allocation_rules(store: Arc<dyn Store>) {
 
     // Creating twice reports the existing service, unchanged.
     match create_service(&*store, &c, svc("a", ServiceType::ClusterIP, None), true).await {
-        Err(AllocError::AlreadyExists(s)) => assert_eq!(s.vip, a.vip),
+        Err(WriteError::AlreadyExists(s)) => assert_eq!(s.vip, a.vip),
         other => panic!("expected AlreadyExists, got {other:?}"),
     }
 
@@ -68,7 +69,7 @@ async fn allocation_rules(store: Arc<dyn Store>) {
     )
     .await
     {
-        Err(AllocError::NodePortTaken { port: 30000, by }) => assert_eq!(by.service.as_str(), "b"),
+        Err(WriteError::NodePortTaken { port: 30000, by }) => assert_eq!(by.service.as_str(), "b"),
         other => panic!("expected NodePortTaken, got {other:?}"),
     }
     // A node port on a ClusterIP service is a validation error.
@@ -80,7 +81,7 @@ async fn allocation_rules(store: Arc<dyn Store>) {
             true
         )
         .await,
-        Err(AllocError::Invalid(_))
+        Err(WriteError::Invalid(_))
     ));
 
     // The range runs out with a clear error.
@@ -93,7 +94,7 @@ async fn allocation_rules(store: Arc<dyn Store>) {
     let e = create_service(&*store, &c, svc("g", ServiceType::NodePort, None), true)
         .await
         .unwrap_err();
-    assert!(matches!(e, AllocError::Exhausted(_)), "{e}");
+    assert!(matches!(e, WriteError::Exhausted(_)), "{e}");
     assert!(e.to_string().contains("node port"), "{e}");
 
     // Turning b into ClusterIP frees its node port, with a revision check.
@@ -110,7 +111,7 @@ async fn allocation_rules(store: Arc<dyn Store>) {
     b2.ports[0].node_port = None;
     assert!(matches!(
         update_service(&*store, &c, kv.mod_revision - 1, b2.clone()).await,
-        Err(AllocError::Conflict(_))
+        Err(WriteError::Conflict(_))
     ));
     update_service(&*store, &c, kv.mod_revision, b2)
         .await
@@ -161,7 +162,7 @@ async fn concurrent_create(store: Arc<dyn Store>) {
                 created += 1;
                 assert!(vips.insert(s.vip.unwrap()), "VIP handed out twice");
             }
-            Err(AllocError::AlreadyExists(_)) => {}
+            Err(WriteError::AlreadyExists(_)) => {}
             Err(e) => panic!("unexpected {e}"),
         }
     }
@@ -227,7 +228,7 @@ async fn attack_explicit_node_ports_and_vips_outside_their_ranges_are_refused() 
         .unwrap_err();
         let m = e.to_string();
         assert!(
-            matches!(e, AllocError::Invalid(_))
+            matches!(e, WriteError::Invalid(_))
                 && m.contains("ports[0].node_port")
                 && m.contains(&port.to_string())
                 && m.contains("30000-30002"),
@@ -246,7 +247,7 @@ async fn attack_explicit_node_ports_and_vips_outside_their_ranges_are_refused() 
         let e = create_service(&*store, &c, s, true).await.unwrap_err();
         let m = e.to_string();
         assert!(
-            matches!(e, AllocError::Invalid(_)) && m.starts_with("vip: ") && m.contains(vip),
+            matches!(e, WriteError::Invalid(_)) && m.starts_with("vip: ") && m.contains(vip),
             "{m}"
         );
     }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_model::{Name, Namespace, Service, keys};
-use pier_store::alloc::create_service;
+use pier_store::writes::create_service;
 
 use crate::harness::*;
 

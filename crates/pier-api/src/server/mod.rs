@@ -45,11 +45,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 struct Inner {
     st: ApiState,
     cancel: CancellationToken,
-    /// Held from a scale's read to its compare-and-swap: scales sent to this
-    /// server take turns instead of racing each other's revision (one
-    /// client winning every round could make the other fail all its
-    /// attempts). Scales through other hosts' APIs still meet the
-    /// compare-and-swap and its retries.
+    /// Held from a read-modify-write's read to its compare-and-swap (the
+    /// replica-set updates in `writes` and node labels): requests sent to
+    /// this server take turns instead of racing each other's revision.
     scale_turn: tokio::sync::Mutex<()>,
     /// The open watches, capped.
     watches: Arc<WatchSlots>,

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use pier_model::api::{ErrorBody, Resource};
 use pier_model::{Name, Namespace};
 use pier_store::StoreError;
-use pier_store::alloc::AllocError;
+use pier_store::writes::WriteError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -58,16 +58,21 @@ impl From<StoreError> for Fail {
     }
 }
 
-impl From<AllocError> for Fail {
-    fn from(e: AllocError) -> Fail {
+impl From<WriteError> for Fail {
+    fn from(e: WriteError) -> Fail {
         match e {
-            AllocError::Store(s) => s.into(),
-            AllocError::Invalid(_) => Fail::bad(e.to_string()),
-            AllocError::NotFound => Fail::not_found(e.to_string()),
-            AllocError::AlreadyExists(_)
-            | AllocError::Exhausted(_)
-            | AllocError::NodePortTaken { .. }
-            | AllocError::Conflict(_) => Fail::conflict(e.to_string()),
+            WriteError::Store(s) => s.into(),
+            WriteError::Invalid(_) => Fail::bad(e.to_string()),
+            WriteError::NotFound { .. } => Fail::not_found(e.to_string()),
+            WriteError::Corrupt { .. } => {
+                Fail::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+            WriteError::AlreadyExists(_)
+            | WriteError::ReplicaSetExists { .. }
+            | WriteError::Autoscaled { .. }
+            | WriteError::Exhausted(_)
+            | WriteError::NodePortTaken { .. }
+            | WriteError::Conflict(_) => Fail::conflict(e.to_string()),
         }
     }
 }

@@ -10,7 +10,7 @@ use pier_model::api::{
     SetImageRequest, VersionInfo,
 };
 use pier_model::app::AppSpec;
-use pier_model::{ReplicaSet, Service, keys};
+use pier_model::{ReplicaSet, Service};
 
 use super::apps::{apply_app, delete_app, list_apps};
 use super::plumbing::{
@@ -19,8 +19,8 @@ use super::plumbing::{
 };
 use super::reads::{autoscale_view, get_one, list, metrics, problems, readyz, synced};
 use super::writes::{
-    autoscale, create_replicaset, create_service, delete_key, delete_service, expose, label_node,
-    replace_replicaset, rollback, scale, set_image,
+    autoscale, create_replicaset, create_service, delete_pod, delete_replicaset, delete_service,
+    expose, label_node, replace_replicaset, rollback, scale, set_image,
 };
 use super::{Inner, Peer};
 use crate::views::Filter;
@@ -156,11 +156,9 @@ pub(super) async fn route(
                     }
                 }
                 (Method::DELETE, Resource::ReplicaSets) => {
-                    delete_key(&inner, kind, &ns, &name, keys::replicaset(&ns, &name)).await
+                    delete_replicaset(&inner, ns, name).await
                 }
-                (Method::DELETE, Resource::Pods) => {
-                    delete_key(&inner, kind, &ns, &name, keys::pod(&ns, &name)).await
-                }
+                (Method::DELETE, Resource::Pods) => delete_pod(&inner, ns, name).await,
                 (Method::DELETE, Resource::Services) => delete_service(&inner, ns, name).await,
                 (Method::PUT, Resource::ReplicaSets) => {
                     let rs: ReplicaSet = read_json(req, max_body).await?;

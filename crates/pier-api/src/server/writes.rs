@@ -4,7 +4,7 @@
 //! right after it sees it.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::{Response, StatusCode};
 use pier_model::api::{
@@ -15,7 +15,7 @@ use pier_model::{
     Labels, Name, Namespace, NodeLabels, ReplicaSet, Service, ServicePort, Snapshot,
     TemplateRevision, decode, encode, keys, labels,
 };
-use pier_store::alloc;
+use pier_store::writes::{self, Scale};
 use pier_store::{Compare, Txn, TxnOp};
 use tracing::{debug, info};
 
@@ -31,8 +31,9 @@ use crate::views;
 /// answer; the write has happened.
 pub(super) const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(2);
 
-/// How often a scale retries a revision conflict before answering 409.
-pub(super) const SCALE_ATTEMPTS: u32 = 16;
+/// How often a read-modify-write here retries a revision conflict before
+/// answering 409.
+const SCALE_ATTEMPTS: u32 = 16;
 
 pub(super) async fn create_replicaset(
     inner: &Inner,
@@ -44,123 +45,37 @@ pub(super) async fn create_replicaset(
     rs.created_at = now_ms();
     rs.revision = 1;
     rs.history.clear();
-    let key = keys::replicaset(&ns, &rs.name);
-    let r = inner
-        .st
-        .store
-        .txn(Txn {
-            compares: vec![Compare::Absent(key.clone())],
-            success: vec![TxnOp::Put {
-                key,
-                value: encode(&rs),
-                lease: None,
-            }],
-            failure: vec![],
-        })
-        .await?;
-    if !r.succeeded {
-        return Err(Fail::conflict(format!(
-            "replicaset {:?} already exists in namespace {ns:?}; scale it with `pier scale rs {} --replicas N` or delete it first",
-            rs.name.as_str(),
-            rs.name
-        )));
-    }
+    let rev = writes::create_replicaset(&*inner.st.store, &rs).await?;
     info!(namespace = %ns, replicaset = %rs.name, replicas = rs.replicas.get(), "replica set created");
-    settle(inner, |s| s.revision >= r.revision).await;
+    settle(inner, |s| s.revision >= rev).await;
     let s = inner.st.snapshot.borrow().clone();
     Ok(json(StatusCode::CREATED, &views::replicaset_view(&s, &rs)))
 }
 
-/// Scale by compare-and-swap on the replica set's `mod_revision`: a racing
-/// writer makes the txn fail, and the scale is recomputed from the new value,
-/// so neither update is lost.
+/// Scale to a count or by a delta ([`writes::scale_replicaset`]).
 pub(super) async fn scale(
     inner: &Inner,
     ns: Namespace,
     name: Name,
     req: ScaleRequest,
 ) -> Result<Response<Body>, Fail> {
-    match (&req.replicas, &req.delta) {
+    let to = match (req.replicas, req.delta) {
         (Some(_), Some(_)) => {
             return Err(Fail::bad("delta: give either replicas or delta, not both"));
         }
         (None, None) => return Err(Fail::bad("replicas: missing (or give delta)")),
-        _ => {}
-    }
-    let key = keys::replicaset(&ns, &name);
-    let store = &inner.st.store;
-    for attempt in 0..SCALE_ATTEMPTS {
-        let turn = inner.scale_turn.lock().await;
-        let kv = store
-            .get(&key)
-            .await?
-            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(&ns), Some(&name)))?;
-        let mut rs: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
-            Fail::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{e}; fix or delete it"),
-            )
-        })?;
-        if let Some((min, max, _)) = rs.autoscale() {
-            return Err(Fail::conflict(format!(
-                "replicaset {name:?} is autoscaled between {min} and {max} replicas, so its count is the autoscaler's; change the bounds with `pier autoscale rs {name} --min N --max M`, or turn autoscaling off with `pier autoscale rs {name} --off` and scale again"
-            )));
-        }
-        let new = match (req.replicas, req.delta) {
-            (Some(r), _) => r,
-            (None, Some(d)) => {
-                let want = rs.replicas.get() as i64 + d;
-                u32::try_from(want)
-                    .ok()
-                    .and_then(|w| pier_model::Replicas::new(w).ok())
-                    .ok_or_else(|| {
-                        Fail::bad(format!(
-                            "delta: {d} would make {want} replicas; replicas are 0 to {}",
-                            pier_model::Replicas::MAX
-                        ))
-                    })?
-            }
-            (None, None) => return Err(Fail::bad("replicas: missing (or give delta)")),
-        };
-        rs.replicas = new;
-        let r = store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                success: vec![TxnOp::Put {
-                    key: key.clone(),
-                    value: encode(&rs),
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        drop(turn);
-        if r.succeeded {
-            info!(namespace = %ns, replicaset = %name, replicas = new.get(), attempt, "replica set scaled");
-            settle(inner, |s| s.revision >= r.revision).await;
-            let s = inner.st.snapshot.borrow().clone();
-            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
-        }
-        // Someone else wrote it between our read and our txn. Back off a
-        // little, varying by attempt and clock so two racers separate.
-        let jitter = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() % 3_000)
-            .unwrap_or(0);
-        tokio::time::sleep(Duration::from_micros(
-            500 * u64::from(attempt + 1) + u64::from(jitter),
-        ))
-        .await;
-    }
-    Err(Fail::conflict(format!(
-        "replicaset {name:?} kept changing while it was being scaled ({SCALE_ATTEMPTS} attempts); try again"
-    )))
+        (Some(r), None) => Scale::To(r),
+        (None, Some(d)) => Scale::By(d),
+    };
+    let (rs, rev) = writes::scale_replicaset(&*inner.st.store, &ns, &name, to).await?;
+    settle(inner, |s| s.revision >= rev).await;
+    let s = inner.st.snapshot.borrow().clone();
+    Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)))
 }
 
-/// Sets (`Some`) or clears (`None`) a set's autoscaling, by
-/// compare-and-swap on its revision like `scale`. The count itself is left
-/// to the autoscaler, which moves a set outside the bounds in at its next
-/// round.
+/// Sets (`Some`) or clears (`None`) a set's autoscaling
+/// ([`writes::set_autoscale`]). The count itself is left to the autoscaler,
+/// which moves a set outside the bounds in at its next round.
 pub(super) async fn autoscale(
     inner: &Inner,
     ns: Namespace,
@@ -176,53 +91,13 @@ pub(super) async fn autoscale(
         }
         validate_sla("sla", &r.sla)?;
     }
-    let key = keys::replicaset(&ns, &name);
-    let store = &inner.st.store;
-    for _ in 0..SCALE_ATTEMPTS {
-        let kv = store
-            .get(&key)
-            .await?
-            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(&ns), Some(&name)))?;
-        let mut rs: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
-            Fail::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{e}; fix or delete it"),
-            )
-        })?;
-        match &req {
-            Some(r) => {
-                rs.min_replicas = Some(r.min);
-                rs.max_replicas = Some(r.max);
-                rs.sla = Some(r.sla.clone());
-            }
-            None => {
-                rs.min_replicas = None;
-                rs.max_replicas = None;
-                rs.sla = None;
-            }
-        }
-        let r = store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                success: vec![TxnOp::Put {
-                    key: key.clone(),
-                    value: encode(&rs),
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        if r.succeeded {
-            info!(namespace = %ns, replicaset = %name, on = req.is_some(), "replica set autoscaling set");
-            settle(inner, |s| s.revision >= r.revision).await;
-            let s = inner.st.snapshot.borrow().clone();
-            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Err(Fail::conflict(format!(
-        "replicaset {name:?} kept changing while its autoscaling was being set ({SCALE_ATTEMPTS} attempts); try again"
-    )))
+    let bounds = req.map(|r| (r.min, r.max, r.sla));
+    let on = bounds.is_some();
+    let (rs, rev) = writes::set_autoscale(&*inner.st.store, &ns, &name, bounds).await?;
+    info!(namespace = %ns, replicaset = %name, on, "replica set autoscaling set");
+    settle(inner, |s| s.revision >= rev).await;
+    let s = inner.st.snapshot.borrow().clone();
+    Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)))
 }
 
 /// Read-modify-write of a replica set by compare-and-swap on its
@@ -451,14 +326,33 @@ pub(super) async fn label_node(
     )))
 }
 
-pub(super) async fn delete_key(
+pub(super) async fn delete_replicaset(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+) -> Result<Response<Body>, Fail> {
+    let (existed, rev) = writes::delete_replicaset(&*inner.st.store, &ns, &name).await?;
+    deleted(inner, Resource::ReplicaSets, &ns, &name, existed, rev).await
+}
+
+pub(super) async fn delete_pod(
+    inner: &Inner,
+    ns: Namespace,
+    name: Name,
+) -> Result<Response<Body>, Fail> {
+    let (existed, rev) = writes::delete_pod(&*inner.st.store, &ns, &name).await?;
+    deleted(inner, Resource::Pods, &ns, &name, existed, rev).await
+}
+
+/// The answer to a delete of a replica set or a pod.
+async fn deleted(
     inner: &Inner,
     kind: Resource,
     ns: &Namespace,
     name: &Name,
-    key: String,
+    existed: bool,
+    rev: pier_store::Revision,
 ) -> Result<Response<Body>, Fail> {
-    let (existed, rev) = inner.st.store.delete(&key).await?;
     if !existed {
         return Err(not_found(kind, Some(ns), Some(name)));
     }
@@ -486,7 +380,7 @@ pub(super) async fn create_service(
     }
     validate_service(&inner.st, &svc)?;
     svc.created_at = now_ms();
-    let created = alloc::create_service(&*inner.st.store, &inner.st.alloc, svc, true).await?;
+    let created = writes::create_service(&*inner.st.store, &inner.st.alloc, svc, true).await?;
     info!(namespace = %ns, service = %created.name, vip = ?created.vip, "service created");
     let key = (ns, created.name.clone());
     settle(inner, |s| s.services.contains_key(&key)).await;
@@ -550,7 +444,7 @@ pub(super) async fn delete_service(
     ns: Namespace,
     name: Name,
 ) -> Result<Response<Body>, Fail> {
-    if !alloc::delete_service(&*inner.st.store, &ns, &name).await? {
+    if !writes::delete_service(&*inner.st.store, &ns, &name).await? {
         return Err(not_found(Resource::Services, Some(&ns), Some(&name)));
     }
     info!(namespace = %ns, service = %name, "service deleted");
