@@ -10,7 +10,9 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::models::EventMessage;
 use pier_model::keys::{self, Key};
-use pier_model::{Endpoint, Node, ObjectKey, Pod, PodStatus, Service, Snapshot, decode, encode};
+use pier_model::{
+    Endpoint, Node, ObjectKey, Pod, PodStatus, Service, Snapshot, decode, encode, now_ms,
+};
 use pier_store::{LeaseId, Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +23,7 @@ use crate::desired::{self, Ready};
 use crate::docker::{self, Container, DockerMsg, PodSettings};
 use crate::health::{self, Report, Target};
 use crate::spec;
-use crate::{AgentConfig, AgentContext, AgentError, now_ms};
+use crate::{AgentConfig, AgentContext, AgentError};
 
 /// Bound on one store call, so a hung store cannot stall Docker events;
 /// a failed write is retried every [`RETRY`].

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use pier_model::keys;
 use pier_model::{
     Cidr, Endpoint, EndpointPort, HealthCheck, HealthKind, Name, ObjectKey, Pod, PodPhase,
-    PodStatus, Refusal, Service, ServicePort, ServiceType, Snapshot,
+    PodStatus, Refusal, Service, ServicePort, Snapshot,
 };
 
 use crate::docker::Container;
@@ -355,31 +355,19 @@ fn refusal(c: &Container, spec: &Spec, service: Option<Name>, reason: String) ->
 /// service does not exist: its ports named like the endpoint's, with
 /// `port == target_port`.
 fn auto_service(name: &Name, spec: &Spec, now_ms: u64) -> Service {
-    Service {
-        name: name.clone(),
-        namespace: spec.namespace.clone(),
-        vip: None,
-        service_type: ServiceType::ClusterIP,
-        ports: spec::endpoint_ports(spec, None)
-            .into_iter()
-            .map(|p| ServicePort {
-                name: p.name,
-                port: p.port,
-                target_port: p.port,
-                node_port: None,
-            })
-            .collect(),
-        selector: Default::default(),
-        static_endpoints: Vec::new(),
-        lb: Default::default(),
-        proxy_protocol: false,
-        prefer_local: spec.prefer_local,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: now_ms,
-        accept_labelled: false,
-    }
+    let ports = spec::endpoint_ports(spec, None)
+        .into_iter()
+        .map(|p| ServicePort {
+            name: p.name,
+            port: p.port,
+            target_port: p.port,
+            node_port: None,
+        })
+        .collect();
+    let mut svc = Service::new(spec.namespace.clone(), name.clone(), ports);
+    svc.prefer_local = spec.prefer_local;
+    svc.created_at = now_ms;
+    svc
 }
 
 /// What [`pods`] looks at.

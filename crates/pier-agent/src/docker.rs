@@ -93,7 +93,7 @@ pub(crate) async fn connection_loop(
                 filters.insert("type".into(), vec!["container".into()]);
                 // Replay from a second before the resync's list, so an event
                 // between the list and the stream's start is not lost.
-                let since = (crate::now_ms() / 1000 - 1).to_string();
+                let since = (pier_model::now_ms() / 1000 - 1).to_string();
                 let containers = d.events(Some(EventsOptions {
                     since: Some(since.clone()),
                     until: None,

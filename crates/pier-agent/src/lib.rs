@@ -223,10 +223,3 @@ pub async fn run_with_handoff(
 }
 
 pub use stats::write_stats;
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}

@@ -82,23 +82,11 @@ fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) 
     let key = (rs.namespace.clone(), rs.name.clone());
     let c = counts.get(&key).copied().unwrap_or_default();
     ReplicaSetView {
-        name: rs.name.clone(),
-        namespace: rs.namespace.clone(),
-        replicas: rs.replicas,
+        spec: rs.clone(),
         current: c.current,
         ready: c.ready,
         updated: c.updated,
         updated_ready: c.updated_ready,
-        template: rs.template.clone(),
-        placement: rs.placement.clone(),
-        min_replicas: rs.min_replicas,
-        max_replicas: rs.max_replicas,
-        sla: rs.sla.clone(),
-        created_at: rs.created_at,
-        update_config: rs.update_config,
-        rollback_config: rs.rollback_config,
-        revision: rs.revision,
-        history: rs.history.clone(),
         rollout: s.rollouts.get(&key).map(|r| (**r).clone()),
     }
 }

@@ -256,10 +256,15 @@ async fn replicaset_crud() {
     let c = &h.client;
     let v = c.create_replicaset(&rs("web", 2)).await.unwrap();
     assert_eq!(
-        (v.name.as_str(), v.replicas.get(), v.current, v.ready),
+        (
+            v.spec.name.as_str(),
+            v.spec.replicas.get(),
+            v.current,
+            v.ready
+        ),
         ("web", 2, 0, 0)
     );
-    assert!(v.created_at > 0);
+    assert!(v.spec.created_at > 0);
     // Read-your-write: the list right after the create shows it.
     let all = c.list_replicasets(None).await.unwrap();
     assert_eq!(all.len(), 1);
@@ -270,6 +275,7 @@ async fn replicaset_crud() {
         c.get_replicaset(&ns(), &n("web"))
             .await
             .unwrap()
+            .spec
             .template
             .image,
         "pier-test/httpd:latest"
@@ -299,11 +305,12 @@ async fn replicaset_crud() {
         )
         .await
         .unwrap();
-    assert_eq!(s.replicas.get(), 5);
+    assert_eq!(s.spec.replicas.get(), 5);
     assert_eq!(
         c.get_replicaset(&ns(), &n("web"))
             .await
             .unwrap()
+            .spec
             .replicas
             .get(),
         5
@@ -1662,8 +1669,8 @@ async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
         .autoscale_replicaset(&ns(), &n("web"), Some(&req))
         .await
         .unwrap();
-    assert_eq!(v.min_replicas.map(|r| r.get()), Some(1));
-    assert_eq!(v.sla.as_ref().unwrap().max_active_per_pod, Some(5));
+    assert_eq!(v.spec.min_replicas.map(|r| r.get()), Some(1));
+    assert_eq!(v.spec.sla.as_ref().unwrap().max_active_per_pod, Some(5));
     let e = c
         .scale_replicaset(
             &ns(),
@@ -1734,7 +1741,7 @@ async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
         .autoscale_replicaset(&ns(), &n("web"), None)
         .await
         .unwrap();
-    assert!(v.sla.is_none() && v.min_replicas.is_none());
+    assert!(v.spec.sla.is_none() && v.spec.min_replicas.is_none());
     c.scale_replicaset(
         &ns(),
         &n("web"),

@@ -16,9 +16,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{Name, Namespace, PortNum, Replicas};
-use crate::objects::{Labels, PodPhase, PodTemplate, Resources, ServiceType};
-use crate::placement::Placement;
-use crate::rollout::{Rollout, TemplateRevision, UpdateConfig};
+use crate::objects::{Labels, PodPhase, ReplicaSet, Resources, ServiceType};
+use crate::rollout::Rollout;
 
 /// Every API path starts with this.
 pub const PREFIX: &str = "/api/v1";
@@ -127,10 +126,9 @@ pub struct NodeView {
 /// A replica set with its observed state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaSetView {
-    pub name: Name,
-    pub namespace: Namespace,
-    /// Desired.
-    pub replicas: Replicas,
+    /// The replica set as stored (its fields inline in the JSON).
+    #[serde(flatten)]
+    pub spec: ReplicaSet,
     /// Pods that exist.
     pub current: u32,
     /// Pods that run and passed their health check.
@@ -141,28 +139,6 @@ pub struct ReplicaSetView {
     /// Of those, ready.
     #[serde(default)]
     pub updated_ready: u32,
-    pub template: PodTemplate,
-    #[serde(default)]
-    pub placement: Placement,
-    #[serde(default)]
-    pub min_replicas: Option<Replicas>,
-    #[serde(default)]
-    pub max_replicas: Option<Replicas>,
-    /// The autoscaler's targets, when the set is autoscaled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sla: Option<crate::Sla>,
-    #[serde(default)]
-    pub created_at: u64,
-    #[serde(default)]
-    pub update_config: UpdateConfig,
-    #[serde(default)]
-    pub rollback_config: UpdateConfig,
-    /// The template's revision.
-    #[serde(default)]
-    pub revision: u64,
-    /// Earlier templates, oldest first.
-    #[serde(default)]
-    pub history: Vec<TemplateRevision>,
     /// The latest rollout, as the supervisor leader recorded it.
     #[serde(default)]
     pub rollout: Option<Rollout>,

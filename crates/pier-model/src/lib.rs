@@ -34,6 +34,16 @@ pub use snapshot::{EndpointKey, EndpointMap, ObjectKey, Snapshot};
 /// The default namespace, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Wall-clock milliseconds since the Unix epoch: the timestamps objects
+/// carry (`created_at`, `started_at`, `stale_since_ms`, ...); 0 if the
+/// clock is set before 1970. The one clock helper every crate uses.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Decode a stored value, naming the key in the error.
 pub fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DecodeError> {
     serde_json::from_slice(value).map_err(|source| DecodeError {

@@ -327,6 +327,29 @@ pub struct Service {
 }
 
 impl Service {
+    /// A ClusterIP service with these ports and every other field at its
+    /// default: no VIP yet (the writer allocates one), no selector, no
+    /// static endpoints, round robin, no health check, `created_at` 0. Set
+    /// what differs on the result.
+    pub fn new(namespace: Namespace, name: Name, ports: Vec<ServicePort>) -> Service {
+        Service {
+            name,
+            namespace,
+            vip: None,
+            service_type: ServiceType::default(),
+            ports,
+            selector: Labels::new(),
+            static_endpoints: Vec::new(),
+            lb: LbPolicy::default(),
+            proxy_protocol: false,
+            prefer_local: false,
+            accept_labelled: false,
+            drain_timeout_ms: None,
+            health: None,
+            sla: None,
+            created_at: 0,
+        }
+    }
     /// A service with no VIP answers DNS with its endpoints' addresses.
     pub fn is_headless(&self) -> bool {
         self.vip.is_none()

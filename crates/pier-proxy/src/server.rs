@@ -669,10 +669,7 @@ impl State {
     /// The sketches of a service's ports merge, so its p99 is over all its
     /// ports' traffic.
     fn sample_stats(&mut self) {
-        let at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let at = pier_model::now_ms();
         let now = std::time::Instant::now();
         let mut out = StatsMap::new();
         for (pk, pe) in &self.ports {

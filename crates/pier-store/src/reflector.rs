@@ -20,11 +20,11 @@
 //!   Keys it does not use (alloc, stats, election, autoscale) are ignored.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use pier_model::keys::{self, Key};
-use pier_model::{Snapshot, decode};
+use pier_model::{Snapshot, decode, now_ms};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -86,13 +86,6 @@ impl Reflector {
         let mut s = self.synced.clone();
         let _ = s.wait_for(|v| *v).await;
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Resolves when the lease health changes (never without a signal); `None`

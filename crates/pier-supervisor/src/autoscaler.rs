@@ -8,11 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pier_model::autoscale::{AutoscaleStatus, Measurement, ScaleDecision, measure, selects};
 use pier_model::keys::{self, Key};
-use pier_model::{Name, ObjectKey, ReplicaSet, Replicas, Snapshot, Stats, decode, encode};
+use pier_model::{Name, ObjectKey, ReplicaSet, Replicas, Snapshot, Stats, decode, encode, now_ms};
 use pier_store::{Compare, Revision, Store, Ttl, Txn, TxnOp, election};
 use tokio::sync::watch;
 use tokio::time::sleep;
@@ -25,13 +25,6 @@ use crate::{SupervisorConfig, SupervisorError};
 /// The election the autoscalers campaign in.
 pub const ELECTION: &str = "autoscaler";
 const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// What the leader remembers of a set between rounds.
 #[derive(Debug)]

@@ -3,10 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pier_model::{
-    Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, encode, keys,
+    Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, encode, keys, now_ms,
 };
 use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp, election};
 use tokio::sync::watch;
@@ -212,13 +212,6 @@ struct Leader<'a> {
     node_absent_since: BTreeMap<Name, Instant>,
     last_write: Revision,
     next_resync: Instant,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn random_suffix() -> String {

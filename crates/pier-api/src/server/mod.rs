@@ -12,11 +12,12 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use pier_model::now_ms;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,13 +60,6 @@ struct Inner {
 /// loop (for the per-client watch cap).
 #[derive(Debug, Clone, Copy)]
 struct Peer(std::net::SocketAddr);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Serve the API on `listener` until `cancel` fires, then stop accepting,
 /// let open requests finish (watches end at once) for up to 5 s, and return.

@@ -414,28 +414,19 @@ pub(super) async fn expose(
     };
     let mut selector = Labels::new();
     selector.insert(labels::REPLICASET.into(), rs_name.to_string());
-    let svc = Service {
-        name: req.name.unwrap_or_else(|| rs_name.clone()),
-        namespace: ns.clone(),
-        vip: None,
-        service_type: req.service_type,
-        ports: vec![ServicePort {
+    let mut svc = Service::new(
+        ns.clone(),
+        req.name.unwrap_or_else(|| rs_name.clone()),
+        vec![ServicePort {
             name: port_name,
             port: req.port,
             target_port: target,
             node_port: req.node_port,
         }],
-        selector,
-        static_endpoints: vec![],
-        lb: Default::default(),
-        proxy_protocol: false,
-        prefer_local: req.prefer_local,
-        accept_labelled: false,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: 0,
-    };
+    );
+    svc.service_type = req.service_type;
+    svc.selector = selector;
+    svc.prefer_local = req.prefer_local;
     create_service(inner, ns, svc).await
 }
 

@@ -73,44 +73,48 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
         }
         Resource::ReplicaSets => {
             let rs = c.get_replicaset(&ns, &name).await?;
-            line("Name", rs.name.to_string());
-            line("Namespace", rs.namespace.to_string());
-            line("Image", rs.template.image.clone());
+            line("Name", rs.spec.name.to_string());
+            line("Namespace", rs.spec.namespace.to_string());
+            line("Image", rs.spec.template.image.clone());
             line(
                 "Command",
-                if rs.template.cmd.is_empty() {
+                if rs.spec.template.cmd.is_empty() {
                     "<image default>".into()
                 } else {
-                    rs.template.cmd.join(" ")
+                    rs.spec.template.cmd.join(" ")
                 },
             );
             line(
                 "Ports",
-                rs.template
+                rs.spec
+                    .template
                     .ports
                     .iter()
                     .map(|p| format!("{}:{}", p.name, p.port))
                     .collect::<Vec<_>>()
                     .join(", "),
             );
-            line("Env", labels_str(&rs.template.env));
-            line("Labels", labels_str(&rs.template.labels));
+            line("Env", labels_str(&rs.spec.template.env));
+            line("Labels", labels_str(&rs.spec.template.labels));
             line(
                 "Replicas",
                 format!(
                     "{} desired, {} current, {} ready",
-                    rs.replicas, rs.current, rs.ready
+                    rs.spec.replicas, rs.current, rs.ready
                 ),
             );
-            let pending = (rs.replicas.get()).saturating_sub(rs.current);
+            let pending = (rs.spec.replicas.get()).saturating_sub(rs.current);
             if pending > 0 {
                 line(
                     "Pending",
                     format!("{pending} not placed (the problems below say why)"),
                 );
             }
-            line("Node selector", labels_str(&rs.placement.node_selector));
-            let pl = &rs.placement;
+            line(
+                "Node selector",
+                labels_str(&rs.spec.placement.node_selector),
+            );
+            let pl = &rs.spec.placement;
             let mut rules: Vec<String> = pl.constraints.iter().map(|c| c.to_string()).collect();
             if let Some(m) = pl.max_per_node {
                 rules.push(format!("max_per_node={m}"));
@@ -125,7 +129,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                 rules.push(format!("spread_by={k}"));
             }
             line("Placement", or_none(rules.join(", ")));
-            let u = &rs.update_config;
+            let u = &rs.spec.update_config;
             line(
                 "Update",
                 format!(
@@ -142,7 +146,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                 "Revision",
                 format!(
                     "{} ({} pods on it, {} ready)",
-                    rs.revision, rs.updated, rs.updated_ready
+                    rs.spec.revision, rs.updated, rs.updated_ready
                 ),
             );
             if let Some(r) = &rs.rollout {
@@ -156,8 +160,8 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                 }
                 line("Rollout", v);
             }
-            line("Age", age(rs.created_at));
-            if rs.sla.as_ref().is_some_and(|s| s.has_target()) {
+            line("Age", age(rs.spec.created_at));
+            if rs.spec.sla.as_ref().is_some_and(|s| s.has_target()) {
                 let v = c.get_autoscale(&ns, &name).await?;
                 for (k, val) in autoscale_lines(&v) {
                     line(k, val);

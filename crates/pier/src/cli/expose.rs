@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use pier_model::api::ExposeRequest;
-use pier_model::{Labels, Name, Service, ServicePort, ServiceType, StaticEndpoint};
+use pier_model::{Name, Service, ServicePort, ServiceType, StaticEndpoint};
 
 use super::args::{NamespaceArg, Usage, client, name_arg, port_arg, usage};
 use super::output::describe_vip_and_ports;
@@ -142,28 +142,17 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         Some(first) if eps.iter().all(|e| e.port == first.port) => first.port,
         _ => port,
     };
-    let svc = Service {
-        name: name.clone(),
+    let mut svc = Service::new(
         namespace,
-        vip: None,
-        service_type: ServiceType::ClusterIP,
-        ports: vec![ServicePort {
+        name.clone(),
+        vec![ServicePort {
             name: Name::new(&format!("p{port}")).expect("p<digits> is a valid name"),
             port,
             target_port,
             node_port: None,
         }],
-        selector: Labels::new(),
-        static_endpoints: eps,
-        lb: Default::default(),
-        proxy_protocol: false,
-        prefer_local: false,
-        drain_timeout_ms: None,
-        health: None,
-        sla: None,
-        created_at: 0,
-        accept_labelled: false,
-    };
+    );
+    svc.static_endpoints = eps;
     let c = client(server)?;
     let svc = c.create_service(&svc).await?;
     println!(

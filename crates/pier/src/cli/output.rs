@@ -2,13 +2,11 @@
 //! scripts, and the one-line summaries. Pure formatting and printing: it
 //! calls no command and no API.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{Context, Result};
 use comfy_table::{ContentArrangement, Table};
 use pier_model::api::{NodeView, PodView, ReplicaSetView, Resource};
 use pier_model::app::{AppPlan, AppView, ChangeAction};
-use pier_model::{Endpoint, Service, ServiceType};
+use pier_model::{Endpoint, Service, ServiceType, now_ms};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -36,13 +34,6 @@ impl Format {
             }
         })
     }
-}
-
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// kubectl's AGE: `45s`, `12m`, `3h`, `4d`.
@@ -205,33 +196,34 @@ pub(super) fn table_rows(
             &["IMAGE", "PORTS"],
             |rs: &ReplicaSetView| {
                 // Min and max only when the autoscaler acts on them.
-                let auto = rs.sla.as_ref().is_some_and(|s| s.has_target());
+                let auto = rs.spec.sla.as_ref().is_some_and(|s| s.has_target());
                 let bound = |b: Option<pier_model::Replicas>| match b {
                     Some(b) if auto => b.to_string(),
                     _ => "-".into(),
                 };
                 row(
                     all_ns,
-                    &rs.namespace,
+                    &rs.spec.namespace,
                     [
-                        rs.name.to_string(),
-                        rs.replicas.to_string(),
+                        rs.spec.name.to_string(),
+                        rs.spec.replicas.to_string(),
                         rs.current.to_string(),
                         rs.ready.to_string(),
-                        bound(rs.min_replicas),
-                        bound(rs.max_replicas),
-                        age(rs.created_at),
+                        bound(rs.spec.min_replicas),
+                        bound(rs.spec.max_replicas),
+                        age(rs.spec.created_at),
                     ],
                 )
             },
             |rs| {
                 let ports: Vec<String> = rs
+                    .spec
                     .template
                     .ports
                     .iter()
                     .map(|p| format!("{}:{}", p.name, p.port))
                     .collect();
-                vec![rs.template.image.clone(), or_none(ports.join(","))]
+                vec![rs.spec.template.image.clone(), or_none(ports.join(","))]
             },
         )?,
         Resource::Pods => kind_table(

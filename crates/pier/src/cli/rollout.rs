@@ -72,12 +72,12 @@ pub(super) async fn run(server: &str, cmd: RolloutCmd) -> Result<()> {
 
 /// One line of progress, as kubectl prints it.
 fn progress(rs: &ReplicaSetView) -> String {
-    let want = rs.replicas.get();
+    let want = rs.spec.replicas.get();
     match &rs.rollout {
-        Some(r) if r.revision == rs.revision => {
+        Some(r) if r.revision == rs.spec.revision => {
             let mut s = format!(
                 "revision {}: {} of {want} pods updated, {} ready; {}",
-                rs.revision, rs.updated, rs.updated_ready, r.state
+                rs.spec.revision, rs.updated, rs.updated_ready, r.state
             );
             if r.state == RolloutState::RollingBack {
                 s.push_str(&format!(" to revision {}", r.target));
@@ -89,7 +89,7 @@ fn progress(rs: &ReplicaSetView) -> String {
         }
         _ => format!(
             "revision {}: waiting for the supervisor to start the rollout ({} of {want} pods updated)",
-            rs.revision, rs.updated
+            rs.spec.revision, rs.updated
         ),
     }
 }
@@ -109,10 +109,17 @@ async fn status(server: &str, a: StatusArgs) -> Result<()> {
             }
             last = line;
         }
-        if let Some(r) = rs.rollout.as_ref().filter(|r| r.revision == rs.revision) {
+        if let Some(r) = rs
+            .rollout
+            .as_ref()
+            .filter(|r| r.revision == rs.spec.revision)
+        {
             match r.state {
                 RolloutState::Complete => {
-                    println!("replicaset/{name} rolled out (revision {})", rs.revision);
+                    println!(
+                        "replicaset/{name} rolled out (revision {})",
+                        rs.spec.revision
+                    );
                     return Ok(());
                 }
                 RolloutState::Paused => bail!("replicaset/{name}: {}", r.message),
@@ -152,6 +159,7 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
     let c = client(server)?;
     let rs = c.get_replicaset(&ns, &name).await?;
     let mut rows: Vec<Vec<String>> = rs
+        .spec
         .history
         .iter()
         .map(|h| {
@@ -163,7 +171,7 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
         })
         .collect();
     let state = match &rs.rollout {
-        Some(r) if r.revision == rs.revision => match r.state {
+        Some(r) if r.revision == rs.spec.revision => match r.state {
             RolloutState::RolledBack => {
                 format!("current (rolled back: pods run revision {})", r.target)
             }
@@ -172,8 +180,8 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
         _ => "current".into(),
     };
     rows.push(vec![
-        rs.revision.to_string(),
-        rs.template.image.clone(),
+        rs.spec.revision.to_string(),
+        rs.spec.template.image.clone(),
         state,
     ]);
     print!("{}", render_table(&["REVISION", "IMAGE", "CHANGE"], rows));
@@ -186,7 +194,7 @@ async fn undo(server: &str, a: UndoArgs) -> Result<()> {
     let rs = c.rollback_replicaset(&ns, &name, a.to_revision).await?;
     println!(
         "replicaset/{name} rolled back to {} (now revision {}); follow it with `pier rollout status rs {name}`",
-        rs.template.image, rs.revision
+        rs.spec.template.image, rs.spec.revision
     );
     Ok(())
 }

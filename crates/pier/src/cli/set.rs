@@ -39,15 +39,15 @@ pub(super) async fn run(server: &str, cmd: SetCmd) -> Result<()> {
     let c = client(server)?;
     let before = c.get_replicaset(&namespace, &name).await?;
     let rs = c.set_image(&namespace, &name, &a.image).await?;
-    if rs.revision == before.revision {
+    if rs.spec.revision == before.spec.revision {
         println!(
             "replicaset/{name} already runs {} (revision {}); nothing to roll out",
-            a.image, rs.revision
+            a.image, rs.spec.revision
         );
     } else {
         println!(
             "replicaset/{name} image set to {} (revision {}); follow it with `pier rollout status rs {name}`",
-            a.image, rs.revision
+            a.image, rs.spec.revision
         );
     }
     Ok(())

@@ -31,7 +31,7 @@ pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Durat
             .into_iter()
             .filter(|p| &p.replicaset == name)
             .collect();
-        let want = rs.replicas.get() as usize;
+        let want = rs.spec.replicas.get() as usize;
         let ready = pods.iter().filter(|p| p.ready).count();
         if ready == want && pods.len() == want {
             if let Some(b) = &bar {
