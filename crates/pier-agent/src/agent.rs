@@ -45,18 +45,19 @@ const DEREGISTER_DELAY: Duration = Duration::from_secs(1);
 enum OpMsg {
     PodStarted {
         pod: ObjectKey,
-        result: Result<String, String>,
+        /// The container's id.
+        result: Result<String, docker::PodError>,
     },
     Removed {
         id: String,
-        result: Result<(), String>,
+        result: Result<(), AgentError>,
     },
     Recheck(String),
     Resync {
         generation: u64,
         seq: u64,
-        list: Result<HashMap<String, Container>, String>,
-        nets: Result<HashMap<String, docker::Net>, String>,
+        list: Result<HashMap<String, Container>, AgentError>,
+        nets: Result<HashMap<String, docker::Net>, AgentError>,
     },
 }
 
@@ -317,10 +318,8 @@ impl Agent {
         let cancel = self.tasks_cancel.clone();
         self.spawn(async move {
             let work = async {
-                let list = docker::list(&d, &filter, &node, pod_network.as_deref(), host_ip)
-                    .await
-                    .map_err(|e| e.to_string());
-                let nets = docker::networks(&d).await.map_err(|e| e.to_string());
+                let list = docker::list(&d, &filter, &node, pod_network.as_deref(), host_ip).await;
+                let nets = docker::networks(&d).await;
                 (list, nets)
             };
             tokio::select! {
@@ -336,8 +335,8 @@ impl Agent {
         &mut self,
         generation: u64,
         seq: u64,
-        list: Result<HashMap<String, Container>, String>,
-        nets: Result<HashMap<String, docker::Net>, String>,
+        list: Result<HashMap<String, Container>, AgentError>,
+        nets: Result<HashMap<String, docker::Net>, AgentError>,
     ) {
         if generation != self.resync_gen {
             return;
@@ -545,9 +544,9 @@ impl Agent {
                         info!(pod = %pod.1, namespace = %pod.0, container.id = %id, "pod container started");
                         self.inspect_into_map(&id).await;
                     }
-                    Err(msg) => {
-                        warn!(pod = %pod.1, namespace = %pod.0, error = %msg, "pod could not be started");
-                        self.pod_errors.insert(pod.clone(), msg);
+                    Err(e) => {
+                        warn!(pod = %pod.1, namespace = %pod.0, error = %e, "pod could not be started");
+                        self.pod_errors.insert(pod.clone(), e.to_string());
                     }
                 }
                 self.starting.remove(&pod);
@@ -922,7 +921,7 @@ impl Agent {
                     tokio::time::sleep(DEREGISTER_DELAY).await;
                     docker::remove_pod_container(&d, &id).await
                 } => {
-                    let _ = tx.send(OpMsg::Removed { id, result: r.map_err(|e| e.to_string()) });
+                    let _ = tx.send(OpMsg::Removed { id, result: r });
                 }
             }
         });

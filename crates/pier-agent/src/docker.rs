@@ -485,8 +485,43 @@ fn image_in_registry(image: &str, registry: &str) -> String {
     }
 }
 
-/// Why a pod could not be started, for its status message.
-pub(crate) type PodError = String;
+/// Why a pod could not be started; its text is the pod's status message.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PodError {
+    #[error(
+        "image {image} not found locally; load it with `docker load` or `docker import`, or configure a registry in the agent config"
+    )]
+    NoImage { image: String },
+    #[error("pulling image {image} failed: {source}")]
+    Pull {
+        image: String,
+        source: bollard::errors::Error,
+    },
+    #[error("inspecting image {image} failed: {source}")]
+    InspectImage {
+        image: String,
+        source: bollard::errors::Error,
+    },
+    #[error("container {name} exists but cannot be inspected: {source}")]
+    InspectExisting {
+        name: String,
+        source: bollard::errors::Error,
+    },
+    #[error("a container named {name} already exists and is not this pod's; remove it")]
+    NameTaken { name: String },
+    #[error("container {name} has no id")]
+    NoId { name: String },
+    #[error("creating container {name} failed: {source}")]
+    Create {
+        name: String,
+        source: bollard::errors::Error,
+    },
+    #[error("starting container {name} failed: {source}")]
+    Start {
+        name: String,
+        source: bollard::errors::Error,
+    },
+}
 
 /// Make a pod's container exist and start it. Returns the container id.
 pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<String, PodError> {
@@ -497,10 +532,7 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
             status_code: 404, ..
         }) => match &s.registry {
             None => {
-                return Err(format!(
-                    "image {image} not found locally; load it with `docker load` or `docker import`, \
-                     or configure a registry in the agent config"
-                ));
+                return Err(PodError::NoImage { image });
             }
             Some(reg) => {
                 image = image_in_registry(&image, reg);
@@ -513,13 +545,13 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
                     None,
                 );
                 while let Some(r) = pull.next().await {
-                    if let Err(e) = r {
-                        return Err(format!("pulling image {image} failed: {e}"));
+                    if let Err(source) = r {
+                        return Err(PodError::Pull { image, source });
                     }
                 }
             }
         },
-        Err(e) => return Err(format!("inspecting image {image} failed: {e}")),
+        Err(source) => return Err(PodError::InspectImage { image, source }),
     }
     let name = pod_container_name(pod);
     let body = ContainerCreateBody {
@@ -571,10 +603,12 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
         }) => {
             // A container of that name exists: adopt it only if it is this
             // pod's on this node.
-            let i = d
-                .inspect_container(&name, None)
-                .await
-                .map_err(|e| format!("container {name} exists but cannot be inspected: {e}"))?;
+            let i = d.inspect_container(&name, None).await.map_err(|source| {
+                PodError::InspectExisting {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
             let l = i
                 .config
                 .as_ref()
@@ -584,13 +618,11 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
             let ours = l.get(labels::POD).map(String::as_str) == Some(pod.name.as_str())
                 && l.get(labels::NODE) == Some(&s.node);
             if !ours {
-                return Err(format!(
-                    "a container named {name} already exists and is not this pod's; remove it"
-                ));
+                return Err(PodError::NameTaken { name });
             }
-            i.id.ok_or_else(|| format!("container {name} has no id"))?
+            i.id.ok_or_else(|| PodError::NoId { name: name.clone() })?
         }
-        Err(e) => return Err(format!("creating container {name} failed: {e}")),
+        Err(source) => return Err(PodError::Create { name, source }),
     };
     match d.start_container(&id, None).await {
         Ok(()) => Ok(id),
@@ -598,7 +630,7 @@ pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 304, ..
         }) => Ok(id),
-        Err(e) => Err(format!("starting container {name} failed: {e}")),
+        Err(source) => Err(PodError::Start { name, source }),
     }
 }
 

@@ -22,37 +22,14 @@
 //! nothing is signed), and never reads the store: it works from the
 //! `watch::Receiver<Arc<Snapshot>>` it is given.
 //!
-//! # Design: own loops over a pre-encoded zone, not hickory-server
+//! # Design
 //!
-//! The zone is a hash map (sharded, copy-on-write) from each lower-cased
-//! wire-format name to the encoded records of each of its types, compressed
-//! against the question at offset 12. When the snapshot changes, a
-//! background task re-encodes only the names of the services whose
-//! `Arc<Service>` or endpoint map changed, plus the PTR names at their old
-//! and new addresses, and swaps in the new zone ([`zone::ZoneUpdater`]; a
-//! full rebuild when over a quarter of the services changed). A query
-//! is then parsed in place (no allocation), the name lower-cased into a stack
-//! buffer, looked up, and answered by writing a 12-byte header, echoing the
-//! question exactly as asked (so 0x20-mixed case is preserved) and copying
-//! the pre-encoded bytes. UDP, TCP and the fuzz target share this one
-//! synchronous path ([`engine`]); only forwarding is asynchronous.
-//!
-//! hickory-server's `Server` with a custom `RequestHandler` was the other
-//! option. Its path decodes every query into a `MessageRequest`, builds a
-//! response from `Record` values and re-encodes it, through a boxed
-//! `ResponseHandler` per request: several allocations and a full encode per
-//! query, where the goal is to match NSD's ~6 µs of CPU per query on one
-//! core. Keeping a second (hickory) path for TCP and forwarding would have
-//! meant two implementations of the same answers to keep consistent, so
-//! both transports use the same small loops ([`DnsServer::serve`]). The
-//! wire code is short and is exercised by the fuzz target in `fuzz/`.
-//!
-//! UDP runs on plain threads (one per core, at most 4, per socket), each
-//! blocking in `recvmmsg` and answering up to 32 datagrams per `sendmmsg`,
-//! as NSD and Knot do: under load nearly all of a query's CPU is the
-//! kernel's UDP path, and batching the system calls is what brings pier
-//! below NSD's CPU per query (see `BENCHMARKS.md`). TCP and forwarding are
-//! tokio tasks.
+//! Own loops over a pre-encoded zone ([`zone`]), not hickory-server: a
+//! query is answered by copying pre-encoded bytes, on one synchronous path
+//! ([`engine`]) shared by UDP (threads batching with recvmmsg/sendmmsg),
+//! TCP and the fuzz target; only forwarding is asynchronous. The reasons
+//! and the alternatives weighed are in ARCHITECTURE.md ("Design
+//! decisions").
 
 mod acl;
 pub mod engine;
@@ -170,12 +147,7 @@ impl DnsConfig {
             ));
         }
         for l in d.split('.') {
-            let ok = !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-');
-            if !ok {
+            if !pier_model::is_dns_label(l) {
                 return Err(bad(
                     "domain",
                     format!("{:?} has a bad label {l:?} (RFC 1123)", self.domain),

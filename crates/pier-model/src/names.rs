@@ -28,6 +28,14 @@ impl NameError {
     }
 }
 
+/// Whether `s` is an RFC 1123 label in any case: 1 to 63 letters, digits
+/// and '-', starting and ending with a letter or digit. DNS compares names
+/// without case, so a configured domain may be written in capitals; the
+/// names pier stores ([`Name`], [`Namespace`]) are the lower-case ones.
+pub fn is_dns_label(s: &str) -> bool {
+    check_label("label", &s.to_ascii_lowercase()).is_ok()
+}
+
 /// Check an RFC 1123 label: 1 to 63 characters of `[a-z0-9-]`, starting and
 /// ending with an alphanumeric.
 fn check_label(what: &'static str, s: &str) -> Result<(), NameError> {

@@ -3,10 +3,10 @@
 //! It owns the `pier0` link and its VIPs ([`setup_iface`],
 //! [`teardown_iface`]), one listener per service port on its VIP and per
 //! node port, the balancers (P2C over outstanding connections weighted by
-//! a decaying connect-latency EWMA, or round-robin; for an endpoint behind
-//! the mesh the latency is the mesh request's round trip, not the TLS
-//! handshake), connect retries, passive outlier
-//! ejection, drains, the splice(2) copy loop, PROXY protocol v2 and the
+//! a decaying connect-latency EWMA, or round-robin; a connect through the
+//! mesh gives no latency sample, since its cost is the peer's pool's, not
+//! the endpoint's, so mesh endpoints are balanced by outstanding
+//! connections alone), connect retries, passive outlier ejection, drains, the splice(2) copy loop, PROXY protocol v2 and the
 //! mTLS mesh hop to endpoints on other nodes ([`mesh`], [`tls`]).
 //!
 //! It is not a store client: it reads a `watch::Receiver<Arc<Snapshot>>`

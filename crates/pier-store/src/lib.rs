@@ -29,6 +29,7 @@ pub use etcd_security::{EtcdSecurity, EtcdTls, EtcdUser, FileProblem};
 pub mod election;
 pub mod lease;
 pub mod reflector;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 /// A store revision. etcd's revisions start at 1; 0 means "absent" in

@@ -5,8 +5,8 @@
 //! certificates from a [`TestPki`] (made with rcgen); [`EtcdServer::etcdctl`]
 //! runs the real `etcdctl` against it (to add users and enable auth).
 //!
-//! Always compiled so that tests in every crate can use it; it is not used
-//! by the product itself.
+//! Behind the `testing` feature, which only the crates' dev-dependencies
+//! (and the test harness) turn on: it is not compiled into the product.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};

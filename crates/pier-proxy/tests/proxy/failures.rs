@@ -1,4 +1,4 @@
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 
@@ -68,23 +68,39 @@ async fn all_endpoints_dead_fails_fast_and_counts() {
         endpoint(&svc, "e1", closed_port(), true),
         endpoint(&svc, "e2", closed_port(), true),
     ];
-    let p = start(test_config(), snapshot(&[(&svc, &eps)]));
+    let cfg = test_config();
+    // Refused connects fail at once: the client must not wait out even one
+    // connect timeout, whatever the number of attempts.
+    let fast = Duration::from_millis(cfg.connect_timeout_ms);
+    let p = start(cfg, snapshot(&[(&svc, &eps)]));
     let mut s = connect_within(vip, Duration::from_secs(2)).await;
+    let began = Instant::now();
     let mut buf = Vec::new();
-    // The proxy closes the client connection once every attempt failed.
-    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+    // The proxy closes the client connection, with no byte, once every
+    // attempt failed.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
-        .unwrap();
-    assert!(r.map(|n| n == 0).unwrap_or(true));
+        .expect("the proxy closes the connection")
+        .expect("a clean close");
+    let took = began.elapsed();
+    assert_eq!(n, 0, "{buf:?}");
+    assert!(
+        took < fast,
+        "every endpoint refused, yet the close took {took:?}"
+    );
     // No endpoints at all: counted as no_endpoint.
     let svc2 = service("alldead", vip);
     p.publish(snapshot(&[(&svc2, &[])]));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut s = connect_within(vip, Duration::from_secs(2)).await;
-    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+    let began = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
-        .unwrap();
-    assert!(r.map(|n| n == 0).unwrap_or(true));
+        .expect("the proxy closes the connection")
+        .expect("a clean close");
+    let took = began.elapsed();
+    assert_eq!(n, 0, "{buf:?}");
+    assert!(took < fast, "no endpoint, yet the close took {took:?}");
     let text = p.metrics_text();
     assert!(
         text.lines().any(|l| l.contains("cause=\"no_endpoint\"")
