@@ -107,8 +107,18 @@ fn main() {
             Cmd::Doctor(a) => doctor::run(a).await,
             Cmd::Completions { shell } => {
                 use clap::CommandFactory;
-                clap_complete::generate(shell, &mut Top::command(), "pier", &mut std::io::stdout());
-                0
+                // Generate into memory, then write: a reader that stops early
+                // (`pier completions bash | head`) is not an error.
+                let mut buf = Vec::new();
+                clap_complete::generate(shell, &mut Top::command(), "pier", &mut buf);
+                match std::io::Write::write_all(&mut std::io::stdout(), &buf) {
+                    Ok(()) => 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+                    Err(e) => {
+                        eprintln!("error: cannot write the completions: {e}");
+                        1
+                    }
+                }
             }
             Cmd::Cli(c) => {
                 let conn = cli::Conn::find(top.server, top.cli_config);
