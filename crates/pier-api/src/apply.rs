@@ -188,7 +188,7 @@ pub fn plan(
                 ));
             }
             Some((old, rev)) => {
-                let new = next_revision(old, c.replicaset.clone());
+                let new = next_revision(old, c.replicaset.clone(), now);
                 if &new == old {
                     changes.push(change(
                         ChangeAction::Unchanged,
@@ -419,8 +419,9 @@ pub fn plan(
 
 /// The replica set `want` as it replaces `old`: the same revision when the
 /// template is the same, else the next one, with the old template kept in
-/// the history (at most [`ReplicaSet::HISTORY_LIMIT`]) for `rollout undo`.
-fn next_revision(old: &ReplicaSet, mut want: ReplicaSet) -> ReplicaSet {
+/// the history (at most [`ReplicaSet::HISTORY_LIMIT`]) for `rollout undo`,
+/// stamped `now` (the API's `PUT` keeps it the same way).
+fn next_revision(old: &ReplicaSet, mut want: ReplicaSet, now: u64) -> ReplicaSet {
     want.created_at = old.created_at;
     // The autoscaler owns the count of a set it scales (as an HPA owns a
     // Deployment's): an apply keeps it, within the file's bounds.
@@ -435,9 +436,12 @@ fn next_revision(old: &ReplicaSet, mut want: ReplicaSet) -> ReplicaSet {
         want.history.push(TemplateRevision {
             revision: want.revision,
             template: old.template.clone(),
-            replaced_at: 0,
+            replaced_at: now,
             replaced_by: "apply".into(),
         });
+        // The same template twice in the history is kept once, newest.
+        let h = want.template.hash();
+        want.history.retain(|t| t.template.hash() != h);
         let extra = want.history.len().saturating_sub(ReplicaSet::HISTORY_LIMIT);
         want.history.drain(..extra);
         want.revision += 1;

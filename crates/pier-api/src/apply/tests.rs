@@ -175,6 +175,11 @@ fn a_changed_field_is_an_update_naming_it() {
     let rs = &cur.replicasets[&Name::new("web").unwrap()].0;
     assert_eq!(rs.revision, 2, "a new template is a new revision");
     assert_eq!(rs.history[0].template.image, "web:1");
+    assert_eq!(
+        (rs.history[0].replaced_at, rs.history[0].replaced_by.as_str()),
+        (2, "apply"),
+        "the history entry says when and by what it was replaced"
+    );
     // Applying it again changes nothing: the revision stays.
     let again = plan(&spec(&SHOP.replace("web:1", "web:2")), &cur, &cfg(), 3).unwrap();
     assert!(again.txn.is_none(), "{:?}", again.changes);

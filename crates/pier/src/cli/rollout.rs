@@ -166,7 +166,12 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
             vec![
                 h.revision.to_string(),
                 h.template.image.clone(),
-                format!("replaced {} ago by {}", age(h.replaced_at), h.replaced_by),
+                // 0: written before the time was kept.
+                if h.replaced_at == 0 {
+                    format!("replaced by {}", h.replaced_by)
+                } else {
+                    format!("replaced {} ago by {}", age(h.replaced_at), h.replaced_by)
+                },
             ]
         })
         .collect();
