@@ -477,6 +477,9 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
     let old: Vec<&Active<'_>> = active.iter().filter(|a| !a.new).collect();
     let new: Vec<&Active<'_>> = active.iter().filter(|a| a.new).collect();
     let mut to_create = 0usize;
+    // Old pods a start-first step may stop first when no node has room for
+    // its new pods beside them (deletion order, least ready first).
+    let mut in_place: Vec<&Arc<Pod>> = Vec::new();
     if !active_rollout || old.is_empty() {
         if active.len() > want {
             let mut v: Vec<&Active<'_>> = active.iter().collect();
@@ -547,6 +550,8 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                         out.delete(&mut deleted, a.pod, DeleteReason::Rollout);
                     }
                     old_left -= k;
+                } else {
+                    in_place = old_iter.by_ref().map(|a| a.pod).collect();
                 }
                 to_create += k;
                 rec.steps += 1;
@@ -560,7 +565,29 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
         let mut usage = Usage::from_snapshot(snap, &deleted);
         let mut taken: BTreeSet<Name> = BTreeSet::new();
         for i in 0..to_create {
-            match schedule(snap, rs, &usage) {
+            let mut placed = schedule(snap, rs, &usage);
+            // Start-first with no room (max_per_node, anti-affinity, capacity
+            // full with the old pods): rather than stall the rollout, this
+            // pod replaces an old one in place, stop-first, and says so. Only
+            // an old pod whose removal makes room is stopped.
+            if let Err(why) = &placed {
+                let room = in_place.iter().enumerate().find_map(|(j, o)| {
+                    let mut u = usage.clone();
+                    u.sub(&o.node, &o.namespace, &o.replicaset, &o.template.resources);
+                    schedule(snap, rs, &u).ok().map(|n| (j, u, n))
+                });
+                if let Some((j, u, node)) = room {
+                    let o = in_place.remove(j);
+                    rec.message = format!(
+                        "start-first: no node has room for a new pod beside the old ones ({why}); replaced {} in place (stop-first)",
+                        o.name
+                    );
+                    out.delete(&mut deleted, o, DeleteReason::Rollout);
+                    usage = u;
+                    placed = Ok(node);
+                }
+            }
+            match placed {
                 Ok(node) => {
                     let name = pod_name(snap, &key.0, &key.1, &taken, input.suffix);
                     taken.insert(name.clone());
@@ -666,6 +693,17 @@ impl Usage {
         e.cpu_millis += r.cpu_millis as u64;
         e.memory_mb += r.memory_mb as u64;
         *e.sets.entry((ns.clone(), rs.clone())).or_default() += 1;
+    }
+
+    fn sub(&mut self, node: &Name, ns: &pier_model::Namespace, rs: &Name, r: &Resources) {
+        if let Some(e) = self.per_node.get_mut(node) {
+            e.pods = e.pods.saturating_sub(1);
+            e.cpu_millis = e.cpu_millis.saturating_sub(r.cpu_millis as u64);
+            e.memory_mb = e.memory_mb.saturating_sub(r.memory_mb as u64);
+            if let Some(n) = e.sets.get_mut(&(ns.clone(), rs.clone())) {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 
     pub fn of(&self, node: &Name) -> NodeUsage {

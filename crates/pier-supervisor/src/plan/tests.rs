@@ -1118,3 +1118,51 @@ fn the_rollout_record_of_a_deleted_set_is_deleted() {
     assert_eq!(p.rollout, Some(RolloutWrite::Delete));
     assert!(all_sets(&w.snap).contains(&(ns(), n("web"))));
 }
+
+/// The OAuth example's front-ends (start-first, one per node, never beside
+/// the keyserver) on three nodes: a new pod fits nowhere beside the old
+/// ones, so the step replaces an old pod in place instead of stalling; with
+/// a fourth node it starts first as asked.
+#[test]
+fn start_first_with_no_room_replaces_in_place_instead_of_stalling() {
+    let cfg = UpdateConfig {
+        order: UpdateOrder::StartFirst,
+        ..Default::default()
+    };
+    let mut web = rs_v2(2, cfg);
+    web.placement.anti_affinity = vec![n("keyserver")];
+    web.placement.max_per_node = Some(1);
+    let keyserver = rs("keyserver", 1);
+    let v1 = tpl("web:v1");
+    let w = World::default()
+        .nodes(&["a", "b", "c"])
+        .rs(web.clone())
+        .rs(keyserver.clone())
+        .rollout(complete_at(1))
+        .pod(pod(&keyserver, "keyserver-1", "b", 1))
+        .pod(pod_of(&web, &v1, "web-old0", "a", 1))
+        .status(started("web-old0", PodPhase::Running, true, 1))
+        .pod(pod_of(&web, &v1, "web-old1", "c", 2))
+        .status(started("web-old1", PodPhase::Running, true, 2));
+    let p = run_at(&w.snap, NOW, true);
+    // Newest first among equally ready pods: web-old1 on c makes room.
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout), ["web-old1"]);
+    assert_eq!(per_node(&p), BTreeMap::from([("c".into(), 1)]));
+    assert_eq!(p.unscheduled, 0, "{:?}", p.unschedulable);
+    let r = written(&p);
+    assert_eq!((r.state, r.steps), (RolloutState::Progressing, 1));
+    assert!(
+        r.message.contains("start-first: no node has room")
+            && r.message.contains("max_per_node=1")
+            && r.message.contains("replaced web-old1 in place"),
+        "{}",
+        r.message
+    );
+
+    // A fourth node: start-first as asked, nothing stopped first.
+    let w = w.nodes(&["d"]);
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(p.deletes().count(), 0, "{p:?}");
+    assert_eq!(per_node(&p), BTreeMap::from([("d".into(), 1)]));
+    assert!(written(&p).message.is_empty());
+}
