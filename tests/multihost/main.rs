@@ -29,11 +29,16 @@
 //!   and then the same on host 1: no failed request on an upgrade, at most
 //!   the one in flight through a killed worker.
 //!
+//! - `oauth_example_across_three_hosts` (in `oauth.rs`): the article's
+//!   OAuth example, `examples/oauth/compose.yaml`, placed, blocked, cut,
+//!   healed and rolled under load.
+//!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
 
 mod cluster;
 mod netns;
+mod oauth;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

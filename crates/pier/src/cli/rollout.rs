@@ -85,6 +85,11 @@ fn progress(rs: &ReplicaSetView) -> String {
             if r.failures > 0 {
                 s.push_str(&format!(", {} new pod(s) failed", r.failures));
             }
+            // Why a step went as it did (a failure, an in-place step); a
+            // final state's message is printed with its verdict.
+            if !r.state.is_final() && !r.message.is_empty() {
+                s.push_str(&format!(" ({})", r.message));
+            }
             s
         }
         _ => format!(
