@@ -203,9 +203,11 @@ fn race_compose(tag: &str) -> String {
     s
 }
 
-/// What the store holds of the race app: each replica set's `RELEASE`, and
-/// the services.
-fn race_state(a: &AgentProc) -> Result<(Vec<(String, String)>, Vec<String>)> {
+/// Each replica set's `RELEASE`, and the services.
+type RaceState = (Vec<(String, String)>, Vec<String>);
+
+/// What the store holds of the race app.
+fn race_state(a: &AgentProc) -> Result<RaceState> {
     let rs = a.cli_json(&["get", "rs", "-n", "race"])?;
     let mut sets = Vec::new();
     for r in rs.as_array().context("rs JSON")? {
@@ -233,7 +235,7 @@ fn race_state(a: &AgentProc) -> Result<(Vec<(String, String)>, Vec<String>)> {
 }
 
 /// The state of edit `tag` applied in full.
-fn race_expected(tag: &str) -> (Vec<(String, String)>, Vec<String>) {
+fn race_expected(tag: &str) -> RaceState {
     let mut names = vec!["api".to_owned(), "worker".to_owned(), tag.to_owned()];
     names.sort();
     (

@@ -176,7 +176,10 @@ fn a_changed_field_is_an_update_naming_it() {
     assert_eq!(rs.revision, 2, "a new template is a new revision");
     assert_eq!(rs.history[0].template.image, "web:1");
     assert_eq!(
-        (rs.history[0].replaced_at, rs.history[0].replaced_by.as_str()),
+        (
+            rs.history[0].replaced_at,
+            rs.history[0].replaced_by.as_str()
+        ),
         (2, "apply"),
         "the history entry says when and by what it was replaced"
     );
