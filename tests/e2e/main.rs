@@ -7,3 +7,4 @@ mod demo;
 mod dns;
 mod restart;
 mod rollout;
+mod store_pause;

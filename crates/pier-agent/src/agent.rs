@@ -953,13 +953,23 @@ impl Agent {
                 }
             }
         }
-        for (k, v) in desired {
+        // The node's record goes last, and only once everything else is
+        // written: other hosts' reflectors take its return as the end of a
+        // re-registration and then drop the endpoints they held for it
+        // (`pier_store::reflector` hold), so it must not come before them.
+        let node_key = keys::node(&self.node.name);
+        let mut desired = desired;
+        let node_rec = desired.remove_entry(&node_key);
+        for (k, v) in desired.into_iter().chain(node_rec) {
             if self
                 .written
                 .get(&k)
                 .is_some_and(|(wv, wl)| *wv == v && *wl == Some(lease))
             {
                 continue;
+            }
+            if k == node_key && self.dirty {
+                break;
             }
             match timed(self.store.put(&k, v.clone(), Some(lease))).await {
                 Ok(_) => {

@@ -177,7 +177,7 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
                 let v = NodeView {
                     name: n.name.clone(),
                     addr: n.addr,
-                    ready: s.stale_since_ms.is_none(),
+                    ready: s.stale_since_ms.is_none() && !s.held_nodes.contains_key(name),
                     labels: s.node_labels(name),
                     mesh_port: n.mesh_port,
                     capacity: n.capacity,
@@ -237,6 +237,7 @@ pub(crate) fn unchanged(kind: Resource, f: &Filter, old: &Snapshot, new: &Snapsh
         Resource::Nodes => {
             Arc::ptr_eq(&old.nodes, &new.nodes)
                 && Arc::ptr_eq(&old.pods, &new.pods)
+                && Arc::ptr_eq(&old.held_nodes, &new.held_nodes)
                 && old.stale_since_ms.is_none() == new.stale_since_ms.is_none()
         }
         Resource::ReplicaSets => {

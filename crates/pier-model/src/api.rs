@@ -103,7 +103,7 @@ pub struct NodeView {
     pub name: Name,
     pub addr: IpAddr,
     /// The node's agent holds its lease and the agent answering reads the
-    /// store live.
+    /// store live (a node held after a store stall is not ready).
     pub ready: bool,
     #[serde(default)]
     pub labels: Labels,

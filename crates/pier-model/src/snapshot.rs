@@ -46,6 +46,11 @@ pub struct Snapshot {
     /// Labels set with `pier label node`, by node (see
     /// [`Snapshot::node_labels`]).
     pub node_labels: Arc<BTreeMap<Name, Arc<NodeLabels>>>,
+    /// Nodes whose lease expired while the store was unreachable from this
+    /// reader, kept in `nodes` (with their endpoints and pod statuses) until
+    /// they register again or until the Unix milliseconds given here; see
+    /// the reflector's hold. Empty in normal operation.
+    pub held_nodes: Arc<BTreeMap<Name, u64>>,
 }
 
 impl Snapshot {

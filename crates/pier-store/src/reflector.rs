@@ -18,6 +18,12 @@
 //! - A key that does not parse, or a value that does not decode, is logged
 //!   with its key and skipped (and any older value under that key dropped).
 //!   Keys it does not use (alloc, stats, election, autoscale) are ignored.
+//! - With a [`HoldPolicy`] (the agent's), a node whose lease expired while
+//!   this view of the store was stale, or within a window after, is *held*:
+//!   its record, endpoints and pod statuses stay in the published snapshot
+//!   until it registers again or a grace passes (see `hold`), so a stalled
+//!   store does not blank out every service when it comes back. A node
+//!   lost while the view was live goes at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +35,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{KeyValue, Store, StoreError, WatchEvent, WatchItem};
+
+mod hold;
+pub use hold::HoldPolicy;
+use hold::Holds;
 
 const RELIST_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const RELIST_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -47,7 +57,7 @@ impl Reflector {
     /// `Resumed`/relist clears it. Unparsable values are logged (key +
     /// error) and skipped.
     pub fn spawn(store: Arc<dyn Store>, cancel: CancellationToken) -> Reflector {
-        Self::start(store, cancel, None)
+        Self::start(store, cancel, None, None)
     }
 
     /// [`Reflector::spawn`], also marking the snapshot stale while `health`
@@ -57,17 +67,29 @@ impl Reflector {
         cancel: CancellationToken,
         health: watch::Receiver<bool>,
     ) -> Reflector {
-        Self::start(store, cancel, Some(health))
+        Self::start(store, cancel, Some(health), None)
+    }
+
+    /// [`Reflector::spawn_with_health`], also holding the nodes lost to a
+    /// store stall by `hold` (see the module doc). What an agent runs.
+    pub fn spawn_with_hold(
+        store: Arc<dyn Store>,
+        cancel: CancellationToken,
+        health: watch::Receiver<bool>,
+        hold: HoldPolicy,
+    ) -> Reflector {
+        Self::start(store, cancel, Some(health), Some(hold))
     }
 
     fn start(
         store: Arc<dyn Store>,
         cancel: CancellationToken,
         health: Option<watch::Receiver<bool>>,
+        hold: Option<HoldPolicy>,
     ) -> Reflector {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let (synced_tx, synced) = watch::channel(false);
-        tokio::spawn(run(store, tx, synced_tx, cancel, health));
+        tokio::spawn(run(store, tx, synced_tx, cancel, health, Holds::new(hold)));
         Reflector { rx, synced }
     }
 
@@ -159,15 +181,36 @@ fn on_health(h: Option<bool>, health: &mut Option<watch::Receiver<bool>>, lease_
     }
 }
 
+/// Publishes `truth` with the held nodes laid under it.
+fn publish(tx: &watch::Sender<Arc<Snapshot>>, truth: &Snapshot, holds: &mut Holds) {
+    holds.saw(truth.stale_since_ms.is_some(), now_ms());
+    tx.send_replace(Arc::new(holds.view(truth)));
+}
+
+/// Resolves at the earliest held node's deadline; never when none is held.
+async fn hold_deadline(holds: &Holds) {
+    match holds.next_deadline_ms() {
+        Some(at) => {
+            let wait = at.saturating_sub(now_ms());
+            tokio::time::sleep(Duration::from_millis(wait)).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn run(
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<Snapshot>>,
     synced_tx: watch::Sender<bool>,
     cancel: CancellationToken,
     mut health: Option<watch::Receiver<bool>>,
+    mut holds: Holds,
 ) {
     let mut backoff = RELIST_BACKOFF_MIN;
     let mut lease_down = health.as_ref().is_some_and(|h| !*h.borrow());
+    // The store's state as last published, without holds: what a relist
+    // is compared with.
+    let mut last = Snapshot::default();
     loop {
         // List.
         let Some(list) = race_health(
@@ -200,11 +243,16 @@ async fn run(
         let revision = list.revision;
         let mut snap = build(&list.kvs, revision);
         let mut watch_down = false;
+        // A relist follows a stall or a failed watch: compare with what
+        // was shown before it, stale or not.
+        let was_stale = tx.borrow().stale_since_ms.is_some();
+        holds.update(&last, &snap, was_stale, now_ms());
         freshen(&mut snap, watch_down, lease_down);
         tracing::debug!(revision, keys = list.kvs.len(), "reflector listed");
         // The raw list is not kept while watching.
         drop(list);
-        tx.send_replace(Arc::new(snap.clone()));
+        publish(&tx, &snap, &mut holds);
+        last = snap.clone();
         synced_tx.send_replace(true);
 
         // Watch.
@@ -240,22 +288,38 @@ async fn run(
                 item = w.next() => item,
                 h = health_changed(&mut health) => {
                     on_health(h, &mut health, &mut lease_down);
+                    let stale = snap.stale_since_ms.is_some();
                     if freshen(&mut snap, watch_down, lease_down) {
-                        tx.send_replace(Arc::new(snap.clone()));
+                        holds.saw(stale, now_ms());
+                        publish(&tx, &snap, &mut holds);
+                    }
+                    continue;
+                }
+                _ = hold_deadline(&holds) => {
+                    if holds.update(&snap, &snap, snap.stale_since_ms.is_some(), now_ms()) {
+                        publish(&tx, &snap, &mut holds);
                     }
                     continue;
                 }
             };
+            let prev = snap.clone();
+            let mut stale = snap.stale_since_ms.is_some();
             let mut end = apply_item(&mut snap, first, &mut watch_down);
+            stale |= watch_down;
             // Coalesce: apply everything already waiting, then publish once.
             while end.is_none() {
                 match w.next().now_or_never() {
-                    Some(item) => end = apply_item(&mut snap, item, &mut watch_down),
+                    Some(item) => {
+                        end = apply_item(&mut snap, item, &mut watch_down);
+                        stale |= watch_down;
+                    }
                     None => break,
                 }
             }
+            holds.update(&prev, &snap, stale, now_ms());
             freshen(&mut snap, watch_down, lease_down);
-            tx.send_replace(Arc::new(snap.clone()));
+            publish(&tx, &snap, &mut holds);
+            last = snap.clone();
             if end.is_some() {
                 break;
             }

@@ -714,6 +714,9 @@ impl Usage {
 /// Why a node was filtered out. Each names the rule, for the set's problem.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Rejection {
+    /// Lost to a store stall and not registered again (the reflector's
+    /// hold): it may be dead, so nothing new goes there until it is back.
+    Held,
     Selector,
     /// The constraint at this index fails.
     Constraint(usize),
@@ -738,6 +741,9 @@ fn check(
     rs: &ReplicaSet,
     u: &NodeUsage,
 ) -> Result<(), Rejection> {
+    if snap.held_nodes.contains_key(name) {
+        return Err(Rejection::Held);
+    }
     let pl = &rs.placement;
     if !pl
         .node_selector
@@ -842,6 +848,9 @@ pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name,
     let mut first = true;
     for (r, n) in rejected {
         let what = match r {
+            Rejection::Held => {
+                "lost their lease in a store stall and have not registered again".into()
+            }
             Rejection::Selector => {
                 let sel: Vec<String> = rs
                     .placement

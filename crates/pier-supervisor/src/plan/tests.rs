@@ -273,6 +273,25 @@ fn pods_on_a_lost_node_move_after_the_grace() {
 }
 
 #[test]
+fn nothing_new_goes_to_a_node_held_after_a_store_stall() {
+    let web = rs("web", 2);
+    let mut w = World::default()
+        .nodes(&["a", "b"])
+        .rs(web.clone())
+        .pod(pod(&web, "web-1", "a", 1));
+    Arc::make_mut(&mut w.snap.held_nodes).insert(Name::new("b").unwrap(), 10_000);
+    // b is fewer pods but held: the new replica goes to a; web-1 stays.
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(per_node(&p), BTreeMap::from([("a".into(), 1)]));
+    assert!(deleted(&p).is_empty());
+    Arc::make_mut(&mut w.snap.held_nodes).insert(Name::new("a").unwrap(), 10_000);
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(p.creates().count(), 0);
+    let why = p.unschedulable.unwrap();
+    assert!(why.contains("2 lost their lease in a store stall"), "{why}");
+}
+
+#[test]
 fn pods_of_a_deleted_set_are_deleted() {
     let web = rs("web", 2);
     let w = World::default()

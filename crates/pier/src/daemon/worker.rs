@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use pier_model::{Cidr, Name, Node};
 use pier_store::alloc::AllocConfig;
 use pier_store::lease::LeaseKeeper;
-use pier_store::reflector::Reflector;
+use pier_store::reflector::{HoldPolicy, Reflector};
 use pier_store::{Store, Ttl};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -312,8 +312,12 @@ async fn start_control(cfg: &Config, root: &CancellationToken) -> Result<Control
         .await
         .context("granting the node lease")?;
     let reflector_cancel = CancellationToken::new();
-    let reflector =
-        Reflector::spawn_with_health(store.clone(), reflector_cancel.clone(), lease.health());
+    let reflector = Reflector::spawn_with_hold(
+        store.clone(),
+        reflector_cancel.clone(),
+        lease.health(),
+        HoldPolicy::for_ttl(ttl),
+    );
     Ok(Control {
         store,
         lease,

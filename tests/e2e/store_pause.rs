@@ -1,0 +1,144 @@
+//! A store stall longer than the lease TTL (issue 17): the test's own etcd
+//! is paused with SIGSTOP for 2 TTLs under bounded request loops through a
+//! node port and a VIP, then resumed. Every lease has expired by then, so
+//! every endpoint key of the node goes at once when etcd runs again; the
+//! reflector holds them until the agent has written them again, and not
+//! one request may fail.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use pier_store::testing::EtcdServer;
+use pier_tests::load::{LoadReport, http_loop};
+use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually};
+
+use crate::demo::ONE_AT_A_TIME;
+
+/// Per loop: 500 requests 20 ms apart, about 10 s or more; etcd is paused
+/// 1 s in for PAUSE, so about 3 s of requests follow its return.
+const N: u32 = 500;
+const GAP: Duration = Duration::from_millis(20);
+/// 2 × the test agents' lease TTL (3 s).
+const PAUSE: Duration = Duration::from_secs(6);
+
+fn kill(pid: u32, sig: &str) -> Result<()> {
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(st.success(), "kill -{sig} {pid}: {st}");
+    Ok(())
+}
+
+/// Sends SIGCONT on drop, so a failing test never leaves its etcd stopped.
+struct Paused(u32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = kill(self.0, "CONT");
+    }
+}
+
+fn show(what: &str, r: &LoadReport) -> String {
+    format!(
+        "{what}: sent {} ok {} new failed {} cut {} longest {} ms {:?}\n",
+        r.sent,
+        r.ok,
+        r.new_failed,
+        r.cut,
+        r.longest.as_millis(),
+        r.errors
+    )
+}
+
+#[test]
+fn endpoints_survive_an_etcd_pause_longer_than_the_lease_ttl() -> Result<()> {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    ensure_test_image()?;
+    let etcd = EtcdServer::start()?;
+    let etcd_pid = etcd.pid().context("etcd not running")?;
+    let a = AgentProc::start(AgentOpts {
+        store: format!("etcd://{}", etcd.endpoint),
+        node: "pause-1".into(),
+        extra_toml: "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n".into(),
+    })?;
+    a.cli_ok(&[
+        "run",
+        "web",
+        "--image",
+        TEST_IMAGE,
+        "--port",
+        "8080",
+        "--replicas",
+        "2",
+        "--wait",
+    ])?;
+    a.cli_ok(&[
+        "expose", "rs", "web", "--port", "8080", "--type", "NodePort",
+    ])?;
+    let svc = a.cli_json(&["get", "svc", "web"])?;
+    let vip: SocketAddr = SocketAddr::new(svc[0]["vip"].as_str().context("no VIP")?.parse()?, 8080);
+    let np = svc[0]["ports"][0]["node_port"]
+        .as_u64()
+        .context("no node port")? as u16;
+    let node_port = SocketAddr::from(([127, 0, 0, 1], np));
+    for t in [node_port, vip] {
+        eventually(Duration::from_secs(20), "the service to answer", || {
+            Ok((http_loop(t, 1, Duration::ZERO).ok == 1).then_some(()))
+        })
+        .with_context(|| a.log_tail())?;
+    }
+
+    let t0 = Instant::now();
+    let reps = std::thread::scope(|s| -> Result<[LoadReport; 2]> {
+        let np = s.spawn(|| http_loop(node_port, N, GAP));
+        let v = s.spawn(|| http_loop(vip, N, GAP));
+        std::thread::sleep(Duration::from_secs(1));
+        let paused = (|| -> Result<Paused> {
+            kill(etcd_pid, "STOP")?;
+            Ok(Paused(etcd_pid))
+        })();
+        if paused.is_ok() {
+            std::thread::sleep(PAUSE);
+        }
+        drop(paused);
+        Ok([np, v].map(|h| h.join().expect("load thread")))
+    })?;
+    let msg = format!("{}{}", show("node port", &reps[0]), show("VIP", &reps[1]));
+    eprint!("{msg}");
+    eprintln!("loops done {} ms after the start", t0.elapsed().as_millis());
+    let log = std::fs::read_to_string(&a.log)?;
+    // The stall did what it was meant to: the lease expired and the
+    // reflector held the node's endpoints (else this proves nothing).
+    ensure!(
+        log.contains("lease lost"),
+        "the lease did not expire during the pause; the test proves nothing:\n{}",
+        a.log_tail()
+    );
+    ensure!(
+        log.contains("holding its endpoints"),
+        "the reflector held nothing:\n{}",
+        a.log_tail()
+    );
+    for r in &reps {
+        ensure!(r.sent == N, "{msg}");
+        ensure!(r.failed() == 0, "{msg}{}", a.log_tail());
+    }
+    // And the node is registered again, its hold released.
+    let log = eventually(Duration::from_secs(10), "the node registered again", || {
+        let log = std::fs::read_to_string(&a.log)?;
+        Ok(log.contains("held node registered again").then_some(log))
+    })
+    .with_context(|| a.log_tail())?;
+    for l in log.lines().filter(|l| {
+        ["lease lost", "lease re-granted", "holding its", "held node"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
+        eprintln!("{l}");
+    }
+    Ok(())
+}
