@@ -42,7 +42,9 @@ EOF
 
 # Only the tests: etcd (multi-host and etcd-store tests), dig, nsenter,
 # ebtables (multi-host cuts), docker-compose (docker/test-image.sh and the
-# DNS e2e test), dnsmasq (the DNS e2e test's host resolver).
+# DNS e2e test), dnsmasq (the DNS e2e test's host resolver), chromium (the
+# dashboard's browser test runs `chromium --headless`) and a font for its
+# screenshots.
 pier_test_deps() {
   cat <<EOF
 etcd-server etcd
@@ -52,6 +54,8 @@ util-linux nsenter
 ebtables ebtables
 docker-compose docker-compose
 dnsmasq-base dnsmasq
+chromium chromium
+fonts-dejavu-core /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 EOF
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod browser;
 pub mod load;
 
 /// The image every scenario runs: busybox httpd serving its hostname on 8080.

@@ -3,6 +3,7 @@
 
 mod apps;
 mod autoscale;
+mod dashboard;
 mod demo;
 mod dns;
 mod restart;

@@ -252,6 +252,16 @@ impl Client {
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
     }
 
+    /// A one-time login code for the dashboard (`pier dashboard`).
+    pub async fn dashboard_login(&self) -> Result<pier_model::api::DashboardLogin, ApiError> {
+        self.call_body(
+            Method::POST,
+            &format!("{}/dashboard/logins", pier_model::api::PREFIX),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     pub async fn version(&self) -> Result<VersionInfo, ApiError> {
         self.call(
             Method::GET,

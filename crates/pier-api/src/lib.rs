@@ -21,8 +21,11 @@
 //! PUT    /namespaces/<ns>/replicasets/<rs>/scale  body: ScaleRequest
 //! POST   /namespaces/<ns>/replicasets/<rs>/expose body: ExposeRequest
 //! DELETE /namespaces/<ns>/{replicasets,pods,services}/<name>
+//! GET    /signals[?watch=true]                    (traffic per service, autoscaler decisions)
+//! POST   /dashboard/logins                        (a one-time dashboard login code)
 //! ```
-//! plus `/healthz`, `/readyz` and `/metrics` at the root.
+//! plus `/healthz`, `/readyz` and `/metrics` at the root, and the dashboard
+//! under `/ui/` (see `session` for its login).
 //!
 //! This crate does not run anything but the API: it never talks to Docker,
 //! and it writes only desired state (replica sets, services, pod deletions).
@@ -38,6 +41,7 @@ mod apply;
 mod client;
 mod guard;
 mod server;
+mod session;
 pub mod token;
 mod views;
 
@@ -198,6 +202,9 @@ pub struct ApiState {
     /// [`pier_model::addr::check_static_ip`] refuses them
     /// (`[network] static_endpoint_allow`).
     pub static_endpoint_allow: Vec<pier_model::Cidr>,
+    /// The DNS domain the agent serves (`[dns] domain`), shown by the
+    /// dashboard in services' DNS names.
+    pub dns_domain: String,
 }
 
 impl std::fmt::Debug for ApiState {

@@ -95,6 +95,7 @@ impl Harness {
             problems: vec![problems_rx],
             host_names: vec!["n1".into()],
             static_endpoint_allow: allow,
+            dns_domain: "pier.internal".into(),
         };
         let server = tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
         let client = Client::new(&format!("http://{addr}"), token).unwrap();
@@ -864,6 +865,7 @@ async fn token_is_required_off_loopback_and_checked_when_set() {
         problems: vec![],
         host_names: vec![],
         static_endpoint_allow: vec![],
+        dns_domain: "pier.internal".into(),
     };
     let insecure = ApiConfig {
         insecure_no_auth: true,
@@ -1112,6 +1114,7 @@ async fn slow_requests_are_answered_504() {
         problems: vec![],
         host_names: vec![],
         static_endpoint_allow: vec![],
+        dns_domain: "pier.internal".into(),
     };
     let cancel = CancellationToken::new();
     let _guard = cancel.clone().drop_guard();
@@ -1159,6 +1162,7 @@ async fn writes_with_the_store_down_are_503() {
         problems: vec![],
         host_names: vec![],
         static_endpoint_allow: vec![],
+        dns_domain: "pier.internal".into(),
     };
     let cfg = ApiConfig {
         listen: addr,
@@ -1237,6 +1241,7 @@ async fn attack_default_config_without_a_token_serves_nothing() {
         problems: vec![],
         host_names: vec![],
         static_endpoint_allow: vec![],
+        dns_domain: "pier.internal".into(),
     };
     let cfg = ApiConfig {
         listen: addr,
@@ -1752,4 +1757,101 @@ async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
     )
     .await
     .unwrap();
+}
+
+/// The dashboard's login: a code made with the token, spent once for an
+/// HttpOnly, SameSite=Strict cookie and a redirect; the cookie reads the
+/// API and the pages and does nothing else.
+#[tokio::test]
+async fn attack_dashboard_sessions_read_only_and_codes_once() {
+    let h = Harness::start_with(|c| c.token = Some("the-real-token".into())).await;
+    let bearer = [("Authorization", "Bearer the-real-token")];
+    // No code without the token.
+    let (status, _) = raw(h.addr, "POST", "/api/v1/dashboard/logins", &[], b"{}").await;
+    assert_eq!(status, 401);
+    let login = h.client.dashboard_login().await.unwrap();
+    assert!(login.path.starts_with("/ui/login?code="), "{login:?}");
+    // A page without a session says what to do; so does a wrong code.
+    let (status, body) = raw(h.addr, "GET", "/ui/", &[], b"").await;
+    assert!(status == 401 && body.contains("pier dashboard"), "{body}");
+    let (status, _) = raw(h.addr, "GET", "/ui/login?code=00ff", &[], b"").await;
+    assert_eq!(status, 401);
+    // A rebinding page cannot spend a code.
+    let (status, _) = raw(h.addr, "GET", &login.path, &[("Host", "evil.example")], b"").await;
+    assert_eq!(status, 421);
+    // The code: a cookie and a redirect, once.
+    let head = raw_text(h.addr, "GET", &login.path, &[], b"").await;
+    assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+    assert!(head.contains("location: /ui/\r\n"), "{head}");
+    let set = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let (status, _) = raw(h.addr, "GET", &login.path, &[], b"").await;
+    assert_eq!(status, 401, "a code works once");
+    let c = [("Cookie", cookie.as_str())];
+    // Reads: the page, its assets, the API's lists and watches.
+    for path in [
+        "/ui/",
+        "/ui/app.js",
+        "/ui/app.css",
+        "/api/v1/nodes",
+        "/api/v1/version",
+        "/api/v1/signals",
+    ] {
+        let (status, body) = raw(h.addr, "GET", path, &c, b"").await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let page = raw_text(h.addr, "GET", "/ui/", &c, b"").await;
+    assert!(
+        page.contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{page}"
+    );
+    // Nothing else: no writes, no metrics, no new codes.
+    let body = serde_json::to_vec(&rs("web", 1)).unwrap();
+    let (status, _) = raw(
+        h.addr,
+        "POST",
+        "/api/v1/namespaces/default/replicasets",
+        &c,
+        &body,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = raw(h.addr, "POST", "/api/v1/dashboard/logins", &c, b"{}").await;
+    assert_eq!(status, 401);
+    let (status, _) = raw(
+        h.addr,
+        "DELETE",
+        "/api/v1/namespaces/default/pods/x",
+        &c,
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = raw(h.addr, "GET", "/metrics", &c, b"").await;
+    assert_eq!(status, 401);
+    nothing_stored(&*h.store).await;
+    // A forged or ended session is nothing.
+    let (status, _) = raw(
+        h.addr,
+        "GET",
+        "/api/v1/nodes",
+        &[("Cookie", "pier_session=00ff")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = raw(h.addr, "GET", "/ui/logout", &c, b"").await;
+    assert_eq!(status, 200);
+    let (status, _) = raw(h.addr, "GET", "/api/v1/nodes", &c, b"").await;
+    assert_eq!(status, 401, "the session ended");
+    // The token still works as before.
+    let (status, _) = raw(h.addr, "GET", "/api/v1/nodes", &bearer, b"").await;
+    assert_eq!(status, 200);
 }

@@ -272,6 +272,21 @@ pub struct VersionInfo {
     pub node: Name,
     /// The store revision its snapshot reflects.
     pub revision: i64,
+    /// The DNS domain its agent serves (`<svc>.<ns>.svc.<domain>`); empty
+    /// from an agent older than the dashboard.
+    #[serde(default)]
+    pub domain: String,
+}
+
+/// `POST /api/v1/dashboard/logins`: a one-time code for the dashboard,
+/// opened as `/ui/login?code=CODE` on the same agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DashboardLogin {
+    pub code: String,
+    /// The path to open on the agent's API address.
+    pub path: String,
+    /// How long the code is good for.
+    pub expires_in_ms: u64,
 }
 
 /// `GET /readyz`.
@@ -367,4 +382,47 @@ mod tests {
             r#"{"type":"DELETED","object":1}"#
         );
     }
+}
+
+/// One object of `GET /api/v1/signals[?watch=true]`: what the dashboard
+/// charts and lists beside the snapshot's objects, read from the store's
+/// `stats/` and `autoscale/` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Signal {
+    Traffic(TrafficView),
+    Autoscale(AutoscaleSignal),
+}
+
+/// A service's traffic, every node's latest `stats/` record summed (the
+/// first-byte sketches merged, so the quantiles are over all the traffic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrafficView {
+    pub namespace: Namespace,
+    pub service: Name,
+    /// Unix ms of the newest record summed.
+    pub at: u64,
+    /// Nodes with a record.
+    pub nodes: u32,
+    /// Open client connections.
+    pub active: u64,
+    /// New connections per second (each node's last window).
+    pub conn_rate: f64,
+    /// Failed connects to endpoints since each node's proxy started
+    /// (a counter: the dashboard charts its rate).
+    pub connect_errors: u64,
+    /// Time to first response byte over the last windows, ms; `None`
+    /// when nothing was measured.
+    pub p50_first_byte_ms: Option<f64>,
+    pub p99_first_byte_ms: Option<f64>,
+}
+
+/// A replica set's last autoscaler decisions (`autoscale/<ns>/<rs>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleSignal {
+    pub namespace: Namespace,
+    pub replicaset: Name,
+    pub decisions: Vec<crate::autoscale::ScaleDecision>,
+    /// Decisions since the record was made.
+    pub total: u64,
 }

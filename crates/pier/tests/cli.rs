@@ -71,6 +71,7 @@ impl Agent {
             problems: vec![problems_rx],
             host_names: vec![],
             static_endpoint_allow: vec![],
+            dns_domain: "pier.internal".into(),
         };
         tokio::spawn(serve(cfg, listener, state, cancel.child_token()));
         Agent {

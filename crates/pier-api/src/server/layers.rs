@@ -13,7 +13,9 @@ use tower::{BoxError, Service as TowerService};
 use tracing::{debug, warn};
 
 use super::plumbing::{Body, BoxFut, Fail, fail_response};
+use super::ui::{has_session, login_needed};
 use crate::guard::{self, HostCheck};
+use crate::session::Sessions;
 
 /// Logs every request with its status and latency; turns a layer error (a
 /// timeout) into an answer.
@@ -73,12 +75,26 @@ where
 /// Checks, in order: the Host header (421, against DNS rebinding) and the
 /// Origin header (403, against cross-site requests) on everything but the
 /// health probes; the Content-Type of writes (415); then the bearer token
-/// on everything but the health probes (401).
+/// on everything but the health probes and the dashboard's login (401). A
+/// dashboard session cookie stands in for the token on reads only: a GET
+/// or HEAD of `/api/v1/…` or `/ui/…`.
 #[derive(Clone)]
 pub(super) struct Auth<S> {
     pub(super) inner: S,
     pub(super) token: Option<Arc<str>>,
     pub(super) hosts: Arc<HostCheck>,
+    pub(super) sessions: Arc<Sessions>,
+}
+
+/// Whether a path is the dashboard's.
+pub(super) fn is_ui(path: &str) -> bool {
+    path == "/ui" || path.starts_with("/ui/")
+}
+
+/// What a session may do: read the API and the dashboard's pages.
+fn session_may(method: &Method, path: &str) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+        && (is_ui(path) || path.starts_with(pier_model::api::PREFIX))
 }
 
 /// The refusal of a request by its headers, if any.
@@ -169,13 +185,21 @@ where
             return Box::pin(async move { Ok(r) });
         }
         if let Some(token) = &self.token {
-            let open = matches!(req.uri().path(), "/healthz" | "/readyz");
+            let path = req.uri().path();
+            let open = matches!(path, "/healthz" | "/readyz" | "/ui/login");
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "));
-            let ok = given.is_some_and(|g| same_token(g.trim().as_bytes(), token.as_bytes()));
+            let ok = given.is_some_and(|g| same_token(g.trim().as_bytes(), token.as_bytes()))
+                || (given.is_none()
+                    && session_may(req.method(), path)
+                    && has_session(&self.sessions, req.headers()));
+            if !open && !ok && is_ui(path) {
+                let r = login_needed();
+                return Box::pin(async move { Ok(r) });
+            }
             if !open && !ok {
                 let mut r = fail_response(Fail::new(
                     StatusCode::UNAUTHORIZED,

@@ -5,7 +5,9 @@
 //! - `reads` and `writes`: the handlers;
 //! - `watch`: `?watch=true` streams;
 //! - `validate`: the checks on a write's body;
-//! - `plumbing`: error answers, JSON in and out, path and query parsing.
+//! - `plumbing`: error answers, JSON in and out, path and query parsing;
+//! - `ui`: the dashboard's pages and its login; `signals`: the traffic and
+//!   autoscaler records it charts.
 //!
 //! A new route is one arm in `routes` and one handler in `reads` or
 //! `writes`.
@@ -25,6 +27,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tracing::{debug, info, warn};
 
 use crate::guard::{self, HostCheck, WatchSlots};
+use crate::session::Sessions;
 use crate::{ApiConfig, ApiError, ApiState};
 
 mod apps;
@@ -32,6 +35,8 @@ mod layers;
 mod plumbing;
 mod reads;
 mod routes;
+mod signals;
+mod ui;
 mod validate;
 mod watch;
 mod writes;
@@ -54,6 +59,8 @@ struct Inner {
     watches: Arc<WatchSlots>,
     /// Served without a token (`--insecure-no-auth`).
     insecure: bool,
+    /// The dashboard's login codes and sessions.
+    sessions: Arc<Sessions>,
 }
 
 /// The client's address, put in each request's extensions by the accept
@@ -91,12 +98,14 @@ pub async fn serve(
     extra.extend(cfg.allowed_hosts.iter().cloned());
     let hosts = HostCheck::new(local, &guard::host_addrs(), &extra);
     debug!(hosts = ?hosts.names().collect::<Vec<_>>(), "API Host names");
+    let sessions = Arc::new(Sessions::default());
     let inner = Arc::new(Inner {
         st: state,
         cancel: cancel.clone(),
         scale_turn: tokio::sync::Mutex::new(()),
         watches: WatchSlots::new(cfg.max_watches, cfg.max_watches_per_client),
         insecure: cfg.insecure_no_auth,
+        sessions: sessions.clone(),
     });
     let timeout = Duration::from_millis(cfg.request_timeout_ms);
     let max_body = cfg.max_body_bytes;
@@ -106,6 +115,7 @@ pub async fn serve(
             inner: s,
             token: cfg.token.as_deref().map(Arc::from),
             hosts: Arc::new(hosts.clone()),
+            sessions: sessions.clone(),
         }))
         .timeout(timeout)
         .service_fn(move |req: Request<Incoming>| {

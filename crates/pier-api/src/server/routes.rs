@@ -47,6 +47,18 @@ pub(super) async fn route(
         "/healthz" => return Ok(full(StatusCode::OK, "text/plain", "ok\n")),
         "/readyz" => return Ok(readyz(&inner)),
         "/metrics" => return metrics(&inner),
+        p if super::layers::is_ui(p) => {
+            return if m == Method::GET || m == Method::HEAD {
+                Ok(super::ui::route(
+                    &inner,
+                    p,
+                    req.uri().query(),
+                    req.headers(),
+                ))
+            } else {
+                Err(method_not_allowed(&m, p))
+            };
+        }
         _ => {}
     }
     let Some(rest) = path.strip_prefix(pier_model::api::PREFIX) else {
@@ -72,10 +84,13 @@ pub(super) async fn route(
                     version: env!("CARGO_PKG_VERSION").into(),
                     node: inner.st.node.clone(),
                     revision: s.revision,
+                    domain: inner.st.dns_domain.clone(),
                 },
             ))
         }
         ["problems"] if get => Ok(json(StatusCode::OK, &problems(&inner))),
+        ["dashboard", "logins"] if m == Method::POST => super::ui::new_login(&inner),
+        ["signals"] if get => super::signals::signals(&inner, watch, peer).await,
         ["apps"] if get => list_apps(&inner, None, None).await,
         ["namespaces", ns, "apps"] if get => list_apps(&inner, Some(parse_ns(ns)?), None).await,
         ["namespaces", ns, "apps", name] if get => {

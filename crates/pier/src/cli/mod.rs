@@ -5,7 +5,7 @@
 //!
 //! One file per command (`run`, `expose`, `scale`, `autoscale`, `get`,
 //! `describe`, `delete`, `apply` with `diff`, `label`, `set`, `rollout`,
-//! `version`, `ca`): its flags and what it does. They share `args` (flags,
+//! `dashboard`, `version`, `ca`): its flags and what it does. They share `args` (flags,
 //! parsers, the client), `compose` (reading Compose files) and `output`
 //! (tables and text); none of these calls a command. A new command is a
 //! new file, a variant of
@@ -21,6 +21,7 @@ mod autoscale;
 mod ca;
 mod compose;
 mod conn;
+mod dashboard;
 mod delete;
 mod describe;
 mod expose;
@@ -41,6 +42,7 @@ use apply::{ApplyArgs, DiffArgs};
 use args::TOKEN;
 use autoscale::AutoscaleArgs;
 use ca::CaCmd;
+use dashboard::DashboardArgs;
 use delete::DeleteArgs;
 use describe::DescribeArgs;
 use expose::ExposeCmd;
@@ -88,6 +90,9 @@ pub enum Command {
         #[command(subcommand)]
         cmd: RolloutCmd,
     },
+    /// Open the web dashboard: print a one-time login link to the agent's
+    /// /ui/ (and open it in a browser when one is available).
+    Dashboard(DashboardArgs),
     /// Print the client's and the agent's versions.
     Version,
     /// Make the mesh CA and node certificates.
@@ -142,6 +147,7 @@ async fn dispatch(server: &str, cmd: Command) -> Result<()> {
         Command::Label(a) => label::run(server, a).await,
         Command::Set { what } => set::run(server, what).await,
         Command::Rollout { cmd } => rollout::run(server, cmd).await,
+        Command::Dashboard(a) => dashboard::run(server, a).await,
         Command::Version => version::run(server).await,
         Command::Ca { cmd } => ca::run(cmd),
     }

@@ -574,6 +574,7 @@ fn start_api(
         problems: vec![dp.problems.clone()],
         host_names: vec![node_name.to_string(), node_addr.to_string()],
         static_endpoint_allow: cfg.network.static_endpoint_allow.clone(),
+        dns_domain: cfg.dns.domain.trim_end_matches('.').to_owned(),
     };
     let cancel = CancellationToken::new();
     let c = cancel.clone();
