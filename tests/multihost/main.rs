@@ -32,6 +32,10 @@
 //! - `oauth_example_across_three_hosts` (in `oauth.rs`): the article's
 //!   OAuth example, `examples/oauth/compose.yaml`, placed, blocked, cut,
 //!   healed and rolled under load.
+//! - `pod_names_srv_and_headless_across_hosts`: a pod on each of 2 hosts;
+//!   from host 2, SRV targets and pod names resolve to endpoint VIPs that a
+//!   container reaches (host 1's pod over the mesh), and a headless
+//!   service answers one such address per pod, with no VIP.
 //!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
@@ -985,6 +989,173 @@ for i in 1 2 3 4 5 6 7 8; do (printf 'GET / HTTP/1.0\r\n'; sleep 40) | nc "$ip" 
             && view.contains("open connections 16 over")
             && view.contains("→ 4"),
         "the decision should rest on both hosts' stats: {view}"
+    );
+    Ok(())
+}
+
+/// A replica set with a pod on each of 2 hosts. From host 2, the SRV
+/// records of its service and of a headless service over the same pods
+/// name both pods; each pod name (an SRV target) resolves to an endpoint
+/// VIP in the service CIDR, never a bridge address, and a container on
+/// host 2 reaches each pod through it, host 1's over the mesh. The headless
+/// service has no VIP and its name resolves to one address per pod, each
+/// answering with its own pod.
+#[test]
+fn pod_names_srv_and_headless_across_hosts() -> Result<()> {
+    let c = Cluster::start(11, 2)?;
+    let dns = format!("10.213.{}.10", c.octet);
+    let cidr = format!("10.213.{}.", c.octet);
+    c.run_client(2)?;
+    c.cli(
+        1,
+        &[
+            "run",
+            "web",
+            "--image",
+            pier_tests::TEST_IMAGE,
+            "--port",
+            "8080",
+            "--replicas",
+            "2",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    )?;
+    c.cli(1, &["expose", "rs", "web", "--port", "8080"])?;
+    let out = c.cli(
+        1,
+        &[
+            "expose",
+            "rs",
+            "web",
+            "--name",
+            "webh",
+            "--port",
+            "8080",
+            "--headless",
+        ],
+    )?;
+    ensure!(out.contains("webh"), "expose --headless said: {out}");
+    let pods = eventually(Duration::from_secs(30), "2 ready pods", || {
+        let p = ready_pods(&c, 2, "web")?;
+        Ok((p.len() == 2).then_some(p))
+    })
+    .with_context(|| c.logs())?;
+    let mut nodes: Vec<&str> = pods.iter().map(|p| p.1.as_str()).collect();
+    nodes.sort();
+    ensure!(nodes == ["h1", "h2"], "pods not spread: {pods:?}");
+    let names: std::collections::BTreeSet<String> = pods.iter().map(|p| p.0.clone()).collect();
+
+    let svcs = c.cli_json(2, &["get", "svc", "webh"])?;
+    let webh = svcs.first().context("webh listed")?;
+    ensure!(
+        webh["vip"].is_null() && webh["headless"] == true,
+        "a headless service has no VIP: {webh}"
+    );
+    let port_name = webh["ports"][0]["name"]
+        .as_str()
+        .context("webh's port name")?
+        .to_owned();
+
+    // dig from host 2's own namespace: SRV of both services, then A of the
+    // headless name.
+    let dig = |name: &str, ty: &str| -> Result<Vec<String>> {
+        let out = c.topo.host(2).exec(&[
+            "dig",
+            &format!("@{dns}"),
+            name,
+            ty,
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])?;
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().trim_end_matches('.').to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let mut targets = std::collections::BTreeSet::new();
+    for svc in ["web", "webh"] {
+        let srv_name = format!("_{port_name}._tcp.{}", fqdn(svc));
+        let srv = eventually(Duration::from_secs(20), "2 SRV records", || {
+            let v = dig(&srv_name, "SRV")?;
+            Ok((v.len() == 2).then_some(v))
+        })
+        .with_context(|| c.logs())?;
+        for line in &srv {
+            // "0 10 8080 <pod>.<svc>.default.svc.pier.internal"
+            let f: Vec<&str> = line.split_whitespace().collect();
+            ensure!(f.len() == 4 && f[2] == "8080", "SRV {srv_name}: {line:?}");
+            let pod = f[3].split('.').next().unwrap_or_default();
+            ensure!(
+                names.contains(pod) && f[3] == format!("{pod}.{}", fqdn(svc)),
+                "SRV target {} is not a pod name of {svc}: {srv:?}",
+                f[3]
+            );
+            targets.insert((pod.to_owned(), f[3].to_owned()));
+        }
+    }
+    ensure!(targets.len() == 4, "SRV targets: {targets:?}");
+    let headless_a = dig(&fqdn("webh"), "A")?;
+    ensure!(
+        headless_a.len() == 2 && headless_a.iter().all(|a| a.starts_with(&cidr)),
+        "webh A: one endpoint VIP per pod, in the service CIDR: {headless_a:?}"
+    );
+
+    // From a container on host 2: each SRV target (a pod name) resolves to
+    // an endpoint VIP, not the pod's bridge address, and answers with its
+    // own pod, the one on host 1 included.
+    let fetch = |name: &str| -> Result<(String, String)> {
+        let script = format!(
+            r#"ip=$(nslookup {name} 2>/dev/null | awk '/^Name:/{{n=1}} n&&/^Address/{{print $2; exit}}')
+b=$(printf 'GET / HTTP/1.0\r\nHost: t\r\n\r\n' | nc -w 3 "$ip" {POD_PORT} 2>/dev/null | tail -n 1)
+echo "$ip $b""#
+        );
+        let out = c
+            .topo
+            .host(2)
+            .docker(&["exec", "client", "sh", "-c", &script])?;
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (ip, body) = s.split_once(' ').unwrap_or((&s, ""));
+        Ok((ip.to_owned(), body.trim().to_owned()))
+    };
+    for (pod, target) in &targets {
+        let (ip, body) = fetch(target)?;
+        eprintln!("from h2: {target} -> {ip} -> {body}");
+        ensure!(
+            ip.starts_with(&cidr),
+            "{target} resolved to {ip:?} in a container on h2, not an endpoint VIP in {cidr}0/24"
+        );
+        ensure!(
+            &body == pod,
+            "{target} ({ip}) from a container on h2 answered {body:?}, not {pod}{}",
+            c.diagnose(2, "web")
+        );
+    }
+    // The headless name from the container: every address it resolves to
+    // reaches its own pod, so both pods answer.
+    let script = format!(
+        r#"for ip in $(nslookup {} 2>/dev/null | awk '/^Name:/{{n=1}} n&&/^Address/{{print $2}}'); do
+  printf 'GET / HTTP/1.0\r\nHost: t\r\n\r\n' | nc -w 3 "$ip" {POD_PORT} 2>/dev/null | tail -n 1; echo
+done"#,
+        fqdn("webh")
+    );
+    let out = c
+        .topo
+        .host(2)
+        .docker(&["exec", "client", "sh", "-c", &script])?;
+    let seen: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(
+        seen == names,
+        "the headless name's addresses from a container on h2 answered {seen:?}, not {names:?}"
     );
     Ok(())
 }

@@ -117,6 +117,11 @@ pub(crate) struct Agent {
     next_generation: u64,
     /// What this agent believes is in the store for its node.
     written: BTreeMap<String, (Vec<u8>, Option<LeaseId>)>,
+    /// The endpoint VIP (`Endpoint.addr`) this node holds for each of its
+    /// endpoints, by endpoint key: claimed by [`Agent::reconcile`], read
+    /// back from the store by [`Agent::reset`], released once the endpoint
+    /// is deleted.
+    ep_addrs: HashMap<String, std::net::IpAddr>,
     need_reset: bool,
     dirty: bool,
     starting: HashSet<ObjectKey>,
@@ -182,6 +187,7 @@ impl Agent {
             checks: HashMap::new(),
             next_generation: 0,
             written: BTreeMap::new(),
+            ep_addrs: HashMap::new(),
             need_reset: true,
             dirty: false,
             starting: HashSet::new(),
@@ -588,8 +594,13 @@ impl Agent {
     async fn reset(&mut self) {
         let me = self.node.name.clone();
         let store = self.store.clone();
-        let res: Result<BTreeMap<_, _>, StoreError> = async {
+        let res: Result<(BTreeMap<_, _>, HashMap<_, _>), StoreError> = async {
             let mut w = BTreeMap::new();
+            let mut addrs = HashMap::new();
+            for (ep, ip, kv) in timed(pier_store::writes::endpoint_addrs_of(&*store, &me)).await? {
+                addrs.insert(ep, ip);
+                w.insert(kv.key, (kv.value, kv.lease));
+            }
             let eps = timed(store.list(keys::prefix::ENDPOINTS)).await?;
             for kv in eps.kvs {
                 if let Ok(Key::Endpoint { node, .. }) = Key::parse(&kv.key)
@@ -611,12 +622,13 @@ impl Agent {
             if let Some(kv) = timed(store.get(&keys::node(&me))).await? {
                 w.insert(kv.key, (kv.value, kv.lease));
             }
-            Ok(w)
+            Ok((w, addrs))
         }
         .await;
         match res {
-            Ok(w) => {
+            Ok((w, addrs)) => {
                 self.written = w;
+                self.ep_addrs = addrs;
                 self.need_reset = false;
             }
             Err(e) => {
@@ -693,6 +705,19 @@ impl Agent {
         let mut local = HashSet::new();
         for (key, mut ep, r) in endpoints {
             ep.ready = is_ready(&key, ep.ip, &r, &self.checks);
+            if !ep.is_static {
+                ep.addr = self.endpoint_addr(&key, &ep).await;
+                if let Some(ip) = ep.addr {
+                    want.insert(
+                        keys::vip_alloc(ip),
+                        encode(&pier_model::Allocation {
+                            namespace: ep.namespace.clone(),
+                            service: ep.service.clone(),
+                            endpoint: Some((ep.node.clone(), ep.id.clone())),
+                        }),
+                    );
+                }
+            }
             if ep.ready && !ep.is_static {
                 let svc = snap.service(&ep.namespace, &ep.service);
                 let svc = svc
@@ -778,6 +803,58 @@ impl Agent {
         }
 
         self.write(want, synced && self.docker_synced).await;
+    }
+
+    /// The endpoint VIP of the endpoint at `key`: the one it holds, or a
+    /// new claim (`writes::claim_endpoint_addr`, under the node lease).
+    /// `None` while there is no lease or the claim fails (retried at the
+    /// next reconcile); the endpoint is written without one meanwhile, and
+    /// DNS leaves it out of pod names and SRV records.
+    async fn endpoint_addr(&mut self, key: &str, ep: &Endpoint) -> Option<std::net::IpAddr> {
+        if let Some(ip) = self.ep_addrs.get(key) {
+            return Some(*ip);
+        }
+        let lease = self.lease?;
+        if self.need_reset {
+            return None;
+        }
+        let r = tokio::time::timeout(
+            STORE_TIMEOUT,
+            pier_store::writes::claim_endpoint_addr(
+                &*self.store,
+                &self.alloc,
+                &ep.namespace,
+                &ep.service,
+                &ep.node,
+                &ep.id,
+                lease,
+            ),
+        )
+        .await;
+        match r {
+            Ok(Ok(ip)) => {
+                debug!(endpoint = %key, addr = %ip, "claimed an endpoint address");
+                self.ep_addrs.insert(key.to_owned(), ip);
+                let value = encode(&pier_model::Allocation {
+                    namespace: ep.namespace.clone(),
+                    service: ep.service.clone(),
+                    endpoint: Some((ep.node.clone(), ep.id.clone())),
+                });
+                self.written
+                    .insert(keys::vip_alloc(ip), (value, Some(lease)));
+                Some(ip)
+            }
+            Ok(Err(e)) => {
+                warn!(endpoint = %key, error = %e, "claiming an endpoint address failed; will retry");
+                self.dirty = true;
+                None
+            }
+            Err(_) => {
+                warn!(endpoint = %key, "claiming an endpoint address timed out; will retry");
+                self.dirty = true;
+                None
+            }
+        }
     }
 
     /// Log a note of [`desired::endpoints`] once per container or static
@@ -934,21 +1011,33 @@ impl Agent {
         let Some(lease) = self.lease else { return };
         self.dirty = false;
         if may_delete {
-            let stale: Vec<String> = self
+            let mut stale: Vec<String> = self
                 .written
                 .keys()
                 .filter(|k| !desired.contains_key(*k))
                 .cloned()
                 .collect();
+            // Endpoints before their addresses, so an address is free only
+            // once no endpoint record names it.
+            stale.sort_by_key(|k| k.starts_with(keys::prefix::VIP_ALLOCS));
+            let mut failed = false;
             for k in stale {
+                let is_alloc = k.starts_with(keys::prefix::VIP_ALLOCS);
+                if is_alloc && failed {
+                    continue;
+                }
                 match timed(self.store.delete(&k)).await {
                     Ok(_) => {
                         debug!(key = %k, "deleted");
                         self.written.remove(&k);
+                        if is_alloc && let Ok(Key::VipAlloc(ip)) = Key::parse(&k) {
+                            self.ep_addrs.retain(|_, a| *a != ip);
+                        }
                     }
                     Err(e) => {
                         warn!(key = %k, error = %e, "store delete failed; will retry");
                         self.dirty = true;
+                        failed = true;
                     }
                 }
             }

@@ -216,6 +216,7 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                 ports: spec::endpoint_ports(&spec, svc_obj),
                 ready: false,
                 is_static: false,
+                addr: None,
             };
             for s in &services {
                 endpoints.push((
@@ -314,6 +315,7 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                         .unwrap_or_default(),
                     ready: false,
                     is_static: true,
+                    addr: None,
                 },
                 ready,
             ));

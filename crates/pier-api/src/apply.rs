@@ -268,6 +268,12 @@ pub fn plan(
                 }
                 match old {
                     Some((old, rev)) => {
+                        if new.headless != old.headless {
+                            return Err(PlanError::Bad(format!(
+                                "services.{}.x-pier.headless: a service cannot change between headless and not; remove the service from the file, apply, and add it back",
+                                c.name
+                            )));
+                        }
                         new.vip = old.vip;
                         new.created_at = old.created_at;
                         if &new == old {
@@ -308,23 +314,25 @@ pub fn plan(
                         });
                     }
                     None => {
-                        let vip = alloc::pick_vip(cfg, &vips).map_err(|e| {
-                            PlanError::Conflict(format!("services.{}: {e}", c.name))
-                        })?;
-                        vips.insert(vip);
-                        new.vip = Some(vip);
+                        if !new.headless {
+                            let vip = alloc::pick_vip(cfg, &vips).map_err(|e| {
+                                PlanError::Conflict(format!("services.{}: {e}", c.name))
+                            })?;
+                            vips.insert(vip);
+                            new.vip = Some(vip);
+                            let k = keys::vip_alloc(vip);
+                            compares.push(Compare::Absent(k.clone()));
+                            ops.push(TxnOp::Put {
+                                key: k,
+                                value: alloc_value(&new),
+                                lease: None,
+                            });
+                        }
                         new.created_at = now;
                         if new.ports.iter().any(|p| p.node_port.is_some()) {
                             new.service_type = ServiceType::NodePort;
                         }
                         changes.push(change(ChangeAction::Create, "service", &c.name, vec![]));
-                        let k = keys::vip_alloc(vip);
-                        compares.push(Compare::Absent(k.clone()));
-                        ops.push(TxnOp::Put {
-                            key: k,
-                            value: alloc_value(&new),
-                            lease: None,
-                        });
                         for n in node_ports(&new) {
                             let k = keys::node_port_alloc(port(n));
                             compares.push(Compare::Absent(k.clone()));
@@ -528,6 +536,7 @@ fn alloc_value(s: &Service) -> Vec<u8> {
     encode(&Allocation {
         namespace: s.namespace.clone(),
         service: s.name.clone(),
+        endpoint: None,
     })
 }
 

@@ -446,6 +446,8 @@ async fn expose_can_prefer_local_endpoints() {
         service_type: ServiceType::ClusterIP,
         node_port: None,
         prefer_local,
+        headless: false,
+        proxy_protocol: false,
     };
     let near = c
         .expose_replicaset(&ns(), &n("near"), &req("near", true))
@@ -483,6 +485,8 @@ async fn services_expose_external_endpoints_and_delete() {
                 service_type: ServiceType::NodePort,
                 node_port: None,
                 prefer_local: false,
+                headless: false,
+                proxy_protocol: false,
             },
         )
         .await
@@ -532,6 +536,8 @@ async fn services_expose_external_endpoints_and_delete() {
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
                 prefer_local: false,
+                headless: false,
+                proxy_protocol: false,
             },
         )
         .await
@@ -549,6 +555,8 @@ async fn services_expose_external_endpoints_and_delete() {
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
                 prefer_local: false,
+                headless: false,
+                proxy_protocol: false,
             },
         )
         .await
@@ -565,6 +573,8 @@ async fn services_expose_external_endpoints_and_delete() {
                 service_type: ServiceType::ClusterIP,
                 node_port: None,
                 prefer_local: false,
+                headless: false,
+                proxy_protocol: false,
             },
         )
         .await
@@ -592,6 +602,7 @@ async fn services_expose_external_endpoints_and_delete() {
         }],
         ready: true,
         is_static: false,
+        addr: None,
     };
     h.store
         .put(
@@ -633,6 +644,7 @@ async fn services_expose_external_endpoints_and_delete() {
         name: n("db"),
         namespace: ns(),
         vip: None,
+        headless: false,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: n("p5432"),
@@ -1191,6 +1203,7 @@ fn service(name: &str) -> Service {
         name: n(name),
         namespace: ns(),
         vip: None,
+        headless: false,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: n("http"),
@@ -1708,6 +1721,8 @@ async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
             service_type: ServiceType::ClusterIP,
             node_port: None,
             prefer_local: false,
+            headless: false,
+            proxy_protocol: false,
         },
     )
     .await

@@ -692,6 +692,12 @@ fn service(
         revision: 0,
         history: vec![],
     };
+    if x.headless && ports.iter().any(|p| p.node_port.is_some()) {
+        cx.err(
+            format!("{path}.x-pier.headless"),
+            "a headless service has no proxy, so no published ports; remove ports: (keep expose:), or leave headless off",
+        );
+    }
     let service = if ports.is_empty() {
         cx.warn(
             path,
@@ -705,6 +711,7 @@ fn service(
             name: name.clone(),
             namespace: ns.clone(),
             vip: None,
+            headless: x.headless,
             service_type: if ports.iter().any(|p| p.node_port.is_some()) {
                 ServiceType::NodePort
             } else {
@@ -1406,6 +1413,7 @@ struct XPier {
     affinity: Vec<Name>,
     prefer_local: bool,
     proxy_protocol: bool,
+    headless: bool,
     lb: Option<LbPolicy>,
     sla: Option<Sla>,
     min_replicas: Option<Replicas>,
@@ -1445,8 +1453,9 @@ fn x_pier(v: &Value, path: &str, all: &BTreeSet<String>, cx: &mut Ctx) -> XPier 
                     }
                 }
             }
-            "prefer_local" | "proxy_protocol" => match val.as_bool() {
+            "prefer_local" | "proxy_protocol" | "headless" => match val.as_bool() {
                 Some(b) if k == "prefer_local" => x.prefer_local = b,
+                Some(b) if k == "headless" => x.headless = b,
                 Some(b) => x.proxy_protocol = b,
                 None => cx.err(&p, "must be true or false"),
             },
@@ -1487,7 +1496,7 @@ fn x_pier(v: &Value, path: &str, all: &BTreeSet<String>, cx: &mut Ctx) -> XPier 
             }
             _ => cx.err(
                 &p,
-                "not an x-pier key (anti_affinity, affinity, prefer_local, proxy_protocol, lb, sla)",
+                "not an x-pier key (anti_affinity, affinity, prefer_local, proxy_protocol, headless, lb, sla)",
             ),
         }
     }

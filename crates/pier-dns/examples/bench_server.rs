@@ -119,6 +119,7 @@ fn big_snapshot(n: usize, srv: usize) -> Result<Snapshot> {
                     }],
                     ready: true,
                     is_static: false,
+                    addr: None,
                 }),
             );
         }

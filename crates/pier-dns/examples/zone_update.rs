@@ -91,6 +91,7 @@ fn snapshot(n: usize, k: usize) -> Result<Snapshot> {
                     }],
                     ready: true,
                     is_static: false,
+                    addr: None,
                 }),
             );
         }

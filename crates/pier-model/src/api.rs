@@ -253,6 +253,14 @@ pub struct ExposeRequest {
     /// any, and the others' only when it has none.
     #[serde(default)]
     pub prefer_local: bool,
+    /// A headless service: no VIP, no proxy listener; DNS answers the
+    /// service's name with one address per ready pod (its endpoint VIP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
+    /// Send a PROXY protocol v2 header (the client's address) to the pod
+    /// before the client's bytes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 /// Something wrong with an object, reported by a subsystem (the proxy's

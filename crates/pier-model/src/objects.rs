@@ -286,6 +286,12 @@ pub struct Service {
     /// The virtual IP; `None` for a headless service.
     #[serde(default)]
     pub vip: Option<IpAddr>,
+    /// A headless service: no VIP and no proxy listener; DNS answers its
+    /// name with the endpoint VIPs of its ready endpoints, one per pod
+    /// (see `Endpoint.addr`), and SRV per pod. Set at creation only. Left
+    /// out when false, so older agents still read the record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headless: bool,
     #[serde(rename = "type", default)]
     pub service_type: ServiceType,
     pub ports: Vec<ServicePort>,
@@ -336,6 +342,7 @@ impl Service {
             name,
             namespace,
             vip: None,
+            headless: false,
             service_type: ServiceType::default(),
             ports,
             selector: Labels::new(),
@@ -352,7 +359,7 @@ impl Service {
     }
     /// A service with no VIP answers DNS with its endpoints' addresses.
     pub fn is_headless(&self) -> bool {
-        self.vip.is_none()
+        self.headless || self.vip.is_none()
     }
     pub fn port_by_name(&self, name: &str) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.name.as_str() == name)
@@ -738,6 +745,15 @@ pub struct Endpoint {
     /// node that checked it uses it, and it connects directly.
     #[serde(default, rename = "static")]
     pub is_static: bool,
+    /// The endpoint's own address (its *endpoint VIP*), from the service
+    /// CIDR: every node's proxy listens on it, on the endpoint's ports, and
+    /// forwards to this endpoint only (over the mesh from other nodes).
+    /// DNS answers the endpoint's pod name, SRV targets and a headless
+    /// service's A records with it, so they work from every host. Claimed
+    /// by the endpoint's agent (`alloc/vip/<addr>`, under its lease); `None`
+    /// for a static endpoint, or until the claim succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<IpAddr>,
 }
 
 impl Endpoint {
@@ -843,6 +859,10 @@ impl Stats {
 pub struct Allocation {
     pub namespace: Namespace,
     pub service: Name,
+    /// For an endpoint VIP (`Endpoint.addr`): the node and id of the
+    /// endpoint holding it. Left out for a service's own VIP or node port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<(Name, Name)>,
 }
 
 #[cfg(test)]

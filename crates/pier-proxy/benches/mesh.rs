@@ -329,6 +329,7 @@ fn endpoint(svc: &str, node: &str, a: SocketAddr) -> Arc<Endpoint> {
         }],
         ready: true,
         is_static: false,
+        addr: None,
     })
 }
 

@@ -32,6 +32,7 @@ fn service(
         name: Name::new(name).expect("name"),
         namespace: Namespace::default(),
         vip: Some(listen.ip()),
+        headless: false,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: Name::new("p").expect("name"),
@@ -69,6 +70,7 @@ fn service(
                 }],
                 ready: true,
                 is_static: true,
+                addr: None,
             }),
         );
     }

@@ -212,13 +212,31 @@ impl Proxy {
     }
 }
 
+/// A service port (`.2` `None`: the service's VIP and node ports), or one
+/// endpoint's share of it (`.2` the endpoint: its endpoint VIP, which
+/// forwards to that endpoint only).
+type PortKey = (ObjectKey, Name, Option<EndpointKey>);
+
+/// The metrics label of a port key: the port's name, and `@<pod or id>`
+/// for an endpoint VIP.
+fn port_label(pk: &PortKey, snap: &Snapshot) -> String {
+    match &pk.2 {
+        None => pk.1.to_string(),
+        Some(ek) => {
+            let ep = snap.endpoints.get(&pk.0).and_then(|m| m.get(ek));
+            let who = ep.and_then(|e| e.pod.as_ref()).unwrap_or(&ek.1);
+            format!("{}@{who}", pk.1)
+        }
+    }
+}
+
 /// One service port's live state across snapshots.
 #[derive(Debug)]
 struct PortEntry {
     target: Arc<ArcSwap<PortTarget>>,
     m: SvcMetrics,
     service: Arc<str>,
-    port_name: Name,
+    port_name: String,
     /// The service's drain timeout, for when the service itself is gone.
     drain: Duration,
     /// Every endpoint in the snapshot (ready or not), by key.
@@ -227,7 +245,7 @@ struct PortEntry {
 
 #[derive(Debug)]
 struct ListenerEntry {
-    key: (ObjectKey, Name),
+    key: PortKey,
     cancel: CancellationToken,
     /// Ends once the listening socket is closed.
     task: tokio::task::JoinHandle<()>,
@@ -245,7 +263,7 @@ struct State {
     ctx: Arc<Ctx>,
     metrics: Metrics,
     iface: Option<Iface>,
-    ports: HashMap<(ObjectKey, Name), PortEntry>,
+    ports: HashMap<PortKey, PortEntry>,
     listeners: HashMap<SocketAddr, ListenerEntry>,
     /// Binds that failed: the service and the message shown for it.
     failed: HashMap<SocketAddr, (ObjectKey, String)>,
@@ -306,12 +324,38 @@ impl State {
 
     async fn reconcile(&mut self, snap: &Snapshot) {
         let now = Instant::now();
-        let mut wanted_ports: HashSet<(ObjectKey, Name)> = HashSet::new();
-        let mut wanted_listeners: HashMap<SocketAddr, (ObjectKey, Name)> = HashMap::new();
+        let mut wanted_ports: HashSet<PortKey> = HashSet::new();
+        let mut wanted_listeners: HashMap<SocketAddr, PortKey> = HashMap::new();
         let mut wanted_vips: HashSet<IpAddr> = HashSet::new();
         let mut node_ports: HashSet<SocketAddr> = HashSet::new();
 
         for (key, svc) in snap.services.iter() {
+            // Endpoint VIPs: each forwards, on the endpoint's own ports, to
+            // that endpoint only, so a pod name or SRV target that DNS
+            // answers works from every host (over the mesh when remote).
+            for (ek, ep) in snap.endpoints.get(key).into_iter().flat_map(|m| m.iter()) {
+                let Some(addr) = ep.addr else { continue };
+                if ep.is_static {
+                    continue;
+                }
+                if self.cfg.manage_iface && !self.service_cidr.contains(addr) {
+                    tracing::warn!(service = %service_label(key), endpoint = %ek.1, %addr, cidr = %self.service_cidr, "endpoint address outside the service CIDR; not served");
+                    continue;
+                }
+                wanted_vips.insert(addr);
+                for sp in &svc.ports {
+                    let Some(port) = ep.port_for(sp) else {
+                        continue;
+                    };
+                    let pk = (key.clone(), sp.name.clone(), Some(ek.clone()));
+                    wanted_ports.insert(pk.clone());
+                    self.update_port(snap, svc, &pk, now);
+                    // Two service ports on one endpoint port: the first.
+                    wanted_listeners
+                        .entry(SocketAddr::new(addr, port.get()))
+                        .or_insert(pk);
+                }
+            }
             let Some(vip) = svc.vip else { continue };
             if self.cfg.manage_iface && !self.service_cidr.contains(vip) {
                 tracing::warn!(service = %service_label(key), %vip, cidr = %self.service_cidr, "VIP outside the service CIDR; not served");
@@ -319,7 +363,7 @@ impl State {
             }
             wanted_vips.insert(vip);
             for sp in &svc.ports {
-                let pk = (key.clone(), sp.name.clone());
+                let pk = (key.clone(), sp.name.clone(), None);
                 wanted_ports.insert(pk.clone());
                 self.update_port(snap, svc, &pk, now);
                 wanted_listeners.insert(SocketAddr::new(vip, sp.port.get()), pk.clone());
@@ -349,8 +393,7 @@ impl State {
                 for (_, ep) in pe.eps {
                     self.start_drain(ep, now + pe.drain);
                 }
-                self.metrics
-                    .remove_service(&pe.service, pe.port_name.as_str());
+                self.metrics.remove_service(&pe.service, &pe.port_name);
             }
         }
 
@@ -406,7 +449,7 @@ impl State {
         }
 
         // New listeners.
-        let mut adds: Vec<(SocketAddr, (ObjectKey, Name))> = wanted_listeners
+        let mut adds: Vec<(SocketAddr, PortKey)> = wanted_listeners
             .into_iter()
             .filter(|(a, _)| !self.listeners.contains_key(a))
             .collect();
@@ -473,13 +516,7 @@ impl State {
     }
 
     /// Rebuilds one service port's balancer from the snapshot.
-    fn update_port(
-        &mut self,
-        snap: &Snapshot,
-        svc: &Service,
-        pk: &(ObjectKey, Name),
-        now: Instant,
-    ) {
+    fn update_port(&mut self, snap: &Snapshot, svc: &Service, pk: &PortKey, now: Instant) {
         let sp = match svc.ports.iter().find(|p| p.name == pk.1) {
             Some(p) => p,
             None => return,
@@ -488,7 +525,8 @@ impl State {
         let metrics = &self.metrics;
         let pe = self.ports.entry(pk.clone()).or_insert_with(|| {
             let service: Arc<str> = service_label(&pk.0).into();
-            let m = metrics.service(&service, pk.1.as_str());
+            let port_name = port_label(pk, snap);
+            let m = metrics.service(&service, &port_name);
             let t = PortTarget {
                 service: service.clone(),
                 m: m.clone(),
@@ -499,7 +537,7 @@ impl State {
                 target: Arc::new(ArcSwap::from_pointee(t)),
                 m,
                 service,
-                port_name: pk.1.clone(),
+                port_name,
                 drain,
                 eps: HashMap::new(),
             }
@@ -508,6 +546,11 @@ impl State {
         let mut ready = Vec::new();
         let mut removed = Vec::new();
         for ((node, id), ep) in snap.endpoints.get(&pk.0).into_iter().flat_map(|m| m.iter()) {
+            if let Some((n, i)) = &pk.2
+                && (n != node || i != id)
+            {
+                continue; // an endpoint VIP forwards to its endpoint only
+            }
             if ep.is_static && *node != self.node {
                 continue; // a static endpoint is used only by the node that checks it
             }
@@ -558,7 +601,7 @@ impl State {
                         mesh.warm(*peer, node);
                     }
                     let m =
-                        metrics.endpoint(&pe.service, pk.1.as_str(), &label, route.metric_label());
+                        metrics.endpoint(&pe.service, &pe.port_name, &label, route.metric_label());
                     Arc::new(EpState::new(addr, route, local, m))
                 }
             };

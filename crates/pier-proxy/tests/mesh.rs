@@ -61,6 +61,7 @@ fn endpoint(node: &str, id: &str, addr: SocketAddr, ready: bool) -> Arc<Endpoint
         }],
         ready,
         is_static: false,
+        addr: None,
     })
 }
 

@@ -60,6 +60,7 @@ fn dataset() -> Vec<KeyValue> {
                 }],
                 ready: true,
                 is_static: false,
+                addr: None,
             };
             rev += 1;
             kvs.push(kv(

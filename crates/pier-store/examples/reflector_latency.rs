@@ -37,6 +37,7 @@ fn endpoint(ns: &Namespace, svc: &Name, s: usize, e: usize, generation: u8) -> (
         }],
         ready: generation % 2 == 0,
         is_static: false,
+        addr: None,
     };
     (keys::endpoint(ns, svc, &node, &id), pier_model::encode(&ep))
 }

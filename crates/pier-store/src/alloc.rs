@@ -64,6 +64,7 @@ pub async fn used_node_ports(
                         Allocation {
                             namespace: Namespace::default(),
                             service: Name::new("unknown").expect("valid"),
+                            endpoint: None,
                         },
                     );
                 }
@@ -84,6 +85,27 @@ pub fn pick_vip(cfg: &AllocConfig, used: &BTreeSet<IpAddr>) -> Result<IpAddr, Wr
     let size = cfg.service_cidr.size();
     let last = size.saturating_sub(1).min(1 << 20);
     (11..last)
+        .filter_map(|n| cfg.service_cidr.nth(n))
+        .find(|ip| !used.contains(ip))
+        .ok_or(WriteError::Exhausted("virtual IP in the service CIDR"))
+}
+
+/// A free address of the service CIDR for an endpoint VIP, searched from
+/// an offset given by `seed` (the same range as [`pick_vip`]).
+pub fn pick_endpoint_addr(
+    cfg: &AllocConfig,
+    used: &BTreeSet<IpAddr>,
+    seed: u64,
+) -> Result<IpAddr, WriteError> {
+    let size = cfg.service_cidr.size();
+    let last = size.saturating_sub(1).min(1 << 20);
+    if last <= 11 {
+        return Err(WriteError::Exhausted("virtual IP in the service CIDR"));
+    }
+    let span = last - 11;
+    let start = u128::from(seed) % span;
+    (0..span)
+        .map(|i| 11 + (start + i) % span)
         .filter_map(|n| cfg.service_cidr.nth(n))
         .find(|ip| !used.contains(ip))
         .ok_or(WriteError::Exhausted("virtual IP in the service CIDR"))
@@ -148,6 +170,7 @@ pub(crate) fn alloc_value(svc: &Service) -> Vec<u8> {
     encode(&Allocation {
         namespace: svc.namespace.clone(),
         service: svc.name.clone(),
+        endpoint: None,
     })
 }
 
@@ -166,6 +189,19 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
                     cfg.node_port_min, cfg.node_port_max
                 )));
             }
+        }
+    }
+    if svc.headless {
+        if let Some(vip) = svc.vip {
+            return Err(WriteError::Invalid(format!(
+                "vip: a headless service has no VIP, and {vip} was given; leave vip out, or headless off"
+            )));
+        }
+        if svc.service_type == ServiceType::NodePort {
+            return Err(WriteError::Invalid(
+                "type: a headless service has no proxy, so no node ports; use type ClusterIP, or leave headless off"
+                    .into(),
+            ));
         }
     }
     if let Some(vip) = svc.vip {

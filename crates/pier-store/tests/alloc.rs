@@ -21,6 +21,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
         name: Name::new(name).unwrap(),
         namespace: Namespace::default(),
         vip: None,
+        headless: false,
         service_type: ty,
         ports: vec![ServicePort {
             name: Name::new("http").unwrap(),

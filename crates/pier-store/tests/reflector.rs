@@ -38,6 +38,7 @@ fn endpoint(svc: &str, node: &str, id: &str, last: u8) -> Endpoint {
         }],
         ready: true,
         is_static: false,
+        addr: None,
     }
 }
 

@@ -259,6 +259,7 @@ fn a_port_held_by_another_service_is_a_conflict() {
         Allocation {
             namespace: Namespace::default(),
             service: Name::new("other").unwrap(),
+            endpoint: None,
         },
     );
     let e = plan(&spec(SHOP), &cur, &cfg(), 1).unwrap_err();

@@ -427,6 +427,8 @@ pub(super) async fn expose(
     svc.service_type = req.service_type;
     svc.selector = selector;
     svc.prefer_local = req.prefer_local;
+    svc.headless = req.headless;
+    svc.proxy_protocol = req.proxy_protocol;
     create_service(inner, ns, svc).await
 }
 

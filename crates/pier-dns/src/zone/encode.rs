@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use pier_model::{EndpointMap, Name, Namespace, Service, Snapshot};
+use pier_model::{Endpoint, EndpointMap, Name, Namespace, Service, Snapshot};
 
 use crate::wire::{self, Encoder, rtype};
 
@@ -304,10 +304,12 @@ pub(super) fn service_frag(
     let ns_d = wire::prepend(&[ns.as_str()], svc_d);
     let svc_name = wire::prepend(&[name.as_str()], &ns_d);
     f.own.entry(svc_name.clone()).or_default();
+    // Ready endpoints with the address every host can reach them at.
     let ready: Vec<_> = eps
         .into_iter()
         .flat_map(|m| m.values())
         .filter(|e| e.ready)
+        .filter_map(|e| answer_addr(e).map(|ip| (ip, e)))
         .collect();
     match svc.vip {
         Some(vip) => {
@@ -320,26 +322,26 @@ pub(super) fn service_frag(
         }
         None => {
             let p = f.own.entry(svc_name.clone()).or_default();
-            for e in &ready {
-                if !p.a.iter().any(|(ip, _)| *ip == e.ip) {
-                    p.a.push((e.ip, params.headless_ttl));
+            for (ip, _) in &ready {
+                if !p.a.iter().any(|(a, _)| a == ip) {
+                    p.a.push((*ip, params.headless_ttl));
                 }
             }
         }
     }
     let mut targets = Vec::with_capacity(ready.len());
-    for e in &ready {
+    for (ip, e) in &ready {
         let host = e.pod.as_ref().unwrap_or(&e.id);
         let pod_name = wire::prepend(&[host.as_str()], &svc_name);
         let p = f.own.entry(pod_name.clone()).or_default();
-        if !p.a.iter().any(|(ip, _)| *ip == e.ip) {
-            p.a.push((e.ip, params.pod_ttl));
+        if !p.a.iter().any(|(a, _)| a == ip) {
+            p.a.push((*ip, params.pod_ttl));
         }
-        let r = f.ptr_at(e.ip);
+        let r = f.ptr_at(*ip);
         if !r.iter().any(|(n, _)| *n == pod_name) {
             r.push((pod_name.clone(), params.pod_ttl));
         }
-        targets.push((pod_name, *e));
+        targets.push((pod_name, *ip, *e));
     }
     if !svc.ports.is_empty() {
         let tcp = wire::prepend(&["_tcp"], &svc_name);
@@ -349,10 +351,10 @@ pub(super) fn service_frag(
             let srv_name = wire::prepend(&[label.as_str()], &tcp);
             let p = f.own.entry(srv_name).or_default();
             p.srv_ttl = params.headless_ttl;
-            for (target, e) in &targets {
+            for (target, ip, e) in &targets {
                 if let Some(port) = e.port_for(sp) {
                     p.srv.push((0, 10, port.get(), target.clone()));
-                    p.srv_glue.push((target.clone(), e.ip, params.pod_ttl));
+                    p.srv_glue.push((target.clone(), *ip, params.pod_ttl));
                 }
             }
         }
@@ -360,13 +362,25 @@ pub(super) fn service_frag(
     f
 }
 
+/// The address DNS gives for an endpoint: its endpoint VIP, which every
+/// host's proxy forwards to it (a pod's bridge address is reachable only
+/// on its own host); a static endpoint's own address. `None` for a pod
+/// endpoint whose agent has not claimed an endpoint VIP yet: it is left out
+/// until it has one.
+pub(super) fn answer_addr(e: &Endpoint) -> Option<IpAddr> {
+    if e.is_static { Some(e.ip) } else { e.addr }
+}
+
 /// The addresses a service has PTR records at: its VIP and its ready
 /// endpoints' addresses (what [`service_frag`] puts in `ptr`).
 pub(super) fn ptr_ips(svc: &Service, eps: Option<&Arc<EndpointMap>>) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = svc.vip.into_iter().collect();
     for e in eps.into_iter().flat_map(|m| m.values()) {
-        if e.ready && !v.contains(&e.ip) {
-            v.push(e.ip);
+        if e.ready
+            && let Some(ip) = answer_addr(e)
+            && !v.contains(&ip)
+        {
+            v.push(ip);
         }
     }
     v

@@ -105,6 +105,7 @@ fn endpoint(r: &mut Rng, k: &ObjectKey, node: &Name, id: &Name) -> Endpoint {
         ports,
         ready: r.below(4) != 0,
         is_static: false,
+        addr: if r.below(5) == 0 { None } else { Some(ip(r)) },
     }
 }
 

@@ -117,6 +117,8 @@ pub fn endpoint(
             .collect(),
         ready,
         is_static: false,
+        // The tests' addresses stand for what DNS answers: the endpoint VIP.
+        addr: Some(ip.parse().expect("ip")),
     }
 }
 

@@ -66,6 +66,7 @@ pub fn endpoint(svc: &Service, id: &str, addr: SocketAddr, ready: bool) -> Endpo
         }],
         ready,
         is_static: true,
+        addr: None,
     }
 }
 

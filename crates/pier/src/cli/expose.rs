@@ -38,6 +38,14 @@ pub struct ExposeRsArgs {
     /// to other hosts' pods only when it has none.
     #[arg(long)]
     pub(super) prefer_local: bool,
+    /// No VIP and no proxy: the service's name resolves to one address per
+    /// ready pod (each reachable from every host), with SRV per pod.
+    #[arg(long, conflicts_with_all = ["node_port", "prefer_local"])]
+    pub(super) headless: bool,
+    /// Send a PROXY protocol v2 header with the client's address to the
+    /// pod before the client's bytes (the pod must expect it).
+    #[arg(long)]
+    pub(super) proxy_protocol: bool,
     #[command(flatten)]
     pub(super) namespace: NamespaceArg,
 }
@@ -84,6 +92,11 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
     if node_port.is_some() && service_type != ServiceType::NodePort {
         return usage("--node-port: needs --type NodePort");
     }
+    if a.headless && service_type != ServiceType::ClusterIP {
+        return usage(
+            "--headless: a headless service has no proxy, so no node ports; leave out --type NodePort",
+        );
+    }
     let name = a
         .service_name
         .as_deref()
@@ -101,6 +114,8 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
                 service_type,
                 node_port,
                 prefer_local: a.prefer_local,
+                headless: a.headless,
+                proxy_protocol: a.proxy_protocol,
             },
         )
         .await?;
