@@ -20,7 +20,9 @@
 //! - `direct`: host 1 → its local pod's IP, no proxy (reference);
 //! - `local`: host 1 → service VIP → pier proxy → local pod (splice);
 //! - `mesh`: host 1 → service VIP → pier proxy → TLS mesh → host 2's
-//!   agent → pod.
+//!   agent → pod;
+//! - the same two through each pod's endpoint VIP (the address its pod
+//!   name resolves to) instead of the service VIP.
 //!
 //! CPU is the agents' user+system time from `/proc/<pid>/stat` over the
 //! bulk run (both agents).
@@ -190,10 +192,21 @@ fn main() -> Result<()> {
             .with_context(|| format!("no VIP for {svc}"))?;
         Ok(s.parse()?)
     };
+    // The pod's endpoint VIP (what its pod name resolves to).
+    let ep_addr = |svc: &str| -> Result<std::net::IpAddr> {
+        let v = c.cli_json(1, &["get", "endpoints", svc])?;
+        let s = v
+            .first()
+            .and_then(|e| e["addr"].as_str())
+            .with_context(|| format!("no endpoint VIP for {svc}: {v:?}"))?;
+        Ok(s.parse()?)
+    };
     let targets = [
         ("direct (pod IP, no proxy)", c.pod_ip(1, "loc")?),
         ("local (VIP, proxy, splice)", vip("local")?),
+        ("local (endpoint VIP, proxy, splice)", ep_addr("local")?),
         ("mesh (VIP, proxy, mTLS hop)", vip("remote")?),
+        ("mesh (endpoint VIP, proxy, mTLS hop)", ep_addr("remote")?),
     ];
     let agents = c.agents.clone();
     let netns = c.topo.host(1).netns.clone();

@@ -620,3 +620,22 @@ fn the_shipped_oauth_example_loads_clean() {
     assert_eq!(ks.placement.anti_affinity[0].as_str(), "frontend");
     assert!(ks.template.container_health.is_some());
 }
+
+#[test]
+fn x_pier_headless_and_proxy_protocol() {
+    let l = load_str(
+        "name: p\nservices:\n  db:\n    image: x\n    expose: [5432]\n    x-pier: {headless: true, proxy_protocol: true}\n",
+    )
+    .unwrap();
+    let s = comp(&l, "db").service.as_ref().expect("a service");
+    assert!(s.headless && s.proxy_protocol && s.vip.is_none());
+    // A headless service has no node ports to publish.
+    let e = errors(
+        "name: p\nservices:\n  db:\n    image: x\n    ports: [\"30432:5432\"]\n    x-pier: {headless: true}\n",
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("services.db.x-pier.headless:") && m.contains("published")),
+        "{e:?}"
+    );
+}

@@ -272,3 +272,98 @@ async fn attack_explicit_node_ports_and_vips_outside_their_ranges_are_refused() 
         .unwrap_err();
     assert!(e.to_string().contains("ports[0].node_port: 80"), "{e}");
 }
+
+/// Endpoint VIPs share the service VIPs' keys: never one address twice,
+/// held under the claimer's lease (gone with it), found again by node; a
+/// headless service claims no VIP and refuses a VIP or node ports.
+async fn endpoint_addrs_and_headless(store: Arc<dyn Store>) {
+    use pier_store::writes::{claim_endpoint_addr, endpoint_addrs_of};
+    let c = cfg();
+    let n = |s: &str| Name::new(s).unwrap();
+    let ns = Namespace::default();
+    let lease = store
+        .lease_grant(pier_store::Ttl::from_secs(30).unwrap())
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        let ip = claim_endpoint_addr(
+            &*store,
+            &c,
+            &ns,
+            &n("db"),
+            &n("h1"),
+            &n(&format!("e{i}")),
+            lease,
+        )
+        .await
+        .unwrap();
+        assert!(c.service_cidr.contains(ip), "{ip}");
+        assert!(seen.insert(ip), "endpoint VIP {ip} handed out twice");
+    }
+    // A service's VIP avoids every claimed endpoint VIP.
+    let s = create_service(&*store, &c, svc("web", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap();
+    assert!(!seen.contains(&s.vip.unwrap()));
+    // A successor finds its node's claims, each under the endpoint's key.
+    let mine = endpoint_addrs_of(&*store, &n("h1")).await.unwrap();
+    assert_eq!(mine.len(), 20);
+    assert!(mine.iter().all(|(k, ip, kv)| seen.contains(ip)
+        && k.contains("/endpoints/default/db/h1/e")
+        && kv.lease == Some(lease)));
+    assert!(
+        endpoint_addrs_of(&*store, &n("h2"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Deleting the service does not touch endpoint VIPs.
+    delete_service(&*store, &ns, &n("web")).await.unwrap();
+    assert_eq!(
+        endpoint_addrs_of(&*store, &n("h1")).await.unwrap().len(),
+        20
+    );
+    // The lease takes them.
+    store.lease_revoke(lease).await.unwrap();
+    assert!(
+        endpoint_addrs_of(&*store, &n("h1"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Headless: no VIP claimed; a VIP or node ports are refused.
+    let mut h = svc("peers", ServiceType::ClusterIP, None);
+    h.headless = true;
+    let created = create_service(&*store, &c, h.clone(), true).await.unwrap();
+    assert_eq!(created.vip, None);
+    assert!(created.is_headless());
+    let mut bad = h.clone();
+    bad.name = n("peers2");
+    bad.vip = Some("10.213.0.99".parse().unwrap());
+    let e = create_service(&*store, &c, bad, true).await.unwrap_err();
+    assert!(e.to_string().contains("headless"), "{e}");
+    let mut bad = h.clone();
+    bad.name = n("peers3");
+    bad.service_type = ServiceType::NodePort;
+    let e = create_service(&*store, &c, bad, true).await.unwrap_err();
+    assert!(e.to_string().contains("no node ports"), "{e}");
+}
+
+#[tokio::test]
+async fn embedded_endpoint_addrs_and_headless() {
+    let dir = tempfile::tempdir().unwrap();
+    endpoint_addrs_and_headless(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test]
+async fn etcd_endpoint_addrs_and_headless() {
+    let etcd = EtcdServer::start().unwrap();
+    endpoint_addrs_and_headless(Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .unwrap(),
+    ))
+    .await;
+}

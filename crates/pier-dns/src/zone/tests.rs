@@ -332,3 +332,78 @@ fn an_update_copies_only_the_shards_it_touches() {
     // The service's names, two reverse names and the SOA: a handful.
     assert!((1..=8).contains(&copied), "{copied} shards copied");
 }
+
+/// The A records' addresses at `qname`, decoded from the pre-encoded
+/// answer (each record ends with its 4 address bytes).
+fn a_addrs(z: &Zone, qname: &str) -> Vec<std::net::IpAddr> {
+    let n = wire::wire_name(qname).expect("name");
+    match z.lookup(&n, rtype::A) {
+        Lookup::Answer(a) => {
+            // Owner (2-byte pointer), type, class, TTL, rdlength: 12 bytes,
+            // then the address.
+            a.body
+                .chunks(16)
+                .map(|r| std::net::IpAddr::from([r[12], r[13], r[14], r[15]]))
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Pod names and a headless service's name answer the endpoint VIP (what
+/// every host's proxy serves), never the bridge address, and a pod
+/// endpoint without one yet is left out.
+#[test]
+fn pod_names_and_headless_answer_endpoint_vips() {
+    let k = (Namespace::default(), name("db"));
+    let mut svc: Service = serde_json::from_value(serde_json::json!({
+        "name": "db", "headless": true,
+        "ports": [{"name": "pg", "port": 5432, "target_port": 5432}],
+    }))
+    .expect("service");
+    svc.vip = None;
+    let ep = |id: &str, ip: &str, addr: Option<&str>| Endpoint {
+        service: name("db"),
+        namespace: Namespace::default(),
+        node: name("n1"),
+        id: name(id),
+        pod: Some(name(id)),
+        hostname: None,
+        ip: ip.parse().expect("ip"),
+        ports: vec![EndpointPort {
+            name: name("pg"),
+            port: PortNum::new(5432).expect("port"),
+        }],
+        ready: true,
+        is_static: false,
+        addr: addr.map(|a| a.parse().expect("ip")),
+    };
+    let mut m = pier_model::EndpointMap::new();
+    for e in [
+        ep("db-a", "172.30.0.2", Some("10.213.0.40")),
+        ep("db-b", "172.30.0.3", Some("10.213.0.41")),
+        ep("db-c", "172.30.0.4", None),
+    ] {
+        m.insert((e.node.clone(), e.id.clone()), Arc::new(e));
+    }
+    let s = Snapshot {
+        services: Arc::new(BTreeMap::from([(k.clone(), Arc::new(svc))])),
+        endpoints: Arc::new(BTreeMap::from([(k, Arc::new(m))])),
+        ..Snapshot::default()
+    };
+    let z = build(&s, params());
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+    let mut all = a_addrs(&z, "db.default.svc.pier.internal");
+    all.sort();
+    assert_eq!(all, [ip("10.213.0.40"), ip("10.213.0.41")]);
+    assert_eq!(
+        a_addrs(&z, "db-a.db.default.svc.pier.internal"),
+        [ip("10.213.0.40")]
+    );
+    assert!(a_addrs(&z, "db-c.db.default.svc.pier.internal").is_empty());
+    let srv = wire::wire_name("_pg._tcp.db.default.svc.pier.internal").expect("name");
+    match z.lookup(&srv, rtype::SRV) {
+        Lookup::Answer(a) => assert_eq!((a.an, a.ar), (2, 2)),
+        other => panic!("SRV: {other:?}"),
+    }
+}
