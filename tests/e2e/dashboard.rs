@@ -3,7 +3,8 @@
 //! link, the login (cookie, redirect, no code left in the URL), the live
 //! views (hosts, placement, services with endpoints, replica sets,
 //! traffic), no console errors, and a pod deleted with the CLI showing up
-//! in the event feed, with its replacement, without a reload.
+//! in the event feed, with its replacement, without a reload; then an
+//! autoscaler decision and a supervisor problem, also live.
 //!
 //! Screenshots go to tests/artefacts/dashboard/ (gitignored); the paths
 //! are printed.
@@ -179,6 +180,46 @@ fn dashboard_in_a_real_browser() -> Result<()> {
         SHOW,
     )?;
     let shot = b.screenshot(&artefacts().join("2-replaced.png"))?;
+    println!("dashboard screenshot: {}", shot.display());
+
+    // An autoscaler decision (the set is below its new minimum) and a
+    // supervisor problem (a set no node can take) reach the feed and the
+    // replica sets' rows.
+    a.cli_ok(&[
+        "autoscale",
+        "rs",
+        "web",
+        "--min",
+        "3",
+        "--max",
+        "4",
+        "--max-active-per-pod",
+        "50",
+    ])?;
+    a.cli_ok(&[
+        "run",
+        "blocked",
+        "--image",
+        TEST_IMAGE,
+        "--constraint",
+        "node.labels.zone==nowhere",
+    ])?;
+    b.wait_for(
+        Duration::from_secs(30),
+        "the autoscaler's decision and the problem",
+        r#"(() => {
+  const ev = document.querySelector('#events-list').innerText;
+  const web = document.querySelector('#replicasets-body [data-replicaset="default/web"]')?.innerText || '';
+  const blocked = document.querySelector('#replicasets-body [data-replicaset="default/blocked"]')?.innerText || '';
+  return window.__pierMarker === 42
+    && ev.includes('autoscaler: default/web: 2 → 3: outside min 3')
+    && web.includes('3–4 pods') && web.includes('outside min 3')
+    && ev.includes('replica set default/blocked: ') && blocked.includes('problem: ')
+    && document.querySelectorAll('#placement-map [data-pod^="web-"]').length === 3;
+})()"#,
+        SHOW,
+    )?;
+    let shot = b.screenshot(&artefacts().join("3-autoscaled.png"))?;
     println!("dashboard screenshot: {}", shot.display());
 
     let errors = b.console_errors();

@@ -88,6 +88,7 @@ fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) 
         updated: c.updated,
         updated_ready: c.updated_ready,
         rollout: s.rollouts.get(&key).map(|r| (**r).clone()),
+        problem: s.problems.get(&key).map(|p| p.message.clone()),
     }
 }
 
@@ -244,6 +245,8 @@ pub(crate) fn unchanged(kind: Resource, f: &Filter, old: &Snapshot, new: &Snapsh
             Arc::ptr_eq(&old.replicasets, &new.replicasets)
                 && Arc::ptr_eq(&old.pods, &new.pods)
                 && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
+                && Arc::ptr_eq(&old.rollouts, &new.rollouts)
+                && Arc::ptr_eq(&old.problems, &new.problems)
         }
         Resource::Pods => {
             Arc::ptr_eq(&old.pods, &new.pods) && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
@@ -299,6 +302,14 @@ mod tests {
         assert!(!unchanged(Resource::Nodes, &all, &a, &b));
         assert!(unchanged(Resource::Services, &all, &a, &b));
         assert!(unchanged(Resource::Endpoints, &all, &a, &b));
+        // Rollout records and problems are part of a replica set's view.
+        let mut r = a.clone();
+        r.rollouts = Arc::new(BTreeMap::new());
+        assert!(!unchanged(Resource::ReplicaSets, &all, &a, &r));
+        let mut p = a.clone();
+        p.problems = Arc::new(BTreeMap::new());
+        assert!(!unchanged(Resource::ReplicaSets, &all, &a, &p));
+        assert!(unchanged(Resource::Pods, &all, &a, &p));
 
         // Endpoints of one service: another service's change is skipped.
         let ns = Namespace::default();

@@ -127,6 +127,9 @@ function describe(kind, type, o, old) {
     if (type === "ADDED") return [`replica set ${id} created (${o.replicas} replicas of ${o.template.image})`, "info"];
     if (type === "DELETED") return [`replica set ${id} deleted`, "warn"];
     if (old && old.replicas !== o.replicas) return [`replica set ${id} scaled from ${old.replicas} to ${o.replicas}`, "info"];
+    if (old && old.problem !== o.problem) {
+      return o.problem ? [`replica set ${id}: ${o.problem}`, "error"] : [`replica set ${id}: the problem is gone`, "info"];
+    }
     const ro = o.rollout, oro = old && old.rollout;
     if (ro && (!oro || oro.state !== ro.state || oro.revision !== ro.revision)) {
       const lvl = ro.state === "paused" || ro.state === "rolled_back" ? "error" : "info";
@@ -218,7 +221,7 @@ async function follow(kind, path, onChange) {
 // `first`: the page's very first batch, which is the cluster as it is,
 // not news.
 function change(kind, type, o, old, onChange, first) {
-  if (onChange) onChange(type, o, old);
+  if (onChange) onChange(type, o, old, first);
   if (first) return;
   const d = describe(kind, type, o, old);
   if (d) addEvent(kind, d[0], d[1]);
@@ -242,7 +245,7 @@ function loggedOut() {
 
 // ---- traffic and autoscaler signals -------------------------------------
 
-function onSignal(type, o) {
+function onSignal(type, o, _old, first) {
   if (o.kind === "traffic") {
     const k = `${o.namespace}/${o.service}`;
     const series = state.traffic.get(k) || [];
@@ -257,10 +260,12 @@ function onSignal(type, o) {
     const old = state.autoscale.get(k);
     if (type === "DELETED") { state.autoscale.delete(k); return; }
     state.autoscale.set(k, o);
-    const seen = old ? old.total : null;
-    if (seen !== null && o.total > seen) {
-      for (const d of o.decisions.slice(-(o.total - seen))) {
-        addEvent("autoscale", `autoscaler: ${k} ${d.from} → ${d.to}: ${d.reason}`, "info");
+    // New decisions since the page last saw the record (all of them for
+    // a record made while the page is open).
+    const seen = old ? old.total : first ? o.total : 0;
+    if (o.total > seen) {
+      for (const d of o.decisions.slice(-Math.min(o.total - seen, o.decisions.length))) {
+        addEvent("autoscale", `autoscaler: ${k}: ${d.reason}`, "info");
       }
     }
   }
@@ -448,7 +453,7 @@ function renderReplicaSets() {
       const ds = st ? st.decisions.slice(-3).reverse() : [];
       auto = el("div", {},
         el("div", {}, `${rs.min_replicas}–${rs.max_replicas} pods; ${targets.join(", ") || "no target"}`),
-        ds.length ? el("ul", { class: "decisions" }, ds.map((d) => el("li", {}, `${clock(d.at)} ${d.from} → ${d.to}: ${d.reason}`))) : el("div", { class: "note" }, "no decisions yet"));
+        ds.length ? el("ul", { class: "decisions" }, ds.map((d) => el("li", {}, `${clock(d.at)} ${d.reason}`))) : el("div", { class: "note" }, "no decisions yet"));
     }
     let ro = "none";
     if (rs.rollout) {
@@ -461,9 +466,10 @@ function renderReplicaSets() {
         r.message ? el("div", { class: "note" }, r.message) : null);
     }
     const short = rs.ready < rs.replicas;
+    const problem = rs.problem ? el("div", { class: "problem", role: "note" }, `problem: ${rs.problem}`) : null;
     return el("tr", { "data-replicaset": k },
       el("th", { scope: "row" }, el("span", { class: "swatch", "data-colour": colourOf(k), "aria-hidden": "true" }), k),
-      el("td", {}, el("code", {}, rs.template.image)),
+      el("td", {}, el("code", {}, rs.template.image), problem),
       el("td", {}, rs.replicas),
       el("td", {}, rs.current),
       el("td", {}, el("span", { class: short ? "state bad" : "state ok" }, rs.ready)),

@@ -142,6 +142,10 @@ pub struct ReplicaSetView {
     /// The latest rollout, as the supervisor leader recorded it.
     #[serde(default)]
     pub rollout: Option<Rollout>,
+    /// What keeps the set from its desired state, as the supervisor
+    /// leader reported it (`problems/<ns>/<rs>`); absent when nothing does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A pod merged with its status.
