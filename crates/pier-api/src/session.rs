@@ -26,14 +26,19 @@ const MAX_CODES: usize = 32;
 /// Sessions open at once, at most; the oldest goes first.
 const MAX_SESSIONS: usize = 256;
 
-/// The session cookie's name.
-pub const COOKIE: &str = "pier_session";
+/// The session cookie's name, before the port: `pier_session_7370`.
+/// Browsers do not scope cookies by port, so two agents on one host (or
+/// an agent and a test agent) each need their own name, or logging in to
+/// one would log out of the other.
+pub const COOKIE_PREFIX: &str = "pier_session_";
 
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
     /// A std Mutex: each critical section is a few map operations, never
     /// an `.await`.
     inner: Mutex<State>,
+    /// This API's cookie name.
+    cookie: String,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +71,19 @@ fn prune(map: &mut HashMap<String, u64>, now: u64, max: usize) {
 }
 
 impl Sessions {
+    /// The sessions of the API listening on `port`.
+    pub(crate) fn new(port: u16) -> Sessions {
+        Sessions {
+            inner: Mutex::default(),
+            cookie: format!("{COOKIE_PREFIX}{port}"),
+        }
+    }
+
+    /// The name of this API's session cookie.
+    pub(crate) fn cookie_name(&self) -> &str {
+        &self.cookie
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -118,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_code_works_once_and_expires() {
-        let s = Sessions::default();
+        let s = Sessions::new(7370);
         let c = s.issue_code(1_000);
         assert_eq!(c.len(), 32);
         let id = s.redeem(&c, 2_000).expect("a fresh code redeems");
@@ -132,7 +150,7 @@ mod tests {
 
     #[test]
     fn sessions_expire_and_end() {
-        let s = Sessions::default();
+        let s = Sessions::new(7370);
         let id = s.redeem(&s.issue_code(0), 0).unwrap();
         assert!(s.valid(&id, SESSION_TTL_MS - 1));
         assert!(!s.valid(&id, SESSION_TTL_MS));
@@ -145,7 +163,7 @@ mod tests {
 
     #[test]
     fn the_maps_stay_bounded() {
-        let s = Sessions::default();
+        let s = Sessions::new(7370);
         let first = s.issue_code(0);
         for i in 0..MAX_CODES as u64 * 3 {
             s.issue_code(i + 1);
@@ -164,10 +182,14 @@ mod tests {
 
     #[test]
     fn cookies_parse() {
-        assert_eq!(cookie("pier_session=abc", COOKIE), Some("abc"));
-        assert_eq!(cookie("a=1; pier_session=abc ; b=2", COOKIE), Some("abc"));
-        assert_eq!(cookie("xpier_session=abc", COOKIE), None);
-        assert_eq!(cookie("", COOKIE), None);
-        assert_eq!(cookie("pier_session", COOKIE), None);
+        let c = Sessions::new(7370);
+        let c = c.cookie_name();
+        assert_eq!(c, "pier_session_7370");
+        assert_eq!(cookie("pier_session_7370=abc", c), Some("abc"));
+        assert_eq!(cookie("a=1; pier_session_7370=abc ; b=2", c), Some("abc"));
+        assert_eq!(cookie("pier_session_7371=abc", c), None, "another agent's");
+        assert_eq!(cookie("xpier_session_7370=abc", c), None);
+        assert_eq!(cookie("", c), None);
+        assert_eq!(cookie("pier_session_7370", c), None);
     }
 }

@@ -1853,11 +1853,13 @@ async fn attack_dashboard_sessions_read_only_and_codes_once() {
     assert_eq!(status, 401);
     nothing_stored(&*h.store).await;
     // A forged or ended session is nothing.
+    assert!(cookie.starts_with(&format!("pier_session_{}=", h.addr.port())));
+    let forged = format!("pier_session_{}=00ff", h.addr.port());
     let (status, _) = raw(
         h.addr,
         "GET",
         "/api/v1/nodes",
-        &[("Cookie", "pier_session=00ff")],
+        &[("Cookie", forged.as_str())],
         b"",
     )
     .await;

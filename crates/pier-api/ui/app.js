@@ -118,7 +118,11 @@ function describe(kind, type, o, old) {
     return null;
   }
   if (kind === "nodes") {
-    if (type === "ADDED") return [`host ${id} joined (pier ${o.version})`, "info"];
+    if (type === "ADDED") {
+      const back = nodesSeen.has(o.name);
+      nodesSeen.add(o.name);
+      return [back ? `host ${id} is back (pier ${o.version})` : `host ${id} joined (pier ${o.version})`, "info"];
+    }
     if (type === "DELETED") return [`host ${id} lost (its lease expired)`, "error"];
     if (old && old.ready !== o.ready) return [o.ready ? `host ${id} is fresh again` : `host ${id}: the store is unreachable (stale)`, o.ready ? "info" : "error"];
     return null;
@@ -147,6 +151,8 @@ function describe(kind, type, o, old) {
 // Replica set → the last pod deleted / created, to pair replacements.
 const recentlyDeleted = new Map();
 const recentlyAdded = new Map();
+// Hosts the page has seen, to tell a host coming back from a new one.
+const nodesSeen = new Set();
 
 // ---- streams -----------------------------------------------------------
 
@@ -222,6 +228,7 @@ async function follow(kind, path, onChange) {
 // not news.
 function change(kind, type, o, old, onChange, first) {
   if (onChange) onChange(type, o, old, first);
+  if (kind === "nodes" && type === "ADDED" && first) nodesSeen.add(o.name);
   if (first) return;
   const d = describe(kind, type, o, old);
   if (d) addEvent(kind, d[0], d[1]);
@@ -365,7 +372,7 @@ function renderServices() {
           const route = e.static || e.node === state.node ? "direct" : "mesh";
           const ports = e.ports.map((p) => p.port).join(",");
           return el("span", { class: `ep ${e.ready ? "ok" : "bad"}`, "data-ep": e.id },
-            `${e.pod || e.hostname || e.id} ${e.ip}${ports ? ":" + ports : ""} · ${e.ready ? "ready" : "not ready"} · ${route}`);
+            `${e.pod || e.hostname || e.id} ${e.ip}${ports ? ":" + ports : ""}${e.addr ? ` (VIP ${e.addr})` : ""} · ${e.ready ? "ready" : "not ready"} · ${route}`);
         })));
     return el("tr", { "data-service": k },
       el("th", { scope: "row" }, k),

@@ -98,7 +98,7 @@ pub async fn serve(
     extra.extend(cfg.allowed_hosts.iter().cloned());
     let hosts = HostCheck::new(local, &guard::host_addrs(), &extra);
     debug!(hosts = ?hosts.names().collect::<Vec<_>>(), "API Host names");
-    let sessions = Arc::new(Sessions::default());
+    let sessions = Arc::new(Sessions::new(local.port()));
     let inner = Arc::new(Inner {
         st: state,
         cancel: cancel.clone(),

@@ -12,7 +12,7 @@ use pier_model::now_ms;
 
 use super::Inner;
 use super::plumbing::{Body, Fail, full, json};
-use crate::session::{CODE_TTL_MS, COOKIE, SESSION_TTL_MS, cookie};
+use crate::session::{CODE_TTL_MS, SESSION_TTL_MS, cookie};
 
 const INDEX: &str = include_str!("../../ui/index.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
@@ -120,7 +120,8 @@ fn login(inner: &Arc<Inner>, query: Option<&str>) -> Response<Body> {
         Some(id) => {
             let mut r = redirect("/ui/");
             let c = format!(
-                "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                inner.sessions.cookie_name(),
                 SESSION_TTL_MS / 1000
             );
             r.headers_mut().insert(
@@ -140,7 +141,11 @@ fn login(inner: &Arc<Inner>, query: Option<&str>) -> Response<Body> {
 /// `GET /ui/logout`: end this session and clear the cookie.
 fn logout(inner: &Arc<Inner>, headers: &http::HeaderMap) -> Response<Body> {
     for v in headers.get_all(header::COOKIE) {
-        if let Some(id) = v.to_str().ok().and_then(|v| cookie(v, COOKIE)) {
+        if let Some(id) = v
+            .to_str()
+            .ok()
+            .and_then(|v| cookie(v, inner.sessions.cookie_name()))
+        {
             inner.sessions.end(id);
         }
     }
@@ -149,9 +154,13 @@ fn logout(inner: &Arc<Inner>, headers: &http::HeaderMap) -> Response<Body> {
         "Logged out",
         "The session has ended. Run `pier dashboard` on the agent's host to log in again.",
     );
+    let clear = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        inner.sessions.cookie_name()
+    );
     r.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("pier_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_str(&clear).expect("a cookie name is a valid header value"),
     );
     r
 }
@@ -177,6 +186,6 @@ pub(super) fn has_session(sessions: &crate::session::Sessions, headers: &http::H
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| cookie(v, COOKIE))
+        .filter_map(|v| cookie(v, sessions.cookie_name()))
         .any(|id| sessions.valid(id, now))
 }
