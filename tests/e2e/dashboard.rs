@@ -4,7 +4,8 @@
 //! views (hosts, placement, services with endpoints, replica sets,
 //! traffic), no console errors, and a pod deleted with the CLI showing up
 //! in the event feed, with its replacement, without a reload; then an
-//! autoscaler decision and a supervisor problem, also live.
+//! autoscaler decision and a supervisor problem, also live; last, an
+//! agent restart ends the session and the page says so.
 //!
 //! Screenshots go to tests/artefacts/dashboard/ (gitignored); the paths
 //! are printed.
@@ -224,5 +225,19 @@ fn dashboard_in_a_real_browser() -> Result<()> {
 
     let errors = b.console_errors();
     ensure!(errors.is_empty(), "the page logged errors: {errors:#?}");
+
+    // The agent restarts: sessions lived in its memory, so the page says
+    // it is logged out and what to do, instead of failing silently. (The
+    // refused connections while it is down are logged by the browser,
+    // hence after the error check.)
+    let mut a = a;
+    a.stop()?;
+    a.spawn()?;
+    b.wait_for(
+        Duration::from_secs(30),
+        "the page to say the session ended",
+        "document.querySelector('#live').textContent === 'logged out' && document.querySelector('#cluster').textContent.includes('pier dashboard')",
+        SHOW,
+    )?;
     Ok(())
 }
