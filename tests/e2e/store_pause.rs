@@ -15,10 +15,13 @@ use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually
 
 use crate::demo::ONE_AT_A_TIME;
 
-/// Per loop: 500 requests 20 ms apart, about 10 s or more; etcd is paused
-/// 1 s in for PAUSE, so about 3 s of requests follow its return.
-const N: u32 = 500;
-const GAP: Duration = Duration::from_millis(20);
+/// Per loop: 1500 requests 5 ms apart, about 10 s or more; etcd is paused
+/// 1 s in for PAUSE, so about 3 s of requests follow its return. Without
+/// the hold the blip after the return lasted 20 ms to 1 s (its length is
+/// when the agent's next keepalive falls): 1, 1, 0 and 40 of 500 requests
+/// 20 ms apart failed per loop; 5 ms apart, a 20 ms blip fails several.
+const N: u32 = 1500;
+const GAP: Duration = Duration::from_millis(5);
 /// 2 × the test agents' lease TTL (3 s).
 const PAUSE: Duration = Duration::from_secs(6);
 

@@ -124,6 +124,32 @@ impl EtcdStore {
         endpoints: &[String],
         security: &EtcdSecurity,
     ) -> Result<EtcdStore, StoreError> {
+        Self::connect_from(endpoints, security, 0).await
+    }
+
+    /// [`EtcdStore::connect_with`], trying the endpoints from the one
+    /// `spread_key` (the node's name) hashes to, so that a cluster's agents
+    /// spread over the members. From the first endpoint, every agent's
+    /// watch, reads and keepalives went to one member (issue 17's
+    /// simulator: 54 watchers on the first member, 0 on the others).
+    pub async fn connect_spread(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+        spread_key: &str,
+    ) -> Result<EtcdStore, StoreError> {
+        // FNV-1a: stable across processes and versions (std's hasher is not).
+        let h = spread_key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let n = endpoints.len().max(1) as u64;
+        Self::connect_from(endpoints, security, (h % n) as usize).await
+    }
+
+    async fn connect_from(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+        start: usize,
+    ) -> Result<EtcdStore, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
@@ -160,7 +186,8 @@ impl EtcdStore {
         let sent_cert = security.tls.as_ref().map(|t| t.has_client_cert());
         let mut errors = Vec::new();
         let mut refusals = 0;
-        for i in 0..inner.endpoints.len() {
+        let n = inner.endpoints.len();
+        for i in (0..n).map(|k| (start + k) % n) {
             let url = &inner.endpoints[i];
             // One read under pier's root: it needs the member up, our
             // certificate and password accepted and read access to /pier/.

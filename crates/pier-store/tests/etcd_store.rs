@@ -137,6 +137,45 @@ async fn first_endpoint_dead_still_works() {
     assert!(direct.get("/d/c").await.expect("get").is_some());
 }
 
+/// Agents spread over the members by node name (issue 17: from the first
+/// endpoint, every agent's watch was on one member), the same name always
+/// to the same member, and a dead member is still passed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_spread_starts_on_the_member_the_key_hashes_to() {
+    let (a, b) = (
+        EtcdServer::start().expect("start etcd a"),
+        EtcdServer::start().expect("start etcd b"),
+    );
+    let eps = [a.endpoint.clone(), b.endpoint.clone()];
+    let sec = pier_store::EtcdSecurity::default();
+    let mut on_a = 0;
+    for i in 0..16 {
+        let key = format!("host-{i}");
+        let s = EtcdStore::connect_spread(&eps, &sec, &key)
+            .await
+            .expect("connect");
+        let again = EtcdStore::connect_spread(&eps, &sec, &key)
+            .await
+            .expect("connect");
+        assert_eq!(s.current_endpoint(), again.current_endpoint(), "{key}");
+        if s.current_endpoint().ends_with(&a.endpoint) {
+            on_a += 1;
+        }
+    }
+    assert!((4..=12).contains(&on_a), "{on_a} of 16 on the first member");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    for i in 0..4 {
+        let s =
+            EtcdStore::connect_spread(&[dead.clone(), a.endpoint.clone()], &sec, &format!("h{i}"))
+                .await
+                .expect("a dead member is passed over");
+        assert!(s.current_endpoint().ends_with(&a.endpoint));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_fails_when_nothing_answers() {
     let dead = {

@@ -212,6 +212,9 @@ struct Leader<'a> {
     node_absent_since: BTreeMap<Name, Instant>,
     last_write: Revision,
     next_resync: Instant,
+    /// `current`'s pods by set, rebuilt when its pods map changes.
+    pod_index: Arc<plan::PodIndex>,
+    pod_index_of: Arc<BTreeMap<ObjectKey, Arc<pier_model::Pod>>>,
 }
 
 fn random_suffix() -> String {
@@ -247,6 +250,8 @@ impl<'a> Leader<'a> {
             problems: BTreeMap::new(),
             blocked: BTreeSet::new(),
             node_absent_since: BTreeMap::new(),
+            pod_index: Arc::default(),
+            pod_index_of: Arc::default(),
             last_write: 0,
             next_resync: Instant::now(),
         }
@@ -475,6 +480,11 @@ impl<'a> Leader<'a> {
         st.probation
             .retain(|n| snap.pods.contains_key(&(key.0.clone(), n.clone())));
         let replace_failed = st.next_failed_replace.is_none_or(|t| now >= t);
+        if !Arc::ptr_eq(&self.pod_index_of, &snap.pods) {
+            self.pod_index = Arc::new(plan::PodIndex::build(&snap));
+            self.pod_index_of = snap.pods.clone();
+        }
+        let index = self.pod_index.clone();
         let plan = {
             let mut suffix = random_suffix;
             let mut input = PlanInput {
@@ -482,6 +492,7 @@ impl<'a> Leader<'a> {
                 replace_failed,
                 expired_nodes: &expired,
                 suffix: &mut suffix,
+                index: Some(&index),
             };
             plan::plan(&snap, key, &mut input)
         };

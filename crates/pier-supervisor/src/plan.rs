@@ -84,6 +84,9 @@ pub struct PlanInput<'a> {
     pub expired_nodes: &'a BTreeSet<Name>,
     /// Makes a fresh 5-character suffix; called until the name is unused.
     pub suffix: &'a mut (dyn FnMut() -> String + Send),
+    /// The snapshot's pods by set, built once per snapshot
+    /// ([`PodIndex::build`]); `None` scans every pod.
+    pub index: Option<&'a PodIndex>,
 }
 
 impl std::fmt::Debug for PlanInput<'_> {
@@ -179,6 +182,36 @@ fn readiness(status: Option<&PodStatus>) -> Readiness {
 
 /// The pods of replica set `key` in the snapshot, by name (including those of
 /// a deleted set).
+/// The pods of each replica set, in the snapshot's key order. Finding a
+/// set's pods by scanning every pod made a full pass over S sets O(S × P):
+/// 4.9 s for 1,000 sets and 10,000 pods in a dev build (issue 17's
+/// simulator); with the index built once per snapshot it is O(P).
+#[derive(Debug, Default)]
+pub struct PodIndex {
+    by_set: std::collections::HashMap<ObjectKey, Vec<Arc<Pod>>>,
+}
+
+impl PodIndex {
+    pub fn build(snap: &Snapshot) -> PodIndex {
+        let mut by_set: std::collections::HashMap<ObjectKey, Vec<Arc<Pod>>> =
+            std::collections::HashMap::new();
+        for ((ns, _), p) in snap.pods.iter() {
+            by_set
+                .entry((ns.clone(), p.replicaset.clone()))
+                .or_default()
+                .push(p.clone());
+        }
+        PodIndex { by_set }
+    }
+
+    pub fn pods_of(&self, key: &ObjectKey) -> Vec<&Arc<Pod>> {
+        self.by_set
+            .get(key)
+            .map(|v| v.iter().collect())
+            .unwrap_or_default()
+    }
+}
+
 pub fn pods_of<'a>(snap: &'a Snapshot, key: &ObjectKey) -> Vec<&'a Arc<Pod>> {
     snap.pods
         .iter()
@@ -247,7 +280,11 @@ struct Active<'a> {
 /// `snap`. Level-triggered: it reads only the snapshot and `input`.
 pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan {
     let mut out = Plan::default();
-    let pods = pods_of(snap, key);
+    let index = input.index;
+    let pods = match index {
+        Some(ix) => ix.pods_of(key),
+        None => pods_of(snap, key),
+    };
     let now = input.now_ms;
     let Some(rs) = snap.replicasets.get(key) else {
         for p in pods {

@@ -119,8 +119,26 @@ fn run_plan(snap: &Snapshot, name: &str, replace_failed: bool, expired: &[&str])
         replace_failed,
         expired_nodes: &expired,
         suffix: &mut suffix,
+        index: None,
     };
-    plan(snap, &(ns(), n(name)), &mut input)
+    let scanned = plan(snap, &(ns(), n(name)), &mut input);
+    // The same plan with the index (the controller's way).
+    let ix = PodIndex::build(snap);
+    let mut i = 0u32;
+    let mut suffix = move || {
+        i += 1;
+        format!("{i:05}")
+    };
+    let mut input = PlanInput {
+        now_ms: 1000,
+        replace_failed,
+        expired_nodes: &expired,
+        suffix: &mut suffix,
+        index: Some(&ix),
+    };
+    let indexed = plan(snap, &(ns(), n(name)), &mut input);
+    assert_eq!(format!("{scanned:?}"), format!("{indexed:?}"));
+    scanned
 }
 
 fn per_node(p: &Plan) -> BTreeMap<String, usize> {
@@ -765,6 +783,7 @@ fn run_at(snap: &Snapshot, now: u64, replace_failed: bool) -> Plan {
         replace_failed,
         expired_nodes: &expired,
         suffix: &mut suffix,
+        index: None,
     };
     plan(snap, &(ns(), n("web")), &mut input)
 }

@@ -267,7 +267,10 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
             let security = cfg.etcd_security().map_err(|e| StoreRefused(e.0))?;
             let mut delay = Duration::from_millis(200);
             loop {
-                match pier_store::EtcdStore::connect_with(&eps, &security).await {
+                // Agents start on different members (by node name), so that
+                // a cluster's watches and keepalives are not all on the first.
+                let spread = cfg.node.name.as_deref().unwrap_or_default();
+                match pier_store::EtcdStore::connect_spread(&eps, &security, spread).await {
                     Ok(s) => {
                         info!(
                             endpoints = ?eps,

@@ -1,0 +1,649 @@
+//! The scale simulator (issue 17): many simulated hosts on a 3-member etcd
+//! cluster on this machine, running pier's own code for what a host does
+//! with the store, with synthetic endpoints in place of Docker.
+//!
+//! ```text
+//! cargo run --release -p pier-supervisor --example sim -- \
+//!     --hosts 1000 --endpoints 100 --services 10000 --reflectors 4
+//! ```
+//! (`--hosts 20 --endpoints 10 --services 50 --reflectors 2` is a smoke run
+//! of a few seconds; `--pods N --sets M` size the supervisor step.)
+//!
+//! What runs, per simulated host: its own lease (`LeaseKeeper`, pier's),
+//! its node record and its endpoints written under it with `Store::put`, in
+//! the order an agent writes them (endpoints, then the node record). Hosts
+//! share `--clients` etcd connections (default 1 per 50 hosts) instead of
+//! one each. Only `--reflectors` of them also run pier's `Reflector` (with
+//! the agent's hold policy), each on its own connection: a full snapshot
+//! per simulated host would not fit in this machine's memory, and
+//! `--watches` more plain watches on `keys::ROOT` (drained, not decoded)
+//! stand in for the other hosts' watch load on etcd.
+//!
+//! Each connection starts on the member its name hashes to
+//! (`EtcdStore::connect_spread`, as agents do); `SIM_FIRST=1` starts every
+//! one on the first member, as agents did before. `SIM_SCAN=1` plans
+//! without the pod index (every pod scanned per set, as before).
+//!
+//! Steps, each printed with the load average:
+//! 1. start etcd (3 members, own ports and data dirs in a temp dir);
+//! 2. cold start: every host grants its lease and registers at once
+//!    (`--jitter-ms` spreads the starts): time and write rate;
+//! 3. the reflectors list at once (the herd of lists): time to sync, and
+//!    the process's RSS growth per reflector (a host's snapshot memory);
+//! 4. propagation: `--probes` endpoint puts (a ready flip), each timed to
+//!    the moment every reflector's snapshot shows it;
+//! 5. host loss: 10 % of the hosts stop renewing (as if dead): time until
+//!    every reflector has dropped their endpoints;
+//! 6. etcd's own figures from each member's /metrics (CPU seconds, RSS, db
+//!    size, watchers, proposals committed);
+//! 7. the supervisor: one full reconcile pass (`plan::plan` for every set)
+//!    on a snapshot of `--pods` pods in `--sets` sets over the hosts.
+//!
+//! Everything it starts is stopped and removed at the end, also on error
+//! (the etcd children by their handles, the temp dir).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use pier_model::{Endpoint, EndpointPort, Name, Namespace, Node, PortNum, Snapshot, keys};
+use pier_store::lease::LeaseKeeper;
+use pier_store::reflector::{HoldPolicy, Reflector};
+use pier_store::{EtcdStore, Store, Ttl};
+use pier_supervisor::plan::{PlanInput, PodIndex, plan};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+struct Args {
+    hosts: usize,
+    endpoints: usize,
+    services: usize,
+    reflectors: usize,
+    watches: usize,
+    clients: usize,
+    probes: usize,
+    jitter_ms: u64,
+    ttl: u32,
+    pods: usize,
+    sets: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        hosts: 100,
+        endpoints: 100,
+        services: 1000,
+        reflectors: 4,
+        watches: 0,
+        clients: 0,
+        probes: 200,
+        jitter_ms: 0,
+        ttl: 5,
+        pods: 100_000,
+        sets: 10_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v: u64 = it
+            .next()
+            .with_context(|| format!("{k} needs a value"))?
+            .parse()
+            .with_context(|| format!("{k} takes a number"))?;
+        let u = v as usize;
+        match k.as_str() {
+            "--hosts" => a.hosts = u,
+            "--endpoints" => a.endpoints = u,
+            "--services" => a.services = u,
+            "--reflectors" => a.reflectors = u,
+            "--watches" => a.watches = u,
+            "--clients" => a.clients = u,
+            "--probes" => a.probes = u,
+            "--jitter-ms" => a.jitter_ms = v,
+            "--ttl" => a.ttl = v as u32,
+            "--pods" => a.pods = u,
+            "--sets" => a.sets = u,
+            _ => bail!("unknown option {k} (see the example's doc comment)"),
+        }
+    }
+    if a.clients == 0 {
+        a.clients = a.hosts.div_ceil(50).max(1);
+    }
+    if a.hosts == 0 || a.services == 0 || a.sets == 0 || a.reflectors == 0 {
+        bail!("--hosts, --services, --sets and --reflectors must be at least 1");
+    }
+    Ok(a)
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn rss_mb(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .map(|kb: f64| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A 3-member etcd cluster on loopback; the members are killed on drop.
+struct Cluster {
+    children: Vec<Child>,
+    clients: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    fn start() -> Result<Cluster> {
+        let bin = std::env::var("PIER_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let dir = tempfile::tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_>>()?;
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut c = Cluster {
+            children: Vec::new(),
+            clients: ports
+                .iter()
+                .map(|(c, _)| format!("127.0.0.1:{c}"))
+                .collect(),
+            _dir: dir,
+        };
+        for (i, (cp, pp)) in ports.iter().enumerate() {
+            let data = c._dir.path().join(format!("m{i}"));
+            let log = std::fs::File::create(c._dir.path().join(format!("m{i}.log")))?;
+            let child = Command::new(&bin)
+                .arg(format!("--name=m{i}"))
+                .arg(format!("--data-dir={}", data.display()))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{cp}"))
+                .arg(format!("--advertise-client-urls=http://127.0.0.1:{cp}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{pp}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{pp}"
+                ))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new")
+                .arg("--initial-cluster-token=pier-sim")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {bin} (PIER_ETCD_BIN)"))?;
+            c.children.push(child);
+        }
+        Ok(c)
+    }
+
+    /// Scrapes one of etcd's own metrics from every member.
+    fn metric(&self, name: &str) -> Vec<f64> {
+        self.clients
+            .iter()
+            .map(|a| scrape(a, name).unwrap_or(f64::NAN))
+            .collect()
+    }
+}
+
+/// Sums the samples of `name` on `addr`'s /metrics (plain HTTP/1.0).
+fn scrape(addr: &str, name: &str) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let mut sum = 0.0;
+    for l in body.lines() {
+        if l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) {
+            sum += l
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+    }
+    Ok(sum)
+}
+
+fn name(s: &str) -> Name {
+    Name::new(s).expect("a valid generated name")
+}
+
+/// Host `h`'s `j`-th endpoint: (key, value).
+fn endpoint(a: &Args, h: usize, j: usize, ready: bool) -> (String, Vec<u8>) {
+    let ns = Namespace::default();
+    let s = (h * a.endpoints + j) % a.services;
+    let svc = name(&format!("svc-{s}"));
+    let node = name(&format!("host-{h}"));
+    let id = name(&format!("c{j:03}"));
+    let ep = Endpoint {
+        service: svc.clone(),
+        namespace: ns.clone(),
+        node: node.clone(),
+        id: id.clone(),
+        pod: None,
+        hostname: None,
+        ip: IpAddr::from([10, (h / 256) as u8 + 64, (h % 256) as u8, j as u8 + 2]),
+        ports: vec![EndpointPort {
+            name: name("http"),
+            port: PortNum::new(8080).expect("port"),
+        }],
+        ready,
+        is_static: false,
+    };
+    (
+        keys::endpoint(&ns, &svc, &node, &id),
+        pier_model::encode(&ep),
+    )
+}
+
+fn node_record(h: usize) -> (String, Vec<u8>) {
+    let n = name(&format!("host-{h}"));
+    let rec: Node = serde_json::from_value(serde_json::json!({
+        "name": n.as_str(),
+        "addr": format!("10.{}.{}.1", h / 256 + 64, h % 256),
+        "version": "sim",
+    }))
+    .expect("a node record");
+    (keys::node(&n), pier_model::encode(&rec))
+}
+
+/// One simulated host: its lease and its keys, as an agent writes them.
+async fn register(
+    a: &Args,
+    h: usize,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+) -> Result<LeaseKeeper> {
+    if a.jitter_ms > 0 {
+        let j = (h as u64 * 7919) % a.jitter_ms;
+        tokio::time::sleep(Duration::from_millis(j)).await;
+    }
+    let ttl = Ttl::from_secs(a.ttl)?;
+    let keeper = LeaseKeeper::start(store.clone(), ttl, cancel).await?;
+    let lease = keeper.current().context("no lease")?;
+    for j in 0..a.endpoints {
+        let (k, v) = endpoint(a, h, j, true);
+        store.put(&k, v, Some(lease)).await?;
+    }
+    let (k, v) = node_record(h);
+    store.put(&k, v, Some(lease)).await?;
+    Ok(keeper)
+}
+
+fn endpoint_count(s: &Snapshot) -> usize {
+    s.endpoints.values().map(|m| m.len()).sum()
+}
+
+/// Waits until every reflector's snapshot passes `f`; the time each took.
+/// Times are from `t0`.
+async fn until_all(
+    refl: &[Reflector],
+    within: Duration,
+    t0: Instant,
+    f: impl Fn(&Snapshot) -> bool + Clone + Send + Sync + 'static,
+) -> Result<Vec<Duration>> {
+    let mut set = JoinSet::new();
+    for r in refl {
+        let mut rx = r.subscribe();
+        let f = f.clone();
+        set.spawn(async move {
+            tokio::time::timeout(within, rx.wait_for(|s| f(s)))
+                .await
+                .map(|_| t0.elapsed())
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r?.context("timed out waiting for the reflectors")?);
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    println!("sim {a:?}");
+    println!("load at start: {}", load());
+    let cluster = Cluster::start()?;
+    let mut clients: Vec<Arc<dyn Store>> = Vec::new();
+    let t_up = Instant::now();
+    // SIM_FIRST=1: every client starts on the first member (as before
+    // `connect_spread`).
+    let first = std::env::var("SIM_FIRST").is_ok_and(|v| v == "1");
+    let connect = |key: String| {
+        let eps = cluster.clients.clone();
+        async move {
+            let sec = pier_store::EtcdSecurity::default();
+            if first {
+                EtcdStore::connect_with(&eps, &sec).await
+            } else {
+                EtcdStore::connect_spread(&eps, &sec, &key).await
+            }
+        }
+    };
+    for c in 0..a.clients {
+        loop {
+            match connect(format!("client-{c}")).await {
+                Ok(s) => {
+                    // A member with no leader yet refuses; wait for one.
+                    if s.list(keys::ROOT).await.is_ok() {
+                        clients.push(Arc::new(s));
+                        break;
+                    }
+                }
+                Err(e) if t_up.elapsed() > Duration::from_secs(30) => {
+                    bail!("etcd cluster not up in 30 s: {e}")
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    println!(
+        "1. etcd: 3 members up in {:.1} s; {} client connection(s) for {} hosts",
+        t_up.elapsed().as_secs_f64(),
+        clients.len(),
+        a.hosts
+    );
+    let cancel = CancellationToken::new();
+    let cpu0 = cluster.metric("process_cpu_seconds_total");
+    let props0 = cluster.metric("etcd_server_proposals_committed_total");
+
+    // 2. Cold start: every host at once.
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    let mut host_cancel = Vec::new();
+    for h in 0..a.hosts {
+        let c = cancel.child_token();
+        host_cancel.push(c.clone());
+        let store = clients[h % clients.len()].clone();
+        let a2 = a.clone();
+        set.spawn(async move { (h, register(&a2, h, store, c).await) });
+    }
+    let mut keepers = vec![None; a.hosts];
+    while let Some(r) = set.join_next().await {
+        let (h, k) = r?;
+        keepers[h] = Some(k.with_context(|| format!("host-{h} registration"))?);
+    }
+    let took = t0.elapsed();
+    let writes = a.hosts * (a.endpoints + 1);
+    println!(
+        "2. cold start: {} hosts registered ({} endpoints, {} puts, {} leases) in {:.2} s: {:.0} puts/s [load {}]",
+        a.hosts,
+        a.hosts * a.endpoints,
+        writes,
+        a.hosts,
+        took.as_secs_f64(),
+        writes as f64 / took.as_secs_f64(),
+        load()
+    );
+
+    // 3. The reflectors list at once.
+    let rss0 = rss_mb("self");
+    let t0 = Instant::now();
+    let mut refl = Vec::new();
+    let mut refl_leases = Vec::new();
+    for r in 0..a.reflectors {
+        let s: Arc<dyn Store> = Arc::new(connect(format!("host-{r}")).await?);
+        let k = LeaseKeeper::start(s.clone(), Ttl::from_secs(a.ttl)?, cancel.child_token()).await?;
+        refl.push(Reflector::spawn_with_hold(
+            s,
+            cancel.child_token(),
+            k.health(),
+            HoldPolicy::for_ttl(Ttl::from_secs(a.ttl)?),
+        ));
+        refl_leases.push(k);
+    }
+    let total = a.hosts * a.endpoints;
+    let mut synced = until_all(&refl, Duration::from_secs(600), t0, move |s| {
+        endpoint_count(s) == total
+    })
+    .await?;
+    synced.sort();
+    let rss1 = rss_mb("self");
+    println!(
+        "3. {} reflectors listed at once: all synced in {:.2} s (first {:.2} s); RSS +{:.0} MB, {:.0} MB per host snapshot [load {}]",
+        a.reflectors,
+        synced.last().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        synced[0].as_secs_f64(),
+        rss1 - rss0,
+        (rss1 - rss0) / a.reflectors as f64,
+        load()
+    );
+    let mut drains = JoinSet::new();
+    if a.watches > 0 {
+        let rev = clients[0].list(keys::prefix::NODES).await?.revision;
+        for i in 0..a.watches {
+            let s = connect(format!("watch-{i}")).await?;
+            let mut w = s.watch(keys::ROOT, rev + 1).await?;
+            let c = cancel.clone();
+            drains.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = c.cancelled() => return,
+                        i = w.next() => if i.is_none() { return },
+                    }
+                }
+            });
+        }
+        println!("   + {} plain watches on the whole prefix", a.watches);
+    }
+
+    // 4. Propagation.
+    let mut lat = Vec::new();
+    let mut worst = Vec::new();
+    for i in 0..a.probes {
+        let h = (i * 7919) % a.hosts;
+        let j = (i * 31) % a.endpoints.max(1);
+        let (k, v) = endpoint(&a, h, j, i % 2 == 1);
+        let lease = keepers[h].as_ref().and_then(|k| k.current());
+        let t0 = Instant::now();
+        let rev = clients[h % clients.len()].put(&k, v, lease).await?;
+        let mut per = until_all(&refl, Duration::from_secs(30), t0, move |s| {
+            s.revision >= rev
+        })
+        .await?;
+        per.sort();
+        worst.push(*per.last().expect("reflectors"));
+        lat.extend(per);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lat.sort();
+    worst.sort();
+    println!(
+        "4. propagation over {} puts: put -> one reflector p50 {:.1} / p99 {:.1} / max {:.1} ms; -> every reflector p50 {:.1} / p99 {:.1} / max {:.1} ms [load {}]",
+        a.probes,
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(pct(&lat, 1.0)),
+        ms(pct(&worst, 0.5)),
+        ms(pct(&worst, 0.99)),
+        ms(pct(&worst, 1.0)),
+        load()
+    );
+
+    // 5. Host loss: 10 % stop renewing.
+    let lost: Vec<usize> = (0..a.hosts).filter(|h| h % 10 == 3).collect();
+    let gone: BTreeSet<Name> = lost.iter().map(|h| name(&format!("host-{h}"))).collect();
+    let t0 = Instant::now();
+    for h in &lost {
+        host_cancel[*h].cancel();
+    }
+    let g = gone.clone();
+    let mut marked = until_all(&refl, Duration::from_secs(120), t0, move |s| {
+        !s.nodes.keys().any(|n| g.contains(n))
+            && !s
+                .endpoints
+                .values()
+                .any(|m| m.keys().any(|(n, _)| g.contains(n)))
+    })
+    .await?;
+    marked.sort();
+    println!(
+        "5. {} hosts lost (10 %): their endpoints gone from every reflector {:.2} s after (lease TTL {} s; first {:.2} s) [load {}]",
+        lost.len(),
+        marked.last().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        a.ttl,
+        marked[0].as_secs_f64(),
+        load()
+    );
+
+    // 6. etcd.
+    let wall = t_up.elapsed().as_secs_f64();
+    let cpu1 = cluster.metric("process_cpu_seconds_total");
+    let props1 = cluster.metric("etcd_server_proposals_committed_total");
+    let rss = cluster.metric("process_resident_memory_bytes");
+    let db = cluster.metric("etcd_mvcc_db_total_size_in_bytes");
+    let watchers = cluster.metric("etcd_debugging_mvcc_watcher_total");
+    let keys_total = cluster.metric("etcd_debugging_mvcc_keys_total");
+    for i in 0..3 {
+        println!(
+            "6. etcd m{i}: CPU {:.1} s over the run ({:.0} %), RSS {:.0} MB, db {:.1} MB, watchers {}, keys {}, proposals committed {:.0} ({:.0}/s)",
+            cpu1[i] - cpu0[i],
+            100.0 * (cpu1[i] - cpu0[i]) / wall,
+            rss[i] / 1048576.0,
+            db[i] / 1048576.0,
+            watchers[i],
+            keys_total[i],
+            props1[i] - props0[i],
+            (props1[i] - props0[i]) / wall
+        );
+    }
+
+    cancel.cancel();
+    while drains.join_next().await.is_some() {}
+    drop(keepers);
+    drop(refl_leases);
+
+    // 7. The supervisor's full pass.
+    supervisor_pass(&a)?;
+    drop(cluster);
+    Ok(())
+}
+
+/// One leader's pass over every set on a snapshot of `a.pods` pods.
+fn supervisor_pass(a: &Args) -> Result<()> {
+    let ns = Namespace::default();
+    let mut snap = Snapshot::default();
+    let per = a.pods / a.sets;
+    let template = serde_json::json!({"image": "sim:1", "ports": [{"name": "http", "port": 8080}]});
+    {
+        let nodes = Arc::make_mut(&mut snap.nodes);
+        for h in 0..a.hosts {
+            let (_, v) = node_record(h);
+            nodes.insert(
+                name(&format!("host-{h}")),
+                Arc::new(pier_model::decode(&keys::node(&name("x")), &v)?),
+            );
+        }
+    }
+    let mut hash = String::new();
+    for s in 0..a.sets {
+        let rs: pier_model::ReplicaSet = serde_json::from_value(serde_json::json!({
+            "name": format!("set-{s}"), "template": template, "replicas": per,
+        }))?;
+        hash = rs.template.hash();
+        Arc::make_mut(&mut snap.replicasets).insert((ns.clone(), rs.name.clone()), Arc::new(rs));
+    }
+    let mut i = 0usize;
+    for s in 0..a.sets {
+        for p in 0..per {
+            let pn = format!("set-{s}-{p:05}");
+            let node = format!("host-{}", i % a.hosts);
+            i += 1;
+            let pod: pier_model::Pod = serde_json::from_value(serde_json::json!({
+                "name": pn, "replicaset": format!("set-{s}"), "node": node,
+                "template_hash": hash, "template": template, "created_at": 1,
+            }))?;
+            let st: pier_model::PodStatus = serde_json::from_value(serde_json::json!({
+                "name": pn, "node": node, "phase": "Running", "ready": true, "started_at": 1,
+            }))?;
+            Arc::make_mut(&mut snap.pods).insert((ns.clone(), name(&pn)), Arc::new(pod));
+            Arc::make_mut(&mut snap.pod_statuses).insert((ns.clone(), name(&pn)), Arc::new(st));
+        }
+    }
+    let expired = BTreeSet::new();
+    let mut n = 0u32;
+    let mut suffix = move || {
+        n += 1;
+        format!("{n:05}")
+    };
+    let keys: Vec<_> = snap.replicasets.keys().cloned().collect();
+    let t0 = Instant::now();
+    // As the controller does: the index once per snapshot (--scan: none).
+    let index =
+        (!std::env::var("SIM_SCAN").is_ok_and(|v| v == "1")).then(|| PodIndex::build(&snap));
+    let mut one = Duration::ZERO;
+    let mut actions = 0usize;
+    for (k_i, k) in keys.iter().enumerate() {
+        let t = Instant::now();
+        let mut input = PlanInput {
+            now_ms: pier_model::now_ms(),
+            replace_failed: true,
+            expired_nodes: &expired,
+            suffix: &mut suffix,
+            index: index.as_ref(),
+        };
+        let p = plan(&snap, k, &mut input);
+        actions += p.actions.len();
+        if k_i == 0 {
+            one = t.elapsed();
+        }
+    }
+    println!(
+        "7. supervisor ({}): a full pass over {} sets, {} pods on {} nodes: {:.2} s ({:.2} ms for one set; {} actions) [load {}]",
+        if index.is_some() {
+            "pods indexed by set"
+        } else {
+            "SIM_SCAN=1: every pod scanned per set"
+        },
+        a.sets,
+        snap.pods.len(),
+        a.hosts,
+        t0.elapsed().as_secs_f64(),
+        ms(one),
+        actions,
+        load()
+    );
+    Ok(())
+}
