@@ -269,6 +269,8 @@ fn endpoint(a: &Args, h: usize, j: usize, ready: bool) -> (String, Vec<u8>) {
         }],
         ready,
         is_static: false,
+        // Endpoint VIPs (claimed per endpoint by its agent) are not simulated.
+        addr: None,
     };
     (
         keys::endpoint(&ns, &svc, &node, &id),
