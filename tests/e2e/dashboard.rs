@@ -216,7 +216,8 @@ fn dashboard_in_a_real_browser() -> Result<()> {
     && ev.includes('autoscaler: default/web: 2 → 3: outside min 3')
     && web.includes('3–4 pods') && web.includes('outside min 3')
     && ev.includes('replica set default/blocked: ') && blocked.includes('problem: ')
-    && document.querySelectorAll('#placement-map [data-pod^="web-"]').length === 3;
+    && document.querySelectorAll('#placement-map [data-pod^="web-"]').length === 3
+    && document.querySelector('#matrix-body [data-matrix="default/web"] td')?.textContent === '3';
 })()"#,
         SHOW,
     )?;

@@ -348,6 +348,19 @@ function renderPlacement() {
     return li;
   });
   replace("placement-legend", sets);
+  // Replica sets × hosts: how many pods of each set run on each host.
+  const hosts = [...nodes].sort();
+  replace("matrix-head", el("tr", {}, el("th", { scope: "col" }, "Replica set"), hosts.map((h) => el("th", { scope: "col" }, h))));
+  const rows = sorted(state.replicasets).map((rs) => {
+    const k = `${rs.namespace}/${rs.name}`;
+    const sw = el("span", { class: "swatch", "aria-hidden": "true" });
+    sw.style.setProperty("--rs", colourOf(k));
+    return el("tr", { "data-matrix": k }, el("th", { scope: "row" }, sw, k), hosts.map((h) => {
+      const n = (byNode.get(h) || []).filter((p) => p.namespace === rs.namespace && p.replicaset === rs.name).length;
+      return el("td", { class: n ? "count" : "count none" }, n);
+    }));
+  });
+  replace("matrix-body", rows.length ? rows : [el("tr", {}, el("td", {}, "No replica sets yet."))]);
 }
 
 function renderServices() {
