@@ -165,6 +165,8 @@ async function follow(kind, path, onChange) {
   for (;;) {
     const map = state[kind];
     const before = new Map(map);
+    // The page's very first batch is the cluster as it is, not news.
+    const firstConnect = before.size === 0;
     let quiet = true;
     let seen = new Set();
     try {
@@ -196,14 +198,16 @@ async function follow(kind, path, onChange) {
           const ev = JSON.parse(line);
           const o = ev.object;
           const k = keyOf(kind, o);
-          if (quiet) {
+          if (quiet && ev.type !== "DELETED") {
             seen.add(k);
             const old = before.get(k);
             map.set(k, o);
-            if (!old) change(kind, "ADDED", o, null, onChange, before.size === 0);
+            if (!old) change(kind, "ADDED", o, null, onChange, firstConnect);
             else if (JSON.stringify(old) !== JSON.stringify(o)) change(kind, "MODIFIED", o, old, onChange);
           } else if (ev.type === "DELETED") {
-            const old = map.get(k) || o;
+            const old = map.get(k) || before.get(k) || o;
+            seen.delete(k);
+            before.delete(k);
             map.delete(k);
             change(kind, "DELETED", o, old, onChange);
           } else {
