@@ -2,7 +2,8 @@
 //! dockerd and the real CLI: a rollout under a bounded request loop through
 //! the VIP fails no request; a rollout to an image that never becomes
 //! healthy rolls back with the service intact; two sets with anti-affinity
-//! on one host; constraints by node label.
+//! on one host; constraints by node label; a rollout resumes after its
+//! supervisor's worker is killed and its agent restarted mid-step.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -372,5 +373,149 @@ fn anti_affinity_on_one_host_and_constraints_by_node_label() -> Result<()> {
     );
     a.cli_ok(&["delete", "rs", "zoned"])?;
     a.cli_ok(&["delete", "rs", "ssd"])?;
+    Ok(())
+}
+
+/// The rollout record of `web` (`rollout` of its view), if any.
+fn rollout_of(a: &AgentProc) -> Result<Value> {
+    let (code, body) = a.api_get("/api/v1/namespaces/default/replicasets/web")?;
+    ensure!(code == 200, "GET rs web: HTTP {code}: {body}");
+    let v: Value = serde_json::from_str(&body)?;
+    Ok(v["rollout"].clone())
+}
+
+/// Waits until `web`'s rollout has made `steps` steps.
+fn wait_steps(a: &AgentProc, steps: u64) -> Result<()> {
+    eventually(
+        Duration::from_secs(60),
+        &format!("rollout step {steps}"),
+        || Ok((rollout_of(a)?["steps"].as_u64() >= Some(steps)).then_some(())),
+    )
+    .with_context(|| a.log_tail())
+}
+
+/// A rollout survives its supervisor: the worker is killed (SIGKILL) while
+/// step 1 is in flight, and the whole agent (store, supervisor, worker) is
+/// stopped and started again while step 2 is; the rollout resumes from its
+/// stored record and completes, one pod per step: no stall, and no step
+/// taken twice or early (each new pod appears at least a monitor period
+/// after the one before it).
+#[test]
+fn rollout_resumes_after_worker_kill_and_agent_restart_mid_step() -> Result<()> {
+    use pier_tests::load::children;
+    let _turn = crate::demo::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let imgs = Images::make()?;
+    let v2 = imgs.0[0].clone();
+    let mut a = AgentProc::start(AgentOpts {
+        store: "embedded".into(),
+        node: "resume-1".into(),
+        extra_toml: String::new(),
+    })?;
+    // Stop-first, one pod per step, 3 s monitor: a step takes ~4 s, long
+    // enough to restart inside one.
+    const MONITOR: Duration = Duration::from_secs(3);
+    a.cli_ok(&[
+        "run",
+        "web",
+        "--image",
+        TEST_IMAGE,
+        "--port",
+        "8080",
+        "--replicas",
+        "3",
+        "--update-monitor",
+        "3s",
+        "--wait",
+    ])?;
+    ensure!(pods(&a, "web")?.len() == 3, "{:?}", pods(&a, "web")?);
+
+    // Every new pod that exists for 100 ms (the polling period), with when
+    // the supervisor created it.
+    let (addr, token) = (a.api_addr(), a.token()?);
+    let stop = AtomicBool::new(false);
+    let watch = || {
+        let mut seen: Vec<(String, u64)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let r =
+                pier_tests::http_get_auth(&addr, "/api/v1/namespaces/default/pods", Some(&token));
+            if let Ok((200, body)) = r
+                && let Ok(Value::Array(ps)) = serde_json::from_str::<Value>(&body)
+            {
+                for p in ps.iter().filter(|p| p["image"] == v2.as_str()) {
+                    let name = p["name"].as_str().unwrap_or_default();
+                    if !seen.iter().any(|(n, _)| n == name) {
+                        let at = p["created_at"].as_u64().unwrap_or_default();
+                        seen.push((name.to_owned(), at));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    };
+    let (outcome, seen) = std::thread::scope(|s| {
+        let watcher = s.spawn(watch);
+        let mut run = || -> Result<String> {
+            a.cli_ok(&["set", "image", "rs", "web", &v2])?;
+            // Step 1 in flight: SIGKILL the worker; the keeper starts another.
+            wait_steps(&a, 1)?;
+            let keeper = a.child.as_ref().context("agent not running")?.id();
+            let workers = children(keeper);
+            ensure!(workers.len() == 1, "workers {workers:?}");
+            let kill = Command::new("kill")
+                .args(["-KILL", &workers[0].to_string()])
+                .status()?;
+            ensure!(kill.success(), "kill -KILL {}", workers[0]);
+            // Step 2 in flight: the whole agent stops and starts again.
+            wait_steps(&a, 2)?;
+            ensure!(
+                rollout_of(&a)?["state"] == "progressing",
+                "step 2 must still be in flight: {}",
+                rollout_of(&a)?
+            );
+            a.stop()?;
+            a.spawn()?;
+            a.cli_ok(&["rollout", "status", "rs", "web", "--timeout", "90s"])
+        };
+        let r = run();
+        stop.store(true, Ordering::SeqCst);
+        (r, watcher.join().expect("watcher thread"))
+    });
+    let status = outcome.with_context(|| a.log_tail())?;
+    ensure!(status.contains("rolled out (revision 2)"), "{status}");
+    let rec = rollout_of(&a)?;
+    ensure!(
+        rec["state"] == "complete" && rec["steps"] == 3 && rec["failures"] == 0,
+        "the record after the restarts: {rec}; new pods {seen:?}\n{}",
+        a.log_tail()
+    );
+    let now = pods(&a, "web")?;
+    let new: BTreeSet<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    ensure!(
+        now.len() == 3
+            && now
+                .iter()
+                .all(|p| p.1 == v2 && p.2 && new.contains(p.0.as_str()))
+            && seen.len() == 3,
+        "3 new pods, each made once: now {now:?}, new pods seen {seen:?}"
+    );
+    let mut seen = seen;
+    seen.sort_by_key(|p| p.1);
+    let gaps: Vec<Duration> = seen
+        .windows(2)
+        .map(|w| Duration::from_millis(w[1].1.saturating_sub(w[0].1)))
+        .collect();
+    for (w, gap) in seen.windows(2).zip(&gaps) {
+        ensure!(
+            *gap >= MONITOR,
+            "{} appeared {gap:?} after {}: a step was taken before the last one's monitor ended",
+            w[1].0,
+            w[0].0
+        );
+    }
+    eprintln!("resumed; new pods created {gaps:?} apart: {seen:?}");
     Ok(())
 }

@@ -469,6 +469,13 @@ pub(crate) fn pods(v: &PodView<'_>, ready: impl Fn(&Ready) -> bool) -> PodPlan {
             } else if c.started_at_ms.is_none() || v.starting.contains(*k) {
                 st.phase = PodPhase::Pending;
                 st.message = "container created, not started yet".into();
+                // Created but never started, and no start under way: the
+                // process that created it died between `create` and
+                // `start` (a killed worker). Start it again; the start
+                // adopts the existing container.
+                if c.started_at_ms.is_none() && !v.starting.contains(*k) {
+                    plan.start.push((*pod).clone());
+                }
             } else {
                 st.phase = PodPhase::Failed;
                 st.message = if c.error.is_empty() {
@@ -767,5 +774,44 @@ mod tests {
         assert_eq!(started, ["new1"]);
         // Only pier's own container of a pod that is gone is removed.
         assert_eq!(plan.remove, std::slice::from_ref(&orphan.id));
+    }
+
+    /// A worker killed between `docker create` and `docker start` left a
+    /// created container; its successor must start it, not report the pod
+    /// Pending forever (a rollout waiting on it paused after its deadline).
+    #[test]
+    fn created_container_is_started_when_worker_died_between_create_and_start() {
+        let me = name(ME);
+        let snap = snapshot(&[], &[pod("half1", ME)]);
+        let mut created = container(
+            "e",
+            "pier-default-half1",
+            &[("pier.pod", "half1"), ("pier.node", ME)],
+            "172.17.0.6",
+        );
+        created.running = false;
+        created.started_at_ms = None;
+        let containers = HashMap::from([(created.id.clone(), created)]);
+        let plan_with = |starting: &HashSet<ObjectKey>| {
+            pods(
+                &PodView {
+                    me: &me,
+                    snap: &snap,
+                    containers: &containers,
+                    pod_errors: &HashMap::new(),
+                    starting,
+                    removing: &HashSet::new(),
+                    container_ready: &HashMap::new(),
+                },
+                |_| false,
+            )
+        };
+        let plan = plan_with(&HashSet::new());
+        assert_eq!(plan.statuses[0].phase, PodPhase::Pending);
+        let started: Vec<&str> = plan.start.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(started, ["half1"]);
+        // While this process's own start is under way: not twice.
+        let starting = HashSet::from([(pier_model::Namespace::default(), name("half1"))]);
+        assert!(plan_with(&starting).start.is_empty());
     }
 }

@@ -448,10 +448,15 @@ impl<'a> Leader<'a> {
         let snap = self.current.clone();
         let now = Instant::now();
         let grace = Duration::from_millis(self.sup.cfg.node_grace_ms);
+        // This supervisor's own node is never lost: its agent is this
+        // process. Its record is absent only while the agent (re)registers
+        // after a restart, and replacing its pods then would restart every
+        // pod of the host at once (mid-rollout: all steps in one).
+        let me = &self.sup.node;
         let expired: BTreeSet<Name> = self
             .node_absent_since
             .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= grace)
+            .filter(|(n, since)| *n != me && now.duration_since(**since) >= grace)
             .map(|(n, _)| n.clone())
             .collect();
         let st = self.sets.entry(key.clone()).or_default();
@@ -542,7 +547,7 @@ impl<'a> Leader<'a> {
             let soonest = self
                 .node_absent_since
                 .iter()
-                .filter(|(n, _)| !expired.contains(*n))
+                .filter(|(n, _)| !expired.contains(*n) && *n != me)
                 .map(|(_, since)| *since + grace)
                 .min();
             if let Some(t) = soonest {

@@ -184,6 +184,41 @@ async fn pods_of_a_node_whose_lease_expires_move_to_the_others() -> Result<()> {
     Ok(())
 }
 
+/// The supervisor runs inside node a's agent: a's record missing means
+/// that agent is (re)registering, not that a is lost. A restarted agent
+/// replaced every pod of its host at once (mid-rollout, all steps in one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_node_record_missing_after_restart_does_not_move_its_pods() -> Result<()> {
+    let c = three_nodes().await?;
+    let _sup = c.supervisor("a", test_config())?;
+    c.put_rs(&replicaset("web", 6)).await?;
+    let before = c
+        .wait_for("6 ready", WITHIN, |s| all_ready(s, "web", 6))
+        .await?;
+    let on_a: Vec<String> = pods_of(&before, "web")
+        .iter()
+        .filter(|p| p.node.as_str() == "a")
+        .map(|p| p.name.to_string())
+        .collect();
+    ensure!(!on_a.is_empty(), "{:?}", per_node(&before, "web"));
+    c.kill_node("a");
+    c.wait_for("a's record gone", WITHIN, |s| !s.nodes.contains_key("a"))
+        .await?;
+    // Two requeues (1 s each) with a's record gone: its pods stay.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let snap = c.snapshot();
+    let now: Vec<String> = pods_of(&snap, "web")
+        .iter()
+        .filter(|p| p.node.as_str() == "a")
+        .map(|p| p.name.to_string())
+        .collect();
+    ensure!(
+        now == on_a && pods_of(&snap, "web").len() == 6,
+        "a's pods moved while its own supervisor runs: {on_a:?} -> {now:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_selector_and_capacity_are_respected() -> Result<()> {
     init_tracing();
