@@ -78,6 +78,7 @@ async fn wait_ready(
     timeout: Duration,
 ) -> Result<()> {
     let start = Instant::now();
+    let mut told = String::new();
     loop {
         let apps = c.list_apps(Some(ns)).await?;
         let Some(app) = apps.iter().find(|a| &a.name == name) else {
@@ -90,24 +91,34 @@ async fn wait_ready(
             );
             return Ok(());
         }
+        let waiting: Vec<String> = app
+            .services
+            .iter()
+            .filter(|s| s.ready < s.desired)
+            .map(|s| {
+                format!(
+                    "{} {}/{} ready{}",
+                    s.name,
+                    s.ready,
+                    s.desired,
+                    s.problem
+                        .as_deref()
+                        .map(|p| format!(" ({p})"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        // A problem (a pod no host can take, an image missing) is shown
+        // when it appears, not only at the timeout.
+        let problems: Vec<&String> = waiting.iter().filter(|w| w.contains(" (")).collect();
+        let now = format!("{problems:?}");
+        if !problems.is_empty() && now != told {
+            for p in &problems {
+                eprintln!("app/{name} waiting: {p}");
+            }
+            told = now;
+        }
         if start.elapsed() >= timeout {
-            let waiting: Vec<String> = app
-                .services
-                .iter()
-                .filter(|s| s.ready < s.desired)
-                .map(|s| {
-                    format!(
-                        "{} {}/{} ready{}",
-                        s.name,
-                        s.ready,
-                        s.desired,
-                        s.problem
-                            .as_deref()
-                            .map(|p| format!(" ({p})"))
-                            .unwrap_or_default()
-                    )
-                })
-                .collect();
             bail!(
                 "app/{name} not ready after {:?}: {}; `pier get pods -n {ns}` shows why",
                 timeout,
