@@ -570,7 +570,15 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
         }
         let new_kept = new.len().min(want);
         to_create = want.saturating_sub(old_left + new_kept);
-        if old_left > 0 && in_flight == 0 && to_create == 0 {
+        // Replicas short of the count (a pod lost, a scale up) are made
+        // first; but a shortfall no node can take (max_per_node on every
+        // node, anti-affinity) must not hold the rollout forever: the step
+        // goes on, and the shortfall stays unplaced.
+        let short_unplaceable = to_create > 0
+            && old_left > 0
+            && in_flight == 0
+            && schedule(snap, rs, &Usage::from_snapshot(snap, &deleted)).is_err();
+        if old_left > 0 && in_flight == 0 && (to_create == 0 || short_unplaceable) {
             let mut go = true;
             if rec.steps > 0 && cfg.delay_ms > 0 {
                 let since = *rec.step_done_at.get_or_insert(now);
@@ -881,7 +889,11 @@ pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name,
     if snap.nodes.is_empty() {
         return Err("no node is ready (no node registered, or every node's lease expired)".into());
     }
-    let mut why = format!("{} nodes ready but none fits:", snap.nodes.len());
+    let n = snap.nodes.len();
+    let mut why = format!(
+        "{n} node{} ready but none fits:",
+        if n == 1 { "" } else { "s" }
+    );
     let mut first = true;
     for (r, n) in rejected {
         let what = match r {

@@ -1204,3 +1204,26 @@ fn start_first_with_no_room_replaces_in_place_instead_of_stalling() {
     assert_eq!(per_node(&p), BTreeMap::from([("d".into(), 1)]));
     assert!(written(&p).message.is_empty());
 }
+
+/// One host, two replicas, one per node: the second was never placed. A
+/// new template must still roll the one that runs (it stalled at "0 of 2
+/// updated" for ever, the step waiting on a replica no node can take).
+#[test]
+fn a_shortfall_no_node_can_take_does_not_hold_the_rollout() {
+    let mut web = rs_v2(2, UpdateConfig::default());
+    web.placement.max_per_node = Some(1);
+    let v1 = tpl("web:v1");
+    let w = World::default()
+        .nodes(&["a"])
+        .rs(web.clone())
+        .rollout(complete_at(1))
+        .pod(pod_of(&web, &v1, "web-old0", "a", 1))
+        .status(started("web-old0", PodPhase::Running, true, 1));
+    let p = run_at(&w.snap, NOW, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Rollout), ["web-old0"]);
+    let created: Vec<&Pod> = p.creates().collect();
+    assert_eq!(created.len(), 1, "{p:?}");
+    assert_eq!(created[0].template.image, "web:v2");
+    assert_eq!(p.unscheduled, 1, "the shortfall stays unplaced");
+    assert_eq!(written(&p).steps, 1);
+}

@@ -203,8 +203,10 @@ async fn undo(server: &str, a: UndoArgs) -> Result<()> {
     let c = client(server)?;
     let rs = c.rollback_replicaset(&ns, &name, a.to_revision).await?;
     println!(
-        "replicaset/{name} rolled back to {} (now revision {}); follow it with `pier rollout status rs {name}`",
-        rs.spec.template.image, rs.spec.revision
+        "replicaset/{name} rolled back to {} (now revision {}); follow it with `pier rollout status rs {name}{}`",
+        rs.spec.template.image,
+        rs.spec.revision,
+        super::output::ns_flag(&ns)
     );
     Ok(())
 }

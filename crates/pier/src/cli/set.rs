@@ -46,8 +46,10 @@ pub(super) async fn run(server: &str, cmd: SetCmd) -> Result<()> {
         );
     } else {
         println!(
-            "replicaset/{name} image set to {} (revision {}); follow it with `pier rollout status rs {name}`",
-            a.image, rs.spec.revision
+            "replicaset/{name} image set to {} (revision {}); follow it with `pier rollout status rs {name}{}`",
+            a.image,
+            rs.spec.revision,
+            super::output::ns_flag(&namespace)
         );
     }
     Ok(())
