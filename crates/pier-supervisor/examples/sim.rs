@@ -34,6 +34,11 @@
 //!    the moment every reflector's snapshot shows it;
 //! 5. host loss: 10 % of the hosts stop renewing (as if dead): time until
 //!    every reflector has dropped their endpoints;
+//!    5b. with `--rs N --replicas R`: pier's supervisor (leader on the
+//!    first reflector's snapshot) runs N sets of R pods on the live hosts,
+//!    whose simulated runtimes (one task, 64 puts in flight) mark each
+//!    new pod Running under its host's lease; then 10 % more hosts stop
+//!    renewing: the time until their pods are replaced and Running;
 //! 6. etcd's own figures from each member's /metrics (CPU seconds, RSS, db
 //!    size, watchers, proposals committed);
 //! 7. the supervisor: one full reconcile pass (`plan::plan` for every set)
@@ -46,6 +51,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +77,9 @@ struct Args {
     ttl: u32,
     pods: usize,
     sets: usize,
+    /// Step 5b: replica sets run by pier's supervisor (0: skipped).
+    rs: usize,
+    replicas: usize,
 }
 
 fn args() -> Result<Args> {
@@ -86,6 +95,8 @@ fn args() -> Result<Args> {
         ttl: 5,
         pods: 100_000,
         sets: 10_000,
+        rs: 0,
+        replicas: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -107,6 +118,8 @@ fn args() -> Result<Args> {
             "--ttl" => a.ttl = v as u32,
             "--pods" => a.pods = u,
             "--sets" => a.sets = u,
+            "--rs" => a.rs = u,
+            "--replicas" => a.replicas = u,
             _ => bail!("unknown option {k} (see the example's doc comment)"),
         }
     }
@@ -301,16 +314,101 @@ async fn register(
         tokio::time::sleep(Duration::from_millis(j)).await;
     }
     let ttl = Ttl::from_secs(a.ttl)?;
-    let keeper = LeaseKeeper::start(store.clone(), ttl, cancel).await?;
-    let lease = keeper.current().context("no lease")?;
-    for j in 0..a.endpoints {
-        let (k, v) = endpoint(a, h, j, true);
-        store.put(&k, v, Some(lease)).await?;
+    let keeper = loop {
+        match LeaseKeeper::start(store.clone(), ttl, cancel.clone()).await {
+            Ok(k) => break k,
+            Err(e) => {
+                GRANT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("lease grant failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let mut leases = keeper.subscribe();
+    // As an agent does: a lease lost mid-way (expired under load) is
+    // re-granted by the keeper, and every key written again under it.
+    'again: loop {
+        let lease = *leases
+            .wait_for(|l| l.is_some())
+            .await
+            .context("lease keeper stopped")?;
+        let lease = lease.context("no lease")?;
+        let mut keys: Vec<(String, Vec<u8>)> =
+            (0..a.endpoints).map(|j| endpoint(a, h, j, true)).collect();
+        keys.push(node_record(h));
+        for (k, v) in keys {
+            loop {
+                match store.put(&k, v.clone(), Some(lease)).await {
+                    Ok(_) => break,
+                    Err(pier_store::StoreError::LeaseNotFound(_)) => {
+                        LEASES_LOST.fetch_add(1, Ordering::Relaxed);
+                        let _ = leases.wait_for(|l| *l != Some(lease)).await;
+                        continue 'again;
+                    }
+                    Err(e) => {
+                        PUT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("put failed, retrying: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        // Later losses: write everything again under the new lease.
+        let (a2, store2) = (a.clone(), store.clone());
+        tokio::spawn(async move {
+            let mut last = Some(lease);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = leases.changed() => if r.is_err() { return },
+                }
+                let Some(l) = *leases.borrow_and_update() else {
+                    continue;
+                };
+                if Some(l) == last {
+                    continue;
+                }
+                last = Some(l);
+                LEASES_LOST.fetch_add(1, Ordering::Relaxed);
+                let mut keys: Vec<(String, Vec<u8>)> = (0..a2.endpoints)
+                    .map(|j| endpoint(&a2, h, j, true))
+                    .collect();
+                keys.push(node_record(h));
+                for (k, v) in keys {
+                    if store2.put(&k, v, Some(l)).await.is_err() {
+                        PUT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        return Ok(keeper);
     }
-    let (k, v) = node_record(h);
-    store.put(&k, v, Some(lease)).await?;
-    Ok(keeper)
 }
+
+/// Retries a store call that an overloaded etcd refused or left
+/// unanswered, for up to 60 s (the figures count what it cost).
+async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, pier_store::StoreError>>,
+{
+    let t0 = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if t0.elapsed() < Duration::from_secs(60) => {
+                PUT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{what}, retried for 60 s")),
+        }
+    }
+}
+
+static LEASES_LOST: AtomicUsize = AtomicUsize::new(0);
+static GRANT_RETRIES: AtomicUsize = AtomicUsize::new(0);
+static PUT_RETRIES: AtomicUsize = AtomicUsize::new(0);
 
 fn endpoint_count(s: &Snapshot) -> usize {
     s.endpoints.values().map(|m| m.len()).sum()
@@ -410,13 +508,16 @@ async fn main() -> Result<()> {
     let took = t0.elapsed();
     let writes = a.hosts * (a.endpoints + 1);
     println!(
-        "2. cold start: {} hosts registered ({} endpoints, {} puts, {} leases) in {:.2} s: {:.0} puts/s [load {}]",
+        "2. cold start: {} hosts registered ({} endpoints, {} puts, {} leases) in {:.2} s: {:.0} puts/s; leases lost mid-way {}, grants retried {}, puts retried {} [load {}]",
         a.hosts,
         a.hosts * a.endpoints,
         writes,
         a.hosts,
         took.as_secs_f64(),
         writes as f64 / took.as_secs_f64(),
+        LEASES_LOST.load(Ordering::Relaxed),
+        GRANT_RETRIES.load(Ordering::Relaxed),
+        PUT_RETRIES.load(Ordering::Relaxed),
         load()
     );
 
@@ -427,7 +528,11 @@ async fn main() -> Result<()> {
     let mut refl_leases = Vec::new();
     for r in 0..a.reflectors {
         let s: Arc<dyn Store> = Arc::new(connect(format!("host-{r}")).await?);
-        let k = LeaseKeeper::start(s.clone(), Ttl::from_secs(a.ttl)?, cancel.child_token()).await?;
+        let ttl = Ttl::from_secs(a.ttl)?;
+        let k = retry("reflector lease", || {
+            LeaseKeeper::start(s.clone(), ttl, cancel.child_token())
+        })
+        .await?;
         refl.push(Reflector::spawn_with_hold(
             s,
             cancel.child_token(),
@@ -454,10 +559,12 @@ async fn main() -> Result<()> {
     );
     let mut drains = JoinSet::new();
     if a.watches > 0 {
-        let rev = clients[0].list(keys::prefix::NODES).await?.revision;
+        let rev = retry("list", || clients[0].list(keys::prefix::NODES))
+            .await?
+            .revision;
         for i in 0..a.watches {
             let s = connect(format!("watch-{i}")).await?;
-            let mut w = s.watch(keys::ROOT, rev + 1).await?;
+            let mut w = retry("watch", || s.watch(keys::ROOT, rev + 1)).await?;
             let c = cancel.clone();
             drains.spawn(async move {
                 loop {
@@ -480,7 +587,8 @@ async fn main() -> Result<()> {
         let (k, v) = endpoint(&a, h, j, i % 2 == 1);
         let lease = keepers[h].as_ref().and_then(|k| k.current());
         let t0 = Instant::now();
-        let rev = clients[h % clients.len()].put(&k, v, lease).await?;
+        let c = &clients[h % clients.len()];
+        let rev = retry("probe put", || c.put(&k, v.clone(), lease)).await?;
         let mut per = until_all(&refl, Duration::from_secs(30), t0, move |s| {
             s.revision >= rev
         })
@@ -530,6 +638,12 @@ async fn main() -> Result<()> {
         load()
     );
 
+    // 5b. The supervisor on the simulated hosts.
+    if a.rs > 0 {
+        let lost2: BTreeSet<usize> = (0..a.hosts).filter(|h| h % 10 == 7).collect();
+        supervised(&a, &clients, &refl, &keepers, &lost, &lost2, &host_cancel).await?;
+    }
+
     // 6. etcd.
     let wall = t_up.elapsed().as_secs_f64();
     let cpu1 = cluster.metric("process_cpu_seconds_total");
@@ -560,6 +674,181 @@ async fn main() -> Result<()> {
     // 7. The supervisor's full pass.
     supervisor_pass(&a)?;
     drop(cluster);
+    Ok(())
+}
+
+/// Whether every set `set-0..rs` has `replicas` Running, ready pods, none
+/// on a host in `not_on`.
+fn all_running(s: &Snapshot, a: &Args, not_on: &BTreeSet<Name>) -> bool {
+    let mut per: std::collections::HashMap<&Name, usize> = std::collections::HashMap::new();
+    for (k, p) in s.pods.iter() {
+        let ok = s
+            .pod_statuses
+            .get(k)
+            .is_some_and(|st| st.ready && st.phase == pier_model::PodPhase::Running);
+        if ok && !not_on.contains(&p.node) {
+            *per.entry(&p.replicaset).or_default() += 1;
+        }
+    }
+    per.len() == a.rs && per.values().all(|n| *n == a.replicas)
+}
+
+/// Step 5b: `a.rs` sets of `a.replicas` run by pier's supervisor (leader
+/// on reflector 0's snapshot); each live host's "runtime" marks its pods
+/// Running at once (a podstatus under its lease, written by one task for
+/// all hosts, from reflector 0's snapshot). Then 10 % more hosts (`lost2`)
+/// stop renewing: the time until their pods are replaced and Running.
+#[allow(clippy::too_many_arguments)]
+async fn supervised(
+    a: &Args,
+    clients: &[Arc<dyn Store>],
+    refl: &[Reflector],
+    keepers: &[Option<LeaseKeeper>],
+    lost: &[usize],
+    lost2: &BTreeSet<usize>,
+    host_cancel: &[CancellationToken],
+) -> Result<()> {
+    let ns = Namespace::default();
+    let cancel = CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let dead: Arc<std::sync::Mutex<BTreeSet<Name>>> = Arc::new(std::sync::Mutex::new(
+        lost.iter().map(|h| name(&format!("host-{h}"))).collect(),
+    ));
+    // The runtime: one task for every host.
+    {
+        let mut rx = refl[0].subscribe();
+        let store = clients[0].clone();
+        let leases: Vec<Option<pier_store::LeaseId>> = keepers
+            .iter()
+            .map(|k| k.as_ref().and_then(|k| k.current()))
+            .collect();
+        let dead = dead.clone();
+        let c = cancel.clone();
+        let ns = ns.clone();
+        tokio::spawn(async move {
+            let mut done: BTreeSet<Name> = BTreeSet::new();
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                let todo: Vec<_> = snap
+                    .pods
+                    .iter()
+                    .filter(|(k, p)| {
+                        !snap.pod_statuses.contains_key(*k)
+                            && !done.contains(&p.name)
+                            && !dead.lock().map(|d| d.contains(&p.node)).unwrap_or(true)
+                    })
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                // The hosts' runtimes work in parallel: up to 64 puts in flight.
+                let mut puts = JoinSet::new();
+                for p in todo {
+                    while puts.len() >= 64 {
+                        if let Some(Ok((n, true))) = puts.join_next().await {
+                            done.insert(n);
+                        }
+                    }
+                    let h: usize = p.node.as_str()["host-".len()..].parse().unwrap_or(0);
+                    let st = serde_json::json!({"name": p.name.as_str(), "node": p.node.as_str(),
+                        "phase": "Running", "ready": true, "started_at": pier_model::now_ms()});
+                    let key = keys::pod_status(&ns, &p.name);
+                    let lease = leases.get(h).copied().flatten();
+                    let store = store.clone();
+                    puts.spawn(async move {
+                        let ok = store
+                            .put(&key, st.to_string().into_bytes(), lease)
+                            .await
+                            .is_ok();
+                        (p.name.clone(), ok)
+                    });
+                }
+                while let Some(r) = puts.join_next().await {
+                    if let Ok((n, true)) = r {
+                        done.insert(n);
+                    }
+                }
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+    let cfg = pier_supervisor::SupervisorConfig::default();
+    let sup = pier_supervisor::Supervisor::new(
+        cfg.clone(),
+        name("host-0"),
+        clients[0].clone(),
+        refl[0].subscribe(),
+    )?;
+    let leader = sup.is_leader();
+    tokio::spawn(sup.run(cancel.child_token()));
+    tokio::time::timeout(Duration::from_secs(30), leader.clone().wait_for(|l| *l))
+        .await
+        .context("no supervisor leader in 30 s")??;
+    let t0 = Instant::now();
+    for r in 0..a.rs {
+        let rs = serde_json::json!({"name": format!("set-{r}"), "template": {"image": "sim:1"},
+            "replicas": a.replicas});
+        let key = keys::replicaset(&ns, &name(&format!("set-{r}")));
+        retry("replica set put", || {
+            clients[0].put(&key, rs.to_string().into_bytes(), None)
+        })
+        .await?;
+    }
+    let want = a.rs * a.replicas;
+    let written = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+        s.pods.len() >= want
+    })
+    .await?;
+    let none = BTreeSet::new();
+    let a2 = a.clone();
+    let up = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+        all_running(s, &a2, &none)
+    })
+    .await?;
+    println!(
+        "5b. supervisor: {} sets × {} = {} pods written by the leader in {:.2} s, all Running (simulated runtime) in {:.2} s [load {}]",
+        a.rs,
+        a.replicas,
+        want,
+        written[0].as_secs_f64(),
+        up[0].as_secs_f64(),
+        load()
+    );
+    let gone: BTreeSet<Name> = lost2.iter().map(|h| name(&format!("host-{h}"))).collect();
+    let on_lost = refl[0]
+        .snapshot()
+        .pods
+        .values()
+        .filter(|p| gone.contains(&p.node))
+        .count();
+    let t0 = Instant::now();
+    if let Ok(mut d) = dead.lock() {
+        d.extend(gone.iter().cloned());
+    }
+    for h in lost2 {
+        host_cancel[*h].cancel();
+    }
+    let g = gone.clone();
+    let marked = until_all(&refl[..1], Duration::from_secs(120), t0, move |s| {
+        !s.nodes.keys().any(|n| g.contains(n))
+    })
+    .await?;
+    let a2 = a.clone();
+    let g = gone.clone();
+    let replaced = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+        all_running(s, &a2, &g)
+    })
+    .await?;
+    println!(
+        "5b. {} more hosts lost (10 %), {} pods on them: marked (node records gone) after {:.2} s, replaced and Running after {:.2} s (node_grace_ms {}) [load {}]",
+        lost2.len(),
+        on_lost,
+        marked[0].as_secs_f64(),
+        replaced[0].as_secs_f64(),
+        cfg.node_grace_ms,
+        load()
+    );
     Ok(())
 }
 
