@@ -78,7 +78,8 @@ async fn wait_ready(
     timeout: Duration,
 ) -> Result<()> {
     let start = Instant::now();
-    let mut told = String::new();
+    // Each line once: a line changes only when a count or a problem does.
+    let mut told = std::collections::BTreeSet::new();
     loop {
         let apps = c.list_apps(Some(ns)).await?;
         let Some(app) = apps.iter().find(|a| &a.name == name) else {
@@ -110,13 +111,10 @@ async fn wait_ready(
             .collect();
         // A problem (a pod no host can take, an image missing) is shown
         // when it appears, not only at the timeout.
-        let problems: Vec<&String> = waiting.iter().filter(|w| w.contains(" (")).collect();
-        let now = format!("{problems:?}");
-        if !problems.is_empty() && now != told {
-            for p in &problems {
-                eprintln!("app/{name} waiting: {p}");
+        for w in waiting.iter().filter(|w| w.contains(" (")) {
+            if told.insert(w.clone()) {
+                eprintln!("app/{name} waiting: {w}");
             }
-            told = now;
         }
         if start.elapsed() >= timeout {
             bail!(
