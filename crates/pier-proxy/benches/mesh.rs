@@ -32,7 +32,7 @@ use pier_model::{
     Endpoint, EndpointMap, EndpointPort, Name, Namespace, Node, PortNum, Service, Snapshot,
 };
 use pier_proxy::mesh::{MeshConnector, MeshServer};
-use pier_proxy::tls::{self, MeshConfig};
+use pier_proxy::tls::MeshConfig;
 use pier_proxy::{Proxy, ProxyConfig};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -394,9 +394,10 @@ async fn run(b: tokio::runtime::Handle) {
     let connects = env_num("MESH_BENCH_CONNECTS", 2000);
     let mib = env_num("MESH_BENCH_MIB", 512);
     let dir = tempfile::tempdir().expect("tempdir");
-    tls::ca_init(&dir.path().join("ca")).expect("ca");
+    pier_ca::ca_init(&dir.path().join("ca")).expect("ca");
     for n in ["n1", "n2"] {
-        tls::ca_issue(&name(n), &dir.path().join("ca"), &dir.path().join(n), 30).expect("issue");
+        pier_ca::ca_issue(&name(n), &dir.path().join("ca"), &dir.path().join(n), 30)
+            .expect("issue");
     }
     let cfg =
         |n: &str| MeshConfig::from_dir("127.0.0.1:0".parse().expect("addr"), &dir.path().join(n));

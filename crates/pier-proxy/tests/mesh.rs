@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use pier_ca::CaError;
 use pier_model::{Endpoint, EndpointMap, EndpointPort, Name, Namespace, Node, PortNum, Snapshot};
 use pier_proxy::mesh::{LocalTargets, MeshConnector, MeshError, MeshServer, RefusalCode};
 use pier_proxy::tls::{self, MeshConfig, TlsError};
@@ -30,7 +31,7 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        tls::ca_init(&dir.path().join("ca")).unwrap();
+        pier_ca::ca_init(&dir.path().join("ca")).unwrap();
         Pki { dir }
     }
     fn ca_dir(&self) -> PathBuf {
@@ -38,7 +39,7 @@ impl Pki {
     }
     fn issue(&self, node: &str) -> PathBuf {
         let out = self.dir.path().join(node);
-        tls::ca_issue(&name(node), &self.ca_dir(), &out, 30).unwrap();
+        pier_ca::ca_issue(&name(node), &self.ca_dir(), &out, 30).unwrap();
         out
     }
     fn cfg(&self, node: &str) -> MeshConfig {
@@ -242,7 +243,7 @@ async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 fn ca_init_and_issue_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    tls::ca_init(&ca).unwrap();
+    pier_ca::ca_init(&ca).unwrap();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(ca.join("ca-key.pem"))
         .unwrap()
@@ -250,12 +251,12 @@ fn ca_init_and_issue_round_trip() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "CA key must be 0600");
     // Refuses to overwrite.
-    let e = tls::ca_init(&ca).unwrap_err();
-    assert!(matches!(e, TlsError::Exists { .. }), "{e}");
+    let e = pier_ca::ca_init(&ca).unwrap_err();
+    assert!(matches!(e, CaError::Exists { .. }), "{e}");
     assert!(e.to_string().contains("refusing to overwrite"), "{e}");
 
     let out = dir.path().join("node-a");
-    tls::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
+    pier_ca::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
     for f in ["node.pem", "node-key.pem", "ca.pem"] {
         assert!(out.join(f).exists(), "{f} written");
     }
@@ -286,13 +287,13 @@ fn ca_init_and_issue_round_trip() {
 
     // Re-issuing (renewal) replaces the files.
     let before = std::fs::read(out.join("node.pem")).unwrap();
-    tls::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
+    pier_ca::ca_issue(&name("node-a"), &ca, &out, 90).unwrap();
     assert_ne!(before, std::fs::read(out.join("node.pem")).unwrap());
     // A node name that TLS cannot use as a server name is refused up front.
-    let e = tls::ca_issue(&name("123"), &ca, &dir.path().join("n123"), 1).unwrap_err();
-    assert!(matches!(e, TlsError::NodeName(_)), "{e}");
+    let e = pier_ca::ca_issue(&name("123"), &ca, &dir.path().join("n123"), 1).unwrap_err();
+    assert!(matches!(e, CaError::Tls(TlsError::NodeName(_))), "{e}");
     // Missing CA → clear error naming the file.
-    let e = tls::ca_issue(&name("x"), &dir.path().join("nope"), &out, 1).unwrap_err();
+    let e = pier_ca::ca_issue(&name("x"), &dir.path().join("nope"), &out, 1).unwrap_err();
     assert!(e.to_string().contains("nope/ca.pem"), "{e}");
 }
 
@@ -689,7 +690,7 @@ async fn expired_or_missing_cert_is_a_clear_startup_error() {
     let pki = Pki::new();
     let out = pki.dir.path().join("old");
     let now = SystemTime::now();
-    tls::ca_issue_with_validity(
+    pier_ca::ca_issue_with_validity(
         &name("old"),
         &pki.ca_dir(),
         &out,
@@ -717,7 +718,7 @@ async fn expired_or_missing_cert_is_a_clear_startup_error() {
     assert!(e.to_string().contains("expired"), "{e}");
 
     // Not yet valid.
-    tls::ca_issue_with_validity(
+    pier_ca::ca_issue_with_validity(
         &name("old"),
         &pki.ca_dir(),
         &out,
@@ -797,7 +798,7 @@ async fn renewed_cert_is_picked_up_while_an_existing_tunnel_keeps_working() {
     })
     .await
     .expect("broken renewal noticed");
-    tls::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
+    pier_ca::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
         while metric(
             &srv.registry,
@@ -1277,7 +1278,7 @@ impl Pki {
     /// `pier ca revoke NODE`, then the CA's crl.pem copied beside the
     /// ca.pem of each of `to` (as an operator distributes it).
     fn revoke(&self, node: &str, to: &[&str]) {
-        let r = tls::ca_revoke(&self.ca_dir(), &name(node), None).unwrap();
+        let r = pier_ca::ca_revoke(&self.ca_dir(), &name(node), None).unwrap();
         assert_eq!(r.added.len(), 1, "{r:?}");
         // As the README says to: copy beside, then rename over (a reload
         // never reads a half-written list).
@@ -1489,16 +1490,16 @@ fn ca_revoke_keeps_the_list_and_names_what_is_wrong() {
     let pki = Pki::new();
     let n1 = pki.issue("n1");
     pki.issue("n2");
-    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    let r = pier_ca::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
     assert_eq!((r.added.len(), r.total), (1, 1));
     // Renewed (a second serial for n1), then revoked again: only the new
     // serial is added, the old one stays.
-    tls::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
-    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    pier_ca::ca_issue(&name("n1"), &pki.ca_dir(), &n1, 30).unwrap();
+    let r = pier_ca::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
     assert_eq!((r.added.len(), r.total), (1, 2));
-    let r = tls::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
+    let r = pier_ca::ca_revoke(&pki.ca_dir(), &name("n1"), None).unwrap();
     assert_eq!((r.added.len(), r.total), (0, 2));
-    let r = tls::ca_revoke(&pki.ca_dir(), &name("n2"), None).unwrap();
+    let r = pier_ca::ca_revoke(&pki.ca_dir(), &name("n2"), None).unwrap();
     assert_eq!((r.added.len(), r.total), (1, 3));
     // The list is the CA's: n1's current certificate loads as revoked.
     std::fs::copy(&r.crl, n1.join("crl.pem")).unwrap();
@@ -1507,11 +1508,11 @@ fn ca_revoke_keeps_the_list_and_names_what_is_wrong() {
     let e = tls::load_identity_with_crl(&cfg.ca, &cfg.cert, &cfg.key, &crl, false).unwrap_err();
     assert!(matches!(e, TlsError::Revoked { .. }), "{e}");
     // A node the CA never issued for.
-    let e = tls::ca_revoke(&pki.ca_dir(), &name("nobody"), None).unwrap_err();
+    let e = pier_ca::ca_revoke(&pki.ca_dir(), &name("nobody"), None).unwrap_err();
     assert!(e.to_string().contains("--cert FILE"), "{e}");
     // --cert naming another node's file.
-    let e = tls::ca_revoke(&pki.ca_dir(), &name("n2"), Some(&n1.join("node.pem"))).unwrap_err();
-    assert!(matches!(e, TlsError::WrongNode { .. }), "{e}");
+    let e = pier_ca::ca_revoke(&pki.ca_dir(), &name("n2"), Some(&n1.join("node.pem"))).unwrap_err();
+    assert!(matches!(e, CaError::Tls(TlsError::WrongNode { .. })), "{e}");
 }
 
 /// Attack (M2): a revocation list signed by another CA (or garbage) is
@@ -1522,7 +1523,7 @@ fn a_revocation_list_from_another_ca_is_refused() {
     let n1 = pki.issue("n1");
     let other = Pki::new();
     other.issue("n1");
-    let r = tls::ca_revoke(&other.ca_dir(), &name("n1"), None).unwrap();
+    let r = pier_ca::ca_revoke(&other.ca_dir(), &name("n1"), None).unwrap();
     std::fs::copy(&r.crl, n1.join("crl.pem")).unwrap();
     let cfg = pki.cfg("n1");
     let (crl, _) = cfg.crl_path();
@@ -1673,7 +1674,7 @@ async fn a_tunnel_is_cut_when_its_peer_certificate_expires() {
     pki.issue("n1");
     let n2 = pki.dir.path().join("n2");
     let now = SystemTime::now();
-    tls::ca_issue_with_validity(
+    pier_ca::ca_issue_with_validity(
         &name("n2"),
         &pki.ca_dir(),
         &n2,

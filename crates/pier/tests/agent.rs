@@ -14,7 +14,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use pier_model::Name;
-use pier_proxy::tls;
 
 const PIER: &str = env!("CARGO_BIN_EXE_pier");
 const DAY: Duration = Duration::from_secs(86_400);
@@ -51,7 +50,7 @@ struct Setup {
 impl Setup {
     fn new(tag: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        tls::ca_init(&dir.path().join("ca")).unwrap();
+        pier_ca::ca_init(&dir.path().join("ca")).unwrap();
         let (api, mesh) = free_addrs();
         Setup {
             dir,
@@ -72,7 +71,7 @@ impl Setup {
     /// Issues `node`'s files into `certs/`, valid over `[from, to]`.
     fn issue(&self, node: &Name, from: SystemTime, to: SystemTime) -> PathBuf {
         let out = self.dir.path().join("certs");
-        tls::ca_issue_with_validity(node, &self.ca_dir(), &out, from, to).unwrap();
+        pier_ca::ca_issue_with_validity(node, &self.ca_dir(), &out, from, to).unwrap();
         out
     }
 
@@ -219,10 +218,10 @@ async fn certificate_for_another_node_exits_64() {
 async fn certificate_from_another_ca_exits_64() {
     let s = Setup::new("mesh-foreign");
     let other_ca = s.dir.path().join("other-ca");
-    tls::ca_init(&other_ca).unwrap();
+    pier_ca::ca_init(&other_ca).unwrap();
     let foreign = s.dir.path().join("foreign");
     let now = SystemTime::now();
-    tls::ca_issue_with_validity(&s.node, &other_ca, &foreign, now - DAY, now + DAY).unwrap();
+    pier_ca::ca_issue_with_validity(&s.node, &other_ca, &foreign, now - DAY, now + DAY).unwrap();
     // The node's own CA, the other CA's certificate for this very node.
     let ca = s.ca_dir().join("ca.pem");
     let cert = foreign.join("node.pem");

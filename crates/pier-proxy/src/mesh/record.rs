@@ -388,11 +388,12 @@ pub(crate) mod tests {
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = dir.path().join("ca");
-        tls::ca_init(&ca).expect("ca");
+        pier_ca::ca_init(&ca).expect("ca");
         let mut ids = Vec::new();
         for n in ["a", "b"] {
             let out = dir.path().join(n);
-            tls::ca_issue(&pier_model::Name::new(n).expect("name"), &ca, &out, 1).expect("issue");
+            pier_ca::ca_issue(&pier_model::Name::new(n).expect("name"), &ca, &out, 1)
+                .expect("issue");
             ids.push(
                 tls::load_identity(
                     &out.join("ca.pem"),

@@ -21,7 +21,7 @@ pub enum CaCmd {
         out: PathBuf,
         /// Validity in days. Renew by issuing again into the same --out
         /// before it ends: agents pick the new files up without a restart.
-        #[arg(long, default_value_t = pier_proxy::tls::DEFAULT_CERT_DAYS, value_name = "N")]
+        #[arg(long, default_value_t = pier_ca::DEFAULT_CERT_DAYS, value_name = "N")]
         days: u32,
     },
     /// Revoke NODE's mesh certificates: writes the CA's crl.pem. Copy it
@@ -43,7 +43,7 @@ pub enum CaCmd {
 pub(super) fn run(cmd: CaCmd) -> Result<()> {
     match cmd {
         CaCmd::Init { dir } => {
-            pier_proxy::tls::ca_init(&dir)
+            pier_ca::ca_init(&dir)
                 .with_context(|| format!("creating the mesh CA in {}", dir.display()))?;
             println!(
                 "mesh CA written to {} (ca.pem, ca-key.pem); keep ca-key.pem private",
@@ -60,7 +60,7 @@ pub(super) fn run(cmd: CaCmd) -> Result<()> {
             if days == 0 {
                 return usage("--days: must be at least 1");
             }
-            pier_proxy::tls::ca_issue(&node, &ca, &out, days).map_err(|e| {
+            pier_ca::ca_issue(&node, &ca, &out, days).map_err(|e| {
                 anyhow!(e).context(format!(
                     "issuing {node}'s certificate from {}",
                     ca.display()
@@ -73,7 +73,7 @@ pub(super) fn run(cmd: CaCmd) -> Result<()> {
         }
         CaCmd::Revoke { node, ca, cert } => {
             let node = name_arg("node name", &node)?;
-            let r = pier_proxy::tls::ca_revoke(&ca, &node, cert.as_deref()).map_err(|e| {
+            let r = pier_ca::ca_revoke(&ca, &node, cert.as_deref()).map_err(|e| {
                 anyhow!(e).context(format!(
                     "revoking {node}'s certificates in {}",
                     ca.display()

@@ -620,9 +620,9 @@ mod tests {
         let certs_in = PathBuf::from(certs_in);
         let tmp = tempfile::tempdir().expect("tempdir");
         let (ca_dir, out) = (tmp.path().join("ca"), tmp.path().join("certs"));
-        tls::ca_init(&ca_dir).expect("ca init");
+        pier_ca::ca_init(&ca_dir).expect("ca init");
         let node = Name::new("host-a").expect("name");
-        tls::ca_issue(&node, &ca_dir, &out, 1).expect("ca issue");
+        pier_ca::ca_issue(&node, &ca_dir, &out, 1).expect("ca issue");
         for p in [&mut mesh.ca, &mut mesh.cert, &mut mesh.key] {
             let rel = p.strip_prefix(&certs_in).unwrap_or_else(|_| {
                 panic!(
