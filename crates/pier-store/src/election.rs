@@ -289,6 +289,55 @@ impl Drop for Leadership {
     }
 }
 
+/// The fence of a leader's writes: the election key and the revision at
+/// which this leader holds it. Every write a leader makes compares it
+/// (`Compare::ModRevision(fence.0, fence.1)`), so that a deposed leader's
+/// late write fails instead of landing.
+pub type Fence = (String, Revision);
+
+/// Campaigns until `candidate` leads election `name`, then reads the
+/// election key for the [`Fence`]. A failed campaign or read is logged and
+/// tried again after `retry`; a key that is no longer ours right after
+/// winning means campaigning again. `None`: `cancel` fired.
+pub async fn campaign_fenced(
+    store: &Arc<dyn Store>,
+    name: &Name,
+    candidate: &str,
+    ttl: Ttl,
+    retry: Duration,
+    cancel: &CancellationToken,
+) -> Option<(Leadership, Fence)> {
+    loop {
+        let leadership = match campaign(store.clone(), name, candidate, ttl, cancel).await {
+            Ok(l) => l,
+            Err(_) if cancel.is_cancelled() => return None,
+            Err(e) => {
+                tracing::warn!(election = %name, error = %e, "campaign failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(retry) => continue,
+                }
+            }
+        };
+        match store.get(leadership.key()).await {
+            Ok(Some(kv)) if kv.lease == Some(leadership.lease()) => {
+                return Some((leadership, (kv.key, kv.mod_revision)));
+            }
+            Ok(_) => {
+                tracing::warn!(election = %name, "election key no longer ours right after winning; campaigning again");
+            }
+            Err(e) => {
+                tracing::warn!(election = %name, error = %e, "reading the election key failed; campaigning again");
+                drop(leadership);
+                tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+        }
+    }
+}
+
 /// The current leader's candidate string.
 pub async fn leader(store: &dyn Store, name: &Name) -> Result<Option<String>, StoreError> {
     let key = keys::election(name);

@@ -8,7 +8,8 @@ use std::time::Duration;
 use pier_model::{
     Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, encode, keys, now_ms,
 };
-use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp, election};
+use pier_store::election::{self, Fence};
+use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,7 @@ const ERROR_RETRY: Duration = Duration::from_secs(1);
 /// take before campaigning normally.
 const STALE_KEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Campaign retry when the store is unreachable.
-const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 /// Actions per txn: etcd's default --max-txn-ops is 128, and a batch of 50
 /// creates needs up to 50 + 50 + 2 compares.
 const TXN_BATCH: usize = 50;
@@ -73,42 +74,17 @@ pub(crate) async fn run(sup: Supervisor, cancel: CancellationToken) -> Result<()
         loop {
             sup.leader_tx.send_replace(false);
             sup.problems_tx.send_replace(Problems::default());
-            let leadership = match election::campaign(
-                sup.store.clone(),
+            let Some((leadership, fence)) = election::campaign_fenced(
+                &sup.store,
                 &election_name,
                 sup.node.as_str(),
                 ttl,
+                CAMPAIGN_RETRY,
                 &cancel,
             )
             .await
-            {
-                Ok(l) => l,
-                Err(_) if cancel.is_cancelled() => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "campaign failed; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = sleep(CAMPAIGN_RETRY) => continue,
-                    }
-                }
-            };
-            // The fence: every write compares the election key's revision.
-            let fence = match sup.store.get(leadership.key()).await {
-                Ok(Some(kv)) if kv.lease == Some(leadership.lease()) => {
-                    (kv.key, kv.mod_revision)
-                }
-                Ok(_) => {
-                    tracing::warn!("election key no longer ours right after winning; campaigning again");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the election key failed; campaigning again");
-                    drop(leadership);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Ok(()),
-                        _ = sleep(CAMPAIGN_RETRY) => continue,
-                    }
-                }
+            else {
+                return Ok(());
             };
             tracing::info!(lease = %leadership.lease(), "leading the supervisor");
             sup.leader_tx.send_replace(true);
@@ -193,7 +169,7 @@ struct SetState {
 
 struct Leader<'a> {
     sup: &'a Supervisor,
-    fence: (String, Revision),
+    fence: Fence,
     /// The election lease: problem reports live under it.
     lease: LeaseId,
     /// Problems whose store report failed to be written or deleted; retried
@@ -234,7 +210,7 @@ fn failed_backoff(failures: u32) -> Duration {
 }
 
 impl<'a> Leader<'a> {
-    fn new(sup: &'a Supervisor, fence: (String, Revision), lease: LeaseId) -> Self {
+    fn new(sup: &'a Supervisor, fence: Fence, lease: LeaseId) -> Self {
         let mut rx = sup.snapshot.clone();
         let current = rx.borrow_and_update().clone();
         Leader {
