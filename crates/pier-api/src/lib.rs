@@ -37,7 +37,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-mod apply;
 mod client;
 mod guard;
 mod server;

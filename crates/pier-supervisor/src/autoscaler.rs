@@ -10,21 +10,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pier_model::autoscale::{AutoscaleStatus, Measurement, ScaleDecision, measure, selects};
+use pier_model::autoscale::{Measurement, ScaleDecision, measure, selects};
 use pier_model::keys::{self, Key};
-use pier_model::{Name, ObjectKey, ReplicaSet, Replicas, Snapshot, Stats, decode, encode, now_ms};
-use pier_store::{Compare, Revision, Store, Ttl, Txn, TxnOp, election};
+use pier_model::{Name, ObjectKey, ReplicaSet, Snapshot, Stats, decode, now_ms};
+use pier_store::election::{self, Fence};
+use pier_store::{Store, Ttl, writes};
 use tokio::sync::watch;
-use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::autoscale::{Input, Recommendation, decide};
+use crate::controller::CAMPAIGN_RETRY;
 use crate::{SupervisorConfig, SupervisorError};
 
 /// The election the autoscalers campaign in.
 pub const ELECTION: &str = "autoscaler";
-const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 
 /// What the leader remembers of a set between rounds.
 #[derive(Debug)]
@@ -53,39 +53,17 @@ impl Autoscaler {
         let span = tracing::info_span!("autoscaler", node = %self.node);
         async move {
             loop {
-                let leadership = match election::campaign(
-                    self.store.clone(),
+                let Some((leadership, fence)) = election::campaign_fenced(
+                    &self.store,
                     &name,
                     self.node.as_str(),
                     ttl,
+                    CAMPAIGN_RETRY,
                     &cancel,
                 )
                 .await
-                {
-                    Ok(l) => l,
-                    Err(_) if cancel.is_cancelled() => return Ok(()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "campaign failed; retrying");
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sleep(CAMPAIGN_RETRY) => continue,
-                        }
-                    }
-                };
-                // The fence: every write compares the election key's revision.
-                let fence = match self.store.get(leadership.key()).await {
-                    Ok(Some(kv)) if kv.lease == Some(leadership.lease()) => {
-                        (kv.key, kv.mod_revision)
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the election key failed; campaigning again");
-                        drop(leadership);
-                        tokio::select! {
-                            _ = cancel.cancelled() => return Ok(()),
-                            _ = sleep(CAMPAIGN_RETRY) => continue,
-                        }
-                    }
+                else {
+                    return Ok(());
                 };
                 tracing::info!("leading the autoscaler");
                 let mut hist = BTreeMap::new();
@@ -146,7 +124,7 @@ impl Autoscaler {
         any.then(|| measure(recs.iter().map(|(n, s)| (n, s)), now))
     }
 
-    async fn round(&self, fence: &(String, Revision), hist: &mut BTreeMap<ObjectKey, SetHistory>) {
+    async fn round(&self, fence: &Fence, hist: &mut BTreeMap<ObjectKey, SetHistory>) {
         let snap = self.snapshot.borrow().clone();
         let now = now_ms();
         hist.retain(|k, _| {
@@ -193,80 +171,34 @@ impl Autoscaler {
     }
 
     /// Writes the new count through the set's revision and the fence,
-    /// with the decision. A set changed meanwhile (a user's write) is left
-    /// for the next round.
+    /// with the decision ([`writes::autoscale_step`]). A set changed
+    /// meanwhile (a user's write) is left for the next round.
     async fn write(
         &self,
-        fence: &(String, Revision),
+        fence: &Fence,
         key: &ObjectKey,
         from: u32,
         to: u32,
         reason: String,
         now: u64,
     ) {
-        let rs_key = keys::replicaset(&key.0, &key.1);
-        let st_key = keys::autoscale(&key.0, &key.1);
-        let span = tracing::info_span!("autoscale", replicaset = %rs_key);
-        let r: Result<bool, String> = async {
-            let kv = self
-                .store
-                .get(&rs_key)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("the replica set is gone")?;
-            let mut rs: ReplicaSet = decode(&rs_key, &kv.value).map_err(|e| e.to_string())?;
-            if rs.replicas.get() != from || rs.autoscale().is_none() {
-                return Ok(false);
-            }
-            rs.replicas = Replicas::new(to).map_err(|e| e.to_string())?;
-            let mut status = match self.store.get(&st_key).await.map_err(|e| e.to_string())? {
-                Some(s) => decode::<AutoscaleStatus>(&st_key, &s.value).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "autoscale status replaced");
-                    AutoscaleStatus::default()
-                }),
-                None => AutoscaleStatus::default(),
-            };
-            status.push(ScaleDecision {
-                at: now,
-                from,
-                to,
-                reason: reason.clone(),
-            });
-            let txn = Txn {
-                compares: vec![
-                    Compare::ModRevision(fence.0.clone(), fence.1),
-                    Compare::ModRevision(rs_key.clone(), kv.mod_revision),
-                ],
-                success: vec![
-                    TxnOp::Put {
-                        key: rs_key.clone(),
-                        value: encode(&rs),
-                        lease: None,
-                    },
-                    TxnOp::Put {
-                        key: st_key.clone(),
-                        value: encode(&status),
-                        lease: None,
-                    },
-                ],
-                failure: vec![],
-            };
-            Ok(self
-                .store
-                .txn(txn)
-                .await
-                .map_err(|e| e.to_string())?
-                .succeeded)
-        }
-        .instrument(span.clone())
-        .await;
+        let span = tracing::info_span!("autoscale", replicaset = %keys::replicaset(&key.0, &key.1));
+        let decision = ScaleDecision {
+            at: now,
+            from,
+            to,
+            reason: reason.clone(),
+        };
+        let r = writes::autoscale_step(&*self.store, fence, &key.0, &key.1, decision)
+            .instrument(span.clone())
+            .await;
         let _e = span.enter();
         match r {
             Ok(true) => tracing::info!(from, to, reason, "scaled"),
             Ok(false) => {
                 tracing::debug!("the replica set changed meanwhile; deciding again next round")
             }
-            Err(e) => tracing::warn!(error = e, "writing the scale decision failed"),
+            Err(e) => tracing::warn!(error = %e, "writing the scale decision failed"),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! The application handlers: apply, diff, delete and list. They read
-//! what [`crate::apply::plan`] needs from the store (not the snapshot: the
+//! what [`apply::plan`] needs from the store (not the snapshot: the
 //! transaction compares the revisions read here), call it, and write its
-//! transaction.
+//! transaction with [`apply::commit`] (`pier_store::writes::app`).
 
 use http::{Response, StatusCode};
 use pier_model::app::{App, AppSpec};
 use pier_model::{Name, Namespace, ReplicaSet, Service, decode, keys};
 use pier_store::Txn;
 use pier_store::alloc;
+use pier_store::writes::app as apply;
 use serde::de::DeserializeOwned;
 use tracing::info;
 
@@ -16,7 +17,7 @@ use super::reads::synced;
 use super::validate::validate_replicaset;
 use super::writes::settle;
 use super::{Inner, now_ms};
-use crate::{apply, views};
+use crate::views;
 
 impl From<apply::PlanError> for Fail {
     fn from(e: apply::PlanError) -> Fail {
@@ -97,17 +98,12 @@ async fn commit_app(
     planned: apply::Planned,
     txn: Txn,
 ) -> Result<Response<Body>, Fail> {
-    let r = inner.st.store.txn(txn).await?;
-    if !r.succeeded {
-        return Err(Fail::conflict(format!(
-            "application {ns}/{name} changed while this request was computed (another apply or delete, or a write to one of its replica sets or services); nothing was written. Run `pier diff -f FILE` and try again"
-        )));
-    }
-    info!(namespace = %ns, app = %name, revision = r.revision, changes = planned.changes.len(), "application written");
-    settle(inner, |s| s.revision >= r.revision).await;
+    let rev = apply::commit(&*inner.st.store, ns, name, txn).await?;
+    info!(namespace = %ns, app = %name, revision = rev, changes = planned.changes.len(), "application written");
+    settle(inner, |s| s.revision >= rev).await;
     Ok(json(
         StatusCode::OK,
-        &apply::answer(ns, name, &planned, Some(r.revision)),
+        &apply::answer(ns, name, &planned, Some(rev)),
     ))
 }
 

@@ -51,10 +51,6 @@ const DRAIN: Duration = Duration::from_secs(5);
 struct Inner {
     st: ApiState,
     cancel: CancellationToken,
-    /// Held from a read-modify-write's read to its compare-and-swap (the
-    /// replica-set updates in `writes` and node labels): requests sent to
-    /// this server take turns instead of racing each other's revision.
-    scale_turn: tokio::sync::Mutex<()>,
     /// The open watches, capped.
     watches: Arc<WatchSlots>,
     /// Served without a token (`--insecure-no-auth`).
@@ -102,7 +98,6 @@ pub async fn serve(
     let inner = Arc::new(Inner {
         st: state,
         cancel: cancel.clone(),
-        scale_turn: tokio::sync::Mutex::new(()),
         watches: WatchSlots::new(cfg.max_watches, cfg.max_watches_per_client),
         insecure: cfg.insecure_no_auth,
         sessions: sessions.clone(),

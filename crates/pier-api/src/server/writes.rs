@@ -12,11 +12,9 @@ use pier_model::api::{
     SetImageRequest,
 };
 use pier_model::{
-    Labels, Name, Namespace, NodeLabels, ReplicaSet, Service, ServicePort, Snapshot,
-    TemplateRevision, decode, encode, keys, labels,
+    Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, keys, labels,
 };
 use pier_store::writes::{self, Scale};
-use pier_store::{Compare, Txn, TxnOp};
 use tracing::{debug, info};
 
 use super::plumbing::{Body, Fail, json, not_found};
@@ -30,10 +28,6 @@ use crate::views;
 /// a `get` right after a `run` shows it. A lagging reflector only delays the
 /// answer; the write has happened.
 pub(super) const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(2);
-
-/// How often a read-modify-write here retries a revision conflict before
-/// answering 409.
-const SCALE_ATTEMPTS: u32 = 16;
 
 pub(super) async fn create_replicaset(
     inner: &Inner,
@@ -100,11 +94,9 @@ pub(super) async fn autoscale(
     Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)))
 }
 
-/// Read-modify-write of a replica set by compare-and-swap on its
-/// `mod_revision`, retried on a race like a scale. `change` edits the spec;
-/// when the template's hash changed, the old template goes into the
-/// history and the revision goes up by one (the supervisor then rolls the
-/// new template out). `what` names the change in the log and the history.
+/// A new spec through [`writes::update_spec`]: `change` edits it, and it
+/// is checked before it is written. `what` names the change in the log
+/// and the history.
 async fn update_replicaset(
     inner: &Inner,
     ns: &Namespace,
@@ -112,72 +104,14 @@ async fn update_replicaset(
     what: &str,
     mut change: impl FnMut(&mut ReplicaSet) -> Result<(), Fail>,
 ) -> Result<Response<Body>, Fail> {
-    let key = keys::replicaset(ns, name);
-    let store = &inner.st.store;
-    for attempt in 0..SCALE_ATTEMPTS {
-        let turn = inner.scale_turn.lock().await;
-        let kv = store
-            .get(&key)
-            .await?
-            .ok_or_else(|| not_found(Resource::ReplicaSets, Some(ns), Some(name)))?;
-        let old: ReplicaSet = decode(&key, &kv.value).map_err(|e| {
-            Fail::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{e}; fix or delete it"),
-            )
-        })?;
-        let mut rs = old.clone();
-        change(&mut rs)?;
-        // Server-kept fields: a body never sets them.
-        rs.name = old.name.clone();
-        rs.namespace = old.namespace.clone();
-        rs.created_at = old.created_at;
-        rs.revision = old.revision;
-        rs.history = old.history.clone();
-        validate_replicaset(&rs)?;
-        let changed_template = rs.template.hash() != old.template.hash();
-        if changed_template {
-            rs.history.push(TemplateRevision {
-                revision: old.revision,
-                template: old.template.clone(),
-                replaced_at: now_ms(),
-                replaced_by: what.to_owned(),
-            });
-            // The same template twice in the history is kept once, newest.
-            let h = rs.template.hash();
-            rs.history.retain(|t| t.template.hash() != h);
-            let excess = rs.history.len().saturating_sub(ReplicaSet::HISTORY_LIMIT);
-            rs.history.drain(..excess);
-            rs.revision = old.revision + 1;
-        }
-        if rs == old {
-            drop(turn);
-            let s = inner.st.snapshot.borrow().clone();
-            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
-        }
-        let r = store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
-                success: vec![TxnOp::Put {
-                    key: key.clone(),
-                    value: encode(&rs),
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        drop(turn);
-        if r.succeeded {
-            info!(namespace = %ns, replicaset = %name, revision = rs.revision, what, "replica set updated");
-            settle(inner, |s| s.revision >= r.revision).await;
-            let s = inner.st.snapshot.borrow().clone();
-            return Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)));
-        }
-        tokio::time::sleep(Duration::from_micros(500 * u64::from(attempt + 1))).await;
-    }
-    Err(Fail::conflict(format!(
-        "replicaset {name:?} kept changing while it was being updated ({SCALE_ATTEMPTS} attempts); try again"
-    )))
+    let (rs, rev) = writes::update_spec(&*inner.st.store, ns, name, what, now_ms(), |rs| {
+        change(rs)?;
+        validate_replicaset(rs)
+    })
+    .await?;
+    settle(inner, |s| s.revision >= rev).await;
+    let s = inner.st.snapshot.borrow().clone();
+    Ok(json(StatusCode::OK, &views::replicaset_view(&s, &rs)))
 }
 
 /// `PUT …/replicasets/<rs>`: a new spec. A changed template is a new
@@ -256,8 +190,8 @@ pub(super) async fn rollback(
     .await
 }
 
-/// `PATCH /nodes/<node>/labels`: merges into `nodelabels/<node>` by
-/// compare-and-swap.
+/// `PATCH /nodes/<node>/labels`: merges into `nodelabels/<node>`
+/// ([`writes::label_node`]).
 pub(super) async fn label_node(
     inner: &Inner,
     node: Name,
@@ -279,51 +213,14 @@ pub(super) async fn label_node(
             )));
         }
     }
-    let key = keys::node_labels(&node);
-    let store = &inner.st.store;
-    for attempt in 0..SCALE_ATTEMPTS {
-        let kv = store.get(&key).await?;
-        let mut cur: NodeLabels = match &kv {
-            Some(kv) => decode(&key, &kv.value).map_err(|e| {
-                Fail::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("{e}; fix or delete it"),
-                )
-            })?,
-            None => NodeLabels::default(),
-        };
-        for (k, v) in &req.labels {
-            cur.labels.insert(k.clone(), v.clone());
-        }
-        let compare = match &kv {
-            Some(kv) => Compare::ModRevision(key.clone(), kv.mod_revision),
-            None => Compare::Absent(key.clone()),
-        };
-        let r = store
-            .txn(Txn {
-                compares: vec![compare],
-                success: vec![TxnOp::Put {
-                    key: key.clone(),
-                    value: encode(&cur),
-                    lease: None,
-                }],
-                failure: vec![],
-            })
-            .await?;
-        if r.succeeded {
-            info!(node = %node, labels = ?req.labels, "node labelled");
-            settle(inner, |s| s.revision >= r.revision).await;
-            let s = inner.st.snapshot.borrow().clone();
-            return Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({"node": node, "labels": s.node_labels(&node)}),
-            ));
-        }
-        tokio::time::sleep(Duration::from_micros(500 * u64::from(attempt + 1))).await;
-    }
-    Err(Fail::conflict(format!(
-        "the labels of node {node:?} kept changing ({SCALE_ATTEMPTS} attempts); try again"
-    )))
+    let rev = writes::label_node(&*inner.st.store, &node, &req.labels).await?;
+    info!(node = %node, labels = ?req.labels, "node labelled");
+    settle(inner, |s| s.revision >= rev).await;
+    let s = inner.st.snapshot.borrow().clone();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"node": node, "labels": s.node_labels(&node)}),
+    ))
 }
 
 pub(super) async fn delete_replicaset(

@@ -2,11 +2,12 @@
 //! desired objects against the store's, as one revision-checked
 //! transaction.
 //!
-//! [`plan`] is pure: the spec, what the namespace holds now and the
-//! allocation state in, the changes and the transaction out. The handlers
-//! below only read, call it, and write. The transaction compares the
-//! application's key and every object it touches at the revisions read, so
-//! two applies racing (or an apply racing `pier scale`) never leave a mix:
+//! [`plan`] and [`plan_delete`] are pure: the spec, what the namespace
+//! holds now and the allocation state in, the changes and the transaction
+//! out (built with the same [`Batch`] claims as every other write here).
+//! The API's handlers read, call them, and [`commit`] the transaction. The
+//! transaction compares the application's key and every object it touches
+//! at the revisions read, so two applies racing (or an apply racing `pier scale`) never leave a mix:
 //! one wins, the other gets a conflict and wrote nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,9 +18,11 @@ use pier_model::{
     Allocation, Name, Namespace, PortNum, ReplicaSet, Service, ServiceType, TemplateRevision,
     encode, keys,
 };
-use pier_store::alloc::{self, AllocConfig};
-use pier_store::{Compare, Revision, Txn, TxnOp};
 use serde::Serialize;
+
+use super::{Batch, Conflict, WriteError};
+use crate::alloc::{self, AllocConfig, alloc_value, node_ports_of};
+use crate::{Revision, Store, Txn};
 
 /// etcd's default `--max-txn-ops`: the most operations one transaction may
 /// carry (compares and writes are counted separately).
@@ -160,8 +163,8 @@ pub fn plan(
     }
     let (own_rs, own_svc) = owned(cur);
     let app_key = keys::app(ns, &spec.name);
-    let mut compares = vec![Compare::ModRevision(app_key.clone(), from)];
-    let mut ops = Vec::new();
+    let mut b = Batch::default();
+    b.at_revision(app_key.clone(), from);
     let mut changes = Vec::new();
     let mut vips = cur.vips.clone();
     let mut taken: BTreeMap<u16, String> = BTreeMap::new();
@@ -203,12 +206,8 @@ pub fn plan(
                         &c.name,
                         changed_fields(old, &new),
                     ));
-                    compares.push(Compare::ModRevision(rs_key.clone(), *rev));
-                    ops.push(TxnOp::Put {
-                        key: rs_key,
-                        value: encode(&new),
-                        lease: None,
-                    });
+                    b.at_revision(rs_key.clone(), *rev);
+                    b.put(rs_key, encode(&new));
                 }
             }
             None => {
@@ -216,12 +215,7 @@ pub fn plan(
                 new.created_at = now;
                 new.revision = 1;
                 changes.push(change(ChangeAction::Create, "replicaset", &c.name, vec![]));
-                compares.push(Compare::Absent(rs_key.clone()));
-                ops.push(TxnOp::Put {
-                    key: rs_key,
-                    value: encode(&new),
-                    lease: None,
-                });
+                b.claim(rs_key, encode(&new));
             }
         }
         let svc_key = keys::service(ns, &c.name);
@@ -237,11 +231,12 @@ pub fn plan(
             (None, None) => {}
             (None, Some((old, rev))) => {
                 changes.push(change(ChangeAction::Delete, "service", &c.name, vec![]));
-                delete_service(old, *rev, &mut compares, &mut ops);
+                delete_service(old, *rev, &mut b);
             }
             (Some(want), old) => {
                 let mut new = want.clone();
-                let old_ports: BTreeSet<u16> = old.map(|(o, _)| node_ports(o)).unwrap_or_default();
+                let old_ports: BTreeSet<u16> =
+                    old.map(|(o, _)| node_ports_of(o)).unwrap_or_default();
                 for (i, p) in new.ports.iter().enumerate() {
                     let Some(np) = p.node_port else { continue };
                     let n = np.get();
@@ -291,27 +286,15 @@ pub fn plan(
                             &c.name,
                             changed_fields(old, &new),
                         ));
-                        compares.push(Compare::ModRevision(svc_key.clone(), *rev));
-                        let new_ports = node_ports(&new);
+                        b.at_revision(svc_key.clone(), *rev);
+                        let new_ports = node_ports_of(&new);
                         for n in new_ports.difference(&old_ports) {
-                            let k = keys::node_port_alloc(port(*n));
-                            compares.push(Compare::Absent(k.clone()));
-                            ops.push(TxnOp::Put {
-                                key: k,
-                                value: alloc_value(&new),
-                                lease: None,
-                            });
+                            b.claim(keys::node_port_alloc(port(*n)), alloc_value(&new));
                         }
                         for n in old_ports.difference(&new_ports) {
-                            ops.push(TxnOp::Delete {
-                                key: keys::node_port_alloc(port(*n)),
-                            });
+                            b.delete(keys::node_port_alloc(port(*n)));
                         }
-                        ops.push(TxnOp::Put {
-                            key: svc_key,
-                            value: encode(&new),
-                            lease: None,
-                        });
+                        b.put(svc_key, encode(&new));
                     }
                     None => {
                         if !new.headless {
@@ -320,34 +303,17 @@ pub fn plan(
                             })?;
                             vips.insert(vip);
                             new.vip = Some(vip);
-                            let k = keys::vip_alloc(vip);
-                            compares.push(Compare::Absent(k.clone()));
-                            ops.push(TxnOp::Put {
-                                key: k,
-                                value: alloc_value(&new),
-                                lease: None,
-                            });
+                            b.claim(keys::vip_alloc(vip), alloc_value(&new));
                         }
                         new.created_at = now;
                         if new.ports.iter().any(|p| p.node_port.is_some()) {
                             new.service_type = ServiceType::NodePort;
                         }
                         changes.push(change(ChangeAction::Create, "service", &c.name, vec![]));
-                        for n in node_ports(&new) {
-                            let k = keys::node_port_alloc(port(n));
-                            compares.push(Compare::Absent(k.clone()));
-                            ops.push(TxnOp::Put {
-                                key: k,
-                                value: alloc_value(&new),
-                                lease: None,
-                            });
+                        for n in node_ports_of(&new) {
+                            b.claim(keys::node_port_alloc(port(n)), alloc_value(&new));
                         }
-                        compares.push(Compare::Absent(svc_key.clone()));
-                        ops.push(TxnOp::Put {
-                            key: svc_key,
-                            value: encode(&new),
-                            lease: None,
-                        });
+                        b.claim(svc_key, encode(&new));
                     }
                 }
             }
@@ -359,14 +325,14 @@ pub fn plan(
         if let Some((_, rev)) = cur.replicasets.get(n) {
             changes.push(change(ChangeAction::Delete, "replicaset", n, vec![]));
             let k = keys::replicaset(ns, n);
-            compares.push(Compare::ModRevision(k.clone(), *rev));
-            ops.push(TxnOp::Delete { key: k });
+            b.at_revision(k.clone(), *rev);
+            b.delete(k);
         }
         if own_svc.contains(n)
             && let Some((old, rev)) = cur.services.get(n)
         {
             changes.push(change(ChangeAction::Delete, "service", n, vec![]));
-            delete_service(old, *rev, &mut compares, &mut ops);
+            delete_service(old, *rev, &mut b);
         }
     }
     let components: Vec<AppComponent> = spec
@@ -382,7 +348,7 @@ pub fn plan(
         .app
         .as_ref()
         .is_some_and(|(a, _)| a.components == components && a.files == spec.files);
-    if ops.is_empty() && record_same {
+    if b.ops.is_empty() && record_same {
         return Ok(Planned {
             changes,
             txn: None,
@@ -408,19 +374,10 @@ pub fn plan(
         &spec.name,
         vec![],
     ));
-    ops.push(TxnOp::Put {
-        key: app_key,
-        value: encode(&app),
-        lease: None,
-    });
-    check_size(&compares, &ops)?;
+    b.put(app_key, encode(&app));
     Ok(Planned {
         changes,
-        txn: Some(Txn {
-            compares,
-            success: ops,
-            failure: vec![],
-        }),
+        txn: Some(checked_txn(b)?),
         from_revision: from,
     })
 }
@@ -464,16 +421,15 @@ pub fn plan_delete(ns: &Namespace, name: &Name, cur: &Current) -> Result<Planned
             "application {ns}/{name} does not exist; `pier get apps` lists them"
         )));
     };
-    let mut compares = vec![Compare::ModRevision(keys::app(ns, name), *rev)];
-    let mut ops = vec![TxnOp::Delete {
-        key: keys::app(ns, name),
-    }];
+    let mut b = Batch::default();
+    b.at_revision(keys::app(ns, name), *rev);
+    b.delete(keys::app(ns, name));
     let mut changes = Vec::new();
     for c in &app.components {
         if let Some((_, r)) = cur.replicasets.get(&c.name) {
             let k = keys::replicaset(ns, &c.name);
-            compares.push(Compare::ModRevision(k.clone(), *r));
-            ops.push(TxnOp::Delete { key: k });
+            b.at_revision(k.clone(), *r);
+            b.delete(k);
             changes.push(Change {
                 action: ChangeAction::Delete,
                 kind: "replicaset".into(),
@@ -484,7 +440,7 @@ pub fn plan_delete(ns: &Namespace, name: &Name, cur: &Current) -> Result<Planned
         if c.service
             && let Some((s, r)) = cur.services.get(&c.name)
         {
-            delete_service(s, *r, &mut compares, &mut ops);
+            delete_service(s, *r, &mut b);
             changes.push(Change {
                 action: ChangeAction::Delete,
                 kind: "service".into(),
@@ -499,61 +455,58 @@ pub fn plan_delete(ns: &Namespace, name: &Name, cur: &Current) -> Result<Planned
         name: name.clone(),
         fields: vec![],
     });
-    check_size(&compares, &ops)?;
     Ok(Planned {
         changes,
-        txn: Some(Txn {
-            compares,
-            success: ops,
-            failure: vec![],
-        }),
+        txn: Some(checked_txn(b)?),
         from_revision: *rev,
     })
 }
 
-fn check_size(compares: &[Compare], ops: &[TxnOp]) -> Result<(), PlanError> {
-    let n = compares.len().max(ops.len());
+/// The batch as one transaction, if etcd takes one that large.
+fn checked_txn(b: Batch) -> Result<Txn, PlanError> {
+    let n = b.compares.len().max(b.ops.len());
     if n > MAX_TXN_OPS {
         return Err(PlanError::Bad(format!(
             "this apply needs {n} operations in one transaction and etcd allows {MAX_TXN_OPS} by default (--max-txn-ops); split the application into two projects, or raise --max-txn-ops on every etcd member"
         )));
     }
-    Ok(())
+    Ok(b.into_txn())
 }
 
 fn port(n: u16) -> PortNum {
     PortNum::new(n).expect("node ports in the store are valid ports")
 }
 
-fn node_ports(s: &Service) -> BTreeSet<u16> {
-    s.ports
-        .iter()
-        .filter_map(|p| p.node_port.map(|n| n.get()))
-        .collect()
-}
-
-fn alloc_value(s: &Service) -> Vec<u8> {
-    encode(&Allocation {
-        namespace: s.namespace.clone(),
-        service: s.name.clone(),
-        endpoint: None,
-    })
-}
-
-fn delete_service(s: &Service, rev: Revision, compares: &mut Vec<Compare>, ops: &mut Vec<TxnOp>) {
+/// Deletes service `s` (at `rev`) and frees its allocations.
+fn delete_service(s: &Service, rev: Revision, b: &mut Batch) {
     let k = keys::service(&s.namespace, &s.name);
-    compares.push(Compare::ModRevision(k.clone(), rev));
-    ops.push(TxnOp::Delete { key: k });
+    b.at_revision(k.clone(), rev);
+    b.delete(k);
     if let Some(vip) = s.vip {
-        ops.push(TxnOp::Delete {
-            key: keys::vip_alloc(vip),
-        });
+        b.delete(keys::vip_alloc(vip));
     }
-    for n in node_ports(s) {
-        ops.push(TxnOp::Delete {
-            key: keys::node_port_alloc(port(n)),
-        });
+    for n in node_ports_of(s) {
+        b.delete(keys::node_port_alloc(port(n)));
     }
+}
+
+/// Writes a planned transaction. Returns the store's revision after it;
+/// a conflict when the application or one of its objects changed since the
+/// read the plan was made from (nothing was written then).
+pub async fn commit(
+    store: &dyn Store,
+    ns: &Namespace,
+    name: &Name,
+    txn: Txn,
+) -> Result<Revision, WriteError> {
+    let r = store.txn(txn).await?;
+    if !r.succeeded {
+        return Err(WriteError::Conflict(Conflict::App {
+            namespace: ns.clone(),
+            name: name.clone(),
+        }));
+    }
+    Ok(r.revision)
 }
 
 /// The answer for the client.

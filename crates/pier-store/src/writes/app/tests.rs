@@ -2,6 +2,8 @@ use super::*;
 use pier_model::keys::Key;
 use pier_model::{Cidr, decode};
 
+use crate::{Compare, TxnOp};
+
 fn cfg() -> AllocConfig {
     AllocConfig {
         service_cidr: Cidr::new("10.213.0.0".parse().unwrap(), 16).unwrap(),
