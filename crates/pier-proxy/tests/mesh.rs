@@ -1180,13 +1180,21 @@ async fn sequential_connections_reuse_the_tunnels_of_finished_ones() {
         "pier_mesh_client_handshakes_total{kind=\"resumed\"}",
     );
     eprintln!("{N} sequential connects: {reuses} reused a tunnel, {handshakes} handshakes");
+    // Measured on a loaded 2-core machine (load average 13 to 16, 25
+    // runs): 96 to 99 of 100 connects reused a tunnel, with 3 to 5
+    // handshakes (the first connect, and the few whose predecessor's tunnel
+    // was not back in the pool yet). BENCHMARKS.md: 1999 of 2000. At most
+    // 10 misses and 10 handshakes: a tunnel that is not returned after a
+    // clean close, even one time in ten, fails here.
+    const MISSES: usize = 10;
     assert!(
-        reuses >= (N / 2) as f64,
-        "only {reuses} of {N} connects reused a tunnel:\n{text}"
+        reuses >= (N - MISSES) as f64,
+        "only {reuses} of {N} connects reused a tunnel (at least {} expected):\n{text}",
+        N - MISSES
     );
     assert!(
-        handshakes <= (N / 4) as f64,
-        "{handshakes} handshakes for {N} sequential connects:\n{text}"
+        handshakes <= MISSES as f64,
+        "{handshakes} handshakes for {N} sequential connects (at most {MISSES} expected):\n{text}"
     );
     c.stop().await;
 }
