@@ -21,6 +21,10 @@ use crate::netns::{self, Topology};
 /// Every agent's API, inside its own namespace.
 pub const API: &str = "127.0.0.1:7370";
 pub const MESH_PORT: u16 = 7443;
+/// Every agent's node lease and supervisor election lease, in seconds: what
+/// the timings after a cut are bounded by (`LEASE_TTL`).
+const LEASE_TTL_SECS: u64 = 2;
+pub const LEASE_TTL: Duration = Duration::from_secs(LEASE_TTL_SECS);
 /// The pods' port (the test image serves its hostname there).
 pub const POD_PORT: u16 = 8080;
 
@@ -72,7 +76,7 @@ addr = "{addr}"
 
 [store]
 url = "etcd://{etcd}"
-lease_ttl_secs = 2
+lease_ttl_secs = {LEASE_TTL_SECS}
 
 [network]
 service_cidr = "10.213.{octet}.0/24"
@@ -86,7 +90,7 @@ filter_labels = {{ "pier.test-run" = "{label}" }}
 pod_labels = {{ "pier.test-run" = "{label}" }}
 
 [supervisor]
-lease_ttl_secs = 2
+lease_ttl_secs = {LEASE_TTL_SECS}
 
 [mesh]
 listen = "{addr}:{MESH_PORT}"
