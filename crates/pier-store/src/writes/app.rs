@@ -15,12 +15,11 @@ use std::net::IpAddr;
 
 use pier_model::app::{App, AppComponent, AppPlan, AppSpec, Change, ChangeAction};
 use pier_model::{
-    Allocation, Name, Namespace, PortNum, ReplicaSet, Service, ServiceType, TemplateRevision,
-    encode, keys,
+    Allocation, Name, Namespace, PortNum, ReplicaSet, Service, ServiceType, encode, keys,
 };
 use serde::Serialize;
 
-use super::{Batch, Conflict, WriteError};
+use super::{Batch, Conflict, WriteError, next_spec};
 use crate::alloc::{self, AllocConfig, alloc_value, node_ports_of};
 use crate::{Revision, Store, Txn};
 
@@ -382,12 +381,11 @@ pub fn plan(
     })
 }
 
-/// The replica set `want` as it replaces `old`: the same revision when the
-/// template is the same, else the next one, with the old template kept in
-/// the history (at most [`ReplicaSet::HISTORY_LIMIT`]) for `rollout undo`,
-/// stamped `now` (the API's `PUT` keeps it the same way).
+/// The replica set `want` as it replaces `old`: an autoscaled set keeps
+/// its count (within the file's bounds); the revision and the history are
+/// [`next_spec`]'s, as for a `PUT` (the same revision when the template is
+/// the same, else the next one, the old template kept for `rollout undo`).
 fn next_revision(old: &ReplicaSet, mut want: ReplicaSet, now: u64) -> ReplicaSet {
-    want.created_at = old.created_at;
     // The autoscaler owns the count of a set it scales (as an HPA owns a
     // Deployment's): an apply keeps it, within the file's bounds.
     if want.sla.is_some()
@@ -395,23 +393,10 @@ fn next_revision(old: &ReplicaSet, mut want: ReplicaSet, now: u64) -> ReplicaSet
     {
         want.replicas = old.replicas.clamp(min, max);
     }
-    want.revision = old.revision.max(1);
-    want.history = old.history.clone();
-    if want.template != old.template {
-        want.history.push(TemplateRevision {
-            revision: want.revision,
-            template: old.template.clone(),
-            replaced_at: now,
-            replaced_by: "apply".into(),
-        });
-        // The same template twice in the history is kept once, newest.
-        let h = want.template.hash();
-        want.history.retain(|t| t.template.hash() != h);
-        let extra = want.history.len().saturating_sub(ReplicaSet::HISTORY_LIMIT);
-        want.history.drain(..extra);
-        want.revision += 1;
-    }
-    want
+    // A set stored before revisions were counted is revision 1.
+    let mut old = old.clone();
+    old.revision = old.revision.max(1);
+    next_spec(&old, want, "apply", now)
 }
 
 /// What `pier delete -f` removes: everything the application owns.

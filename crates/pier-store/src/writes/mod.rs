@@ -32,8 +32,8 @@ use crate::{Compare, Revision, Store, StoreError, Txn, TxnOp, TxnResult};
 pub use endpoint::{claim_endpoint_addr, endpoint_addrs_of};
 pub use node::label_node;
 pub use replicaset::{
-    Scale, autoscale_step, create_replicaset, delete_pod, delete_replicaset, scale_replicaset,
-    set_autoscale, update_spec,
+    Scale, autoscale_step, create_replicaset, delete_pod, delete_replicaset, next_spec,
+    scale_replicaset, set_autoscale, update_spec,
 };
 pub use service::{create_service, delete_service, update_service};
 
