@@ -107,6 +107,58 @@ pub struct AgentOpts {
     pub extra_toml: String,
 }
 
+/// The e2e scenarios that start an agent take turns: several time a
+/// Docker start or hold connections against a bound (the demo's step 8: a
+/// replacement within 2 s), and side by side on a loaded 2-core machine
+/// each one's containers wait on dockerd behind the other's. None proves
+/// more by overlapping another.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits for the e2e scenarios before this one to finish; the next waits
+/// for the guard to drop. [`Scenario`] takes it for its agent.
+pub fn take_turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One e2e scenario's agent ([`AgentProc`], through `Deref`), started once
+/// the test image is built and the scenarios before it are done; the next
+/// one starts after this one's agent is stopped.
+#[derive(Debug)]
+pub struct Scenario {
+    // Dropped first: the agent stops before the next scenario starts.
+    agent: AgentProc,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Scenario {
+    pub fn start(opts: AgentOpts) -> Result<Scenario> {
+        let turn = take_turn();
+        ensure_test_image()?;
+        Ok(Scenario {
+            agent: AgentProc::start(opts)?,
+            _turn: turn,
+        })
+    }
+
+    /// [`Scenario::start`] on the embedded store.
+    pub fn embedded(node: &str, extra_toml: &str) -> Result<Scenario> {
+        Scenario::start(AgentOpts {
+            store: "embedded".into(),
+            node: node.into(),
+            extra_toml: extra_toml.into(),
+        })
+    }
+}
+
+impl std::ops::Deref for Scenario {
+    type Target = AgentProc;
+    fn deref(&self) -> &AgentProc {
+        &self.agent
+    }
+}
+
 /// A `pier agent` child process. Dropping it stops the process (SIGTERM,
 /// then SIGKILL) and removes the containers of this run.
 #[derive(Debug)]

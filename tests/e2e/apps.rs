@@ -9,9 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually, http_get};
-
-use crate::demo::ONE_AT_A_TIME;
+use pier_tests::{AgentOpts, AgentProc, Scenario, TEST_IMAGE, eventually, http_get};
 
 fn compose(node_port: u16, with_keyserver: bool) -> String {
     let mut s = format!(
@@ -68,15 +66,7 @@ fn containers(a: &AgentProc) -> Result<BTreeSet<(String, String)>> {
 
 #[test]
 fn compose_app_applies_reapplies_prunes_and_deletes() -> Result<()> {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "apps-1".into(),
-        extra_toml: String::new(),
-    })?;
+    let a = Scenario::embedded("apps-1", "")?;
     let np = a.node_port_min;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("compose.yaml");

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually, http_get};
+use pier_tests::{AgentOpts, AgentProc, Scenario, TEST_IMAGE, eventually, http_get};
 use serde_json::Value;
 
 const RS: &str = "as-conns";
@@ -48,15 +48,7 @@ fn autoscale_view(a: &AgentProc) -> Result<Value> {
 /// completes its request.
 #[test]
 fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "as-1".into(),
-        extra_toml: String::new(),
-    })?;
+    let a = Scenario::embedded("as-1", "")?;
     a.cli_ok(&["run", RS, "--image", TEST_IMAGE, "--port", "8080"])?;
     a.cli_ok(&["expose", "rs", RS, "--port", "8080"])?;
     let out = a.cli_ok(&[
@@ -218,13 +210,9 @@ fn median(mut v: Vec<i64>) -> i64 {
 #[test]
 #[ignore]
 fn autoscale_reaction_figures() -> Result<()> {
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
     // etcd, so that the test can read how often the stats key was written.
     let etcd = pier_store::testing::EtcdServer::start()?;
-    let a = AgentProc::start(AgentOpts {
+    let a = Scenario::start(AgentOpts {
         store: format!("etcd://{}", etcd.endpoint),
         node: "as-fig".into(),
         extra_toml: String::new(),
@@ -420,16 +408,8 @@ chmod +x /www/cgi-bin/slow && hostname > /www/index.html && exec httpd -f -p 808
 /// back under 200 ms. Bounded: 6 clients for at most 45 s.
 #[test]
 fn p99_first_byte_target_adds_pods_until_latency_is_back_under() -> Result<()> {
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
     const LAT: &str = "as-lat";
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "as-2".into(),
-        extra_toml: String::new(),
-    })?;
+    let a = Scenario::embedded("as-2", "")?;
     a.cli_ok(&[
         "run", LAT, "--image", TEST_IMAGE, "--port", "8080", "--", "/bin/sh", "-c", SLOW_CGI,
     ])?;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually, http_get};
+use pier_tests::{AgentOpts, AgentProc, Scenario, TEST_IMAGE, eventually, http_get};
 use serde_json::Value;
 
 fn running_pods(a: &AgentProc) -> Result<Vec<(String, String)>> {
@@ -52,18 +52,8 @@ fn get_body(addr: &SocketAddr) -> Result<String> {
     Ok(body.trim().to_owned())
 }
 
-/// The two demos take turns. Step 8 times a Docker start against a 2 s
-/// bound; run side by side, the two are in step and each one's replacement
-/// waits on dockerd behind the other's (on a loaded 2-core machine that
-/// alone took it past 2 s). Neither proves more by overlapping the other.
-pub(crate) static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn demo(store: &str) -> Result<()> {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
+    let a = Scenario::start(AgentOpts {
         store: store.to_owned(),
         node: "demo-1".into(),
         extra_toml: String::new(),

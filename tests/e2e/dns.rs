@@ -9,9 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually};
-
-use crate::demo::ONE_AT_A_TIME;
+use pier_tests::{AgentProc, Scenario, TEST_IMAGE, eventually};
 
 const NAME: &str = "web.default.svc.pier.internal";
 
@@ -73,18 +71,13 @@ impl Drop for ComposeGuard {
 
 #[test]
 fn dns_answers_the_host_and_networks_created_after_the_agent() -> Result<()> {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "dns-1".into(),
-        // Inside [agent]: the safety-net resync cannot help within the test.
-        // Upstreams: a dead loopback port, answered SERVFAIL in 200 ms, so
-        // no name leaves the host.
-        extra_toml: "resync_interval_ms = 600000\n\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n".into(),
-    })?;
+    // Inside [agent]: the safety-net resync cannot help within the test.
+    // Upstreams: a dead loopback port, answered SERVFAIL in 200 ms, so
+    // no name leaves the host.
+    let a = Scenario::embedded(
+        "dns-1",
+        "resync_interval_ms = 600000\n\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
+    )?;
     let dns = dns_vip(&a)?;
     a.cli_ok(&[
         "run", "web", "--image", TEST_IMAGE, "--port", "8080", "--wait",

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_tests::load::{LoadReport, children, dns_loop, http_loop};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually};
-
-use crate::demo::ONE_AT_A_TIME;
+use pier_tests::{AgentProc, Scenario, TEST_IMAGE, eventually};
 
 /// Per loop: 150 requests 20 ms apart, about 4 s; the event comes at 1 s.
 const N: u32 = 150;
@@ -76,16 +74,11 @@ fn show(what: &str, reps: &[LoadReport; 3]) -> String {
 
 #[test]
 fn upgrade_and_worker_crash_under_load() -> Result<()> {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "restart-1".into(),
-        // No name leaves the host.
-        extra_toml: "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n".into(),
-    })?;
+    // No name leaves the host.
+    let a = Scenario::embedded(
+        "restart-1",
+        "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
+    )?;
     a.cli_ok(&[
         "run",
         "web",

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_tests::{
-    AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually, http_get, run_id,
+    AgentOpts, AgentProc, Scenario, TEST_IMAGE, ensure_test_image, eventually, http_get, run_id,
+    take_turn,
 };
 use serde_json::Value;
 
@@ -148,9 +149,7 @@ impl Load {
 
 #[test]
 fn rolling_update_fails_no_request_and_a_never_healthy_image_rolls_back() -> Result<()> {
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = take_turn();
     let imgs = Images::make()?;
     let (v2, sleeper) = (imgs.0[0].clone(), imgs.0[1].clone());
     let a = AgentProc::start(AgentOpts {
@@ -277,15 +276,7 @@ fn running(a: &AgentProc, rs: &str, n: usize) -> Result<()> {
 
 #[test]
 fn anti_affinity_on_one_host_and_constraints_by_node_label() -> Result<()> {
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
-    let a = AgentProc::start(AgentOpts {
-        store: "embedded".into(),
-        node: "place-1".into(),
-        extra_toml: "[node.labels]\nzone = \"a\"\n".into(),
-    })?;
+    let a = Scenario::embedded("place-1", "[node.labels]\nzone = \"a\"\n")?;
     let run = |name: &str, extra: &[&str]| -> Result<String> {
         let mut args = vec!["run", name, "--image", TEST_IMAGE, "--port", "8080"];
         args.extend(extra);

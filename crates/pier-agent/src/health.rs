@@ -100,6 +100,15 @@ pub(crate) async fn run(
     let mut ever_ready = false;
     let mut reported = false;
     let (mut passes, mut fails) = (0u32, 0u32);
+    // Sends a verdict; false once the agent is gone.
+    let report = |ready: bool| {
+        tx.send(Report {
+            key: key.clone(),
+            generation,
+            ready,
+        })
+        .is_ok()
+    };
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -113,14 +122,7 @@ pub(crate) async fn run(
                     ready = true;
                     ever_ready = true;
                     reported = true;
-                    if tx
-                        .send(Report {
-                            key: key.clone(),
-                            generation,
-                            ready,
-                        })
-                        .is_err()
-                    {
+                    if !report(ready) {
                         return;
                     }
                 }
@@ -132,14 +134,7 @@ pub(crate) async fn run(
                 if (ready || !reported) && fails >= target.check.unhealthy_threshold.max(1) {
                     ready = false;
                     reported = true;
-                    if tx
-                        .send(Report {
-                            key: key.clone(),
-                            generation,
-                            ready,
-                        })
-                        .is_err()
-                    {
+                    if !report(ready) {
                         return;
                     }
                 }

@@ -168,25 +168,7 @@ pub fn ca_issue_with_validity(
     }
     node_server_name(node)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_pem = read(&ca_cert_path)?;
-    let ca_key_pem = read(&ca_key_path)?;
-    let ca_pem = String::from_utf8(ca_pem).map_err(|e| TlsError::BadCert {
-        path: ca_cert_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let ca_key_pem = String::from_utf8(ca_key_pem).map_err(|e| TlsError::BadCert {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| CaError::Generate {
-        what: "reading the CA key",
-        source,
-    })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|source| CaError::Generate {
-        what: "reading the CA certificate",
-        source,
-    })?;
+    let (ca_pem, issuer) = load_ca(ca_dir)?;
 
     let key = KeyPair::generate().map_err(|source| CaError::Generate {
         what: "node key",
@@ -249,6 +231,31 @@ pub fn ca_issue_with_validity(
     record_issued(ca_dir, &serial, node, not_after_unix)
 }
 
+/// The CA in `ca_dir`: its certificate (PEM), and the issuer that signs
+/// with its key.
+fn load_ca(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), CaError> {
+    let text = |path: PathBuf| -> Result<String, CaError> {
+        String::from_utf8(read(&path)?).map_err(|e| {
+            TlsError::BadCert {
+                path,
+                reason: e.to_string(),
+            }
+            .into()
+        })
+    };
+    let ca_pem = text(ca_dir.join(CA_CERT_FILE))?;
+    let ca_key_pem = text(ca_dir.join(CA_KEY_FILE))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| CaError::Generate {
+        what: "reading the CA key",
+        source,
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|source| CaError::Generate {
+        what: "reading the CA certificate",
+        source,
+    })?;
+    Ok((ca_pem, issuer))
+}
+
 /// Appends `SERIAL NODE NOT_AFTER` to the CA's `issued.txt`.
 fn record_issued(
     ca_dir: &Path,
@@ -307,15 +314,7 @@ pub fn ca_revoke(
     cert: Option<&Path>,
 ) -> Result<RevokeReport, CaError> {
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_pem = String::from_utf8(read(&ca_cert_path)?).map_err(|e| TlsError::BadCert {
-        path: ca_cert_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let ca_key_pem = String::from_utf8(read(&ca_key_path)?).map_err(|e| TlsError::BadCert {
-        path: ca_key_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let (_, issuer) = load_ca(ca_dir)?;
     // The serials to revoke.
     let wanted: Vec<Vec<u8>> = match cert {
         Some(path) => {
@@ -402,14 +401,6 @@ pub fn ca_revoke(
             entries.push((w, now.unix_timestamp()));
         }
     }
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|source| CaError::Generate {
-        what: "reading the CA key",
-        source,
-    })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|source| CaError::Generate {
-        what: "reading the CA certificate",
-        source,
-    })?;
     let revoked_certs = entries
         .iter()
         .map(|(serial, at)| RevokedCertParams {

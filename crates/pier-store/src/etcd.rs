@@ -665,13 +665,7 @@ impl Store for EtcdStore {
                 .inner
                 .list_page(from.clone(), end.clone(), revision)
                 .await
-                .map_err(|e| match e {
-                    StoreError::Compacted { .. } => StoreError::Compacted {
-                        requested: revision,
-                        compact_revision: revision,
-                    },
-                    other => other,
-                })?;
+                .map_err(|e| compacted_at(e, revision))?;
             if revision == 0 {
                 revision = rev;
             }
@@ -872,13 +866,7 @@ impl Store for EtcdStore {
                 },
             )
             .await
-            .map_err(|e| match e {
-                StoreError::Compacted { .. } => StoreError::Compacted {
-                    requested: revision,
-                    compact_revision: revision,
-                },
-                other => other,
-            })
+            .map_err(|e| compacted_at(e, revision))
     }
 }
 
@@ -1048,5 +1036,17 @@ impl WatchTask {
             }
             self.next = revision + 1;
         }
+    }
+}
+
+/// A `Compacted` error names the revision asked for (etcd's error does not
+/// say which); any other error is left as it is.
+fn compacted_at(e: StoreError, revision: Revision) -> StoreError {
+    match e {
+        StoreError::Compacted { .. } => StoreError::Compacted {
+            requested: revision,
+            compact_revision: revision,
+        },
+        other => other,
     }
 }
