@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use pier_store::testing::EtcdServer;
 use pier_tests::load::{LoadReport, http_loop};
-use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, eventually};
-
-use crate::demo::ONE_AT_A_TIME;
+use pier_tests::{AgentOpts, Scenario, TEST_IMAGE, eventually};
 
 /// Per loop: 1500 requests 5 ms apart, about 10 s or more; etcd is paused
 /// 1 s in for PAUSE, so about 3 s of requests follow its return. Without
@@ -57,13 +55,9 @@ fn show(what: &str, r: &LoadReport) -> String {
 
 #[test]
 fn endpoints_survive_an_etcd_pause_longer_than_the_lease_ttl() -> Result<()> {
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    ensure_test_image()?;
     let etcd = EtcdServer::start()?;
     let etcd_pid = etcd.pid().context("etcd not running")?;
-    let a = AgentProc::start(AgentOpts {
+    let a = Scenario::start(AgentOpts {
         store: format!("etcd://{}", etcd.endpoint),
         node: "pause-1".into(),
         extra_toml: "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n".into(),
