@@ -93,7 +93,7 @@ mod bound {
     /// in [`CUT_NOTICED`] (2.5 TTLs), then the new pod is placed, started
     /// by the other host's dockerd and passes its readiness check (about
     /// 1 TTL on a loaded machine); 4.5 TTLs slack for container starts
-    /// under load. Seen: 2.8 to 3.3 s.
+    /// under load. Seen: 2.8 to 5.4 s.
     pub const REPLACED: u32 = 8;
 }
 
