@@ -394,9 +394,7 @@ fn wait_steps(a: &AgentProc, steps: u64) -> Result<()> {
 #[test]
 fn rollout_resumes_after_worker_kill_and_agent_restart_mid_step() -> Result<()> {
     use pier_tests::load::children;
-    let _turn = crate::demo::ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _turn = take_turn();
     let imgs = Images::make()?;
     let v2 = imgs.0[0].clone();
     let mut a = AgentProc::start(AgentOpts {

@@ -40,6 +40,16 @@ impl Format {
     }
 }
 
+/// ` -n NS` for a command a user is told to type next, empty for the
+/// default namespace.
+pub(super) fn ns_flag(ns: &pier_model::Namespace) -> String {
+    if *ns == pier_model::Namespace::default() {
+        String::new()
+    } else {
+        format!(" -n {ns}")
+    }
+}
+
 /// kubectl's AGE: `45s`, `12m`, `3h`, `4d`.
 pub(super) fn age(ms: u64) -> String {
     if ms == 0 {
