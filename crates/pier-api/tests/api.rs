@@ -645,6 +645,7 @@ async fn services_expose_external_endpoints_and_delete() {
         namespace: ns(),
         vip: None,
         headless: false,
+        external_name: None,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: n("p5432"),
@@ -1204,6 +1205,7 @@ fn service(name: &str) -> Service {
         namespace: ns(),
         vip: None,
         headless: false,
+        external_name: None,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: n("http"),

@@ -712,6 +712,7 @@ fn service(
             namespace: ns.clone(),
             vip: None,
             headless: x.headless,
+            external_name: None,
             service_type: if ports.iter().any(|p| p.node_port.is_some()) {
                 ServiceType::NodePort
             } else {

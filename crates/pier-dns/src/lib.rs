@@ -32,6 +32,7 @@
 //! decisions").
 
 mod acl;
+mod chase;
 pub mod engine;
 mod forward;
 #[doc(hidden)]

@@ -367,7 +367,12 @@ async fn forward(
     key: CacheKey,
 ) -> Vec<u8> {
     shared.metrics.cache_misses.inc();
-    match shared.fwd.resolve(pkt, q, name).await {
+    let alias = shared.zone.load().alias(name);
+    let resp = match alias {
+        Some(a) => crate::chase::chase(shared, pkt, &a.0, a.1).await,
+        None => shared.fwd.resolve(pkt, q, name).await,
+    };
+    match resp {
         Some(resp) => {
             if let Ok(mut c) = shared.fwd.cache.lock() {
                 c.put(key, &resp);

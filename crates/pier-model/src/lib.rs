@@ -23,7 +23,9 @@ pub mod autoscale;
 pub mod keys;
 pub mod sketch;
 
-pub use names::{Cidr, Name, NameError, Namespace, PortNum, Replicas, is_dns_label};
+pub use names::{
+    Cidr, Name, NameError, Namespace, PortNum, Replicas, check_external_name, is_dns_label,
+};
 pub use objects::*;
 pub use placement::{Constraint, ConstraintField, ConstraintOp, Placement, valid_label_key};
 pub use rollout::{

@@ -36,6 +36,28 @@ pub fn is_dns_label(s: &str) -> bool {
     check_label("label", &s.to_ascii_lowercase()).is_ok()
 }
 
+/// Whether `s` can be the target of an ExternalName service's CNAME
+/// (`Service.external_name`): a DNS host name of labels as
+/// [`is_dns_label`], at most 253 characters, with at least one dot (a
+/// bare label would be searched for in the pod's own domain), written
+/// without a trailing dot. `Err` says what is wrong.
+pub fn check_external_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > 253 {
+        return Err("is not a host name: 1 to 253 characters");
+    }
+    if !s.contains('.') {
+        return Err(
+            "needs a domain (e.g. db.example.com): a bare name would be looked up in the pod's own search path",
+        );
+    }
+    if !s.split('.').all(is_dns_label) {
+        return Err(
+            "is not a host name: each dot-separated part is 1 to 63 letters, digits or '-', not starting or ending with '-'",
+        );
+    }
+    Ok(())
+}
+
 /// Check an RFC 1123 label: 1 to 63 characters of `[a-z0-9-]`, starting and
 /// ending with an alphanumeric.
 fn check_label(what: &'static str, s: &str) -> Result<(), NameError> {

@@ -292,6 +292,12 @@ pub struct Service {
     /// out when false, so older agents still read the record.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub headless: bool,
+    /// An ExternalName service: DNS answers its name with a CNAME to this
+    /// host name (followed by the host's own records), and there is no VIP,
+    /// proxy, port or endpoint. Checked by
+    /// [`crate::check_external_name`]. Left out when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_name: Option<String>,
     #[serde(rename = "type", default)]
     pub service_type: ServiceType,
     pub ports: Vec<ServicePort>,
@@ -343,6 +349,7 @@ impl Service {
             namespace,
             vip: None,
             headless: false,
+            external_name: None,
             service_type: ServiceType::default(),
             ports,
             selector: Labels::new(),

@@ -33,6 +33,7 @@ fn service(
         namespace: Namespace::default(),
         vip: Some(listen.ip()),
         headless: false,
+        external_name: None,
         service_type: ServiceType::ClusterIP,
         ports: vec![ServicePort {
             name: Name::new("p").expect("name"),

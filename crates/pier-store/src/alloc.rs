@@ -191,6 +191,26 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
             }
         }
     }
+    if let Some(host) = &svc.external_name {
+        if let Err(why) = pier_model::check_external_name(host) {
+            return Err(WriteError::Invalid(format!(
+                "external_name: {host:?} {why}"
+            )));
+        }
+        let extra = [
+            (svc.vip.is_some(), "vip"),
+            (svc.headless, "headless"),
+            (!svc.ports.is_empty(), "ports"),
+            (!svc.selector.is_empty(), "selector"),
+            (!svc.static_endpoints.is_empty(), "static_endpoints"),
+            (svc.service_type == ServiceType::NodePort, "type NodePort"),
+        ];
+        if let Some((_, what)) = extra.iter().find(|(set, _)| *set) {
+            return Err(WriteError::Invalid(format!(
+                "external_name: a service that is a CNAME to {host} has no VIP, proxy, ports or endpoints, and {what} was given; leave it out"
+            )));
+        }
+    }
     if svc.headless {
         if let Some(vip) = svc.vip {
             return Err(WriteError::Invalid(format!(
@@ -222,6 +242,9 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
 }
 
 pub(crate) fn check_ports(svc: &Service) -> Result<(), WriteError> {
+    if svc.external_name.is_some() {
+        return Ok(()); // checked by check_explicit: it has none
+    }
     if svc.ports.is_empty() {
         return Err(WriteError::Invalid(
             "ports: a service needs at least one port".into(),

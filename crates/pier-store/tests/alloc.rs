@@ -22,6 +22,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
         namespace: Namespace::default(),
         vip: None,
         headless: false,
+        external_name: None,
         service_type: ty,
         ports: vec![ServicePort {
             name: Name::new("http").unwrap(),

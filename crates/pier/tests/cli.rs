@@ -483,6 +483,58 @@ async fn the_demo_flow_with_tables_and_json() {
     assert_eq!(j[0]["static_endpoints"].as_array().unwrap().len(), 2, "{j}");
     assert_eq!(j[0]["selector"], serde_json::json!({}));
 
+    // Headless (no VIP), PROXY protocol, and an ExternalName (a CNAME).
+    let o = a
+        .pier(&[
+            "expose",
+            "rs",
+            "kube-demo",
+            "--port",
+            "8080",
+            "--name",
+            "peers",
+            "--headless",
+            "--proxy-protocol",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "peers", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert!(
+        j[0]["vip"].is_null() && j[0]["headless"] == true && j[0]["proxy_protocol"] == true,
+        "{j}"
+    );
+    let o = a
+        .pier(&[
+            "expose",
+            "rs",
+            "kube-demo",
+            "--port",
+            "8080",
+            "--name",
+            "np",
+            "--headless",
+            "--type",
+            "NodePort",
+        ])
+        .await;
+    assert!(one_error_line(&o).contains("--headless"), "{o:?}");
+    let o = a
+        .pier(&["expose", "external", "olddb", "--cname", "db.example.com."])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(o.stdout.contains("CNAME to db.example.com"), "{o:?}");
+    let o = a.pier(&["get", "svc", "olddb", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert!(
+        j[0]["external_name"] == "db.example.com" && j[0]["vip"].is_null(),
+        "{j}"
+    );
+    let o = a
+        .pier(&["expose", "external", "bad", "--cname", "localhost"])
+        .await;
+    assert!(one_error_line(&o).contains("--cname"), "{o:?}");
+
     // scale (with --wait: the pods are there and ready).
     a.put_pod("kube-demo", "kube-demo-b2c3d", true).await;
     a.put_pod("kube-demo", "kube-demo-e4f5g", true).await;

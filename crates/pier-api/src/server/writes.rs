@@ -267,7 +267,7 @@ pub(super) async fn create_service(
     mut svc: Service,
 ) -> Result<Response<Body>, Fail> {
     check_ns(&mut svc.namespace, &ns)?;
-    if svc.ports.is_empty() {
+    if svc.ports.is_empty() && svc.external_name.is_none() {
         return Err(Fail::bad("ports: a service needs at least one port"));
     }
     if !svc.selector.is_empty() && !svc.static_endpoints.is_empty() {

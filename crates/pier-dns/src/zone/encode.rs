@@ -20,6 +20,8 @@ pub(super) struct Pending {
     pub(super) srv_glue: Vec<(Vec<u8>, IpAddr, u32)>,
     pub(super) ptr: Vec<(Vec<u8>, u32)>,
     pub(super) soa: bool,
+    /// An ExternalName service's CNAME target (lower-case wire form), TTL.
+    pub(super) cname: Option<(Vec<u8>, u32)>,
 }
 
 /// Build the zone from a snapshot.
@@ -139,6 +141,16 @@ pub(super) fn encode_entry(
     serial: u32,
 ) -> NameEntry {
     let mut types: Vec<(u16, Answer)> = Vec::new();
+    if let Some((target, ttl)) = &p.cname {
+        // A CNAME owns its name alone (RFC 1034 3.6.2).
+        let mut enc = Encoder::new(name);
+        enc.record(name, rtype::CNAME, *ttl, |e| e.name(target));
+        types.push((rtype::CNAME, answer(enc, 1, 0, None)));
+        return NameEntry {
+            types: types.into(),
+            alias: Some(Arc::new((target.clone(), *ttl))),
+        };
+    }
     let v4: Vec<_> = p.a.iter().filter(|(ip, _)| ip.is_ipv4()).collect();
     let v6: Vec<_> = p.a.iter().filter(|(ip, _)| ip.is_ipv6()).collect();
     for (t, set) in [(rtype::A, &v4), (rtype::AAAA, &v6)] {
@@ -205,6 +217,7 @@ pub(super) fn encode_entry(
     }
     NameEntry {
         types: types.into(),
+        alias: None,
     }
 }
 
@@ -304,6 +317,13 @@ pub(super) fn service_frag(
     let ns_d = wire::prepend(&[ns.as_str()], svc_d);
     let svc_name = wire::prepend(&[name.as_str()], &ns_d);
     f.own.entry(svc_name.clone()).or_default();
+    if let Some(host) = &svc.external_name {
+        // An ExternalName service: its name is a CNAME, and nothing else.
+        if let Some(target) = wire::wire_name(&host.to_ascii_lowercase()) {
+            f.own.entry(svc_name).or_default().cname = Some((target, params.vip_ttl));
+        }
+        return f;
+    }
     // Ready endpoints with the address every host can reach them at.
     let ready: Vec<_> = eps
         .into_iter()

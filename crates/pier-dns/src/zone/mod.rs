@@ -56,6 +56,11 @@ pub struct Answer {
 pub struct NameEntry {
     /// Shared, so that copying a shard on update copies pointers.
     pub types: Arc<[(u16, Answer)]>,
+    /// An ExternalName service's name: the CNAME's target (lower-case wire
+    /// form) and TTL. A query for any other type than CNAME goes the
+    /// forwarding path, which answers the CNAME followed by the target's
+    /// own records (`server::chase`).
+    pub alias: Option<Arc<(Vec<u8>, u32)>>,
 }
 
 /// FxHash-style hasher: the keys are ours (inserted from the snapshot) and
@@ -234,10 +239,19 @@ impl Zone {
         build(&Snapshot::default(), params)
     }
 
+    /// The CNAME target (lower-case wire form) and TTL of an ExternalName
+    /// service's `name` (lower-case wire form).
+    pub fn alias(&self, name: &[u8]) -> Option<Arc<(Vec<u8>, u32)>> {
+        self.names.get(name).and_then(|e| e.alias.clone())
+    }
+
     /// `name` is lower-case wire form.
     #[inline]
     pub fn lookup(&self, name: &[u8], qtype: u16) -> Lookup<'_> {
         if let Some(e) = self.names.get(name) {
+            if e.alias.is_some() && qtype != rtype::CNAME && qtype != rtype::ANY {
+                return Lookup::Forward;
+            }
             let hit = if qtype == rtype::ANY {
                 // RFC 8482: a subset is enough; give the first RRset.
                 e.types.first()

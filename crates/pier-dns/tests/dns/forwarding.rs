@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
+use pier_model::Service;
 
 /// A tiny upstream: answers every A query with `count` addresses
 /// 192.0.2.1.. (TTL 60), setting TC over UDP when `udp_tc`. Counts queries.
@@ -217,5 +218,87 @@ async fn second_upstream_is_used_when_the_first_is_dead() -> Result<()> {
     let r = udp_query(t.addr, &query_msg("two.example.org.", RecordType::A, None)).await?;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(r.answers.len(), 1);
+    Ok(())
+}
+
+/// An ExternalName service's name is a CNAME: a CNAME query gets it alone;
+/// an A query gets it followed by the target's addresses, from the zone
+/// for a pier name and from the upstream for another, the question echoed
+/// as asked.
+#[tokio::test]
+async fn external_name_is_a_cname_followed_to_its_target() -> Result<()> {
+    let up = upstream(1, false).await?;
+    let (mut s, e) = base_snapshot();
+    let alias = |name: &str, host: &str| -> Service {
+        let mut a = service("default", name, None, &[]);
+        a.external_name = Some(host.to_owned());
+        a
+    };
+    s.push(alias("ext", "db.example.test"));
+    s.push(alias("local", "web.default.svc.pier.internal"));
+    let t = TestServer::start(with_upstream(up.addr, 2000), snapshot(1, &s, &e)).await?;
+    let cname_of = |r: &Message| -> Vec<String> {
+        r.answers
+            .iter()
+            .filter_map(|a| match &a.data {
+                RData::CNAME(c) => Some(c.0.to_ascii()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let r = udp_query(
+        t.addr,
+        &query_msg("ext.default.svc.pier.internal.", RecordType::CNAME, None),
+    )
+    .await?;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(cname_of(&r), ["db.example.test."]);
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(up.udp_queries.load(Ordering::SeqCst), 0);
+
+    let r = udp_query(
+        t.addr,
+        &query_msg("Ext.Default.svc.pier.internal.", RecordType::A, Some(1232)),
+    )
+    .await?;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        r.queries[0].name().to_ascii(),
+        "Ext.Default.svc.pier.internal."
+    );
+    assert_eq!(cname_of(&r), ["db.example.test."]);
+    assert_eq!(ips(&r), vec!["192.0.2.1".parse::<std::net::IpAddr>()?]);
+    assert_eq!(up.udp_queries.load(Ordering::SeqCst), 1);
+
+    // A pier name as the target: answered from the zone, over TCP too.
+    let r = tcp_query(
+        t.addr,
+        &query_msg("local.default.svc.pier.internal.", RecordType::A, None),
+    )
+    .await?;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(cname_of(&r), ["web.default.svc.pier.internal."]);
+    assert_eq!(ips(&r), vec!["10.96.0.10".parse::<std::net::IpAddr>()?]);
+    assert_eq!(up.udp_queries.load(Ordering::SeqCst), 1, "not forwarded");
+    // dig, as a person would.
+    let out = dig(
+        t.addr,
+        &["local.default.svc.pier.internal", "A", "+noall", "+answer"],
+    )
+    .await?;
+    let lines: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.len() == 5)
+        .collect();
+    assert!(
+        lines.len() == 2
+            && lines[0][3] == "CNAME"
+            && lines[0][4] == "web.default.svc.pier.internal."
+            && lines[1][3] == "A"
+            && lines[1][4] == "10.96.0.10",
+        "{out}"
+    );
     Ok(())
 }

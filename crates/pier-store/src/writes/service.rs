@@ -50,7 +50,7 @@ pub async fn create_service(
         }
         let mut s = svc.clone();
         let mut b = Batch::default();
-        if (want_vip && !s.headless) || s.vip.is_some() {
+        if (want_vip && !s.headless && s.external_name.is_none()) || s.vip.is_some() {
             let used = used_vips(store).await?;
             let vip = match s.vip {
                 Some(v) if used.contains(&v) => {
@@ -104,6 +104,11 @@ pub async fn update_service(
         }));
     }
     let mut s = svc;
+    if s.external_name.is_some() != old.external_name.is_some() {
+        return Err(WriteError::Invalid(
+            "external_name: a service cannot change between a CNAME and a proxied service; delete and re-create it".into(),
+        ));
+    }
     if s.headless != old.headless {
         return Err(WriteError::Invalid(format!(
             "headless: a service cannot change between headless and not (it is {}); delete and re-create the service",

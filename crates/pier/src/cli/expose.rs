@@ -11,7 +11,8 @@ use super::output::describe_vip_and_ports;
 pub enum ExposeCmd {
     /// A service whose endpoints are a replica set's pods.
     Rs(ExposeRsArgs),
-    /// A service in front of fixed HOST:PORT endpoints that pier does not run.
+    /// A service in front of fixed HOST:PORT endpoints that pier does not
+    /// run (--port, --endpoint), or a DNS alias of a name (--cname).
     External(ExposeExternalArgs),
 }
 
@@ -54,12 +55,20 @@ pub struct ExposeRsArgs {
 pub struct ExposeExternalArgs {
     /// The service's name.
     pub(super) name: String,
-    /// The service port (on the VIP).
-    #[arg(long, value_name = "P")]
-    pub(super) port: String,
+    /// The service port (on the VIP); with --endpoint.
+    #[arg(long, value_name = "P", required_unless_present = "cname")]
+    pub(super) port: Option<String>,
     /// An endpoint, HOST:PORT; repeat for more.
-    #[arg(long = "endpoint", value_name = "HOST:PORT", required = true)]
+    #[arg(
+        long = "endpoint",
+        value_name = "HOST:PORT",
+        required_unless_present = "cname"
+    )]
     pub(super) endpoints: Vec<String>,
+    /// No VIP and no proxy: DNS answers the service's name with a CNAME to
+    /// HOST (an ExternalName service), followed by HOST's own records.
+    #[arg(long, value_name = "HOST", conflicts_with_all = ["port", "endpoints"])]
+    pub(super) cname: Option<String>,
     #[command(flatten)]
     pub(super) namespace: NamespaceArg,
 }
@@ -147,7 +156,19 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
 async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
     let name = name_arg("service name", &a.name)?;
     let namespace = a.namespace.get()?;
-    let port = port_arg("--port", &a.port)?;
+    if let Some(host) = &a.cname {
+        let host = host.trim_end_matches('.');
+        if let Err(why) = pier_model::check_external_name(host) {
+            return usage(format!("--cname: {host:?} {why}"));
+        }
+        let mut svc = Service::new(namespace, name.clone(), Vec::new());
+        svc.external_name = Some(host.to_owned());
+        let c = client(server)?;
+        let svc = c.create_service(&svc).await?;
+        println!("service/{} created: a CNAME to {host} (no VIP)", svc.name);
+        return Ok(());
+    }
+    let port = port_arg("--port", a.port.as_deref().unwrap_or_default())?;
     let mut eps = Vec::new();
     for e in &a.endpoints {
         eps.push(resolve_endpoint(e).await?);

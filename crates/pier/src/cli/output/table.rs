@@ -169,11 +169,18 @@ pub(in crate::cli) fn table_rows(
                     &s.namespace,
                     [
                         s.name.to_string(),
-                        svc_type_str(s.service_type),
+                        match (&s.external_name, s.headless) {
+                            (Some(_), _) => "ExternalName".into(),
+                            (None, true) => "Headless".into(),
+                            (None, false) => svc_type_str(s.service_type),
+                        },
                         s.vip
                             .map(|v| v.to_string())
                             .unwrap_or_else(|| "None".into()),
-                        svc_ports(s),
+                        match &s.external_name {
+                            Some(host) => format!("CNAME {host}"),
+                            None => svc_ports(s),
+                        },
                         age(s.created_at),
                     ],
                 )
