@@ -19,7 +19,7 @@ pier_multiarch() { echo "$(uname -m)-linux-gnu"; }
 pier_build_deps() {
   cat <<EOF
 gcc cc
-libc6-dev /usr/lib/$(pier_multiarch)/crt1.o /usr/include/stdio.h
+libc6-dev /usr/lib/$(pier_multiarch)/crt1.o /usr/include/stdio.h /usr/lib/$(pier_multiarch)/libc.a
 protobuf-compiler protoc
 libprotobuf-dev /usr/include/google/protobuf/descriptor.proto
 ca-certificates /etc/ssl/certs/ca-certificates.crt

@@ -46,16 +46,25 @@ fn next_slot() -> u32 {
     SLOT.fetch_add(1, Ordering::SeqCst) + (std::process::id() % 50) * 4
 }
 
-/// Build the test image if it is missing (tests/run.sh builds it first).
+/// The `pier.test-image` label of the image tests/images/build.sh makes
+/// now (2: with /bin/udp-echo).
+const TEST_IMAGE_VERSION: &str = "2";
+
+/// Build the test image if it is missing or older than this version
+/// (tests/run.sh builds it first).
 pub fn ensure_test_image() -> Result<()> {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", TEST_IMAGE])
-        .stdout(Stdio::null())
+    let out = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"pier.test-image\"}}",
+            TEST_IMAGE,
+        ])
         .stderr(Stdio::null())
-        .status()
-        .context("running docker")?
-        .success();
-    if ok {
+        .output()
+        .context("running docker")?;
+    if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == TEST_IMAGE_VERSION {
         return Ok(());
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build.sh");

@@ -9,3 +9,4 @@ mod dns;
 mod restart;
 mod rollout;
 mod store_pause;
+mod udp;

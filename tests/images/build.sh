@@ -2,8 +2,12 @@
 # Builds pier's test images without a registry: `docker import` of a rootfs
 # made from Debian's busybox-static (httpd, nc, sh, hostname; about 2 MB).
 #
-#   pier-test/httpd:latest   serves its hostname on :8080 (`wget -qO- http://IP:8080/`)
+#   pier-test/httpd:latest   serves its hostname on :8080 (`wget -qO- http://IP:8080/`);
+#                            also holds /bin/udp-echo PORT (udp-echo.c, built
+#                            static here): answers each datagram with
+#                            "HOSTNAME:DATAGRAM"
 #
+# Labelled pier.test-image=VERSION; tests/lib.rs rebuilds an older one.
 # Idempotent: the same name always holds the same content.
 set -euo pipefail
 BUSYBOX=${BUSYBOX:-/bin/busybox}
@@ -14,6 +18,8 @@ root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,www,tmp,etc}
 cp "$BUSYBOX" "$root/bin/busybox"
+# -static: the image has no libc.
+cc -O2 -static -o "$root/bin/udp-echo" "$(dirname "$0")/udp-echo.c"
 for applet in $("$BUSYBOX" --list); do
   [ "$applet" = busybox ] || ln -sf busybox "$root/bin/$applet"
 done
@@ -29,6 +35,7 @@ old=$(docker image inspect -f '{{.Id}}' pier-test/httpd:latest 2>/dev/null || tr
 tar -C "$root" -c . | docker import \
   -c 'ENV PATH=/bin' \
   -c 'EXPOSE 8080' \
+  -c 'LABEL pier.test-image=2' \
   -c 'CMD ["/bin/sh","-c","hostname > /www/index.html && exec httpd -f -p 8080 -h /www"]' \
   - pier-test/httpd:latest >/dev/null
 # The previous build lost its name; remove it unless a container still uses it.

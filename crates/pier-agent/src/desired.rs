@@ -167,11 +167,25 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
             {
                 continue;
             }
-            let port = spec.ports.first().map(|p| p.port).or_else(|| {
-                services
-                    .iter()
-                    .find_map(|s| s.ports.first().map(|p| p.target_port))
-            });
+            // The default check is a TCP connect: to the first TCP port
+            // (a UDP-only container has none, and is checked by Docker's
+            // status or not at all).
+            let port = spec
+                .ports
+                .iter()
+                .find(|p| p.protocol.is_tcp())
+                .map(|p| p.port)
+                .or_else(|| {
+                    if !spec.ports.is_empty() {
+                        return None;
+                    }
+                    services.iter().find_map(|s| {
+                        s.ports
+                            .iter()
+                            .find(|p| p.protocol.is_tcp())
+                            .map(|p| p.target_port)
+                    })
+                });
             let check = spec::health_check(
                 &spec,
                 c.image_has_healthcheck,
@@ -290,11 +304,11 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                 );
                 Ready::Check(key)
             };
-            let port_name = svc
-                .ports
-                .first()
+            let first = svc.ports.first();
+            let protocol = first.map(|p| p.protocol).unwrap_or_default();
+            let port_name = first
                 .map(|p| p.name.clone())
-                .or_else(|| Name::new(&format!("p{}", se.port.get())).ok());
+                .unwrap_or_else(|| protocol.default_port_name(se.port));
             endpoints.push((
                 keys::endpoint(&svc.namespace, &svc.name, me, &id),
                 Endpoint {
@@ -305,14 +319,11 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                     pod: None,
                     hostname: None,
                     ip: se.ip,
-                    ports: port_name
-                        .map(|name| {
-                            vec![EndpointPort {
-                                name,
-                                port: se.port,
-                            }]
-                        })
-                        .unwrap_or_default(),
+                    ports: vec![EndpointPort {
+                        name: port_name,
+                        port: se.port,
+                        protocol,
+                    }],
                     ready: false,
                     is_static: true,
                     addr: None,
@@ -364,6 +375,7 @@ fn auto_service(name: &Name, spec: &Spec, now_ms: u64) -> Service {
             port: p.port,
             target_port: p.port,
             node_port: None,
+            protocol: p.protocol,
         })
         .collect();
     let mut svc = Service::new(spec.namespace.clone(), name.clone(), ports);

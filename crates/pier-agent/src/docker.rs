@@ -442,7 +442,14 @@ pub(crate) fn pod_labels(pod: &Pod, s: &PodSettings) -> Labels {
             .template
             .ports
             .iter()
-            .map(|p| format!("{}:{}", p.name, p.port.get()))
+            .map(|p| {
+                pier_model::PortSpec {
+                    name: Some(p.name.clone()),
+                    port: p.port,
+                    protocol: p.protocol,
+                }
+                .to_string()
+            })
             .collect();
         l.insert(labels::PORTS.into(), ports.join(","));
     }

@@ -3,16 +3,8 @@
 //! A label that does not parse makes the whole container invalid: the caller
 //! logs one warning naming the container and the label and skips it.
 
-use pier_model::{
-    EndpointPort, HealthCheck, HealthKind, Labels, Name, Namespace, PortNum, Service, labels,
-};
-
-/// One container port from `pier.port` (unnamed) or `pier.ports` (named).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PortSpec {
-    pub name: Option<Name>,
-    pub port: PortNum,
-}
+pub(crate) use pier_model::PortSpec;
+use pier_model::{EndpointPort, HealthCheck, HealthKind, Labels, Name, Namespace, Service, labels};
 
 /// The pier labels of one container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,15 +46,15 @@ fn bad(label: &str, value: &str, why: impl ToString) -> LabelError {
     }
 }
 
-fn port(label: &str, value: &str, s: &str) -> Result<PortNum, LabelError> {
-    let n: u16 = s.trim().parse().map_err(|_| {
+/// One `[NAME:]P[/udp]` item of `pier.port` or `pier.ports`.
+fn port(label: &str, value: &str, s: &str) -> Result<PortSpec, LabelError> {
+    s.parse::<PortSpec>().map_err(|e| {
         bad(
             label,
             value,
-            format!("port {s:?} is not a number from 1 to 65535"),
+            format!("{s:?}: {e}; write [NAME:]PORT[/udp], PORT from 1 to 65535"),
         )
-    })?;
-    PortNum::new(n).map_err(|e| bad(label, value, e))
+    })
 }
 
 fn number<T: std::str::FromStr>(l: &Labels, label: &str) -> Result<Option<T>, LabelError> {
@@ -100,29 +92,42 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
     let mut ports = Vec::new();
     if let Some(v) = l.get(labels::PORTS) {
         for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (n, p) = match item.split_once(':') {
-                Some((n, p)) => (
-                    Some(Name::new(n.trim()).map_err(|e| bad(labels::PORTS, v, e))?),
-                    p,
-                ),
-                None => (None, item),
-            };
-            ports.push(PortSpec {
-                name: n,
-                port: port(labels::PORTS, v, p)?,
-            });
+            ports.push(port(labels::PORTS, v, item)?);
         }
         if ports.is_empty() {
-            return Err(bad(labels::PORTS, v, "no ports; write name:port,name:port"));
+            return Err(bad(
+                labels::PORTS,
+                v,
+                "no ports; write name:port,name:port/udp",
+            ));
         }
     }
     if let Some(v) = l.get(labels::PORT) {
         let p = port(labels::PORT, v, v)?;
-        if !ports.iter().any(|x| x.port == p) {
-            ports.push(PortSpec {
-                name: None,
-                port: p,
-            });
+        if p.name.is_some() {
+            return Err(bad(
+                labels::PORT,
+                v,
+                "pier.port takes PORT[/udp]; name ports in pier.ports=NAME:PORT",
+            ));
+        }
+        if !ports
+            .iter()
+            .any(|x| x.port == p.port && x.protocol == p.protocol)
+        {
+            ports.push(p);
+        }
+    }
+    for (i, a) in ports.iter().enumerate() {
+        if ports[..i]
+            .iter()
+            .any(|b| b.name_or_default() == a.name_or_default())
+        {
+            return Err(bad(
+                labels::PORTS,
+                l.get(labels::PORTS).map_or("", |s| s.as_str()),
+                format!("port name {} is used twice", a.name_or_default()),
+            ));
         }
     }
     let health = l
@@ -248,20 +253,28 @@ pub(crate) fn is_member(svc: &Service, spec: &Spec, l: &Labels, own_pod: bool) -
 ///
 /// A named port (`pier.ports=http:8080`) keeps its name. An unnamed one
 /// (`pier.port=8080`) takes the name of the service port that targets it,
-/// else `p<port>` (`p8080`), which is also the name an auto-created service
-/// gives it.
+/// else `p<port>` (`p8080`; `p53-udp` for UDP), which is also the name an
+/// auto-created service gives it.
 pub(crate) fn endpoint_ports(spec: &Spec, svc: Option<&Service>) -> Vec<EndpointPort> {
     spec.ports
         .iter()
-        .filter_map(|p| {
+        .map(|p| {
             let name = match &p.name {
-                Some(n) => Some(n.clone()),
+                Some(n) => n.clone(),
                 None => svc
-                    .and_then(|s| s.ports.iter().find(|sp| sp.target_port == p.port))
+                    .and_then(|s| {
+                        s.ports
+                            .iter()
+                            .find(|sp| sp.target_port == p.port && sp.protocol == p.protocol)
+                    })
                     .map(|sp| sp.name.clone())
-                    .or_else(|| Name::new(&format!("p{}", p.port.get())).ok()),
+                    .unwrap_or_else(|| p.protocol.default_port_name(p.port)),
             };
-            name.map(|name| EndpointPort { name, port: p.port })
+            EndpointPort {
+                name,
+                port: p.port,
+                protocol: p.protocol,
+            }
         })
         .collect()
 }
@@ -335,6 +348,51 @@ mod tests {
                 path: "/healthz".into()
             })
         );
+    }
+
+    #[test]
+    fn udp_ports_from_labels() {
+        let s = parse(&lbl(&[
+            ("pier.service", "dns"),
+            ("pier.ports", "dns:53/udp, dns-tcp:53"),
+        ]))
+        .unwrap();
+        let p = endpoint_ports(&s, None);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            (p[0].name.as_str(), p[0].protocol),
+            ("dns", pier_model::Protocol::Udp)
+        );
+        assert_eq!(
+            (p[1].name.as_str(), p[1].protocol),
+            ("dns-tcp", pier_model::Protocol::Tcp)
+        );
+        // Unnamed: TCP and UDP share the number under two names.
+        let s = parse(&lbl(&[
+            ("pier.service", "dns"),
+            ("pier.ports", "53"),
+            ("pier.port", "53/udp"),
+        ]))
+        .unwrap();
+        let names: Vec<_> = endpoint_ports(&s, None)
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect();
+        assert_eq!(names, ["p53", "p53-udp"]);
+        // A UDP-only container has no TCP port to check: no default check.
+        let s = parse(&lbl(&[("pier.service", "dns"), ("pier.port", "53/udp")])).unwrap();
+        assert_eq!(
+            health_check(&s, false, false, 1000, 1000).kind,
+            HealthKind::None
+        );
+        for (k, v) in [
+            ("pier.port", "53/sctp"),
+            ("pier.port", "dns:53/udp"),
+            ("pier.ports", "dns:53/udp,dns:54"),
+        ] {
+            let e = parse(&lbl(&[("pier.service", "dns"), (k, v)])).unwrap_err();
+            assert_eq!(e.label, k, "{e}");
+        }
     }
 
     #[test]

@@ -213,6 +213,7 @@ fn rs(name: &str, replicas: u32) -> ReplicaSet {
             ports: vec![ContainerPort {
                 name: n("http"),
                 port: PortNum::new(8080).unwrap(),
+                protocol: Default::default(),
             }],
             ..Default::default()
         },
@@ -448,6 +449,10 @@ async fn expose_can_prefer_local_endpoints() {
         prefer_local,
         headless: false,
         proxy_protocol: false,
+        protocol: Default::default(),
+        port_name: None,
+        more_ports: Vec::new(),
+        session_affinity: None,
     };
     let near = c
         .expose_replicaset(&ns(), &n("near"), &req("near", true))
@@ -487,6 +492,10 @@ async fn services_expose_external_endpoints_and_delete() {
                 prefer_local: false,
                 headless: false,
                 proxy_protocol: false,
+                protocol: Default::default(),
+                port_name: None,
+                more_ports: Vec::new(),
+                session_affinity: None,
             },
         )
         .await
@@ -538,6 +547,10 @@ async fn services_expose_external_endpoints_and_delete() {
                 prefer_local: false,
                 headless: false,
                 proxy_protocol: false,
+                protocol: Default::default(),
+                port_name: None,
+                more_ports: Vec::new(),
+                session_affinity: None,
             },
         )
         .await
@@ -557,6 +570,10 @@ async fn services_expose_external_endpoints_and_delete() {
                 prefer_local: false,
                 headless: false,
                 proxy_protocol: false,
+                protocol: Default::default(),
+                port_name: None,
+                more_ports: Vec::new(),
+                session_affinity: None,
             },
         )
         .await
@@ -575,6 +592,10 @@ async fn services_expose_external_endpoints_and_delete() {
                 prefer_local: false,
                 headless: false,
                 proxy_protocol: false,
+                protocol: Default::default(),
+                port_name: None,
+                more_ports: Vec::new(),
+                session_affinity: None,
             },
         )
         .await
@@ -599,6 +620,7 @@ async fn services_expose_external_endpoints_and_delete() {
         ports: vec![EndpointPort {
             name: n("http"),
             port: PortNum::new(8080).unwrap(),
+            protocol: Default::default(),
         }],
         ready: true,
         is_static: false,
@@ -652,6 +674,7 @@ async fn services_expose_external_endpoints_and_delete() {
             port: PortNum::new(5432).unwrap(),
             target_port: PortNum::new(5432).unwrap(),
             node_port: None,
+            protocol: Default::default(),
         }],
         selector: Default::default(),
         static_endpoints: vec![
@@ -664,6 +687,7 @@ async fn services_expose_external_endpoints_and_delete() {
         drain_timeout_ms: None,
         health: None,
         sla: None,
+        session_affinity: None,
         created_at: 0,
         accept_labelled: false,
     };
@@ -1212,6 +1236,7 @@ fn service(name: &str) -> Service {
             port: PortNum::new(80).unwrap(),
             target_port: PortNum::new(8080).unwrap(),
             node_port: None,
+            protocol: Default::default(),
         }],
         selector: Default::default(),
         static_endpoints: vec![],
@@ -1221,6 +1246,7 @@ fn service(name: &str) -> Service {
         drain_timeout_ms: None,
         health: None,
         sla: None,
+        session_affinity: None,
         created_at: 0,
         accept_labelled: false,
     }
@@ -1725,6 +1751,10 @@ async fn autoscale_sets_bounds_refuses_manual_scale_and_shows_measurements() {
             prefer_local: false,
             headless: false,
             proxy_protocol: false,
+            protocol: Default::default(),
+            port_name: None,
+            more_ports: Vec::new(),
+            session_affinity: None,
         },
     )
     .await

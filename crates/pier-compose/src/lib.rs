@@ -21,9 +21,10 @@ use std::fmt;
 
 use pier_model::app::{AppSpec, ComponentSpec};
 use pier_model::{
-    Constraint, ContainerHealth, ContainerPort, FailureAction, HealthCheck, HealthKind, Labels,
-    LbPolicy, Name, Namespace, Placement, PodTemplate, PortNum, Ratio, ReplicaSet, Replicas,
-    Resources, Service, ServicePort, ServiceType, Sla, UpdateConfig, UpdateOrder, labels,
+    AffinityKind, Constraint, ContainerHealth, ContainerPort, FailureAction, HealthCheck,
+    HealthKind, Labels, LbPolicy, Name, Namespace, Placement, PodTemplate, PortNum, Ratio,
+    ReplicaSet, Replicas, Resources, Service, ServicePort, ServiceType, SessionAffinity, Sla,
+    UpdateConfig, UpdateOrder, labels,
 };
 use serde_yaml_ng::{Mapping, Value};
 
@@ -669,6 +670,7 @@ fn service(
             .map(|p| ContainerPort {
                 name: p.name.clone(),
                 port: p.target_port,
+                protocol: Default::default(),
             })
             .collect(),
         labels: tlabels,
@@ -728,6 +730,7 @@ fn service(
             drain_timeout_ms: None,
             health: None,
             sla: None,
+            session_affinity: x.session_affinity,
             created_at: 0,
         })
     };
@@ -986,6 +989,7 @@ fn ports(
             port,
             target_port: port,
             node_port: published.and_then(|n| PortNum::new(n).ok()),
+            protocol: Default::default(),
         });
     }
     out
@@ -1417,6 +1421,8 @@ struct XPier {
     headless: bool,
     lb: Option<LbPolicy>,
     sla: Option<Sla>,
+    session_affinity: Option<SessionAffinity>,
+    affinity_timeout_s: Option<u32>,
     min_replicas: Option<Replicas>,
     max_replicas: Option<Replicas>,
 }
@@ -1460,6 +1466,33 @@ fn x_pier(v: &Value, path: &str, all: &BTreeSet<String>, cx: &mut Ctx) -> XPier 
                 Some(b) => x.proxy_protocol = b,
                 None => cx.err(&p, "must be true or false"),
             },
+            "session_affinity" => match scalar(val).as_deref() {
+                Some("None") => x.session_affinity = None,
+                Some(k) => match k.parse::<AffinityKind>() {
+                    Ok(kind) => {
+                        let timeout_s = x
+                            .session_affinity
+                            .map_or_else(SessionAffinity::default_timeout_s, |a| a.timeout_s);
+                        x.session_affinity = Some(SessionAffinity { kind, timeout_s });
+                    }
+                    Err(e) => cx.err(&p, e.to_string()),
+                },
+                None => cx.err(&p, "must be ClientIP or None"),
+            },
+            "affinity_timeout" => {
+                let secs = match scalar(val) {
+                    Some(s) => util::duration_ms(&s).map(|ms| ms / 1000),
+                    None => Err("must be a duration, e.g. 3h".to_owned()),
+                };
+                match secs {
+                    Ok(s) if s >= 1 && s <= u64::from(SessionAffinity::MAX_TIMEOUT_S) => {
+                        // Applied once session_affinity is read (any order).
+                        x.affinity_timeout_s = Some(s as u32);
+                    }
+                    Ok(_) => cx.err(&p, "must be from 1s to 24h"),
+                    Err(e) => cx.err(&p, e),
+                }
+            }
             "lb" => match scalar(val).map(|s| s.parse::<LbPolicy>()) {
                 Some(Ok(l)) => x.lb = Some(l),
                 Some(Err(e)) => cx.err(&p, e.to_string()),
@@ -1497,9 +1530,17 @@ fn x_pier(v: &Value, path: &str, all: &BTreeSet<String>, cx: &mut Ctx) -> XPier 
             }
             _ => cx.err(
                 &p,
-                "not an x-pier key (anti_affinity, affinity, prefer_local, proxy_protocol, headless, lb, sla)",
+                "not an x-pier key (anti_affinity, affinity, prefer_local, proxy_protocol, headless, lb, sla, session_affinity, affinity_timeout)",
             ),
         }
+    }
+    match (&mut x.session_affinity, x.affinity_timeout_s) {
+        (Some(a), Some(t)) => a.timeout_s = t,
+        (None, Some(_)) => cx.err(
+            format!("{path}.affinity_timeout"),
+            "needs session_affinity: ClientIP",
+        ),
+        _ => {}
     }
     x
 }

@@ -116,6 +116,7 @@ fn big_snapshot(n: usize, srv: usize) -> Result<Snapshot> {
                     ports: vec![EndpointPort {
                         name: Name::new("http")?,
                         port: PortNum::new(8080)?,
+                        protocol: Default::default(),
                     }],
                     ready: true,
                     is_static: false,

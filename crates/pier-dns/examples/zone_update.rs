@@ -88,6 +88,7 @@ fn snapshot(n: usize, k: usize) -> Result<Snapshot> {
                     ports: vec![EndpointPort {
                         name: Name::new("http")?,
                         port: PortNum::new(8080)?,
+                        protocol: Default::default(),
                     }],
                     ready: true,
                     is_static: false,

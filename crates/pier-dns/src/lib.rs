@@ -4,7 +4,7 @@
 //! What it answers, under the domain (default `pier.internal`):
 //! - `<svc>.<ns>.svc.<domain>` A/AAAA: the VIP (TTL 30 s), or for a headless
 //!   service the ready endpoints' addresses (TTL 1 s);
-//! - `_<port>._tcp.<svc>.<ns>.svc.<domain>` SRV: one record per ready
+//! - `_<port>._tcp.<svc>.<ns>.svc.<domain>` SRV (`_udp` for a UDP port): one record per ready
 //!   endpoint, target `<pod-or-id>.<svc>.<ns>.svc.<domain>`, with the
 //!   targets' addresses in the additional section;
 //! - `<pod-or-id>.<svc>.<ns>.svc.<domain>` A/AAAA: that endpoint;

@@ -16,7 +16,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{Name, Namespace, PortNum, Replicas};
-use crate::objects::{Labels, PodPhase, ReplicaSet, Resources, ServiceType};
+use crate::objects::{
+    Labels, PodPhase, Protocol, ReplicaSet, Resources, ServiceType, SessionAffinity,
+};
 use crate::rollout::Rollout;
 
 /// Every API path starts with this.
@@ -265,6 +267,30 @@ pub struct ExposeRequest {
     /// before the client's bytes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proxy_protocol: bool,
+    /// The protocol of `port` (TCP when absent).
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+    /// The name of `port`; the replica set's container port of that number
+    /// and protocol names it when absent, else `p<port>` (`p<port>-udp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<Name>,
+    /// More ports, each with `target_port == port` (`--port` repeated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_ports: Vec<ExposePort>,
+    /// `--session-affinity ClientIP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+}
+
+/// One more port of an [`ExposeRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExposePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    pub port: PortNum,
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// Something wrong with an object, reported by a subsystem (the proxy's

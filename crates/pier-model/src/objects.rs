@@ -164,6 +164,153 @@ impl FromStr for ServiceType {
     }
 }
 
+/// The transport of a port. TCP is the default and is left out of the
+/// stored JSON, so records written before UDP existed read the same and
+/// older agents still read TCP ports.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+    /// The name of an unnamed port: `p53` for TCP, `p53-udp` for UDP, so
+    /// that TCP and UDP can share a number.
+    pub fn default_port_name(&self, port: PortNum) -> Name {
+        let n = match self {
+            Protocol::Tcp => format!("p{port}"),
+            Protocol::Udp => format!("p{port}-udp"),
+        };
+        Name::new(&n).expect("p<digits>[-udp] is a valid name")
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s.trim() {
+            "tcp" | "TCP" => Ok(Protocol::Tcp),
+            "udp" | "UDP" => Ok(Protocol::Udp),
+            _ => Err(NameError::Invalid {
+                what: "protocol",
+                value: s.chars().take(40).collect(),
+                why: "use tcp or udp",
+            }),
+        }
+    }
+}
+
+/// A port as users write it: `[NAME:]P[/udp|/tcp]` (`53/udp`,
+/// `dns:53/udp`, `8080`), for `--port` and the `pier.port(s)` labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    pub name: Option<Name>,
+    pub port: PortNum,
+    pub protocol: Protocol,
+}
+
+impl PortSpec {
+    /// Its name, or the protocol's default name for its number.
+    pub fn name_or_default(&self) -> Name {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.protocol.default_port_name(self.port))
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let s = s.trim();
+        let (rest, protocol) = match s.rsplit_once('/') {
+            Some((r, p)) => (r, p.parse::<Protocol>()?),
+            None => (s, Protocol::Tcp),
+        };
+        let (name, num) = match rest.split_once(':') {
+            Some((n, p)) => (Some(Name::new(n.trim())?), p),
+            None => (None, rest),
+        };
+        Ok(PortSpec {
+            name,
+            port: num.parse()?,
+            protocol,
+        })
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(n) = &self.name {
+            write!(f, "{n}:")?;
+        }
+        write!(f, "{}", self.port)?;
+        if !self.protocol.is_tcp() {
+            write!(f, "/{}", self.protocol)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a service keeps a client on one endpoint (`--session-affinity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAffinity {
+    /// Only `ClientIP`: by the client's address.
+    pub kind: AffinityKind,
+    /// A client idle this long (no connection, no datagram) is balanced
+    /// afresh; Kubernetes' default is 3 h.
+    #[serde(default = "SessionAffinity::default_timeout_s")]
+    pub timeout_s: u32,
+}
+
+impl SessionAffinity {
+    /// 3 h, as Kubernetes' `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub fn default_timeout_s() -> u32 {
+        10_800
+    }
+    /// At most a day, as Kubernetes (86400 s).
+    pub const MAX_TIMEOUT_S: u32 = 86_400;
+}
+
+/// The kinds of session affinity: only by client IP, as Kubernetes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AffinityKind {
+    ClientIP,
+}
+
+impl FromStr for AffinityKind {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s {
+            "ClientIP" | "clientip" | "client-ip" => Ok(AffinityKind::ClientIP),
+            _ => Err(NameError::Invalid {
+                what: "session affinity",
+                value: s.chars().take(40).collect(),
+                why: "use ClientIP (or None, the default)",
+            }),
+        }
+    }
+}
+
 /// One port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +325,9 @@ pub struct ServicePort {
     /// The port on every node's address, for `NodePort` services.
     #[serde(default)]
     pub node_port: Option<PortNum>,
+    /// TCP (the default, left out of the JSON) or UDP.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// A fixed `host:port` behind a service with no selector.
@@ -333,6 +483,10 @@ pub struct Service {
     pub health: Option<HealthCheck>,
     #[serde(default)]
     pub sla: Option<Sla>,
+    /// Keep each client on one endpoint (`--session-affinity ClientIP`).
+    /// Left out when unset, so older agents still read the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
     /// Unix milliseconds.
     #[serde(default)]
     pub created_at: u64,
@@ -361,6 +515,7 @@ impl Service {
             drain_timeout_ms: None,
             health: None,
             sla: None,
+            session_affinity: None,
             created_at: 0,
         }
     }
@@ -370,6 +525,44 @@ impl Service {
     }
     pub fn port_by_name(&self, name: &str) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.name.as_str() == name)
+    }
+
+    /// Port names are unique (they key SRV names and endpoint ports), and
+    /// so are (port, protocol) pairs: TCP and UDP may share a number, two
+    /// TCP ports may not. The error names the field.
+    pub fn check_ports(&self) -> Result<(), String> {
+        for (i, p) in self.ports.iter().enumerate() {
+            for (j, q) in self.ports[..i].iter().enumerate() {
+                if p.name == q.name {
+                    return Err(format!(
+                        "ports[{i}].name: {} is also ports[{j}]'s name; give each port its own name",
+                        p.name
+                    ));
+                }
+                if p.port == q.port && p.protocol == q.protocol {
+                    return Err(format!(
+                        "ports[{i}]: {}/{} is also ports[{j}]; a port number is used once per protocol",
+                        p.port, p.protocol
+                    ));
+                }
+                if p.node_port.is_some() && p.node_port == q.node_port && p.protocol == q.protocol {
+                    return Err(format!(
+                        "ports[{i}].node_port: {} is also ports[{j}]'s node port",
+                        p.node_port.map_or(0, |n| n.get())
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &self.session_affinity
+            && (a.timeout_s == 0 || a.timeout_s > SessionAffinity::MAX_TIMEOUT_S)
+        {
+            return Err(format!(
+                "session_affinity.timeout_s: {} is out of range; give 1 to {} seconds",
+                a.timeout_s,
+                SessionAffinity::MAX_TIMEOUT_S
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -468,6 +661,10 @@ impl HealthCheck {
 pub struct ContainerPort {
     pub name: Name,
     pub port: PortNum,
+    /// TCP (the default, left out of the JSON, so existing templates hash
+    /// as before) or UDP.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// What a pod runs.
@@ -726,6 +923,9 @@ pub struct PodStatus {
 pub struct EndpointPort {
     pub name: Name,
     pub port: PortNum,
+    /// TCP (the default, left out of the JSON) or UDP.
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
 }
 
 /// `/pier/v1/endpoints/<ns>/<svc>/<node>/<id>`: one backend of a service.
@@ -764,12 +964,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// The endpoint port a service port targets: by name, then by number.
+    /// The endpoint port a service port targets: by name, then by number
+    /// and protocol.
     pub fn port_for(&self, sp: &ServicePort) -> Option<PortNum> {
         self.ports
             .iter()
             .find(|p| p.name == sp.name)
-            .or_else(|| self.ports.iter().find(|p| p.port == sp.target_port))
+            .or_else(|| {
+                self.ports
+                    .iter()
+                    .find(|p| p.port == sp.target_port && p.protocol == sp.protocol)
+            })
             .map(|p| p.port)
             .or(if self.ports.is_empty() {
                 Some(sp.target_port)
@@ -875,6 +1080,105 @@ pub struct Allocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_specs_parse_with_protocols() {
+        let p: PortSpec = "53/udp".parse().unwrap();
+        assert_eq!(
+            (p.name.clone(), p.port.get(), p.protocol),
+            (None, 53, Protocol::Udp)
+        );
+        assert_eq!(p.name_or_default().as_str(), "p53-udp");
+        let p: PortSpec = "dns:53/udp".parse().unwrap();
+        assert_eq!(p.name.as_ref().unwrap().as_str(), "dns");
+        assert_eq!(p.to_string(), "dns:53/udp");
+        let p: PortSpec = "http:8080".parse().unwrap();
+        assert_eq!((p.port.get(), p.protocol), (8080, Protocol::Tcp));
+        assert_eq!(p.to_string(), "http:8080");
+        assert_eq!(
+            "8080/tcp"
+                .parse::<PortSpec>()
+                .unwrap()
+                .name_or_default()
+                .as_str(),
+            "p8080"
+        );
+        for bad in ["53/sctp", "0/udp", "x:70000", "Bad_Name:80", "udp", ""] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
+        }
+        let e = "53/sctp".parse::<PortSpec>().unwrap_err().to_string();
+        assert!(e.contains("tcp or udp"), "{e}");
+    }
+
+    /// TCP stays out of the JSON (older readers, same template hashes);
+    /// UDP is written and read back.
+    #[test]
+    fn protocol_is_left_out_for_tcp() {
+        let sp: ServicePort =
+            serde_json::from_str(r#"{"name":"p","port":80,"target_port":80}"#).unwrap();
+        assert_eq!(sp.protocol, Protocol::Tcp);
+        assert!(!serde_json::to_string(&sp).unwrap().contains("protocol"));
+        let sp = ServicePort {
+            protocol: Protocol::Udp,
+            ..sp
+        };
+        let j = serde_json::to_string(&sp).unwrap();
+        assert!(j.contains(r#""protocol":"udp""#), "{j}");
+        assert_eq!(serde_json::from_str::<ServicePort>(&j).unwrap(), sp);
+    }
+
+    #[test]
+    fn service_ports_share_a_number_across_protocols_only() {
+        let port = |name: &str, n: u16, protocol| ServicePort {
+            name: Name::new(name).unwrap(),
+            port: PortNum::new(n).unwrap(),
+            target_port: PortNum::new(n).unwrap(),
+            node_port: None,
+            protocol,
+        };
+        let mut s = Service::new(
+            Namespace::default(),
+            Name::new("dns").unwrap(),
+            vec![
+                port("dns", 53, Protocol::Udp),
+                port("dns-tcp", 53, Protocol::Tcp),
+            ],
+        );
+        s.check_ports().unwrap();
+        s.ports.push(port("again", 53, Protocol::Udp));
+        let e = s.check_ports().unwrap_err();
+        assert!(e.starts_with("ports[2]") && e.contains("53/udp"), "{e}");
+        s.ports[2] = port("dns", 54, Protocol::Tcp);
+        let e = s.check_ports().unwrap_err();
+        assert!(e.contains("ports[2].name"), "{e}");
+        s.ports.pop();
+        s.session_affinity = Some(SessionAffinity {
+            kind: AffinityKind::ClientIP,
+            timeout_s: 0,
+        });
+        let e = s.check_ports().unwrap_err();
+        assert!(e.contains("session_affinity.timeout_s"), "{e}");
+    }
+
+    /// An endpoint's unnamed ports match a service port by number and
+    /// protocol: TCP 53 is not UDP 53.
+    #[test]
+    fn endpoint_ports_match_by_protocol() {
+        let ep: Endpoint = serde_json::from_str(
+            r#"{"service":"d","node":"n","id":"x","ip":"10.0.0.2","ready":true,
+               "ports":[{"name":"a","port":53},{"name":"b","port":53,"protocol":"udp"}]}"#,
+        )
+        .unwrap();
+        let sp: ServicePort =
+            serde_json::from_str(r#"{"name":"z","port":53,"target_port":53,"protocol":"udp"}"#)
+                .unwrap();
+        assert_eq!(ep.port_for(&sp).map(|p| p.get()), Some(53));
+        let ep2 = Endpoint {
+            ports: vec![ep.ports[0].clone()],
+            ..ep.clone()
+        };
+        assert_eq!(ep2.port_for(&sp), None, "a TCP port does not serve UDP");
+    }
 
     #[test]
     fn health_kinds_parse() {

@@ -326,6 +326,7 @@ fn endpoint(svc: &str, node: &str, a: SocketAddr) -> Arc<Endpoint> {
         ports: vec![EndpointPort {
             name: name("p"),
             port: PortNum::new(a.port()).expect("port"),
+            protocol: Default::default(),
         }],
         ready: true,
         is_static: false,

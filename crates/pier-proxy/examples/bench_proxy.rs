@@ -40,6 +40,7 @@ fn service(
             port: PortNum::new(listen.port()).expect("port"),
             target_port: PortNum::new(backends[0].port()).expect("port"),
             node_port: None,
+            protocol: Default::default(),
         }],
         selector: Default::default(),
         static_endpoints: Vec::new(),
@@ -49,6 +50,7 @@ fn service(
         drain_timeout_ms: None,
         health: None,
         sla: None,
+        session_affinity: None,
         created_at: 0,
         accept_labelled: false,
     };
@@ -68,6 +70,7 @@ fn service(
                 ports: vec![pier_model::EndpointPort {
                     name: Name::new("p").expect("name"),
                     port: PortNum::new(b.port()).expect("port"),
+                    protocol: Default::default(),
                 }],
                 ready: true,
                 is_static: true,

@@ -56,7 +56,16 @@ pub struct ProxyConfig {
     /// in all; more are reset at once (`pier_proxy_node_port_refusals`).
     pub node_port_max_conns: u32,
     /// At most this many open node-port connections from one client IP.
+    /// A UDP flow counts as a connection for both caps.
     pub node_port_max_conns_per_client: u32,
+    /// A UDP flow (one client address on one service port) with no
+    /// datagram either way for this long ends; the client's next datagram
+    /// is balanced afresh.
+    pub udp_idle_timeout_ms: u64,
+    /// At most this many UDP flows per UDP listening socket; a new
+    /// client's datagrams are dropped while it is full. Each flow holds a
+    /// socket and a 64 KiB receive buffer.
+    pub udp_max_flows: u32,
     /// Addresses the proxy may connect to directly although they reach the
     /// host itself (loopback, link-local, unspecified, multicast,
     /// broadcast): the agent's `[network] static_endpoint_allow`, set by
@@ -93,6 +102,12 @@ impl Default for ProxyConfig {
             // node's connections is an attack.
             node_port_max_conns: 16_384,
             node_port_max_conns_per_client: 1024,
+            // 30 s: kube-proxy's (and the kernel's) UDP conntrack timeout
+            // for a flow that has seen replies.
+            udp_idle_timeout_ms: 30_000,
+            // 4096 flows × 64 KiB buffers: at most 256 MiB per socket,
+            // reached only with that many clients active at once.
+            udp_max_flows: 4096,
             direct_allow: Vec::new(),
         }
     }
@@ -190,6 +205,18 @@ impl ProxyConfig {
             return bad(
                 "stats_interval_ms",
                 format!("{} must be at least 100", self.stats_interval_ms),
+            );
+        }
+        if self.udp_idle_timeout_ms < 1000 || self.udp_idle_timeout_ms > 3_600_000 {
+            return bad(
+                "udp_idle_timeout_ms",
+                format!("{} must be 1000..=3600000", self.udp_idle_timeout_ms),
+            );
+        }
+        if self.udp_max_flows == 0 || self.udp_max_flows > 65_536 {
+            return bad(
+                "udp_max_flows",
+                format!("{} must be 1..=65536", self.udp_max_flows),
             );
         }
         Ok(())

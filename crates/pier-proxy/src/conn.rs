@@ -40,6 +40,20 @@ pub(crate) struct PortTarget {
     pub m: SvcMetrics,
     pub bal: crate::balance::Balancer,
     pub proxy_protocol: bool,
+    /// Session affinity by client IP, when the service asks for it.
+    pub affinity: Option<Arc<crate::affinity::Affinity>>,
+}
+
+impl PortTarget {
+    /// The endpoint for a new connection or flow from `client`, not in
+    /// `tried`: the session affinity's when the service has one, else the
+    /// balancer's.
+    pub fn pick(&self, client: std::net::IpAddr, tried: &[usize]) -> Option<&Arc<EpState>> {
+        match &self.affinity {
+            Some(a) => a.pick(&self.bal, client, tried),
+            None => self.bal.pick(tried),
+        }
+    }
 }
 
 /// The stream towards an endpoint: a plain TCP connection keeps splice;
@@ -156,14 +170,14 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, t: Arc<PortTarget>, client: TcpStream, 
     let mut chosen = None;
     let mut last_timeout = false;
     while n < ctx.attempts as usize {
-        let ep = match t.bal.pick(&tried[from..n]) {
+        let ep = match t.pick(peer.ip(), &tried[from..n]) {
             Some(ep) => ep,
             // Every endpoint tried and the last one timed out (a SYN lost
             // to a full accept queue, say): go round again while attempts
             // remain. A refusal is final.
             None if n > from && last_timeout => {
                 from = n;
-                match t.bal.pick(&[]) {
+                match t.pick(peer.ip(), &[]) {
                     Some(ep) => ep,
                     None => break,
                 }

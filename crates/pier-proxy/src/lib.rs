@@ -7,7 +7,10 @@
 //! mesh gives no latency sample, since its cost is the peer's pool's, not
 //! the endpoint's, so mesh endpoints are balanced by outstanding
 //! connections alone), connect retries, passive outlier ejection, drains, the splice(2) copy loop, PROXY protocol v2 and the
-//! mTLS mesh hop to endpoints on other nodes ([`mesh`], [`tls`]).
+//! mTLS mesh hop to endpoints on other nodes ([`mesh`], [`tls`]); UDP
+//! service ports as per-client flows with an idle timeout, over the mesh
+//! as length-prefixed datagrams; session affinity by client IP
+//! (rendezvous hashing, then a pin).
 //!
 //! It is not a store client: it reads a `watch::Receiver<Arc<Snapshot>>`
 //! and publishes problems and stats for the agent to write. It is not an
@@ -16,6 +19,7 @@
 pub mod mesh;
 pub mod tls;
 
+mod affinity;
 mod balance;
 mod config;
 mod conn;
@@ -26,6 +30,7 @@ mod limit;
 mod metrics;
 pub mod ppv2;
 mod server;
+mod udp;
 
 pub use config::{MAX_CONNECT_ATTEMPTS, ProxyConfig};
 pub use copy::spliced_directions;

@@ -8,15 +8,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use pier_model::{Cidr, EndpointKey, Name, ObjectKey, Service, ServiceType, Snapshot, Stats};
+use pier_model::{
+    Cidr, EndpointKey, Name, ObjectKey, Protocol, Service, ServiceType, Snapshot, Stats,
+};
 use prometheus_client::registry::Registry;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol as Protocol_, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::affinity::Affinity;
 use crate::balance::{Balancer, EpState, Route};
 use crate::conn::{self, Ctx, PortTarget};
 use crate::iface::Iface;
@@ -45,10 +48,26 @@ pub trait ListenerSource: Send + Sync + std::fmt::Debug {
         a: SocketAddr,
         bind: fn(SocketAddr) -> std::io::Result<std::net::TcpListener>,
     ) -> std::io::Result<std::net::TcpListener>;
+    /// A UDP socket on `a` for a UDP service port: one held already, else
+    /// `bind(a)` (then shared).
+    fn listen_udp(
+        &self,
+        a: SocketAddr,
+        bind: fn(SocketAddr) -> std::io::Result<std::net::UdpSocket>,
+    ) -> std::io::Result<std::net::UdpSocket>;
     /// The listener on `a` is closed for good (its service port is gone):
     /// no copy of it may stay open anywhere.
-    fn release(&self, a: SocketAddr);
+    fn release(&self, proto: Protocol, a: SocketAddr);
 }
+
+/// Where a listener listens: TCP and UDP may share an address and port.
+type ListenKey = (Protocol, SocketAddr);
+
+/// The node-port refusal counter, by reason.
+pub(crate) type RefusalCounter = prometheus_client::metrics::family::Family<
+    [(&'static str, &'static str); 1],
+    prometheus_client::metrics::counter::Counter,
+>;
 
 /// The L4 proxy of one node.
 #[derive(Debug)]
@@ -234,6 +253,9 @@ fn port_label(pk: &PortKey, snap: &Snapshot) -> String {
 #[derive(Debug)]
 struct PortEntry {
     target: Arc<ArcSwap<PortTarget>>,
+    /// The port's session-affinity table, kept across rebuilds while the
+    /// service keeps the same affinity settings.
+    affinity: Option<Arc<Affinity>>,
     m: SvcMetrics,
     service: Arc<str>,
     port_name: String,
@@ -264,9 +286,9 @@ struct State {
     metrics: Metrics,
     iface: Option<Iface>,
     ports: HashMap<PortKey, PortEntry>,
-    listeners: HashMap<SocketAddr, ListenerEntry>,
+    listeners: HashMap<ListenKey, ListenerEntry>,
     /// Binds that failed: the service and the message shown for it.
-    failed: HashMap<SocketAddr, (ObjectKey, String)>,
+    failed: HashMap<ListenKey, (ObjectKey, String)>,
     /// Removed endpoints whose connections may live until the deadline.
     draining: Vec<(Arc<EpState>, Instant)>,
     /// VIPs this proxy keeps on the interface.
@@ -325,9 +347,9 @@ impl State {
     async fn reconcile(&mut self, snap: &Snapshot) {
         let now = Instant::now();
         let mut wanted_ports: HashSet<PortKey> = HashSet::new();
-        let mut wanted_listeners: HashMap<SocketAddr, PortKey> = HashMap::new();
+        let mut wanted_listeners: HashMap<ListenKey, PortKey> = HashMap::new();
         let mut wanted_vips: HashSet<IpAddr> = HashSet::new();
-        let mut node_ports: HashSet<SocketAddr> = HashSet::new();
+        let mut node_ports: HashSet<ListenKey> = HashSet::new();
 
         for (key, svc) in snap.services.iter() {
             // Endpoint VIPs: each forwards, on the endpoint's own ports, to
@@ -352,7 +374,7 @@ impl State {
                     self.update_port(snap, svc, &pk, now);
                     // Two service ports on one endpoint port: the first.
                     wanted_listeners
-                        .entry(SocketAddr::new(addr, port.get()))
+                        .entry((sp.protocol, SocketAddr::new(addr, port.get())))
                         .or_insert(pk);
                 }
             }
@@ -366,16 +388,22 @@ impl State {
                 let pk = (key.clone(), sp.name.clone(), None);
                 wanted_ports.insert(pk.clone());
                 self.update_port(snap, svc, &pk, now);
-                wanted_listeners.insert(SocketAddr::new(vip, sp.port.get()), pk.clone());
+                wanted_listeners.insert(
+                    (sp.protocol, SocketAddr::new(vip, sp.port.get())),
+                    pk.clone(),
+                );
                 if svc.service_type == ServiceType::NodePort
                     && let Some(np) = sp.node_port
                 {
-                    let a = SocketAddr::new(self.cfg.node_port_addr, np.get());
+                    let a = (
+                        sp.protocol,
+                        SocketAddr::new(self.cfg.node_port_addr, np.get()),
+                    );
                     node_ports.insert(a);
                     if let Some(other) = wanted_listeners.insert(a, pk.clone())
                         && other != pk
                     {
-                        tracing::warn!(addr = %a, a = %service_label(&other.0), b = %service_label(&pk.0), "two services claim one node port");
+                        tracing::warn!(addr = %a.1, a = %service_label(&other.0), b = %service_label(&pk.0), "two services claim one node port");
                     }
                 }
             }
@@ -398,7 +426,7 @@ impl State {
         }
 
         // Listeners gone or moved to another service port.
-        let stale: Vec<SocketAddr> = self
+        let stale: Vec<ListenKey> = self
             .listeners
             .iter()
             .filter(|(a, l)| wanted_listeners.get(a) != Some(&l.key))
@@ -413,12 +441,12 @@ impl State {
                     .await
                     .is_err()
                 {
-                    tracing::warn!(addr = %a, "listener task did not end within 1 s");
+                    tracing::warn!(addr = %a.1, proto = %a.0, "listener task did not end within 1 s");
                 }
                 if let Some(src) = &self.source {
-                    src.release(a);
+                    src.release(a.0, a.1);
                 }
-                tracing::info!(addr = %a, service = %service_label(&l.key.0), port = %l.key.1, "listener removed");
+                tracing::info!(addr = %a.1, proto = %a.0, service = %service_label(&l.key.0), port = %l.key.1, "listener removed");
             }
         }
         self.failed.retain(|a, _| wanted_listeners.contains_key(a));
@@ -449,40 +477,67 @@ impl State {
         }
 
         // New listeners.
-        let mut adds: Vec<(SocketAddr, PortKey)> = wanted_listeners
+        let mut adds: Vec<(ListenKey, PortKey)> = wanted_listeners
             .into_iter()
             .filter(|(a, _)| !self.listeners.contains_key(a))
             .collect();
         adds.sort_by_key(|a| a.0);
-        for (a, pk) in adds {
+        for (key, pk) in adds {
             let Some(pe) = self.ports.get(&pk) else {
                 continue;
             };
-            let bound = match &self.source {
-                Some(src) => src.listen(a, bind),
-                None => bind(a),
+            let (proto, a) = key;
+            let cancel = CancellationToken::new();
+            let limit = node_ports.contains(&key).then(|| Limit {
+                limiter: self.limiter.clone(),
+                refusals: self.metrics.node_port_refusals.clone(),
+            });
+            let started = match proto {
+                Protocol::Tcp => {
+                    let bound = match &self.source {
+                        Some(src) => src.listen(a, bind),
+                        None => bind(a),
+                    };
+                    bound.and_then(TcpListener::from_std).map(|l| {
+                        self.listen_tasks.spawn(accept_loop(
+                            l,
+                            pe.target.clone(),
+                            self.ctx.clone(),
+                            self.conns.clone(),
+                            cancel.clone(),
+                            limit,
+                        ))
+                    })
+                }
+                Protocol::Udp => {
+                    let bound = match &self.source {
+                        Some(src) => src.listen_udp(a, bind_udp),
+                        None => bind_udp(a),
+                    };
+                    bound.and_then(tokio::net::UdpSocket::from_std).map(|sock| {
+                        self.listen_tasks.spawn(crate::udp::serve(
+                            sock,
+                            crate::udp::UdpListen {
+                                target: pe.target.clone(),
+                                ctx: self.ctx.clone(),
+                                flows: self.conns.clone(),
+                                cancel: cancel.clone(),
+                                idle: Duration::from_millis(self.cfg.udp_idle_timeout_ms),
+                                max_flows: self.cfg.udp_max_flows as usize,
+                                limit: limit.map(|l| (l.limiter, l.refusals)),
+                            },
+                        ))
+                    })
+                }
             };
-            match bound.and_then(TcpListener::from_std) {
-                Ok(l) => {
-                    let cancel = CancellationToken::new();
-                    let limit = node_ports.contains(&a).then(|| Limit {
-                        limiter: self.limiter.clone(),
-                        refusals: self.metrics.node_port_refusals.clone(),
-                    });
-                    let task = self.listen_tasks.spawn(accept_loop(
-                        l,
-                        pe.target.clone(),
-                        self.ctx.clone(),
-                        self.conns.clone(),
-                        cancel.clone(),
-                        limit,
-                    ));
-                    if self.failed.remove(&a).is_some() {
-                        tracing::info!(addr = %a, service = %service_label(&pk.0), "bind succeeded after earlier failure");
+            match started {
+                Ok(task) => {
+                    if self.failed.remove(&key).is_some() {
+                        tracing::info!(addr = %a, %proto, service = %service_label(&pk.0), "bind succeeded after earlier failure");
                     }
-                    tracing::info!(addr = %a, service = %service_label(&pk.0), port = %pk.1, "listening");
+                    tracing::info!(addr = %a, %proto, service = %service_label(&pk.0), port = %pk.1, "listening");
                     self.listeners.insert(
-                        a,
+                        key,
                         ListenerEntry {
                             key: pk,
                             cancel,
@@ -494,18 +549,18 @@ impl State {
                     let is_node_port = a.ip() == self.cfg.node_port_addr;
                     let msg = match (e.kind(), is_node_port) {
                         (std::io::ErrorKind::AddrInUse, true) => format!(
-                            "node port {} on {} is in use by another process; retried when the snapshot changes and every {} s",
+                            "node port {}/{proto} on {} is in use by another process; retried when the snapshot changes and every {} s",
                             a.port(),
                             a.ip(),
                             self.cfg.bind_retry_ms / 1000
                         ),
                         (std::io::ErrorKind::AddrInUse, false) => format!(
-                            "{a} is in use by another process; retried when the snapshot changes and every {} s",
+                            "{a}/{proto} is in use by another process; retried when the snapshot changes and every {} s",
                             self.cfg.bind_retry_ms / 1000
                         ),
-                        _ => format!("cannot listen on {a}: {e}"),
+                        _ => format!("cannot listen on {a}/{proto}: {e}"),
                     };
-                    let prev = self.failed.insert(a, (pk.0.clone(), msg.clone()));
+                    let prev = self.failed.insert(key, (pk.0.clone(), msg.clone()));
                     if prev.as_ref().map(|p| &p.1) != Some(&msg) {
                         tracing::error!(service = %service_label(&pk.0), port = %pk.1, addr = %a, error = %e, "{msg}");
                     }
@@ -532,9 +587,11 @@ impl State {
                 m: m.clone(),
                 bal: Balancer::new(svc.lb, svc.prefer_local, Vec::new()),
                 proxy_protocol: svc.proxy_protocol,
+                affinity: None,
             };
             PortEntry {
                 target: Arc::new(ArcSwap::from_pointee(t)),
+                affinity: None,
                 m,
                 service,
                 port_name,
@@ -613,12 +670,20 @@ impl State {
         removed.extend(pe.eps.drain().map(|(_, v)| v));
         pe.eps = new_eps;
         pe.drain = drain;
+        // The affinity table lives as long as the settings do.
+        let timeout_ms = svc.session_affinity.map(|a| u64::from(a.timeout_s) * 1000);
+        if pe.affinity.as_ref().map(|a| a.timeout_ms()) != timeout_ms {
+            pe.affinity = svc
+                .session_affinity
+                .map(|a| Arc::new(Affinity::new(a.timeout_s)));
+        }
         // Stable order: round-robin walks endpoints in key order.
         let t = PortTarget {
             service: pe.service.clone(),
             m: pe.m.clone(),
             bal: Balancer::new(svc.lb, svc.prefer_local, ready),
             proxy_protocol: svc.proxy_protocol,
+            affinity: pe.affinity.clone(),
         };
         pe.target.store(Arc::new(t));
         for ep in removed {
@@ -716,6 +781,9 @@ impl State {
         let now = std::time::Instant::now();
         let mut out = StatsMap::new();
         for (pk, pe) in &self.ports {
+            if let Some(a) = &pe.affinity {
+                a.sweep();
+            }
             let s = out.entry(pk.0.clone()).or_default();
             let total = pe.m.total.get();
             let w = pe.m.sig.window(total, now);
@@ -765,7 +833,7 @@ impl State {
 /// Binds a listener with SO_REUSEADDR, TCP_NODELAY and keepalive (which
 /// accepted sockets inherit).
 fn bind(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
+    let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol_::TCP))?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.set_cloexec(true)?;
@@ -775,13 +843,20 @@ fn bind(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
+/// Binds a UDP service port's socket.
+fn bind_udp(a: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = Socket::new(Domain::for_address(a), Type::DGRAM, Some(Protocol_::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.set_cloexec(true)?;
+    s.bind(&a.into())?;
+    Ok(s.into())
+}
+
 /// A node port's caps and where its refusals are counted.
 struct Limit {
     limiter: ConnLimiter,
-    refusals: prometheus_client::metrics::family::Family<
-        [(&'static str, &'static str); 1],
-        prometheus_client::metrics::counter::Counter,
-    >,
+    refusals: RefusalCounter,
 }
 
 async fn accept_loop(

@@ -59,6 +59,7 @@ fn endpoint(node: &str, id: &str, addr: SocketAddr, ready: bool) -> Arc<Endpoint
         ports: vec![EndpointPort {
             name: name("http"),
             port: PortNum::new(addr.port()).unwrap(),
+            protocol: Default::default(),
         }],
         ready,
         is_static: false,

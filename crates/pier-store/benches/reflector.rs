@@ -57,6 +57,7 @@ fn dataset() -> Vec<KeyValue> {
                 ports: vec![EndpointPort {
                     name: Name::new("http").expect("name"),
                     port: PortNum::new(8080).expect("port"),
+                    protocol: Default::default(),
                 }],
                 ready: true,
                 is_static: false,

@@ -34,6 +34,7 @@ fn endpoint(ns: &Namespace, svc: &Name, s: usize, e: usize, generation: u8) -> (
         ports: vec![EndpointPort {
             name: Name::new("http").expect("name"),
             port: PortNum::new(8080).expect("port"),
+            protocol: Default::default(),
         }],
         ready: generation % 2 == 0,
         is_static: false,

@@ -178,8 +178,10 @@ pub(crate) fn alloc_value(svc: &Service) -> Vec<u8> {
 /// the node-port range (else a service could take :22 or :80 on every
 /// host), and a `vip` must lie in the service CIDR, and be neither its
 /// network, its last (broadcast) address nor the DNS VIP (else a service
-/// could take any address, or DNS's). Every service write passes here.
+/// could take any address, or DNS's). Every service write passes here, so
+/// it also checks the ports' names and numbers ([`Service::check_ports`]).
 pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError> {
+    svc.check_ports().map_err(WriteError::Invalid)?;
     for (i, p) in svc.ports.iter().enumerate() {
         if let Some(np) = p.node_port {
             let n = np.get();

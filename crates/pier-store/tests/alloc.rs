@@ -29,6 +29,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
             port: PortNum::new(80).unwrap(),
             target_port: PortNum::new(8080).unwrap(),
             node_port: node_port.map(|p| PortNum::new(p).unwrap()),
+            protocol: Default::default(),
         }],
         selector: Default::default(),
         static_endpoints: vec![],
@@ -38,6 +39,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
         drain_timeout_ms: None,
         health: None,
         sla: None,
+        session_affinity: None,
         created_at: 0,
         accept_labelled: false,
     }

@@ -35,6 +35,7 @@ fn endpoint(svc: &str, node: &str, id: &str, last: u8) -> Endpoint {
         ports: vec![EndpointPort {
             name: name("http"),
             port: PortNum::new(8080).expect("port"),
+            protocol: Default::default(),
         }],
         ready: true,
         is_static: false,

@@ -279,6 +279,7 @@ fn endpoint(a: &Args, h: usize, j: usize, ready: bool) -> (String, Vec<u8>) {
         ports: vec![EndpointPort {
             name: name("http"),
             port: PortNum::new(8080).expect("port"),
+            protocol: Default::default(),
         }],
         ready,
         is_static: false,

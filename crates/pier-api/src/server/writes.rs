@@ -12,7 +12,8 @@ use pier_model::api::{
     SetImageRequest,
 };
 use pier_model::{
-    Labels, Name, Namespace, ReplicaSet, Service, ServicePort, Snapshot, decode, keys, labels,
+    Labels, Name, Namespace, PortNum, Protocol, ReplicaSet, Service, ServicePort, Snapshot, decode,
+    keys, labels,
 };
 use pier_store::writes::{self, Scale};
 use tracing::{debug, info};
@@ -305,27 +306,50 @@ pub(super) async fn expose(
         )
     })?;
     let target = req.target_port.unwrap_or(req.port);
-    let port_name = match rs.template.ports.iter().find(|p| p.port == target) {
-        Some(p) => p.name.clone(),
-        None => Name::new(&format!("p{}", req.port)).expect("p<digits> is a valid name"),
+    // A port's name: the one given, else the template's port of that
+    // number and protocol, else `p<port>` (`p<port>-udp`).
+    let name_for = |given: Option<Name>, port: PortNum, target: PortNum, proto: Protocol| {
+        given.unwrap_or_else(|| {
+            match rs
+                .template
+                .ports
+                .iter()
+                .find(|p| p.port == target && p.protocol == proto)
+            {
+                Some(p) => p.name.clone(),
+                None => proto.default_port_name(port),
+            }
+        })
     };
+    let mut ports = vec![ServicePort {
+        name: name_for(req.port_name, req.port, target, req.protocol),
+        port: req.port,
+        target_port: target,
+        node_port: req.node_port,
+        protocol: req.protocol,
+    }];
+    for p in req.more_ports {
+        ports.push(ServicePort {
+            name: name_for(p.name, p.port, p.port, p.protocol),
+            port: p.port,
+            target_port: p.port,
+            node_port: None,
+            protocol: p.protocol,
+        });
+    }
     let mut selector = Labels::new();
     selector.insert(labels::REPLICASET.into(), rs_name.to_string());
     let mut svc = Service::new(
         ns.clone(),
         req.name.unwrap_or_else(|| rs_name.clone()),
-        vec![ServicePort {
-            name: port_name,
-            port: req.port,
-            target_port: target,
-            node_port: req.node_port,
-        }],
+        ports,
     );
     svc.service_type = req.service_type;
     svc.selector = selector;
     svc.prefer_local = req.prefer_local;
     svc.headless = req.headless;
     svc.proxy_protocol = req.proxy_protocol;
+    svc.session_affinity = req.session_affinity;
     create_service(inner, ns, svc).await
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use pier_model::{Endpoint, EndpointMap, Name, Namespace, Service, Snapshot};
+use pier_model::{Endpoint, EndpointMap, Name, Namespace, Protocol, Service, Snapshot};
 
 use crate::wire::{self, Encoder, rtype};
 
@@ -282,7 +282,7 @@ pub fn sample_zone() -> Zone {
 pub(super) type PtrList = Vec<(Vec<u8>, u32)>;
 
 /// One service's part of the zone: the names only it defines (its own name,
-/// its pods', `_tcp` and the SRV names, none of which another service can
+/// its pods', `_tcp`, `_udp` and the SRV names, none of which another service can
 /// define) and its PTR records by address, in the order they are made.
 #[derive(Default)]
 pub(super) struct Frag {
@@ -364,11 +364,18 @@ pub(super) fn service_frag(
         targets.push((pod_name, *ip, *e));
     }
     if !svc.ports.is_empty() {
+        // `_tcp.<svc>` and `_udp.<svc>` exist (empty) as the parents of
+        // their SRV names.
         let tcp = wire::prepend(&["_tcp"], &svc_name);
-        f.own.entry(tcp.clone()).or_default();
+        let udp = wire::prepend(&["_udp"], &svc_name);
         for sp in &svc.ports {
+            let parent = match sp.protocol {
+                Protocol::Tcp => &tcp,
+                Protocol::Udp => &udp,
+            };
+            f.own.entry(parent.clone()).or_default();
             let label = format!("_{}", sp.name);
-            let srv_name = wire::prepend(&[label.as_str()], &tcp);
+            let srv_name = wire::prepend(&[label.as_str()], parent);
             let p = f.own.entry(srv_name).or_default();
             p.srv_ttl = params.headless_ttl;
             for (target, ip, e) in &targets {

@@ -84,10 +84,12 @@ fn endpoint(r: &mut Rng, k: &ObjectKey, node: &Name, id: &Name) -> Endpoint {
         1 => vec![EndpointPort {
             name: name("http"),
             port: PortNum::new(8080).expect("port"),
+            protocol: Default::default(),
         }],
         _ => vec![EndpointPort {
             name: name("metrics"),
             port: PortNum::new(9090).expect("port"),
+            protocol: Default::default(),
         }],
     };
     Endpoint {
@@ -373,6 +375,7 @@ fn pod_names_and_headless_answer_endpoint_vips() {
         ports: vec![EndpointPort {
             name: name("pg"),
             port: PortNum::new(5432).expect("port"),
+            protocol: Default::default(),
         }],
         ready: true,
         is_static: false,

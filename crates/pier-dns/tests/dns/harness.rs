@@ -113,6 +113,7 @@ pub fn endpoint(
             .map(|(n, p)| EndpointPort {
                 name: name(n),
                 port: PortNum::new(*p).expect("port"),
+                protocol: Default::default(),
             })
             .collect(),
         ready,

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Result;
-use hickory_proto::op::ResponseCode;
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
 
 use crate::harness::*;
@@ -424,5 +424,79 @@ async fn incremental_update_moves_ptrs_with_the_vip_and_endpoints() -> Result<()
     assert_eq!(out.trim(), "bbbbbbbbbbb2.db.prod.svc.pier.internal.");
     let out = dig(t.addr, &["+short", "-x", "fd00::10"]).await?;
     assert_eq!(out.trim(), "v6svc.default.svc.pier.internal.");
+    Ok(())
+}
+
+/// A UDP port's SRV name is `_<port>._udp`; TCP and UDP share number 53
+/// under two names, and neither protocol's name answers for the other.
+#[tokio::test]
+async fn udp_ports_have_udp_srv_names() -> Result<()> {
+    let mut svc = service("default", "resolver", Some("10.96.0.53"), &[]);
+    svc.ports = serde_json::from_value(serde_json::json!([
+        {"name": "dns", "port": 53, "target_port": 53, "protocol": "udp"},
+        {"name": "dns-tcp", "port": 53, "target_port": 53},
+    ]))?;
+    let mut ep = endpoint(
+        &svc,
+        "cccccccccc01",
+        Some("resolver-1"),
+        "172.18.2.2",
+        &[("dns", 5353), ("dns-tcp", 5354)],
+        true,
+    );
+    ep.ports[0].protocol = pier_model::Protocol::Udp;
+    let t = TestServer::start(test_config(), snapshot(3, &[svc], &[ep])).await?;
+    let srv = |r: &Message| -> Vec<(String, u16)> {
+        r.answers
+            .iter()
+            .filter_map(|a| match &a.data {
+                RData::SRV(s) => Some((s.target.to_ascii(), s.port)),
+                _ => None,
+            })
+            .collect()
+    };
+    let q = |n: &str| query_msg(n, RecordType::SRV, None);
+    let r = udp_query(t.addr, &q("_dns._udp.resolver.default.svc.pier.internal.")).await?;
+    assert_eq!(
+        srv(&r),
+        vec![(
+            "resolver-1.resolver.default.svc.pier.internal.".to_string(),
+            5353
+        )]
+    );
+    let r = udp_query(
+        t.addr,
+        &q("_dns-tcp._tcp.resolver.default.svc.pier.internal."),
+    )
+    .await?;
+    assert_eq!(
+        srv(&r),
+        vec![(
+            "resolver-1.resolver.default.svc.pier.internal.".to_string(),
+            5354
+        )]
+    );
+    for wrong in [
+        "_dns._tcp.resolver.default.svc.pier.internal.",
+        "_dns-tcp._udp.resolver.default.svc.pier.internal.",
+    ] {
+        let r = udp_query(t.addr, &q(wrong)).await?;
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{wrong}");
+    }
+    // Through dig as well.
+    let out = dig(
+        t.addr,
+        &[
+            "+short",
+            "_dns._udp.resolver.default.svc.pier.internal",
+            "SRV",
+        ],
+    )
+    .await?;
+    assert_eq!(
+        out.trim(),
+        "0 10 5353 resolver-1.resolver.default.svc.pier.internal.",
+        "{out}"
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use pier_model::Name;
+use pier_model::{Name, Protocol};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
@@ -24,7 +24,7 @@ use tracing::debug;
 use super::stream::Setup;
 use super::{
     DEFAULT_POOL_SIZE, HANDSHAKE_TIMEOUT, MAX_IDLE_TUNNELS, MeshError, MeshStream, POOL_IDLE_MAX,
-    RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header, read_exact,
+    RELOAD_POLL, REPLY_OK, REPLY_TIMEOUT, RefusalCode, encode_header_proto, read_exact,
 };
 use crate::tls::{self, CertReloader, MeshConfig, Revoked};
 
@@ -230,9 +230,22 @@ impl MeshConnector {
         peer_node: &Name,
         target: SocketAddr,
     ) -> Result<MeshStream, MeshError> {
+        self.connect_proto(peer, peer_node, target, Protocol::Tcp)
+            .await
+    }
+
+    /// [`connect`](Self::connect) to a target of `proto`: for UDP the
+    /// stream carries length-prefixed datagrams (see the module doc).
+    pub async fn connect_proto(
+        &self,
+        peer: SocketAddr,
+        peer_node: &Name,
+        target: SocketAddr,
+        proto: Protocol,
+    ) -> Result<MeshStream, MeshError> {
         self.inner.maybe_reload();
         let key = (peer, peer_node.clone());
-        let r = self.connect_inner(&key, target).await;
+        let r = self.connect_inner(&key, target, proto).await;
         let result = match &r {
             Ok(_) => "ok",
             Err(MeshError::Refused { .. }) => "refused",
@@ -261,10 +274,11 @@ impl MeshConnector {
         &self,
         key: &PeerKey,
         target: SocketAddr,
+        proto: Protocol,
     ) -> Result<MeshStream, MeshError> {
         while let Some(idle) = self.inner.take_pooled(key) {
             let reused = matches!(idle, Idle::Reused(_));
-            match request(idle, key, target, &self.inner.revoked).await {
+            match request(idle, key, target, proto, &self.inner.revoked).await {
                 Ok(s) => {
                     self.inner.metrics.pool_hits.inc();
                     if reused {
@@ -279,7 +293,7 @@ impl MeshConnector {
             }
         }
         let stream = self.inner.handshake(key).await?;
-        request(Idle::Fresh(stream), key, target, &self.inner.revoked).await
+        request(Idle::Fresh(stream), key, target, proto, &self.inner.revoked).await
     }
 
     /// Returns a tunnel after its stream: if the stream ended cleanly both
@@ -494,6 +508,7 @@ async fn request(
     idle: Idle,
     (peer, node): &PeerKey,
     target: SocketAddr,
+    proto: Protocol,
     revoked: &watch::Receiver<Arc<Revoked>>,
 ) -> Result<MeshStream, MeshError> {
     let io = |source| MeshError::Io {
@@ -502,7 +517,7 @@ async fn request(
         target,
         source,
     };
-    let header = encode_header(target);
+    let header = encode_header_proto(target, proto);
     // Ok(tunnel) when accepted, Err(code) when refused.
     let fut = async {
         let mut code = [0u8; 1];

@@ -18,11 +18,13 @@
 //! Wire format after the handshake (ALPN `pier-mesh/1`):
 //!
 //! ```text
-//! client → server: version(1)=2 | family(1)=4|6 | ip(4|16) | port(2, BE)
+//! client → server: version(1)=2 | family(1)=4|6 (+16: UDP) | ip(4|16) | port(2, BE)
 //! server → client: code(1): 0 accepted, then the stream both ways;
 //!                  non-zero: refused (see RefusalCode), then close.
 //! each direction of a stream ends with an empty application_data record;
 //! once both have, the client may send the next header on the same tunnel.
+//! A UDP target's stream is datagrams, each len(2, BE) | payload, both
+//! ways, until either side closes; such a tunnel is not reused.
 //! ```
 //!
 //! The client sends nothing after the header until the reply, and the
@@ -58,6 +60,8 @@ pub use client::MeshConnector;
 pub use server::MeshServer;
 pub use stream::MeshStream;
 pub(crate) use stream::reset_on_close;
+
+use pier_model::Protocol;
 
 use crate::tls::TlsError;
 
@@ -213,17 +217,31 @@ impl MeshError {
     }
 }
 
-/// The header naming `target`: at most 20 bytes.
+/// Added to the family byte for a UDP target. A peer of an earlier
+/// version refuses it as a bad header (unknown family).
+pub const FAMILY_UDP: u8 = 16;
+
+/// The header naming a TCP `target`: at most 20 bytes.
 pub fn encode_header(target: SocketAddr) -> Vec<u8> {
+    encode_header_proto(target, Protocol::Tcp)
+}
+
+/// The header naming `target` over `proto`.
+pub fn encode_header_proto(target: SocketAddr, proto: Protocol) -> Vec<u8> {
     let mut h = Vec::with_capacity(20);
     h.push(HEADER_VERSION);
+    let udp = if proto == Protocol::Udp {
+        FAMILY_UDP
+    } else {
+        0
+    };
     match target.ip() {
         IpAddr::V4(ip) => {
-            h.push(4);
+            h.push(4 + udp);
             h.extend_from_slice(&ip.octets());
         }
         IpAddr::V6(ip) => {
-            h.push(6);
+            h.push(6 + udp);
             h.extend_from_slice(&ip.octets());
         }
     }
@@ -264,7 +282,51 @@ pub(crate) async fn read_exact<R: ReadPlain>(r: &mut R, mut out: &mut [u8]) -> i
     Ok(())
 }
 
+/// A TCP target's header (the fuzz target's view).
 pub(crate) async fn read_header<R: ReadPlain>(r: &mut R) -> Result<SocketAddr, HeaderError> {
+    match read_header_proto(r).await? {
+        (a, Protocol::Tcp) => Ok(a),
+        (_, Protocol::Udp) => Err(HeaderError::Bad("unknown address family")),
+    }
+}
+
+/// One datagram of a UDP stream: its length, then it.
+pub(crate) async fn write_datagram<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    d: &[u8],
+) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let len = u16::try_from(d.len()).map_err(|_| io::Error::other("datagram over 65535 bytes"))?;
+    let mut head = [0u8; 2];
+    head.copy_from_slice(&len.to_be_bytes());
+    // One write of both, so one record carries the datagram.
+    let mut frame = Vec::with_capacity(2 + d.len());
+    frame.extend_from_slice(&head);
+    frame.extend_from_slice(d);
+    w.write_all(&frame).await?;
+    w.flush().await
+}
+
+/// The next datagram of a UDP stream into `buf`; its length.
+pub(crate) async fn read_datagram<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let n = usize::from(r.read_u16().await?);
+    if n > buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "datagram longer than the buffer",
+        ));
+    }
+    r.read_exact(&mut buf[..n]).await?;
+    Ok(n)
+}
+
+pub(crate) async fn read_header_proto<R: ReadPlain>(
+    r: &mut R,
+) -> Result<(SocketAddr, Protocol), HeaderError> {
     let mut head = [0u8; 2];
     let n = r.read_some(&mut head[..1]).await.map_err(HeaderError::Io)?;
     if n == 0 {
@@ -274,7 +336,12 @@ pub(crate) async fn read_header<R: ReadPlain>(r: &mut R) -> Result<SocketAddr, H
     if head[0] != HEADER_VERSION {
         return Err(HeaderError::Bad("unknown header version"));
     }
-    let ip = match head[1] {
+    let (family, proto) = if head[1] >= FAMILY_UDP {
+        (head[1] - FAMILY_UDP, Protocol::Udp)
+    } else {
+        (head[1], Protocol::Tcp)
+    };
+    let ip = match family {
         4 => {
             let mut b = [0u8; 4];
             read_exact(r, &mut b).await.map_err(short)?;
@@ -289,7 +356,7 @@ pub(crate) async fn read_header<R: ReadPlain>(r: &mut R) -> Result<SocketAddr, H
     };
     let mut p = [0u8; 2];
     read_exact(r, &mut p).await.map_err(short)?;
-    Ok(SocketAddr::new(ip, u16::from_be_bytes(p)))
+    Ok((SocketAddr::new(ip, u16::from_be_bytes(p)), proto))
 }
 
 fn short(e: io::Error) -> HeaderError {
@@ -311,7 +378,25 @@ mod tests {
             let h = encode_header(t);
             let got = read_header(&mut &h[..]).await.unwrap();
             assert_eq!(got, t);
+            let h = encode_header_proto(t, Protocol::Udp);
+            let got = read_header_proto(&mut &h[..]).await.unwrap();
+            assert_eq!(got, (t, Protocol::Udp));
         }
+    }
+
+    #[tokio::test]
+    async fn datagrams_keep_their_bounds() {
+        let mut wire = Vec::new();
+        for d in [&b"one"[..], b"", &[7u8; 1500][..]] {
+            write_datagram(&mut wire, d).await.unwrap();
+        }
+        let mut r = &wire[..];
+        let mut buf = vec![0u8; 2000];
+        assert_eq!(read_datagram(&mut r, &mut buf).await.unwrap(), 3);
+        assert_eq!(&buf[..3], b"one");
+        assert_eq!(read_datagram(&mut r, &mut buf).await.unwrap(), 0);
+        assert_eq!(read_datagram(&mut r, &mut buf).await.unwrap(), 1500);
+        assert!(read_datagram(&mut r, &mut buf).await.is_err());
     }
 
     #[tokio::test]

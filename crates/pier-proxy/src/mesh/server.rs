@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pier_model::{Name, Snapshot};
+use pier_model::{Name, Protocol, Snapshot};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -23,7 +23,8 @@ use tracing::{debug, info, warn};
 use super::stream::{MeshStream, Setup, peer_cut, reset_on_close};
 use super::{
     DRAIN_TIMEOUT, HANDSHAKE_TIMEOUT, HEADER_TIMEOUT, HeaderError, LocalTargets, MeshError,
-    RELOAD_POLL, REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_header,
+    RELOAD_POLL, REPLY_OK, RefusalCode, TARGET_CONNECT_TIMEOUT, read_datagram, read_header_proto,
+    write_datagram,
 };
 use crate::tls::{self, CertReloader, MeshConfig, PeerCert, Revoked, ServerSessionState};
 
@@ -477,7 +478,7 @@ impl Inner {
                 }
                 _ = cancel.cancelled() => return,
             };
-            let target = match header {
+            let (target, proto) = match header {
                 Ok(Ok(t)) => t,
                 Ok(Err(HeaderError::Closed)) => {
                     debug!(peer.addr = %peer, peer.node = %peer_node, "mesh: closed before a header (unused warm connection)");
@@ -506,6 +507,11 @@ impl Inner {
                     "mesh: refused: target is not a ready endpoint of this node"
                 );
                 conn.refuse(code).await;
+                return;
+            }
+
+            if proto == Protocol::Udp {
+                self.relay_udp(conn, peer, &peer_node, target).await;
                 return;
             }
 
@@ -608,6 +614,85 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// A UDP target's stream: datagrams both ways between the tunnel and a
+    /// socket connected to the target, until either side ends (the client
+    /// closes the tunnel when its flow goes idle). Not reused.
+    async fn relay_udp(&self, conn: Conn, peer: SocketAddr, peer_node: &str, target: SocketAddr) {
+        let any: SocketAddr = if target.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match tokio::net::UdpSocket::bind(any).await {
+            Ok(s) => match s.connect(target).await {
+                Ok(()) => s,
+                Err(e) => {
+                    self.metrics.refuse("connect_failed");
+                    warn!(peer.addr = %peer, peer.node = %peer_node, target = %target, error = %e, "mesh: udp connect to target failed");
+                    conn.refuse(RefusalCode::ConnectFailed).await;
+                    return;
+                }
+            },
+            Err(e) => {
+                self.metrics.refuse("connect_failed");
+                warn!(peer.addr = %peer, error = %e, "mesh: cannot open a udp socket");
+                conn.refuse(RefusalCode::ConnectFailed).await;
+                return;
+            }
+        };
+        let mut tunnel = match conn.accept().await {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(peer.addr = %peer, peer.node = %peer_node, error = %e, "mesh: write reply");
+                return;
+            }
+        };
+        tunnel.set_guard(self.revoked.clone());
+        self.metrics.tunnels.inc();
+        self.metrics.tunnels_active.inc();
+        let to_target = self
+            .metrics
+            .bytes
+            .get_or_create_owned(&[("direction", "to_target")]);
+        let from_target = self
+            .metrics
+            .bytes
+            .get_or_create_owned(&[("direction", "from_target")]);
+        let (mut rd, mut wr) = tokio::io::split(tunnel);
+        let sock = &sock;
+        let to = async {
+            let mut buf = vec![0u8; crate::udp::MAX_DATAGRAM];
+            loop {
+                let n = read_datagram(&mut rd, &mut buf).await?;
+                to_target.inc_by(n as u64);
+                // Awaited (a new socket's writability is unknown to tokio
+                // until polled); an error (ICMP unreachable) is the
+                // target's, and ends nothing: the next datagram may pass.
+                if let Err(e) = sock.send(&buf[..n]).await {
+                    debug!(target = %target, error = %e, "mesh: udp send to target failed");
+                }
+            }
+        };
+        let from = async {
+            let mut buf = vec![0u8; crate::udp::MAX_DATAGRAM];
+            loop {
+                let n = sock.recv(&mut buf).await?;
+                from_target.inc_by(n as u64);
+                write_datagram(&mut wr, &buf[..n]).await?;
+            }
+        };
+        let r: std::io::Result<()> = tokio::select! {
+            r = to => r,
+            r = from => r,
+        };
+        self.metrics.tunnels_active.dec();
+        if let Err(e) = r {
+            debug!(peer.addr = %peer, target = %target, error = %e, "mesh: udp stream ended");
+        }
+    }
+}
+
 /// A connection between streams: before the first (rustls still has it),
 /// or an established tunnel whose last stream ended cleanly.
 enum Conn {
@@ -623,10 +708,10 @@ impl Conn {
         }
     }
 
-    async fn read_header(&mut self) -> Result<SocketAddr, HeaderError> {
+    async fn read_header(&mut self) -> Result<(SocketAddr, Protocol), HeaderError> {
         match self {
-            Conn::Setup(s) => read_header(s).await,
-            Conn::Tunnel(t) => read_header(t).await,
+            Conn::Setup(s) => read_header_proto(s).await,
+            Conn::Tunnel(t) => read_header_proto(t).await,
         }
     }
 

@@ -63,6 +63,7 @@ pub fn endpoint(svc: &Service, id: &str, addr: SocketAddr, ready: bool) -> Endpo
         ports: vec![EndpointPort {
             name: Name::new("p").unwrap(),
             port: PortNum::new(addr.port()).unwrap(),
+            protocol: Default::default(),
         }],
         ready,
         is_static: true,

@@ -9,3 +9,4 @@ mod forwarding;
 mod iface;
 mod listeners;
 mod signals;
+mod udp;

@@ -80,6 +80,12 @@ pub(super) fn port_arg(flag: &str, s: &str) -> Result<PortNum> {
         .or_else(|e| usage(format!("{flag}: {e}")))
 }
 
+/// `[NAME:]P[/udp|/tcp]`.
+pub(super) fn port_spec_arg(flag: &str, s: &str) -> Result<pier_model::PortSpec> {
+    s.parse::<pier_model::PortSpec>()
+        .or_else(|e| usage(format!("{flag} {s}: {e}; write [NAME:]PORT[/udp]")))
+}
+
 pub(super) fn replicas_arg(s: &str) -> Result<Replicas> {
     s.parse::<Replicas>()
         .or_else(|e| usage(format!("--replicas: {e}")))

@@ -90,7 +90,14 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     .template
                     .ports
                     .iter()
-                    .map(|p| format!("{}:{}", p.name, p.port))
+                    .map(|p| {
+                        pier_model::PortSpec {
+                            name: Some(p.name.clone()),
+                            port: p.port,
+                            protocol: p.protocol,
+                        }
+                        .to_string()
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             );
@@ -208,9 +215,10 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                 line(
                     "Port",
                     format!(
-                        "{} {}/TCP -> {}{}",
+                        "{} {}/{} -> {}{}",
                         p.name,
                         p.port,
+                        super::output::upper(p.protocol),
                         p.target_port,
                         p.node_port
                             .map(|n| format!(", node port {n}"))
@@ -219,6 +227,12 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                 );
             }
             line("Selector", labels_str(&s.selector));
+            if let Some(a) = &s.session_affinity {
+                line(
+                    "Affinity",
+                    format!("ClientIP, {} s idle timeout", a.timeout_s),
+                );
+            }
             if !s.static_endpoints.is_empty() {
                 line(
                     "Static",

@@ -1,10 +1,14 @@
 //! `pier expose rs` and `pier expose external`: make a service.
 
 use anyhow::Result;
-use pier_model::api::ExposeRequest;
-use pier_model::{Name, Service, ServicePort, ServiceType, StaticEndpoint};
+use pier_model::api::{ExposePort, ExposeRequest};
+use pier_model::{
+    AffinityKind, Name, Service, ServicePort, ServiceType, SessionAffinity, StaticEndpoint,
+};
 
-use super::args::{NamespaceArg, Usage, client, name_arg, port_arg, usage};
+use super::args::{
+    NamespaceArg, Usage, client, name_arg, parse_duration, port_arg, port_spec_arg, usage,
+};
 use super::output::describe_vip_and_ports;
 
 #[derive(Debug, clap::Subcommand)]
@@ -20,18 +24,27 @@ pub enum ExposeCmd {
 pub struct ExposeRsArgs {
     /// The replica set.
     pub(super) name: String,
-    /// The service port (on the VIP).
-    #[arg(long, value_name = "P")]
-    pub(super) port: String,
-    /// The container port; the service port by default.
+    /// A service port (on the VIP): `P`, `NAME:P`, `P/udp` or `NAME:P/udp`;
+    /// repeat for more (TCP and UDP may share a number).
+    #[arg(long = "port", value_name = "P", required = true)]
+    pub(super) ports: Vec<String>,
+    /// The container port (of a single --port); the service port by default.
     #[arg(long, value_name = "P")]
     pub(super) target_port: Option<String>,
     /// ClusterIP (a VIP) or NodePort (a VIP and a port on every node).
     #[arg(long = "type", default_value = "ClusterIP", value_name = "TYPE")]
     pub(super) service_type: String,
-    /// The node port for a NodePort service; one is allocated by default.
+    /// The node port for a NodePort service (of a single --port); one is
+    /// allocated by default.
     #[arg(long, value_name = "N")]
     pub(super) node_port: Option<String>,
+    /// `ClientIP`: each client (by address) stays on one pod while that pod
+    /// is ready, on every host.
+    #[arg(long, value_name = "KIND")]
+    pub(super) session_affinity: Option<String>,
+    /// How long an idle client keeps its pod with --session-affinity (3h).
+    #[arg(long, value_name = "DURATION", requires = "session_affinity")]
+    pub(super) affinity_timeout: Option<String>,
     /// The service's name; the replica set's by default.
     #[arg(long = "name", value_name = "SVC")]
     pub(super) service_name: Option<String>,
@@ -83,7 +96,17 @@ pub(super) async fn run(server: &str, what: ExposeCmd) -> Result<()> {
 async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
     let rs = name_arg("replica set name", &a.name)?;
     let namespace = a.namespace.get()?;
-    let port = port_arg("--port", &a.port)?;
+    let mut specs = Vec::new();
+    for p in &a.ports {
+        specs.push(port_spec_arg("--port", p)?);
+    }
+    if specs.len() > 1 && (a.target_port.is_some() || a.node_port.is_some()) {
+        return usage(
+            "--target-port and --node-port need a single --port; with several, each targets its own number and gets its own node port",
+        );
+    }
+    let first = specs.remove(0);
+    let port = first.port;
     let target_port = a
         .target_port
         .as_deref()
@@ -94,6 +117,29 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
         .as_deref()
         .map(|p| port_arg("--node-port", p))
         .transpose()?;
+    let session_affinity = match a.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some(k) => {
+            let kind: AffinityKind = k
+                .parse()
+                .or_else(|e| usage(format!("--session-affinity: {e}")))?;
+            let timeout_s = match a.affinity_timeout.as_deref() {
+                None => SessionAffinity::default_timeout_s(),
+                Some(t) => {
+                    let d =
+                        parse_duration(t).or_else(|e| usage(format!("--affinity-timeout: {e}")))?;
+                    let s = d.as_secs();
+                    if s == 0 || s > u64::from(SessionAffinity::MAX_TIMEOUT_S) {
+                        return usage(format!(
+                            "--affinity-timeout: {t} is out of range; give 1s to 24h"
+                        ));
+                    }
+                    s as u32
+                }
+            };
+            Some(SessionAffinity { kind, timeout_s })
+        }
+    };
     let service_type: ServiceType = a
         .service_type
         .parse()
@@ -125,6 +171,17 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
                 prefer_local: a.prefer_local,
                 headless: a.headless,
                 proxy_protocol: a.proxy_protocol,
+                protocol: first.protocol,
+                port_name: first.name,
+                more_ports: specs
+                    .into_iter()
+                    .map(|p| ExposePort {
+                        name: p.name,
+                        port: p.port,
+                        protocol: p.protocol,
+                    })
+                    .collect(),
+                session_affinity,
             },
         )
         .await?;
@@ -186,6 +243,7 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
             port,
             target_port,
             node_port: None,
+            protocol: Default::default(),
         }],
     );
     svc.static_endpoints = eps;

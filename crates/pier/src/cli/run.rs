@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use pier_model::{
-    Constraint, ContainerPort, FailureAction, Labels, Name, Placement, PodTemplate, ReplicaSet,
+    Constraint, ContainerPort, FailureAction, Labels, Placement, PodTemplate, ReplicaSet,
     UpdateConfig, UpdateOrder,
 };
 
 use super::args::{
-    NamespaceArg, WaitArgs, client, kv_arg, name_arg, parse_duration, port_arg, replicas_arg, usage,
+    NamespaceArg, WaitArgs, client, kv_arg, name_arg, parse_duration, port_spec_arg, replicas_arg,
+    usage,
 };
 use super::wait;
 
@@ -20,7 +21,8 @@ pub struct RunArgs {
     /// The image to run (it must exist on the hosts: pier never pulls).
     #[arg(long, value_name = "IMG")]
     pub(super) image: String,
-    /// A container port, `P` or `NAME:P`; repeat for more.
+    /// A container port, `P`, `NAME:P`, `P/udp` or `NAME:P/udp`; repeat
+    /// for more (TCP and UDP may share a number).
     #[arg(long = "port", value_name = "P")]
     pub(super) ports: Vec<String>,
     /// How many pods, 0 to 1000.
@@ -79,16 +81,21 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
     }
     let mut ports = Vec::new();
     for p in &a.ports {
-        let (pname, num) = match p.split_once(':') {
-            Some((n, num)) => (Some(n), num),
-            None => (None, p.as_str()),
-        };
-        let port = port_arg("--port", num)?;
-        let pname = match pname {
-            Some(n) => name_arg("--port name", n)?,
-            None => Name::new(&format!("p{port}")).expect("p<digits> is a valid name"),
-        };
-        ports.push(ContainerPort { name: pname, port });
+        let spec = port_spec_arg("--port", p)?;
+        let name = spec.name_or_default();
+        if let Some(q) = ports.iter().find(|q: &&ContainerPort| {
+            q.name == name || (q.port == spec.port && q.protocol == spec.protocol)
+        }) {
+            return usage(format!(
+                "--port {p}: clashes with --port {}:{}/{}; each port needs its own name, and its own number per protocol",
+                q.name, q.port, q.protocol
+            ));
+        }
+        ports.push(ContainerPort {
+            name,
+            port: spec.port,
+            protocol: spec.protocol,
+        });
     }
     let mut env = BTreeMap::new();
     for e in &a.env {

@@ -144,8 +144,20 @@ impl pier_proxy::ListenerSource for Sockets {
         self.tcp(a, || bind(a))
     }
 
-    fn release(&self, a: SocketAddr) {
-        self.notify(Request::Release((Proto::Tcp, a)));
+    fn listen_udp(
+        &self,
+        a: SocketAddr,
+        bind: fn(SocketAddr) -> std::io::Result<std::net::UdpSocket>,
+    ) -> std::io::Result<std::net::UdpSocket> {
+        self.udp(a, || bind(a))
+    }
+
+    fn release(&self, proto: pier_model::Protocol, a: SocketAddr) {
+        let p = match proto {
+            pier_model::Protocol::Tcp => Proto::Tcp,
+            pier_model::Protocol::Udp => Proto::Udp,
+        };
+        self.notify(Request::Release((p, a)));
     }
 }
 
@@ -192,7 +204,7 @@ mod tests {
         let (_conn, peer) = l.accept().unwrap();
         assert_eq!(peer, c.local_addr().unwrap());
         // Released: with the worker's copy gone too, the port is free.
-        pier_proxy::ListenerSource::release(&s, a);
+        pier_proxy::ListenerSource::release(&s, pier_model::Protocol::Tcp, a);
         drop(l);
         std::net::TcpListener::bind(a).expect("the port is free after the release");
         // Ready reaches the keeper's loop as an event.

@@ -72,11 +72,24 @@ pub(super) fn svc_ports(svc: &Service) -> String {
     svc.ports
         .iter()
         .map(|p| match p.node_port {
-            Some(np) => format!("{}:{np}/TCP", p.port),
-            None => format!("{}/TCP", p.port),
+            Some(np) => format!("{}:{np}/{}", p.port, upper(p.protocol)),
+            None => format!("{}/{}", p.port, upper(p.protocol)),
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `TCP` or `UDP`, as kubectl prints them.
+pub(in crate::cli) fn upper(p: pier_model::Protocol) -> &'static str {
+    match p {
+        pier_model::Protocol::Tcp => "TCP",
+        pier_model::Protocol::Udp => "UDP",
+    }
+}
+
+/// `/udp` after a UDP port number; nothing after a TCP one.
+fn udp_suffix(p: pier_model::Protocol) -> &'static str {
+    if p.is_tcp() { "" } else { "/udp" }
 }
 
 pub(super) fn labels_str(l: &pier_model::Labels) -> String {
@@ -138,8 +151,18 @@ pub(super) fn describe_service_ports(svc: &Service) -> String {
     svc.ports
         .iter()
         .map(|p| match p.node_port {
-            Some(np) => format!("port {} -> {} (node port {np})", p.port, p.target_port),
-            None => format!("port {} -> {}", p.port, p.target_port),
+            Some(np) => format!(
+                "port {}{} -> {} (node port {np})",
+                p.port,
+                udp_suffix(p.protocol),
+                p.target_port
+            ),
+            None => format!(
+                "port {}{} -> {}",
+                p.port,
+                udp_suffix(p.protocol),
+                p.target_port
+            ),
         })
         .collect::<Vec<_>>()
         .join(", ")
