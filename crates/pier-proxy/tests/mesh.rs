@@ -1721,3 +1721,62 @@ async fn a_tunnel_is_cut_when_its_peer_certificate_expires() {
     );
     srv.stop().await;
 }
+
+/// A UDP target through the mesh: datagrams framed `len(2) | payload`
+/// both ways keep their bounds (an empty one, a 1,500-byte one), and a
+/// UDP target that is not a ready local endpoint is refused as for TCP.
+#[tokio::test]
+async fn udp_datagrams_cross_the_tunnel_framed() {
+    let pki = Pki::new();
+    pki.issue("n1");
+    pki.issue("n2");
+    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let t_addr = target.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = target.recv_from(&mut buf).await else {
+                return;
+            };
+            let mut out = b"re:".to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = target.send_to(&out, from).await;
+        }
+    });
+    let srv = Running::start(
+        &pki.cfg("n1"),
+        snapshot(&[endpoint("n1", "u", t_addr, true)]),
+    )
+    .await;
+    let mut creg = Registry::default();
+    let conn = MeshConnector::with_pool_size(&pki.cfg("n2"), name("n2"), &mut creg, 0).unwrap();
+    let mut s = conn
+        .connect_proto(srv.addr, &name("n1"), t_addr, pier_model::Protocol::Udp)
+        .await
+        .unwrap();
+    for d in [b"one".to_vec(), Vec::new(), vec![7u8; 1500]] {
+        let mut frame = (d.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&d);
+        s.write_all(&frame).await.unwrap();
+        s.flush().await.unwrap();
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let mut got = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut got).await.unwrap();
+        let mut want = b"re:".to_vec();
+        want.extend_from_slice(&d);
+        assert_eq!(got, want);
+    }
+    drop(s);
+    // Not an endpoint of n1: refused, whatever the protocol.
+    let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let e = conn
+        .connect_proto(srv.addr, &name("n1"), other, pier_model::Protocol::Udp)
+        .await
+        .unwrap_err();
+    assert_eq!(e.refusal(), Some(RefusalCode::NotLocalEndpoint), "{e}");
+    echo.abort();
+}
