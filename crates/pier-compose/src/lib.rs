@@ -22,9 +22,9 @@ use std::fmt;
 use pier_model::app::{AppSpec, ComponentSpec};
 use pier_model::{
     AffinityKind, Constraint, ContainerHealth, ContainerPort, FailureAction, HealthCheck,
-    HealthKind, Labels, LbPolicy, Name, Namespace, Placement, PodTemplate, PortNum, Ratio,
-    ReplicaSet, Replicas, Resources, Service, ServicePort, ServiceType, SessionAffinity, Sla,
-    UpdateConfig, UpdateOrder, labels,
+    HealthKind, Labels, LbPolicy, Name, Namespace, Placement, PodTemplate, PortNum, Protocol,
+    Ratio, ReplicaSet, Replicas, Resources, Service, ServicePort, ServiceType, SessionAffinity,
+    Sla, UpdateConfig, UpdateOrder, labels,
 };
 use serde_yaml_ng::{Mapping, Value};
 
@@ -670,7 +670,7 @@ fn service(
             .map(|p| ContainerPort {
                 name: p.name.clone(),
                 port: p.target_port,
-                protocol: Default::default(),
+                protocol: p.protocol,
             })
             .collect(),
         labels: tlabels,
@@ -895,6 +895,22 @@ fn port_range(s: &str, path: &str, cx: &mut Ctx) -> Option<Vec<u16>> {
 struct PortSpec {
     target: u16,
     published: Option<u16>,
+    protocol: Protocol,
+}
+
+/// A port's protocol as Compose spells it: `tcp` (the default) or `udp`.
+fn protocol(proto: &str, path: &str, cx: &mut Ctx) -> Option<Protocol> {
+    match proto {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        _ => {
+            cx.err(
+                path,
+                format!("protocol {proto}: pier proxies tcp and udp only"),
+            );
+            None
+        }
+    }
 }
 
 fn ports(
@@ -928,13 +944,12 @@ fn ports(
                         cx.err(ip, "must be a port");
                         continue;
                     };
-                    let s = match s.split_once('/') {
-                        Some((n, "tcp")) => n.to_owned(),
-                        Some((_, proto)) => {
-                            cx.err(ip, format!("protocol {proto}: pier proxies TCP only"));
-                            continue;
-                        }
-                        None => s,
+                    let (s, proto) = match s.split_once('/') {
+                        Some((n, proto)) => match protocol(proto, &ip, cx) {
+                            Some(proto) => (n.to_owned(), proto),
+                            None => continue,
+                        },
+                        None => (s, Protocol::Tcp),
                     };
                     for target in port_range(&s, &ip, cx).unwrap_or_default() {
                         specs.push((
@@ -942,6 +957,7 @@ fn ports(
                             PortSpec {
                                 target,
                                 published: None,
+                                protocol: proto,
                             },
                         ));
                     }
@@ -950,14 +966,15 @@ fn ports(
             _ => cx.err(p, "must be a list"),
         }
     }
-    // One service port per container port; a published one wins.
-    let mut by_target: BTreeMap<u16, (String, Option<u16>)> = BTreeMap::new();
+    // One service port per container port and protocol; a published one
+    // wins. TCP and UDP may share a number.
+    let mut by_target: BTreeMap<(u16, Protocol), (String, Option<u16>)> = BTreeMap::new();
     let mut order = Vec::new();
     for (p, s) in specs {
-        match by_target.get_mut(&s.target) {
+        match by_target.get_mut(&(s.target, s.protocol)) {
             None => {
-                order.push(s.target);
-                by_target.insert(s.target, (p, s.published));
+                order.push((s.target, s.protocol));
+                by_target.insert((s.target, s.protocol), (p, s.published));
             }
             Some((_, pub_)) => match (*pub_, s.published) {
                 (Some(a), Some(b)) if a != b => cx.err(
@@ -974,22 +991,25 @@ fn ports(
     }
     let mut seen_published = BTreeSet::new();
     let mut out = Vec::new();
-    for t in order {
-        let (p, published) = &by_target[&t];
+    for (t, proto) in order {
+        let (p, published) = &by_target[&(t, proto)];
         if let Some(n) = published
-            && !seen_published.insert(*n)
+            && !seen_published.insert((*n, proto))
         {
-            cx.err(p.clone(), format!("host port {n} is published twice"));
+            cx.err(
+                p.clone(),
+                format!("host port {n}/{} is published twice", proto.as_str()),
+            );
         }
-        let (Ok(port), Ok(name)) = (PortNum::new(t), Name::new(&format!("p{t}"))) else {
+        let Ok(port) = PortNum::new(t) else {
             continue;
         };
         out.push(ServicePort {
-            name,
+            name: proto.default_port_name(port),
             port,
             target_port: port,
             node_port: published.and_then(|n| PortNum::new(n).ok()),
-            protocol: Default::default(),
+            protocol: proto,
         });
     }
     out
@@ -1007,15 +1027,13 @@ fn port_entry(v: &Value, path: &str, cx: &mut Ctx) -> Vec<PortSpec> {
                 cx.err(format!("{path}.{k}"), "not a key of a port");
             }
         }
-        if let Some(proto) = m.get("protocol").and_then(scalar)
-            && proto != "tcp"
-        {
-            cx.err(
-                format!("{path}.protocol"),
-                format!("{proto}: pier proxies TCP only"),
-            );
-            return vec![];
-        }
+        let proto = match m.get("protocol").and_then(scalar) {
+            None => Protocol::Tcp,
+            Some(proto) => match protocol(&proto, &format!("{path}.protocol"), cx) {
+                Some(proto) => proto,
+                None => return vec![],
+            },
+        };
         if let Some(ip) = m.get("host_ip").and_then(scalar) {
             host_ip(&ip, path, cx);
             return vec![];
@@ -1042,20 +1060,23 @@ fn port_entry(v: &Value, path: &str, cx: &mut Ctx) -> Vec<PortSpec> {
                 None => return vec![],
             },
         };
-        return vec![PortSpec { target, published }];
+        return vec![PortSpec {
+            target,
+            published,
+            protocol: proto,
+        }];
     }
     let Some(s) = scalar(v) else {
         cx.err(path, "must be \"HOST:CONTAINER\" or a mapping with target:");
         return vec![];
     };
     let (s, proto) = match s.rsplit_once('/') {
-        Some((a, p)) => (a.to_owned(), p.to_owned()),
-        None => (s.clone(), "tcp".to_owned()),
+        Some((a, p)) => match protocol(p, path, cx) {
+            Some(proto) => (a.to_owned(), proto),
+            None => return vec![],
+        },
+        None => (s.clone(), Protocol::Tcp),
     };
-    if proto != "tcp" {
-        cx.err(path, format!("protocol {proto}: pier proxies TCP only"));
-        return vec![];
-    }
     let parts: Vec<&str> = s.rsplitn(3, ':').collect();
     let (target, published) = match parts.as_slice() {
         [t] => (*t, None),
@@ -1075,6 +1096,7 @@ fn port_entry(v: &Value, path: &str, cx: &mut Ctx) -> Vec<PortSpec> {
             .map(|target| PortSpec {
                 target,
                 published: None,
+                protocol: proto,
             })
             .collect(),
         Some(p) => {
@@ -1094,6 +1116,7 @@ fn port_entry(v: &Value, path: &str, cx: &mut Ctx) -> Vec<PortSpec> {
                 .map(|(target, p)| PortSpec {
                     target,
                     published: Some(p),
+                    protocol: proto,
                 })
                 .collect()
         }

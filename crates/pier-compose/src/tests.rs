@@ -257,6 +257,79 @@ services:
 }
 
 #[test]
+fn udp_ports_share_a_number_with_tcp() {
+    let l = load_str(
+        r#"
+name: p
+services:
+  dns:
+    image: x
+    ports:
+      - "30053:53/udp"
+      - "30053:53"
+      - target: 5353
+        protocol: udp
+    expose: ["9999/udp"]
+"#,
+    )
+    .unwrap();
+    let c = comp(&l, "dns");
+    let s = c.service.as_ref().unwrap();
+    let got: Vec<(&str, u16, Option<u16>, Protocol)> = s
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.port.get(),
+                p.node_port.map(|n| n.get()),
+                p.protocol,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("p53-udp", 53, Some(30053), Protocol::Udp),
+            ("p53", 53, Some(30053), Protocol::Tcp),
+            ("p5353-udp", 5353, None, Protocol::Udp),
+            ("p9999-udp", 9999, None, Protocol::Udp),
+        ]
+    );
+    // The pod template's container ports carry the protocol too.
+    let tp: Vec<(u16, Protocol)> = c
+        .replicaset
+        .template
+        .ports
+        .iter()
+        .map(|p| (p.port.get(), p.protocol))
+        .collect();
+    assert_eq!(
+        tp,
+        [
+            (53, Protocol::Udp),
+            (53, Protocol::Tcp),
+            (5353, Protocol::Udp),
+            (9999, Protocol::Udp)
+        ]
+    );
+    // The same host port twice for one protocol is still refused.
+    let e = errors(
+        r#"
+name: p
+services:
+  a:
+    image: x
+    ports: ["30053:53/udp", "30053:54/udp"]
+"#,
+    );
+    assert!(
+        e.iter().any(|m| m.contains("30053/udp is published twice")),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn bad_ports_name_their_path() {
     let e = errors(
         r#"
@@ -265,7 +338,7 @@ services:
   a:
     image: x
     ports:
-      - "53:53/udp"
+      - "53:53/sctp"
       - "127.0.0.1:30005:80"
       - "30006:99999"
       - "30007:81"
@@ -274,7 +347,7 @@ services:
     );
     assert!(
         e.iter()
-            .any(|m| m.starts_with("services.a.ports[0]") && m.contains("TCP only")),
+            .any(|m| m.starts_with("services.a.ports[0]") && m.contains("tcp and udp only")),
         "{e:?}"
     );
     assert!(
