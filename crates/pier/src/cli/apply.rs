@@ -40,13 +40,16 @@ pub(super) async fn apply(server: &str, a: ApplyArgs) -> Result<()> {
     let p = c.apply_app(&spec, true).await?;
     print_app_plan(&p, false);
     match p.to_revision {
-        Some(r) => println!(
+        Some(r) => outln!(
             "app/{} applied in namespace {} (revision {r})",
-            p.name, p.namespace
+            p.name,
+            p.namespace
         ),
-        None => println!(
+        None => outln!(
             "app/{} unchanged in namespace {} (revision {})",
-            p.name, p.namespace, p.from_revision
+            p.name,
+            p.namespace,
+            p.from_revision
         ),
     }
     if a.wait {
@@ -61,12 +64,15 @@ pub(super) async fn diff(server: &str, a: DiffArgs) -> Result<()> {
     let p = c.apply_app(&spec, false).await?;
     print_app_plan(&p, true);
     if p.changes_anything() {
-        println!(
+        outln!(
             "app/{} in namespace {} would change (at revision {}; `pier apply --revision {}` applies only if it still is)",
-            p.name, p.namespace, p.from_revision, p.from_revision
+            p.name,
+            p.namespace,
+            p.from_revision,
+            p.from_revision
         );
     } else {
-        println!("app/{} in namespace {}: no changes", p.name, p.namespace);
+        outln!("app/{} in namespace {}: no changes", p.name, p.namespace);
     }
     Ok(())
 }
@@ -86,7 +92,7 @@ async fn wait_ready(
             bail!("app/{name} is gone from namespace {ns}");
         };
         if app.ready {
-            println!(
+            outln!(
                 "app/{name}: all pods ready ({} ms)",
                 start.elapsed().as_millis()
             );

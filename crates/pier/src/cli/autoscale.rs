@@ -57,15 +57,16 @@ pub(super) async fn run(server: &str, a: AutoscaleArgs) -> Result<()> {
     let c = client(server)?;
     if a.off {
         c.autoscale_replicaset(&namespace, &name, None).await?;
-        println!("replicaset/{name} autoscaling off");
+        outln!("replicaset/{name} autoscaling off");
         return Ok(());
     }
     let req = request(&a)?;
     c.autoscale_replicaset(&namespace, &name, Some(&req))
         .await?;
-    println!(
+    outln!(
         "replicaset/{name} autoscaled between {} and {} replicas",
-        req.min, req.max
+        req.min,
+        req.max
     );
     Ok(())
 }

@@ -45,7 +45,7 @@ pub(super) fn run(cmd: CaCmd) -> Result<()> {
         CaCmd::Init { dir } => {
             pier_ca::ca_init(&dir)
                 .with_context(|| format!("creating the mesh CA in {}", dir.display()))?;
-            println!(
+            outln!(
                 "mesh CA written to {} (ca.pem, ca-key.pem); keep ca-key.pem private",
                 dir.display()
             );
@@ -66,7 +66,7 @@ pub(super) fn run(cmd: CaCmd) -> Result<()> {
                     ca.display()
                 ))
             })?;
-            println!(
+            outln!(
                 "certificate for node {node} written to {} (node.pem, node-key.pem, ca.pem), valid {days} days",
                 out.display()
             );
@@ -80,13 +80,13 @@ pub(super) fn run(cmd: CaCmd) -> Result<()> {
                 ))
             })?;
             if r.added.is_empty() {
-                println!(
+                outln!(
                     "{node}'s certificates were already revoked; {} lists {} in all",
                     r.crl.display(),
                     r.total
                 );
             } else {
-                println!(
+                outln!(
                     "revoked {} certificate(s) of node {node} (serial {}); {} lists {} in all. Copy it beside every node's ca.pem (as crl.pem); agents reload it within 2 s",
                     r.added.len(),
                     r.added.join(", "),

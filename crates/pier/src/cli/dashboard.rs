@@ -37,7 +37,7 @@ pub(super) async fn run(server: &str, a: DashboardArgs) -> Result<()> {
     let c = client(server)?;
     let login = c.dashboard_login().await?;
     let url = format!("{}{}", c.base_url().trim_end_matches('/'), login.path);
-    println!(
+    outln!(
         "Open the dashboard (the link works once, within {} s):\n  {url}",
         login.expires_in_ms / 1000
     );
@@ -48,7 +48,7 @@ pub(super) async fn run(server: &str, a: DashboardArgs) -> Result<()> {
         std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     let env_browser = std::env::var("BROWSER").ok();
     let Some(cmd) = browser(env_browser.as_deref(), graphical, on_path("xdg-open")) else {
-        println!(
+        outln!(
             "(no browser found here: open the link on this host, or through an SSH tunnel to the agent's API port)"
         );
         return Ok(());
@@ -62,9 +62,9 @@ pub(super) async fn run(server: &str, a: DashboardArgs) -> Result<()> {
         .stderr(Stdio::null())
         .status()
     {
-        Ok(st) if st.success() => println!("(opened with {cmd})"),
-        Ok(st) => println!("({cmd} exited with {st}; open the link yourself)"),
-        Err(e) => println!("(could not run {cmd}: {e}; open the link yourself)"),
+        Ok(st) if st.success() => outln!("(opened with {cmd})"),
+        Ok(st) => outln!("({cmd} exited with {st}; open the link yourself)"),
+        Err(e) => outln!("(could not run {cmd}: {e}; open the link yourself)"),
     }
     Ok(())
 }

@@ -62,7 +62,7 @@ pub(super) async fn run(server: &str, a: DeleteArgs) -> Result<()> {
             ));
         }
     }
-    println!("{}/{name} deleted", kind.singular());
+    outln!("{}/{name} deleted", kind.singular());
     Ok(())
 }
 
@@ -70,6 +70,6 @@ async fn delete_app(server: &str, ns: &Namespace, name: &Name) -> Result<()> {
     let c = client(server)?;
     let p = c.delete_app(ns, name).await?;
     print_app_plan(&p, false);
-    println!("app/{name} deleted from namespace {ns}");
+    outln!("app/{name} deleted from namespace {ns}");
     Ok(())
 }

@@ -67,7 +67,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     .into_iter()
                     .filter(|p| p.node == name),
             );
-            print!("{out}");
+            out!("{out}");
             print_section("Pods", Resource::Pods, &pods, true)?;
             print_refused(n.refused.iter().map(|r| (n.name.as_str(), r)));
         }
@@ -180,7 +180,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     .into_iter()
                     .filter(|p| p.replicaset == name),
             );
-            print!("{out}");
+            out!("{out}");
             print_section("Pods", Resource::Pods, &pods, false)?;
             print_problems(&problems);
         }
@@ -198,7 +198,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
             line("Restarts", p.restarts.to_string());
             line("Started", age(p.started_at.unwrap_or(0)));
             line("Message", or_none(p.message.clone()));
-            print!("{out}");
+            out!("{out}");
         }
         Resource::Services => {
             let s = c.get_service(&ns, &name).await?;
@@ -246,7 +246,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
             line("Age", age(s.created_at));
             let eps = to_values(c.endpoints_of(&ns, &name).await?);
             let nodes = c.list_nodes().await?;
-            print!("{out}");
+            out!("{out}");
             print_section("Endpoints", Resource::Endpoints, &eps, false)?;
             print_refused(nodes.iter().flat_map(|n| {
                 n.refused
@@ -272,7 +272,7 @@ fn print_refused<'a>(refused: impl Iterator<Item = (&'a str, &'a pier_model::Ref
         .map(|(node, r)| format!("  {node}/{} ({}): {}", r.container, r.id, r.reason))
         .collect();
     if !lines.is_empty() {
-        println!("Refused containers:\n{}", lines.join("\n"));
+        outln!("Refused containers:\n{}", lines.join("\n"));
     }
 }
 
@@ -280,9 +280,9 @@ fn print_problems(problems: &[String]) {
     if problems.is_empty() {
         return;
     }
-    println!("Problems:");
+    outln!("Problems:");
     for p in problems {
-        println!("  {p}");
+        outln!("  {p}");
     }
 }
 

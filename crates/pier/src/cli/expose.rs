@@ -185,7 +185,7 @@ async fn expose_rs(server: &str, a: ExposeRsArgs) -> Result<()> {
             },
         )
         .await?;
-    println!(
+    outln!(
         "service/{} exposed: {}",
         svc.name,
         describe_vip_and_ports(&svc)
@@ -222,7 +222,7 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         svc.external_name = Some(host.to_owned());
         let c = client(server)?;
         let svc = c.create_service(&svc).await?;
-        println!("service/{} created: a CNAME to {host} (no VIP)", svc.name);
+        outln!("service/{} created: a CNAME to {host} (no VIP)", svc.name);
         return Ok(());
     }
     let port = port_arg("--port", a.port.as_deref().unwrap_or_default())?;
@@ -249,7 +249,7 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
     svc.static_endpoints = eps;
     let c = client(server)?;
     let svc = c.create_service(&svc).await?;
-    println!(
+    outln!(
         "service/{} created: {}, endpoints {}",
         svc.name,
         describe_vip_and_ports(&svc),

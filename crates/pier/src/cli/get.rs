@@ -63,8 +63,8 @@ pub(super) async fn run(server: &str, a: GetArgs) -> Result<()> {
         },
     };
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
-        Format::Yaml => print!("{}", serde_yaml_ng::to_string(&items)?),
+        Format::Json => outln!("{}", serde_json::to_string_pretty(&items)?),
+        Format::Yaml => out!("{}", serde_yaml_ng::to_string(&items)?),
         Format::Table | Format::Wide => {
             if items.is_empty() {
                 match nsf {
@@ -75,7 +75,7 @@ pub(super) async fn run(server: &str, a: GetArgs) -> Result<()> {
             }
             let (header, rows) =
                 table_rows(kind, &items, format == Format::Wide, a.all_namespaces)?;
-            println!("{}", render_table(&header, rows));
+            outln!("{}", render_table(&header, rows));
         }
     }
     Ok(())
@@ -133,8 +133,8 @@ async fn apps(server: &str, ns: Option<&pier_model::Namespace>, format: &str) ->
     let c = client(server)?;
     let apps = c.list_apps(ns).await?;
     match format {
-        "json" => println!("{}", serde_json::to_string_pretty(&apps)?),
-        "yaml" => print!("{}", serde_yaml_ng::to_string(&apps)?),
+        "json" => outln!("{}", serde_json::to_string_pretty(&apps)?),
+        "yaml" => out!("{}", serde_yaml_ng::to_string(&apps)?),
         "table" | "wide" => {
             if apps.is_empty() {
                 match ns {
@@ -143,7 +143,7 @@ async fn apps(server: &str, ns: Option<&pier_model::Namespace>, format: &str) ->
                 }
                 return Ok(());
             }
-            print!("{}", apps_table(&apps, format == "wide"));
+            out!("{}", apps_table(&apps, format == "wide"));
         }
         other => {
             return Err(Usage(format!("-o {other:?}: use table, wide, json or yaml")).into());

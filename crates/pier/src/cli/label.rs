@@ -53,6 +53,6 @@ pub(super) async fn run(server: &str, a: LabelArgs) -> Result<()> {
         .get("labels")
         .and_then(|v| serde_json::from_value(v.clone()).ok())
         .unwrap_or_default();
-    println!("node/{node} labelled; its labels: {}", labels_str(&now));
+    outln!("node/{node} labelled; its labels: {}", labels_str(&now));
     Ok(())
 }

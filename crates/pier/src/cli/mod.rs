@@ -15,6 +15,46 @@ use std::io::Write;
 
 use anyhow::Result;
 
+/// `println!` for the CLI's output. A reader that stops early (`pier get
+/// pods | head`) ends the process quietly with status 0, as it would a Unix
+/// tool; `println!` would panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            $crate::cli::stdout_failed(&e);
+        }
+    }};
+}
+
+/// `print!` for the CLI's output; see [`outln!`].
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            $crate::cli::stdout_failed(&e);
+        }
+    }};
+}
+
+/// Standard output failed: a closed pipe ends the process quietly; any
+/// other error is reported and ends it with status 1.
+pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
+}
+
+/// Whether an error is standard output's reader having gone away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 mod apply;
 mod args;
 mod autoscale;
@@ -112,6 +152,10 @@ pub async fn run(conn: &Conn, cmd: Command) -> i32 {
     match dispatch(&conn.server, cmd).await {
         Ok(()) => 0,
         Err(e) => {
+            // `pier get pods -w | head`: the reader left; not an error.
+            if is_broken_pipe(&e) {
+                return 0;
+            }
             // One line: the chain joined with ": ".
             let mut msg = format!("{e:#}").replace('\n', " ");
             // A 401 with no token found: say why none was found.

@@ -110,7 +110,7 @@ async fn status(server: &str, a: StatusArgs) -> Result<()> {
         let line = progress(&rs);
         if line != last {
             if tty || last.is_empty() || !line.starts_with(&last) {
-                println!("{line}");
+                outln!("{line}");
             }
             last = line;
         }
@@ -121,7 +121,7 @@ async fn status(server: &str, a: StatusArgs) -> Result<()> {
         {
             match r.state {
                 RolloutState::Complete => {
-                    println!(
+                    outln!(
                         "replicaset/{name} rolled out (revision {})",
                         rs.spec.revision
                     );
@@ -194,7 +194,7 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
         rs.spec.template.image.clone(),
         state,
     ]);
-    print!("{}", render_table(&["REVISION", "IMAGE", "CHANGE"], rows));
+    out!("{}", render_table(&["REVISION", "IMAGE", "CHANGE"], rows));
     Ok(())
 }
 
@@ -202,7 +202,7 @@ async fn undo(server: &str, a: UndoArgs) -> Result<()> {
     let (ns, name) = rs_target(&a.rs)?;
     let c = client(server)?;
     let rs = c.rollback_replicaset(&ns, &name, a.to_revision).await?;
-    println!(
+    outln!(
         "replicaset/{name} rolled back to {} (now revision {}); follow it with `pier rollout status rs {name}{}`",
         rs.spec.template.image,
         rs.spec.revision,

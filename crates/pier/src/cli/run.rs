@@ -172,7 +172,7 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
     };
     let c = client(server)?;
     c.create_replicaset(&rs).await?;
-    println!("replicaset/{name} created");
+    outln!("replicaset/{name} created");
     if a.wait.wait {
         wait::until_ready(&c, &namespace, &name, a.wait.timeout).await?;
     }

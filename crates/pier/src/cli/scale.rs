@@ -41,7 +41,7 @@ pub(super) async fn run(server: &str, a: ScaleArgs) -> Result<()> {
         },
     )
     .await?;
-    println!("replicaset/{name} scaled to {replicas}");
+    outln!("replicaset/{name} scaled to {replicas}");
     if a.wait.wait {
         wait::until_ready(&c, &namespace, &name, a.wait.timeout).await?;
     }

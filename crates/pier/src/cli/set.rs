@@ -40,12 +40,13 @@ pub(super) async fn run(server: &str, cmd: SetCmd) -> Result<()> {
     let before = c.get_replicaset(&namespace, &name).await?;
     let rs = c.set_image(&namespace, &name, &a.image).await?;
     if rs.spec.revision == before.spec.revision {
-        println!(
+        outln!(
             "replicaset/{name} already runs {} (revision {}); nothing to roll out",
-            a.image, rs.spec.revision
+            a.image,
+            rs.spec.revision
         );
     } else {
-        println!(
+        outln!(
             "replicaset/{name} image set to {} (revision {}); follow it with `pier rollout status rs {name}{}`",
             a.image,
             rs.spec.revision,

@@ -5,12 +5,14 @@ use anyhow::Result;
 use super::args::client;
 
 pub(super) async fn run(server: &str) -> Result<()> {
-    println!("client: pier {}", crate::VERSION);
+    outln!("client: pier {}", crate::VERSION);
     let c = client(server)?;
     let v = c.version().await?;
-    println!(
+    outln!(
         "agent:  pier {} on node {} (store revision {})",
-        v.version, v.node, v.revision
+        v.version,
+        v.node,
+        v.revision
     );
     Ok(())
 }

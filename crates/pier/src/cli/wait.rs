@@ -37,7 +37,7 @@ pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Durat
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
-            println!("replicaset/{name}: {ready}/{want} pods ready");
+            outln!("replicaset/{name}: {ready}/{want} pods ready");
             return Ok(());
         }
         if let Some(b) = &bar {

@@ -28,9 +28,9 @@ pub(in crate::cli) fn print_app_plan(p: &AppPlan, dry: bool) {
                 ChangeAction::Delete => "-",
                 ChangeAction::Unchanged => "=",
             };
-            println!("{mark} {}/{}{fields}", c.kind, c.name);
+            outln!("{mark} {}/{}{fields}", c.kind, c.name);
         } else {
-            println!("{}/{} {}{fields}", c.kind, c.name, sign(c.action));
+            outln!("{}/{} {}{fields}", c.kind, c.name, sign(c.action));
         }
     }
 }

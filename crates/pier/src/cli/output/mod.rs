@@ -140,11 +140,15 @@ pub(super) fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
 
 /// `VIP 10.213.0.5, port 80 -> 8080`, as `expose` and `create` print it.
 pub(super) fn describe_vip_and_ports(svc: &Service) -> String {
-    let vip = svc
-        .vip
-        .map(|v| v.to_string())
-        .unwrap_or_else(|| "none".into());
-    format!("VIP {vip}, {}", describe_service_ports(svc))
+    match svc.vip {
+        Some(vip) => format!("VIP {vip}, {}", describe_service_ports(svc)),
+        // A headless service's name answers with its pods' endpoint VIPs.
+        None if svc.headless => format!(
+            "headless (no VIP; its name resolves to each ready pod), {}",
+            describe_service_ports(svc)
+        ),
+        None => format!("VIP none, {}", describe_service_ports(svc)),
+    }
 }
 
 pub(super) fn describe_service_ports(svc: &Service) -> String {

@@ -257,13 +257,13 @@ pub(in crate::cli) fn print_section(
     all_ns: bool,
 ) -> Result<()> {
     if items.is_empty() {
-        println!("{title}:\n  <none>");
+        outln!("{title}:\n  <none>");
         return Ok(());
     }
     let (header, rows) = table_rows(kind, items, false, all_ns)?;
-    println!("{title}:");
+    outln!("{title}:");
     for l in render_table(&header, rows).lines() {
-        println!("  {l}");
+        outln!("  {l}");
     }
     Ok(())
 }
