@@ -442,14 +442,7 @@ pub(crate) fn pod_labels(pod: &Pod, s: &PodSettings) -> Labels {
             .template
             .ports
             .iter()
-            .map(|p| {
-                pier_model::PortSpec {
-                    name: Some(p.name.clone()),
-                    port: p.port,
-                    protocol: p.protocol,
-                }
-                .to_string()
-            })
+            .map(|p| pier_model::PortSpec::from(p).to_string())
             .collect();
         l.insert(labels::PORTS.into(), ports.join(","));
     }

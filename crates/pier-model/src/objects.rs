@@ -237,6 +237,17 @@ impl PortSpec {
     }
 }
 
+impl From<&ContainerPort> for PortSpec {
+    /// A template's port as `run --port` spells it (`NAME:P[/udp]`).
+    fn from(p: &ContainerPort) -> Self {
+        PortSpec {
+            name: Some(p.name.clone()),
+            port: p.port,
+            protocol: p.protocol,
+        }
+    }
+}
+
 impl FromStr for PortSpec {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {

@@ -244,34 +244,24 @@ async fn open(
         ep.m.active.inc();
         let last = Arc::new(AtomicU64::new(now_ms()));
         let cancel = CancellationToken::new();
+        let f = FlowTask {
+            ep: ep.clone(),
+            t: t.clone(),
+            ctx: ctx.clone(),
+            sock: sock.clone(),
+            client,
+            last: last.clone(),
+            idle: l.idle,
+            cancel: cancel.clone(),
+        };
         let (up, fut) = match way {
             Way::Direct(s) => {
                 let s = Arc::new(s);
-                let f = FlowTask {
-                    ep: ep.clone(),
-                    t: t.clone(),
-                    ctx: ctx.clone(),
-                    sock: sock.clone(),
-                    client,
-                    last: last.clone(),
-                    idle: l.idle,
-                    cancel: cancel.clone(),
-                };
                 (Up::Direct(s.clone()), Run::Direct(f, s))
             }
             Way::Mesh(m) => {
                 // 256 datagrams queued towards the tunnel; more are dropped.
                 let (tx, rx) = mpsc::channel(256);
-                let f = FlowTask {
-                    ep: ep.clone(),
-                    t: t.clone(),
-                    ctx: ctx.clone(),
-                    sock: sock.clone(),
-                    client,
-                    last: last.clone(),
-                    idle: l.idle,
-                    cancel: cancel.clone(),
-                };
                 (Up::Mesh(tx), Run::Mesh(f, m, rx))
             }
         };

@@ -90,14 +90,7 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     .template
                     .ports
                     .iter()
-                    .map(|p| {
-                        pier_model::PortSpec {
-                            name: Some(p.name.clone()),
-                            port: p.port,
-                            protocol: p.protocol,
-                        }
-                        .to_string()
-                    })
+                    .map(|p| pier_model::PortSpec::from(p).to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
             );
