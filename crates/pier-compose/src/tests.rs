@@ -1,4 +1,13 @@
 use super::*;
+use crate::deploy::update_config;
+use std::collections::BTreeMap;
+
+use pier_model::app::ComponentSpec;
+use pier_model::{
+    FailureAction, HealthKind, LbPolicy, Protocol, Ratio, ServiceType, UpdateConfig, UpdateOrder,
+    labels,
+};
+use serde_yaml_ng::Value;
 
 fn opts() -> Options {
     let mut env = BTreeMap::new();
