@@ -12,6 +12,11 @@
 //!   `Disconnected`, reopens from the revision after the last one it
 //!   delivered (on any endpoint, backing off), then yields `Resumed`. If that
 //!   revision was compacted it ends with `Err(Compacted)`.
+//! - A lease's keepalives go over one long-lived LeaseKeepAlive stream,
+//!   opened at its first renewal and kept between renewals (a renewal is
+//!   one message each way on it); it is re-opened, on the current endpoint,
+//!   only when it breaks or does not answer in time. Opening a stream per
+//!   renewal cost 1,000 hosts their leases under load (issue 17).
 //! - Lists are paged (at one read revision) so that 100 000 keys never make
 //!   one oversized gRPC message.
 //! - Over TLS (`https://` endpoints, [`EtcdSecurity::tls`]) etcd's server
@@ -25,10 +30,11 @@
 //!   under pier's root, so a wrong password, a refused certificate or a
 //!   user without access to `/pier/` fails at start, with what to do.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -58,6 +64,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Keys per page of a list.
 const LIST_PAGE: i64 = 5_000;
+/// A lease's kept keepalive stream unused for this long is closed (when
+/// another lease's first renewal comes): its holder stopped renewing it.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(600);
 
 /// The store on etcd. Cheap to clone.
 #[derive(Clone)]
@@ -75,6 +84,40 @@ struct Inner {
     /// Per-endpoint attempt timeout of lease keepalives: a quarter of the
     /// shortest TTL granted (at least 200 ms, at most [`ATTEMPT_TIMEOUT`]).
     keepalive_attempt_ms: AtomicU64,
+    /// Each lease's keepalive stream, kept between renewals. A std Mutex:
+    /// held only to find or add a slot, never across an await.
+    keepalives: Mutex<HashMap<LeaseId, KeepAliveSlot>>,
+}
+
+/// A lease's keepalive stream, if open, and when it was last used. A tokio
+/// Mutex: one renewal of a lease at a time, held across the round trip.
+type KeepAliveSlot = Arc<tokio::sync::Mutex<KeptStream>>;
+
+struct KeptStream {
+    chan: Option<KeepAliveChan>,
+    used: Instant,
+}
+
+/// An open LeaseKeepAlive stream of one lease.
+struct KeepAliveChan {
+    /// The endpoint it was opened on.
+    idx: usize,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+}
+
+impl KeepAliveChan {
+    /// One renewal on the stream: the lease's TTL as etcd answers it (0 or
+    /// less: no such lease).
+    async fn renew(&mut self) -> Result<i64, etcd_client::Error> {
+        self.keeper.keep_alive().await?;
+        match self.stream.message().await? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keepalive stream closed without an answer".into(),
+            )),
+        }
+    }
 }
 
 impl fmt::Debug for EtcdStore {
@@ -181,6 +224,7 @@ impl EtcdStore {
             options,
             current: AtomicUsize::new(0),
             keepalive_attempt_ms: AtomicU64::new(ATTEMPT_TIMEOUT.as_millis() as u64),
+            keepalives: Mutex::new(HashMap::new()),
         };
         let user = security.user.as_ref().map(|u| u.name.as_str());
         let sent_cert = security.tls.as_ref().map(|t| t.has_client_cert());
@@ -281,10 +325,12 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        self.call_with(what, budget, ATTEMPT_TIMEOUT, f).await
+        self.call_with(what, budget, ATTEMPT_TIMEOUT, |_, c| f(c))
+            .await
     }
 
-    /// [`Inner::call`] with its own per-endpoint attempt timeout.
+    /// [`Inner::call`] with its own per-endpoint attempt timeout; `f` is
+    /// also given the index of the endpoint it runs on.
     async fn call_with<T, F, Fut>(
         &self,
         what: &str,
@@ -293,7 +339,7 @@ impl Inner {
         f: F,
     ) -> Result<T, StoreError>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(usize, Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let start = Instant::now();
@@ -305,7 +351,7 @@ impl Inner {
             let endpoint = &self.endpoints[idx];
             let attempt = async {
                 let client = self.client(idx).await?;
-                f(client).await
+                f(idx, client).await
             };
             let err = match tokio::time::timeout(attempt_timeout, attempt).await {
                 Ok(Ok(v)) => return Ok(v),
@@ -339,6 +385,33 @@ impl Inner {
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
+    }
+
+    /// `lease`'s keepalive slot, added if it has none. Adding one closes
+    /// the streams of leases nobody renewed for [`KEEPALIVE_IDLE`].
+    fn keepalive_slot(&self, lease: LeaseId) -> KeepAliveSlot {
+        let mut slots = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = slots.get(&lease) {
+            return slot.clone();
+        }
+        slots.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot
+                    .try_lock()
+                    .map_or(true, |k| k.used.elapsed() < KEEPALIVE_IDLE)
+        });
+        let slot = Arc::new(tokio::sync::Mutex::new(KeptStream {
+            chan: None,
+            used: Instant::now(),
+        }));
+        slots.insert(lease, slot.clone());
+        slot
+    }
+
+    /// Closes `lease`'s keepalive stream (revoked or gone).
+    fn forget_keepalive(&self, lease: LeaseId) {
+        let mut slots = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        slots.remove(&lease);
     }
 
     async fn list_page(
@@ -776,32 +849,70 @@ impl Store for EtcdStore {
     async fn lease_keepalive(&self, lease: LeaseId) -> Result<Ttl, StoreError> {
         let attempt =
             Duration::from_millis(self.inner.keepalive_attempt_ms.load(Ordering::Relaxed));
-        let ttl = self
-            .inner
-            .call_with(
-                &format!("lease keepalive {lease}"),
-                RETRY_BUDGET,
-                attempt,
-                |mut c| async move {
-                    let (mut keeper, mut stream) = c.lease_keep_alive(lease.0).await?;
-                    keeper.keep_alive().await?;
-                    match stream.message().await? {
-                        Some(resp) => Ok(resp.ttl()),
-                        None => Err(etcd_client::Error::LeaseKeepAliveError(
-                            "keepalive stream closed without an answer".into(),
-                        )),
-                    }
-                },
-            )
-            .await
-            .map_err(|e| {
-                if is_lease_not_found(&e) {
-                    StoreError::LeaseNotFound(lease)
-                } else {
-                    e
+        let slot = self.inner.keepalive_slot(lease);
+        let mut kept = slot.lock().await;
+        kept.used = Instant::now();
+        // The kept stream first: one message each way.
+        let mut answer = None;
+        if let Some(mut chan) = kept.chan.take() {
+            let endpoint = &self.inner.endpoints[chan.idx];
+            match tokio::time::timeout(attempt, chan.renew()).await {
+                Ok(Ok(ttl)) => {
+                    answer = Some(ttl);
+                    kept.chan = Some(chan);
                 }
-            })?;
+                Ok(Err(e)) => {
+                    tracing::debug!(
+                        "lease keepalive {lease} on {endpoint}: stream broken ({}); opening another",
+                        chain(&e)
+                    );
+                    self.inner.rotate(chan.idx);
+                }
+                Err(_) => {
+                    tracing::debug!(
+                        "lease keepalive {lease} on {endpoint}: no answer in {attempt:?}; opening another stream"
+                    );
+                    self.inner.rotate(chan.idx);
+                }
+            }
+        }
+        // None, or it broke: open one (etcd-client's open renews once and
+        // swallows the answer; the renewal after it gives the TTL).
+        let ttl = match answer {
+            Some(ttl) => ttl,
+            None => {
+                let opened = self
+                    .inner
+                    .call_with(
+                        &format!("lease keepalive {lease}"),
+                        RETRY_BUDGET,
+                        attempt,
+                        |idx, mut c| async move {
+                            let (keeper, stream) = c.lease_keep_alive(lease.0).await?;
+                            let mut chan = KeepAliveChan {
+                                idx,
+                                keeper,
+                                stream,
+                            };
+                            let ttl = chan.renew().await?;
+                            Ok((chan, ttl))
+                        },
+                    )
+                    .await;
+                match opened {
+                    Ok((chan, ttl)) => {
+                        kept.chan = Some(chan);
+                        ttl
+                    }
+                    Err(e) if is_lease_not_found(&e) => 0,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         if ttl <= 0 {
+            kept.chan = None;
+            drop(kept);
+            self.inner.forget_keepalive(lease);
             return Err(StoreError::LeaseNotFound(lease));
         }
         // etcd never reports less than the minimum TTL for a live lease,
@@ -810,6 +921,7 @@ impl Store for EtcdStore {
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.forget_keepalive(lease);
         self.inner
             .call(
                 &format!("lease revoke {lease}"),

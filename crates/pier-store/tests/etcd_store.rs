@@ -334,3 +334,70 @@ async fn lease_not_renewed_takes_its_keys() {
     let err = store.lease_keepalive(lease).await.expect_err("expired");
     assert!(matches!(err, StoreError::LeaseNotFound(_)), "{err:?}");
 }
+
+/// etcd's count of `metric` for the LeaseKeepAlive method, from its
+/// /metrics on the (plain) client port.
+fn keepalive_metric(etcd: &EtcdServer, metric: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(&etcd.endpoint).expect("connect to /metrics");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n",
+        etcd.endpoint
+    )
+    .expect("send");
+    let mut body = String::new();
+    conn.read_to_string(&mut body).expect("read /metrics");
+    let line = body
+        .lines()
+        .find(|l| l.starts_with(metric) && l.contains("grpc_method=\"LeaseKeepAlive\""))
+        .unwrap_or_else(|| panic!("{metric} for LeaseKeepAlive not in etcd's /metrics"));
+    let value = line.rsplit(' ').next().unwrap_or_default();
+    value.parse().unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalives_share_one_stream_until_it_breaks() {
+    let mut etcd = EtcdServer::start().expect("start etcd");
+    let store = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    let ttl = Ttl::from_secs(30).expect("ttl");
+    let lease = store.lease_grant(ttl).await.expect("grant");
+    for _ in 0..5 {
+        assert_eq!(store.lease_keepalive(lease).await.expect("keepalive"), ttl);
+    }
+    // One stream for the five renewals; on it, the open's own renewal, the
+    // one after it that reads the TTL, and four more.
+    assert_eq!(keepalive_metric(&etcd, "grpc_server_started_total"), 1);
+    assert_eq!(keepalive_metric(&etcd, "grpc_server_msg_received_total"), 6);
+
+    // The stream breaks with the member; the next renewal opens another
+    // (etcd keeps leases across a restart).
+    etcd.restart().expect("restart");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.lease_keepalive(lease).await {
+            Ok(t) => {
+                assert_eq!(t, ttl);
+                break;
+            }
+            Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!("keepalive after restart: {e}");
+            }
+            Err(e) => panic!("keepalive after restart: {e:?}"),
+        }
+    }
+    store.lease_keepalive(lease).await.expect("keepalive");
+    assert_eq!(keepalive_metric(&etcd, "grpc_server_started_total"), 1);
+
+    // A revoked lease is not found, on a fresh stream.
+    store.lease_revoke(lease).await.expect("revoke");
+    let err = store.lease_keepalive(lease).await.expect_err("revoked");
+    assert!(
+        matches!(err, StoreError::LeaseNotFound(l) if l == lease),
+        "{err:?}"
+    );
+}
