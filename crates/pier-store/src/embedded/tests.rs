@@ -2,6 +2,7 @@
 //! checks it against etcd.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 
