@@ -7,15 +7,15 @@
 //! namespace: an [`AppSpec`] for the API's apply. Every problem names the
 //! key's path (`services.web.ports[1]`). Keys pier cannot honour are errors
 //! where running without them would change what the application does, and
-//! warnings where it would not; the table is [`keys`] and README's
+//! warnings where it would not; the table is `keys.rs` and README's
 //! "Applications" section.
 //!
 //! It is pure: no network, no store, no files but those read through the
 //! `read_file` callback the caller hands in (for `env_file`).
 //!
-//! The steps, one module each: [`merge`] reads and merges the files,
-//! [`service`] maps each Compose service (with [`ports`], [`deploy`] and
-//! [`xpier`] for those keys), and [`keys`] says which keys pier honours.
+//! The steps, one module each: `merge` reads and merges the files,
+//! `service` maps each Compose service (with `ports`, `deploy` and
+//! `xpier` for those keys), and `keys` says which keys pier honours.
 
 mod interp;
 pub mod util;

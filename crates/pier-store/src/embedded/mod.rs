@@ -26,8 +26,8 @@
 //! It is not a cluster: one process, one host.
 //!
 //! This module holds the store, its committed state and the `Store` trait;
-//! [`changes`] applies a transaction to an overlay, [`writer`] is the
-//! writer thread, and [`disk`] the redb file.
+//! `changes` applies a transaction to an overlay, `writer` is the
+//! writer thread, and `disk` the redb file.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;

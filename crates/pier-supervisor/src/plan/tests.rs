@@ -2,7 +2,7 @@ use super::*;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use pier_model::{Namespace, Placement, PodTemplate, Replicas};
+use pier_model::{Namespace, Node, Placement, PodTemplate, Replicas, Resources};
 
 fn n(s: &str) -> Name {
     Name::new(s).unwrap()

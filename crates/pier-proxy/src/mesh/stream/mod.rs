@@ -15,8 +15,8 @@
 //!   kernel's. It also implements `AsyncRead`/`AsyncWrite` for everything
 //!   else (the PROXY header, tests).
 //!
-//! [`setup`] holds the handshake phase, [`kernel`] what the kernel
-//! connection keeps after the handover, and [`relay`] the data path; this
+//! `setup` holds the handshake phase, `kernel` what the kernel
+//! connection keeps after the handover, and `relay` the data path; this
 //! module holds the tunnel itself and its `AsyncRead`/`AsyncWrite`.
 
 use std::io;
