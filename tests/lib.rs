@@ -455,6 +455,40 @@ pub fn http_get_auth(addr: &SocketAddr, path: &str, token: Option<&str>) -> Resu
     Ok((code, body.to_owned()))
 }
 
+/// Sends `msg` on the connected UDP socket `c` up to `tries` times, waiting
+/// `wait` for an answer each time, to a test image's `udp-echo` (which
+/// answers `HOSTNAME:DATAGRAM`): the answering host's name, or `None`
+/// when nothing (or only ICMP unreachable) came back.
+pub fn udp_ask(
+    c: &std::net::UdpSocket,
+    msg: &str,
+    tries: u32,
+    wait: Duration,
+) -> Result<Option<String>> {
+    c.set_read_timeout(Some(wait))?;
+    let mut buf = [0u8; 2048];
+    for _ in 0..tries {
+        c.send(msg.as_bytes())?;
+        match c.recv(&mut buf) {
+            Ok(n) => {
+                let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (host, echoed) = s.split_once(':').context("HOST:DATAGRAM")?;
+                anyhow::ensure!(echoed == msg, "sent {msg:?}, got {s:?}");
+                return Ok(Some(host.to_owned()));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
 /// Poll `f` every 50 ms until it returns `Some`, or fail after `limit`.
 pub fn eventually<T>(
     limit: Duration,

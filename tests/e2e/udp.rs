@@ -10,34 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, Scenario, TEST_IMAGE, eventually, http_get};
-
-/// Sends `msg` on `c` (connected) up to `tries` times, `wait` each; the
-/// answering pod's hostname.
-fn ask(c: &UdpSocket, msg: &str, tries: u32, wait: Duration) -> Result<Option<String>> {
-    c.set_read_timeout(Some(wait))?;
-    let mut buf = [0u8; 2048];
-    for _ in 0..tries {
-        c.send(msg.as_bytes())?;
-        match c.recv(&mut buf) {
-            Ok(n) => {
-                let s = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let (host, echoed) = s.split_once(':').context("HOST:DATAGRAM")?;
-                ensure!(echoed == msg, "sent {msg:?}, got {s:?}");
-                return Ok(Some(host.to_owned()));
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::ConnectionRefused
-                ) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(None)
-}
+use pier_tests::{AgentOpts, Scenario, TEST_IMAGE, eventually, http_get, udp_ask as ask};
 
 fn client(to: SocketAddr) -> Result<UdpSocket> {
     let c = UdpSocket::bind("0.0.0.0:0")?;

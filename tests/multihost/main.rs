@@ -36,6 +36,11 @@
 //!   from host 2, SRV targets and pod names resolve to endpoint VIPs that a
 //!   container reaches (host 1's pod over the mesh), and a headless
 //!   service answers one such address per pod, with no VIP.
+//! - `udp_through_the_mesh_and_labelled_headless` (in `udp.rs`): a UDP
+//!   service of labelled containers on host 2, reached from host 1 (its
+//!   namespace, and a container on a network made after its agent) through
+//!   the mesh, with the flow moving off a killed pod; and a service created
+//!   headless by the label `pier.headless=true`.
 //!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
@@ -43,6 +48,7 @@
 mod cluster;
 mod netns;
 mod oauth;
+mod udp;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -62,6 +62,14 @@ pub(crate) enum Note {
         container: String,
         name: String,
     },
+    /// `pier.headless=true` on a container that joins an existing service
+    /// with a VIP: the label shapes only a service the agent creates, so
+    /// the service keeps its VIP (the container still joins it).
+    HeadlessIgnored {
+        container: String,
+        name: String,
+        service: ObjectKey,
+    },
     StaticRefused {
         key: String,
         service: ObjectKey,
@@ -233,6 +241,13 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
                 addr: None,
             };
             for s in &services {
+                if spec.headless && spec.service.as_ref() == Some(&s.name) && !s.is_headless() {
+                    notes.push(Note::HeadlessIgnored {
+                        container: c.id.clone(),
+                        name: c.name.clone(),
+                        service: (s.namespace.clone(), s.name.clone()),
+                    });
+                }
                 endpoints.push((
                     keys::endpoint(&s.namespace, &s.name, me, &id),
                     mk(&s.name, Some(s)),
@@ -380,6 +395,7 @@ fn auto_service(name: &Name, spec: &Spec, now_ms: u64) -> Service {
         .collect();
     let mut svc = Service::new(spec.namespace.clone(), name.clone(), ports);
     svc.prefer_local = spec.prefer_local;
+    svc.headless = spec.headless;
     svc.created_at = now_ms;
     svc
 }
@@ -678,6 +694,7 @@ mod tests {
             .map(|n| match n {
                 Note::BadLabel { error, .. } => format!("label {}", error.label),
                 Note::CheckNeedsPort { .. } => "port".into(),
+                Note::HeadlessIgnored { .. } => "headless".into(),
                 Note::StaticRefused { why, .. } => format!("static {}", why.kind()),
             })
             .collect();
@@ -696,6 +713,52 @@ mod tests {
                 .any(|k| k.ends_with("/1") || k.ends_with("/2"))
         );
         assert!(d.container_ready.contains_key(&labelled.id));
+    }
+
+    /// `pier.headless=true`: a service the agent creates for it is headless;
+    /// joining an existing service with a VIP leaves that service as it is,
+    /// with a note.
+    #[test]
+    fn headless_label_shapes_only_a_created_service() {
+        let db = service(serde_json::json!({
+            "name": "db", "vip": "10.213.0.21",
+            "ports": [{"name": "p5432", "port": 5432, "target_port": 5432}],
+        }));
+        let snap = snapshot(&[db], &[]);
+        let peer = |id: &str, svc: &str, ip: &str| {
+            container(
+                id,
+                &format!("{svc}-{id}"),
+                &[
+                    ("pier.service", svc),
+                    ("pier.port", "5432"),
+                    ("pier.headless", "true"),
+                ],
+                ip,
+            )
+        };
+        let d = run(
+            &snap,
+            &[
+                peer("a", "peers", "172.17.0.2"),
+                peer("b", "peers", "172.17.0.3"),
+                peer("c", "db", "172.17.0.4"),
+            ],
+            &[],
+        );
+        let peers = &d.missing_services[&(Default::default(), name("peers"))];
+        assert!(peers.headless && peers.vip.is_none(), "{peers:?}");
+        assert_eq!(d.missing_services.len(), 1);
+        assert_eq!(d.endpoints.len(), 3, "all three join");
+        let c_id = "c".repeat(64);
+        assert_eq!(
+            d.notes,
+            [Note::HeadlessIgnored {
+                container: c_id,
+                name: "db-c".into(),
+                service: (Default::default(), name("db")),
+            }]
+        );
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub(crate) struct Spec {
     /// From `pier.prefer-local` (`true`/`false`, default false): used when
     /// the agent creates the service.
     pub prefer_local: bool,
+    /// From `pier.headless` (`true`/`false`, default false): used when the
+    /// agent creates the service.
+    pub headless: bool,
 }
 
 /// A label that does not parse.
@@ -138,11 +141,13 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
                 .map_err(|e| bad(labels::HEALTH, v, e))
         })
         .transpose()?;
-    let prefer_local = match l.get(labels::PREFER_LOCAL).map(|v| v.trim()) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(v) => return Err(bad(labels::PREFER_LOCAL, v, "write true or false")),
+    let flag = |label: &str| match l.get(label).map(|v| v.trim()) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(v) => Err(bad(label, v, "write true or false")),
     };
+    let prefer_local = flag(labels::PREFER_LOCAL)?;
+    let headless = flag(labels::HEADLESS)?;
     let spec = Spec {
         service,
         namespace,
@@ -155,6 +160,7 @@ pub(crate) fn parse(l: &Labels) -> Result<Spec, LabelError> {
         pod,
         node,
         prefer_local,
+        headless,
     };
     for (label, v) in [
         (labels::HEALTH_INTERVAL, spec.interval_ms),
@@ -327,6 +333,23 @@ mod tests {
         bad_value.push(("pier.prefer-local", "yes"));
         let e = parse(&lbl(&bad_value)).unwrap_err();
         assert_eq!(e.label, "pier.prefer-local");
+        assert!(e.to_string().contains("true or false"), "{e}");
+    }
+
+    #[test]
+    fn headless_label() {
+        let base = [("pier.service", "peers"), ("pier.port", "8080")];
+        assert!(!parse(&lbl(&base)).unwrap().headless);
+        let mut on = base.to_vec();
+        on.push(("pier.headless", " true"));
+        assert!(parse(&lbl(&on)).unwrap().headless);
+        let mut off = base.to_vec();
+        off.push(("pier.headless", "false"));
+        assert!(!parse(&lbl(&off)).unwrap().headless);
+        let mut bad_value = base.to_vec();
+        bad_value.push(("pier.headless", "1"));
+        let e = parse(&lbl(&bad_value)).unwrap_err();
+        assert_eq!(e.label, "pier.headless");
         assert!(e.to_string().contains("true or false"), "{e}");
     }
 

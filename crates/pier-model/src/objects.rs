@@ -42,6 +42,11 @@ pub mod labels {
     /// host's own ready endpoints when it has any (the service's
     /// `prefer_local`). Read when the agent creates the service.
     pub const PREFER_LOCAL: &str = "pier.prefer-local";
+    /// `true`: the auto-created service is headless (no VIP, no proxy
+    /// listener; its name answers one endpoint VIP per ready container).
+    /// Read when the agent creates the service; a container that says it
+    /// while joining a service with a VIP is warned about, once.
+    pub const HEADLESS: &str = "pier.headless";
     /// Set by pier on the containers it starts: the pod name.
     pub const POD: &str = "pier.pod";
     /// Set by pier on the containers it starts: the replica set.

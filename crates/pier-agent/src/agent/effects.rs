@@ -242,6 +242,18 @@ impl Agent {
                         "skipping container with a bad label");
                 }
             }
+            desired::Note::HeadlessIgnored {
+                container,
+                name,
+                service,
+            } => {
+                if self.warned.insert(container.clone()) {
+                    warn!(container.name = %name, container.id = %short(&container),
+                        service = %service.1, namespace = %service.0,
+                        label = pier_model::labels::HEADLESS,
+                        "pier.headless=true ignored: the service exists with a VIP and the container joins it as it is; the label shapes only a service the agent creates (delete the service to have it created again, headless)");
+                }
+            }
             desired::Note::StaticRefused {
                 key,
                 service,
