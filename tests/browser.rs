@@ -4,7 +4,8 @@
 //!
 //! Everything the page logs is kept: [`Browser::console_errors`] lists the
 //! console errors, uncaught exceptions and browser log errors (a failed
-//! load, a CSP refusal) seen so far.
+//! load, a CSP refusal) seen so far, [`Browser::console_warnings`] the
+//! warnings; a [`Browser::wait_for`] that times out shows both.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -31,6 +32,9 @@ pub struct Browser {
     /// Events not looked at yet.
     events: VecDeque<Value>,
     errors: Vec<String>,
+    /// Console warnings and browser log warnings (the dashboard warns
+    /// when a stream breaks and it reconnects).
+    warnings: Vec<String>,
     _profile: tempfile::TempDir,
 }
 
@@ -99,6 +103,7 @@ impl Browser {
             session: String::new(),
             events: VecDeque::new(),
             errors: Vec::new(),
+            warnings: Vec::new(),
             _profile: profile,
         };
         let t = b.call_browser("Target.createTarget", json!({"url": "about:blank"}))?;
@@ -163,21 +168,12 @@ impl Browser {
         let p = &v["params"];
         match v["method"].as_str() {
             Some("Runtime.consoleAPICalled") if p["type"] == "error" || p["type"] == "assert" => {
-                let args: Vec<String> = p["args"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|x| {
-                                x["value"]
-                                    .as_str()
-                                    .map(str::to_owned)
-                                    .unwrap_or_else(|| x["description"].to_string())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
                 self.errors
-                    .push(format!("console.error: {}", args.join(" ")));
+                    .push(format!("console.error: {}", console_args(p)));
+            }
+            Some("Runtime.consoleAPICalled") if p["type"] == "warning" => {
+                self.warnings
+                    .push(format!("console.warn: {}", console_args(p)));
             }
             Some("Runtime.exceptionThrown") => {
                 let d = &p["exceptionDetails"];
@@ -188,6 +184,10 @@ impl Browser {
             }
             Some("Log.entryAdded") if p["entry"]["level"] == "error" => {
                 self.errors
+                    .push(format!("log: {} {}", p["entry"]["text"], p["entry"]["url"]));
+            }
+            Some("Log.entryAdded") if p["entry"]["level"] == "warning" => {
+                self.warnings
                     .push(format!("log: {} {}", p["entry"]["text"], p["entry"]["url"]));
             }
             _ => {}
@@ -236,9 +236,10 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 let seen = self.eval(show).unwrap_or_default();
+                let errors = self.console_errors();
                 bail!(
-                    "timed out after {limit:?} waiting for {what}; the page showed: {seen}; errors: {:?}",
-                    self.console_errors()
+                    "timed out after {limit:?} waiting for {what}; the page showed: {seen}; errors: {errors:?}; warnings: {:?}",
+                    self.warnings
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -250,6 +251,13 @@ impl Browser {
     pub fn console_errors(&mut self) -> Vec<String> {
         self.drain();
         self.errors.clone()
+    }
+
+    /// The page's warnings so far (console warnings, browser log
+    /// warnings).
+    pub fn console_warnings(&mut self) -> Vec<String> {
+        self.drain();
+        self.warnings.clone()
     }
 
     /// A PNG of the whole page, written to `path`.
@@ -283,6 +291,24 @@ impl Drop for Browser {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The arguments of a console call, as text.
+fn console_args(p: &Value) -> String {
+    p["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| {
+                    x["value"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| x["description"].to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }
 
 /// Standard base64 with padding (what DevTools sends).

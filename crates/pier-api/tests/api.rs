@@ -1494,6 +1494,91 @@ async fn attack_writes_without_the_token_are_401() {
     nothing_stored(&*h.store).await;
 }
 
+/// The JSON lines of a chunked body read so far, up to the last whole
+/// line (the chunk framing removed; a partial last chunk is left out).
+fn watch_lines(raw: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(raw);
+    let Some((_, mut rest)) = text.split_once("\r\n\r\n") else {
+        return Vec::new();
+    };
+    let mut data = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        data.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    let whole = data.rfind('\n').map_or("", |i| &data[..i + 1]);
+    whole.split_terminator('\n').map(str::to_owned).collect()
+}
+
+/// A watch sends the objects as they are, then one blank line, then the
+/// changes: a client (the dashboard) can tell what was there from what
+/// came after without guessing from timing.
+#[tokio::test]
+async fn watch_marks_the_end_of_the_current_state() {
+    let h = Harness::start().await;
+    let r = rs("web", 2);
+    h.client.create_replicaset(&r).await.unwrap();
+    put_pod(&*h.store, &r, "web-aaaaa", None).await;
+    put_pod(&*h.store, &r, "web-bbbbb", None).await;
+    eventually("the two pods", || async {
+        (h.client.list_pods(None).await.unwrap().len() == 2).then_some(())
+    })
+    .await;
+    let (status, mut s, head) = open_watch(h.addr, "127.0.0.1").await;
+    assert_eq!(status, 200, "{head}");
+    let mut raw = head.into_bytes();
+    // Reads until the body has `n` whole lines (bounded: 5 s).
+    async fn read_lines(s: &mut tokio::net::TcpStream, raw: &mut Vec<u8>, n: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let lines = watch_lines(raw);
+            if lines.len() >= n {
+                return lines;
+            }
+            let got = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| panic!("{n} lines within 5 s; got {lines:?}"))
+                .unwrap();
+            assert!(got > 0, "the watch closed; got {lines:?}");
+            raw.extend_from_slice(&chunk[..got]);
+        }
+    }
+    let lines = read_lines(&mut s, &mut raw, 3).await;
+    let names = |ls: &[String]| -> Vec<(String, String)> {
+        ls.iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["type"].as_str().unwrap().to_owned(),
+                    v["object"]["name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        names(&lines[..2]),
+        [
+            ("ADDED".into(), "web-aaaaa".into()),
+            ("ADDED".into(), "web-bbbbb".into())
+        ]
+    );
+    assert_eq!(
+        lines[2], "",
+        "the blank line after the current objects: {lines:?}"
+    );
+    // What comes after is news, and no second marker follows it.
+    put_pod(&*h.store, &r, "web-ccccc", None).await;
+    let lines = read_lines(&mut s, &mut raw, 4).await;
+    assert_eq!(names(&lines[3..]), [("ADDED".into(), "web-ccccc".into())]);
+}
+
 /// Opens a watch from `src` and returns the stream once its head has
 /// arrived, with the status.
 async fn open_watch(addr: SocketAddr, src: &str) -> (u16, tokio::net::TcpStream, String) {

@@ -157,9 +157,13 @@ const nodesSeen = new Set();
 // ---- streams -----------------------------------------------------------
 
 // Follow `path?watch=true` for ever. After a (re)connect the stream starts
-// with every current object as ADDED: those are compared with what the
-// page had, quietly, so a reconnect is not a burst of false events, and
-// what did not come back is deleted once the first batch is over.
+// with every current object as ADDED, then a blank line (the end of the
+// current state; blank lines are also the idle heartbeat). That first
+// batch is compared with what the page had, quietly, so a reconnect is
+// not a burst of false events, and what did not come back is deleted at
+// the blank line. Everything after it is news. (The end of the batch is
+// the server's marker, not a timer: on a loaded machine a timer can fire
+// after the first live events, which would then pass unannounced.)
 async function follow(kind, path, onChange) {
   let backoff = 500;
   for (;;) {
@@ -168,7 +172,13 @@ async function follow(kind, path, onChange) {
     // The page's very first batch is the cluster as it is, not news.
     const firstConnect = before.size === 0;
     let quiet = true;
-    let seen = new Set();
+    const seen = new Set();
+    const endQuiet = () => {
+      quiet = false;
+      for (const [k, old] of before) {
+        if (!seen.has(k)) { map.delete(k); change(kind, "DELETED", old, old, onChange); }
+      }
+    };
     try {
       const r = await fetch(`${path}?watch=true`, { credentials: "same-origin", cache: "no-store" });
       if (r.status === 401) { loggedOut(); return; }
@@ -178,14 +188,6 @@ async function follow(kind, path, onChange) {
       const reader = r.body.getReader();
       const dec = new TextDecoder();
       let buf = "";
-      // The first batch arrives at once; anything 300 ms later is live.
-      const endQuiet = setTimeout(() => {
-        quiet = false;
-        for (const [k, old] of before) {
-          if (!seen.has(k)) { map.delete(k); change(kind, "DELETED", old, old, onChange); }
-        }
-        scheduleRender();
-      }, 300);
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
@@ -194,7 +196,10 @@ async function follow(kind, path, onChange) {
         while ((nl = buf.indexOf("\n")) >= 0) {
           const line = buf.slice(0, nl).trim();
           buf = buf.slice(nl + 1);
-          if (!line) continue; // heartbeat
+          if (!line) { // the end of the first batch, or a heartbeat
+            if (quiet) endQuiet();
+            continue;
+          }
           const ev = JSON.parse(line);
           const o = ev.object;
           const k = keyOf(kind, o);
@@ -213,12 +218,13 @@ async function follow(kind, path, onChange) {
           } else {
             const old = map.get(k) || null;
             map.set(k, o);
-            change(kind, ev.type, o, old, onChange);
+            // An object the page did not have is new to it, whatever the
+            // stream called it.
+            change(kind, old ? ev.type : "ADDED", o, old, onChange);
           }
         }
         scheduleRender();
       }
-      clearTimeout(endQuiet);
     } catch (e) {
       console.warn(`pier dashboard: the ${kind} stream broke, reconnecting:`, e.message || e);
     }

@@ -24,7 +24,7 @@ use pier_store::{KeyValue, WatchEvent, WatchItem};
 
 use super::Inner;
 use super::plumbing::{Body, Fail, json};
-use super::watch::WATCH_HEARTBEAT;
+use super::watch::{END_OF_CURRENT, WATCH_HEARTBEAT};
 
 /// Every node's latest record, per service.
 type StatsMap = BTreeMap<(Namespace, Name), BTreeMap<Name, Stats>>;
@@ -215,7 +215,11 @@ pub(super) async fn signals(
             SyncWatch(std::sync::Mutex::new(w2)),
         ),
         stats,
-        pending: out.iter().map(|s| line(WatchEventType::Added, s)).collect(),
+        pending: out
+            .iter()
+            .map(|s| line(WatchEventType::Added, s))
+            .chain([Bytes::from_static(END_OF_CURRENT)])
+            .collect(),
         cancel: inner.cancel.clone(),
         _slot: slot,
     };

@@ -22,8 +22,16 @@ use crate::views::{self, Filter};
 /// 30 s between blank lines on an idle watch.
 pub(super) const WATCH_HEARTBEAT: Duration = Duration::from_secs(30);
 
+/// The blank line after a watch's first batch (the objects as they are):
+/// what follows it is news. Clients skip blank lines (they are also the
+/// heartbeat); the dashboard ends its quiet first batch on this one.
+pub(super) const END_OF_CURRENT: &[u8] = b"\n";
+
 /// A chunked stream of JSON lines: first the current objects as ADDED, then
-/// every change as the snapshot moves. Ends when the client goes away or the
+/// one blank line (the end of the current state: a client can tell the
+/// objects that were there from the ones that came later without guessing
+/// from timing), then every change as the snapshot moves, with a blank
+/// line now and then when idle. Ends when the client goes away or the
 /// server shuts down.
 ///
 /// Cost: snapshots are coalesced (a slow watcher sees only the latest), and
@@ -87,6 +95,7 @@ pub(super) fn watch_response(
                 continue;
             }
             let now = views::collect(w.kind, &snap, &w.f);
+            let first = w.last.is_none();
             let old = w.last.take().unwrap_or_default();
             for (k, v) in &now {
                 match old.get(k) {
@@ -99,6 +108,9 @@ pub(super) fn watch_response(
                 if !now.contains_key(k) {
                     w.pending.push_back(line(WatchEventType::Deleted, v));
                 }
+            }
+            if first {
+                w.pending.push_back(Bytes::from_static(END_OF_CURRENT));
             }
             w.last = Some(now);
             w.last_snap = Some(snap);
