@@ -12,8 +12,9 @@
 //!
 //! One container per host labelled `pier.service=peers`,
 //! `pier.headless=true`: the service the agent creates has no VIP, its
-//! name answers one endpoint VIP per container, and each reaches its own
-//! container from host 1's client, host 2's over the mesh.
+//! name answers one endpoint VIP per container (`dig` from host 1), and
+//! each reaches its own container from a container on host 1, host 2's
+//! over the mesh.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -73,6 +74,29 @@ fn udp_through_the_mesh_and_labelled_headless() -> Result<()> {
         "pier.headless=true: the created service has no VIP: {peers}"
     );
 
+    // dig from host 1's namespace: the headless name answers one endpoint
+    // VIP per container.
+    let dig = |name: &str, ty: &str| -> Result<String> {
+        let out = c.topo.host(1).exec(&[
+            "dig",
+            &format!("@{dns}"),
+            name,
+            ty,
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let a = eventually(Duration::from_secs(10), "2 A records of peers", || {
+        let a = dig(&fqdn("peers"), "A")?;
+        Ok((a.lines().count() == 2).then_some(a))
+    })?;
+    ensure!(
+        a.lines().all(|l| l.starts_with(&cidr)),
+        "peers A from h1: endpoint VIPs in {cidr}0/24: {a:?}"
+    );
+
     // dig from host 1's namespace: the _udp SRV name lists both pods, each
     // by its DNS name: a container pier did not start is named by its short
     // container id.
@@ -88,16 +112,7 @@ fn udp_through_the_mesh_and_labelled_headless() -> Result<()> {
         .into_iter()
         .map(|n| Ok((format!("{}.{}", short_id(n)?, fqdn("echo")), n)))
         .collect::<Result<_>>()?;
-    let out = c.topo.host(1).exec(&[
-        "dig",
-        &format!("@{dns}"),
-        &format!("_p5353-udp._udp.{}", fqdn("echo")),
-        "SRV",
-        "+short",
-        "+time=2",
-        "+tries=1",
-    ])?;
-    let srv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let srv = dig(&format!("_p5353-udp._udp.{}", fqdn("echo")), "SRV")?;
     let targets: BTreeSet<String> = srv
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3))

@@ -478,6 +478,34 @@ async fn the_demo_flow_with_tables_and_json() {
         e.contains("static_endpoints[0].ip: 169.254.169.254 is a link-local address"),
         "{o:?}"
     );
+    // A host name is resolved by the CLI, once, and it says so (localhost:
+    // resolved without a network, then refused as a loopback address).
+    let o = a
+        .pier(&[
+            "expose",
+            "external",
+            "local",
+            "--port",
+            "80",
+            "--endpoint",
+            "localhost:80",
+        ])
+        .await;
+    assert_ne!(o.code, 0, "{o:?}");
+    let note = o.stderr.lines().next().unwrap_or_default();
+    assert!(
+        note.starts_with("note: --endpoint localhost:80 is ")
+            && note.contains("resolved once, now; pier does not resolve localhost again")
+            && note.contains("use --cname localhost"),
+        "{o:?}"
+    );
+    assert!(
+        o.stderr
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("error: ") && l.contains("loopback")),
+        "{o:?}"
+    );
     let o = a.pier(&["get", "svc", "db", "-o", "json"]).await;
     let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
     assert_eq!(j[0]["static_endpoints"].as_array().unwrap().len(), 2, "{j}");

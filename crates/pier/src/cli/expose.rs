@@ -201,13 +201,26 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
         return usage(format!("--endpoint: {s:?} is not HOST:PORT"));
     };
     let port = port_arg("--endpoint", port)?;
-    let mut addrs = tokio::net::lookup_host((host, port.get()))
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port.get()))
         .await
-        .map_err(|e| Usage(format!("--endpoint: cannot resolve {host:?}: {e}")))?;
-    match addrs.next() {
-        Some(a) => Ok(StaticEndpoint { ip: a.ip(), port }),
-        None => usage(format!("--endpoint: {host:?} has no address")),
-    }
+        .map_err(|e| Usage(format!("--endpoint: cannot resolve {host:?}: {e}")))?
+        .collect();
+    let Some(first) = addrs.first() else {
+        return usage(format!("--endpoint: {host:?} has no address"));
+    };
+    // Resolved here, once: the service holds addresses, not the name (see
+    // ARCHITECTURE.md, "External endpoints by name"). Say so.
+    let of = match addrs.len() {
+        1 => String::new(),
+        n => format!(", the first of {n} addresses"),
+    };
+    eprintln!(
+        "note: --endpoint {s} is {first}{of}, resolved once, now; pier does not resolve {host} again. For a name whose addresses change, use --cname {host} (a DNS alias, resolved at each lookup)"
+    );
+    Ok(StaticEndpoint {
+        ip: first.ip(),
+        port,
+    })
 }
 
 async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
