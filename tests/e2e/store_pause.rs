@@ -1,9 +1,29 @@
 //! A store stall longer than the lease TTL (issue 17): the test's own etcd
 //! is paused with SIGSTOP for 2 TTLs under bounded request loops through a
 //! node port and a VIP, then resumed. Every lease has expired by then, so
-//! every endpoint key of the node goes at once when etcd runs again; the
-//! reflector holds them until the agent has written them again, and not
-//! one request may fail.
+//! every endpoint key of the node goes at once when etcd runs again, and
+//! not one request may fail.
+//!
+//! What the reflector does then takes one of two legitimate courses, and
+//! the test says which one the run took:
+//!
+//! - (a) **held**: the lease deletions reached the reflector in a batch
+//!   of their own, the node left the store's state, and the reflector held
+//!   its endpoints (logged "holding its endpoints") until the agent had
+//!   registered again ("held node registered again").
+//! - (b) **never left**: the deletions and the agent's re-registration
+//!   (after "lease lost", "lease re-granted") reached the reflector
+//!   together and were applied as one step (it coalesces what is waiting),
+//!   so no published snapshot ever lacked the node and nothing needed
+//!   holding. The evidence: every node that leaves a published snapshot
+//!   is logged, held ("holding its endpoints") or not ("leave the snapshot
+//!   now"), and neither line is in the log.
+//!
+//! Both prove the property (the node's endpoints were in every snapshot
+//! the proxy was given); a node that left unheld fails the test, as does
+//! a lease that never expired (the stall proved nothing). Which course a
+//! run takes depends on when the agent's next keepalive falls after etcd
+//! returns; forcing (a) would need a test-only hook in the product.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -115,25 +135,53 @@ fn endpoints_survive_an_etcd_pause_longer_than_the_lease_ttl() -> Result<()> {
         "the lease did not expire during the pause; the test proves nothing:\n{}",
         a.log_tail()
     );
-    ensure!(
-        log.contains("holding its endpoints"),
-        "the reflector held nothing:\n{}",
-        a.log_tail()
-    );
     for r in &reps {
         ensure!(r.sent == N, "{msg}");
         ensure!(r.failed() == 0, "{msg}{}", a.log_tail());
     }
-    // And the node is registered again, its hold released.
-    let log = eventually(Duration::from_secs(10), "the node registered again", || {
+    // The agent registered again: a new lease, its keys written under it.
+    let log = eventually(Duration::from_secs(10), "the lease re-granted", || {
         let log = std::fs::read_to_string(&a.log)?;
-        Ok(log.contains("held node registered again").then_some(log))
+        Ok(log.contains("lease re-granted").then_some(log))
     })
     .with_context(|| a.log_tail())?;
+    ensure!(
+        !log.contains("leave the snapshot now"),
+        "the node left the snapshot without a hold:\n{}",
+        a.log_tail()
+    );
+    let log = if log.contains("holding its endpoints") {
+        // (a): and the hold is released once the node is back.
+        let log = eventually(
+            Duration::from_secs(10),
+            "the held node registered again",
+            || {
+                let log = std::fs::read_to_string(&a.log)?;
+                Ok(log.contains("held node registered again").then_some(log))
+            },
+        )
+        .with_context(|| a.log_tail())?;
+        eprintln!(
+            "outcome (a): the node left the store's state and its endpoints were held until it registered again"
+        );
+        log
+    } else {
+        eprintln!(
+            "outcome (b): the lease deletions and the re-registration reached the reflector in one step; \
+             the node never left a published snapshot, nothing needed holding"
+        );
+        log
+    };
     for l in log.lines().filter(|l| {
-        ["lease lost", "lease re-granted", "holding its", "held node"]
-            .iter()
-            .any(|w| l.contains(w))
+        [
+            "lease lost",
+            "lease re-granted",
+            "holding its",
+            "held node",
+            "leave the snapshot",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
     }) {
         eprintln!("{l}");
     }

@@ -132,14 +132,23 @@ impl Holds {
     ) -> bool {
         self.saw(stale, now_ms);
         let mut changed = false;
-        if let Some(p) = self.policy
-            && !Arc::ptr_eq(&prev.nodes, &next.nodes)
-            && self.disrupted(now_ms)
-        {
+        if !Arc::ptr_eq(&prev.nodes, &next.nodes) {
+            let disrupted = self.disrupted(now_ms);
             for (name, node) in prev.nodes.iter() {
                 if next.nodes.contains_key(name) || self.held.contains_key(name) {
                     continue;
                 }
+                let Some(p) = self.policy.filter(|_| disrupted) else {
+                    // Every node that leaves a published snapshot is
+                    // logged, held or not (the e2e store stall test reads
+                    // these lines to tell whether the node ever left).
+                    tracing::info!(
+                        node = %name,
+                        "node's record is gone; its endpoints leave the snapshot now \
+                         (the store was live, or holding is off)"
+                    );
+                    continue;
+                };
                 let h = capture(prev, name, node, now_ms.saturating_add(ms(p.grace)));
                 tracing::warn!(
                     node = %name,
