@@ -23,6 +23,8 @@
 //! (`EtcdStore::connect_spread`, as agents do); `SIM_FIRST=1` starts every
 //! one on the first member, as agents did before. `SIM_SCAN=1` plans
 //! without the pod index (every pod scanned per set, as before).
+//! `SIM_TXN=N` registers a host in transactions of N keys instead of one
+//! put per key (an experiment; agents put one key at a time).
 //!
 //! Steps, each printed with the load average:
 //! 1. start etcd (3 members, own ports and data dirs in a temp dir);
@@ -40,7 +42,8 @@
 //!    new pod Running under its host's lease; then 10 % more hosts stop
 //!    renewing: the time until their pods are replaced and Running;
 //! 6. etcd's own figures from each member's /metrics (CPU seconds, RSS, db
-//!    size, watchers, proposals committed);
+//!    size, watchers, proposals committed; LeaseKeepAlive streams opened
+//!    and keepalives received, summed over the members);
 //! 7. the supervisor: one full reconcile pass (`plan::plan` for every set)
 //!    on a snapshot of `--pods` pods in `--sets` sets over the hosts.
 //!
@@ -246,7 +249,8 @@ fn scrape(addr: &str, name: &str) -> Result<f64> {
     s.read_to_string(&mut body)?;
     let mut sum = 0.0;
     for l in body.lines() {
-        if l.starts_with(name) && l[name.len()..].starts_with([' ', '{']) {
+        // `name` may hold the first labels: `m{a="b"` matches `m{a="b",c="d"} 1`.
+        if l.starts_with(name) && l[name.len()..].starts_with([' ', '{', ',', '}']) {
             sum += l
                 .rsplit(' ')
                 .next()
@@ -303,6 +307,50 @@ fn node_record(h: usize) -> (String, Vec<u8>) {
     (keys::node(&n), pier_model::encode(&rec))
 }
 
+/// Keys per write with `SIM_TXN=N` (up to 128, etcd's `--max-txn-ops`);
+/// 1 (one put per key, as the agent writes) without it.
+fn txn_ops() -> usize {
+    std::env::var("SIM_TXN")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 128)
+}
+
+/// A host's keys in the units it writes them in, in order (the node
+/// record last): one put per key as the agent does, or with `SIM_TXN=N`
+/// transactions of N keys (an experiment: see BENCHMARKS.md).
+fn units(keys: Vec<(String, Vec<u8>)>) -> Vec<Vec<(String, Vec<u8>)>> {
+    let n = txn_ops();
+    keys.chunks(n).map(<[_]>::to_vec).collect()
+}
+
+/// Writes one unit under `lease`: a put for one key, else a transaction.
+async fn write_unit(
+    store: &dyn Store,
+    unit: &[(String, Vec<u8>)],
+    lease: pier_store::LeaseId,
+) -> Result<(), pier_store::StoreError> {
+    WRITES.fetch_add(1, Ordering::Relaxed);
+    match unit {
+        [(k, v)] => store.put(k, v.clone(), Some(lease)).await.map(|_| ()),
+        _ => {
+            let txn = pier_store::Txn {
+                success: unit
+                    .iter()
+                    .map(|(key, value)| pier_store::TxnOp::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        lease: Some(lease),
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            store.txn(txn).await.map(|_| ())
+        }
+    }
+}
+
 /// One simulated host: its lease and its keys, as an agent writes them.
 async fn register(
     a: &Args,
@@ -337,9 +385,9 @@ async fn register(
         let mut keys: Vec<(String, Vec<u8>)> =
             (0..a.endpoints).map(|j| endpoint(a, h, j, true)).collect();
         keys.push(node_record(h));
-        for (k, v) in keys {
+        for unit in units(keys) {
             loop {
-                match store.put(&k, v.clone(), Some(lease)).await {
+                match write_unit(&*store, &unit, lease).await {
                     Ok(_) => break,
                     Err(pier_store::StoreError::LeaseNotFound(_)) => {
                         LEASES_LOST.fetch_add(1, Ordering::Relaxed);
@@ -375,8 +423,8 @@ async fn register(
                     .map(|j| endpoint(&a2, h, j, true))
                     .collect();
                 keys.push(node_record(h));
-                for (k, v) in keys {
-                    if store2.put(&k, v, Some(l)).await.is_err() {
+                for unit in units(keys) {
+                    if write_unit(&*store2, &unit, l).await.is_err() {
                         PUT_RETRIES.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -410,6 +458,8 @@ where
 static LEASES_LOST: AtomicUsize = AtomicUsize::new(0);
 static GRANT_RETRIES: AtomicUsize = AtomicUsize::new(0);
 static PUT_RETRIES: AtomicUsize = AtomicUsize::new(0);
+/// Write requests sent by the hosts' registrations (puts or txns).
+static WRITES: AtomicUsize = AtomicUsize::new(0);
 
 fn endpoint_count(s: &Snapshot) -> usize {
     s.endpoints.values().map(|m| m.len()).sum()
@@ -509,10 +559,15 @@ async fn main() -> Result<()> {
     let took = t0.elapsed();
     let writes = a.hosts * (a.endpoints + 1);
     println!(
-        "2. cold start: {} hosts registered ({} endpoints, {} puts, {} leases) in {:.2} s: {:.0} puts/s; leases lost mid-way {}, grants retried {}, puts retried {} [load {}]",
+        "2. cold start: {} hosts registered ({} endpoints, {} keys in {} write requests{}, {} leases) in {:.2} s: {:.0} keys/s; leases lost mid-way {}, grants retried {}, writes retried {} [load {}]",
         a.hosts,
         a.hosts * a.endpoints,
         writes,
+        WRITES.load(Ordering::Relaxed),
+        match txn_ops() {
+            1 => ", one put per key".to_owned(),
+            n => format!(", txns of up to {n} keys (SIM_TXN)"),
+        },
         a.hosts,
         took.as_secs_f64(),
         writes as f64 / took.as_secs_f64(),
@@ -528,7 +583,7 @@ async fn main() -> Result<()> {
     let mut refl = Vec::new();
     let mut refl_leases = Vec::new();
     for r in 0..a.reflectors {
-        let s: Arc<dyn Store> = Arc::new(connect(format!("host-{r}")).await?);
+        let s: Arc<dyn Store> = Arc::new(retry("connect", || connect(format!("host-{r}"))).await?);
         let ttl = Ttl::from_secs(a.ttl)?;
         let k = retry("reflector lease", || {
             LeaseKeeper::start(s.clone(), ttl, cancel.child_token())
@@ -564,7 +619,7 @@ async fn main() -> Result<()> {
             .await?
             .revision;
         for i in 0..a.watches {
-            let s = connect(format!("watch-{i}")).await?;
+            let s = retry("connect", || connect(format!("watch-{i}"))).await?;
             let mut w = retry("watch", || s.watch(keys::ROOT, rev + 1)).await?;
             let c = cancel.clone();
             drains.spawn(async move {
@@ -653,6 +708,8 @@ async fn main() -> Result<()> {
     let db = cluster.metric("etcd_mvcc_db_total_size_in_bytes");
     let watchers = cluster.metric("etcd_debugging_mvcc_watcher_total");
     let keys_total = cluster.metric("etcd_debugging_mvcc_keys_total");
+    let ka_streams = cluster.metric("grpc_server_started_total{grpc_method=\"LeaseKeepAlive\"");
+    let ka_msgs = cluster.metric("grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\"");
     for i in 0..3 {
         println!(
             "6. etcd m{i}: CPU {:.1} s over the run ({:.0} %), RSS {:.0} MB, db {:.1} MB, watchers {}, keys {}, proposals committed {:.0} ({:.0}/s)",
@@ -666,6 +723,12 @@ async fn main() -> Result<()> {
             (props1[i] - props0[i]) / wall
         );
     }
+    println!(
+        "6. etcd, all members: LeaseKeepAlive streams opened {:.0}, keepalives received {:.0} ({:.0}/s)",
+        ka_streams.iter().sum::<f64>(),
+        ka_msgs.iter().sum::<f64>(),
+        ka_msgs.iter().sum::<f64>() / wall
+    );
 
     cancel.cancel();
     while drains.join_next().await.is_some() {}
