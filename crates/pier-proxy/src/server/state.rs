@@ -1,244 +1,40 @@
-//! The [`Proxy`]: listeners that follow the snapshot, balancers rebuilt on
-//! each change, drains, problems and stats.
+//! What the proxy holds and how it follows the snapshot: one entry per
+//! service port (its balancer, its listeners, its node port), listeners
+//! bound and released as services come and go, endpoints drained before
+//! they are dropped, and the problems and traffic stats it publishes.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use pier_model::{
-    Cidr, EndpointKey, Name, ObjectKey, Protocol, Service, ServiceType, Snapshot, Stats,
-};
-use prometheus_client::registry::Registry;
-use socket2::{Domain, Protocol as Protocol_, SockRef, Socket, Type};
+use pier_model::{Cidr, EndpointKey, Name, ObjectKey, Protocol, Service, ServiceType, Snapshot};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::listen::{Limit, accept_loop, bind, bind_udp};
+use super::{ListenKey, ListenerSource, Problems, StatsMap};
+use crate::ProxyConfig;
 use crate::affinity::Affinity;
 use crate::balance::{Balancer, EpState, Route};
-use crate::conn::{self, Ctx, PortTarget};
+use crate::conn::{Ctx, PortTarget};
 use crate::iface::Iface;
 use crate::limit::ConnLimiter;
-use crate::mesh::MeshConnector;
 use crate::metrics::{Metrics, SvcMetrics};
-use crate::{ProxyConfig, ProxyError};
-
-/// Per-service problems on this node, for `describe svc`.
-pub type Problems = BTreeMap<ObjectKey, String>;
-/// Per-service traffic on this node, for the `stats/` keys.
-pub type StatsMap = BTreeMap<ObjectKey, Stats>;
-
-/// Backlog of every listener: bursts of short connections (64 at once in
-/// the benchmark, thousands in tests) must not be refused.
-const BACKLOG: i32 = 4096;
-
-/// Where the proxy's listening sockets come from. Without one, the proxy
-/// binds them itself. The agent's keeper (hitless restarts) supplies one
-/// that hands out a socket it already holds, or shares a new one with it,
-/// so that the sockets outlive this process.
-pub trait ListenerSource: Send + Sync + std::fmt::Debug {
-    /// A listener on `a`: one held already, else `bind(a)` (then shared).
-    fn listen(
-        &self,
-        a: SocketAddr,
-        bind: fn(SocketAddr) -> std::io::Result<std::net::TcpListener>,
-    ) -> std::io::Result<std::net::TcpListener>;
-    /// A UDP socket on `a` for a UDP service port: one held already, else
-    /// `bind(a)` (then shared).
-    fn listen_udp(
-        &self,
-        a: SocketAddr,
-        bind: fn(SocketAddr) -> std::io::Result<std::net::UdpSocket>,
-    ) -> std::io::Result<std::net::UdpSocket>;
-    /// The listener on `a` is closed for good (its service port is gone):
-    /// no copy of it may stay open anywhere.
-    fn release(&self, proto: Protocol, a: SocketAddr);
-}
-
-/// Where a listener listens: TCP and UDP may share an address and port.
-type ListenKey = (Protocol, SocketAddr);
-
-/// The node-port refusal counter, by reason.
-pub(crate) type RefusalCounter = prometheus_client::metrics::family::Family<
-    [(&'static str, &'static str); 1],
-    prometheus_client::metrics::counter::Counter,
->;
-
-/// The L4 proxy of one node.
-#[derive(Debug)]
-pub struct Proxy {
-    cfg: ProxyConfig,
-    source: Option<Arc<dyn ListenerSource>>,
-    ready: watch::Sender<bool>,
-    node: Name,
-    service_cidr: Cidr,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
-    mesh: Option<MeshConnector>,
-    metrics: Metrics,
-    problems: watch::Sender<Arc<Problems>>,
-    stats: watch::Sender<Arc<StatsMap>>,
-}
-
-impl Proxy {
-    pub fn new(
-        cfg: ProxyConfig,
-        node: Name,
-        service_cidr: Cidr,
-        snapshot: watch::Receiver<Arc<Snapshot>>,
-        mesh: Option<MeshConnector>,
-        registry: &mut Registry,
-    ) -> Result<Proxy, ProxyError> {
-        cfg.validate()?;
-        crate::copy::set_pipe_size(cfg.pipe_size_kib as usize * 1024);
-        let metrics = Metrics::new();
-        metrics.register(registry);
-        Ok(Proxy {
-            cfg,
-            source: None,
-            ready: watch::channel(false).0,
-            node,
-            service_cidr,
-            snapshot,
-            mesh,
-            metrics,
-            problems: watch::channel(Arc::new(Problems::new())).0,
-            stats: watch::channel(Arc::new(StatsMap::new())).0,
-        })
-    }
-
-    /// Takes listening sockets from `source` instead of binding them.
-    pub fn with_listener_source(mut self, source: Arc<dyn ListenerSource>) -> Proxy {
-        self.source = Some(source);
-        self
-    }
-
-    /// `true` once the first snapshot is reconciled: every listener it
-    /// asks for is open (or failed, with a problem reported).
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
-    }
-
-    /// Per-service problems on this node (e.g. "node port 30080 is in use
-    /// by another process"), for `describe svc`.
-    pub fn problems(&self) -> watch::Receiver<Arc<Problems>> {
-        self.problems.subscribe()
-    }
-
-    /// Per-service traffic stats, sampled every `stats_interval_ms`.
-    pub fn stats(&self) -> watch::Receiver<Arc<StatsMap>> {
-        self.stats.subscribe()
-    }
-
-    /// Runs until `cancel`: then stops accepting, lets open connections
-    /// finish for up to `drain_timeout_ms`, and closes the rest.
-    pub async fn run(self, cancel: CancellationToken) -> Result<(), ProxyError> {
-        let Proxy {
-            cfg,
-            source,
-            ready,
-            node,
-            service_cidr,
-            mut snapshot,
-            mesh,
-            metrics,
-            problems,
-            stats,
-        } = self;
-        let iface = if cfg.manage_iface {
-            Some(Iface::open(&cfg.iface).await?)
-        } else {
-            None
-        };
-        let ctx = Arc::new(Ctx {
-            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
-            attempts: cfg.connect_attempts,
-            eject_after: cfg.eject_after_failures,
-            eject_base_ms: cfg.eject_base_ms,
-            splice: cfg.splice,
-            mesh,
-            hard_stop: CancellationToken::new(),
-        });
-        let mut st = State {
-            limiter: ConnLimiter::new(cfg.node_port_max_conns, cfg.node_port_max_conns_per_client),
-            cfg: cfg.clone(),
-            source,
-            node,
-            service_cidr,
-            ctx: ctx.clone(),
-            metrics,
-            iface,
-            ports: HashMap::new(),
-            listeners: HashMap::new(),
-            failed: HashMap::new(),
-            draining: Vec::new(),
-            vips: HashSet::new(),
-            vips_gone: HashMap::new(),
-            listen_tasks: TaskTracker::new(),
-            conns: TaskTracker::new(),
-            problems,
-            stats,
-            refused_direct: HashSet::new(),
-        };
-        st.adopt_existing_vips().await;
-
-        let mut snap = snapshot.borrow_and_update().clone();
-        st.reconcile(&snap).await;
-        ready.send_replace(true);
-        let mut retry = tokio::time::interval(Duration::from_millis(cfg.bind_retry_ms));
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        retry.reset();
-        let mut sample = tokio::time::interval(Duration::from_millis(cfg.stats_interval_ms));
-        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // tokio's timer driver wakes its own thread through the eventfd
-        // whenever a new timer is due sooner than its next wake-up: with
-        // only 1 s connect timeouts pending, that is one write(2) and one
-        // extra epoll round per connection. A 250 ms tick keeps an earlier
-        // timer pending at all times, so connect timeouts never do that.
-        let mut anchor = tokio::time::interval(Duration::from_millis(250));
-        anchor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut sender_alive = true;
-        loop {
-            let next = st.next_deadline();
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = snapshot.changed(), if sender_alive => {
-                    if r.is_err() {
-                        tracing::warn!("snapshot sender dropped; serving the last snapshot until shutdown");
-                        sender_alive = false;
-                        continue;
-                    }
-                    snap = snapshot.borrow_and_update().clone();
-                    st.reconcile(&snap).await;
-                }
-                _ = retry.tick() => {
-                    if !st.failed.is_empty() {
-                        tracing::debug!(failed = st.failed.len(), "retrying failed binds");
-                        st.reconcile(&snap).await;
-                    }
-                }
-                _ = sample.tick() => st.sample_stats(),
-                _ = anchor.tick() => {}
-                _ = tokio::time::sleep_until(next) => st.expire().await,
-            }
-        }
-        st.shutdown().await;
-        Ok(())
-    }
-}
 
 /// A service port (`.2` `None`: the service's VIP and node ports), or one
 /// endpoint's share of it (`.2` the endpoint: its endpoint VIP, which
 /// forwards to that endpoint only).
-type PortKey = (ObjectKey, Name, Option<EndpointKey>);
+pub(crate) type PortKey = (ObjectKey, Name, Option<EndpointKey>);
 
 /// The metrics label of a port key: the port's name, and `@<pod or id>`
 /// for an endpoint VIP.
-fn port_label(pk: &PortKey, snap: &Snapshot) -> String {
+pub(crate) fn port_label(pk: &PortKey, snap: &Snapshot) -> String {
     match &pk.2 {
         None => pk.1.to_string(),
         Some(ek) => {
@@ -251,63 +47,63 @@ fn port_label(pk: &PortKey, snap: &Snapshot) -> String {
 
 /// One service port's live state across snapshots.
 #[derive(Debug)]
-struct PortEntry {
-    target: Arc<ArcSwap<PortTarget>>,
+pub(crate) struct PortEntry {
+    pub(crate) target: Arc<ArcSwap<PortTarget>>,
     /// The port's session-affinity table, kept across rebuilds while the
     /// service keeps the same affinity settings.
-    affinity: Option<Arc<Affinity>>,
-    m: SvcMetrics,
-    service: Arc<str>,
-    port_name: String,
+    pub(crate) affinity: Option<Arc<Affinity>>,
+    pub(crate) m: SvcMetrics,
+    pub(crate) service: Arc<str>,
+    pub(crate) port_name: String,
     /// The service's drain timeout, for when the service itself is gone.
-    drain: Duration,
+    pub(crate) drain: Duration,
     /// Every endpoint in the snapshot (ready or not), by key.
-    eps: HashMap<EndpointKey, Arc<EpState>>,
+    pub(crate) eps: HashMap<EndpointKey, Arc<EpState>>,
 }
 
 #[derive(Debug)]
-struct ListenerEntry {
-    key: PortKey,
-    cancel: CancellationToken,
+pub(crate) struct ListenerEntry {
+    pub(crate) key: PortKey,
+    pub(crate) cancel: CancellationToken,
     /// Ends once the listening socket is closed.
-    task: tokio::task::JoinHandle<()>,
+    pub(crate) task: tokio::task::JoinHandle<()>,
 }
 
 /// The reconciler's state; only the run loop touches it.
 #[derive(Debug)]
-struct State {
-    cfg: ProxyConfig,
-    source: Option<Arc<dyn ListenerSource>>,
+pub(crate) struct State {
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) source: Option<Arc<dyn ListenerSource>>,
     /// The caps on node-port connections, shared by every node port.
-    limiter: ConnLimiter,
-    node: Name,
-    service_cidr: Cidr,
-    ctx: Arc<Ctx>,
-    metrics: Metrics,
-    iface: Option<Iface>,
-    ports: HashMap<PortKey, PortEntry>,
-    listeners: HashMap<ListenKey, ListenerEntry>,
+    pub(crate) limiter: ConnLimiter,
+    pub(crate) node: Name,
+    pub(crate) service_cidr: Cidr,
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) metrics: Metrics,
+    pub(crate) iface: Option<Iface>,
+    pub(crate) ports: HashMap<PortKey, PortEntry>,
+    pub(crate) listeners: HashMap<ListenKey, ListenerEntry>,
     /// Binds that failed: the service and the message shown for it.
-    failed: HashMap<ListenKey, (ObjectKey, String)>,
+    pub(crate) failed: HashMap<ListenKey, (ObjectKey, String)>,
     /// Removed endpoints whose connections may live until the deadline.
-    draining: Vec<(Arc<EpState>, Instant)>,
+    pub(crate) draining: Vec<(Arc<EpState>, Instant)>,
     /// VIPs this proxy keeps on the interface.
-    vips: HashSet<IpAddr>,
+    pub(crate) vips: HashSet<IpAddr>,
     /// VIPs no longer wanted, removed once their connections had the drain
     /// timeout to finish.
-    vips_gone: HashMap<IpAddr, Instant>,
-    listen_tasks: TaskTracker,
-    conns: TaskTracker,
-    problems: watch::Sender<Arc<Problems>>,
-    stats: watch::Sender<Arc<StatsMap>>,
+    pub(crate) vips_gone: HashMap<IpAddr, Instant>,
+    pub(crate) listen_tasks: TaskTracker,
+    pub(crate) conns: TaskTracker,
+    pub(crate) problems: watch::Sender<Arc<Problems>>,
+    pub(crate) stats: watch::Sender<Arc<StatsMap>>,
     /// Endpoint addresses refused by [`direct_allowed`], logged once.
-    refused_direct: HashSet<SocketAddr>,
+    pub(crate) refused_direct: HashSet<SocketAddr>,
 }
 
 /// Whether the proxy may connect straight to `ip`: not a loopback,
 /// link-local, unspecified, multicast or broadcast address (which reach the
 /// host itself), unless `allow` lists it. A pod's address is none of these.
-fn direct_allowed(ip: IpAddr, allow: &[Cidr]) -> bool {
+pub(crate) fn direct_allowed(ip: IpAddr, allow: &[Cidr]) -> bool {
     // Not the host's own addresses: a host-network pod's endpoint is one.
     pier_model::addr::address_kind_refusal(ip).is_none()
         || allow
@@ -315,12 +111,12 @@ fn direct_allowed(ip: IpAddr, allow: &[Cidr]) -> bool {
             .any(|c| c.contains(ip) || c.contains(ip.to_canonical()))
 }
 
-fn service_label(k: &ObjectKey) -> String {
+pub(crate) fn service_label(k: &ObjectKey) -> String {
     format!("{}/{}", k.0, k.1)
 }
 
 impl State {
-    fn drain_for(&self, svc: Option<&Service>) -> Duration {
+    pub(super) fn drain_for(&self, svc: Option<&Service>) -> Duration {
         Duration::from_millis(
             svc.and_then(|s| s.drain_timeout_ms)
                 .unwrap_or(self.cfg.drain_timeout_ms),
@@ -329,7 +125,7 @@ impl State {
 
     /// Addresses left on the interface by an earlier run are adopted, so a
     /// restart removes the ones no longer wanted.
-    async fn adopt_existing_vips(&mut self) {
+    pub(super) async fn adopt_existing_vips(&mut self) {
         let Some(ifc) = &self.iface else { return };
         match ifc.addrs().await {
             Ok(a) => {
@@ -344,7 +140,7 @@ impl State {
         }
     }
 
-    async fn reconcile(&mut self, snap: &Snapshot) {
+    pub(super) async fn reconcile(&mut self, snap: &Snapshot) {
         let now = Instant::now();
         let mut wanted_ports: HashSet<PortKey> = HashSet::new();
         let mut wanted_listeners: HashMap<ListenKey, PortKey> = HashMap::new();
@@ -571,7 +367,13 @@ impl State {
     }
 
     /// Rebuilds one service port's balancer from the snapshot.
-    fn update_port(&mut self, snap: &Snapshot, svc: &Service, pk: &PortKey, now: Instant) {
+    pub(super) fn update_port(
+        &mut self,
+        snap: &Snapshot,
+        svc: &Service,
+        pk: &PortKey,
+        now: Instant,
+    ) {
         let sp = match svc.ports.iter().find(|p| p.name == pk.1) {
             Some(p) => p,
             None => return,
@@ -691,7 +493,7 @@ impl State {
         }
     }
 
-    fn start_drain(&mut self, ep: Arc<EpState>, deadline: Instant) {
+    pub(super) fn start_drain(&mut self, ep: Arc<EpState>, deadline: Instant) {
         if ep.removed.swap(true, Relaxed) {
             return;
         }
@@ -699,7 +501,7 @@ impl State {
         self.draining.push((ep, deadline));
     }
 
-    fn next_deadline(&self) -> Instant {
+    pub(super) fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
         let d = self.draining.iter().map(|(_, d)| *d).min().unwrap_or(far);
         let v = self.vips_gone.values().min().copied().unwrap_or(far);
@@ -714,7 +516,7 @@ impl State {
 
     /// Ends drains whose time is up, drops drained endpoints with no
     /// connections left, and removes VIPs no longer wanted.
-    async fn expire(&mut self) {
+    pub(super) async fn expire(&mut self) {
         let now = Instant::now();
         let metrics = &self.metrics;
         self.draining.retain(|(ep, deadline)| {
@@ -752,7 +554,7 @@ impl State {
         }
     }
 
-    fn publish_problems(&self) {
+    pub(super) fn publish_problems(&self) {
         let mut p = Problems::new();
         for (k, msg) in self.failed.values() {
             p.entry(k.clone())
@@ -776,7 +578,7 @@ impl State {
     /// gauges) and publishes the per-service sums for the `stats/` keys.
     /// The sketches of a service's ports merge, so its p99 is over all its
     /// ports' traffic.
-    fn sample_stats(&mut self) {
+    pub(super) fn sample_stats(&mut self) {
         let at = pier_model::now_ms();
         let now = std::time::Instant::now();
         let mut out = StatsMap::new();
@@ -807,7 +609,7 @@ impl State {
         self.stats.send_replace(Arc::new(out));
     }
 
-    async fn shutdown(mut self) {
+    pub(super) async fn shutdown(mut self) {
         for (_, l) in self.listeners.drain() {
             l.cancel.cancel();
         }
@@ -827,85 +629,5 @@ impl State {
             self.conns.wait().await;
         }
         self.sample_stats();
-    }
-}
-
-/// Binds a listener with SO_REUSEADDR, TCP_NODELAY and keepalive (which
-/// accepted sockets inherit).
-fn bind(a: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol_::TCP))?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.set_cloexec(true)?;
-    conn::tune(SockRef::from(&s))?;
-    s.bind(&a.into())?;
-    s.listen(BACKLOG)?;
-    Ok(s.into())
-}
-
-/// Binds a UDP service port's socket.
-fn bind_udp(a: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let s = Socket::new(Domain::for_address(a), Type::DGRAM, Some(Protocol_::UDP))?;
-    s.set_reuse_address(true)?;
-    s.set_nonblocking(true)?;
-    s.set_cloexec(true)?;
-    s.bind(&a.into())?;
-    Ok(s.into())
-}
-
-/// A node port's caps and where its refusals are counted.
-struct Limit {
-    limiter: ConnLimiter,
-    refusals: RefusalCounter,
-}
-
-async fn accept_loop(
-    l: TcpListener,
-    target: Arc<ArcSwap<PortTarget>>,
-    ctx: Arc<Ctx>,
-    conns: TaskTracker,
-    cancel: CancellationToken,
-    limit: Option<Limit>,
-) {
-    // Logged once per listener and reason, not per refused connection.
-    let mut warned: [bool; 2] = [false; 2];
-    loop {
-        let r = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = l.accept() => r,
-        };
-        match r {
-            Ok((s, peer)) => {
-                let slot = match limit.as_ref().map(|lm| lm.limiter.try_acquire(peer.ip())) {
-                    None => None,
-                    Some(Ok(slot)) => Some(slot),
-                    Some(Err(why)) => {
-                        let lm = limit.as_ref().expect("Some above");
-                        lm.refusals.get_or_create(&[("reason", why.as_str())]).inc();
-                        let i = why as usize;
-                        if !warned[i] {
-                            warned[i] = true;
-                            tracing::warn!(client.addr = %peer, reason = why.as_str(), "node port: connection refused by a cap (node_port_max_conns, node_port_max_conns_per_client); logged once per listener");
-                        }
-                        crate::mesh::reset_on_close(&s);
-                        continue;
-                    }
-                };
-                let t = target.load_full();
-                let ctx = ctx.clone();
-                conns.spawn(async move {
-                    conn::serve(ctx, t, s, peer).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
-            }
-        }
     }
 }
