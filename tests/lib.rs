@@ -168,6 +168,21 @@ impl std::ops::Deref for Scenario {
     }
 }
 
+/// A service made by [`AgentProc::run_and_expose`].
+#[derive(Debug, Clone, Copy)]
+pub struct Exposed {
+    pub vip: std::net::IpAddr,
+    /// Its first port's node port, for `--type NodePort`.
+    pub node_port: Option<u16>,
+}
+
+impl Exposed {
+    /// The VIP's port 8080.
+    pub fn vip_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.vip, 8080)
+    }
+}
+
 /// A `pier agent` child process. Dropping it stops the process (SIGTERM,
 /// then SIGKILL) and removes the containers of this run.
 #[derive(Debug)]
@@ -365,6 +380,29 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
         let s = self.cli_ok(&a)?;
         serde_json::from_str(&s)
             .with_context(|| format!("parsing JSON from pier {}: {s}", a.join(" ")))
+    }
+
+    /// `pier run NAME --image TEST_IMAGE --port 8080 RUN…`, then
+    /// `pier expose rs NAME --port 8080 EXPOSE…`: the e2e scenarios'
+    /// replica set behind a service. Returns the service's VIP and node
+    /// port.
+    pub fn run_and_expose(&self, name: &str, run: &[&str], expose: &[&str]) -> Result<Exposed> {
+        let mut args = vec!["run", name, "--image", TEST_IMAGE, "--port", "8080"];
+        args.extend_from_slice(run);
+        self.cli_ok(&args)?;
+        let mut args = vec!["expose", "rs", name, "--port", "8080"];
+        args.extend_from_slice(expose);
+        self.cli_ok(&args)?;
+        let svc = self.cli_json(&["get", "svc", name])?;
+        let vip = svc[0]["vip"]
+            .as_str()
+            .with_context(|| format!("service {name} has no VIP: {svc}"))?
+            .parse()?;
+        let node_port = match svc[0]["ports"][0]["node_port"].as_u64() {
+            Some(p) => Some(u16::try_from(p).with_context(|| format!("node port {p}"))?),
+            None => None,
+        };
+        Ok(Exposed { vip, node_port })
     }
 
     pub fn log_tail(&self) -> String {

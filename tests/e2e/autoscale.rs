@@ -3,11 +3,11 @@
 //! no flapping and no connection failed (issue 15, section 4).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, AgentProc, Scenario, TEST_IMAGE, eventually, http_get};
+use pier_tests::{AgentOpts, AgentProc, Scenario, eventually, http_get};
 use serde_json::Value;
 
 const RS: &str = "as-conns";
@@ -49,8 +49,7 @@ fn autoscale_view(a: &AgentProc) -> Result<Value> {
 #[test]
 fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     let a = Scenario::embedded("as-1", "")?;
-    a.cli_ok(&["run", RS, "--image", TEST_IMAGE, "--port", "8080"])?;
-    a.cli_ok(&["expose", "rs", RS, "--port", "8080"])?;
+    let vip_addr = a.run_and_expose(RS, &[], &[])?.vip_addr();
     let out = a.cli_ok(&[
         "autoscale",
         "rs",
@@ -72,9 +71,6 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
         !o.status.success() && err.contains("--off"),
         "scale of an autoscaled set: {err}"
     );
-    let svc = a.cli_json(&["get", "svc", RS])?;
-    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
-    let vip_addr = SocketAddr::new(vip, 8080);
     eventually(
         Duration::from_secs(20),
         "1 ready pod answering on the VIP",
@@ -235,8 +231,7 @@ fn autoscale_reaction_figures() -> Result<()> {
             .map(|kv| kv.version)
             .unwrap_or(0))
     };
-    a.cli_ok(&["run", RS, "--image", TEST_IMAGE, "--port", "8080"])?;
-    a.cli_ok(&["expose", "rs", RS, "--port", "8080"])?;
+    let vip_addr = a.run_and_expose(RS, &[], &[])?.vip_addr();
     a.cli_ok(&[
         "autoscale",
         "rs",
@@ -250,9 +245,6 @@ fn autoscale_reaction_figures() -> Result<()> {
         "--scale-down-delay",
         "2s",
     ])?;
-    let svc = a.cli_json(&["get", "svc", RS])?;
-    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
-    let vip_addr = SocketAddr::new(vip, 8080);
     let (mut decide, mut started, mut serving) = (vec![], vec![], vec![]);
     for cycle in 0..5 {
         eventually(Duration::from_secs(30), "1 ready pod, alone", || {
@@ -410,10 +402,9 @@ chmod +x /www/cgi-bin/slow && hostname > /www/index.html && exec httpd -f -p 808
 fn p99_first_byte_target_adds_pods_until_latency_is_back_under() -> Result<()> {
     const LAT: &str = "as-lat";
     let a = Scenario::embedded("as-2", "")?;
-    a.cli_ok(&[
-        "run", LAT, "--image", TEST_IMAGE, "--port", "8080", "--", "/bin/sh", "-c", SLOW_CGI,
-    ])?;
-    a.cli_ok(&["expose", "rs", LAT, "--port", "8080"])?;
+    let vip_addr = a
+        .run_and_expose(LAT, &["--", "/bin/sh", "-c", SLOW_CGI], &[])?
+        .vip_addr();
     a.cli_ok(&[
         "autoscale",
         "rs",
@@ -427,9 +418,6 @@ fn p99_first_byte_target_adds_pods_until_latency_is_back_under() -> Result<()> {
         "--scale-down-delay",
         "60s",
     ])?;
-    let svc = a.cli_json(&["get", "svc", LAT])?;
-    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
-    let vip_addr = SocketAddr::new(vip, 8080);
     eventually(Duration::from_secs(20), "the slow CGI answering", || {
         Ok(http_get(&vip_addr, "/cgi-bin/slow")
             .is_ok_and(|(c, b)| c == 200 && b.trim() == "ok")

@@ -79,12 +79,7 @@ fn dns_answers_the_host_and_networks_created_after_the_agent() -> Result<()> {
         "resync_interval_ms = 600000\n\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
     )?;
     let dns = dns_vip(&a)?;
-    a.cli_ok(&[
-        "run", "web", "--image", TEST_IMAGE, "--port", "8080", "--wait",
-    ])?;
-    a.cli_ok(&["expose", "rs", "web", "--port", "8080"])?;
-    let svc = a.cli_json(&["get", "svc", "web"])?;
-    let vip = svc[0]["vip"].as_str().context("web has no VIP")?.to_owned();
+    let vip = a.run_and_expose("web", &["--wait"], &[])?.vip.to_string();
 
     // 1. From the host itself: its query to the DNS VIP leaves from the
     //    VIP's own address, not from loopback. UDP and TCP.

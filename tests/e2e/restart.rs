@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_tests::load::{LoadReport, children, dns_loop, http_loop};
-use pier_tests::{AgentProc, Scenario, TEST_IMAGE, eventually};
+use pier_tests::{AgentProc, Scenario, eventually};
 
 /// Per loop: 150 requests 20 ms apart, about 4 s; the event comes at 1 s.
 const N: u32 = 150;
@@ -79,25 +79,13 @@ fn upgrade_and_worker_crash_under_load() -> Result<()> {
         "restart-1",
         "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
     )?;
-    a.cli_ok(&[
-        "run",
+    let web = a.run_and_expose(
         "web",
-        "--image",
-        TEST_IMAGE,
-        "--port",
-        "8080",
-        "--replicas",
-        "2",
-        "--wait",
-    ])?;
-    a.cli_ok(&[
-        "expose", "rs", "web", "--port", "8080", "--type", "NodePort",
-    ])?;
-    let svc = a.cli_json(&["get", "svc", "web"])?;
-    let vip_ip = svc[0]["vip"].as_str().context("no VIP")?.to_owned();
-    let np = svc[0]["ports"][0]["node_port"]
-        .as_u64()
-        .context("no node port")? as u16;
+        &["--replicas", "2", "--wait"],
+        &["--type", "NodePort"],
+    )?;
+    let np = web.node_port.context("no node port")?;
+    let vip_ip = web.vip.to_string();
     let net = a.service_cidr.strip_suffix(".0/24").context("a /24")?;
     let t = Target {
         node_port: SocketAddr::from(([127, 0, 0, 1], np)),

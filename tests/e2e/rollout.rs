@@ -159,27 +159,23 @@ fn rolling_update_fails_no_request_and_a_never_healthy_image_rolls_back() -> Res
     })?;
     // Swarm's defaults (stop-first, one pod per step) but a 1 s monitor,
     // and a 6 s deadline for the never-healthy image.
-    a.cli_ok(&[
-        "run",
-        "web",
-        "--image",
-        TEST_IMAGE,
-        "--port",
-        "8080",
-        "--replicas",
-        "3",
-        "--update-monitor",
-        "1s",
-        "--update-ready-timeout",
-        "6s",
-        "--update-failure-action",
-        "rollback",
-        "--wait",
-    ])?;
-    a.cli_ok(&["expose", "rs", "web", "--port", "8080"])?;
-    let svc = a.cli_json(&["get", "svc", "web"])?;
-    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
-    let vip_addr = SocketAddr::new(vip, 8080);
+    let vip_addr = a
+        .run_and_expose(
+            "web",
+            &[
+                "--replicas",
+                "3",
+                "--update-monitor",
+                "1s",
+                "--update-ready-timeout",
+                "6s",
+                "--update-failure-action",
+                "rollback",
+                "--wait",
+            ],
+            &[],
+        )?
+        .vip_addr();
     eventually(Duration::from_secs(10), "the VIP answers", || {
         Ok(http_get(&vip_addr, "/").ok().filter(|r| r.0 == 200))
     })?;

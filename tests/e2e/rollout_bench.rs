@@ -11,13 +11,12 @@
 //! Two update configs: Swarm's defaults (stop-first, one pod per step, 5 s
 //! monitor) and a fast one (start-first, two per step, 1 s monitor).
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use pier_tests::{AgentOpts, AgentProc, TEST_IMAGE, ensure_test_image, http_get, run_id};
 use serde_json::Value;
 
@@ -36,25 +35,9 @@ fn rollout_state(a: &AgentProc, rs: &str) -> Result<(u64, String)> {
 }
 
 fn one(a: &AgentProc, name: &str, flags: &[&str], v2: &str) -> Result<(Duration, u32, u32)> {
-    let mut args = vec![
-        "run",
-        name,
-        "--image",
-        TEST_IMAGE,
-        "--port",
-        "8080",
-        "--replicas",
-        "10",
-        "--wait",
-        "--timeout",
-        "120s",
-    ];
+    let mut args = vec!["--replicas", "10", "--wait", "--timeout", "120s"];
     args.extend(flags);
-    a.cli_ok(&args)?;
-    a.cli_ok(&["expose", "rs", name, "--port", "8080"])?;
-    let svc = a.cli_json(&["get", "svc", name])?;
-    let vip: std::net::IpAddr = svc[0]["vip"].as_str().context("no vip")?.parse()?;
-    let addr = SocketAddr::new(vip, 8080);
+    let addr = a.run_and_expose(name, &args, &[])?.vip_addr();
     // The first rollout (creation) must be complete before the update.
     let end = Instant::now() + Duration::from_secs(60);
     while rollout_state(a, name)?.1 != "complete" {
