@@ -478,6 +478,8 @@ async fn the_demo_flow_with_tables_and_json() {
         e.contains("static_endpoints[0].ip: 169.254.169.254 is a link-local address"),
         "{o:?}"
     );
+    // An address is not resolved, so there is no note about resolving.
+    assert!(!o.stderr.contains("note:"), "{o:?}");
     // A host name is resolved by the CLI, once, and it says so (localhost:
     // resolved without a network, then refused as a loopback address).
     let o = a

@@ -209,14 +209,22 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
         return usage(format!("--endpoint: {host:?} has no address"));
     };
     // Resolved here, once: the service holds addresses, not the name (see
-    // ARCHITECTURE.md, "External endpoints by name"). Say so.
-    let of = match addrs.len() {
-        1 => String::new(),
-        n => format!(", the first of {n} addresses"),
-    };
-    eprintln!(
-        "note: --endpoint {s} is {first}{of}, resolved once, now; pier does not resolve {host} again. For a name whose addresses change, use --cname {host} (a DNS alias, resolved at each lookup)"
-    );
+    // ARCHITECTURE.md, "External endpoints by name"). Say so, for a name
+    // (an address is what it says).
+    let literal = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok();
+    if !literal {
+        let of = match addrs.len() {
+            1 => String::new(),
+            n => format!(", the first of {n} addresses"),
+        };
+        eprintln!(
+            "note: --endpoint {s} is {first}{of}, resolved once, now; pier does not resolve {host} again. For a name whose addresses change, use --cname {host} (a DNS alias, resolved at each lookup)"
+        );
+    }
     Ok(StaticEndpoint {
         ip: first.ip(),
         port,
