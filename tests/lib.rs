@@ -527,6 +527,44 @@ pub fn udp_ask(
     Ok(None)
 }
 
+/// After the pod `killed` (which held the flow on `c`) was killed at
+/// `killed_at`: waits up to 10 s for the same socket to be answered by
+/// another `echo-` pod, then checks that 5 more datagrams stay on it.
+/// Returns that pod and how long the move took; `context` is added to a
+/// failure (an agent's log, say).
+pub fn udp_flow_moves_off(
+    c: &std::net::UdpSocket,
+    killed: &str,
+    killed_at: std::time::Instant,
+    context: impl FnOnce() -> String,
+) -> Result<(String, Duration)> {
+    let mut moved = None;
+    while killed_at.elapsed() < Duration::from_secs(10) {
+        if let Some(h) = udp_ask(c, "after", 1, Duration::from_millis(100))?
+            && h != killed
+        {
+            moved = Some(h);
+            break;
+        }
+    }
+    let took = killed_at.elapsed();
+    let moved = moved.with_context(|| {
+        format!(
+            "the flow stayed on the killed pod {killed} for 10 s\n{}",
+            context()
+        )
+    })?;
+    anyhow::ensure!(moved.starts_with("echo-"), "moved to {moved}");
+    for i in 0..5 {
+        let got = udp_ask(c, &format!("n{i}"), 3, Duration::from_millis(500))?;
+        anyhow::ensure!(
+            got.as_deref() == Some(moved.as_str()),
+            "then went to {got:?}"
+        );
+    }
+    Ok((moved, took))
+}
+
 /// Poll `f` every 50 ms until it returns `Some`, or fail after `limit`.
 pub fn eventually<T>(
     limit: Duration,
