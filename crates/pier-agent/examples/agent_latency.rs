@@ -223,6 +223,10 @@ async fn main() -> Result<()> {
         networks: ntx,
         local_targets: tokio::sync::watch::channel(Default::default()).0,
         static_allow: Vec::new(),
+        names: pier_agent::NameLookup::new(
+            pier_dns::lookup::Resolver::new(Vec::new(), Duration::from_secs(1)),
+            &mut Default::default(),
+        ),
     };
     let agent = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));
 

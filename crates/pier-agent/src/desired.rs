@@ -46,6 +46,9 @@ pub(crate) struct View<'a> {
     pub service_cidr: &'a Cidr,
     pub host_addrs: &'a [IpAddr],
     pub static_allow: &'a [Cidr],
+    /// The addresses this agent holds for each static endpoint name
+    /// (`names::normal`); a name not in it has its stored address.
+    pub names: &'a HashMap<String, Vec<IpAddr>>,
     /// Unix milliseconds, for the services it creates.
     pub now_ms: u64,
 }
@@ -277,74 +280,29 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
     // Static endpoints: every node checks them and registers its view.
     for svc in snap.services.values() {
         for (n, se) in svc.static_endpoints.iter().enumerate() {
-            let Ok(id) = Name::new(&format!("static-{n}")) else {
-                continue;
-            };
-            let key = format!("static/{}/{}/{n}", svc.namespace, svc.name);
-            // Defence in depth behind the API's check (a record written
-            // straight into the store, or by an older version): never
-            // health-check, register or so proxy to an address that
-            // reaches this host itself.
-            if let Err(why) = pier_model::addr::check_static_ip(
-                se.ip,
-                v.service_cidr,
-                v.host_addrs,
-                v.static_allow,
-            ) {
-                notes.push(Note::StaticRefused {
-                    key,
-                    service: (svc.namespace.clone(), svc.name.clone()),
-                    addr: SocketAddr::new(se.ip, se.port.get()),
-                    why,
-                });
-                continue;
-            }
-            let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
-                interval_ms: def_interval,
-                timeout_ms: def_timeout,
-                ..HealthCheck::new(HealthKind::Tcp)
-            });
-            if check.kind == HealthKind::Docker {
-                check.kind = HealthKind::Tcp;
-            }
-            let ready = if check.kind == HealthKind::None {
-                Ready::Fixed(true)
-            } else {
-                targets.insert(
-                    key.clone(),
-                    Target {
-                        addr: SocketAddr::new(se.ip, se.port.get()),
-                        check,
-                    },
+            // A name gives one endpoint per address held: `static-<n>`,
+            // then `static-<n>-<m>`.
+            let held = se
+                .name
+                .as_deref()
+                .and_then(|name| v.names.get(&crate::names::normal(name)));
+            let addrs = held.map_or(std::slice::from_ref(&se.ip), |a| a.as_slice());
+            for (m, &ip) in addrs.iter().enumerate() {
+                let at = match m {
+                    0 => n.to_string(),
+                    m => format!("{n}-{m}"),
+                };
+                static_endpoint(
+                    v,
+                    svc,
+                    se.port,
+                    ip,
+                    &at,
+                    &mut targets,
+                    &mut endpoints,
+                    &mut notes,
                 );
-                Ready::Check(key)
-            };
-            let first = svc.ports.first();
-            let protocol = first.map(|p| p.protocol).unwrap_or_default();
-            let port_name = first
-                .map(|p| p.name.clone())
-                .unwrap_or_else(|| protocol.default_port_name(se.port));
-            endpoints.push((
-                keys::endpoint(&svc.namespace, &svc.name, me, &id),
-                Endpoint {
-                    service: svc.name.clone(),
-                    namespace: svc.namespace.clone(),
-                    node: me.clone(),
-                    id,
-                    pod: None,
-                    hostname: None,
-                    ip: se.ip,
-                    ports: vec![EndpointPort {
-                        name: port_name,
-                        port: se.port,
-                        protocol,
-                    }],
-                    ready: false,
-                    is_static: true,
-                    addr: None,
-                },
-                ready,
-            ));
+            }
         }
     }
 
@@ -356,6 +314,82 @@ pub(crate) fn endpoints(v: &View<'_>) -> Endpoints {
         refused,
         notes,
     }
+}
+
+/// This node's view of one address of a static endpoint (`at`: `<n>` or
+/// `<n>-<m>`): checked, health-checked and registered as `static-<at>`.
+#[allow(clippy::too_many_arguments)]
+fn static_endpoint(
+    v: &View<'_>,
+    svc: &Service,
+    port: pier_model::PortNum,
+    ip: IpAddr,
+    at: &str,
+    targets: &mut HashMap<String, Target>,
+    endpoints: &mut Vec<(String, Endpoint, Ready)>,
+    notes: &mut Vec<Note>,
+) {
+    let (def_interval, def_timeout) = v.health;
+    let Ok(id) = Name::new(&format!("static-{at}")) else {
+        return;
+    };
+    let key = format!("static/{}/{}/{at}", svc.namespace, svc.name);
+    let addr = SocketAddr::new(ip, port.get());
+    // Defence in depth behind the API's check (a record written straight
+    // into the store, or by an older version), and the only check of the
+    // addresses a name gives: never health-check, register or so proxy to
+    // an address that reaches this host itself.
+    if let Err(why) =
+        pier_model::addr::check_static_ip(ip, v.service_cidr, v.host_addrs, v.static_allow)
+    {
+        notes.push(Note::StaticRefused {
+            key,
+            service: (svc.namespace.clone(), svc.name.clone()),
+            addr,
+            why,
+        });
+        return;
+    }
+    let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
+        interval_ms: def_interval,
+        timeout_ms: def_timeout,
+        ..HealthCheck::new(HealthKind::Tcp)
+    });
+    if check.kind == HealthKind::Docker {
+        check.kind = HealthKind::Tcp;
+    }
+    let ready = if check.kind == HealthKind::None {
+        Ready::Fixed(true)
+    } else {
+        targets.insert(key.clone(), Target { addr, check });
+        Ready::Check(key)
+    };
+    let first = svc.ports.first();
+    let protocol = first.map(|p| p.protocol).unwrap_or_default();
+    let port_name = first
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| protocol.default_port_name(port));
+    endpoints.push((
+        keys::endpoint(&svc.namespace, &svc.name, v.me, &id),
+        Endpoint {
+            service: svc.name.clone(),
+            namespace: svc.namespace.clone(),
+            node: v.me.clone(),
+            id,
+            pod: None,
+            hostname: None,
+            ip,
+            ports: vec![EndpointPort {
+                name: port_name,
+                port,
+                protocol,
+            }],
+            ready: false,
+            is_static: true,
+            addr: None,
+        },
+        ready,
+    ));
 }
 
 /// Whether the pod of a pod container on this node is still assigned
@@ -589,6 +623,15 @@ mod tests {
     }
 
     fn run(snap: &Snapshot, cs: &[Container], host_addrs: &[IpAddr]) -> Endpoints {
+        run_names(snap, cs, host_addrs, &HashMap::new())
+    }
+
+    fn run_names(
+        snap: &Snapshot,
+        cs: &[Container],
+        host_addrs: &[IpAddr],
+        names: &HashMap<String, Vec<IpAddr>>,
+    ) -> Endpoints {
         let me = name(ME);
         let containers: HashMap<String, Container> =
             cs.iter().map(|c| (c.id.clone(), c.clone())).collect();
@@ -607,8 +650,73 @@ mod tests {
             service_cidr: &"10.213.0.0/16".parse().unwrap(),
             host_addrs,
             static_allow: &[],
+            names,
             now_ms: 42,
         })
+    }
+
+    /// A static endpoint given by name: one endpoint per address this
+    /// agent holds for the name, each checked like any static address;
+    /// without a lookup yet (or from an older version), the stored address.
+    #[test]
+    fn named_static_endpoints_take_the_addresses_held() {
+        let ext = service(serde_json::json!({
+            "name": "ext", "ports": [{"name": "db", "port": 5432, "target_port": 5432}],
+            "static_endpoints": [
+                {"ip": "192.0.2.9", "port": 5432, "name": "DB.example.com."},
+                {"ip": "192.0.2.50", "port": 5433},
+            ],
+        }));
+        let snap = snapshot(&[ext], &[]);
+        let keys_and_ips = |d: &Endpoints| {
+            let mut v: Vec<(String, String)> = d
+                .endpoints
+                .iter()
+                .map(|(k, e, _)| (k.rsplit('/').next().unwrap().to_owned(), e.ip.to_string()))
+                .collect();
+            v.sort();
+            v
+        };
+        let pair = |k: &str, ip: &str| (k.to_owned(), ip.to_owned());
+        let d = run(&snap, &[], &[]);
+        assert_eq!(
+            keys_and_ips(&d),
+            [
+                pair("static-0", "192.0.2.9"),
+                pair("static-1", "192.0.2.50")
+            ]
+        );
+        let names = HashMap::from([(
+            "db.example.com".to_owned(),
+            vec![
+                "198.51.100.7".parse().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+                "198.51.100.8".parse().unwrap(),
+            ],
+        )]);
+        let d = run_names(&snap, &[], &[], &names);
+        assert_eq!(
+            keys_and_ips(&d),
+            [
+                pair("static-0", "198.51.100.7"),
+                pair("static-0-2", "198.51.100.8"),
+                pair("static-1", "192.0.2.50")
+            ]
+        );
+        assert_eq!(
+            d.targets["static/default/ext/0-2"].addr,
+            "198.51.100.8:5432".parse::<SocketAddr>().unwrap()
+        );
+        assert!(
+            matches!(&d.notes[..], [Note::StaticRefused { key, addr, .. }]
+                if key == "static/default/ext/0-1" && addr.to_string() == "127.0.0.1:5432"),
+            "{:?}",
+            d.notes
+        );
+        // Dropped (a failed name past the stale bound): no endpoint from it.
+        let names = HashMap::from([("db.example.com".to_owned(), vec![])]);
+        let d = run_names(&snap, &[], &[], &names);
+        assert_eq!(keys_and_ips(&d), [pair("static-1", "192.0.2.50")]);
     }
 
     /// One table: each container or static endpoint, and what becomes of it.
@@ -783,6 +891,7 @@ mod tests {
             service_cidr: &"10.213.0.0/16".parse().unwrap(),
             host_addrs: &[],
             static_allow: &[],
+            names: &HashMap::new(),
             now_ms: 0,
         });
         assert!(d.endpoints.is_empty() && d.missing_services.is_empty());

@@ -36,6 +36,7 @@ mod agent;
 mod desired;
 mod docker;
 mod health;
+mod names;
 mod spec;
 mod stats;
 
@@ -63,6 +64,10 @@ pub struct AgentConfig {
     /// Whether a labelled container may say `pier.health=none` (ready at
     /// once, never checked).
     pub allow_health_none: bool,
+    /// How long a static endpoint name whose lookups fail keeps the
+    /// addresses of its last answer (counted from that answer) before
+    /// they are dropped. ARCHITECTURE.md, "External endpoints by name".
+    pub static_name_stale_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -78,6 +83,7 @@ impl Default for AgentConfig {
             default_health_timeout_ms: pier_model::HealthCheck::default_timeout_ms(),
             label_namespaces: vec!["default".to_owned()],
             allow_health_none: false,
+            static_name_stale_ms: names::STALE_DEFAULT_MS,
         }
     }
 }
@@ -128,6 +134,13 @@ impl AgentConfig {
                 "agent.label_namespaces has {n:?}, which is neither a namespace name nor \"*\""
             ));
         }
+        if self.static_name_stale_ms < 1000 {
+            return bad(format!(
+                "agent.static_name_stale_ms = {} is too small; use at least 1000 (the default, {}, is an hour)",
+                self.static_name_stale_ms,
+                names::STALE_DEFAULT_MS
+            ));
+        }
         if self
             .registry
             .as_deref()
@@ -166,6 +179,40 @@ pub struct AgentContext {
     /// `[network] static_endpoint_allow`: static endpoint addresses let
     /// through although [`pier_model::addr::check_static_ip`] refuses them.
     pub static_allow: Vec<pier_model::Cidr>,
+    /// Looks up static endpoints given by name.
+    pub names: NameLookup,
+}
+
+/// How the agent looks up the static endpoints given by name (through the
+/// `[dns] upstreams`), and the counter of what came of each lookup,
+/// `pier_static_name_lookups_total{outcome}`: `same`, `changed`, `stale`
+/// (failed, last answer kept), `dropped` (failed past the bound) and
+/// `failed` (failed, nothing held).
+#[derive(Debug, Clone)]
+pub struct NameLookup {
+    resolver: Arc<pier_dns::lookup::Resolver>,
+    lookups: prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl NameLookup {
+    pub fn new(
+        resolver: pier_dns::lookup::Resolver,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> NameLookup {
+        let lookups = prometheus_client::metrics::family::Family::default();
+        registry.register(
+            "static_name_lookups",
+            "Lookups of static endpoint names, by outcome (same, changed, stale, dropped, failed)",
+            lookups.clone(),
+        );
+        NameLookup {
+            resolver: Arc::new(resolver),
+            lookups,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

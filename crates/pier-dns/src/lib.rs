@@ -18,6 +18,9 @@
 //! (loopback and its own addresses), the container networks and the
 //! configured CIDRs get REFUSED.
 //!
+//! [`lookup::Resolver`] asks the same upstreams for the agent: the
+//! addresses of static endpoints given by name.
+//!
 //! It is not a recursive resolver, not DNSSEC-aware (the DO bit is echoed,
 //! nothing is signed), and never reads the store: it works from the
 //! `watch::Receiver<Arc<Snapshot>>` it is given.
@@ -35,6 +38,7 @@ mod acl;
 mod chase;
 pub mod engine;
 mod forward;
+pub mod lookup;
 #[doc(hidden)]
 pub use forward::fuzz_response;
 mod metrics;
@@ -136,6 +140,21 @@ fn bad(field: &'static str, why: impl Into<String>) -> DnsError {
 const MAX_TTL: u32 = 7 * 86400;
 
 impl DnsConfig {
+    /// The upstreams names outside the mesh are asked of: `upstreams`, or
+    /// when it is empty the nameservers of /etc/resolv.conf, read now.
+    pub fn effective_upstreams(&self) -> Vec<SocketAddr> {
+        if !self.upstreams.is_empty() {
+            return self.upstreams.clone();
+        }
+        match std::fs::read_to_string("/etc/resolv.conf") {
+            Ok(t) => forward::resolv_conf_nameservers(&t),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read /etc/resolv.conf: names outside the mesh will get SERVFAIL");
+                Vec::new()
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), DnsError> {
         let d = self.domain.trim_end_matches('.');
         if d.is_empty() {
@@ -259,17 +278,7 @@ impl DnsServer {
         registry: &mut prometheus_client::registry::Registry,
     ) -> Result<DnsServer, DnsError> {
         cfg.validate()?;
-        let upstreams = if cfg.upstreams.is_empty() {
-            match std::fs::read_to_string("/etc/resolv.conf") {
-                Ok(t) => forward::resolv_conf_nameservers(&t),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read /etc/resolv.conf: names outside the mesh will get SERVFAIL");
-                    Vec::new()
-                }
-            }
-        } else {
-            cfg.upstreams.clone()
-        };
+        let upstreams = cfg.effective_upstreams();
         let metrics = metrics::Metrics::new(registry);
         let snap = snapshot.borrow_and_update().clone();
         let updater = zone::ZoneUpdater::new(snap, cfg.zone_params());

@@ -10,6 +10,8 @@ impl Agent {
         let me = self.node.name.clone();
         let snap = self.snap.clone();
         let synced = self.snapshot_synced();
+        self.sync_names();
+        let names = self.names_view();
         let d = desired::endpoints(&desired::View {
             me: &me,
             snap: &snap,
@@ -24,6 +26,7 @@ impl Agent {
             service_cidr: &self.alloc.service_cidr,
             host_addrs: &self.host_addrs,
             static_allow: &self.static_allow,
+            names: &names,
             now_ms: now_ms(),
         });
         let desired::Endpoints {

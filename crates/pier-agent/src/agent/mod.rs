@@ -7,6 +7,7 @@
 
 mod effects;
 mod inputs;
+mod names;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -59,6 +60,11 @@ enum OpMsg {
         result: Result<(), AgentError>,
     },
     Recheck(String),
+    /// A static endpoint name's lookup ended.
+    Looked {
+        name: String,
+        result: Result<pier_dns::lookup::Addresses, pier_dns::lookup::LookupError>,
+    },
     Resync {
         generation: u64,
         seq: u64,
@@ -95,6 +101,9 @@ pub(crate) struct Agent {
     /// Static endpoints already warned about, by (service key, address).
     static_warned: HashSet<(String, SocketAddr)>,
     local_targets: watch::Sender<Arc<HashSet<SocketAddr>>>,
+    name_lookup: crate::NameLookup,
+    /// The static endpoint names held, by `names::normal`.
+    names: HashMap<String, names::NameState>,
 
     snap: Arc<Snapshot>,
     lease: Option<LeaseId>,
@@ -176,6 +185,8 @@ impl Agent {
             host_addrs: host_addrs(),
             static_warned: HashSet::new(),
             local_targets: ctx.local_targets,
+            name_lookup: ctx.names,
+            names: HashMap::new(),
             lease: None,
             docker: None,
             docker_synced: false,
@@ -232,6 +243,7 @@ impl Agent {
         let (mut lease_open, mut snap_open) = (true, true);
         info!(node = %self.node.name, "agent started");
         loop {
+            let next_lookup = self.next_lookup();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Some(m) = drx.recv() => self.on_docker(m).await,
@@ -266,6 +278,8 @@ impl Agent {
                     self.need_reset = true;
                 }
                 _ = retry.tick(), if self.dirty => {}
+                _ = tokio::time::sleep_until(next_lookup.unwrap_or_else(tokio::time::Instant::now)),
+                    if next_lookup.is_some() => self.start_lookups(),
             }
             while let Ok(r) = health_rx.try_recv() {
                 self.on_health(r);
@@ -339,6 +353,7 @@ impl Agent {
                 list,
                 nets,
             } => self.on_resync(generation, seq, list, nets),
+            OpMsg::Looked { name, result } => self.on_looked(name, result),
             OpMsg::Recheck(id) => {
                 if self.containers.get(&id).is_some_and(|c| c.held) {
                     self.inspect_into_map(&id).await;

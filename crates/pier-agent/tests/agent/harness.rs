@@ -358,6 +358,11 @@ impl InProcAgent {
             networks: ntx,
             local_targets: watch::channel(Default::default()).0,
             static_allow: STATIC_ALLOW.with(|a| a.borrow().clone()),
+            // No test here gives a static endpoint by name.
+            names: pier_agent::NameLookup::new(
+                pier_dns::lookup::Resolver::new(Vec::new(), std::time::Duration::from_secs(1)),
+                &mut Default::default(),
+            ),
         };
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(pier_agent::run(cfg, ctx, cancel.clone()));

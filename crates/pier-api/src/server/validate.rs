@@ -122,6 +122,13 @@ pub(super) fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail>
     }
     let host = guard::host_addrs();
     for (i, ep) in svc.static_endpoints.iter().enumerate() {
+        if let Some(name) = &ep.name
+            && let Err(why) = pier_model::check_external_name(name)
+        {
+            return Err(Fail::bad(format!(
+                "static_endpoints[{i}].name: {name:?} {why}"
+            )));
+        }
         if let Err(r) = pier_model::addr::check_static_ip(
             ep.ip,
             &st.alloc.service_cidr,

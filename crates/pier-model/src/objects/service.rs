@@ -239,15 +239,27 @@ pub struct ServicePort {
 }
 
 /// A fixed `host:port` behind a service with no selector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticEndpoint {
+    /// The address; for an endpoint given by `name`, the one the writer
+    /// (the CLI) resolved, used by each agent until its own lookup answers.
     pub ip: IpAddr,
     pub port: PortNum,
+    /// The DNS name the endpoint was given by (`db.example.com`), which
+    /// every agent looks up again at the record's TTL (ARCHITECTURE.md,
+    /// "External endpoints by name"). Records written before names were
+    /// kept have none: their `ip` is used as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
+/// `ip:port`, or `name:port` for an endpoint given by a name.
 impl fmt::Display for StaticEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(name) = &self.name {
+            return write!(f, "{name}:{}", self.port);
+        }
         match self.ip {
             IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
             IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
@@ -266,6 +278,7 @@ impl FromStr for StaticEndpoint {
         Ok(StaticEndpoint {
             ip: sa.ip(),
             port: PortNum::new(sa.port())?,
+            name: None,
         })
     }
 }

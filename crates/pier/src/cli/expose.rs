@@ -201,6 +201,15 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
         return usage(format!("--endpoint: {s:?} is not HOST:PORT"));
     };
     let port = port_arg("--endpoint", port)?;
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    if !name.contains('.') {
+        return usage(format!(
+            "--endpoint: {host:?} is a bare name; every agent looks the name up again through its [dns] upstreams, with no search domains, so give the full name (e.g. db.example.com:{port}) or an address"
+        ));
+    }
+    if let Err(why) = pier_model::check_external_name(&name) {
+        return usage(format!("--endpoint: {host:?} {why}"));
+    }
     let addrs: Vec<_> = tokio::net::lookup_host((host, port.get()))
         .await
         .map_err(|e| Usage(format!("--endpoint: cannot resolve {host:?}: {e}")))?
@@ -208,26 +217,21 @@ async fn resolve_endpoint(s: &str) -> Result<StaticEndpoint> {
     let Some(first) = addrs.first() else {
         return usage(format!("--endpoint: {host:?} has no address"));
     };
-    // Resolved here, once: the service holds addresses, not the name (see
-    // ARCHITECTURE.md, "External endpoints by name"). Say so, for a name
-    // (an address is what it says).
-    let literal = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<std::net::IpAddr>()
-        .is_ok();
-    if !literal {
-        let of = match addrs.len() {
-            1 => String::new(),
-            n => format!(", the first of {n} addresses"),
-        };
-        eprintln!(
-            "note: --endpoint {s} is {first}{of}, resolved once, now; pier does not resolve {host} again. For a name whose addresses change, use --cname {host} (a DNS alias, resolved at each lookup)"
-        );
-    }
+    // The service keeps the name, and every agent looks it up again at its
+    // TTL (ARCHITECTURE.md, "External endpoints by name"); the address
+    // resolved here is checked by the API now and used until an agent's
+    // own lookup answers. Say so, for a name (an address is what it says).
+    let of = match addrs.len() {
+        1 => String::new(),
+        n => format!(" (the first of {n} addresses)"),
+    };
+    eprintln!(
+        "note: --endpoint {s} is {first}{of} now; every agent looks {name} up again through its [dns] upstreams at the record's TTL (5 s to 5 min) and follows its addresses"
+    );
     Ok(StaticEndpoint {
         ip: first.ip(),
         port,
+        name: Some(name),
     })
 }
 
@@ -276,7 +280,10 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         describe_vip_and_ports(&svc),
         svc.static_endpoints
             .iter()
-            .map(|e| e.to_string())
+            .map(|e| match &e.name {
+                Some(_) => format!("{e} (now {})", e.ip),
+                None => e.to_string(),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     );

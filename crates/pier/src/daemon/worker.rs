@@ -128,6 +128,11 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
     )
     .await?;
     let node_addr = cfg.node.addr.unwrap_or_else(default_addr);
+    // Static endpoints given by name are looked up where DNS forwards.
+    let names = pier_agent::NameLookup::new(
+        pier_dns::lookup::Resolver::from_config(&cfg.dns),
+        &mut registry,
+    );
     let agent = start_agent(
         &cfg,
         &node_name,
@@ -137,6 +142,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
         &alloc,
         networks_tx,
         local_targets_tx,
+        names,
         &handoff,
     );
     let supervisor = start_supervisor(&cfg, &node_name, &ctl)?;
@@ -479,6 +485,7 @@ fn start_agent(
     alloc: &AllocConfig,
     networks: watch::Sender<Vec<Cidr>>,
     local_targets: watch::Sender<Arc<pier_proxy::mesh::LocalTargets>>,
+    names: pier_agent::NameLookup,
     handoff: &CancellationToken,
 ) -> Stoppable {
     let dns_vip = alloc.dns_vip();
@@ -515,6 +522,7 @@ fn start_agent(
         networks,
         local_targets,
         static_allow: cfg.network.static_endpoint_allow.clone(),
+        names,
     };
     let cancel = CancellationToken::new();
     let (c, h) = (cancel.clone(), handoff.clone());
