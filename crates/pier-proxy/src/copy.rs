@@ -126,22 +126,32 @@ enum Step {
     Again,
     Eof,
     /// `n` bytes read; `full` when they filled the buffer; `rest` is what
-    /// `dst` did not take at once.
+    /// `dst` did not take at once; `last` when the peer's FIN follows them
+    /// (they were sent corked, for the FIN to go in the same segment).
     Moved {
         n: usize,
         full: bool,
         rest: Option<Vec<u8>>,
+        last: bool,
     },
 }
 
 /// One read from `src` into the shared buffer and as much of a write to
 /// `dst` as it takes now, with no await in between (the buffer is the
 /// thread's).
+///
+/// `closed` is the readiness saying `src`'s peer has sent its FIN. A short
+/// read then took everything before it, so the next read would return 0:
+/// the bytes are sent with MSG_MORE and the caller shuts `dst` down at
+/// once, so that the data and the FIN leave in one segment (as HAProxy
+/// sends them), rather than data, the peer's ACK, then a FIN: two packets
+/// and a read fewer for every connection whose server closes first.
 fn read_write_once(
     src: &TcpStream,
     dst: &TcpStream,
     src_side: Side,
     dst_side: Side,
+    closed: bool,
 ) -> Result<Step, (Side, io::Error)> {
     SHARED.with_borrow_mut(|buf| {
         let mut got = 0usize;
@@ -166,9 +176,18 @@ fn read_write_once(
             Err(e) => return Err((src_side, e)),
         }
         let n = got;
+        let last = closed && n < buf.len();
         let mut off = 0;
         while off < n {
-            match dst.try_write(&buf[off..n]) {
+            let w = if last {
+                dst.try_io(Interest::WRITABLE, || {
+                    rustix::net::send(dst, &buf[off..n], rustix::net::SendFlags::MORE)
+                        .map_err(io::Error::from)
+                })
+            } else {
+                dst.try_write(&buf[off..n])
+            };
+            match w {
                 Ok(m) => off += m,
                 Err(e) if wouldblock(&e) => break,
                 Err(e) => return Err((dst_side, e)),
@@ -178,6 +197,7 @@ fn read_write_once(
             n,
             full: n == buf.len(),
             rest: (off < n).then(|| buf[off..n].to_vec()),
+            last,
         })
     })
 }
@@ -230,15 +250,29 @@ async fn copy_one_tcp(
     cnt: Counters<'_>,
 ) -> CopyResult {
     loop {
-        src.readable().await.map_err(|e| (src_side, e))?;
-        match read_write_once(src, dst, src_side, dst_side)? {
+        let ready = src
+            .ready(Interest::READABLE)
+            .await
+            .map_err(|e| (src_side, e))?;
+        match read_write_once(src, dst, src_side, dst_side, ready.is_read_closed())? {
             Step::Again => continue,
             Step::Eof => return shutdown_write(dst, dst_side, ended),
-            Step::Moved { n, full, rest } => {
+            Step::Moved {
+                n,
+                full,
+                rest,
+                last,
+            } => {
                 if let Some(rest) = rest {
                     write_all(dst, &rest).await.map_err(|e| (dst_side, e))?;
                 }
                 cnt.add(n);
+                if last {
+                    // The FIN flushes what MSG_MORE held back, whether or
+                    // not the other direction has ended.
+                    ended.store(true, Relaxed);
+                    return send_fin(dst, dst_side);
+                }
                 if full && use_splice {
                     break;
                 }

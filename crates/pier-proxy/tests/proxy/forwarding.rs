@@ -145,6 +145,102 @@ async fn half_close_works_without_splice() {
     p.stop().await;
 }
 
+/// A backend that reads one line, sends its reply and its FIN in one
+/// segment (MSG_MORE, then shutdown), then reads on until the client's EOF
+/// and reports how many bytes came after the reply.
+async fn reply_and_fin_backend() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<usize>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut line = [0u8; 3];
+                s.read_exact(&mut line).await.unwrap();
+                assert_eq!(&line, b"hi\n");
+                s.writable().await.unwrap();
+                let sent = rustix::net::send(&s, b"reply\n", rustix::net::SendFlags::MORE).unwrap();
+                assert_eq!(sent, 6);
+                s.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await.unwrap();
+                let _ = tx.send(rest.len());
+            });
+        }
+    });
+    (a, rx)
+}
+
+/// Segments the socket has received, as `ss -ti` reports them
+/// (`segs_in`, the kernel's `tcpi_segs_in`).
+fn segs_in(s: &TcpStream) -> u32 {
+    let (l, r) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+    let out = std::process::Command::new("ss")
+        .args(["-Htin", "src", &l.to_string(), "dst", &r.to_string()])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("segs_in:"))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(v.len(), 1, "one socket {l} -> {r} in ss's answer: {text}");
+    v[0]
+}
+
+/// One exchange with a `reply_and_fin_backend` at `a`: the segments the
+/// client had received when it saw the reply and the EOF; then 1,000 bytes
+/// the other way, after the server's FIN.
+async fn reply_then_fin_exchange(a: std::net::SocketAddr) -> u32 {
+    let mut s = connect_within(a, Duration::from_secs(2)).await;
+    s.write_all(b"hi\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the reply and EOF within 5 s")
+        .unwrap();
+    assert_eq!(out, b"reply\n");
+    let n = segs_in(&s);
+    s.write_all(&[1u8; 1000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    n
+}
+
+/// When the server's reply and FIN arrive together, the proxy sends them
+/// on together too: the client receives as many segments as it does from
+/// the server directly (SYN-ACK, the ACK of its request, reply + FIN), not
+/// one more for a separate FIN. The direction still open goes on: what the
+/// client sends after the server's FIN reaches the server.
+#[tokio::test]
+async fn a_reply_and_its_fin_leave_the_proxy_in_one_segment() {
+    let (be, mut got) = reply_and_fin_backend().await;
+    let direct = reply_then_fin_exchange(be).await;
+    assert_eq!(got.recv().await, Some(1000));
+    let vip = unique_vip();
+    let svc = service("replyfin", vip);
+    for splice in [true, false] {
+        let cfg = pier_proxy::ProxyConfig {
+            splice,
+            ..test_config()
+        };
+        let p = start(cfg, snapshot(&[(&svc, &[endpoint(&svc, "e1", be, true)])]));
+        for i in 0..5 {
+            let via = reply_then_fin_exchange(vip).await;
+            assert_eq!(
+                via, direct,
+                "exchange {i} (splice {splice}): segments received through the proxy vs directly"
+            );
+            assert_eq!(got.recv().await, Some(1000), "exchange {i}");
+        }
+        p.stop().await;
+    }
+}
+
 /// Order-sensitive 64-bit checksum, cheap enough for 1 GiB in a debug build.
 fn checksum(mut h: u64, data: &[u8]) -> u64 {
     for c in data.chunks_exact(8) {
