@@ -49,7 +49,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "IP")]
     pub addr: Option<IpAddr>,
     /// No privileges: no pier0, VIPs from 127.0.0.0/8 (sets the service CIDR
-    /// to 127.213.0.0/16 unless given).
+    /// to 127.213.0.0/16 unless --service-cidr or the config file gives one).
     #[arg(long)]
     pub unprivileged: bool,
     /// Leave pier0 and its addresses in place on shutdown.
@@ -107,7 +107,11 @@ fn apply_args(args: &AgentArgs) -> Result<Config, String> {
     }
     if args.unprivileged {
         cfg.proxy.manage_iface = false;
-        if args.service_cidr.is_none() {
+        // The loopback default replaces the built-in one only: a CIDR the
+        // config file names is kept (and must lie in 127.0.0.0/8, below).
+        if args.service_cidr.is_none()
+            && cfg.network.service_cidr == config::NetworkConfig::default().service_cidr
+        {
             cfg.network.service_cidr = "127.213.0.0/16".parse().expect("valid CIDR");
         }
     }
@@ -288,5 +292,59 @@ fn init_tracing() {
     };
     if let Err(e) = r {
         eprintln!("pier agent: tracing already initialised: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn config_with(args: &[&str], toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("pier.toml");
+        std::fs::write(&f, toml).expect("write config");
+        let mut argv = vec![
+            "agent",
+            "--node",
+            "n1",
+            "--config",
+            f.to_str().expect("utf-8"),
+        ];
+        argv.extend_from_slice(args);
+        build_config(&Cli::try_parse_from(argv).expect("flags").agent)
+    }
+
+    /// --unprivileged picks 127.213.0.0/16 only where nothing else was
+    /// asked for: a second agent on the same host can have its own range.
+    #[test]
+    fn unprivileged_keeps_the_service_cidr_the_config_file_names() {
+        let cidr = |c: Result<Config, String>| c.expect("config").network.service_cidr.to_string();
+        assert_eq!(cidr(config_with(&["--unprivileged"], "")), "127.213.0.0/16");
+        let file = "[network]\nservice_cidr = \"127.50.0.0/16\"\n";
+        assert_eq!(
+            cidr(config_with(&["--unprivileged"], file)),
+            "127.50.0.0/16"
+        );
+        assert_eq!(
+            cidr(config_with(
+                &["--unprivileged", "--service-cidr", "127.60.0.0/16"],
+                file
+            )),
+            "127.60.0.0/16"
+        );
+        // A range off loopback in the file is refused, not replaced.
+        let off = config_with(
+            &["--unprivileged"],
+            "[network]\nservice_cidr = \"10.50.0.0/16\"\n",
+        )
+        .expect_err("10.50.0.0/16 with --unprivileged");
+        assert!(off.contains("must lie in 127.0.0.0/8"), "{off}");
     }
 }

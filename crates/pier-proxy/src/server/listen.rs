@@ -54,9 +54,13 @@ pub(crate) async fn accept_loop(
 ) {
     // Logged once per listener and reason, not per refused connection.
     let mut warned: [bool; 2] = [false; 2];
+    // One wait for the cancellation, not one per accept: each new one
+    // would take the token's lock twice (register, then drop).
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let r = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = &mut cancelled => return,
             r = l.accept() => r,
         };
         match r {
@@ -87,7 +91,7 @@ pub(crate) async fn accept_loop(
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = &mut cancelled => return,
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
