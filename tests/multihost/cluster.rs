@@ -122,6 +122,34 @@ key = "{certs}/node-key.pem"
         Ok(c)
     }
 
+    /// `kill -9` host `i`'s agent (the keeper; its worker dies with it,
+    /// PR_SET_PDEATHSIG): no graceful stop, nothing deregistered.
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        let pid = self.agents[i - 1];
+        run_ok(
+            std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string()),
+        )?;
+        // Reaps it (it is dead already: no SIGTERM grace is waited for).
+        self.topo.host_mut(i).stop(pid);
+        Ok(())
+    }
+
+    /// Start host `i`'s agent again with its config (after `kill_agent`);
+    /// it logs to the same `agent.log`, after the earlier lines.
+    pub fn restart_agent(&mut self, i: usize) -> Result<()> {
+        let cfg = self.topo.host(i).dir.join("pier.toml");
+        let cfg = cfg.to_string_lossy().into_owned();
+        let pier = self.pier.clone();
+        let pid = self
+            .topo
+            .host_mut(i)
+            .spawn_agent(&pier, &["--config", &cfg])?;
+        self.agents[i - 1] = pid;
+        Ok(())
+    }
+
     pub fn api() -> SocketAddr {
         API.parse().expect("API address")
     }

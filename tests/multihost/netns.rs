@@ -104,6 +104,11 @@ where
     })
 }
 
+/// Open `path` for appending, creating it if needed.
+fn append(path: &Path) -> std::io::Result<fs::File> {
+    fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
 fn ip() -> Command {
     Command::new("ip")
 }
@@ -140,6 +145,9 @@ pub struct Host {
     cgroup_parent: String,
     containerd_ns: String,
     dockerd: Option<Child>,
+    /// This host's etcd member (`Topology::start_etcd_cluster`): its PID
+    /// and its command line, to start it again after a kill.
+    etcd: Option<(u32, Vec<std::ffi::OsString>)>,
     /// Processes started in this host with `spawn`, killed in `Drop`.
     children: Vec<Child>,
 }
@@ -193,7 +201,9 @@ impl Host {
     /// dockerd (`DOCKER_HOST`), logging to `<dir>/agent.log`. Killed (by
     /// PID) on drop. Returns its PID.
     pub fn spawn_agent(&mut self, pier: &Path, args: &[&str]) -> Result<u32> {
-        let log = fs::File::create(self.dir.join("agent.log")).context("agent log")?;
+        // Appended to: an agent restarted by a test (the chaos run) keeps
+        // the earlier runs' lines.
+        let log = append(&self.dir.join("agent.log")).context("agent log")?;
         let mut c = self.command(pier);
         c.arg("agent")
             .args(args)
@@ -257,11 +267,46 @@ impl Host {
         Ok(())
     }
 
+    /// Stop this host's dockerd (SIGTERM: it stops its containers, as on
+    /// `systemctl restart docker` without live-restore), wait `down`, and
+    /// start it again; returns once it answers.
+    pub fn restart_dockerd(&mut self, down: Duration) -> Result<()> {
+        if let Some(mut c) = self.dockerd.take() {
+            stop_child(&mut c, Duration::from_secs(30));
+        }
+        std::thread::sleep(down);
+        self.start_dockerd()
+    }
+
+    /// SIGKILL this host's etcd member (started by `start_etcd_cluster`).
+    pub fn kill_etcd(&mut self) -> Result<()> {
+        let (pid, _) = self.etcd.as_ref().context("no etcd member on this host")?;
+        let pid = *pid;
+        signal(pid, "KILL");
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.swap_remove(i);
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Start this host's etcd member again with its first command line (its
+    /// data dir is kept, so it rejoins as the same member).
+    pub fn restart_etcd(&mut self) -> Result<()> {
+        let (_, args) = self.etcd.take().context("no etcd member on this host")?;
+        let log = append(&self.dir.join("etcd.log"))?;
+        let mut c = self.command("etcd");
+        c.args(&args).stdout(log.try_clone()?).stderr(log);
+        let pid = self.spawn(c)?;
+        self.etcd = Some((pid, args));
+        Ok(())
+    }
+
     fn start_dockerd(&mut self) -> Result<()> {
         for d in [self.dir.join("data"), self.exec_root.clone()] {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let log = fs::File::create(self.dir.join("dockerd.log")).context("dockerd log")?;
+        let log = append(&self.dir.join("dockerd.log")).context("dockerd log")?;
         let mut cmd = self.command("dockerd");
         cmd.arg("--data-root")
             .arg(self.dir.join("data"))
@@ -556,6 +601,7 @@ impl Topology {
                 cgroup_parent: format!("pier-mh-{}-h{i}", self.id),
                 containerd_ns: format!("pier-mh-{}-h{i}", self.id),
                 dockerd: None,
+                etcd: None,
                 children: Vec::new(),
             };
             self.hosts.push(host);
@@ -680,7 +726,7 @@ impl Topology {
         let token = format!("pier-mh-{}", self.id);
         for h in &mut self.hosts {
             let data = h.dir.join("etcd");
-            let log = fs::File::create(h.dir.join("etcd.log"))?;
+            let log = append(&h.dir.join("etcd.log"))?;
             let mut c = h.command("etcd");
             c.arg("--name")
                 .arg(&h.netns)
@@ -705,7 +751,11 @@ impl Topology {
                 .arg("--pre-vote")
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            h.spawn(c)?;
+            // The args after `nsenter --net=… -- etcd`.
+            let args: Vec<std::ffi::OsString> =
+                c.get_args().skip(3).map(|a| a.to_owned()).collect();
+            let pid = h.spawn(c)?;
+            h.etcd = Some((pid, args));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for h in &self.hosts {
