@@ -22,8 +22,10 @@
 //!
 //! "Converged" is: every agent ready (store fresh), every host sees the 3
 //! nodes ready, `web` has exactly its desired count of pods and all are
-//! running and ready, and every host's ready endpoints of `web` are those
-//! pods; after an etcd fault, also the member's `endpoint health`.
+//! running and ready, every host's ready endpoints of `web` are those
+//! pods, and the containers running on the dockerds are those pods (no
+//! orphan left on a healed host); after an etcd fault, also the member's
+//! `endpoint health`.
 //!
 //! The checker then reports, and fails the test on:
 //! - a failed request that no fault explains: a cut explains the failures
@@ -85,6 +87,13 @@ fn chaos_run() -> Result<()> {
 #[ignore = "10 minutes: run with --ignored (RELIABILITY.md)"]
 fn chaos_ten_minutes() -> Result<()> {
     chaos(secs_from_env(600)?)
+}
+
+/// `/proc/loadavg`'s 1, 5 and 15 minute figures.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn secs_from_env(default: u64) -> Result<Duration> {
@@ -266,7 +275,11 @@ fn chaos(secs: Duration) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos() as u64,
     };
-    eprintln!("chaos: CHAOS_SEED={seed} CHAOS_SECS={}", secs.as_secs());
+    eprintln!(
+        "chaos: CHAOS_SEED={seed} CHAOS_SECS={} load average {}",
+        secs.as_secs(),
+        loadavg()
+    );
     let mut rng = Rng(seed);
     let mut c = Cluster::start(K, HOSTS)?;
     c.cli(
@@ -344,17 +357,26 @@ fn chaos(secs: Duration) -> Result<()> {
             Ok((sh.warm.load(Ordering::SeqCst) == HOSTS).then_some(()))
         })
         .is_ok();
-    let result = (|| -> Result<(Vec<Fault>, bool)> {
+    let result = (|| -> Result<(Vec<Fault>, bool, Result<()>)> {
         ensure!(
             start_ok,
             "the cluster did not converge before the first fault{}",
             c.logs()
         );
         let mut faults = Vec::new();
+        let mut injected = Ok(());
         let deadline = sh.now() + secs;
         let mut all_converged = true;
         while sh.now() < deadline {
-            let mut f = inject(&mut c, &mut rng, &sh)?;
+            let mut f = match inject(&mut c, &mut rng, &sh) {
+                Ok(f) => f,
+                Err(e) => {
+                    // Still check and report what ran.
+                    eprintln!("chaos: injecting a fault failed: {e:#}");
+                    injected = Err(e);
+                    break;
+                }
+            };
             let n = faults.len() + 1;
             let etcd = (f.kind == Kind::EtcdKill).then_some(f.host);
             f.converged = wait_converged(&sh, etcd, &c).map(|at| at.saturating_sub(f.end));
@@ -379,7 +401,7 @@ fn chaos(secs: Duration) -> Result<()> {
             }
             std::thread::sleep(rng.millis(500, 2000));
         }
-        Ok((faults, all_converged))
+        Ok((faults, all_converged, injected))
     })();
     // A little traffic after the last convergence, then stop everything.
     std::thread::sleep(Duration::from_secs(2));
@@ -395,14 +417,16 @@ fn chaos(secs: Duration) -> Result<()> {
         t.join()
             .map_err(|_| anyhow::anyhow!("monitor panicked"))??;
     }
-    let (faults, all_converged) = result?;
+    let (faults, all_converged, injected) = result?;
+    let store = store_view(&c).context("reading the writes back from etcd")?;
     let samples: Vec<Vec<Sample>> = sh
         .samples
         .iter()
         .map(|m| m.lock().unwrap().clone())
         .collect();
-    let report = check(seed, secs, &faults, &reqs, &samples, &writes);
-    eprintln!("{}", report.text);
+    let report = check(seed, secs, &faults, &reqs, &samples, &store, &writes);
+    eprintln!("{}\nload average at the end: {}", report.text, loadavg());
+    injected?;
     ensure!(
         all_converged,
         "a fault was not followed by convergence within {CONVERGE_LIMIT:?}"
@@ -413,6 +437,46 @@ fn chaos(secs: Duration) -> Result<()> {
         report.problems.join("\n")
     );
     Ok(())
+}
+
+/// The replica count of `web` and the node label overlays, read straight
+/// from etcd (host 1's member), as a [`Sample`].
+fn store_view(c: &Cluster) -> Result<Sample> {
+    use pier_model::{Name, Namespace, keys};
+    let get = |key: &str| -> Result<Option<Value>> {
+        let out = c.topo.host(1).exec(&[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2379",
+            "get",
+            key,
+            "--print-value-only",
+        ])?;
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if v.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            serde_json::from_str(&v).with_context(|| format!("{key}: {v}"))?,
+        ))
+    };
+    let mut s = Sample {
+        ok: true,
+        ..Sample::default()
+    };
+    let rs = get(&keys::replicaset(&Namespace::default(), &Name::new("web")?))?;
+    s.desired = rs.and_then(|v| v["replicas"].as_u64());
+    for i in 1..=HOSTS {
+        let node = format!("h{i}");
+        let labels = get(&keys::node_labels(&Name::new(&node)?))?
+            .and_then(|v| v["labels"].as_object().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_str()?.to_owned())))
+            .collect();
+        s.labels.insert(node, labels);
+    }
+    Ok(s)
 }
 
 /// Inject one fault, chosen with `rng`, and end it; returns it with its
@@ -448,12 +512,23 @@ fn inject(c: &mut Cluster, rng: &mut Rng, sh: &Shared) -> Result<Fault> {
             }
             let (i, name) = victim.context("no pod of web runs on any host")?;
             host = i;
-            c.topo.host(i).docker(&["kill", &name])?;
+            // It may have stopped since `docker ps` (an orphan removed after
+            // a heal): that is no fault of the cluster's.
+            if let Err(e) = c.topo.host(i).docker(&["kill", &name]) {
+                let e = format!("{e:#}");
+                ensure!(
+                    e.contains("is not running") || e.contains("No such container"),
+                    "{e}"
+                );
+                detail = format!("{name}: gone before the kill");
+            }
             // pier names a pod's container `pier-<ns>-<pod>`.
-            detail = name
-                .strip_prefix("pier-default-")
-                .unwrap_or(&name)
-                .to_owned();
+            if detail.starts_with("down") {
+                detail = name
+                    .strip_prefix("pier-default-")
+                    .unwrap_or(&name)
+                    .to_owned();
+            }
         }
         Kind::AgentKill => {
             c.kill_agent(host)?;
@@ -529,6 +604,7 @@ fn wait_converged(sh: &Shared, etcd: Option<usize>, c: &Cluster) -> Option<Durat
             && latest.len() == HOSTS
             && latest.iter().all(|s| s.at > from)
             && converged(&latest)
+            && containers_are(c, &latest[0].pods)
         {
             // The last of the samples that showed it.
             return latest.iter().map(|s| s.at).max();
@@ -536,6 +612,29 @@ fn wait_converged(sh: &Shared, etcd: Option<usize>, c: &Cluster) -> Option<Durat
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+/// Whether the running containers of `web` on all hosts are exactly
+/// `pods` (no orphan left running, none missing).
+fn containers_are(c: &Cluster, pods: &BTreeSet<String>) -> bool {
+    let mut running = BTreeSet::new();
+    for h in &c.topo.hosts {
+        let Ok(out) = h.docker(&[
+            "ps",
+            "--filter",
+            "label=pier.replicaset=web",
+            "--format",
+            "{{.Label \"pier.pod\"}}",
+        ]) else {
+            return false;
+        };
+        for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if !running.insert(p.to_owned()) {
+                return false;
+            }
+        }
+    }
+    running == *pods
 }
 
 /// Poll host `h`'s API until told to stop.
@@ -750,6 +849,7 @@ fn check(
     faults: &[Fault],
     reqs: &[Req],
     samples: &[Vec<Sample>],
+    store: &Sample,
     writes: &[WriteRec],
 ) -> Report {
     let mut problems = Vec::new();
@@ -840,10 +940,13 @@ fn check(
 
     // 3. Acknowledged writes, against the final state on every host.
     let mut lost = Vec::new();
-    let finals: Vec<&Sample> = samples
+    // Each host's last view, and etcd itself.
+    let mut finals: Vec<(String, &Sample)> = samples
         .iter()
-        .filter_map(|ss| ss.iter().rev().find(|s| s.ok))
+        .enumerate()
+        .filter_map(|(i, ss)| Some((format!("h{}", i + 1), ss.iter().rev().find(|s| s.ok)?)))
         .collect();
+    finals.push(("etcd".to_owned(), store));
     type Reg = (String, String);
     let mut regs: BTreeMap<Reg, Vec<(String, bool)>> = BTreeMap::new();
     for w in writes {
@@ -858,7 +961,7 @@ fn check(
             continue;
         };
         let allowed: BTreeSet<&str> = hist[last_ack..].iter().map(|(v, _)| v.as_str()).collect();
-        for (fi, f) in finals.iter().enumerate() {
+        for (who, f) in &finals {
             let got = if a == "rs" {
                 f.desired.map(|d| d.to_string())
             } else {
@@ -866,8 +969,7 @@ fn check(
             };
             if !got.as_deref().is_some_and(|g| allowed.contains(g)) {
                 lost.push(format!(
-                    "{a}/{b}: host {} shows {got:?}, the last acknowledged write was {:?} (allowed {allowed:?})",
-                    fi + 1,
+                    "{a}/{b}: {who} shows {got:?}, the last acknowledged write was {:?} (allowed {allowed:?})",
                     hist[last_ack].0
                 ));
             }
