@@ -45,7 +45,10 @@
 //! after each fault. The results are in RELIABILITY.md.
 //!
 //! `CHAOS_SECS` (default 60, or 600 for `chaos_ten_minutes`) is the time
-//! faults are started in.
+//! faults are started in; `CHAOS_FAULTS` (say `dockerd,cut`) limits the
+//! kinds; on a failure the hosts' logs are kept in
+//! `$TMPDIR/pier-chaos-<seed>/` (`PIER_LOG` reaches the agents, e.g.
+//! `info,pier_proxy=debug`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -145,6 +148,37 @@ impl Kind {
         Kind::EtcdKill,
         Kind::Cut,
     ];
+    /// The short name `CHAOS_FAULTS` takes.
+    fn short(self) -> &'static str {
+        match self {
+            Kind::PodKill => "pod",
+            Kind::AgentKill => "agent",
+            Kind::DockerdRestart => "dockerd",
+            Kind::EtcdKill => "etcd",
+            Kind::Cut => "cut",
+        }
+    }
+
+    /// `CHAOS_FAULTS` (a comma-separated list of `pod`, `agent`,
+    /// `dockerd`, `etcd`, `cut`), every kind when unset.
+    fn from_env() -> Result<Vec<Kind>> {
+        let Ok(v) = std::env::var("CHAOS_FAULTS") else {
+            return Ok(Kind::ALL.to_vec());
+        };
+        v.split(',')
+            .map(|w| {
+                Kind::ALL
+                    .into_iter()
+                    .find(|k| k.short() == w.trim())
+                    .with_context(|| {
+                        format!(
+                            "CHAOS_FAULTS={v:?}: {w:?} is not one of pod, agent, dockerd, etcd, cut"
+                        )
+                    })
+            })
+            .collect()
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::PodKill => "pod kill",
@@ -280,6 +314,7 @@ fn chaos(secs: Duration) -> Result<()> {
         secs.as_secs(),
         loadavg()
     );
+    let kinds = Kind::from_env()?;
     let mut rng = Rng(seed);
     let mut c = Cluster::start(K, HOSTS)?;
     c.cli(
@@ -368,7 +403,7 @@ fn chaos(secs: Duration) -> Result<()> {
         let deadline = sh.now() + secs;
         let mut all_converged = true;
         while sh.now() < deadline {
-            let mut f = match inject(&mut c, &mut rng, &sh) {
+            let mut f = match inject(&mut c, &kinds, &mut rng, &sh) {
                 Ok(f) => f,
                 Err(e) => {
                     // Still check and report what ran.
@@ -426,6 +461,9 @@ fn chaos(secs: Duration) -> Result<()> {
         .collect();
     let report = check(seed, secs, &faults, &reqs, &samples, &store, &writes);
     eprintln!("{}\nload average at the end: {}", report.text, loadavg());
+    if injected.is_err() || !all_converged || !report.problems.is_empty() {
+        keep_logs(&c, seed);
+    }
     injected?;
     ensure!(
         all_converged,
@@ -437,6 +475,25 @@ fn chaos(secs: Duration) -> Result<()> {
         report.problems.join("\n")
     );
     Ok(())
+}
+
+/// Copy every host's agent, dockerd and etcd log to
+/// `$TMPDIR/pier-chaos-<seed>/` (the topology's own dir goes with it).
+fn keep_logs(c: &Cluster, seed: u64) {
+    let dir = std::env::temp_dir().join(format!("pier-chaos-{seed}"));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("chaos: cannot keep the logs in {}: {e}", dir.display());
+        return;
+    }
+    for h in &c.topo.hosts {
+        for f in ["agent.log", "dockerd.log", "etcd.log"] {
+            let to = dir.join(format!("h{}-{f}", h.index));
+            if let Err(e) = std::fs::copy(h.dir.join(f), &to) {
+                eprintln!("chaos: copying {f} of h{}: {e}", h.index);
+            }
+        }
+    }
+    eprintln!("chaos: the hosts' logs are in {}", dir.display());
 }
 
 /// The replica count of `web` and the node label overlays, read straight
@@ -481,8 +538,8 @@ fn store_view(c: &Cluster) -> Result<Sample> {
 
 /// Inject one fault, chosen with `rng`, and end it; returns it with its
 /// times (not yet `converged`).
-fn inject(c: &mut Cluster, rng: &mut Rng, sh: &Shared) -> Result<Fault> {
-    let kind = Kind::ALL[rng.below(Kind::ALL.len())];
+fn inject(c: &mut Cluster, kinds: &[Kind], rng: &mut Rng, sh: &Shared) -> Result<Fault> {
+    let kind = kinds[rng.below(kinds.len())];
     let mut host = 1 + rng.below(HOSTS);
     let hold = rng.millis(1000, 6000);
     let start = sh.now();
