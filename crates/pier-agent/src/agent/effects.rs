@@ -105,13 +105,23 @@ impl Agent {
         if synced && self.docker_synced {
             self.pod_errors
                 .retain(|k, _| snap.pods.get(k).is_some_and(|p| p.node == me));
+            self.pod_waiting
+                .retain(|k, at| at.elapsed() < DOCKERD_WAIT && snap.pods.contains_key(k));
+            // A pod waiting for dockerd counts as starting: pending, and
+            // not started again yet.
+            let starting: HashSet<ObjectKey> = self
+                .starting
+                .iter()
+                .chain(self.pod_waiting.keys())
+                .cloned()
+                .collect();
             let plan = desired::pods(
                 &desired::PodView {
                     me: &me,
                     snap: &snap,
                     containers: &self.containers,
                     pod_errors: &self.pod_errors,
-                    starting: &self.starting,
+                    starting: &starting,
                     removing: &self.removing,
                     container_ready: &container_ready,
                 },

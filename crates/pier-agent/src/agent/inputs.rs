@@ -9,6 +9,7 @@ impl Agent {
             DockerMsg::Up(d) => {
                 info!("connected to dockerd");
                 self.docker = Some(d);
+                self.pod_waiting.clear();
                 self.resync_docker(true);
             }
             DockerMsg::Down(why) => {

@@ -12,7 +12,7 @@ mod names;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::models::EventMessage;
@@ -36,6 +36,10 @@ use crate::{AgentConfig, AgentContext, AgentError};
 /// a failed write is retried every [`RETRY`].
 const STORE_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY: Duration = Duration::from_millis(500);
+/// How long a pod whose start found dockerd unreachable waits before it is
+/// tried again, when no reconnect to dockerd comes first (a blip the
+/// Docker task did not see as a disconnect).
+const DOCKERD_WAIT: Duration = Duration::from_secs(5);
 /// After a `kill` event, look again this much later: a signal that did not
 /// end the container gives it back its endpoint.
 const KILL_RECHECK: Duration = Duration::from_secs(1);
@@ -140,6 +144,10 @@ pub(crate) struct Agent {
     need_reset: bool,
     dirty: bool,
     starting: HashSet<ObjectKey>,
+    /// Pods whose start found dockerd unreachable, and when: not started
+    /// again until dockerd is back (`DockerMsg::Up`) or
+    /// [`DOCKERD_WAIT`] has passed.
+    pod_waiting: HashMap<ObjectKey, Instant>,
     removing: HashSet<String>,
     pod_errors: HashMap<ObjectKey, String>,
     services_created: HashSet<ObjectKey>,
@@ -208,6 +216,7 @@ impl Agent {
             need_reset: true,
             dirty: false,
             starting: HashSet::new(),
+            pod_waiting: HashMap::new(),
             removing: HashSet::new(),
             pod_errors: HashMap::new(),
             services_created: HashSet::new(),
@@ -326,6 +335,13 @@ impl Agent {
                     Ok(id) => {
                         info!(pod = %pod.1, namespace = %pod.0, container.id = %id, "pod container started");
                         self.inspect_into_map(&id).await;
+                    }
+                    Err(e) if e.dockerd_unreachable() => {
+                        // Not the pod's fault: it stays pending (not failed,
+                        // so not replaced with a backoff) and starts again
+                        // when dockerd is back.
+                        warn!(pod = %pod.1, namespace = %pod.0, error = %e, "dockerd unreachable; the pod stays pending until it answers");
+                        self.pod_waiting.insert(pod.clone(), Instant::now());
                     }
                     Err(e) => {
                         warn!(pod = %pod.1, namespace = %pod.0, error = %e, "pod could not be started");

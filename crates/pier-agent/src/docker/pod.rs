@@ -140,6 +140,38 @@ pub(crate) enum PodError {
     },
 }
 
+impl PodError {
+    /// dockerd did not answer at all (stopped, restarting, its socket
+    /// gone): nothing is wrong with the pod, so it is not failed; it is
+    /// started again once dockerd answers.
+    pub(crate) fn dockerd_unreachable(&self) -> bool {
+        match self {
+            PodError::Pull { source, .. }
+            | PodError::InspectImage { source, .. }
+            | PodError::InspectExisting { source, .. }
+            | PodError::Create { source, .. }
+            | PodError::Start { source, .. } => unreachable(source),
+            PodError::NoImage { .. } | PodError::NameTaken { .. } | PodError::NoId { .. } => false,
+        }
+    }
+}
+
+/// Whether `e` says dockerd could not be reached (no connection made),
+/// rather than that it refused or failed a request.
+pub(crate) fn unreachable(e: &bollard::errors::Error) -> bool {
+    use bollard::errors::Error as E;
+    use std::io::ErrorKind;
+    match e {
+        E::HyperLegacyError { err } => err.is_connect(),
+        E::SocketNotFoundError(_) => true,
+        E::IOError { err } => matches!(
+            err.kind(),
+            ErrorKind::ConnectionRefused | ErrorKind::NotFound
+        ),
+        _ => false,
+    }
+}
+
 /// Make a pod's container exist and start it. Returns the container id.
 pub(crate) async fn start_pod(d: &Docker, pod: &Pod, s: &PodSettings) -> Result<String, PodError> {
     let mut image = pod.template.image.clone();
@@ -293,5 +325,41 @@ pub(crate) async fn remove_pod_container(d: &Docker, id: &str) -> Result<(), Age
             what: format!("remove container {id}"),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inspect(source: bollard::errors::Error) -> PodError {
+        PodError::InspectImage {
+            image: "x".into(),
+            source,
+        }
+    }
+
+    /// dockerd gone (its socket missing, the connection refused) is not the
+    /// pod's failure; dockerd answering with an error is.
+    #[test]
+    fn dockerd_unreachable_only_when_no_connection_was_made() {
+        use bollard::errors::Error as E;
+        use std::io::{Error as IoError, ErrorKind};
+        assert!(inspect(E::SocketNotFoundError("/run/docker.sock".into())).dockerd_unreachable());
+        for kind in [ErrorKind::ConnectionRefused, ErrorKind::NotFound] {
+            let err = IoError::new(kind, "x");
+            assert!(
+                inspect(E::IOError { err }).dockerd_unreachable(),
+                "{kind:?}"
+            );
+        }
+        let err = IoError::new(ErrorKind::PermissionDenied, "x");
+        assert!(!inspect(E::IOError { err }).dockerd_unreachable());
+        let answered = E::DockerResponseServerError {
+            status_code: 500,
+            message: "boom".into(),
+        };
+        assert!(!inspect(answered).dockerd_unreachable());
+        assert!(!PodError::NoImage { image: "x".into() }.dockerd_unreachable());
     }
 }
