@@ -197,6 +197,9 @@ struct Fault {
     host: usize,
     detail: String,
     start: Duration,
+    /// When the kill, the stop or the cut had been done (the command
+    /// returned).
+    hit: Duration,
     /// When it ended: the restart or the heal (the kill, for a pod kill).
     end: Duration,
     /// How long after `end` the cluster converged (`None`: not within
@@ -262,6 +265,7 @@ struct WriteRec {
 struct Shared {
     t0: Instant,
     stop: AtomicBool,
+    stop_writes: AtomicBool,
     /// Clients whose first request was answered (they log from then on).
     warm: std::sync::atomic::AtomicUsize,
     samples: Vec<Mutex<Vec<Sample>>>,
@@ -352,9 +356,16 @@ fn chaos(secs: Duration) -> Result<()> {
 
     let infos = hosts(&c);
     let pier = c.pier.clone();
+    eprintln!(
+        "chaos: t0 (times below are since) = {:.3} s since the epoch (agents' logs are in UTC)",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64()
+    );
     let sh = Arc::new(Shared {
         t0: Instant::now(),
         stop: AtomicBool::new(false),
+        stop_writes: AtomicBool::new(false),
         warm: std::sync::atomic::AtomicUsize::new(0),
         samples: (0..HOSTS).map(|_| Mutex::new(Vec::new())).collect(),
     });
@@ -438,12 +449,14 @@ fn chaos(secs: Duration) -> Result<()> {
         }
         Ok((faults, all_converged, injected))
     })();
-    // A little traffic after the last convergence, then stop everything.
-    std::thread::sleep(Duration::from_secs(2));
-    sh.stop.store(true, Ordering::SeqCst);
+    // The writes stop first, so that the monitors' last samples (2 s
+    // later) show the last acknowledged one; then everything stops.
+    sh.stop_writes.store(true, Ordering::SeqCst);
     let writes = writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    std::thread::sleep(Duration::from_secs(2));
+    sh.stop.store(true, Ordering::SeqCst);
     let mut reqs = Vec::new();
     for t in clients {
         reqs.extend(t.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
@@ -543,6 +556,7 @@ fn inject(c: &mut Cluster, kinds: &[Kind], rng: &mut Rng, sh: &Shared) -> Result
     let mut host = 1 + rng.below(HOSTS);
     let hold = rng.millis(1000, 6000);
     let start = sh.now();
+    let hit;
     let mut detail = format!("down {:.1}s", hold.as_secs_f64());
     match kind {
         Kind::PodKill => {
@@ -579,6 +593,7 @@ fn inject(c: &mut Cluster, kinds: &[Kind], rng: &mut Rng, sh: &Shared) -> Result
                 );
                 detail = format!("{name}: gone before the kill");
             }
+            hit = sh.now();
             // pier names a pod's container `pier-<ns>-<pod>`.
             if detail.starts_with("down") {
                 detail = name
@@ -589,19 +604,25 @@ fn inject(c: &mut Cluster, kinds: &[Kind], rng: &mut Rng, sh: &Shared) -> Result
         }
         Kind::AgentKill => {
             c.kill_agent(host)?;
+            hit = sh.now();
             std::thread::sleep(hold);
             c.restart_agent(host)?;
         }
         Kind::DockerdRestart => {
-            c.topo.host_mut(host).restart_dockerd(hold)?;
+            c.topo.host_mut(host).stop_dockerd();
+            hit = sh.now();
+            std::thread::sleep(hold);
+            c.topo.host_mut(host).start_dockerd()?;
         }
         Kind::EtcdKill => {
             c.topo.host_mut(host).kill_etcd()?;
+            hit = sh.now();
             std::thread::sleep(hold);
             c.topo.host_mut(host).restart_etcd()?;
         }
         Kind::Cut => {
             c.topo.cut(host)?;
+            hit = sh.now();
             std::thread::sleep(hold);
             c.topo.heal(host)?;
         }
@@ -611,6 +632,7 @@ fn inject(c: &mut Cluster, kinds: &[Kind], rng: &mut Rng, sh: &Shared) -> Result
         host,
         detail,
         start,
+        hit,
         end: sh.now(),
         converged: None,
     })
@@ -855,7 +877,7 @@ fn writer(sh: &Shared, hosts: &[HostInfo], pier: &PathBuf, seed: u64) -> Result<
     let mut out = Vec::new();
     let mut n = 0u64;
     // Bounded by the stop flag, and by count.
-    while !sh.stop.load(Ordering::SeqCst) && n < 100_000 {
+    while !sh.stop_writes.load(Ordering::SeqCst) && n < 100_000 {
         n += 1;
         let h = &hosts[rng.below(hosts.len())];
         let op = if n % 2 == 0 {
@@ -919,13 +941,20 @@ fn check(
     );
 
     // 1. Failed requests and what explains them.
-    let explain = |r: &Req| -> Option<(usize, &'static str)> {
-        for (n, f) in faults.iter().enumerate() {
+    let explain = |r: &Req| -> Option<&'static str> {
+        for f in faults {
             let overlaps = r.start <= f.explains_until() && r.end >= f.start;
+            let in_flight = r.start <= f.hit && r.end >= f.start;
             match f.kind {
-                Kind::Cut if overlaps => return Some((n + 1, "cut")),
+                Kind::Cut if overlaps => return Some("a cut"),
                 Kind::AgentKill if overlaps && f.host == r.host => {
-                    return Some((n + 1, "own agent down"));
+                    return Some("the client's own agent down");
+                }
+                Kind::AgentKill if in_flight => {
+                    return Some("in flight through a killed agent");
+                }
+                Kind::PodKill | Kind::DockerdRestart if in_flight => {
+                    return Some("in flight to a pod being killed");
                 }
                 _ => {}
             }
@@ -936,6 +965,7 @@ fn check(
     let during = |at: Duration| faults.iter().rposition(|f| f.start <= at).map(|i| i + 1);
     let mut per_fault: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
     let (mut failed, mut explained) = (0, 0);
+    let mut why_counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut unexplained = Vec::new();
     for r in reqs {
         let n = during(r.start).unwrap_or(0);
@@ -945,7 +975,10 @@ fn check(
             failed += 1;
             e.1 += 1;
             match explain(r) {
-                Some(_) => explained += 1,
+                Some(why) => {
+                    explained += 1;
+                    *why_counts.entry(why).or_default() += 1;
+                }
                 None => {
                     e.2 += 1;
                     unexplained.push(format!(
@@ -1105,7 +1138,7 @@ fn check(
     }
     let _ = writeln!(
         t,
-        "\nTotals: {} faults; {} requests, {failed} failed, {explained} explained by a cut or the client's own agent down, {} unexplained; {} stale answers; {} writes, {acked} acknowledged, {} lost; below desired {}s, above desired {}s in all",
+        "\nTotals: {} faults; {} requests, {failed} failed, {explained} explained ({why_counts:?}), {} unexplained; {} stale answers; {} writes, {acked} acknowledged, {} lost; below desired {}s, above desired {}s in all",
         faults.len(),
         reqs.len(),
         unexplained.len(),

@@ -267,15 +267,13 @@ impl Host {
         Ok(())
     }
 
-    /// Stop this host's dockerd (SIGTERM: it stops its containers, as on
-    /// `systemctl restart docker` without live-restore), wait `down`, and
-    /// start it again; returns once it answers.
-    pub fn restart_dockerd(&mut self, down: Duration) -> Result<()> {
+    /// Stop this host's dockerd (SIGTERM: it stops its containers, as
+    /// `systemctl stop docker` without live-restore does); returns once it
+    /// has exited. [`Host::start_dockerd`] starts it again.
+    pub fn stop_dockerd(&mut self) {
         if let Some(mut c) = self.dockerd.take() {
             stop_child(&mut c, Duration::from_secs(30));
         }
-        std::thread::sleep(down);
-        self.start_dockerd()
     }
 
     /// SIGKILL this host's etcd member (started by `start_etcd_cluster`).
@@ -302,7 +300,9 @@ impl Host {
         Ok(())
     }
 
-    fn start_dockerd(&mut self) -> Result<()> {
+    /// Start this host's dockerd (its data-root kept); returns once it
+    /// answers.
+    pub fn start_dockerd(&mut self) -> Result<()> {
         for d in [self.dir.join("data"), self.exec_root.clone()] {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
