@@ -31,7 +31,11 @@
 //! - a failed request that no fault explains: a cut explains the failures
 //!   of requests that overlap it (from the cut to convergence after the
 //!   heal); an agent kill explains those *from its own host* (that host's
-//!   proxy is the killed process) until convergence after the restart;
+//!   proxy is the killed process) until convergence after the restart; a
+//!   pod kill, a dockerd stop and an agent kill explain the requests in
+//!   flight when they struck (from the fault's start to the moment its
+//!   command returned): the connection to the killed process is gone. An
+//!   etcd member kill explains nothing. The report counts each cause;
 //! - a stale endpoint: a request answered by a pod that had left the ready
 //!   endpoints of the client's host (for good) more than [`STALE_SLACK`]
 //!   before the request started;
@@ -46,9 +50,9 @@
 //!
 //! `CHAOS_SECS` (default 60, or 600 for `chaos_ten_minutes`) is the time
 //! faults are started in; `CHAOS_FAULTS` (say `dockerd,cut`) limits the
-//! kinds; on a failure the hosts' logs are kept in
-//! `$TMPDIR/pier-chaos-<seed>/` (`PIER_LOG` reaches the agents, e.g.
-//! `info,pier_proxy=debug`).
+//! kinds; on a failure (or with `CHAOS_KEEP_LOGS=1`) the hosts' logs are
+//! kept in `$TMPDIR/pier-chaos-<seed>/` (`PIER_LOG` reaches the agents,
+//! e.g. `info,pier_proxy=debug`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -473,8 +477,33 @@ fn chaos(secs: Duration) -> Result<()> {
         .map(|m| m.lock().unwrap().clone())
         .collect();
     let report = check(seed, secs, &faults, &reqs, &samples, &store, &writes);
-    eprintln!("{}\nload average at the end: {}", report.text, loadavg());
-    if injected.is_err() || !all_converged || !report.problems.is_empty() {
+    // What the supervisor did, from the agents' logs (every agent may have
+    // led it at some point).
+    let log_count = |needle: &[&str]| -> usize {
+        c.topo
+            .hosts
+            .iter()
+            .map(|h| {
+                h.agent_log()
+                    .lines()
+                    .filter(|l| needle.iter().all(|n| l.contains(n)))
+                    .count()
+            })
+            .sum()
+    };
+    eprintln!(
+        "{}\nThe supervisor replaced {} pods as failed, created {}; the rollout was paused {} times.\nload average at the end: {}",
+        report.text,
+        log_count(&["pod deleted", "reason=failed"]),
+        log_count(&["pod created"]),
+        log_count(&["rollout revision=", "state=paused"]),
+        loadavg()
+    );
+    if injected.is_err()
+        || !all_converged
+        || !report.problems.is_empty()
+        || std::env::var_os("CHAOS_KEEP_LOGS").is_some()
+    {
         keep_logs(&c, seed);
     }
     injected?;
