@@ -350,10 +350,19 @@ fn static_endpoint(
         });
         return;
     }
+    let first = svc.ports.first();
+    let protocol = first.map(|p| p.protocol).unwrap_or_default();
+    // A UDP service's endpoint has no default check (a TCP connect would
+    // fail; there is no generic UDP probe), as a UDP-only container.
+    let default_kind = if protocol.is_tcp() {
+        HealthKind::Tcp
+    } else {
+        HealthKind::None
+    };
     let mut check = svc.health.clone().unwrap_or_else(|| HealthCheck {
         interval_ms: def_interval,
         timeout_ms: def_timeout,
-        ..HealthCheck::new(HealthKind::Tcp)
+        ..HealthCheck::new(default_kind)
     });
     if check.kind == HealthKind::Docker {
         check.kind = HealthKind::Tcp;
@@ -364,8 +373,6 @@ fn static_endpoint(
         targets.insert(key.clone(), Target { addr, check });
         Ready::Check(key)
     };
-    let first = svc.ports.first();
-    let protocol = first.map(|p| p.protocol).unwrap_or_default();
     let port_name = first
         .map(|p| p.name.clone())
         .unwrap_or_else(|| protocol.default_port_name(port));
@@ -713,6 +720,15 @@ mod tests {
             "{:?}",
             d.notes
         );
+        // A UDP service's static endpoint is not health-checked (a TCP
+        // connect would fail), so it is ready as it is.
+        let dns = service(serde_json::json!({
+            "name": "dns", "ports": [{"name": "p53-udp", "port": 53, "target_port": 53, "protocol": "udp"}],
+            "static_endpoints": [{"ip": "192.0.2.53", "port": 53}],
+        }));
+        let d = run(&snapshot(&[dns], &[]), &[], &[]);
+        assert_eq!(d.endpoints[0].2, Ready::Fixed(true));
+        assert!(d.targets.is_empty(), "{:?}", d.targets);
         // Dropped (a failed name past the stale bound): no endpoint from it.
         let names = HashMap::from([("db.example.com".to_owned(), vec![])]);
         let d = run_names(&snap, &[], &[], &names);

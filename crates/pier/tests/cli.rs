@@ -480,6 +480,25 @@ async fn the_demo_flow_with_tables_and_json() {
     );
     // An address is not resolved, so there is no note about resolving.
     assert!(!o.stderr.contains("note:"), "{o:?}");
+    // A UDP service in front of a fixed endpoint.
+    let o = a
+        .pier(&[
+            "expose",
+            "external",
+            "ns",
+            "--port",
+            "53/udp",
+            "--endpoint",
+            "198.51.100.53:53",
+        ])
+        .await;
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = a.pier(&["get", "svc", "ns", "-o", "json"]).await;
+    let j: serde_json::Value = serde_json::from_str(&o.stdout).expect("JSON");
+    assert!(
+        j[0]["ports"][0]["protocol"] == "udp" && j[0]["ports"][0]["name"] == "p53-udp",
+        "{j}"
+    );
     // A bare name is refused: the agents look names up again through
     // their DNS upstreams, with no search domains (tests/e2e/resolve.rs
     // shows a full name followed as its record changes).

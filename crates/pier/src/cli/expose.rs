@@ -3,7 +3,7 @@
 use anyhow::Result;
 use pier_model::api::{ExposePort, ExposeRequest};
 use pier_model::{
-    AffinityKind, Name, Service, ServicePort, ServiceType, SessionAffinity, StaticEndpoint,
+    AffinityKind, Service, ServicePort, ServiceType, SessionAffinity, StaticEndpoint,
 };
 
 use super::args::{
@@ -68,7 +68,9 @@ pub struct ExposeRsArgs {
 pub struct ExposeExternalArgs {
     /// The service's name.
     pub(super) name: String,
-    /// The service port (on the VIP); with --endpoint.
+    /// The service port (on the VIP), `[NAME:]P[/udp]`; with --endpoint.
+    /// A UDP service's endpoints are not health-checked (there is no
+    /// generic UDP probe).
     #[arg(long, value_name = "P", required_unless_present = "cname")]
     pub(super) port: Option<String>,
     /// An endpoint, HOST:PORT; repeat for more.
@@ -250,7 +252,8 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         outln!("service/{} created: a CNAME to {host} (no VIP)", svc.name);
         return Ok(());
     }
-    let port = port_arg("--port", a.port.as_deref().unwrap_or_default())?;
+    let spec = port_spec_arg("--port", a.port.as_deref().unwrap_or_default())?;
+    let port = spec.port;
     let mut eps = Vec::new();
     for e in &a.endpoints {
         eps.push(resolve_endpoint(e).await?);
@@ -264,11 +267,11 @@ async fn expose_external(server: &str, a: ExposeExternalArgs) -> Result<()> {
         namespace,
         name.clone(),
         vec![ServicePort {
-            name: Name::new(&format!("p{port}")).expect("p<digits> is a valid name"),
+            name: spec.name_or_default(),
             port,
             target_port,
             node_port: None,
-            protocol: Default::default(),
+            protocol: spec.protocol,
         }],
     );
     svc.static_endpoints = eps;
