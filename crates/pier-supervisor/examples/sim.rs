@@ -63,7 +63,7 @@ use pier_model::{Endpoint, EndpointPort, Name, Namespace, Node, PortNum, Snapsho
 use pier_store::lease::LeaseKeeper;
 use pier_store::reflector::{HoldPolicy, Reflector};
 use pier_store::{EtcdStore, Store, Ttl};
-use pier_supervisor::plan::{PlanInput, PodIndex, plan};
+use pier_supervisor::plan::{PlanInput, PodIndex, SharedUsage, plan};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -849,6 +849,27 @@ async fn supervised(
     tokio::time::timeout(Duration::from_secs(30), leader.clone().wait_for(|l| *l))
         .await
         .context("no supervisor leader in 30 s")??;
+    // The supervisor's writes must not starve the hosts' keepalives (as
+    // registration in transactions did): leases lost from here on, and
+    // times the leader lost its own election lease, are counted.
+    let lost0 = LEASES_LOST.load(Ordering::Relaxed);
+    let leader_lost = Arc::new(AtomicUsize::new(0));
+    {
+        let mut l = leader.clone();
+        let n = leader_lost.clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    r = l.changed() => if r.is_err() { return },
+                }
+                if !*l.borrow_and_update() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
     let t0 = Instant::now();
     for r in 0..a.rs {
         let rs = serde_json::json!({"name": format!("set-{r}"), "template": {"image": "sim:1"},
@@ -913,6 +934,11 @@ async fn supervised(
         cfg.node_grace_ms,
         load()
     );
+    println!(
+        "5b. during the supervisor's steps: hosts' leases lost {}, supervisor leadership lost {} time(s)",
+        LEASES_LOST.load(Ordering::Relaxed) - lost0,
+        leader_lost.load(Ordering::Relaxed)
+    );
     Ok(())
 }
 
@@ -970,6 +996,8 @@ fn supervisor_pass(a: &Args) -> Result<()> {
         (!std::env::var("SIM_SCAN").is_ok_and(|v| v == "1")).then(|| PodIndex::build(&snap));
     let mut one = Duration::ZERO;
     let mut actions = 0usize;
+    // As the leader plans a batch: the sets share the nodes' usage.
+    let mut usage = SharedUsage::default();
     for (k_i, k) in keys.iter().enumerate() {
         let t = Instant::now();
         let mut input = PlanInput {
@@ -978,6 +1006,7 @@ fn supervisor_pass(a: &Args) -> Result<()> {
             expired_nodes: &expired,
             suffix: &mut suffix,
             index: index.as_ref(),
+            usage: Some(&mut usage),
         };
         let p = plan(&snap, k, &mut input);
         actions += p.actions.len();

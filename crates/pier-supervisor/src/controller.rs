@@ -1,12 +1,13 @@
-//! The leader loop: campaign, then reconcile replica sets one at a time while
-//! leading.
+//! The leader loop: campaign, then reconcile replica sets while leading, in
+//! batches planned on one snapshot and written together ([`crate::txns`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use pier_model::{
-    Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, encode, keys, now_ms,
+    Name, ObjectKey, PodPhase, ReplicaSetProblem, RolloutState, Snapshot, keys, now_ms,
 };
 use pier_store::election::{self, Fence};
 use pier_store::{Compare, LeaseId, Revision, StoreError, Ttl, Txn, TxnOp};
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::plan::{self, Action, PlanInput, RolloutWrite};
+use crate::txns;
 use crate::{Problems, Supervisor, SupervisorError};
 
 /// The election every supervisor campaigns in.
@@ -37,9 +39,14 @@ const ERROR_RETRY: Duration = Duration::from_secs(1);
 const STALE_KEY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Campaign retry when the store is unreachable.
 pub(crate) const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
-/// Actions per txn: etcd's default --max-txn-ops is 128, and a batch of 50
-/// creates needs up to 50 + 50 + 2 compares.
-const TXN_BATCH: usize = 50;
+/// The most writes (pod creates and deletes, rollout records) the leader
+/// plans on one snapshot before it writes them: about 32 full
+/// transactions. The next batch waits until the snapshot shows them all.
+const BATCH_OPS: usize = 4096;
+/// Transactions in flight at once. Each is up to 128 writes; session 7 saw
+/// a flood of transactions (1,000 hosts registering in txns) delay etcd's
+/// lease renewals past their TTL, so the leader keeps only a few queued.
+const TXNS_IN_FLIGHT: usize = 2;
 /// Backoff of Failed-pod replacement: the first failed pod is replaced at
 /// once, then 1 s, 2 s, … up to 30 s between rounds, until a new pod runs.
 const FAILED_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -165,6 +172,10 @@ struct SetState {
     /// The template hash when the failures began: a new template (a fixed
     /// image) ends the backoff.
     template_hash: Option<String>,
+    /// Its last write failed in a transaction shared with other sets: the
+    /// next one goes alone, so a set that keeps conflicting holds no other
+    /// back.
+    alone: bool,
 }
 
 struct Leader<'a> {
@@ -304,12 +315,10 @@ impl<'a> Leader<'a> {
                 }
                 continue;
             }
-            if live && let Some((key, why)) = self.dirty.pop_first() {
-                self.timers.remove(&key);
-                let span = tracing::info_span!("reconcile", rs = %key_str(&key), reason = why);
+            if live && !self.dirty.is_empty() {
                 let r = tokio::select! {
                     _ = cancel.cancelled() => return Ok(Stop::Cancelled),
-                    r = self.reconcile(&key).instrument(span) => r,
+                    r = self.reconcile_batch() => r,
                 };
                 if let Some(stop) = r {
                     return Ok(stop);
@@ -355,17 +364,18 @@ impl<'a> Leader<'a> {
         }
     }
 
-    /// Records `key`'s problem (or its absence): in the local watch, and in
-    /// the store under the election lease (fenced), so that every agent's
-    /// API shows it. A failed store write is retried at the next reconcile.
-    async fn set_problem(&mut self, key: &ObjectKey, problem: Option<String>) {
+    /// Records `key`'s problem (or its absence) in the local watch, and
+    /// returns the store write that reports it under the election lease
+    /// (fenced), so that every agent's API shows it, when the store does not
+    /// hold it yet. A failed store write is retried at the next reconcile.
+    fn note_problem(&mut self, key: &ObjectKey, problem: Option<String>) -> Option<txns::Part> {
         let changed = match (&problem, self.problems.get(key)) {
             (Some(p), Some(old)) => p != old,
             (None, None) => false,
             _ => true,
         };
         if !changed && !self.problems_unsynced.contains(key) {
-            return;
+            return None;
         }
         if changed {
             match &problem {
@@ -382,46 +392,24 @@ impl<'a> Leader<'a> {
                 .problems_tx
                 .send_replace(Arc::new(self.problems.clone()));
         }
-        let k = keys::problem(&key.0, &key.1);
-        let op = match &problem {
-            Some(p) => TxnOp::Put {
-                key: k,
-                value: encode(&ReplicaSetProblem {
-                    message: p.clone(),
-                    reported_by: self.sup.node.clone(),
-                }),
-                lease: Some(self.lease),
-            },
-            None => TxnOp::Delete { key: k },
-        };
-        let r = self
-            .sup
-            .store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(self.fence.0.clone(), self.fence.1)],
-                success: vec![op],
-                failure: vec![],
-            })
-            .await;
-        match r {
-            Ok(r) if r.succeeded => {
-                self.problems_unsynced.remove(key);
-            }
-            Ok(_) => {
-                // Not the leader any more: the election monitor stops us.
-                self.problems_unsynced.insert(key.clone());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "writing the replica set's problem report failed; retrying");
-                self.problems_unsynced.insert(key.clone());
-            }
-        }
+        let report = problem.map(|message| ReplicaSetProblem {
+            message,
+            reported_by: self.sup.node.clone(),
+        });
+        Some(txns::problem_part(key, report.as_ref(), self.lease))
     }
 
-    /// One reconcile of `key` on the current snapshot. `Some(stop)` when
-    /// leadership turned out to be lost.
-    async fn reconcile(&mut self, key: &ObjectKey) -> Option<Stop> {
+    /// Plans up to [`BATCH_OPS`] dirty sets on the current snapshot, one
+    /// after another on a shared usage of the nodes (so they place pods as
+    /// if each saw the ones before), then writes them together. `Some(stop)`
+    /// when leadership turned out to be lost.
+    async fn reconcile_batch(&mut self) -> Option<Stop> {
         let snap = self.current.clone();
+        if !Arc::ptr_eq(&self.pod_index_of, &snap.pods) {
+            self.pod_index = Arc::new(plan::PodIndex::build(&snap));
+            self.pod_index_of = snap.pods.clone();
+        }
+        let index = self.pod_index.clone();
         let now = Instant::now();
         let grace = Duration::from_millis(self.sup.cfg.node_grace_ms);
         // This supervisor's own node is never lost: its agent is this
@@ -435,6 +423,40 @@ impl<'a> Leader<'a> {
             .filter(|(n, since)| *n != me && now.duration_since(**since) >= grace)
             .map(|(n, _)| n.clone())
             .collect();
+        let mut usage = plan::SharedUsage::default();
+        let mut writes: Vec<SetWrite> = Vec::new();
+        let mut reports: Vec<(ObjectKey, txns::Part, bool)> = Vec::new();
+        let mut ops = 0;
+        while ops < BATCH_OPS
+            && let Some((key, why)) = self.dirty.pop_first()
+        {
+            self.timers.remove(&key);
+            let span = tracing::info_span!("reconcile", rs = %key_str(&key), reason = why);
+            let _in = span.enter();
+            let w = self.plan_set(&snap, &key, &index, &expired, &mut usage, &mut reports);
+            if let Some(w) = w {
+                ops += w.actions.len() + usize::from(w.rollout.is_some());
+                writes.push(w);
+            }
+        }
+        self.write_batch(writes, reports).await
+    }
+
+    /// Plans `key` on `snap`: its local state (failure backoff, problem,
+    /// requeue) is updated here, its problem report pushed to `reports`,
+    /// and its write returned when it has one.
+    fn plan_set(
+        &mut self,
+        snap: &Arc<Snapshot>,
+        key: &ObjectKey,
+        index: &plan::PodIndex,
+        expired: &BTreeSet<Name>,
+        usage: &mut plan::SharedUsage,
+        reports: &mut Vec<(ObjectKey, txns::Part, bool)>,
+    ) -> Option<SetWrite> {
+        let now = Instant::now();
+        let grace = Duration::from_millis(self.sup.cfg.node_grace_ms);
+        let me = &self.sup.node;
         let st = self.sets.entry(key.clone()).or_default();
         // A pod created since the failures began runs: the set is healthy.
         if st.failures > 0
@@ -461,28 +483,28 @@ impl<'a> Leader<'a> {
         st.probation
             .retain(|n| snap.pods.contains_key(&(key.0.clone(), n.clone())));
         let replace_failed = st.next_failed_replace.is_none_or(|t| now >= t);
-        if !Arc::ptr_eq(&self.pod_index_of, &snap.pods) {
-            self.pod_index = Arc::new(plan::PodIndex::build(&snap));
-            self.pod_index_of = snap.pods.clone();
-        }
-        let index = self.pod_index.clone();
         let plan = {
             let mut suffix = random_suffix;
             let mut input = PlanInput {
                 now_ms: now_ms(),
                 replace_failed,
-                expired_nodes: &expired,
+                expired_nodes: expired,
                 suffix: &mut suffix,
-                index: Some(&index),
+                index: Some(index),
+                usage: Some(usage),
             };
-            plan::plan(&snap, key, &mut input)
+            plan::plan(snap, key, &mut input)
         };
 
         if !plan.exists && plan.actions.is_empty() && plan.rollout.is_none() {
             self.sets.remove(key);
             self.blocked.remove(key);
             self.timers.remove(key);
-            self.set_problem(key, None).await;
+            if let Some(part) = self.note_problem(key, None) {
+                // Not retried: the set is gone (and the report's lease ends
+                // with this leader).
+                reports.push((key.clone(), part, false));
+            }
             self.problems_unsynced.remove(key);
             tracing::debug!("replica set gone and no pods left");
             return None;
@@ -550,6 +572,7 @@ impl<'a> Leader<'a> {
         {
             problem.push(format!("rollout {}: {}", r.state, r.message));
         }
+        let st = self.sets.get(key).expect("inserted above");
         if st.failures > 0 || !plan.failed_waiting.is_empty() {
             if let Some(f) = &st.last_failure {
                 // No count in the text: it changes only when the failure
@@ -561,8 +584,11 @@ impl<'a> Leader<'a> {
                 ));
             }
         }
+        let alone = st.alone;
         let problem = (!problem.is_empty()).then(|| problem.join("; "));
-        self.set_problem(key, problem).await;
+        if let Some(part) = self.note_problem(key, problem) {
+            reports.push((key.clone(), part, true));
+        }
 
         if plan.actions.is_empty() && plan.rollout.is_none() {
             tracing::debug!("nothing to do");
@@ -576,114 +602,161 @@ impl<'a> Leader<'a> {
         {
             tracing::info!(revision = r.revision, target = r.target, state = %r.state, steps = r.steps, failures = r.failures, message = %r.message, "rollout");
         }
-        match self.write(key, &plan.actions, plan.rollout.as_ref()).await {
-            Ok(()) => {}
-            Err(WriteError::Conflict) => {
-                if let Some(stop) = self.check_fence().await {
-                    return Some(stop);
-                }
-                tracing::debug!("txn lost a race; retrying shortly");
-                let t = Instant::now() + CONFLICT_RETRY;
-                requeue = Some(requeue.map_or(t, |r| r.min(t)));
-            }
-            Err(WriteError::Store(e)) => {
-                tracing::warn!(error = %e, "writing pods failed; retrying");
-                let t = Instant::now() + ERROR_RETRY;
-                requeue = Some(requeue.map_or(t, |r| r.min(t)));
-            }
-        }
-        if let Some(t) = requeue {
-            self.timers.insert(key.clone(), t);
-        }
-        None
+        Some(SetWrite {
+            key: key.clone(),
+            actions: plan.actions,
+            rollout: plan.rollout,
+            requeue,
+            alone,
+        })
     }
 
-    /// Writes `actions` in txns of [`TXN_BATCH`], each fenced by the
-    /// election key, creates guarded by create-if-absent, their node's
-    /// presence and their replica set's.
-    /// The rollout record goes in the first txn, so a failure counted in it
-    /// and the deletion of the failed pod happen together.
-    async fn write(
+    /// Writes a batch: the sets' writes packed several to a transaction
+    /// (a set written alone after a shared transaction of it failed, or one
+    /// too big for one transaction, in its own), the problem reports in
+    /// transactions of their own; at most [`TXNS_IN_FLIGHT`] at once. Each
+    /// set is requeued as its plan asked, or shortly when its write failed.
+    async fn write_batch(
         &mut self,
-        key: &ObjectKey,
-        actions: &[Action],
-        rollout: Option<&RolloutWrite>,
-    ) -> Result<(), WriteError> {
-        let rs_key = keys::replicaset(&key.0, &key.1);
-        let mut chunks: Vec<&[Action]> = actions.chunks(TXN_BATCH).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
+        writes: Vec<SetWrite>,
+        reports: Vec<(ObjectKey, txns::Part, bool)>,
+    ) -> Option<Stop> {
+        if writes.is_empty() && reports.is_empty() {
+            return None;
         }
-        let mut rollout = rollout;
-        for chunk in chunks {
-            let mut compares = vec![Compare::ModRevision(self.fence.0.clone(), self.fence.1)];
-            let mut success = Vec::with_capacity(chunk.len() + 1);
-            if let Some(r) = rollout.take() {
-                let k = keys::rollout(&key.0, &key.1);
-                success.push(match r {
-                    RolloutWrite::Put(r) => {
-                        // Only while the set exists, so a late write never
-                        // outlives a deleted set.
-                        compares.push(Compare::Exists(rs_key.clone()));
-                        TxnOp::Put {
-                            key: k,
-                            value: encode(r),
-                            lease: None,
-                        }
-                    }
-                    RolloutWrite::Delete => TxnOp::Delete { key: k },
+        let fence = Compare::ModRevision(self.fence.0.clone(), self.fence.1);
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut shared: Vec<(usize, txns::Part)> = Vec::new();
+        for (i, w) in writes.iter().enumerate() {
+            let mut parts = txns::set_parts(&w.key, &w.actions, w.rollout.as_ref());
+            if parts.len() == 1 && !w.alone {
+                shared.push((i, parts.pop().expect("one part")));
+            } else {
+                // One after another, each only if the one before succeeded.
+                let txns = parts
+                    .into_iter()
+                    .map(|p| txns::pack(&fence, vec![(i, p)], usize::MAX).remove(0).txn)
+                    .collect();
+                jobs.push(Job {
+                    of: Of::Sets(vec![i]),
+                    txns,
                 });
             }
-            let mut nodes: BTreeSet<&Name> = BTreeSet::new();
-            let mut creates = false;
-            for a in chunk {
-                match a {
-                    Action::Create(pod) => {
-                        let k = keys::pod(&pod.namespace, &pod.name);
-                        compares.push(Compare::Absent(k.clone()));
-                        nodes.insert(&pod.node);
-                        creates = true;
-                        success.push(TxnOp::Put {
-                            key: k,
-                            value: encode(pod),
-                            lease: None,
-                        });
+        }
+        for p in txns::pack(&fence, shared, txns::MAX_TXN_OPS) {
+            jobs.push(Job {
+                of: Of::Sets(p.sets),
+                txns: vec![p.txn],
+            });
+        }
+        let report_parts: Vec<(usize, txns::Part)> = reports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, part, _))| (i, part.clone()))
+            .collect();
+        for p in txns::pack(&fence, report_parts, txns::MAX_TXN_OPS) {
+            jobs.push(Job {
+                of: Of::Reports(p.sets),
+                txns: vec![p.txn],
+            });
+        }
+        let store = self.sup.store.clone();
+        let results: Vec<(Of, Result<Option<Revision>, StoreError>)> =
+            futures::stream::iter(jobs.into_iter().map(|job| {
+                let store = store.clone();
+                async move {
+                    let mut last = None;
+                    for txn in job.txns {
+                        match store.txn(txn).await {
+                            Ok(r) if r.succeeded => last = Some(r.revision),
+                            Ok(_) => return (job.of, Ok(None)),
+                            Err(e) => return (job.of, Err(e)),
+                        }
                     }
-                    Action::Delete { pod, .. } => success.push(TxnOp::Delete {
-                        key: keys::pod(&pod.0, &pod.1),
-                    }),
+                    (job.of, Ok(last))
                 }
-            }
-            if creates && !compares.contains(&Compare::Exists(rs_key.clone())) {
-                compares.push(Compare::Exists(rs_key.clone()));
-            }
-            compares.extend(nodes.into_iter().map(|n| Compare::Exists(keys::node(n))));
-            let r = self
-                .sup
-                .store
-                .txn(Txn {
-                    compares,
-                    success,
-                    failure: vec![],
-                })
-                .await
-                .map_err(WriteError::Store)?;
-            if !r.succeeded {
-                return Err(WriteError::Conflict);
-            }
-            self.last_write = self.last_write.max(r.revision);
-            for a in chunk {
-                match a {
-                    Action::Create(p) => {
-                        tracing::info!(pod = %p.name, node = %p.node, "pod created")
+            }))
+            .buffer_unordered(TXNS_IN_FLIGHT)
+            .collect()
+            .await;
+
+        let mut requeue: Vec<Option<Instant>> = writes.iter().map(|w| w.requeue).collect();
+        let mut conflict = false;
+        for (of, r) in results {
+            match of {
+                Of::Reports(ids) => {
+                    for i in ids {
+                        let (key, _, track) = &reports[i];
+                        match &r {
+                            Ok(Some(_)) => {
+                                self.problems_unsynced.remove(key);
+                            }
+                            // A conflict: not the leader any more (the
+                            // election monitor stops us); or the store is
+                            // unreachable.
+                            _ if *track => {
+                                self.problems_unsynced.insert(key.clone());
+                            }
+                            _ => {}
+                        }
                     }
-                    Action::Delete { pod, node, reason } => {
-                        tracing::info!(pod = %pod.1, node = %node, %reason, "pod deleted")
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %e, "writing replica set problem reports failed; retrying");
+                    }
+                    if let Ok(Some(rev)) = r {
+                        self.last_write = self.last_write.max(rev);
+                    }
+                }
+                Of::Sets(ids) => {
+                    let shared = ids.len() > 1;
+                    let retry = match &r {
+                        Ok(Some(rev)) => {
+                            self.last_write = self.last_write.max(*rev);
+                            None
+                        }
+                        Ok(None) => {
+                            conflict = true;
+                            Some(CONFLICT_RETRY)
+                        }
+                        Err(_) => Some(ERROR_RETRY),
+                    };
+                    for i in ids {
+                        let w = &writes[i];
+                        let rs = key_str(&w.key);
+                        match &r {
+                            Ok(Some(_)) => {
+                                log_written(&rs, &w.actions);
+                                if let Some(st) = self.sets.get_mut(&w.key) {
+                                    st.alone = false;
+                                }
+                            }
+                            Ok(None) => {
+                                tracing::debug!(%rs, shared, "txn lost a race; retrying shortly");
+                                if shared && let Some(st) = self.sets.get_mut(&w.key) {
+                                    st.alone = true;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(%rs, error = %e, "writing pods failed; retrying")
+                            }
+                        }
+                        if let Some(d) = retry {
+                            let t = Instant::now() + d;
+                            requeue[i] = Some(requeue[i].map_or(t, |r| r.min(t)));
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        for (w, t) in writes.iter().zip(requeue) {
+            if let Some(t) = t {
+                self.timers.insert(w.key.clone(), t);
+            }
+        }
+        if conflict && let Some(stop) = self.check_fence().await {
+            return Some(stop);
+        }
+        None
     }
 
     /// After a failed txn: is the election key still ours?
@@ -699,7 +772,40 @@ impl<'a> Leader<'a> {
     }
 }
 
-enum WriteError {
-    Conflict,
-    Store(StoreError),
+/// One set's planned write.
+struct SetWrite {
+    key: ObjectKey,
+    actions: Vec<Action>,
+    rollout: Option<RolloutWrite>,
+    /// When its plan asked to be planned again.
+    requeue: Option<Instant>,
+    /// Written in a transaction of its own ([`SetState::alone`]).
+    alone: bool,
+}
+
+/// Whose writes a transaction holds: indices into the batch's sets or its
+/// problem reports.
+enum Of {
+    Sets(Vec<usize>),
+    Reports(Vec<usize>),
+}
+
+/// Transactions written one after another, each only if the one before
+/// succeeded.
+struct Job {
+    of: Of,
+    txns: Vec<Txn>,
+}
+
+fn log_written(rs: &str, actions: &[Action]) {
+    for a in actions {
+        match a {
+            Action::Create(p) => {
+                tracing::info!(%rs, pod = %p.name, node = %p.node, "pod created")
+            }
+            Action::Delete { pod, node, reason } => {
+                tracing::info!(%rs, pod = %pod.1, node = %node, %reason, "pod deleted")
+            }
+        }
+    }
 }

@@ -7,9 +7,10 @@
 //! - **Reconcile.** While leading, a level-triggered reconcile per replica
 //!   set, driven by snapshot changes (those that concern the set: its
 //!   replica set, its pods, their statuses, the nodes) and by a periodic
-//!   requeue. Reconciles run one at a time, each in a span with the set's key
-//!   and the reason, and never on a snapshot older than the supervisor's own
-//!   last write.
+//!   requeue. The dirty sets are planned in batches on one snapshot, each
+//!   in a span with the set's key and the reason, and written together
+//!   (several sets per transaction: [`txns`]); a batch is never planned on a
+//!   snapshot older than the supervisor's own last write.
 //! - **Plan** ([`plan::plan`], pure): create pods `<rs>-<5 random [a-z0-9]>`,
 //!   delete surplus pods (unready and newest first), replace Failed pods
 //!   (with exponential backoff per set, 1 s to 30 s, so a missing image does
@@ -35,6 +36,7 @@ pub mod autoscale;
 mod autoscaler;
 mod controller;
 pub mod plan;
+pub mod txns;
 
 /// The supervisor's part of the agent config.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -95,6 +95,11 @@ pub struct PlanInput<'a> {
     /// The snapshot's pods by set, built once per snapshot
     /// ([`PodIndex::build`]); `None` scans every pod.
     pub index: Option<&'a PodIndex>,
+    /// Several sets planned on one snapshot share their nodes' usage: each
+    /// plan places its pods on the usage the plans before it left, and
+    /// leaves its own deletes and creates in it ([`SharedUsage`]). `None`:
+    /// this plan alone, on the snapshot's usage.
+    pub usage: Option<&'a mut SharedUsage>,
 }
 
 impl std::fmt::Debug for PlanInput<'_> {
@@ -103,7 +108,122 @@ impl std::fmt::Debug for PlanInput<'_> {
             .field("now_ms", &self.now_ms)
             .field("replace_failed", &self.replace_failed)
             .field("expired_nodes", &self.expired_nodes)
+            .field("usage", &self.usage.is_some())
             .finish()
+    }
+}
+
+/// The nodes' usage shared by the plans of several sets on one snapshot:
+/// the snapshot's pods, minus the pods the plans so far delete, plus those
+/// they create. So sets planned together, before any of their writes is in
+/// the snapshot, place their pods as if planned one after another (the
+/// spread, capacity, `max_per_node` and anti-affinity see the pods placed
+/// by the sets before). Built from the snapshot only when a plan first
+/// places a pod (an O(pods) walk, once per batch, not per set).
+#[derive(Debug, Default)]
+pub struct SharedUsage {
+    built: Option<Usage>,
+    /// The plans' changes while `built` is not built yet: (pod, added).
+    pending: Vec<(Placed, bool)>,
+}
+
+/// What a pod takes on its node.
+#[derive(Debug)]
+struct Placed {
+    node: Name,
+    set: ObjectKey,
+    resources: pier_model::Resources,
+}
+
+impl Placed {
+    fn of(p: &Pod) -> Placed {
+        Placed {
+            node: p.node.clone(),
+            set: (p.namespace.clone(), p.replicaset.clone()),
+            resources: p.template.resources,
+        }
+    }
+}
+
+impl SharedUsage {
+    fn apply(u: &mut Usage, p: &Placed, add: bool) {
+        if add {
+            u.add(&p.node, &p.set.0, &p.set.1, &p.resources);
+        } else {
+            u.sub(&p.node, &p.set.0, &p.set.1, &p.resources);
+        }
+    }
+
+    fn record(&mut self, p: Placed, add: bool) {
+        match &mut self.built {
+            Some(u) => Self::apply(u, &p, add),
+            None => self.pending.push((p, add)),
+        }
+    }
+
+    fn get(&mut self, snap: &Snapshot) -> &mut Usage {
+        let pending = &mut self.pending;
+        self.built.get_or_insert_with(|| {
+            let mut u = Usage::from_snapshot(snap, &BTreeSet::new());
+            for (p, add) in pending.drain(..) {
+                Self::apply(&mut u, &p, add);
+            }
+            u
+        })
+    }
+}
+
+/// The usage one plan schedules on: the shared one brought up to date with
+/// this plan's actions so far, or (alone) the snapshot's minus this plan's
+/// actions, built at first need.
+struct UsageView<'u> {
+    shared: Option<&'u mut SharedUsage>,
+    local: Option<Usage>,
+    /// `out.actions[..applied]` are in the usage.
+    applied: usize,
+}
+
+impl<'u> UsageView<'u> {
+    fn new(shared: Option<&'u mut SharedUsage>) -> Self {
+        UsageView {
+            shared,
+            local: None,
+            applied: 0,
+        }
+    }
+
+    /// Records `actions[applied..]` in the shared usage (without building
+    /// it), or in the local one when built.
+    fn sync(&mut self, snap: &Snapshot, actions: &[Action]) {
+        for a in &actions[self.applied..] {
+            let (p, add) = match a {
+                Action::Create(p) => (Placed::of(p), true),
+                Action::Delete { pod, .. } => match snap.pods.get(pod) {
+                    Some(p) => (Placed::of(p), false),
+                    None => continue,
+                },
+            };
+            match (&mut self.shared, &mut self.local) {
+                (Some(s), _) => s.record(p, add),
+                (None, Some(u)) => SharedUsage::apply(u, &p, add),
+                (None, None) => {}
+            }
+        }
+        self.applied = actions.len();
+    }
+
+    fn get(&mut self, snap: &Snapshot, actions: &[Action]) -> &mut Usage {
+        if self.shared.is_none() && self.local.is_none() {
+            // Alone: the snapshot's usage with every action so far in it.
+            self.local = Some(Usage::from_snapshot(snap, &BTreeSet::new()));
+            self.applied = 0;
+        }
+        self.sync(snap, actions);
+        match (&mut self.shared, &mut self.local) {
+            (Some(s), _) => s.get(snap),
+            (None, Some(u)) => u,
+            (None, None) => unreachable!("built above"),
+        }
     }
 }
 
@@ -155,14 +275,12 @@ impl Plan {
     fn wake(&mut self, at: u64) {
         self.wake_at_ms = Some(self.wake_at_ms.map_or(at, |w| w.min(at)));
     }
-    fn delete(&mut self, deleted: &mut BTreeSet<ObjectKey>, p: &Pod, reason: DeleteReason) {
-        let pk = (p.namespace.clone(), p.name.clone());
+    fn delete(&mut self, p: &Pod, reason: DeleteReason) {
         self.actions.push(Action::Delete {
-            pod: pk.clone(),
+            pod: (p.namespace.clone(), p.name.clone()),
             node: p.node.clone(),
             reason,
         });
-        deleted.insert(pk);
     }
 }
 
@@ -287,6 +405,21 @@ struct Active<'a> {
 /// Computes the writes that bring replica set `key` to its desired state in
 /// `snap`. Level-triggered: it reads only the snapshot and `input`.
 pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan {
+    let shared = input.usage.take();
+    let mut view = UsageView::new(shared);
+    let out = plan_on(snap, key, input, &mut view);
+    // Every delete and create of this plan, for the sets planned after it.
+    view.sync(snap, &out.actions);
+    input.usage = view.shared;
+    out
+}
+
+fn plan_on(
+    snap: &Snapshot,
+    key: &ObjectKey,
+    input: &mut PlanInput<'_>,
+    view: &mut UsageView<'_>,
+) -> Plan {
     let mut out = Plan::default();
     let index = input.index;
     let pods = match index {
@@ -344,7 +477,6 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
     };
 
     // Classify the existing pods.
-    let mut deleted: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut active: Vec<Active<'_>> = Vec::new();
     let mut failing: u32 = 0;
     let mut first_failure: Option<String> = None;
@@ -355,7 +487,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
         let new = p.template_hash == target_hash;
         if !snap.nodes.contains_key(&p.node) {
             if input.expired_nodes.contains(&p.node) {
-                out.delete(&mut deleted, p, DeleteReason::NodeLost);
+                out.delete(p, DeleteReason::NodeLost);
             } else {
                 out.waiting_on_absent_node += 1;
                 active.push(Active {
@@ -382,7 +514,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                 ));
             }
             if input.replace_failed {
-                out.delete(&mut deleted, p, DeleteReason::Failed);
+                out.delete(p, DeleteReason::Failed);
                 out.failed_replaced.push((p.name.clone(), msg));
                 if new && active_rollout {
                     rec.failures += 1;
@@ -445,7 +577,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                 // Under the limit (or `continue`): a pod past its deadline
                 // is replaced, and counted.
                 for p in timed_out.drain(..) {
-                    out.delete(&mut deleted, p, DeleteReason::NotReady);
+                    out.delete(p, DeleteReason::NotReady);
                     rec.failures += 1;
                 }
                 if !why.is_empty() {
@@ -530,7 +662,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
             let mut v: Vec<&Active<'_>> = active.iter().collect();
             v.sort_by(by_deletion_order);
             for a in v.iter().take(active.len() - want) {
-                out.delete(&mut deleted, a.pod, DeleteReason::Surplus);
+                out.delete(a.pod, DeleteReason::Surplus);
             }
         } else {
             to_create = want - active.len();
@@ -566,14 +698,14 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
         }
         .min(old.len());
         for a in old_iter.by_ref().take(redundant) {
-            out.delete(&mut deleted, a.pod, DeleteReason::Rollout);
+            out.delete(a.pod, DeleteReason::Rollout);
         }
         let mut old_left = old.len() - redundant;
         if new.len() > want {
             let mut v = new.clone();
             v.sort_by(by_deletion_order);
             for a in v.iter().take(new.len() - want) {
-                out.delete(&mut deleted, a.pod, DeleteReason::Surplus);
+                out.delete(a.pod, DeleteReason::Surplus);
             }
         }
         let new_kept = new.len().min(want);
@@ -585,7 +717,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
         let short_unplaceable = to_create > 0
             && old_left > 0
             && in_flight == 0
-            && schedule(snap, rs, &Usage::from_snapshot(snap, &deleted)).is_err();
+            && schedule(snap, rs, view.get(snap, &out.actions)).is_err();
         if old_left > 0 && in_flight == 0 && (to_create == 0 || short_unplaceable) {
             let mut go = true;
             if rec.steps > 0 && cfg.delay_ms > 0 {
@@ -600,7 +732,7 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                 let k = step.min(old_left);
                 if cfg.order == UpdateOrder::StopFirst {
                     for a in old_iter.by_ref().take(k) {
-                        out.delete(&mut deleted, a.pod, DeleteReason::Rollout);
+                        out.delete(a.pod, DeleteReason::Rollout);
                     }
                     old_left -= k;
                 } else {
@@ -615,28 +747,31 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
     }
 
     if to_create > 0 {
-        let mut usage = Usage::from_snapshot(snap, &deleted);
         let mut taken: BTreeSet<Name> = BTreeSet::new();
         for i in 0..to_create {
-            let mut placed = schedule(snap, rs, &usage);
+            // The usage with this plan's deletes and creates so far.
+            let usage = view.get(snap, &out.actions);
+            let mut placed = schedule(snap, rs, usage);
             // Start-first with no room (max_per_node, anti-affinity, capacity
             // full with the old pods): rather than stall the rollout, this
             // pod replaces an old one in place, stop-first, and says so. Only
             // an old pod whose removal makes room is stopped.
             if let Err(why) = &placed {
                 let room = in_place.iter().enumerate().find_map(|(j, o)| {
-                    let mut u = usage.clone();
-                    u.sub(&o.node, &o.namespace, &o.replicaset, &o.template.resources);
-                    schedule(snap, rs, &u).ok().map(|n| (j, u, n))
+                    // Tried without `o`, then `o` put back: its delete
+                    // below goes into the usage with the create.
+                    usage.sub(&o.node, &o.namespace, &o.replicaset, &o.template.resources);
+                    let n = schedule(snap, rs, usage).ok();
+                    usage.add(&o.node, &o.namespace, &o.replicaset, &o.template.resources);
+                    n.map(|n| (j, n))
                 });
-                if let Some((j, u, node)) = room {
+                if let Some((j, node)) = room {
                     let o = in_place.remove(j);
                     rec.message = format!(
                         "start-first: no node has room for a new pod beside the old ones ({why}); replaced {} in place (stop-first)",
                         o.name
                     );
-                    out.delete(&mut deleted, o, DeleteReason::Rollout);
-                    usage = u;
+                    out.delete(o, DeleteReason::Rollout);
                     placed = Ok(node);
                 }
             }
@@ -644,7 +779,6 @@ pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan
                 Ok(node) => {
                     let name = pod_name(snap, &key.0, &key.1, &taken, input.suffix);
                     taken.insert(name.clone());
-                    usage.add(&node, &key.0, &key.1, &target.resources);
                     out.actions.push(Action::Create(Box::new(Pod {
                         name,
                         namespace: key.0.clone(),

@@ -120,6 +120,7 @@ fn run_plan(snap: &Snapshot, name: &str, replace_failed: bool, expired: &[&str])
         expired_nodes: &expired,
         suffix: &mut suffix,
         index: None,
+        usage: None,
     };
     let scanned = plan(snap, &(ns(), n(name)), &mut input);
     // The same plan with the index (the controller's way).
@@ -135,6 +136,7 @@ fn run_plan(snap: &Snapshot, name: &str, replace_failed: bool, expired: &[&str])
         expired_nodes: &expired,
         suffix: &mut suffix,
         index: Some(&ix),
+        usage: None,
     };
     let indexed = plan(snap, &(ns(), n(name)), &mut input);
     assert_eq!(format!("{scanned:?}"), format!("{indexed:?}"));
@@ -784,6 +786,7 @@ fn run_at(snap: &Snapshot, now: u64, replace_failed: bool) -> Plan {
         expired_nodes: &expired,
         suffix: &mut suffix,
         index: None,
+        usage: None,
     };
     plan(snap, &(ns(), n("web")), &mut input)
 }
@@ -1226,4 +1229,212 @@ fn a_shortfall_no_node_can_take_does_not_hold_the_rollout() {
     assert_eq!(created[0].template.image, "web:v2");
     assert_eq!(p.unscheduled, 1, "the shortfall stays unplaced");
     assert_eq!(written(&p).steps, 1);
+}
+
+// ---- several sets planned on one snapshot (the leader's batches) ----
+
+fn batch_suffix() -> impl FnMut() -> String + Send {
+    let mut i = 0u32;
+    move || {
+        i += 1;
+        format!("{i:05}")
+    }
+}
+
+/// Plans `names` in order on `snap` with one shared usage, as the leader's
+/// batch does.
+fn plan_batch(snap: &Snapshot, names: &[&str], expired: &[&str]) -> Vec<Plan> {
+    let expired: BTreeSet<Name> = expired.iter().map(|s| n(s)).collect();
+    let ix = PodIndex::build(snap);
+    let mut usage = SharedUsage::default();
+    let mut suffix = batch_suffix();
+    names
+        .iter()
+        .map(|name| {
+            let mut input = PlanInput {
+                now_ms: 1000,
+                replace_failed: true,
+                expired_nodes: &expired,
+                suffix: &mut suffix,
+                index: Some(&ix),
+                usage: Some(&mut usage),
+            };
+            plan(snap, &(ns(), n(name)), &mut input)
+        })
+        .collect()
+}
+
+/// Plans `names` one after another, each on the snapshot with the writes of
+/// the plans before it applied: the leader's order before batching.
+fn plan_one_by_one(snap: &Snapshot, names: &[&str], expired: &[&str]) -> Vec<Plan> {
+    let expired_set: BTreeSet<Name> = expired.iter().map(|s| n(s)).collect();
+    let mut snap = snap.clone();
+    let mut suffix = batch_suffix();
+    let mut out = Vec::new();
+    for name in names {
+        let mut input = PlanInput {
+            now_ms: 1000,
+            replace_failed: true,
+            expired_nodes: &expired_set,
+            suffix: &mut suffix,
+            index: None,
+            usage: None,
+        };
+        let p = plan(&snap, &(ns(), n(name)), &mut input);
+        let pods = Arc::make_mut(&mut snap.pods);
+        for a in &p.actions {
+            match a {
+                Action::Create(pod) => {
+                    pods.insert(
+                        (pod.namespace.clone(), pod.name.clone()),
+                        Arc::new((**pod).clone()),
+                    );
+                }
+                Action::Delete { pod, .. } => {
+                    pods.remove(pod);
+                }
+            }
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn sets_planned_together_spread_as_if_planned_one_by_one() {
+    // Three sets of 2 replicas on 3 empty nodes: alone on this snapshot
+    // each would pick nodes a and b (fewest pods, then name); together
+    // they fill c as well, exactly as one after another.
+    let w = World::default()
+        .nodes(&["a", "b", "c"])
+        .rs(rs("x", 2))
+        .rs(rs("y", 2))
+        .rs(rs("z", 2));
+    let together = plan_batch(&w.snap, &["x", "y", "z"], &[]);
+    let one_by_one = plan_one_by_one(&w.snap, &["x", "y", "z"], &[]);
+    assert_eq!(together, one_by_one);
+    let mut all: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &together {
+        for (k, v) in per_node(p) {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    assert_eq!(
+        all,
+        BTreeMap::from([("a".into(), 2), ("b".into(), 2), ("c".into(), 2)])
+    );
+    // Alone, each set would have put its pods on a and b.
+    for name in ["y", "z"] {
+        assert_eq!(
+            per_node(&run_plan(&w.snap, name, true, &[])),
+            BTreeMap::from([("a".into(), 1), ("b".into(), 1)])
+        );
+    }
+}
+
+#[test]
+fn sets_planned_together_never_overfill_a_node() {
+    // Two nodes with room for one pod each, three sets of one replica:
+    // the third set's pod finds no room (alone it would have taken a).
+    let cap = Resources {
+        pods: 1,
+        ..Default::default()
+    };
+    let w = World::default()
+        .node(node("a", &[], cap))
+        .node(node("b", &[], cap))
+        .rs(rs("x", 1))
+        .rs(rs("y", 1))
+        .rs(rs("z", 1));
+    let together = plan_batch(&w.snap, &["x", "y", "z"], &[]);
+    assert_eq!(together, plan_one_by_one(&w.snap, &["x", "y", "z"], &[]));
+    assert_eq!(per_node(&together[0]), BTreeMap::from([("a".into(), 1)]));
+    assert_eq!(per_node(&together[1]), BTreeMap::from([("b".into(), 1)]));
+    assert!(together[2].actions.is_empty(), "{:?}", together[2]);
+    assert_eq!(together[2].unscheduled, 1);
+    let why = together[2].unschedulable.as_deref().unwrap_or_default();
+    assert!(why.contains("full (pod capacity)"), "{why}");
+    assert_eq!(per_node(&run_plan(&w.snap, "z", true, &[])).len(), 1);
+}
+
+#[test]
+fn a_delete_planned_earlier_in_the_batch_frees_its_node() {
+    // Node a is full with a pod of a deleted set; b is lost. The orphan's
+    // delete, planned first, makes room on a for the lost pod's
+    // replacement planned after it.
+    let cap = Resources {
+        pods: 1,
+        ..Default::default()
+    };
+    let gone = rs("gone", 1);
+    let web = rs("web", 1);
+    let w = World::default()
+        .node(node("a", &[], cap))
+        .rs(web.clone())
+        .pod(pod(&gone, "gone-aaaaa", "a", 1))
+        .pod(pod(&web, "web-bbbbb", "b", 1));
+    let together = plan_batch(&w.snap, &["gone", "web"], &["b"]);
+    assert_eq!(together, plan_one_by_one(&w.snap, &["gone", "web"], &["b"]));
+    assert_eq!(
+        deleted(&together[0]),
+        vec![("gone-aaaaa".to_string(), DeleteReason::Orphan)]
+    );
+    assert_eq!(
+        deleted(&together[1]),
+        vec![("web-bbbbb".to_string(), DeleteReason::NodeLost)]
+    );
+    assert_eq!(per_node(&together[1]), BTreeMap::from([("a".into(), 1)]));
+    // Alone, on the same snapshot, the replacement finds a full.
+    assert_eq!(run_plan(&w.snap, "web", true, &["b"]).unscheduled, 1);
+}
+
+#[test]
+fn many_sets_losing_a_node_replace_as_one_by_one() {
+    // 40 sets of 3 over 6 nodes (20 pods each, room for 25), max_per_node
+    // 1; node f is lost. Planned together, every set's replacement lands
+    // where planning one after another puts it. The 20 sets on f also run
+    // on b and d, so their replacements fit only on a, c and e: 15 of them,
+    // the last 5 find those nodes full.
+    let cap = Resources {
+        pods: 25,
+        ..Default::default()
+    };
+    let nodes = ["a", "b", "c", "d", "e", "f"];
+    let mut w = World::default();
+    for nd in nodes {
+        w = w.node(node(nd, &[], cap));
+    }
+    let names: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let mut r = rs(name, 3);
+        r.placement.max_per_node = Some(1);
+        for j in 0..3 {
+            let nd = nodes[(i + j * 2) % nodes.len()];
+            w = w.pod(pod(&r, &format!("{name}-p{j}000"), nd, 1));
+        }
+        w = w.rs(r);
+    }
+    Arc::make_mut(&mut w.snap.nodes).remove(&n("f"));
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let together = plan_batch(&w.snap, &names, &["f"]);
+    assert_eq!(together, plan_one_by_one(&w.snap, &names, &["f"]));
+    let replaced: usize = together.iter().map(|p| p.creates().count()).sum();
+    let unplaced: u32 = together.iter().map(|p| p.unscheduled).sum();
+    let lost = w
+        .snap
+        .pods
+        .values()
+        .filter(|p| p.node.as_str() == "f")
+        .count();
+    assert_eq!((lost, replaced, unplaced), (20, 15, 5));
+    let mut all: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &together {
+        for (k, v) in per_node(p) {
+            *all.entry(k).or_default() += v;
+        }
+    }
+    assert_eq!(
+        all,
+        BTreeMap::from([("a".into(), 5), ("c".into(), 5), ("e".into(), 5)])
+    );
 }
