@@ -496,6 +496,13 @@ async fn until_all(
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
+    // RUST_LOG=pier_supervisor=debug shows the leader's batches (stderr).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     println!("sim {a:?}");
     println!("load at start: {}", load());
     let cluster = Cluster::start()?;
@@ -930,6 +937,13 @@ async fn supervised(
         !s.nodes.keys().any(|n| g.contains(n))
     })
     .await?;
+    // Written: no pod left on a lost host, every set at its count again.
+    let g = gone.clone();
+    let want2 = want;
+    let rewritten = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+        s.pods.len() == want2 && !s.pods.values().any(|p| g.contains(&p.node))
+    })
+    .await?;
     let a2 = a.clone();
     let g = gone.clone();
     let replaced = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
@@ -943,10 +957,11 @@ async fn supervised(
         )
     })?;
     println!(
-        "5b. {} more hosts lost (10 %), {} pods on them: marked (node records gone) after {:.2} s, replaced and Running after {:.2} s (node_grace_ms {}) [load {}]",
+        "5b. {} more hosts lost (10 %), {} pods on them: marked (node records gone) after {:.2} s, replacements written after {:.2} s, replaced and Running after {:.2} s (node_grace_ms {}) [load {}]",
         lost2.len(),
         on_lost,
         marked[0].as_secs_f64(),
+        rewritten[0].as_secs_f64(),
         replaced[0].as_secs_f64(),
         cfg.node_grace_ms,
         load()

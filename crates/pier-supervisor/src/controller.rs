@@ -427,6 +427,8 @@ impl<'a> Leader<'a> {
         let mut writes: Vec<SetWrite> = Vec::new();
         let mut reports: Vec<(ObjectKey, txns::Part, bool)> = Vec::new();
         let mut ops = 0;
+        let mut planned = 0usize;
+        let t = Instant::now();
         while ops < BATCH_OPS
             && let Some((key, why)) = self.dirty.pop_first()
         {
@@ -434,12 +436,28 @@ impl<'a> Leader<'a> {
             let span = tracing::info_span!("reconcile", rs = %key_str(&key), reason = why);
             let _in = span.enter();
             let w = self.plan_set(&snap, &key, &index, &expired, &mut usage, &mut reports);
+            planned += 1;
             if let Some(w) = w {
                 ops += w.actions.len() + usize::from(w.rollout.is_some());
                 writes.push(w);
             }
         }
-        self.write_batch(writes, reports).await
+        let plan_time = t.elapsed();
+        let (sets, reported) = (writes.len(), reports.len());
+        let stop = self.write_batch(writes, reports).await;
+        if sets + reported > 0 {
+            tracing::debug!(
+                planned,
+                sets,
+                writes = ops,
+                reports = reported,
+                plan_ms = plan_time.as_millis() as u64,
+                write_ms = (t.elapsed() - plan_time).as_millis() as u64,
+                revision = snap.revision,
+                "batch written"
+            );
+        }
+        stop
     }
 
     /// Plans `key` on `snap`: its local state (failure backoff, problem,
