@@ -39,19 +39,20 @@ pub(crate) struct Held {
     /// Sorted, without duplicates, at most [`MAX_ADDRS`].
     pub addrs: Vec<IpAddr>,
     /// When a lookup last gave these addresses (for the seed, the stored
-    /// address: when this agent first saw the name).
+    /// address: when the service was created, at most the bound ago).
     pub confirmed: Instant,
     /// Lookups failed in a row since.
     pub failures: u32,
 }
 
 impl Held {
-    /// The address the writer (the CLI) resolved, held until this agent's
-    /// first lookup answers, and under the same stale bound.
-    pub(crate) fn seed(ip: IpAddr, now: Instant) -> Held {
+    /// The address the writer (the CLI) resolved, given at `confirmed`,
+    /// held until this agent's first lookup answers, under the same stale
+    /// bound.
+    pub(crate) fn seed(ip: IpAddr, confirmed: Instant) -> Held {
         Held {
             addrs: vec![ip],
-            confirmed: now,
+            confirmed,
             failures: 0,
         }
     }

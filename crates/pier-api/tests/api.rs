@@ -1731,10 +1731,24 @@ async fn attack_static_endpoints_into_the_host_are_400() {
             "{ep}: {m}"
         );
     }
-    nothing_stored(&*h.store).await;
-    // An ordinary address is fine.
+    // A name that is not a full host name (the agents look it up again).
     let mut s = service("ext");
-    s.static_endpoints = vec!["198.51.100.7:80".parse().unwrap()];
+    let mut ep: pier_model::StaticEndpoint = "198.51.100.7:80".parse().unwrap();
+    ep.name = Some("db".into());
+    s.static_endpoints = vec![ep];
+    let e = h.client.create_service(&s).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("static_endpoints[0].name: \"db\" needs a domain"),
+        "{e}"
+    );
+    nothing_stored(&*h.store).await;
+    // An ordinary address is fine, and so is one with its name.
+    let mut s = service("ext");
+    let mut named: pier_model::StaticEndpoint = "198.51.100.8:80".parse().unwrap();
+    named.name = Some("db.example.com".into());
+    s.static_endpoints = vec!["198.51.100.7:80".parse().unwrap(), named];
     h.client.create_service(&s).await.unwrap();
 }
 

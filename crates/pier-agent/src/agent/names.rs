@@ -21,21 +21,32 @@ pub(super) struct NameState {
 impl Agent {
     /// Hold the names the snapshot's static endpoints are given by: a new
     /// one at its stored address (what the CLI resolved), looked up at
-    /// once; a name no longer used is forgotten.
+    /// once; a name no longer used is forgotten. The stored address counts
+    /// as confirmed when the service was created (at most the stale bound
+    /// ago), so an agent that starts while the resolver is down does not
+    /// trust an old address for another full bound.
     pub(super) fn sync_names(&mut self) {
         let now = Instant::now();
-        let mut want: HashMap<String, std::net::IpAddr> = HashMap::new();
+        let (now_ms, stale_max) = (
+            now_ms(),
+            Duration::from_millis(self.cfg.static_name_stale_ms),
+        );
+        let mut want: HashMap<String, (std::net::IpAddr, Duration)> = HashMap::new();
         for svc in self.snap.services.values() {
+            let age = Duration::from_millis(now_ms.saturating_sub(svc.created_at));
             for se in &svc.static_endpoints {
                 if let Some(n) = &se.name {
-                    want.entry(names::normal(n)).or_insert(se.ip);
+                    want.entry(names::normal(n)).or_insert((se.ip, age));
                 }
             }
         }
         self.names.retain(|n, _| want.contains_key(n));
-        for (n, ip) in want {
+        for (n, (ip, age)) in want {
             self.names.entry(n).or_insert_with(|| NameState {
-                held: Some(Held::seed(ip, now)),
+                held: Some(Held::seed(
+                    ip,
+                    now.checked_sub(age.min(stale_max)).unwrap_or(now),
+                )),
                 next: now,
                 asking: false,
             });
