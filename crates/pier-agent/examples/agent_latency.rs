@@ -216,6 +216,7 @@ async fn main() -> Result<()> {
         snapshot: agent_reflector.subscribe(),
         alloc: pier_store::alloc::AllocConfig {
             service_cidr: "127.78.0.0/16".parse()?,
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 30010,
         },

@@ -43,7 +43,8 @@ pub(crate) struct View<'a> {
     pub policy: LabelPolicy<'a>,
     /// The default health check interval and timeout, in ms.
     pub health: (u64, u64),
-    pub service_cidr: &'a Cidr,
+    /// The service CIDRs: the IPv4 one and, dual stack, the IPv6 one.
+    pub service_cidrs: &'a [Cidr],
     pub host_addrs: &'a [IpAddr],
     pub static_allow: &'a [Cidr],
     /// The addresses this agent holds for each static endpoint name
@@ -340,7 +341,7 @@ fn static_endpoint(
     // addresses a name gives: never health-check, register or so proxy to
     // an address that reaches this host itself.
     if let Err(why) =
-        pier_model::addr::check_static_ip(ip, v.service_cidr, v.host_addrs, v.static_allow)
+        pier_model::addr::check_static_ip(ip, v.service_cidrs, v.host_addrs, v.static_allow)
     {
         notes.push(Note::StaticRefused {
             key,
@@ -654,7 +655,7 @@ mod tests {
                 allow_health_none: false,
             },
             health: (500, 1000),
-            service_cidr: &"10.213.0.0/16".parse().unwrap(),
+            service_cidrs: &["10.213.0.0/16".parse().unwrap()],
             host_addrs,
             static_allow: &[],
             names,
@@ -904,7 +905,7 @@ mod tests {
                 allow_health_none: false,
             },
             health: (500, 1000),
-            service_cidr: &"10.213.0.0/16".parse().unwrap(),
+            service_cidrs: &["10.213.0.0/16".parse().unwrap()],
             host_addrs: &[],
             static_allow: &[],
             names: &HashMap::new(),

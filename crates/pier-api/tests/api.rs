@@ -86,6 +86,7 @@ impl Harness {
             snapshot: reflector.subscribe(),
             alloc: AllocConfig {
                 service_cidr: "10.213.0.0/16".parse().unwrap(),
+                service_cidr6: None,
                 node_port_min: 30000,
                 node_port_max: 30010,
             },
@@ -504,6 +505,7 @@ async fn services_expose_external_endpoints_and_delete() {
     assert!(
         AllocConfig::dns_vip(&AllocConfig {
             service_cidr: "10.213.0.0/16".parse().unwrap(),
+            service_cidr6: None,
             node_port_min: 1,
             node_port_max: 2
         }) != Some(vip)
@@ -666,6 +668,7 @@ async fn services_expose_external_endpoints_and_delete() {
         name: n("db"),
         namespace: ns(),
         vip: None,
+        vip6: None,
         headless: false,
         external_name: None,
         service_type: ServiceType::ClusterIP,
@@ -893,6 +896,7 @@ async fn token_is_required_off_loopback_and_checked_when_set() {
         snapshot: snap,
         alloc: AllocConfig {
             service_cidr: "10.213.0.0/16".parse().unwrap(),
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 30010,
         },
@@ -1142,6 +1146,7 @@ async fn slow_requests_are_answered_504() {
         snapshot: snap_rx,
         alloc: AllocConfig {
             service_cidr: "10.213.0.0/16".parse().unwrap(),
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 30010,
         },
@@ -1190,6 +1195,7 @@ async fn writes_with_the_store_down_are_503() {
         snapshot: reflector.subscribe(),
         alloc: AllocConfig {
             service_cidr: "10.213.0.0/16".parse().unwrap(),
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 30010,
         },
@@ -1228,6 +1234,7 @@ fn service(name: &str) -> Service {
         name: n(name),
         namespace: ns(),
         vip: None,
+        vip6: None,
         headless: false,
         external_name: None,
         service_type: ServiceType::ClusterIP,
@@ -1273,6 +1280,7 @@ async fn attack_default_config_without_a_token_serves_nothing() {
         snapshot: snap,
         alloc: AllocConfig {
             service_cidr: "10.213.0.0/16".parse().unwrap(),
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 30010,
         },

@@ -342,6 +342,7 @@ pub(crate) fn service(
             name: name.clone(),
             namespace: ns.clone(),
             vip: None,
+            vip6: None,
             headless: x.headless,
             external_name: None,
             service_type: if ports.iter().any(|p| p.node_port.is_some()) {

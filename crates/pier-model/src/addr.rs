@@ -66,12 +66,19 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The IPv4 address an IPv4-mapped (`::ffff:a.b.c.d`) IPv6 address stands
-/// for, so `::ffff:127.0.0.1` is judged as `127.0.0.1`.
+/// The IPv4 address an IPv6 address that embeds one stands for, so that
+/// it is judged as that address: IPv4-mapped (`::ffff:127.0.0.1`) and the
+/// deprecated IPv4-compatible form (`::127.0.0.1`, which a host with the
+/// sit tunnel up routes to that IPv4 address). `::` and `::1` are
+/// themselves.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
+            None if v6.segments()[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback() => {
+                let o = v6.octets();
+                IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            }
             None => IpAddr::V6(v6),
         },
         v4 => v4,
@@ -85,13 +92,14 @@ fn is_link_local_v6(ip: &Ipv6Addr) -> bool {
 /// Decide whether `ip` may be a static endpoint.
 ///
 /// Refused, unless an entry of `allow` contains it: loopback, link-local,
-/// unspecified, multicast and broadcast addresses, addresses inside
-/// `service_cidr`, and any of `host_addrs` (the host's own addresses, as
-/// read by the caller). IPv4-mapped IPv6 addresses are judged as the IPv4
-/// address they map.
+/// unspecified, multicast and broadcast addresses, addresses inside any of
+/// `service_cidrs` (the IPv4 one and, dual stack, the IPv6 one), and any of
+/// `host_addrs` (the host's own addresses, as read by the caller).
+/// IPv4-mapped and IPv4-compatible IPv6 addresses are judged as the IPv4
+/// address they embed.
 pub fn check_static_ip(
     ip: IpAddr,
-    service_cidr: &Cidr,
+    service_cidrs: &[Cidr],
     host_addrs: &[IpAddr],
     allow: &[Cidr],
 ) -> Result<(), Refusal> {
@@ -106,8 +114,11 @@ pub fn check_static_ip(
     if let Some(r) = refusal {
         return Err(r);
     }
-    if service_cidr.contains(c) || service_cidr.contains(ip) {
-        return Err(Refusal::ServiceCidr(*service_cidr));
+    if let Some(sc) = service_cidrs
+        .iter()
+        .find(|sc| sc.contains(c) || sc.contains(ip))
+    {
+        return Err(Refusal::ServiceCidr(*sc));
     }
     if host_addrs.iter().any(|h| canonical(*h) == c) {
         return Err(Refusal::HostAddress);
@@ -184,10 +195,54 @@ mod tests {
         "10.213.0.0/16".parse().unwrap()
     }
 
+    fn cidr6() -> Cidr {
+        "fd5e:1:2:3::/112".parse().unwrap()
+    }
+
     fn check(ip: &str, host: &[&str], allow: &[&str]) -> Result<(), Refusal> {
         let host: Vec<IpAddr> = host.iter().map(|h| h.parse().unwrap()).collect();
         let allow: Vec<Cidr> = allow.iter().map(|a| a.parse().unwrap()).collect();
-        check_static_ip(ip.parse().unwrap(), &cidr(), &host, &allow)
+        check_static_ip(ip.parse().unwrap(), &[cidr(), cidr6()], &host, &allow)
+    }
+
+    /// IPv6: the loopback and the host's own addresses in every IPv6
+    /// spelling, and the IPv6 service CIDR, are refused as their IPv4
+    /// forms are; the proxy's own check (no CIDR, no host addresses) agrees
+    /// on the kinds.
+    #[test]
+    fn ipv6_spellings_of_refused_addresses() {
+        let cases = [
+            ("::1", Refusal::Loopback),
+            ("0:0:0:0:0:0:0:1", Refusal::Loopback),
+            ("::ffff:127.0.0.2", Refusal::Loopback),
+            ("::127.0.0.1", Refusal::Loopback),
+            ("::169.254.169.254", Refusal::LinkLocal),
+            ("::ffff:0.0.0.0", Refusal::Unspecified),
+            ("fe80::1%0".split('%').next().unwrap(), Refusal::LinkLocal),
+            ("ff05::2", Refusal::Multicast),
+            ("fd5e:1:2:3::b", Refusal::ServiceCidr(cidr6())),
+            ("::10.213.0.11", Refusal::ServiceCidr(cidr())),
+            ("2001:db8::7", Refusal::HostAddress),
+            ("::192.0.2.7", Refusal::HostAddress),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(
+                check(ip, &["192.0.2.7", "2001:db8::7"], &[]),
+                Err(want),
+                "{ip}"
+            );
+        }
+        for ip in ["::1", "::ffff:127.0.0.1", "::127.0.0.1", "fe80::9", "::"] {
+            assert!(address_kind_refusal(ip.parse().unwrap()).is_some(), "{ip}");
+        }
+        // Ordinary IPv6 addresses, a Docker network's ULA among them.
+        for ip in ["fd7e:1:2:3::2", "2001:db8::8", "fd5e:1:2:4::b"] {
+            assert_eq!(check(ip, &["2001:db8::7"], &[]), Ok(()), "{ip}");
+            assert_eq!(address_kind_refusal(ip.parse().unwrap()), None, "{ip}");
+        }
+        // The allowlist lets an IPv6 loopback through only when it names it.
+        assert_eq!(check("::1", &[], &["::1/128"]), Ok(()));
+        assert_eq!(check("::1", &[], &["127.0.0.0/8"]), Err(Refusal::Loopback));
     }
 
     #[test]

@@ -89,9 +89,11 @@ impl Snapshot {
         }
     }
 
-    /// The service whose VIP is `ip`.
+    /// The service whose VIP (IPv4 or IPv6) is `ip`.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.services.values().find(|s| s.vip == Some(ip))
+        self.services
+            .values()
+            .find(|s| s.vip == Some(ip) || s.vip6 == Some(ip))
     }
 
     /// How long the snapshot has been stale at `now_ms`, or 0 when live.

@@ -32,6 +32,7 @@ fn service(
         name: Name::new(name).expect("name"),
         namespace: Namespace::default(),
         vip: Some(listen.ip()),
+        vip6: None,
         headless: false,
         external_name: None,
         service_type: ServiceType::ClusterIP,

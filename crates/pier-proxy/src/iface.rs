@@ -1,11 +1,13 @@
-//! The `pier0` link, its VIP addresses and the unreachable route for the
-//! service CIDR, over rtnetlink.
+//! The `pier0` link, its VIP addresses and the unreachable routes for the
+//! service CIDRs (IPv4, and IPv6 when dual stack), over rtnetlink.
 
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use pier_model::Cidr;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use rtnetlink::packet_route::route::RouteType;
 use rtnetlink::{Handle, LinkBridge, LinkDummy, LinkUnspec, RouteMessageBuilder};
 
@@ -128,16 +130,20 @@ impl Iface {
         Ok(me)
     }
 
-    /// Adds `ip/32` (or /128); present already is fine.
+    /// Adds `ip/32` (or /128); present already is fine. An IPv6 address is
+    /// added without duplicate address detection (`nodad`): it is a VIP
+    /// only this host answers on a link of its own, and an address still
+    /// "tentative" cannot be bound for the second or so DAD takes.
     pub async fn add_addr(&self, ip: IpAddr) -> Result<(), ProxyError> {
         let len = if ip.is_ipv4() { 32 } else { 128 };
-        match self
-            .handle
-            .address()
-            .add(self.index, ip, len)
-            .execute()
-            .await
-        {
+        let mut req = self.handle.address().add(self.index, ip, len);
+        if ip.is_ipv6() {
+            let m = req.message_mut();
+            m.header.flags |= AddressHeaderFlags::Nodad;
+            m.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
             Err(e) => Err(self.err(format!("add address {ip}/{len}"), e)),
@@ -205,11 +211,12 @@ impl Iface {
 }
 
 /// Creates the interface (or checks it) with `extra_addrs` (such as the DNS
-/// VIP) on it, and the unreachable route for `service_cidr`. Does nothing
-/// in unprivileged mode. Call it before binding anything on a VIP.
+/// VIP) on it, and an unreachable route for each of `service_cidrs` (the
+/// IPv4 one, and the IPv6 one of a dual-stack cluster). Does nothing in
+/// unprivileged mode. Call it before binding anything on a VIP.
 pub async fn setup_iface(
     cfg: &ProxyConfig,
-    service_cidr: Cidr,
+    service_cidrs: &[Cidr],
     extra_addrs: &[IpAddr],
 ) -> Result<(), ProxyError> {
     cfg.validate()?;
@@ -220,19 +227,21 @@ pub async fn setup_iface(
     for ip in extra_addrs {
         ifc.add_addr(*ip).await?;
     }
-    let route = ifc.unreachable_route(service_cidr)?;
-    match ifc.handle.route().add(route).execute().await {
-        Ok(()) => {}
-        Err(e) if errno(&e) == Some(EEXIST) => {}
-        Err(e) => return Err(ifc.err(format!("add unreachable route {service_cidr}"), e)),
+    for service_cidr in service_cidrs {
+        let route = ifc.unreachable_route(*service_cidr)?;
+        match ifc.handle.route().add(route).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(EEXIST) => {}
+            Err(e) => return Err(ifc.err(format!("add unreachable route {service_cidr}"), e)),
+        }
     }
-    tracing::info!(iface = %cfg.iface, service_cidr = %service_cidr, "interface ready");
+    tracing::info!(iface = %cfg.iface, service_cidrs = ?service_cidrs, "interface ready");
     Ok(())
 }
 
-/// Removes the unreachable route and, unless `keep_iface`, the interface
+/// Removes the unreachable routes and, unless `keep_iface`, the interface
 /// with all its addresses. Does nothing in unprivileged mode.
-pub async fn teardown_iface(cfg: &ProxyConfig, service_cidr: Cidr) -> Result<(), ProxyError> {
+pub async fn teardown_iface(cfg: &ProxyConfig, service_cidrs: &[Cidr]) -> Result<(), ProxyError> {
     if !cfg.manage_iface {
         return Ok(());
     }
@@ -246,11 +255,13 @@ pub async fn teardown_iface(cfg: &ProxyConfig, service_cidr: Cidr) -> Result<(),
         tracing::info!(iface = %cfg.iface, "keeping the interface and its route (keep_iface)");
         return Ok(());
     }
-    let route = ifc.unreachable_route(service_cidr)?;
-    match ifc.handle.route().del(route).execute().await {
-        Ok(()) => {}
-        Err(e) if matches!(errno(&e), Some(ESRCH) | Some(ENOENT)) => {}
-        Err(e) => return Err(ifc.err(format!("remove unreachable route {service_cidr}"), e)),
+    for service_cidr in service_cidrs {
+        let route = ifc.unreachable_route(*service_cidr)?;
+        match ifc.handle.route().del(route).execute().await {
+            Ok(()) => {}
+            Err(e) if matches!(errno(&e), Some(ESRCH) | Some(ENOENT)) => {}
+            Err(e) => return Err(ifc.err(format!("remove unreachable route {service_cidr}"), e)),
+        }
     }
     if let Some(index) = Iface::find(&ifc.handle, &cfg.iface).await? {
         match ifc.handle.link().del(index).execute().await {

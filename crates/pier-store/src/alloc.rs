@@ -17,6 +17,10 @@ use crate::{Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocConfig {
     pub service_cidr: Cidr,
+    /// The IPv6 service CIDR of a dual-stack cluster (`[network]
+    /// service_cidr6`): every service given a VIP also gets an IPv6 VIP
+    /// from it. `None`: IPv4 only.
+    pub service_cidr6: Option<Cidr>,
     pub node_port_min: u16,
     pub node_port_max: u16,
 }
@@ -80,14 +84,30 @@ pub async fn used_node_ports(
 
 /// The first free VIP of the service CIDR.
 pub fn pick_vip(cfg: &AllocConfig, used: &BTreeSet<IpAddr>) -> Result<IpAddr, WriteError> {
+    pick_in(&cfg.service_cidr, used).ok_or(WriteError::Exhausted("virtual IP in the service CIDR"))
+}
+
+/// The first free IPv6 VIP of `service_cidr6`; `Ok(None)` when the cluster
+/// has no IPv6 service CIDR.
+pub fn pick_vip6(cfg: &AllocConfig, used: &BTreeSet<IpAddr>) -> Result<Option<IpAddr>, WriteError> {
+    match &cfg.service_cidr6 {
+        None => Ok(None),
+        Some(c) => pick_in(c, used)
+            .map(Some)
+            .ok_or(WriteError::Exhausted("virtual IP in the IPv6 service CIDR")),
+    }
+}
+
+fn pick_in(cidr: &Cidr, used: &BTreeSet<IpAddr>) -> Option<IpAddr> {
     // .0 is the network, .1 is often a gateway, .10 is DNS: start at .11,
     // and stop before the last address (the broadcast address in IPv4).
-    let size = cfg.service_cidr.size();
+    // IPv6 keeps the same offsets (::0 is the subnet-router anycast
+    // address; ::a is kept for a DNS VIP).
+    let size = cidr.size();
     let last = size.saturating_sub(1).min(1 << 20);
     (11..last)
-        .filter_map(|n| cfg.service_cidr.nth(n))
+        .filter_map(|n| cidr.nth(n))
         .find(|ip| !used.contains(ip))
-        .ok_or(WriteError::Exhausted("virtual IP in the service CIDR"))
 }
 
 /// A free address of the service CIDR for an endpoint VIP, searched from
@@ -201,6 +221,7 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
         }
         let extra = [
             (svc.vip.is_some(), "vip"),
+            (svc.vip6.is_some(), "vip6"),
             (svc.headless, "headless"),
             (!svc.ports.is_empty(), "ports"),
             (!svc.selector.is_empty(), "selector"),
@@ -214,7 +235,7 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
         }
     }
     if svc.headless {
-        if let Some(vip) = svc.vip {
+        if let Some(vip) = svc.vip.or(svc.vip6) {
             return Err(WriteError::Invalid(format!(
                 "vip: a headless service has no VIP, and {vip} was given; leave vip out, or headless off"
             )));
@@ -227,18 +248,32 @@ pub fn check_explicit(cfg: &AllocConfig, svc: &Service) -> Result<(), WriteError
         }
     }
     if let Some(vip) = svc.vip {
-        let c = &cfg.service_cidr;
-        if !c.contains(vip) {
+        check_vip_in("vip", vip, &cfg.service_cidr)?;
+    }
+    if let Some(vip6) = svc.vip6 {
+        let Some(c) = &cfg.service_cidr6 else {
             return Err(WriteError::Invalid(format!(
-                "vip: {vip} is outside the service CIDR {c}; leave it out to be given one"
+                "vip6: {vip6} was given but this cluster has no IPv6 service CIDR; leave vip6 out, or set [network] service_cidr6 in every agent's config"
             )));
-        }
-        let last = c.nth(c.size().saturating_sub(1));
-        if Some(vip) == c.nth(0) || Some(vip) == last || Some(vip) == cfg.dns_vip() {
-            return Err(WriteError::Invalid(format!(
-                "vip: {vip} is reserved in the service CIDR {c} (its network address, last address or the DNS VIP); leave it out to be given one"
-            )));
-        }
+        };
+        check_vip_in("vip6", vip6, c)?;
+    }
+    Ok(())
+}
+
+/// `vip` (the field `field`) lies in `c` and is not reserved in it: its
+/// network address, its last (broadcast) address or the DNS VIP's offset.
+fn check_vip_in(field: &str, vip: IpAddr, c: &Cidr) -> Result<(), WriteError> {
+    if !c.contains(vip) {
+        return Err(WriteError::Invalid(format!(
+            "{field}: {vip} is outside the service CIDR {c}; leave it out to be given one"
+        )));
+    }
+    let last = c.nth(c.size().saturating_sub(1));
+    if Some(vip) == c.nth(0) || Some(vip) == last || Some(vip) == c.nth(10) {
+        return Err(WriteError::Invalid(format!(
+            "{field}: {vip} is reserved in the service CIDR {c} (its network address, last address or the DNS VIP); leave it out to be given one"
+        )));
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use pier_store::{EmbeddedStore, EtcdStore, Store};
 fn cfg() -> AllocConfig {
     AllocConfig {
         service_cidr: "10.213.0.0/24".parse().unwrap(),
+        service_cidr6: None,
         node_port_min: 30000,
         node_port_max: 30002,
     }
@@ -21,6 +22,7 @@ fn svc(name: &str, ty: ServiceType, node_port: Option<u16>) -> Service {
         name: Name::new(name).unwrap(),
         namespace: Namespace::default(),
         vip: None,
+        vip6: None,
         headless: false,
         external_name: None,
         service_type: ty,
@@ -364,6 +366,134 @@ async fn embedded_endpoint_addrs_and_headless() {
 async fn etcd_endpoint_addrs_and_headless() {
     let etcd = EtcdServer::start().unwrap();
     endpoint_addrs_and_headless(Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+            .await
+            .unwrap(),
+    ))
+    .await;
+}
+
+fn cfg6() -> AllocConfig {
+    AllocConfig {
+        service_cidr6: Some("fd5e:1:2:3::/124".parse().unwrap()),
+        ..cfg()
+    }
+}
+
+/// Dual stack: with an IPv6 service CIDR every service given a VIP gets an
+/// IPv6 VIP too, from the same rules (skip ::0-::a, never twice, the
+/// range runs out with an error naming it), claimed in the same txn and
+/// freed with the service; an explicit vip6 is checked like a vip, and a
+/// headless or ExternalName service gets none.
+async fn dual_stack_vips(store: Arc<dyn Store>) {
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    let c = cfg6();
+    let a = create_service(&*store, &c, svc("a", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap();
+    assert_eq!(a.vip, Some("10.213.0.11".parse().unwrap()));
+    assert_eq!(a.vip6, Some("fd5e:1:2:3::b".parse().unwrap()));
+    let mut s = svc("b", ServiceType::ClusterIP, None);
+    s.vip6 = Some("fd5e:1:2:3::e".parse().unwrap());
+    let b = create_service(&*store, &c, s, true).await.unwrap();
+    assert_eq!(b.vip6, Some("fd5e:1:2:3::e".parse().unwrap()));
+    // Both families' claims are in the store.
+    let used = pier_store::alloc::used_vips(&*store).await.unwrap();
+    let want: BTreeSet<IpAddr> = [
+        "10.213.0.11",
+        "10.213.0.12",
+        "fd5e:1:2:3::b",
+        "fd5e:1:2:3::e",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    assert_eq!(used, want);
+    // Taken, or reserved, or outside the CIDR: refused, naming vip6.
+    for (vip6, why) in [
+        ("fd5e:1:2:3::e", "already in use"),
+        ("fd5e:1:2:3::", "reserved"),
+        ("fd5e:1:2:3::a", "reserved"),
+        ("fd5e:1:2:3::f", "reserved"),
+        ("fd5e:1:2:4::20", "outside"),
+        ("::1", "outside"),
+        ("::ffff:10.213.0.40", "outside"),
+    ] {
+        let mut s = svc("x", ServiceType::ClusterIP, None);
+        s.vip6 = Some(vip6.parse().unwrap());
+        let e = create_service(&*store, &c, s, true).await.unwrap_err();
+        let m = e.to_string();
+        assert!(m.starts_with("vip6") && m.contains(why), "{vip6}: {m}");
+    }
+    // Without an IPv6 service CIDR, an explicit vip6 is refused with what to set.
+    let mut s = svc("x", ServiceType::ClusterIP, None);
+    s.vip6 = Some("fd5e:1:2:3::c".parse().unwrap());
+    let e = create_service(&*store, &cfg(), s, true).await.unwrap_err();
+    assert!(e.to_string().contains("service_cidr6"), "{e}");
+    // A headless service gets neither, and may not ask for a vip6.
+    let mut h = svc("h", ServiceType::ClusterIP, None);
+    h.headless = true;
+    let hs = create_service(&*store, &c, h.clone(), true).await.unwrap();
+    assert_eq!((hs.vip, hs.vip6), (None, None));
+    h.name = Name::new("h2").unwrap();
+    h.vip6 = Some("fd5e:1:2:3::c".parse().unwrap());
+    let e = create_service(&*store, &c, h, true).await.unwrap_err();
+    assert!(e.to_string().contains("headless"), "{e}");
+    // An update that leaves vip6 out keeps it; another one is refused.
+    let key = pier_model::keys::service(&a.namespace, &a.name);
+    let rev = store.get(&key).await.unwrap().unwrap().mod_revision;
+    let mut a2 = a.clone();
+    a2.vip6 = None;
+    a2.prefer_local = true;
+    let a3 = update_service(&*store, &c, rev, a2).await.unwrap();
+    assert_eq!(a3.vip6, a.vip6);
+    let rev = store.get(&key).await.unwrap().unwrap().mod_revision;
+    let mut a4 = a3.clone();
+    a4.vip6 = Some("fd5e:1:2:3::c".parse().unwrap());
+    let e = update_service(&*store, &c, rev, a4).await.unwrap_err();
+    assert!(e.to_string().starts_with("vip6: "), "{e}");
+    // The /124 has ::b-::e; ::b and ::e are taken: two more, then exhausted.
+    for n in ["c", "d"] {
+        let s = create_service(&*store, &c, svc(n, ServiceType::ClusterIP, None), true)
+            .await
+            .unwrap();
+        assert!(s.vip6.is_some(), "{s:?}");
+    }
+    let e = create_service(&*store, &c, svc("full", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, WriteError::Exhausted(_)) && e.to_string().contains("IPv6"),
+        "{e}"
+    );
+    // Deleting frees both addresses.
+    assert!(
+        delete_service(&*store, &a.namespace, &a.name)
+            .await
+            .unwrap()
+    );
+    let used = pier_store::alloc::used_vips(&*store).await.unwrap();
+    assert!(
+        !used.contains(&a.vip.unwrap()) && !used.contains(&a.vip6.unwrap()),
+        "{used:?}"
+    );
+    let again = create_service(&*store, &c, svc("a", ServiceType::ClusterIP, None), true)
+        .await
+        .unwrap();
+    assert_eq!(again.vip6, a.vip6);
+}
+
+#[tokio::test]
+async fn embedded_dual_stack_vips() {
+    let dir = tempfile::tempdir().unwrap();
+    dual_stack_vips(Arc::new(EmbeddedStore::open(dir.path()).unwrap())).await;
+}
+
+#[tokio::test]
+async fn etcd_dual_stack_vips() {
+    let etcd = EtcdServer::start().unwrap();
+    dual_stack_vips(Arc::new(
         EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
             .await
             .unwrap(),

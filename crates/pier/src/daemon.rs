@@ -42,6 +42,10 @@ pub struct AgentArgs {
     /// The CIDR VIPs come from (default 10.213.0.0/16).
     #[arg(long, value_name = "CIDR")]
     pub service_cidr: Option<String>,
+    /// The IPv6 CIDR IPv6 VIPs come from (dual stack; off by default),
+    /// e.g. fd8e:7a1c:53b2:1::/112.
+    #[arg(long, value_name = "CIDR")]
+    pub service_cidr6: Option<String>,
     /// Where the embedded store and other state live (default /var/lib/pier).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -120,6 +124,12 @@ fn apply_args(args: &AgentArgs) -> Result<Config, String> {
             .parse::<Cidr>()
             .map_err(|e| format!("--service-cidr: {e}"))?;
     }
+    if let Some(c) = &args.service_cidr6 {
+        cfg.network.service_cidr6 = Some(
+            c.parse::<Cidr>()
+                .map_err(|e| format!("--service-cidr6: {e}"))?,
+        );
+    }
     if let Some(d) = &args.data_dir {
         cfg.network.data_dir = d.clone();
     }
@@ -163,6 +173,13 @@ fn finish_config(cfg: Config) -> Result<Config, String> {
         return Err(format!(
             "network.service_cidr {} must lie in 127.0.0.0/8 when pier0 is not managed (--unprivileged)",
             cfg.network.service_cidr
+        ));
+    }
+    if !cfg.proxy.manage_iface
+        && let Some(c6) = &cfg.network.service_cidr6
+    {
+        return Err(format!(
+            "network.service_cidr6 {c6} needs pier0 (IPv6 has one loopback address, ::1, so VIPs cannot live on lo): leave service_cidr6 out with --unprivileged, or run the agent with CAP_NET_ADMIN"
         ));
     }
     // The files last: a missing, expired or foreign certificate, or an

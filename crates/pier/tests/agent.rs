@@ -184,6 +184,31 @@ async fn missing_certificate_exits_64_naming_the_file() {
     );
 }
 
+/// IPv6 VIPs need pier0: `--unprivileged` with `service_cidr6` is a
+/// config error naming the key and both ways out, before anything is bound.
+#[tokio::test]
+async fn service_cidr6_without_pier0_exits_64() {
+    let s = Setup::new("v6-unpriv");
+    let p = s.dir.path().join("pier.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[node]\nname = \"{}\"\n[network]\ndata_dir = \"{}\"\nservice_cidr6 = \"fd5e:7e57:1::/112\"\n[api]\nlisten = \"{}\"\n",
+            s.node,
+            s.data_dir().display(),
+            s.api
+        ),
+    )
+    .unwrap();
+    let l = s.refused(&p).await;
+    assert!(
+        l.contains("network.service_cidr6 fd5e:7e57:1::/112 needs pier0")
+            && l.contains("--unprivileged")
+            && l.contains("CAP_NET_ADMIN"),
+        "{l}"
+    );
+}
+
 #[tokio::test]
 async fn expired_certificate_exits_64_saying_how_to_renew() {
     let s = Setup::new("mesh-expired");

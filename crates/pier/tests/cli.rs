@@ -62,6 +62,7 @@ impl Agent {
             snapshot: reflector.subscribe(),
             alloc: AllocConfig {
                 service_cidr: "10.213.0.0/16".parse().unwrap(),
+                service_cidr6: None,
                 node_port_min: 30000,
                 node_port_max: 30010,
             },

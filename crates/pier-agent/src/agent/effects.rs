@@ -12,6 +12,9 @@ impl Agent {
         let synced = self.snapshot_synced();
         self.sync_names();
         let names = self.names_view();
+        let cidrs: Vec<pier_model::Cidr> = std::iter::once(self.alloc.service_cidr)
+            .chain(self.alloc.service_cidr6)
+            .collect();
         let d = desired::endpoints(&desired::View {
             me: &me,
             snap: &snap,
@@ -23,7 +26,7 @@ impl Agent {
                 allow_health_none: self.cfg.allow_health_none,
             },
             health: self.health_defaults(),
-            service_cidr: &self.alloc.service_cidr,
+            service_cidrs: &cidrs,
             host_addrs: &self.host_addrs,
             static_allow: &self.static_allow,
             names: &names,

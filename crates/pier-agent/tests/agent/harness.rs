@@ -245,6 +245,7 @@ pub fn node(name: &str) -> Node {
 pub fn alloc() -> pier_store::alloc::AllocConfig {
     pier_store::alloc::AllocConfig {
         service_cidr: "127.77.0.0/16".parse::<Cidr>().expect("cidr"),
+        service_cidr6: None,
         node_port_min: 30000,
         node_port_max: 30100,
     }

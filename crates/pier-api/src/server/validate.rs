@@ -121,6 +121,9 @@ pub(super) fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail>
         return Ok(());
     }
     let host = guard::host_addrs();
+    let cidrs: Vec<_> = std::iter::once(st.alloc.service_cidr)
+        .chain(st.alloc.service_cidr6)
+        .collect();
     for (i, ep) in svc.static_endpoints.iter().enumerate() {
         if let Some(name) = &ep.name
             && let Err(why) = pier_model::check_external_name(name)
@@ -129,12 +132,9 @@ pub(super) fn validate_service(st: &ApiState, svc: &Service) -> Result<(), Fail>
                 "static_endpoints[{i}].name: {name:?} {why}"
             )));
         }
-        if let Err(r) = pier_model::addr::check_static_ip(
-            ep.ip,
-            &st.alloc.service_cidr,
-            &host,
-            &st.static_endpoint_allow,
-        ) {
+        if let Err(r) =
+            pier_model::addr::check_static_ip(ep.ip, &cidrs, &host, &st.static_endpoint_allow)
+        {
             return Err(Fail::bad(format!(
                 "static_endpoints[{i}].ip: {} {r}; every host's proxy would connect to its own such address, so it is refused. To allow it anyway, add a CIDR holding it to [network] static_endpoint_allow in every agent's config",
                 ep.ip

@@ -332,13 +332,16 @@ pub(super) fn service_frag(
         .filter_map(|e| answer_addr(e).map(|ip| (ip, e)))
         .collect();
     match svc.vip {
-        Some(vip) => {
-            f.own
-                .entry(svc_name.clone())
-                .or_default()
-                .a
-                .push((vip, params.vip_ttl));
-            f.ptr_at(vip).push((svc_name.clone(), params.vip_ttl));
+        Some(_) => {
+            // A, and AAAA for a dual-stack service's IPv6 VIP.
+            for vip in svc.vips() {
+                f.own
+                    .entry(svc_name.clone())
+                    .or_default()
+                    .a
+                    .push((vip, params.vip_ttl));
+                f.ptr_at(vip).push((svc_name.clone(), params.vip_ttl));
+            }
         }
         None => {
             let p = f.own.entry(svc_name.clone()).or_default();
@@ -401,7 +404,7 @@ pub(super) fn answer_addr(e: &Endpoint) -> Option<IpAddr> {
 /// The addresses a service has PTR records at: its VIP and its ready
 /// endpoints' addresses (what [`service_frag`] puts in `ptr`).
 pub(super) fn ptr_ips(svc: &Service, eps: Option<&Arc<EndpointMap>>) -> Vec<IpAddr> {
-    let mut v: Vec<IpAddr> = svc.vip.into_iter().collect();
+    let mut v: Vec<IpAddr> = svc.vips().collect();
     for e in eps.into_iter().flat_map(|m| m.values()) {
         if e.ready
             && let Some(ip) = answer_addr(e)

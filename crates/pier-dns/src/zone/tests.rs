@@ -72,8 +72,13 @@ fn service(r: &mut Rng, k: &ObjectKey) -> Service {
         let tp = *r.pick(&[8080u16, 9090]);
         ports.push(serde_json::json!({"name": n, "port": 80, "target_port": tp}));
     }
+    // Dual stack now and then: an IPv6 VIP beside the IPv4 one.
+    let vip6 = match vip {
+        Some(_) if r.below(3) == 0 => Some(*r.pick(&["fd5e::b", "fd5e::c"])),
+        _ => None,
+    };
     serde_json::from_value(serde_json::json!({
-        "name": k.1, "namespace": k.0, "vip": vip, "ports": ports,
+        "name": k.1, "namespace": k.0, "vip": vip, "vip6": vip6, "ports": ports,
     }))
     .expect("service")
 }
@@ -408,5 +413,57 @@ fn pod_names_and_headless_answer_endpoint_vips() {
     match z.lookup(&srv, rtype::SRV) {
         Lookup::Answer(a) => assert_eq!((a.an, a.ar), (2, 2)),
         other => panic!("SRV: {other:?}"),
+    }
+}
+
+/// Dual stack: a service with an IPv6 VIP answers A with its IPv4 VIP and
+/// AAAA with its IPv6 one, with a PTR at each; an IPv4-only service's name
+/// has no AAAA (NODATA, not NXDOMAIN, so a resolver goes on to A).
+#[test]
+fn a_dual_stack_service_answers_aaaa_with_its_ipv6_vip() {
+    let svc = |n: &str, vip: &str, vip6: Option<&str>| -> Service {
+        serde_json::from_value(serde_json::json!({
+            "name": n, "vip": vip, "vip6": vip6,
+            "ports": [{"name": "http", "port": 80, "target_port": 8080}],
+        }))
+        .expect("service")
+    };
+    let web = svc("web", "10.213.0.11", Some("fd5e:1:2:3::b"));
+    let old = svc("old", "10.213.0.12", None);
+    let services = [web, old]
+        .into_iter()
+        .map(|s| ((s.namespace.clone(), s.name.clone()), Arc::new(s)))
+        .collect::<BTreeMap<_, _>>();
+    let s = Snapshot {
+        services: Arc::new(services),
+        ..Snapshot::default()
+    };
+    let z = build(&s, params());
+    let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("ip") };
+    assert_eq!(
+        a_addrs(&z, "web.default.svc.pier.internal"),
+        [ip("10.213.0.11")]
+    );
+    let n = wire::wire_name("web.default.svc.pier.internal").expect("name");
+    match z.lookup(&n, rtype::AAAA) {
+        Lookup::Answer(a) => {
+            assert_eq!(a.an, 1);
+            // Owner pointer, type, class, TTL, rdlength (12 bytes), then
+            // the 16 address bytes.
+            let b: [u8; 16] = a.body[12..28].try_into().expect("16 bytes");
+            assert_eq!(std::net::IpAddr::from(b), ip("fd5e:1:2:3::b"));
+        }
+        other => panic!("AAAA: {other:?}"),
+    }
+    let n = wire::wire_name("old.default.svc.pier.internal").expect("name");
+    assert!(
+        matches!(z.lookup(&n, rtype::AAAA), Lookup::NoData { soa: true }),
+        "an IPv4-only service has no AAAA"
+    );
+    for vip in ["10.213.0.11", "fd5e:1:2:3::b"] {
+        match z.lookup(&reverse_name(ip(vip)), rtype::PTR) {
+            Lookup::Answer(a) => assert_eq!(a.an, 1, "{vip}"),
+            other => panic!("PTR at {vip}: {other:?}"),
+        }
     }
 }

@@ -357,6 +357,12 @@ pub struct Service {
     /// The virtual IP; `None` for a headless service.
     #[serde(default)]
     pub vip: Option<IpAddr>,
+    /// The IPv6 virtual IP, from `[network] service_cidr6` when the cluster
+    /// has one (dual stack); `None` otherwise, and for a headless or
+    /// ExternalName service. Left out when unset, so older agents still
+    /// read the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<IpAddr>,
     /// A headless service: no VIP and no proxy listener; DNS answers its
     /// name with the endpoint VIPs of its ready endpoints, one per pod
     /// (see `Endpoint.addr`), and SRV per pod. Set at creation only. Left
@@ -423,6 +429,7 @@ impl Service {
             name,
             namespace,
             vip: None,
+            vip6: None,
             headless: false,
             external_name: None,
             service_type: ServiceType::default(),
@@ -443,6 +450,12 @@ impl Service {
     /// A service with no VIP answers DNS with its endpoints' addresses.
     pub fn is_headless(&self) -> bool {
         self.headless || self.vip.is_none()
+    }
+    /// The service's VIPs: the IPv4 one, then the IPv6 one. A service
+    /// without an IPv4 VIP is headless, and has none (a `vip6` alone, which
+    /// no writer makes, is ignored everywhere).
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vip.into_iter().chain(self.vip.and(self.vip6))
     }
     pub fn port_by_name(&self, name: &str) -> Option<&ServicePort> {
         self.ports.iter().find(|p| p.name.as_str() == name)

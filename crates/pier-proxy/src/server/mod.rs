@@ -77,6 +77,7 @@ pub struct Proxy {
     ready: watch::Sender<bool>,
     node: Name,
     service_cidr: Cidr,
+    service_cidr6: Option<Cidr>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     mesh: Option<MeshConnector>,
     metrics: Metrics,
@@ -103,12 +104,20 @@ impl Proxy {
             ready: watch::channel(false).0,
             node,
             service_cidr,
+            service_cidr6: None,
             snapshot,
             mesh,
             metrics,
             problems: watch::channel(Arc::new(Problems::new())).0,
             stats: watch::channel(Arc::new(StatsMap::new())).0,
         })
+    }
+
+    /// Dual stack: serves services' IPv6 VIPs (`Service.vip6`) from this
+    /// IPv6 service CIDR too. Without it, an IPv6 VIP is not served.
+    pub fn with_service_cidr6(mut self, cidr6: Option<Cidr>) -> Proxy {
+        self.service_cidr6 = cidr6;
+        self
     }
 
     /// Takes listening sockets from `source` instead of binding them.
@@ -143,6 +152,7 @@ impl Proxy {
             ready,
             node,
             service_cidr,
+            service_cidr6,
             mut snapshot,
             mesh,
             metrics,
@@ -169,6 +179,7 @@ impl Proxy {
             source,
             node,
             service_cidr,
+            service_cidr6,
             ctx: ctx.clone(),
             metrics,
             iface,

@@ -78,6 +78,8 @@ pub(crate) struct State {
     pub(crate) limiter: ConnLimiter,
     pub(crate) node: Name,
     pub(crate) service_cidr: Cidr,
+    /// The IPv6 service CIDR of a dual-stack cluster.
+    pub(crate) service_cidr6: Option<Cidr>,
     pub(crate) ctx: Arc<Ctx>,
     pub(crate) metrics: Metrics,
     pub(crate) iface: Option<Iface>,
@@ -131,7 +133,8 @@ impl State {
             Ok(a) => {
                 let dns = self.service_cidr.nth(10);
                 for (ip, _) in a {
-                    if self.service_cidr.contains(ip) && Some(ip) != dns {
+                    let v6 = self.service_cidr6.is_some_and(|c| c.contains(ip));
+                    if (self.service_cidr.contains(ip) || v6) && Some(ip) != dns {
                         self.vips.insert(ip);
                     }
                 }
@@ -180,14 +183,24 @@ impl State {
                 continue;
             }
             wanted_vips.insert(vip);
+            // Dual stack: the IPv6 VIP is one more listener of the same
+            // service port (one balancer, one set of metrics).
+            let vip6 = svc.vip6.filter(|v6| {
+                let ok = self.service_cidr6.is_some_and(|c| c.contains(*v6));
+                if !ok {
+                    tracing::debug!(service = %service_label(key), vip6 = %v6, cidr6 = ?self.service_cidr6, "IPv6 VIP outside this node's IPv6 service CIDR; not served");
+                }
+                ok
+            });
+            wanted_vips.extend(vip6);
             for sp in &svc.ports {
                 let pk = (key.clone(), sp.name.clone(), None);
                 wanted_ports.insert(pk.clone());
                 self.update_port(snap, svc, &pk, now);
-                wanted_listeners.insert(
-                    (sp.protocol, SocketAddr::new(vip, sp.port.get())),
-                    pk.clone(),
-                );
+                for v in std::iter::once(vip).chain(vip6) {
+                    wanted_listeners
+                        .insert((sp.protocol, SocketAddr::new(v, sp.port.get())), pk.clone());
+                }
                 if svc.service_type == ServiceType::NodePort
                     && let Some(np) = sp.node_port
                 {

@@ -139,10 +139,22 @@ pub fn start(cfg: ProxyConfig, initial: Arc<Snapshot>) -> Running {
 }
 
 pub fn start_with_cidr(cfg: ProxyConfig, cidr: Cidr, initial: Arc<Snapshot>) -> Running {
+    start_with_cidrs(cfg, cidr, None, initial)
+}
+
+/// As [`start_with_cidr`], dual stack when `cidr6` is given.
+pub fn start_with_cidrs(
+    cfg: ProxyConfig,
+    cidr: Cidr,
+    cidr6: Option<Cidr>,
+    initial: Arc<Snapshot>,
+) -> Running {
     let (tx, rx) = watch::channel(initial);
     // As the daemon does: every name under `pier_`.
     let mut registry = prometheus_client::registry::Registry::with_prefix("pier");
-    let p = Proxy::new(cfg, node(), cidr, rx, None, &mut registry).unwrap();
+    let p = Proxy::new(cfg, node(), cidr, rx, None, &mut registry)
+        .unwrap()
+        .with_service_cidr6(cidr6);
     let problems = p.problems();
     let stats = p.stats();
     let cancel = CancellationToken::new();

@@ -269,6 +269,7 @@ pub fn plan(
                             )));
                         }
                         new.vip = old.vip;
+                        new.vip6 = old.vip6;
                         new.created_at = old.created_at;
                         if &new == old {
                             changes.push(change(
@@ -303,6 +304,14 @@ pub fn plan(
                             vips.insert(vip);
                             new.vip = Some(vip);
                             b.claim(keys::vip_alloc(vip), alloc_value(&new));
+                            let vip6 = alloc::pick_vip6(cfg, &vips).map_err(|e| {
+                                PlanError::Conflict(format!("services.{}: {e}", c.name))
+                            })?;
+                            if let Some(v6) = vip6 {
+                                vips.insert(v6);
+                                new.vip6 = Some(v6);
+                                b.claim(keys::vip_alloc(v6), alloc_value(&new));
+                            }
                         }
                         new.created_at = now;
                         if new.ports.iter().any(|p| p.node_port.is_some()) {
@@ -467,7 +476,7 @@ fn delete_service(s: &Service, rev: Revision, b: &mut Batch) {
     let k = keys::service(&s.namespace, &s.name);
     b.at_revision(k.clone(), rev);
     b.delete(k);
-    if let Some(vip) = s.vip {
+    for vip in s.vip.into_iter().chain(s.vip6) {
         b.delete(keys::vip_alloc(vip));
     }
     for n in node_ports_of(s) {

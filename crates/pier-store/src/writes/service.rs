@@ -9,7 +9,7 @@ use pier_model::{Allocation, Name, Namespace, PortNum, Service, decode, encode, 
 use super::{ATTEMPTS, Batch, Conflict, WriteError};
 use crate::alloc::{
     AllocConfig, alloc_value, assign_node_ports, check_explicit, check_ports, node_ports_of,
-    pick_vip, used_node_ports, used_vips,
+    pick_vip, pick_vip6, used_node_ports, used_vips,
 };
 use crate::{Revision, Store};
 
@@ -60,7 +60,24 @@ pub async fn create_service(
                 None => pick_vip(cfg, &used)?,
             };
             s.vip = Some(vip);
+            // Dual stack: an IPv6 VIP beside it, when the cluster has an
+            // IPv6 service CIDR.
+            let vip6 = match s.vip6 {
+                Some(v) if used.contains(&v) => {
+                    return Err(WriteError::Invalid(format!("vip6 {v} is already in use")));
+                }
+                Some(v) => Some(v),
+                None => pick_vip6(cfg, &used)?,
+            };
+            s.vip6 = vip6;
             b.claim(keys::vip_alloc(vip), alloc_value(&s));
+            if let Some(v6) = vip6 {
+                b.claim(keys::vip_alloc(v6), alloc_value(&s));
+            }
+        } else if let Some(v6) = s.vip6 {
+            return Err(WriteError::Invalid(format!(
+                "vip6: {v6} was given for a service without an IPv4 VIP; leave vip6 out"
+            )));
         }
         let used = used_node_ports(store).await?;
         for n in assign_node_ports(cfg, &mut s, &used, &BTreeSet::new())? {
@@ -119,6 +136,17 @@ pub async fn update_service(
             }
         )));
     }
+    // An update that leaves vip6 out keeps it (a client that predates it
+    // does not drop it); giving another is refused below.
+    if s.vip6.is_none() {
+        s.vip6 = old.vip6;
+    }
+    if s.vip6 != old.vip6 {
+        return Err(WriteError::Invalid(format!(
+            "vip6: a service's IPv6 VIP cannot change (it is {:?}); delete and re-create the service",
+            old.vip6
+        )));
+    }
     if s.vip != old.vip {
         return Err(WriteError::Invalid(format!(
             "vip: a service's VIP cannot change (it is {:?}); delete and re-create the service",
@@ -164,7 +192,7 @@ pub async fn delete_service(
         b.delete(key.clone());
         match decode::<Service>(&key, &kv.value) {
             Ok(svc) => {
-                if let Some(vip) = svc.vip {
+                for vip in svc.vip.into_iter().chain(svc.vip6) {
                     b.delete(keys::vip_alloc(vip));
                 }
                 for n in node_ports_of(&svc) {

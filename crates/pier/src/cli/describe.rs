@@ -204,6 +204,9 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
                     .map(|v| v.to_string())
                     .unwrap_or_else(|| "None (headless)".into()),
             );
+            if let Some(v6) = s.vip6 {
+                line("VIP6", v6.to_string());
+            }
             for p in &s.ports {
                 line(
                     "Port",

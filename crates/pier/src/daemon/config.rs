@@ -82,6 +82,12 @@ impl Default for StoreConfig {
 pub struct NetworkConfig {
     /// VIPs come from here; `.10` is the DNS server's VIP.
     pub service_cidr: Cidr,
+    /// Dual stack: the IPv6 CIDR IPv6 VIPs come from. Each service given a
+    /// VIP also gets one from here, served on pier0 and answered as AAAA.
+    /// Off by default (a ULA prefix is the site's to choose: a fixed
+    /// default could collide with the site's own). The same on every agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_cidr6: Option<Cidr>,
     pub node_port_min: u16,
     pub node_port_max: u16,
     /// Serve DNS on the DNS VIP (`.10` of service_cidr) on pier0.
@@ -102,6 +108,7 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             service_cidr: "10.213.0.0/16".parse().expect("valid CIDR"),
+            service_cidr6: None,
             node_port_min: 30000,
             node_port_max: 32767,
             serve_dns_vip: true,
@@ -159,6 +166,9 @@ impl Config {
                 n.service_cidr
             )));
         }
+        if let Some(c6) = &n.service_cidr6 {
+            check_service_cidr6(c6)?;
+        }
         if self.store.lease_ttl_secs < 2 {
             return Err(ConfigError(format!(
                 "store.lease_ttl_secs = {} is below etcd's minimum of 2",
@@ -182,6 +192,32 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// An IPv6 service CIDR must be IPv6 unicast that can hold VIPs: inside
+/// fc00::/7 (unique local) or 2000::/3 (global unicast), which leaves out
+/// loopback, link-local, multicast and IPv4-mapped space, and at least a
+/// /124 (16 addresses).
+fn check_service_cidr6(c: &Cidr) -> Result<(), ConfigError> {
+    let ok_space = match c.addr() {
+        IpAddr::V6(a) => {
+            let top = a.segments()[0];
+            (top & 0xfe00 == 0xfc00 && c.prefix() >= 7)
+                || (top & 0xe000 == 0x2000 && c.prefix() >= 3)
+        }
+        IpAddr::V4(_) => false,
+    };
+    if !ok_space {
+        return Err(ConfigError(format!(
+            "network.service_cidr6 {c} is not IPv6 unicast space; use a unique local prefix of your own, such as fdXX:XXXX:XXXX:XXXX::/112 with random X (RFC 4193), or one of your global prefixes"
+        )));
+    }
+    if c.size() < 16 {
+        return Err(ConfigError(format!(
+            "network.service_cidr6 {c} is too small; use at least a /124 (a /112 is usual)"
+        )));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -635,6 +671,39 @@ mod tests {
         }
         c.check_mesh()
             .unwrap_or_else(|e| panic!("{}'s [mesh] with issued files: {e}", path.display()));
+    }
+
+    /// `[network] service_cidr6`: IPv6 unicast space that can hold VIPs,
+    /// or a clear refusal naming the key and what to use.
+    #[test]
+    fn service_cidr6_must_be_ipv6_unicast_and_big_enough() {
+        let check = |c6: &str| {
+            Config::parse(&format!(
+                "[node]\nname = \"n1\"\n[network]\nservice_cidr6 = \"{c6}\"\n"
+            ))
+            .unwrap()
+            .validate()
+            .map_err(|e| e.0)
+        };
+        for ok in ["fd8e:7a1c:53b2:1::/112", "fc00::/7", "2001:db8:5::/120"] {
+            check(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, says) in [
+            ("10.214.0.0/16", "not IPv6 unicast"),
+            ("::1/128", "not IPv6 unicast"),
+            ("::/0", "not IPv6 unicast"),
+            ("::ffff:0:0/96", "not IPv6 unicast"),
+            ("fe80::/64", "not IPv6 unicast"),
+            ("ff05::/112", "not IPv6 unicast"),
+            ("fd8e:7a1c:53b2:1::/126", "too small"),
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(
+                e.contains("network.service_cidr6") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        assert!(Config::default().network.service_cidr6.is_none());
     }
 
     #[test]

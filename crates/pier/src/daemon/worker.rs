@@ -82,6 +82,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
     let cidr = cfg.network.service_cidr;
     let alloc = AllocConfig {
         service_cidr: cidr,
+        service_cidr6: cfg.network.service_cidr6,
         node_port_min: cfg.network.node_port_min,
         node_port_max: cfg.network.node_port_max,
     };
@@ -360,6 +361,14 @@ fn bind_dns(
     Ok((udp, tcp))
 }
 
+/// The service CIDRs pier0 holds unreachable routes for: the IPv4 one and,
+/// dual stack, the IPv6 one.
+fn service_cidrs(cfg: &Config) -> Vec<Cidr> {
+    std::iter::once(cfg.network.service_cidr)
+        .chain(cfg.network.service_cidr6)
+        .collect()
+}
+
 /// pier0, DNS, the mesh listener and the proxy.
 #[allow(clippy::too_many_arguments)]
 async fn start_data_plane(
@@ -376,9 +385,13 @@ async fn start_data_plane(
     let cidr = cfg.network.service_cidr;
     let snapshot = ctl.reflector.subscribe();
     // pier0 and its addresses, before DNS binds the DNS VIP on it.
-    pier_proxy::setup_iface(&cfg.proxy, cidr, &dns_vip.into_iter().collect::<Vec<_>>())
-        .await
-        .context("setting up the pier0 interface (run as root, or pass --unprivileged)")?;
+    pier_proxy::setup_iface(
+        &cfg.proxy,
+        &service_cidrs(cfg),
+        &dns_vip.into_iter().collect::<Vec<_>>(),
+    )
+    .await
+    .context("setting up the pier0 interface (run as root, or pass --unprivileged)")?;
 
     // DNS.
     let mut dns_addrs: Vec<SocketAddr> = cfg.network.dns_listen.clone();
@@ -456,6 +469,7 @@ async fn start_data_plane(
         registry,
     )
     .context("starting the proxy")?
+    .with_service_cidr6(cfg.network.service_cidr6)
     .with_listener_source(sockets.clone());
     let dp = DataPlane {
         dns,
@@ -646,7 +660,7 @@ async fn shutdown(
     // 3. The proxy drains its connections up to its own deadline.
     ctl.reflector_cancel.cancel();
     stop_data_plane(dp, tasks).await;
-    if let Err(e) = pier_proxy::teardown_iface(&cfg.proxy, cfg.network.service_cidr).await {
+    if let Err(e) = pier_proxy::teardown_iface(&cfg.proxy, &service_cidrs(cfg)).await {
         warn!(error = %e, "removing the pier0 interface failed");
     }
     info!("pier agent stopped");

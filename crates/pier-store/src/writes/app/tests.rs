@@ -7,6 +7,7 @@ use crate::{Compare, TxnOp};
 fn cfg() -> AllocConfig {
     AllocConfig {
         service_cidr: Cidr::new("10.213.0.0".parse().unwrap(), 16).unwrap(),
+        service_cidr6: None,
         node_port_min: 30000,
         node_port_max: 32767,
     }

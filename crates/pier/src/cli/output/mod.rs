@@ -141,7 +141,10 @@ pub(super) fn typed<T: DeserializeOwned>(v: &Value) -> Result<T> {
 /// `VIP 10.213.0.5, port 80 -> 8080`, as `expose` and `create` print it.
 pub(super) fn describe_vip_and_ports(svc: &Service) -> String {
     match svc.vip {
-        Some(vip) => format!("VIP {vip}, {}", describe_service_ports(svc)),
+        Some(vip) => match svc.vip6 {
+            Some(v6) => format!("VIP {vip} and {v6}, {}", describe_service_ports(svc)),
+            None => format!("VIP {vip}, {}", describe_service_ports(svc)),
+        },
         // A headless service's name answers with its pods' endpoint VIPs.
         None if svc.headless => format!(
             "headless (no VIP; its name resolves to each ready pod), {}",

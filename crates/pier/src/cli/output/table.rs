@@ -174,9 +174,11 @@ pub(in crate::cli) fn table_rows(
                             (None, true) => "Headless".into(),
                             (None, false) => svc_type_str(s.service_type),
                         },
-                        s.vip
-                            .map(|v| v.to_string())
-                            .unwrap_or_else(|| "None".into()),
+                        match (s.vip, s.vip6) {
+                            (Some(v), Some(v6)) => format!("{v},{v6}"),
+                            (Some(v), None) => v.to_string(),
+                            (None, _) => "None".into(),
+                        },
                         match &s.external_name {
                             Some(host) => format!("CNAME {host}"),
                             None => svc_ports(s),
