@@ -151,6 +151,17 @@ impl Scenario {
         })
     }
 
+    /// [`Scenario::start`] with a dual-stack agent
+    /// ([`AgentProc::start_dual_stack`]).
+    pub fn start_dual_stack(opts: AgentOpts) -> Result<Scenario> {
+        let turn = take_turn();
+        ensure_test_image()?;
+        Ok(Scenario {
+            agent: AgentProc::start_dual_stack(opts)?,
+            _turn: turn,
+        })
+    }
+
     /// [`Scenario::start`] on the embedded store.
     pub fn embedded(node: &str, extra_toml: &str) -> Result<Scenario> {
         Scenario::start(AgentOpts {
@@ -192,6 +203,10 @@ pub struct AgentProc {
     pub node: String,
     pub dir: tempfile::TempDir,
     pub service_cidr: String,
+    /// The IPv6 service CIDR of a dual-stack agent
+    /// ([`AgentProc::start_dual_stack`]), in fd5e:7e57::/32 (guarded by a
+    /// blackhole route in tests/run.sh, as 10.213.0.0/16 is).
+    pub service_cidr6: Option<String>,
     pub iface: String,
     pub node_port_min: u16,
     pub run_label: String,
@@ -201,6 +216,15 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn start(opts: AgentOpts) -> Result<AgentProc> {
+        Self::start_with(opts, false)
+    }
+
+    /// An agent with an IPv6 service CIDR too (`fd5e:7e57:0:SLOT::/112`).
+    pub fn start_dual_stack(opts: AgentOpts) -> Result<AgentProc> {
+        Self::start_with(opts, true)
+    }
+
+    fn start_with(opts: AgentOpts, dual_stack: bool) -> Result<AgentProc> {
         let slot = next_slot() % 200;
         let dir = tempfile::tempdir()?;
         let api_port = free_port();
@@ -208,6 +232,7 @@ impl AgentProc {
         // 10.213.0.0/16 is guarded by a blackhole route (tests/run.sh); each
         // agent takes a /24 of it, and never the one a real agent would use.
         let service_cidr = format!("10.213.{}.0/24", 20 + slot);
+        let service_cidr6 = dual_stack.then(|| format!("fd5e:7e57:0:{}::/112", 20 + slot));
         let iface = format!("pt{}{}", std::process::id() % 10000, slot);
         let node_port_min = 30000 + (slot as u16) * 10;
         let run_label = format!("{}-{}", run_id(), slot);
@@ -225,6 +250,7 @@ lease_ttl_secs = 3
 
 [network]
 service_cidr = "{service_cidr}"
+{cidr6}
 node_port_min = {node_port_min}
 node_port_max = {node_port_max}
 data_dir = "{data}"
@@ -245,6 +271,10 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
             node_port_max = node_port_min + 9,
             data = dir.path().join("data").display(),
             extra = opts.extra_toml,
+            cidr6 = service_cidr6
+                .as_ref()
+                .map(|c| format!("service_cidr6 = \"{c}\""))
+                .unwrap_or_default(),
         );
         std::fs::write(&config, toml)?;
         let mut a = AgentProc {
@@ -253,6 +283,7 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
             node: opts.node,
             dir,
             service_cidr,
+            service_cidr6,
             iface,
             node_port_min,
             run_label,

@@ -120,7 +120,9 @@ docker image inspect pier-test/httpd:latest >/dev/null 2>&1 && image_was_there=y
 # 4. Blackhole routes: a packet to a test or VIP address that is not assigned
 # locally is dropped here instead of leaving the machine by the default route.
 # Each run adds its own (metric = its pid) and removes only that one.
-for r in 10.213.0.0/16 10.214.0.0/16; do
+# fd5e:7e57::/32 is the tests' IPv6 range (dual-stack VIPs, IPv6 Docker
+# networks, namespaces); `ip route` takes either family.
+for r in 10.213.0.0/16 10.214.0.0/16 fd5e:7e57::/32; do
   if ip route add blackhole "$r" metric $$ 2>/dev/null; then routes+=("$r"); fi
 done
 

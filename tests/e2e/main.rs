@@ -6,6 +6,7 @@ mod autoscale;
 mod dashboard;
 mod demo;
 mod dns;
+mod ipv6;
 mod resolve;
 mod restart;
 mod rollout;

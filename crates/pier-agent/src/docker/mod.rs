@@ -203,11 +203,16 @@ pub(crate) fn from_inspect(
         let n = names.remove(pos);
         names.insert(0, n);
     }
-    let mut ip = names.iter().find_map(|n| {
-        nets.get(*n)
-            .and_then(|e| e.ip_address.as_deref())
-            .filter(|s| !s.is_empty())
+    // Per network, its IPv4 address, else its IPv6 one (a network without
+    // IPv4, as Docker 26's `--ipv4=false` makes): a pod on an IPv6-only
+    // network is an endpoint at its IPv6 address.
+    let addr = |s: Option<&str>| {
+        s.filter(|s| !s.is_empty())
             .and_then(|s| s.parse::<IpAddr>().ok())
+    };
+    let mut ip = names.iter().find_map(|n| {
+        let e = nets.get(*n)?;
+        addr(e.ip_address.as_deref()).or_else(|| addr(e.global_ipv6_address.as_deref()))
     });
     let host_mode = i
         .host_config

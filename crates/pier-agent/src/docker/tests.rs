@@ -71,3 +71,54 @@ fn lan_driver_networks_are_not_trusted() {
     .into();
     assert_eq!(all_subnets(&all).len(), 1);
 }
+
+/// A container's address: per network (the pod network first), its IPv4
+/// address, else its IPv6 one; a dual-stack network (Docker 20.10's
+/// `--ipv6`) gives the IPv4 one, an IPv6-only network (Docker 26's
+/// `--ipv4=false`) the IPv6 one.
+#[test]
+fn container_address_falls_back_to_ipv6() {
+    let inspect = |nets: serde_json::Value| -> bollard::models::ContainerInspectResponse {
+        serde_json::from_value(serde_json::json!({
+            "Id": "0123456789abcdef",
+            "Name": "/c",
+            "State": {"Running": true},
+            "NetworkSettings": {"Networks": nets},
+        }))
+        .expect("inspect")
+    };
+    let host: IpAddr = "192.0.2.1".parse().unwrap();
+    let ip = |nets, pod: Option<&str>| from_inspect(inspect(nets), pod, host).unwrap().ip;
+    let v6only = serde_json::json!({"IPAddress": "", "GlobalIPv6Address": "fd5e:7e57:1::2"});
+    let dual =
+        serde_json::json!({"IPAddress": "172.18.0.2", "GlobalIPv6Address": "fd5e:7e57:2::2"});
+    let v4 = serde_json::json!({"IPAddress": "172.19.0.3", "GlobalIPv6Address": ""});
+    assert_eq!(
+        ip(serde_json::json!({"six": v6only}), None),
+        Some("fd5e:7e57:1::2".parse().unwrap())
+    );
+    assert_eq!(
+        ip(serde_json::json!({"both": dual}), None),
+        Some("172.18.0.2".parse().unwrap())
+    );
+    // The pod network first, whichever family it has.
+    assert_eq!(
+        ip(
+            serde_json::json!({"a": v4.clone(), "six": v6only.clone()}),
+            Some("six")
+        ),
+        Some("fd5e:7e57:1::2".parse().unwrap())
+    );
+    assert_eq!(
+        ip(serde_json::json!({"a": v4, "six": v6only}), None),
+        Some("172.19.0.3".parse().unwrap())
+    );
+    // No address at all: none (not the host's, unless host networking).
+    assert_eq!(
+        ip(
+            serde_json::json!({"n": {"IPAddress": "", "GlobalIPv6Address": ""}}),
+            None
+        ),
+        None
+    );
+}
