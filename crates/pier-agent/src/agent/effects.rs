@@ -177,6 +177,16 @@ impl Agent {
             }
         }
 
+        // Nothing is written from a stale snapshot. After a cut or a store
+        // stall it may still hold pods the store has deleted since (the
+        // leader replaced them elsewhere): writing their endpoints under a
+        // new lease put those orphans back into every host's proxy until
+        // the snapshot caught up (found by the chaos run). The snapshot
+        // turning fresh again sets `need_reset`, and that rewrite follows.
+        if snap.stale_since_ms.is_some() {
+            self.dirty = true;
+            return;
+        }
         self.write(want, synced && self.docker_synced).await;
     }
 
