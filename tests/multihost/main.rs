@@ -42,10 +42,10 @@
 //!   the mesh, with the flow moving off a killed pod; and a service created
 //!   headless by the label `pier.headless=true`.
 //!
-//! - `chaos_run` (in `chaos.rs`): 60 s of random faults (pod kills,
-//!   agent kill -9, dockerd restarts, etcd member kills, host cuts) under
-//!   request loops and API writes, with a checker (RELIABILITY.md);
-//!   `chaos_ten_minutes` (ignored) is the 10-minute run.
+//! - `chaos_run` (in `chaos.rs`, ignored: run with `--ignored`): 60 s of
+//!   random faults (pod kills, agent kill -9, dockerd restarts, etcd member
+//!   kills, host cuts) under request loops and API writes, with a checker
+//!   (RELIABILITY.md); `chaos_ten_minutes` is the 10-minute run.
 //!
 //! Traffic is only ever sent from inside the host namespaces (threads that
 //! `setns` into them, or containers), never from the root namespace.
