@@ -887,12 +887,28 @@ async fn supervised(
         });
     }
     let t0 = Instant::now();
-    for r in 0..a.rs {
-        let rs = serde_json::json!({"name": format!("set-{r}"), "template": {"image": "sim:1"},
-            "replicas": a.replicas});
-        let key = keys::replicaset(&ns, &name(&format!("set-{r}")));
-        retry("replica set put", || {
-            clients[0].put(&key, rs.to_string().into_bytes(), None)
+    // The sets in txns of 100 (as one `pier apply` of many would), so that
+    // the leader, not this loop, bounds how fast their pods are written.
+    let sets: Vec<usize> = (0..a.rs).collect();
+    for chunk in sets.chunks(100) {
+        let success: Vec<pier_store::TxnOp> = chunk
+            .iter()
+            .map(|r| {
+                let rs = serde_json::json!({"name": format!("set-{r}"),
+                    "template": {"image": "sim:1"}, "replicas": a.replicas});
+                pier_store::TxnOp::Put {
+                    key: keys::replicaset(&ns, &name(&format!("set-{r}"))),
+                    value: rs.to_string().into_bytes(),
+                    lease: None,
+                }
+            })
+            .collect();
+        retry("replica set txn", || {
+            clients[0].txn(pier_store::Txn {
+                compares: vec![],
+                success: success.clone(),
+                failure: vec![],
+            })
         })
         .await?;
     }

@@ -81,6 +81,12 @@ impl Usage {
     pub fn of(&self, node: &Name) -> NodeUsage {
         self.per_node.get(node).cloned().unwrap_or_default()
     }
+
+    /// `node`'s usage without a copy (its sets map is as big as the sets
+    /// placed there): the scheduler looks at every node per pod.
+    fn get<'u>(&'u self, node: &Name, empty: &'u NodeUsage) -> &'u NodeUsage {
+        self.per_node.get(node).unwrap_or(empty)
+    }
 }
 
 /// Why a node was filtered out. Each names the rule, for the set's problem.
@@ -111,6 +117,7 @@ pub(crate) fn check(
     node: &Node,
     labels: &Labels,
     rs: &ReplicaSet,
+    repellers: &BTreeSet<&Name>,
     u: &NodeUsage,
 ) -> Result<(), Rejection> {
     if snap.held_nodes.contains_key(name) {
@@ -128,21 +135,18 @@ pub(crate) fn check(
         return Err(Rejection::Constraint(i));
     }
     // Anti-affinity, both ways: this set's rule, and the rule of every set
-    // with a pod on the node that names this set.
-    for ((ns, other), n) in &u.sets {
-        if *n == 0 || *ns != rs.namespace || *other == rs.name {
-            continue;
+    // with a pod on the node that names this set (`repellers`). Looked up
+    // by name, not by walking every set on the node; the first by name is
+    // reported, this set's own rule first.
+    let here = |o: &&Name| **o != rs.name && u.of_set(&rs.namespace, o) > 0;
+    let mine = pl.anti_affinity.iter().filter(here).min();
+    let theirs = repellers.iter().copied().filter(here).min();
+    match (mine, theirs) {
+        (Some(m), t) if t.is_none_or(|t| m <= t) => {
+            return Err(Rejection::AntiAffinity(m.clone()));
         }
-        if pl.anti_affinity.contains(other) {
-            return Err(Rejection::AntiAffinity(other.clone()));
-        }
-        if snap
-            .replicasets
-            .get(&(ns.clone(), other.clone()))
-            .is_some_and(|o| o.placement.anti_affinity.contains(&rs.name))
-        {
-            return Err(Rejection::AntiAffinityOf(other.clone()));
-        }
+        (_, Some(t)) => return Err(Rejection::AntiAffinityOf(t.clone())),
+        _ => {}
     }
     if let Some(a) = pl.affinity.iter().find(|a| u.of_set(&rs.namespace, a) == 0) {
         return Err(Rejection::Affinity(a.clone()));
@@ -182,16 +186,24 @@ pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name,
         .collect();
     // Pods of this set per value of the spread_by label (None: unlabelled).
     let mut per_value: BTreeMap<Option<&String>, u32> = BTreeMap::new();
+    let empty = NodeUsage::default();
     if let Some(k) = &rs.placement.spread_by {
         for n in snap.nodes.keys() {
-            *per_value.entry(labels[n].get(k)).or_default() += usage.of(n).of_set(ns, me);
+            *per_value.entry(labels[n].get(k)).or_default() += usage.get(n, &empty).of_set(ns, me);
         }
     }
+    // The sets of this namespace whose anti-affinity names this one.
+    let repellers: BTreeSet<&Name> = snap
+        .replicasets
+        .values()
+        .filter(|o| o.namespace == *ns && o.placement.anti_affinity.contains(me))
+        .map(|o| &o.name)
+        .collect();
     let mut best: Option<((u32, u32, u32), &Name)> = None;
     let mut rejected: BTreeMap<Rejection, u32> = BTreeMap::new();
     for (name, node) in snap.nodes.iter() {
-        let u = usage.of(name);
-        match check(snap, name, node, &labels[name], rs, &u) {
+        let u = usage.get(name, &empty);
+        match check(snap, name, node, &labels[name], rs, &repellers, u) {
             Ok(()) => {
                 let score = if rs.placement.spread {
                     let by_value = match &rs.placement.spread_by {
