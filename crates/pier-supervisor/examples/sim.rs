@@ -862,9 +862,9 @@ async fn supervised(
     )?;
     let leader = sup.is_leader();
     tokio::spawn(sup.run(cancel.child_token()));
-    tokio::time::timeout(Duration::from_secs(30), leader.clone().wait_for(|l| *l))
+    tokio::time::timeout(Duration::from_secs(120), leader.clone().wait_for(|l| *l))
         .await
-        .context("no supervisor leader in 30 s")??;
+        .context("no supervisor leader in 120 s")??;
     // The supervisor's writes must not starve the hosts' keepalives (as
     // registration in transactions did): leases lost from here on, and
     // times the leader lost its own election lease, are counted.
