@@ -402,6 +402,37 @@ struct Active<'a> {
     done: bool,
 }
 
+/// The `k` pods of `pods` a scale down deletes, one at a time: the least
+/// ready first; among equally ready ones, one on the node that holds the
+/// most of them (so the pods left stay spread, as Kubernetes' ReplicaSet
+/// does); then the newest; then by name. Without the node rule, scaling 3
+/// pods on 2 hosts down to 2 could keep both on one host, and losing that
+/// host would leave the service with no pod (found by the chaos run).
+fn surplus<'p, 'a>(pods: &[&'p Active<'a>], k: usize) -> Vec<&'p Active<'a>> {
+    let mut left: Vec<&Active<'_>> = pods.to_vec();
+    let mut on_node: BTreeMap<&Name, usize> = BTreeMap::new();
+    for a in &left {
+        *on_node.entry(&a.pod.node).or_default() += 1;
+    }
+    let mut out = Vec::with_capacity(k);
+    for _ in 0..k.min(left.len()) {
+        let i = (0..left.len())
+            .min_by(|&i, &j| {
+                let (a, b) = (left[i], left[j]);
+                a.readiness
+                    .cmp(&b.readiness)
+                    .then(on_node[&b.pod.node].cmp(&on_node[&a.pod.node]))
+                    .then(b.pod.created_at.cmp(&a.pod.created_at))
+                    .then(b.pod.name.cmp(&a.pod.name))
+            })
+            .expect("k is at most the pods left");
+        let a = left.swap_remove(i);
+        *on_node.get_mut(&a.pod.node).expect("counted above") -= 1;
+        out.push(a);
+    }
+    out
+}
+
 /// Computes the writes that bring replica set `key` to its desired state in
 /// `snap`. Level-triggered: it reads only the snapshot and `input`.
 pub fn plan(snap: &Snapshot, key: &ObjectKey, input: &mut PlanInput<'_>) -> Plan {
@@ -659,9 +690,8 @@ fn plan_on(
     let mut in_place: Vec<&Arc<Pod>> = Vec::new();
     if !active_rollout || old.is_empty() {
         if active.len() > want {
-            let mut v: Vec<&Active<'_>> = active.iter().collect();
-            v.sort_by(by_deletion_order);
-            for a in v.iter().take(active.len() - want) {
+            let v: Vec<&Active<'_>> = active.iter().collect();
+            for a in surplus(&v, active.len() - want) {
                 out.delete(a.pod, DeleteReason::Surplus);
             }
         } else {
@@ -702,9 +732,7 @@ fn plan_on(
         }
         let mut old_left = old.len() - redundant;
         if new.len() > want {
-            let mut v = new.clone();
-            v.sort_by(by_deletion_order);
-            for a in v.iter().take(new.len() - want) {
+            for a in surplus(&new, new.len() - want) {
                 out.delete(a.pod, DeleteReason::Surplus);
             }
         }

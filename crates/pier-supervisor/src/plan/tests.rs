@@ -232,6 +232,62 @@ fn scale_down_deletes_unready_and_newest_first() {
     assert_eq!(d[3], "web-ready2");
 }
 
+/// A scale down keeps the pods left spread: among equally ready pods, it
+/// takes one from the node holding the most of the set, even when the
+/// newest pod is alone on its node (which the newest-first rule alone
+/// would take, leaving both pods on one node).
+#[test]
+fn scale_down_takes_from_the_most_crowded_node() {
+    let web = rs("web", 2);
+    let w = World::default()
+        .nodes(&["a", "b"])
+        .rs(web.clone())
+        .pod(pod(&web, "web-a1", "a", 1))
+        .status(status("web-a1", PodPhase::Running, true, ""))
+        .pod(pod(&web, "web-a2", "a", 2))
+        .status(status("web-a2", PodPhase::Running, true, ""))
+        .pod(pod(&web, "web-b", "b", 3))
+        .status(status("web-b", PodPhase::Running, true, ""));
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(deleted(&p), vec![("web-a2".into(), DeleteReason::Surplus)]);
+
+    // 5 on a, 1 on b, down to 2: one stays on each node.
+    let web2 = rs("web", 2);
+    let mut w = World::default().nodes(&["a", "b"]).rs(web2.clone());
+    for i in 0..5u64 {
+        let name = format!("web-a{i}");
+        w = w
+            .pod(pod(&web2, &name, "a", i))
+            .status(status(&name, PodPhase::Running, true, ""));
+    }
+    w = w
+        .pod(pod(&web2, "web-b", "b", 10))
+        .status(status("web-b", PodPhase::Running, true, ""));
+    let p = run_plan(&w.snap, "web", true, &[]);
+    let d: BTreeSet<String> = deleted(&p).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        d,
+        ["web-a1", "web-a2", "web-a3", "web-a4"]
+            .map(String::from)
+            .into()
+    );
+
+    // Readiness still comes first: an unready pod alone on its node goes
+    // before a ready one on a crowded node.
+    let web3 = rs("web", 2);
+    let w = World::default()
+        .nodes(&["a", "b"])
+        .rs(web3.clone())
+        .pod(pod(&web3, "web-a1", "a", 1))
+        .status(status("web-a1", PodPhase::Running, true, ""))
+        .pod(pod(&web3, "web-a2", "a", 2))
+        .status(status("web-a2", PodPhase::Running, true, ""))
+        .pod(pod(&web3, "web-b", "b", 3))
+        .status(status("web-b", PodPhase::Running, false, ""));
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(deleted(&p), vec![("web-b".into(), DeleteReason::Surplus)]);
+}
+
 #[test]
 fn failed_pod_is_replaced_only_when_backoff_allows() {
     let web = rs("web", 2);
