@@ -40,6 +40,30 @@ pub fn run_id() -> String {
     .clone()
 }
 
+/// `docker ARGS`, its stdout when it succeeds, else an error with its stderr.
+pub fn docker(args: &[&str]) -> Result<String> {
+    let out = Command::new("docker").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "docker {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Removes a Docker network (after its containers) even when the test fails.
+#[derive(Debug)]
+pub struct NetGuard(pub String);
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.0])
+            .output();
+    }
+}
+
 /// A small unique number per agent in this process, for names and ranges.
 fn next_slot() -> u32 {
     static SLOT: AtomicU32 = AtomicU32::new(0);

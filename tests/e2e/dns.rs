@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pier_tests::{AgentProc, Scenario, TEST_IMAGE, eventually};
+use pier_tests::{AgentProc, NetGuard, Scenario, TEST_IMAGE, eventually};
 
 const NAME: &str = "web.default.svc.pier.internal";
 
@@ -38,17 +38,6 @@ fn ok(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Removes a network (after its containers) even when the test fails.
-struct NetGuard(String);
-
-impl Drop for NetGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.0])
-            .output();
-    }
 }
 
 /// `docker-compose down` for a project, even when the test fails.

@@ -12,26 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, Scenario, TEST_IMAGE, eventually};
-
-fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-struct NetGuard(String);
-impl Drop for NetGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.0])
-            .output();
-    }
-}
+use pier_tests::{AgentOpts, NetGuard, Scenario, TEST_IMAGE, docker, eventually};
 
 struct ContainerGuard(String);
 impl Drop for ContainerGuard {

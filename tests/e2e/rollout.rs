@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_tests::{
-    AgentOpts, AgentProc, Scenario, TEST_IMAGE, ensure_test_image, eventually, http_get, run_id,
-    take_turn,
+    AgentOpts, AgentProc, Scenario, TEST_IMAGE, docker, ensure_test_image, eventually, http_get,
+    run_id, take_turn,
 };
 use serde_json::Value;
 
@@ -60,17 +60,6 @@ impl Drop for Images {
                 .output();
         }
     }
-}
-
-fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "docker {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `(name, image)` of the set's Running pods.

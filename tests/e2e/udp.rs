@@ -11,32 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pier_tests::{
-    AgentOpts, Scenario, TEST_IMAGE, eventually, http_get, udp_ask as ask, udp_flow_moves_off,
+    AgentOpts, NetGuard, Scenario, TEST_IMAGE, docker, eventually, http_get, udp_ask as ask,
+    udp_flow_moves_off,
 };
 
 fn client(to: SocketAddr) -> Result<UdpSocket> {
     let c = UdpSocket::bind("0.0.0.0:0")?;
     c.connect(to)?;
     Ok(c)
-}
-
-fn docker(args: &[&str]) -> Result<String> {
-    let out = Command::new("docker").args(args).output()?;
-    ensure!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-struct NetGuard(String);
-impl Drop for NetGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.0])
-            .output();
-    }
 }
 
 /// The UDP idle timeout is the default 30 s: a flow that moves within a
