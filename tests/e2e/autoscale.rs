@@ -11,6 +11,8 @@ use pier_tests::{AgentOpts, AgentProc, Scenario, eventually, http_get};
 use serde_json::Value;
 
 const RS: &str = "as-conns";
+/// Connections the scale-up test holds open (see its comment).
+const HELD: u64 = 18;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -41,11 +43,18 @@ fn autoscale_view(a: &AgentProc) -> Result<Value> {
     Ok(serde_json::from_str(&body)?)
 }
 
-/// `--max-active-per-pod 5`, min 1, max 4, a 5 s scale-down delay: 16
+/// `--max-active-per-pod 5`, min 1, max 4, a 5 s scale-down delay: 18
 /// connections held open through the VIP take the set to 4 pods within a
 /// few seconds; closed, it goes back to 1 after the delay and not before;
-/// two decisions in all (no flapping); every one of the 16 connections
-/// completes its request.
+/// no flapping (the count only rises while they are held, and one
+/// decision takes it down); every one of the 18 connections completes
+/// its request.
+///
+/// Why 18: a stats window can end while the connections are still being
+/// accepted, and a round on that partial count scales to 2 or 3 first.
+/// From 3 pods, 18 is 1.2 per target, outside the 10 % tolerance, so the
+/// next round still takes the set to 4 (16 would be 1.07 and hold at 3,
+/// as a HorizontalPodAutoscaler would).
 #[test]
 fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     let a = Scenario::embedded("as-1", "")?;
@@ -85,10 +94,10 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     // The probe's connection is over: let it leave the window.
     std::thread::sleep(Duration::from_millis(2500));
 
-    // 16 connections, each with a request begun and not ended (busybox
+    // 18 connections, each with a request begun and not ended (busybox
     // httpd waits up to 60 s for the rest of the headers).
     let mut conns = Vec::new();
-    for i in 0..16 {
+    for i in 0..HELD {
         let mut s = TcpStream::connect_timeout(&vip_addr, Duration::from_secs(2))
             .with_context(|| format!("connection {i}"))?;
         s.write_all(b"GET / HTTP/1.0\r\n")?;
@@ -104,19 +113,20 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     })
     .with_context(|| a.log_tail())?;
     eprintln!(
-        "autoscale e2e: 16 connections open → 4 desired in {} ms, 4 ready in {} ms",
+        "autoscale e2e: {HELD} connections open → 4 desired in {} ms, 4 ready in {} ms",
         up_after.as_millis(),
         ready_after.as_millis()
     );
     // The goal is a decision within 3 s of a breach: a 1 s stats window, a
-    // 1 s round, the store in between; 4 s on a loaded 2-core machine.
+    // 1 s round, the store in between; 4 s on a loaded 2-core machine
+    // (a first round on a partial count adds one round).
     ensure!(
         up_after <= Duration::from_secs(4),
         "scaled up after {up_after:?}"
     );
     let view = autoscale_view(&a)?;
     ensure!(
-        view["measured"]["active"] == 16,
+        view["measured"]["active"] == HELD,
         "measured: {}",
         view["measured"]
     );
@@ -133,7 +143,7 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
     );
     let d = a.cli_ok(&["describe", "rs", RS])?;
     ensure!(
-        d.contains("Open conns:") && d.contains("target 5 per pod") && d.contains("up 1 → 4"),
+        d.contains("Open conns:") && d.contains("target 5 per pod") && d.contains(" → 4"),
         "{d}"
     );
 
@@ -170,18 +180,24 @@ fn held_connections_scale_up_and_back_down_after_the_delay() -> Result<()> {
             )
         })
         .collect();
+    // No flapping: up from 1 (in one step, or two if a round saw only
+    // part of the connections) to 4, never down while they were held, then
+    // one step down to 1.
+    let (down, ups) = steps.split_last().context("no decisions")?;
     ensure!(
-        steps.len() == 2
-            && (steps[0].1, steps[0].2) == (1, 4)
-            && (steps[1].1, steps[1].2) == (4, 1),
-        "decisions (no flapping: one up, one down): {decisions:?}"
+        (1..=2).contains(&ups.len())
+            && ups[0].1 == 1
+            && ups.last().is_some_and(|u| u.2 == 4)
+            && ups.windows(2).all(|w| w[0].2 == w[1].1 && w[0].2 < w[1].2)
+            && (down.1, down.2) == (4, 1),
+        "decisions (no flapping: up to 4, one step down to 1): {decisions:?}"
     );
     // Not before the delay: the last recommendation of 4 came at most one
     // stats window (1 s) before the close.
     ensure!(
-        steps[1].0 + 1000 >= closed + 5000,
+        down.0 + 1000 >= closed + 5000,
         "scaled down {} ms after the close, inside the 5 s delay",
-        steps[1].0 as i64 - closed as i64
+        down.0 as i64 - closed as i64
     );
     ensure!(
         down_after <= 5000 + 4000,
