@@ -203,6 +203,12 @@ impl std::ops::Deref for Scenario {
     }
 }
 
+impl std::ops::DerefMut for Scenario {
+    fn deref_mut(&mut self) -> &mut AgentProc {
+        &mut self.agent
+    }
+}
+
 /// A service made by [`AgentProc::run_and_expose`].
 #[derive(Debug, Clone, Copy)]
 pub struct Exposed {
@@ -236,6 +242,9 @@ pub struct AgentProc {
     pub run_label: String,
     pub log: PathBuf,
     config: PathBuf,
+    /// Workers left behind by [`AgentProc::kill_keeper`]: stopped on drop
+    /// if no keeper adopted them.
+    orphans: Vec<u32>,
 }
 
 impl AgentProc {
@@ -313,6 +322,7 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
             run_label,
             log,
             config,
+            orphans: Vec::new(),
         };
         a.spawn()?;
         Ok(a)
@@ -377,12 +387,34 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
         Ok(())
     }
 
-    /// SIGKILL, no cleanup by the agent.
+    /// SIGKILL to the keeper and its workers, no cleanup by the agent.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let workers = load::children(c.id());
             let _ = c.kill();
             let _ = c.wait();
+            for w in workers {
+                signal(w, "KILL");
+            }
         }
+        for w in std::mem::take(&mut self.orphans) {
+            if is_pier(w) {
+                signal(w, "KILL");
+            }
+        }
+    }
+
+    /// `kill -9` of the keeper alone (the process a user starts): its
+    /// workers serve on as orphans until a new `pier agent` adopts them
+    /// ([`AgentProc::spawn`]) or the drop stops them. Returns the keeper's
+    /// PID and its workers'.
+    pub fn kill_keeper(&mut self) -> Result<(u32, Vec<u32>)> {
+        let mut c = self.child.take().context("agent not running")?;
+        let workers = load::children(c.id());
+        c.kill()?;
+        c.wait()?;
+        self.orphans.extend(&workers);
+        Ok((c.id(), workers))
     }
 
     /// Run the CLI against this agent as a user on its host would: `pier
@@ -472,6 +504,24 @@ impl Drop for AgentProc {
         if self.stop().is_err() {
             self.kill9();
         }
+        // Orphans no keeper adopted: SIGTERM (they deregister and exit),
+        // SIGKILL after 20 s.
+        let orphans: Vec<u32> = std::mem::take(&mut self.orphans)
+            .into_iter()
+            .filter(|p| is_pier(*p))
+            .collect();
+        for p in &orphans {
+            signal(*p, "TERM");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while orphans.iter().any(|p| is_pier(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in orphans {
+            if is_pier(p) {
+                signal(p, "KILL");
+            }
+        }
         remove_labelled("pier.test-run", &self.run_label);
         // The agent removes its interface on a clean stop; make sure.
         let _ = Command::new("ip")
@@ -479,6 +529,20 @@ impl Drop for AgentProc {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// `pid` is alive and runs the pier binary (not a PID reused since).
+fn is_pier(pid: u32) -> bool {
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    alive
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("pier"))
+            .unwrap_or(false)
 }
 
 fn signal(pid: u32, sig: &str) {

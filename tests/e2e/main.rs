@@ -7,6 +7,7 @@ mod dashboard;
 mod demo;
 mod dns;
 mod ipv6;
+mod orphan;
 mod resolve;
 mod restart;
 mod rollout;

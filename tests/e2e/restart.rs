@@ -12,18 +12,21 @@ use pier_tests::load::{LoadReport, children, dns_loop, http_loop};
 use pier_tests::{AgentProc, Scenario, eventually};
 
 /// Per loop: 150 requests 20 ms apart, about 4 s; the event comes at 1 s.
-const N: u32 = 150;
-const GAP: Duration = Duration::from_millis(20);
+pub(crate) const N: u32 = 150;
+pub(crate) const GAP: Duration = Duration::from_millis(20);
 
-struct Target {
-    node_port: SocketAddr,
-    vip: SocketAddr,
-    dns: IpAddr,
-    vip_ip: String,
+pub(crate) struct Target {
+    pub(crate) node_port: SocketAddr,
+    pub(crate) vip: SocketAddr,
+    pub(crate) dns: IpAddr,
+    pub(crate) vip_ip: String,
 }
 
 /// Runs the three loops while `event` happens 1 s in.
-fn under_load(t: &Target, event: impl FnOnce() -> Result<()>) -> Result<[LoadReport; 3]> {
+pub(crate) fn under_load(
+    t: &Target,
+    event: impl FnOnce() -> Result<()>,
+) -> Result<[LoadReport; 3]> {
     std::thread::scope(|s| {
         let np = s.spawn(|| http_loop(t.node_port, N, GAP));
         let vip = s.spawn(|| http_loop(t.vip, N, GAP));
@@ -35,7 +38,7 @@ fn under_load(t: &Target, event: impl FnOnce() -> Result<()>) -> Result<[LoadRep
     })
 }
 
-fn signal(pid: u32, sig: &str) -> Result<()> {
+pub(crate) fn signal(pid: u32, sig: &str) -> Result<()> {
     let st = std::process::Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
@@ -44,11 +47,11 @@ fn signal(pid: u32, sig: &str) -> Result<()> {
     Ok(())
 }
 
-fn keeper_pid(a: &AgentProc) -> Result<u32> {
+pub(crate) fn keeper_pid(a: &AgentProc) -> Result<u32> {
     Ok(a.child.as_ref().context("agent not running")?.id())
 }
 
-fn one_worker(a: &AgentProc) -> Result<u32> {
+pub(crate) fn one_worker(a: &AgentProc) -> Result<u32> {
     let k = keeper_pid(a)?;
     eventually(Duration::from_secs(10), "exactly one worker", || {
         let c = children(k);
@@ -56,7 +59,7 @@ fn one_worker(a: &AgentProc) -> Result<u32> {
     })
 }
 
-fn show(what: &str, reps: &[LoadReport; 3]) -> String {
+pub(crate) fn show(what: &str, reps: &[LoadReport; 3]) -> String {
     let mut s = String::new();
     for (name, r) in ["node port", "VIP", "DNS"].iter().zip(reps) {
         s.push_str(&format!(
@@ -72,13 +75,9 @@ fn show(what: &str, reps: &[LoadReport; 3]) -> String {
     s
 }
 
-#[test]
-fn upgrade_and_worker_crash_under_load() -> Result<()> {
-    // No name leaves the host.
-    let a = Scenario::embedded(
-        "restart-1",
-        "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
-    )?;
+/// `web`, 2 replicas behind a node port, and the loops' targets, once
+/// the node port answers.
+pub(crate) fn web_target(a: &AgentProc) -> Result<Target> {
     let web = a.run_and_expose(
         "web",
         &["--replicas", "2", "--wait"],
@@ -97,6 +96,19 @@ fn upgrade_and_worker_crash_under_load() -> Result<()> {
         Ok((http_loop(t.node_port, 1, Duration::ZERO).ok == 1).then_some(()))
     })
     .with_context(|| a.log_tail())?;
+
+    Ok(t)
+}
+
+#[test]
+fn upgrade_and_worker_crash_under_load() -> Result<()> {
+    // No name leaves the host.
+    let a = Scenario::embedded(
+        "restart-1",
+        "\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
+    )?;
+    let t = web_target(&a)?;
+    let np = t.node_port.port();
 
     // 1. Upgrade: SIGHUP to the keeper. Not one request may fail, and the
     //    new worker is ready before the old one exits.

@@ -122,10 +122,13 @@ key = "{certs}/node-key.pem"
         Ok(c)
     }
 
-    /// `kill -9` host `i`'s agent (the keeper; its worker dies with it,
-    /// PR_SET_PDEATHSIG): no graceful stop, nothing deregistered.
+    /// `kill -9` host `i`'s agent (the keeper, the process a user
+    /// starts): no graceful stop. Its worker serves on as an orphan until
+    /// [`Cluster::restart_agent`] adopts it (or the teardown stops it).
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         let pid = self.agents[i - 1];
+        let workers = pier_tests::load::children(pid);
+        self.topo.host_mut(i).note_orphans(&workers);
         run_ok(
             std::process::Command::new("kill")
                 .arg("-KILL")

@@ -150,6 +150,9 @@ pub struct Host {
     etcd: Option<(u32, Vec<std::ffi::OsString>)>,
     /// Processes started in this host with `spawn`, killed in `Drop`.
     children: Vec<Child>,
+    /// Workers whose keeper a test killed (`pier agent` orphans): stopped
+    /// in `Drop` if no keeper adopted them.
+    orphans: Vec<u32>,
 }
 
 impl Host {
@@ -187,6 +190,12 @@ impl Host {
         let pid = child.id();
         self.children.push(child);
         Ok(pid)
+    }
+
+    /// Note processes left running by a killed parent (a `pier agent`
+    /// worker whose keeper was killed), to stop in `Drop`.
+    pub fn note_orphans(&mut self, pids: &[u32]) {
+        self.orphans.extend_from_slice(pids);
     }
 
     /// Stop a process started with `spawn` (SIGTERM, then SIGKILL after 5 s).
@@ -358,6 +367,20 @@ impl Host {
     fn teardown(&mut self) {
         for mut c in self.children.drain(..) {
             stop_child(&mut c, Duration::from_secs(5));
+        }
+        // Orphans not adopted: SIGTERM, SIGKILL after 5 s.
+        let orphans: Vec<u32> = self.orphans.drain(..).filter(|p| runs_pier(*p)).collect();
+        for p in &orphans {
+            signal(*p, "TERM");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while orphans.iter().any(|p| runs_pier(*p)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for p in orphans {
+            if runs_pier(p) {
+                signal(p, "KILL");
+            }
         }
         if self.dockerd.is_some() {
             // Containers first, so dockerd unmounts their layers itself.
@@ -603,6 +626,7 @@ impl Topology {
                 dockerd: None,
                 etcd: None,
                 children: Vec::new(),
+                orphans: Vec::new(),
             };
             self.hosts.push(host);
             run(ip().args(["netns", "add", &netns]))?;
@@ -805,4 +829,18 @@ impl Drop for Topology {
         // Shared by concurrent topologies: removed only once empty.
         let _ = fs::remove_dir("/run/pier-mh");
     }
+}
+
+/// `pid` is alive (not a zombie) and runs the pier binary.
+fn runs_pier(pid: u32) -> bool {
+    let alive = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    alive
+        && fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("pier"))
+            .unwrap_or(false)
 }

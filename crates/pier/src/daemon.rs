@@ -13,6 +13,7 @@ use tracing::{error, warn};
 pub mod config;
 mod fdpass;
 mod keeper;
+mod orphan;
 mod sockets;
 mod worker;
 
@@ -229,12 +230,8 @@ pub async fn run(args: AgentArgs) -> i32 {
         return 0;
     }
     let sockets = if std::env::var_os(keeper::WORKER_ENV).is_some() {
-        // Die with the keeper: its sockets are gone then anyway.
-        if let Err(e) =
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        {
-            warn!(error = %e, "cannot tie the worker's life to the keeper's");
-        }
+        // The worker does not die with its keeper: orphaned, it serves on
+        // until a new keeper adopts it (see `orphan`).
         match sockets::Sockets::from_keeper() {
             Ok(s) => s,
             Err(e) => {
@@ -245,7 +242,7 @@ pub async fn run(args: AgentArgs) -> i32 {
     } else if args.no_keeper {
         sockets::Sockets::local()
     } else {
-        return keeper::run().await;
+        return keeper::run(cfg.network.data_dir.clone()).await;
     };
     match worker::run(cfg, sockets).await {
         Ok(()) => 0,

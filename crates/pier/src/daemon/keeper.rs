@@ -17,13 +17,17 @@
 //!   and drains. The keeper itself is not replaced by a reload.
 //! - SIGTERM/SIGINT stop every worker (the serving one deregisters) and the
 //!   keeper exits with its code.
+//! - A keeper that dies (`kill -9`) leaves its worker serving as an orphan
+//!   ([`super::orphan`]); a keeper starting on the same data dir adopts it
+//!   over `<data_dir>/adopt.sock` (its sockets, then an upgrade's hand-off)
+//!   before it starts a worker of its own.
 //!
 //! Decisions are in [`plan`]; this module only carries them out.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +42,7 @@ use super::fdpass::{self, Reply, Request};
 
 pub mod plan;
 
-use self::plan::{Action, Event, Holdings, Plan, Worker};
+use self::plan::{Action, Connect, Event, Holdings, Plan, Probe, Worker};
 
 /// Set in a worker's environment: its stdin is the keeper's socket.
 pub const WORKER_ENV: &str = "PIER_KEEPER_WORKER";
@@ -58,7 +62,7 @@ struct Keeper {
 }
 
 /// Runs the keeper until its last worker is gone. Returns the exit code.
-pub async fn run() -> i32 {
+pub async fn run(data_dir: PathBuf) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
@@ -85,19 +89,35 @@ pub async fn run() -> i32 {
         events: tx,
         born: HashMap::new(),
     };
-    let first = match k.spawn() {
-        Ok(w) => w,
-        Err(e) => {
-            error!(error = %e, "cannot start the worker");
-            return 1;
+    let mut plan = match find_orphan(&data_dir) {
+        Some((orphan, conn)) => {
+            if let Err(e) = k.adopt(orphan, conn) {
+                error!(error = %e, "cannot read the orphaned worker's socket");
+                return 1;
+            }
+            info!(
+                keeper = std::process::id(),
+                orphan,
+                "keeper started; adopting the orphaned worker (its sockets, then a hand-off to a new worker)"
+            );
+            Plan::adopting(orphan)
+        }
+        None => {
+            let first = match k.spawn() {
+                Ok(w) => w,
+                Err(e) => {
+                    error!(error = %e, "cannot start the worker");
+                    return 1;
+                }
+            };
+            info!(
+                keeper = std::process::id(),
+                worker = first,
+                "keeper started; SIGHUP upgrades the worker"
+            );
+            Plan::started(first)
         }
     };
-    info!(
-        keeper = std::process::id(),
-        worker = first,
-        "keeper started; SIGHUP upgrades the worker"
-    );
-    let mut plan = Plan::started(first);
     let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
         let ev = tokio::select! {
@@ -204,6 +224,27 @@ impl Keeper {
         Ok(w)
     }
 
+    /// Serves the orphan `w` on its adoption connection as one of the
+    /// keeper's workers. It is no child of this keeper: its exit is its
+    /// end of the connection closing.
+    fn adopt(&mut self, w: Worker, conn: OwnedFd) -> std::io::Result<()> {
+        self.born.insert(w, Instant::now());
+        let (h, ev) = (self.holdings.clone(), self.events.clone());
+        std::thread::Builder::new()
+            .name(format!("keeper-{w}"))
+            .spawn(move || {
+                let t0 = Instant::now();
+                serve_worker(w, conn, h, ev.clone());
+                info!(worker = w, "worker exited (adopted; its socket closed)");
+                let _ = ev.send(Event::Exited {
+                    worker: w,
+                    code: 0,
+                    lived: t0.elapsed(),
+                });
+            })?;
+        Ok(())
+    }
+
     /// Every exited child, as events.
     fn reap(&mut self) -> Vec<Event> {
         let mut out = Vec::new();
@@ -263,6 +304,52 @@ impl Keeper {
                 String::from_utf8_lossy(&out.stderr).trim()
             ))
         }
+    }
+}
+
+/// An orphaned worker answering on `data_dir`'s adoption socket, with the
+/// connection; a socket file nobody answers on is removed.
+fn find_orphan(data_dir: &Path) -> Option<(Worker, OwnedFd)> {
+    let path = super::orphan::socket_path(data_dir);
+    let (c, conn) = match super::orphan::connect_to(&path) {
+        Ok(conn) => match rustix::net::sockopt::socket_peercred(&conn) {
+            Ok(p) => (
+                Connect::Peer {
+                    pid: p.pid.as_raw_nonzero().get(),
+                    uid: p.uid.as_raw(),
+                },
+                Some(conn),
+            ),
+            Err(e) => {
+                warn!(adopt = %path.display(), error = %e, "cannot read the adoption socket's owner; starting a worker");
+                return None;
+            }
+        },
+        Err(rustix::io::Errno::NOENT) => (Connect::NoFile, None),
+        Err(rustix::io::Errno::CONNREFUSED) => (Connect::Refused, None),
+        Err(e) => {
+            warn!(adopt = %path.display(), error = %e, "cannot probe the adoption socket; starting a worker");
+            return None;
+        }
+    };
+    match plan::probe(c, rustix::process::getuid().as_raw()) {
+        Probe::Absent => None,
+        Probe::Stale => {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    info!(adopt = %path.display(), "removed a stale adoption socket (no orphan answers on it)")
+                }
+                Err(e) => {
+                    warn!(adopt = %path.display(), error = %e, "cannot remove a stale adoption socket")
+                }
+            }
+            None
+        }
+        Probe::Foreign { uid } => {
+            warn!(adopt = %path.display(), uid, "the adoption socket answers as another user; not adopting");
+            None
+        }
+        Probe::Adopt(pid) => conn.map(|c| (pid, c)),
     }
 }
 

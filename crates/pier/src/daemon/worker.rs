@@ -88,6 +88,17 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
     };
     let mut registry = Registry::with_prefix("pier");
     watch_signals(&root, &handoff, sockets.has_keeper());
+    let orphan = Arc::new(super::orphan::Orphan {
+        path: super::orphan::socket_path(&cfg.network.data_dir),
+        root: root.clone(),
+        handoff: handoff.clone(),
+        listening: Default::default(),
+    });
+    if sockets.has_keeper() {
+        sockets
+            .start(orphan.clone())
+            .context("reading the keeper's socket")?;
+    }
 
     // The API socket first of the listeners, so that a taken port fails
     // fast (the keeper may hold it already).
@@ -183,6 +194,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
 
     tokio::select! {
         _ = root.cancelled() => {
+            orphan.leave();
             shutdown(&cfg, ctl, [api, supervisor, stats], agent, &dp, &tasks).await;
             return Ok(());
         }

@@ -1,5 +1,8 @@
 //! The keeper's decisions, with no I/O: which worker to start, signal or
-//! wait for ([`Plan`]), and which listening sockets to keep ([`Holdings`]).
+//! wait for ([`Plan`]), and which listening sockets to keep ([`Holdings`]);
+//! and the orphan's: what a worker does when its keeper is gone
+//! ([`keeper_gone`]), what a starting keeper makes of the adoption socket
+//! ([`probe`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -62,6 +65,9 @@ pub struct Plan {
     /// Told to stop; they exit on their own once drained.
     draining: BTreeSet<Worker>,
     restart_pending: bool,
+    /// An orphan being adopted: it sends its sockets, then `READY`, then
+    /// is handed off like the old worker of an upgrade.
+    adopting: Option<Worker>,
     stopping: bool,
     ever_ready: bool,
     /// Crashes in a row of workers that lived less than [`SHORT_LIFE`].
@@ -79,6 +85,16 @@ impl Plan {
     pub fn started(first: Worker) -> Plan {
         Plan {
             starting: Some(first),
+            ..Plan::default()
+        }
+    }
+
+    /// The plan for a keeper that found an orphaned worker on its data
+    /// dir's adoption socket and spawned nothing yet.
+    pub fn adopting(orphan: Worker) -> Plan {
+        Plan {
+            starting: Some(orphan),
+            adopting: Some(orphan),
             ..Plan::default()
         }
     }
@@ -102,6 +118,27 @@ impl Plan {
 
     pub fn on(&mut self, ev: Event) -> Vec<Action> {
         match ev {
+            Event::Ready(w) if self.adopting == Some(w) => {
+                // The orphan serves, with its sockets now held here too:
+                // from here on it is the old worker of an upgrade.
+                self.adopting = None;
+                self.starting = None;
+                self.ever_ready = true;
+                let mut out = vec![
+                    Action::Log(format!(
+                        "adopted the orphaned worker {w} with its sockets; it hands off to a new worker"
+                    )),
+                    Action::Sweep(w),
+                ];
+                if self.stopping {
+                    self.draining.insert(w);
+                    out.push(Action::Terminate(w));
+                } else {
+                    self.handing_off = Some(w);
+                    out.push(Action::HandOff(w));
+                }
+                out
+            }
             Event::Ready(w) if self.starting == Some(w) => {
                 self.starting = None;
                 self.serving = Some(w);
@@ -173,6 +210,21 @@ impl Plan {
 
     fn exited(&mut self, w: Worker, code: i32, lived: Duration) -> Vec<Action> {
         let mut out = Vec::new();
+        if self.adopting == Some(w) {
+            // Gone (or it refused us) before it was adopted: start afresh;
+            // a worker of ours finds its ports free, or says they are not.
+            self.adopting = None;
+            self.starting = None;
+            if self.stopping {
+                out.push(Action::Exit(self.exit_code));
+                return out;
+            }
+            out.push(Action::Log(format!(
+                "the orphaned worker {w} left before it was adopted; starting a worker"
+            )));
+            out.push(Action::Spawn);
+            return out;
+        }
         let was_serving = self.serving == Some(w);
         let was_starting = self.starting == Some(w);
         let was_handing_off = self.handing_off == Some(w);
@@ -256,6 +308,66 @@ fn backoff(quick_crashes: u32) -> Duration {
     }
     let ms = 100u64.saturating_mul(1 << (quick_crashes - 2).min(16));
     Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// What a starting keeper found at its data dir's adoption socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No socket file: start a worker as usual.
+    Absent,
+    /// A file nobody listens on (an orphan that was killed): remove it,
+    /// then start a worker as usual.
+    Stale,
+    /// An orphaned worker of this user answered: adopt it.
+    Adopt(Worker),
+    /// Something answered as another user: leave it alone and start a
+    /// worker as usual (whose binds then say what holds the ports).
+    Foreign { uid: u32 },
+}
+
+/// How connecting to the adoption socket went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connect {
+    /// The peer's credentials (SO_PEERCRED).
+    Peer {
+        pid: i32,
+        uid: u32,
+    },
+    NoFile,
+    Refused,
+}
+
+pub fn probe(c: Connect, my_uid: u32) -> Probe {
+    match c {
+        Connect::NoFile => Probe::Absent,
+        Connect::Refused => Probe::Stale,
+        Connect::Peer { uid, .. } if uid != my_uid => Probe::Foreign { uid },
+        Connect::Peer { pid, .. } => Probe::Adopt(pid),
+    }
+}
+
+/// What a worker does when its keeper's socket reaches end of stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphaned {
+    /// It was told to stop (SIGTERM) first: it goes on stopping.
+    Stopping,
+    /// It had handed off the store (an upgrade, or an adoption, was under
+    /// way): its successor, if one was started, holds the sockets and
+    /// serves; this one stops accepting, drains and exits.
+    Drain,
+    /// It serves on (registration, lease, DNS, proxy, mesh, supervisor)
+    /// and waits on the adoption socket for a keeper.
+    Serve,
+}
+
+pub fn keeper_gone(stopping: bool, handed_off: bool) -> Orphaned {
+    if stopping {
+        Orphaned::Stopping
+    } else if handed_off {
+        Orphaned::Drain
+    } else {
+        Orphaned::Serve
+    }
 }
 
 /// The listening sockets the keeper holds, each with the workers that
@@ -447,6 +559,68 @@ mod tests {
         assert_eq!(p.on(exited(1, 3, 1)), vec![Action::Exit(3)]);
         // No restart after a stop.
         assert_eq!(p.on(Event::RestartDue), vec![]);
+    }
+
+    #[test]
+    fn an_adopted_orphan_is_handed_off_then_stopped_once_the_new_worker_is_ready() {
+        let mut p = Plan::adopting(50);
+        // Nothing is spawned before the orphan has said it serves.
+        assert_eq!(p.workers(), vec![50]);
+        assert_eq!(no_logs(p.on(Event::Upgrade)), vec![]);
+        assert_eq!(
+            no_logs(p.on(Event::Ready(50))),
+            vec![Action::Sweep(50), Action::HandOff(50)]
+        );
+        assert_eq!(p.on(Event::Released(50)), vec![Action::Spawn]);
+        p.spawned(2);
+        assert_eq!(p.workers(), vec![2, 50]);
+        assert_eq!(
+            no_logs(p.on(Event::Ready(2))),
+            vec![Action::Terminate(50), Action::Sweep(2)]
+        );
+        // Its exit (its socket closing) is no crash.
+        assert_eq!(p.on(exited(50, 0, 5)), vec![]);
+        assert_eq!(p.workers(), vec![2]);
+        // From here the keeper runs as after any start: a crash restarts.
+        assert_eq!(no_logs(p.on(exited(2, 137, 60))), vec![Action::Spawn]);
+    }
+
+    #[test]
+    fn an_orphan_that_leaves_before_adoption_gives_way_to_a_fresh_worker() {
+        let mut p = Plan::adopting(50);
+        assert_eq!(no_logs(p.on(exited(50, 0, 0))), vec![Action::Spawn]);
+        p.spawned(2);
+        // That worker's own first start failing still ends the keeper.
+        assert_eq!(p.on(exited(2, 1, 0)), vec![Action::Exit(1)]);
+        // An orphan that dies while handing off: start the new one now.
+        let mut p = Plan::adopting(50);
+        p.on(Event::Ready(50));
+        assert_eq!(no_logs(p.on(exited(50, 137, 1))), vec![Action::Spawn]);
+        // A stop during adoption stops the orphan, and then the keeper.
+        let mut p = Plan::adopting(50);
+        assert_eq!(p.on(Event::Stop), vec![Action::Terminate(50)]);
+        assert_eq!(p.on(exited(50, 0, 1)), vec![Action::Exit(0)]);
+        let mut p = Plan::adopting(50);
+        p.on(Event::Stop);
+        assert_eq!(
+            no_logs(p.on(Event::Ready(50))),
+            vec![Action::Sweep(50), Action::Terminate(50)]
+        );
+    }
+
+    #[test]
+    fn probe_and_keeper_gone_decide_as_documented() {
+        assert_eq!(probe(Connect::NoFile, 0), Probe::Absent);
+        assert_eq!(probe(Connect::Refused, 0), Probe::Stale);
+        assert_eq!(probe(Connect::Peer { pid: 7, uid: 0 }, 0), Probe::Adopt(7));
+        assert_eq!(
+            probe(Connect::Peer { pid: 7, uid: 1000 }, 0),
+            Probe::Foreign { uid: 1000 }
+        );
+        assert_eq!(keeper_gone(true, true), Orphaned::Stopping);
+        assert_eq!(keeper_gone(true, false), Orphaned::Stopping);
+        assert_eq!(keeper_gone(false, true), Orphaned::Drain);
+        assert_eq!(keeper_gone(false, false), Orphaned::Serve);
     }
 
     #[test]
