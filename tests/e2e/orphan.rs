@@ -13,13 +13,18 @@ use pier_tests::{AgentProc, Scenario, eventually};
 
 use crate::restart::{one_worker, show, signal, under_load, web_target};
 
+/// Some thread of `pid` still runs: a killed process's leader is a
+/// zombie before its last thread has exited and closed its descriptors.
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            !s.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !matches!(r.trim_start().chars().next(), Some('Z' | 'X')))
         })
-        .unwrap_or(false)
+    })
 }
 
 fn adopt_sock(a: &AgentProc) -> PathBuf {
