@@ -3,7 +3,8 @@
 # systemd as PID 1 (systemd-nspawn, private network: nothing touches the
 # host's), to show that `dpkg -i` installs pier and that its unit starts
 # the agent, hands it over to a new worker on `systemctl reload`, restarts
-# it after a crash, and stops it cleanly. Slow (a
+# it after a crash of the keeper (whose worker serves on meanwhile and is
+# adopted), and stops it cleanly. Slow (a
 # debootstrap), so not part of CI. As root:
 #
 #   packaging/test-deb.sh [target/debian/pier_*.deb]
@@ -115,8 +116,13 @@ done
   { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: systemctl reload did not hand over to a new worker" >&2; exit 1; }
 inside pier get nodes >/dev/null
 log "systemctl reload: worker $w1 handed over to $w2 under the same keeper (pid $pid1)"
-log "the agent runs under the unit (pid $pid1 in the container); killing it with SIGKILL"
+log "the agent runs under the unit (keeper pid $pid1, worker $w2 in the container); killing the keeper with SIGKILL"
 inside kill -9 "$pid1"
+sleep 0.5
+# KillMode=process: the worker outlives its keeper and serves on (an orphan).
+inside kill -0 "$w2" && inside pier get nodes >/dev/null ||
+  { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: the worker did not outlive its keeper" >&2; exit 1; }
+log "worker $w2 serves on as an orphan"
 pid2=""
 for _ in $(seq 1 100); do
   pid2=$(inside systemctl show -p MainPID --value pier)
@@ -125,7 +131,13 @@ for _ in $(seq 1 100); do
 done
 [ "$pid2" != 0 ] && [ "$pid2" != "$pid1" ] || { inside journalctl -u pier --no-pager | tail -30; echo "test-deb: not restarted" >&2; exit 1; }
 log "restarted by systemd: pid $pid2, NRestarts=$(inside systemctl show -p NRestarts --value pier)"
+# The new keeper adopts the orphan: it hands over to a new worker and exits.
+for _ in $(seq 1 100); do inside kill -0 "$w2" 2>/dev/null || break; sleep 0.2; done
+if inside kill -0 "$w2" 2>/dev/null || ! inside journalctl -u pier --no-pager -o cat | grep -q "adopting the orphaned worker"; then
+  inside journalctl -u pier --no-pager | tail -30; echo "test-deb: the restarted agent did not adopt the orphan" >&2; exit 1
+fi
+log "the restarted keeper adopted orphan $w2; now worker $(worker_of "$pid2")"
 inside systemctl stop pier
 log "after systemctl stop: $(inside systemctl is-active pier || true); pier0 left: $(inside ip link show pier0 >/dev/null 2>&1 && echo yes || echo no)"
 inside journalctl -u pier --no-pager -o cat | grep -iE "shutting|deregister|stopped|removed|listening|ready" | tail -8 || true
-log "PASS: dpkg -i installed pier; its unit started the agent under systemd, restarted it after SIGKILL, stopped it"
+log "PASS: dpkg -i installed pier; its unit started the agent under systemd, kept its worker serving through a SIGKILL of the keeper, restarted and adopted it, stopped it"

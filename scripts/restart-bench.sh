@@ -3,7 +3,7 @@
 # RELIABILITY.md). As root, on a host with dockerd and the test image
 # (tests/images/build.sh):
 #
-#   scripts/restart-bench.sh upgrade|crash [PIER_BINARY] [STYLE]
+#   scripts/restart-bench.sh upgrade|crash|keeper-kill [PIER_BINARY] [STYLE]
 #
 # One agent on the embedded store, a replica set of 2 behind a NodePort
 # service; three bounded client loops run side by side, 300 requests each
@@ -15,6 +15,9 @@
 #   crash:   STYLE=keeper: kill -9 of the worker (the keeper restarts it);
 #            STYLE=legacy: kill -9 of the agent, start again 1 s later (as
 #            systemd's Restart= would).
+#   keeper-kill: (STYLE=keeper) kill -9 of the keeper, the process a user
+#            starts; `pier agent` again 2 s later (the unit's RestartSec):
+#            the worker serves on as an orphan and the new keeper adopts it.
 # Prints, per loop: requests failed, the longest request (the client-seen
 # stall) and, once, the time from the restart to full service (the new
 # process's /readyz answering 200, and for the keeper the worker's log line
@@ -22,7 +25,7 @@
 # Everything it creates carries the label pier.test-run=$PIER_TEST_RUN and
 # is removed at the end, also after a failure.
 set -euo pipefail
-MODE=${1:?usage: restart-bench.sh upgrade|crash [PIER_BINARY] [keeper|legacy]}
+MODE=${1:?usage: restart-bench.sh upgrade|crash|keeper-kill [PIER_BINARY] [keeper|legacy]}
 PIER=$(readlink -f "${2:-target/debug/pier}")
 STYLE=${3:-keeper}
 RUN=${PIER_TEST_RUN:-rb$$}
@@ -58,8 +61,11 @@ start_agent() {
   PIER_LOG=${PIER_LOG:-info} "$PIER" agent --config "$DIR/pier.toml" >>"$DIR/agent.log" 2>&1 &
   AGENT_PID=$!
 }
+ORPHAN=
 cleanup() {
   [ -n "$AGENT_PID" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null || true
+  # A worker left by keeper-kill that no keeper adopted.
+  [ -n "$ORPHAN" ] && grep -q pier "/proc/$ORPHAN/cmdline" 2>/dev/null && kill -TERM "$ORPHAN" 2>/dev/null || true
   docker ps -aq --filter "label=pier.test-run=$RUN" | xargs -r docker rm -f >/dev/null
   ip link del "$IFACE" 2>/dev/null || true
   [ -n "${KEEP_LOG:-}" ] && cp "$DIR/agent.log" "$KEEP_LOG"; rm -rf "$DIR"
@@ -104,9 +110,11 @@ loop_dns "$DIR/dns" & L3=$!
 sleep 3
 T0=$(date +%s.%N)
 OLD_WORKER=$(ps -o pid= --ppid "$AGENT_PID" | head -1 | tr -d ' ' || true)
+[ "$MODE" = keeper-kill ] && ORPHAN=$OLD_WORKER
 case "$STYLE/$MODE" in
   keeper/upgrade) kill -HUP "$AGENT_PID" ;;
   keeper/crash) kill -KILL "$OLD_WORKER" ;;
+  keeper/keeper-kill) kill -KILL "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; sleep 2; start_agent ;;
   legacy/upgrade) kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true; start_agent ;;
   legacy/crash) kill -KILL "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true; sleep 1; start_agent ;;
   *) echo "unknown mode $STYLE/$MODE" >&2; exit 2 ;;

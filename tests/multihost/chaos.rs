@@ -30,12 +30,12 @@
 //! The checker then reports, and fails the test on:
 //! - a failed request that no fault explains: a cut explains the failures
 //!   of requests that overlap it (from the cut to convergence after the
-//!   heal); an agent kill explains those *from its own host* (that host's
-//!   proxy is the killed process) until convergence after the restart; a
-//!   pod kill, a dockerd stop and an agent kill explain the requests in
-//!   flight when they struck (from the fault's start to the moment its
-//!   command returned): the connection to the killed process is gone. An
-//!   etcd member kill explains nothing. The report counts each cause;
+//!   heal); a pod kill and a dockerd stop explain the requests in flight
+//!   when they struck (from the fault's start to the moment its command
+//!   returned): the connection to the killed process is gone. An agent
+//!   kill explains nothing (`kill -9` of the keeper leaves its worker, the
+//!   data plane, serving until the restarted agent adopts it), nor does an
+//!   etcd member kill. The report counts each cause;
 //! - a stale endpoint: a request answered by a pod that had left the ready
 //!   endpoints of the client's host (for good) more than [`STALE_SLACK`]
 //!   before the request started;
@@ -981,12 +981,9 @@ fn check(
             let in_flight = r.start <= f.hit && r.end >= f.start;
             match f.kind {
                 Kind::Cut if overlaps => return Some("a cut"),
-                Kind::AgentKill if overlaps && f.host == r.host => {
-                    return Some("the client's own agent down");
-                }
-                Kind::AgentKill if in_flight => {
-                    return Some("in flight through a killed agent");
-                }
+                // An agent kill explains nothing: `kill -9` of the keeper
+                // leaves its worker serving (an orphan, adopted by the
+                // restarted agent), and the keeper holds no connection.
                 Kind::PodKill | Kind::DockerdRestart if in_flight => {
                     return Some("in flight to a pod being killed");
                 }

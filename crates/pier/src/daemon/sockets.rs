@@ -230,11 +230,13 @@ impl Sockets {
             return;
         }
         let k = lock(&self.keeper);
-        let r = match k.as_ref() {
-            Some(conn) => ask_on(conn, &req, None).map(|_| ()),
-            None => Err(std::io::Error::other("no keeper (orphaned)")),
+        let Some(conn) = k.as_ref() else {
+            // Orphaned: the keeper that adopts it gets the sockets held
+            // now, and READY.
+            tracing::debug!(request = %req.encode(), "no keeper (orphaned); not told");
+            return;
         };
-        if let Err(e) = r {
+        if let Err(e) = ask_on(conn, &req, None) {
             tracing::warn!(request = %req.encode(), error = %e, "cannot tell the keeper");
         }
     }
