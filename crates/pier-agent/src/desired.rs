@@ -615,17 +615,14 @@ mod tests {
     fn snapshot(services: &[Arc<Service>], pods: &[Arc<Pod>]) -> Snapshot {
         Snapshot {
             revision: 7,
-            services: Arc::new(
-                services
-                    .iter()
-                    .map(|s| ((s.namespace.clone(), s.name.clone()), s.clone()))
-                    .collect(),
-            ),
-            pods: Arc::new(
-                pods.iter()
-                    .map(|p| ((p.namespace.clone(), p.name.clone()), p.clone()))
-                    .collect(),
-            ),
+            services: services
+                .iter()
+                .map(|s| ((s.namespace.clone(), s.name.clone()), s.clone()))
+                .collect(),
+            pods: pods
+                .iter()
+                .map(|p| ((p.namespace.clone(), p.name.clone()), p.clone()))
+                .collect(),
             ..Default::default()
         }
     }

@@ -236,24 +236,22 @@ pub(crate) fn unchanged(kind: Resource, f: &Filter, old: &Snapshot, new: &Snapsh
     use std::sync::Arc;
     match kind {
         Resource::Nodes => {
-            Arc::ptr_eq(&old.nodes, &new.nodes)
-                && Arc::ptr_eq(&old.pods, &new.pods)
+            old.nodes.ptr_eq(&new.nodes)
+                && old.pods.ptr_eq(&new.pods)
                 && Arc::ptr_eq(&old.held_nodes, &new.held_nodes)
                 && old.stale_since_ms.is_none() == new.stale_since_ms.is_none()
         }
         Resource::ReplicaSets => {
-            Arc::ptr_eq(&old.replicasets, &new.replicasets)
-                && Arc::ptr_eq(&old.pods, &new.pods)
-                && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
-                && Arc::ptr_eq(&old.rollouts, &new.rollouts)
-                && Arc::ptr_eq(&old.problems, &new.problems)
+            old.replicasets.ptr_eq(&new.replicasets)
+                && old.pods.ptr_eq(&new.pods)
+                && old.pod_statuses.ptr_eq(&new.pod_statuses)
+                && old.rollouts.ptr_eq(&new.rollouts)
+                && old.problems.ptr_eq(&new.problems)
         }
-        Resource::Pods => {
-            Arc::ptr_eq(&old.pods, &new.pods) && Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses)
-        }
-        Resource::Services => Arc::ptr_eq(&old.services, &new.services),
+        Resource::Pods => old.pods.ptr_eq(&new.pods) && old.pod_statuses.ptr_eq(&new.pod_statuses),
+        Resource::Services => old.services.ptr_eq(&new.services),
         Resource::Endpoints => {
-            if Arc::ptr_eq(&old.endpoints, &new.endpoints) {
+            if old.endpoints.ptr_eq(&new.endpoints) {
                 return true;
             }
             // One service's endpoints: only that service's map matters.
@@ -295,8 +293,15 @@ mod tests {
         ] {
             assert!(unchanged(k, &all, &a, &b), "{k:?}");
         }
-        // A new pod map: pods, replica sets and nodes rebuild; services do not.
-        b.pods = Arc::new(BTreeMap::new());
+        // A changed pod map: pods, replica sets and nodes rebuild; services
+        // do not.
+        let key = (Namespace::default(), Name::new("x").unwrap());
+        let pod: pier_model::Pod = serde_json::from_value(serde_json::json!({
+            "name": "x", "replicaset": "web", "node": "n1", "template_hash": "h",
+            "template": {"image": "i"}, "created_at": 1,
+        }))
+        .unwrap();
+        b.pods.insert(key.clone(), Arc::new(pod));
         assert!(!unchanged(Resource::Pods, &all, &a, &b));
         assert!(!unchanged(Resource::ReplicaSets, &all, &a, &b));
         assert!(!unchanged(Resource::Nodes, &all, &a, &b));
@@ -304,10 +309,16 @@ mod tests {
         assert!(unchanged(Resource::Endpoints, &all, &a, &b));
         // Rollout records and problems are part of a replica set's view.
         let mut r = a.clone();
-        r.rollouts = Arc::new(BTreeMap::new());
+        r.rollouts.insert(key.clone(), Arc::default());
         assert!(!unchanged(Resource::ReplicaSets, &all, &a, &r));
         let mut p = a.clone();
-        p.problems = Arc::new(BTreeMap::new());
+        p.problems.insert(
+            key.clone(),
+            Arc::new(pier_model::ReplicaSetProblem {
+                message: "m".into(),
+                reported_by: Name::new("n1").unwrap(),
+            }),
+        );
         assert!(!unchanged(Resource::ReplicaSets, &all, &a, &p));
         assert!(unchanged(Resource::Pods, &all, &a, &p));
 
@@ -318,11 +329,11 @@ mod tests {
         m.insert((ns.clone(), x.clone()), ep_map());
         m.insert((ns.clone(), y.clone()), ep_map());
         let mut c = Snapshot {
-            endpoints: Arc::new(m),
+            endpoints: pier_model::Map::from(m),
             ..Snapshot::default()
         };
         let mut d = c.clone();
-        Arc::make_mut(&mut d.endpoints).insert((ns.clone(), y.clone()), ep_map());
+        d.endpoints.insert((ns.clone(), y.clone()), ep_map());
         let fx = Filter {
             namespace: Some(ns.clone()),
             name: Some(x.clone()),
@@ -335,7 +346,7 @@ mod tests {
         assert!(!unchanged(Resource::Endpoints, &fy, &c, &d));
         assert!(!unchanged(Resource::Endpoints, &all, &c, &d));
         // A service's map appearing is a change.
-        Arc::make_mut(&mut c.endpoints).remove(&(ns.clone(), x.clone()));
+        c.endpoints.remove(&(ns.clone(), x.clone()));
         assert!(!unchanged(Resource::Endpoints, &fx, &c, &d));
     }
 }

@@ -129,8 +129,8 @@ fn big_snapshot(n: usize, srv: usize) -> Result<Snapshot> {
     }
     Ok(Snapshot {
         revision: 1,
-        services: Arc::new(services),
-        endpoints: Arc::new(endpoints),
+        services: pier_model::Map::from(services),
+        endpoints: pier_model::Map::from(endpoints),
         ..Snapshot::default()
     })
 }

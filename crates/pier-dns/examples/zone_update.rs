@@ -101,8 +101,8 @@ fn snapshot(n: usize, k: usize) -> Result<Snapshot> {
     }
     Ok(Snapshot {
         revision: 1,
-        services: Arc::new(services),
-        endpoints: Arc::new(endpoints),
+        services: pier_model::Map::from(services),
+        endpoints: pier_model::Map::from(endpoints),
         ..Snapshot::default()
     })
 }
@@ -112,7 +112,7 @@ fn flip(prev: &Snapshot, i: usize) -> Result<Snapshot> {
     let mut s = prev.clone();
     s.revision += 1;
     let key = (Namespace::default(), Name::new(&format!("svc{i:05}"))?);
-    let eps = Arc::make_mut(&mut s.endpoints);
+    let eps = &mut s.endpoints;
     let m = Arc::make_mut(eps.get_mut(&key).context("service endpoints")?);
     let e = m.values_mut().next().context("an endpoint")?;
     Arc::make_mut(e).ready ^= true;

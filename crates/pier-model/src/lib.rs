@@ -31,7 +31,7 @@ pub use placement::{Constraint, ConstraintField, ConstraintOp, Placement, valid_
 pub use rollout::{
     FailureAction, Ratio, Rollout, RolloutState, TemplateRevision, UpdateConfig, UpdateOrder,
 };
-pub use snapshot::{EndpointKey, EndpointMap, ObjectKey, Snapshot};
+pub use snapshot::{DiffItem, EndpointKey, EndpointMap, Map, ObjectKey, Snapshot};
 
 /// The default namespace, as in Kubernetes.
 pub const DEFAULT_NAMESPACE: &str = "default";

@@ -1,9 +1,13 @@
 //! The immutable view of the whole store that every reader works from.
 //!
 //! The reflector (in pier-store) builds a new `Snapshot` for each batch of
-//! changes and publishes it as an `Arc<Snapshot>`. Maps are behind `Arc`s so
-//! that a change to one endpoint copies only that service's endpoint map and
-//! the outer map's pointers, never the whole world.
+//! changes and publishes it as an `Arc<Snapshot>`. The maps are persistent
+//! B-trees ([`Map`], `imbl::OrdMap`): a snapshot is a copy of the one before
+//! with only the changed paths new, so a change to one pod copies a few tree
+//! nodes (O(log n)), never the whole world, and two snapshots share every
+//! part that did not change. Readers compare snapshots cheaply with
+//! `Map::ptr_eq` and `Map::diff` (which skips the shared parts): the cost of
+//! finding what changed is proportional to the change, not to the cluster.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,6 +24,12 @@ pub type ObjectKey = (Namespace, Name);
 /// `(node, id)` of an endpoint within its service.
 pub type EndpointKey = (Name, Name);
 
+/// A persistent ordered map: cloning it is O(1), an insert copies only the
+/// path to the key, and unchanged parts are shared between clones.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+/// One difference found by `Map::diff`.
+pub use imbl::ordmap::DiffItem;
+
 /// The endpoints of one service, keyed by `(node, id)`.
 pub type EndpointMap = BTreeMap<EndpointKey, Arc<Endpoint>>;
 
@@ -32,20 +42,20 @@ pub struct Snapshot {
     /// Unix milliseconds since when the store has been unreachable; `None`
     /// while the watch is live.
     pub stale_since_ms: Option<u64>,
-    pub nodes: Arc<BTreeMap<Name, Arc<Node>>>,
-    pub services: Arc<BTreeMap<ObjectKey, Arc<Service>>>,
-    pub replicasets: Arc<BTreeMap<ObjectKey, Arc<ReplicaSet>>>,
+    pub nodes: Map<Name, Arc<Node>>,
+    pub services: Map<ObjectKey, Arc<Service>>,
+    pub replicasets: Map<ObjectKey, Arc<ReplicaSet>>,
     /// The supervisor leader's problem reports, by replica set.
-    pub problems: Arc<BTreeMap<ObjectKey, Arc<ReplicaSetProblem>>>,
-    pub pods: Arc<BTreeMap<ObjectKey, Arc<Pod>>>,
-    pub pod_statuses: Arc<BTreeMap<ObjectKey, Arc<PodStatus>>>,
+    pub problems: Map<ObjectKey, Arc<ReplicaSetProblem>>,
+    pub pods: Map<ObjectKey, Arc<Pod>>,
+    pub pod_statuses: Map<ObjectKey, Arc<PodStatus>>,
     /// Service `(namespace, name)` → its endpoints on every node.
-    pub endpoints: Arc<BTreeMap<ObjectKey, Arc<EndpointMap>>>,
+    pub endpoints: Map<ObjectKey, Arc<EndpointMap>>,
     /// The supervisor leader's rollout records, by replica set.
-    pub rollouts: Arc<BTreeMap<ObjectKey, Arc<Rollout>>>,
+    pub rollouts: Map<ObjectKey, Arc<Rollout>>,
     /// Labels set with `pier label node`, by node (see
     /// [`Snapshot::node_labels`]).
-    pub node_labels: Arc<BTreeMap<Name, Arc<NodeLabels>>>,
+    pub node_labels: Map<Name, Arc<NodeLabels>>,
     /// Nodes whose lease expired while the store was unreachable from this
     /// reader, kept in `nodes` (with their endpoints and pod statuses) until
     /// they register again or until the Unix milliseconds given here; see

@@ -441,22 +441,21 @@ async fn run(b: tokio::runtime::Handle) {
     nodes.insert(name("n1"), node("n1", SocketAddr::new(mesh_addr.ip(), 0)));
     nodes.insert(name("n2"), node("n2", mesh_addr));
     let all = Arc::new(Snapshot {
-        nodes: Arc::new(nodes),
-        services: Arc::new(services),
-        endpoints: Arc::new(endpoints),
+        nodes: pier_model::Map::from(nodes),
+        services: pier_model::Map::from(services),
+        endpoints: pier_model::Map::from(endpoints),
         ..Snapshot::default()
     });
     // Each proxy serves only its own services: the pooled one local-* and
     // mesh-*, the other nopool-*.
     let only = |keep: &dyn Fn(&str) -> bool| {
         let mut s = (*all).clone();
-        s.services = Arc::new(
-            s.services
-                .iter()
-                .filter(|(k, _)| keep(k.1.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        );
+        s.services = s
+            .services
+            .iter()
+            .filter(|(k, _)| keep(k.1.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Arc::new(s)
     };
     let (_tx_srv, rx_srv) = watch::channel(all.clone());

@@ -156,8 +156,8 @@ fn main() {
             endpoints.insert(k, Arc::new(e));
         }
         let snap = Snapshot {
-            services: Arc::new(services),
-            endpoints: Arc::new(endpoints),
+            services: pier_model::Map::from(services),
+            endpoints: pier_model::Map::from(endpoints),
             ..Default::default()
         };
         let (_tx, rx) = watch::channel(Arc::new(snap));

@@ -93,8 +93,8 @@ fn snapshot(eps: &[Arc<Endpoint>]) -> Arc<Snapshot> {
     all.insert((Namespace::default(), name("web")), Arc::new(m));
     let nodes = ["n1", "n2", "n3"].map(|n| (name(n), node(n)));
     Arc::new(Snapshot {
-        endpoints: Arc::new(all),
-        nodes: Arc::new(BTreeMap::from(nodes)),
+        endpoints: pier_model::Map::from(all),
+        nodes: pier_model::Map::from(BTreeMap::from(nodes)),
         ..Snapshot::default()
     })
 }
@@ -677,9 +677,7 @@ async fn valid_cert_for_a_node_not_in_the_cluster_is_refused() {
     assert_eq!(metric(&srv.registry, "mesh_server_tunnels_total"), 0.0);
     // Control: once the node joins the cluster, the same certificate works.
     let mut snap = (*snapshot(&[endpoint("n1", "a", echo, true)])).clone();
-    let mut nodes = (*snap.nodes).clone();
-    nodes.insert(name("ghost"), node("ghost"));
-    snap.nodes = Arc::new(nodes);
+    snap.nodes.insert(name("ghost"), node("ghost"));
     srv.set(Arc::new(snap));
     let s = conn.connect(srv.addr, &name("n1"), echo).await.unwrap();
     drop(s);
@@ -1001,8 +999,8 @@ impl MeshCluster {
             nodes.insert(n.clone(), node_at(n.as_str(), addr));
         }
         let mut full = (*snapshot(eps)).clone();
-        full.nodes = Arc::new(nodes);
-        full.services = Arc::new(BTreeMap::from([(
+        full.nodes = pier_model::Map::from(nodes);
+        full.services = pier_model::Map::from(BTreeMap::from([(
             (Namespace::default(), name("web")),
             Arc::new(svc),
         )]));

@@ -3,9 +3,11 @@
 //! - It lists everything, builds a fresh [`Snapshot`] and publishes it, then
 //!   watches from the list revision + 1.
 //! - Each batch of events is applied to a copy of the last snapshot. The
-//!   maps are behind `Arc`s and changed with `Arc::make_mut`, so a change to
-//!   one endpoint copies only that service's endpoint map (and the outer
-//!   map's pointers once per batch). All items already waiting in the watch
+//!   maps are persistent (`pier_model::Map`), so a change to one pod copies
+//!   only the tree path to it, and a change to one endpoint that service's
+//!   endpoint map and the path to it: the work per batch is proportional
+//!   to the batch, not to the store, and unchanged parts stay shared with
+//!   the snapshots readers hold. All items already waiting in the watch
 //!   are applied before one snapshot is published (bursts coalesce).
 //! - On `Compacted`, or when the watch ends or fails, it lists again and
 //!   replaces the state wholesale: nothing doubled, nothing kept that is gone.
@@ -437,19 +439,21 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
     let Some(k) = parse(key) else { return };
     let ok = match &k {
         Key::Node(n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.nodes).insert(n.clone(), Arc::new(v));
+            snap.nodes.insert(n.clone(), Arc::new(v));
         }),
         Key::Service(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.services).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.services.insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::ReplicaSet(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.replicasets).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.replicasets
+                .insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::Pod(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.pods).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.pods.insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::PodStatus(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.pod_statuses).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.pod_statuses
+                .insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::Endpoint {
             namespace,
@@ -457,20 +461,20 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
             node,
             id,
         } => decode(key, value).map(|v| {
-            let outer = Arc::make_mut(&mut snap.endpoints);
+            let outer = &mut snap.endpoints;
             let map = outer
                 .entry((namespace.clone(), service.clone()))
                 .or_default();
             Arc::make_mut(map).insert((node.clone(), id.clone()), Arc::new(v));
         }),
         Key::Problem(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.problems).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.problems.insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::Rollout(ns, n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.rollouts).insert((ns.clone(), n.clone()), Arc::new(v));
+            snap.rollouts.insert((ns.clone(), n.clone()), Arc::new(v));
         }),
         Key::NodeLabels(n) => decode(key, value).map(|v| {
-            Arc::make_mut(&mut snap.node_labels).insert(n.clone(), Arc::new(v));
+            snap.node_labels.insert(n.clone(), Arc::new(v));
         }),
         Key::VipAlloc(_)
         | Key::NodePortAlloc(_)
@@ -489,7 +493,7 @@ fn remove(snap: &mut Snapshot, k: &Key) {
     match k {
         Key::Node(n) => {
             if snap.nodes.contains_key(n) {
-                Arc::make_mut(&mut snap.nodes).remove(n);
+                snap.nodes.remove(n);
             }
         }
         Key::Service(ns, n) => remove_obj(&mut snap.services, ns, n),
@@ -500,7 +504,7 @@ fn remove(snap: &mut Snapshot, k: &Key) {
         Key::Rollout(ns, n) => remove_obj(&mut snap.rollouts, ns, n),
         Key::NodeLabels(n) => {
             if snap.node_labels.contains_key(n) {
-                Arc::make_mut(&mut snap.node_labels).remove(n);
+                snap.node_labels.remove(n);
             }
         }
         Key::Endpoint {
@@ -518,7 +522,7 @@ fn remove(snap: &mut Snapshot, k: &Key) {
             if !present {
                 return;
             }
-            let outer = Arc::make_mut(&mut snap.endpoints);
+            let outer = &mut snap.endpoints;
             let empty = match outer.get_mut(&skey) {
                 Some(map) => {
                     let map = Arc::make_mut(map);
@@ -540,13 +544,83 @@ fn remove(snap: &mut Snapshot, k: &Key) {
     }
 }
 
-fn remove_obj<V: Clone>(
-    map: &mut Arc<std::collections::BTreeMap<pier_model::ObjectKey, Arc<V>>>,
+fn remove_obj<V>(
+    map: &mut pier_model::Map<pier_model::ObjectKey, Arc<V>>,
     ns: &pier_model::Namespace,
     n: &pier_model::Name,
 ) {
+    // A remove copies the path to where the key would be even when it is
+    // absent: look first, so an unchanged map stays shared (`ptr_eq`).
     let k = (ns.clone(), n.clone());
     if map.contains_key(&k) {
-        Arc::make_mut(map).remove(&k);
+        map.remove(&k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pier_model::{Name, Namespace, Pod};
+
+    fn kv(key: String, value: Vec<u8>) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: None,
+        }
+    }
+
+    fn pod(i: usize) -> (String, Vec<u8>) {
+        let name = Name::new(&format!("p{i}")).unwrap();
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "name": name.as_str(), "replicaset": "web", "node": "n1",
+            "template_hash": "h", "template": {"image": "i"}, "created_at": 1,
+        }))
+        .unwrap();
+        (
+            keys::pod(&Namespace::default(), &name),
+            pier_model::encode(&p),
+        )
+    }
+
+    /// An event batch copies only what it changes: the snapshot before it
+    /// is untouched, the maps it does not touch stay shared, and the
+    /// difference of the pods maps is the one pod put.
+    #[test]
+    fn a_batch_shares_what_it_does_not_change() {
+        let mut kvs: Vec<KeyValue> = (0..1000).map(pod).map(|(k, v)| kv(k, v)).collect();
+        let node = serde_json::json!({"name": "n1", "addr": "10.0.0.1", "version": "t"});
+        kvs.push(kv(
+            keys::node(&Name::new("n1").unwrap()),
+            node.to_string().into_bytes(),
+        ));
+        let old = build(&kvs, 5);
+        assert_eq!((old.pods.len(), old.nodes.len()), (1000, 1));
+        let mut new = old.clone();
+        let (k, v) = pod(1000);
+        apply_events(&mut new, &[WatchEvent::Put(kv(k, v))], 6);
+        // A delete of a key that is not there changes nothing.
+        let (gone, _) = pod(5000);
+        apply_events(
+            &mut new,
+            &[WatchEvent::Delete {
+                key: gone,
+                mod_revision: 7,
+            }],
+            7,
+        );
+        assert_eq!((old.pods.len(), new.pods.len()), (1000, 1001));
+        assert!(new.nodes.ptr_eq(&old.nodes));
+        assert!(new.pod_statuses.ptr_eq(&old.pod_statuses));
+        assert!(!new.pods.ptr_eq(&old.pods));
+        let diff: Vec<_> = old.pods.diff(&new.pods).collect();
+        assert_eq!(diff.len(), 1);
+        assert!(
+            matches!(diff[0], pier_model::DiffItem::Add(k, _) if k.1.as_str() == "p1000"),
+            "{diff:?}"
+        );
     }
 }

@@ -574,7 +574,7 @@ async fn a_change_copies_only_that_services_endpoint_map() {
         &after.endpoints[&key_a]
     ));
     assert!(
-        Arc::ptr_eq(&before.services, &after.services),
+        before.services.ptr_eq(&after.services),
         "untouched maps shared"
     );
 }

@@ -62,7 +62,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use pier_model::{Endpoint, EndpointPort, Name, Namespace, Node, PortNum, Snapshot, keys};
+use pier_model::{
+    DiffItem, Endpoint, EndpointPort, Name, Namespace, Node, PortNum, Snapshot, keys,
+};
 use pier_store::lease::LeaseKeeper;
 use pier_store::reflector::{HoldPolicy, Reflector};
 use pier_store::{EtcdStore, Store, Ttl};
@@ -754,6 +756,10 @@ async fn main() -> Result<()> {
 /// Whether every set `set-0..rs` has `replicas` Running, ready pods, none
 /// on a host in `not_on`.
 fn all_running(s: &Snapshot, a: &Args, not_on: &BTreeSet<Name>) -> bool {
+    // Cheap first: this runs on every snapshot while the step waits.
+    if s.pod_statuses.len() < a.rs * a.replicas {
+        return false;
+    }
     let mut per: std::collections::HashMap<&Name, usize> = std::collections::HashMap::new();
     for (k, p) in s.pods.iter() {
         let ok = s
@@ -804,19 +810,48 @@ async fn supervised(
             // (its lease expired) is written again after 2 s.
             let mut done: std::collections::HashMap<Name, Instant> =
                 std::collections::HashMap::new();
+            // The pods that may need a status, kept from the difference of
+            // each snapshot with the one before (as an agent's runtime sees
+            // only its own changes), not by scanning every pod each time.
+            let mut pending: BTreeSet<pier_model::ObjectKey> = BTreeSet::new();
+            let mut prev = Arc::new(Snapshot::default());
             loop {
                 let snap = rx.borrow_and_update().clone();
-                let todo: Vec<_> = snap
-                    .pods
+                for d in prev.pods.diff(&snap.pods) {
+                    match d {
+                        DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                            pending.insert(k.clone());
+                        }
+                        DiffItem::Remove(k, _) => {
+                            pending.remove(k);
+                        }
+                    }
+                }
+                for d in prev.pod_statuses.diff(&snap.pod_statuses) {
+                    match d {
+                        DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                            pending.remove(k);
+                        }
+                        // A status gone with its lease: write it again.
+                        DiffItem::Remove(k, _) => {
+                            if snap.pods.contains_key(k) {
+                                pending.insert(k.clone());
+                            }
+                        }
+                    }
+                }
+                pending.retain(|k| snap.pods.contains_key(k) && !snap.pod_statuses.contains_key(k));
+                prev = snap.clone();
+                let dead_now = dead.lock().map(|d| d.clone()).unwrap_or_default();
+                let todo: Vec<_> = pending
                     .iter()
-                    .filter(|(k, p)| {
-                        !snap.pod_statuses.contains_key(*k)
-                            && done
-                                .get(&p.name)
-                                .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
-                            && !dead.lock().map(|d| d.contains(&p.node)).unwrap_or(true)
+                    .filter_map(|k| snap.pods.get(k))
+                    .filter(|p| {
+                        done.get(&p.name)
+                            .is_none_or(|t| t.elapsed() > Duration::from_secs(2))
+                            && !dead_now.contains(&p.node)
                     })
-                    .map(|(_, p)| p.clone())
+                    .cloned()
                     .collect();
                 // The hosts' runtimes work in parallel: up to 64 puts in flight.
                 let mut puts = JoinSet::new();
@@ -997,7 +1032,7 @@ fn supervisor_pass(a: &Args) -> Result<()> {
     let per = a.pods / a.sets;
     let template = serde_json::json!({"image": "sim:1", "ports": [{"name": "http", "port": 8080}]});
     {
-        let nodes = Arc::make_mut(&mut snap.nodes);
+        let nodes = &mut snap.nodes;
         for h in 0..a.hosts {
             let (_, v) = node_record(h);
             nodes.insert(
@@ -1012,7 +1047,8 @@ fn supervisor_pass(a: &Args) -> Result<()> {
             "name": format!("set-{s}"), "template": template, "replicas": per,
         }))?;
         hash = rs.template.hash();
-        Arc::make_mut(&mut snap.replicasets).insert((ns.clone(), rs.name.clone()), Arc::new(rs));
+        snap.replicasets
+            .insert((ns.clone(), rs.name.clone()), Arc::new(rs));
     }
     let mut i = 0usize;
     for s in 0..a.sets {
@@ -1027,8 +1063,9 @@ fn supervisor_pass(a: &Args) -> Result<()> {
             let st: pier_model::PodStatus = serde_json::from_value(serde_json::json!({
                 "name": pn, "node": node, "phase": "Running", "ready": true, "started_at": 1,
             }))?;
-            Arc::make_mut(&mut snap.pods).insert((ns.clone(), name(&pn)), Arc::new(pod));
-            Arc::make_mut(&mut snap.pod_statuses).insert((ns.clone(), name(&pn)), Arc::new(st));
+            snap.pods.insert((ns.clone(), name(&pn)), Arc::new(pod));
+            snap.pod_statuses
+                .insert((ns.clone(), name(&pn)), Arc::new(st));
         }
     }
     let expired = BTreeSet::new();

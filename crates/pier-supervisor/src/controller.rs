@@ -199,9 +199,8 @@ struct Leader<'a> {
     node_absent_since: BTreeMap<Name, Instant>,
     last_write: Revision,
     next_resync: Instant,
-    /// `current`'s pods by set, rebuilt when its pods map changes.
+    /// `current`'s pods by set, kept in step with each snapshot taken.
     pod_index: Arc<plan::PodIndex>,
-    pod_index_of: Arc<BTreeMap<ObjectKey, Arc<pier_model::Pod>>>,
 }
 
 fn random_suffix() -> String {
@@ -238,7 +237,6 @@ impl<'a> Leader<'a> {
             blocked: BTreeSet::new(),
             node_absent_since: BTreeMap::new(),
             pod_index: Arc::default(),
-            pod_index_of: Arc::default(),
             last_write: 0,
             next_resync: Instant::now(),
         }
@@ -265,9 +263,12 @@ impl<'a> Leader<'a> {
             return;
         }
         plan::dirty(&self.current, &snap, &mut self.dirty);
+        // The index follows the change (a batch's own copy, if still held,
+        // is copied once; none is held between batches).
+        Arc::make_mut(&mut self.pod_index).update(&self.current.pods, &snap.pods);
         if !self.blocked.is_empty()
-            && (!Arc::ptr_eq(&self.current.pods, &snap.pods)
-                || !Arc::ptr_eq(&self.current.replicasets, &snap.replicasets))
+            && (!self.current.pods.ptr_eq(&snap.pods)
+                || !self.current.replicasets.ptr_eq(&snap.replicasets))
         {
             for k in &self.blocked {
                 self.dirty
@@ -276,12 +277,13 @@ impl<'a> Leader<'a> {
             }
         }
         let now = Instant::now();
-        let mut absent: BTreeSet<&Name> = BTreeSet::new();
-        for p in snap.pods.values() {
-            if !snap.nodes.contains_key(&p.node) {
-                absent.insert(&p.node);
-            }
-        }
+        // The nodes holding pods but absent from the snapshot (per node,
+        // from the index, not per pod).
+        let absent: BTreeSet<&Name> = self
+            .pod_index
+            .nodes()
+            .filter(|n| !snap.nodes.contains_key(*n))
+            .collect();
         self.node_absent_since.retain(|n, _| absent.contains(n));
         for n in absent {
             self.node_absent_since.entry(n.clone()).or_insert(now);
@@ -405,10 +407,6 @@ impl<'a> Leader<'a> {
     /// when leadership turned out to be lost.
     async fn reconcile_batch(&mut self) -> Option<Stop> {
         let snap = self.current.clone();
-        if !Arc::ptr_eq(&self.pod_index_of, &snap.pods) {
-            self.pod_index = Arc::new(plan::PodIndex::build(&snap));
-            self.pod_index_of = snap.pods.clone();
-        }
         let index = self.pod_index.clone();
         let now = Instant::now();
         let grace = Duration::from_millis(self.sup.cfg.node_grace_ms);

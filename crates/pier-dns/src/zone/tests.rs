@@ -122,11 +122,11 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
         0 | 1 => {
             let k = key(r);
             let svc = service(r, &k);
-            Arc::make_mut(&mut s.services).insert(k, Arc::new(svc));
+            s.services.insert(k, Arc::new(svc));
         }
         2 => {
             let k = key(r);
-            Arc::make_mut(&mut s.services).remove(&k);
+            s.services.remove(&k);
         }
         3 | 4 => {
             // Endpoints of any key, also of services that do not exist.
@@ -134,7 +134,7 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
             let node = name(r.pick::<&str>(&["n1", "n2"]));
             let id = name(r.pick::<&str>(&["c0", "c1", "c2", "c3"]));
             let e = endpoint(r, &k, &node, &id);
-            let m = Arc::make_mut(&mut s.endpoints).entry(k).or_default();
+            let m = s.endpoints.entry(k).or_default();
             Arc::make_mut(m).insert((node, id), Arc::new(e));
         }
         5 => {
@@ -144,7 +144,7 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
                 return;
             }
             let k = r.pick(&keys).clone();
-            let eps = Arc::make_mut(&mut s.endpoints);
+            let eps = &mut s.endpoints;
             if let Some(m) = eps.get_mut(&k) {
                 let ek: Vec<_> = m.keys().cloned().collect();
                 if ek.is_empty() {
@@ -164,7 +164,7 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
                 return;
             }
             let k = r.pick(&keys).clone();
-            let eps = Arc::make_mut(&mut s.endpoints);
+            let eps = &mut s.endpoints;
             if r.below(3) == 0 {
                 eps.remove(&k);
             } else if let Some(m) = eps.get_mut(&k) {
@@ -181,11 +181,11 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
                 return;
             }
             let k = r.pick(&keys).clone();
-            let svcs = Arc::make_mut(&mut s.services);
+            let svcs = &mut s.services;
             if let Some(v) = svcs.get_mut(&k) {
                 *v = Arc::new((**v).clone());
             }
-            if let Some(m) = Arc::make_mut(&mut s.endpoints).get_mut(&k) {
+            if let Some(m) = s.endpoints.get_mut(&k) {
                 *m = Arc::new((**m).clone());
             }
         }
@@ -197,7 +197,7 @@ fn mutate(r: &mut Rng, s: &mut Snapshot) {
             }
             let k = r.pick(&keys).clone();
             let vip = if r.below(3) == 0 { None } else { Some(ip(r)) };
-            if let Some(v) = Arc::make_mut(&mut s.services).get_mut(&k) {
+            if let Some(v) = s.services.get_mut(&k) {
                 Arc::make_mut(v).vip = vip;
             }
         }
@@ -277,11 +277,11 @@ fn many_changes_fall_back_to_a_full_build_and_agree() {
         let k = (Namespace::default(), name(&format!("m{i}")));
         svcs.insert(k.clone(), Arc::new(service(&mut r, &k)));
     }
-    s.services = Arc::new(svcs);
+    s.services = pier_model::Map::from(svcs);
     let mut up = ZoneUpdater::new(Arc::new(s.clone()), params());
     // One change: incremental.
     let k = (Namespace::default(), name("m3"));
-    Arc::make_mut(&mut s.services).insert(k.clone(), Arc::new(service(&mut r, &k)));
+    s.services.insert(k.clone(), Arc::new(service(&mut r, &k)));
     s.revision = 2;
     assert_eq!(
         up.update(Arc::new(s.clone())),
@@ -291,7 +291,7 @@ fn many_changes_fall_back_to_a_full_build_and_agree() {
     // Half of them: full.
     for i in 0..200 {
         let k = (Namespace::default(), name(&format!("m{i}")));
-        Arc::make_mut(&mut s.services).remove(&k);
+        s.services.remove(&k);
     }
     s.revision = 3;
     assert_eq!(up.update(Arc::new(s.clone())), UpdateKind::Full);
@@ -313,13 +313,13 @@ fn an_update_copies_only_the_shards_it_touches() {
         let k = (Namespace::default(), name(&format!("m{i}")));
         svcs.insert(k.clone(), Arc::new(service(&mut r, &k)));
     }
-    s.services = Arc::new(svcs);
+    s.services = pier_model::Map::from(svcs);
     let mut up = ZoneUpdater::new(Arc::new(s.clone()), params());
     let before = up.zone();
     let k = (Namespace::default(), name("m5"));
     let mut svc = service(&mut r, &k);
     svc.vip = Some("10.200.0.9".parse().expect("ip"));
-    Arc::make_mut(&mut s.services).insert(k, Arc::new(svc));
+    s.services.insert(k, Arc::new(svc));
     s.revision = 9;
     up.update(Arc::new(s.clone()));
     let after = up.zone();
@@ -395,8 +395,8 @@ fn pod_names_and_headless_answer_endpoint_vips() {
         m.insert((e.node.clone(), e.id.clone()), Arc::new(e));
     }
     let s = Snapshot {
-        services: Arc::new(BTreeMap::from([(k.clone(), Arc::new(svc))])),
-        endpoints: Arc::new(BTreeMap::from([(k, Arc::new(m))])),
+        services: pier_model::Map::from(BTreeMap::from([(k.clone(), Arc::new(svc))])),
+        endpoints: pier_model::Map::from(BTreeMap::from([(k, Arc::new(m))])),
         ..Snapshot::default()
     };
     let z = build(&s, params());
@@ -435,7 +435,7 @@ fn a_dual_stack_service_answers_aaaa_with_its_ipv6_vip() {
         .map(|s| ((s.namespace.clone(), s.name.clone()), Arc::new(s)))
         .collect::<BTreeMap<_, _>>();
     let s = Snapshot {
-        services: Arc::new(services),
+        services: pier_model::Map::from(services),
         ..Snapshot::default()
     };
     let z = build(&s, params());

@@ -5,59 +5,34 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use pier_model::{Namespace, ObjectKey, Snapshot};
+use pier_model::{DiffItem, Map, Namespace, ObjectKey, Snapshot};
 
 use crate::wire;
 
 use super::encode::{Pending, PtrList, build, encode_entry, ptr_ips, service_frag};
 use super::{FastHash, NameEntry, Zone, ZoneParams, reverse_name};
 
-/// The keys of the services whose `Arc<Service>` or endpoint map differ
-/// (by pointer) between two snapshots, sorted. Both maps are walked in key
-/// order together, so it costs one pass and no lookups when a map is shared.
+/// The keys of the services whose `Service` or endpoint map differ between
+/// two snapshots, sorted. The maps are persistent and share what did not
+/// change, and `Map::diff` skips the shared parts, so this costs in
+/// proportion to the change, not to the number of services.
 pub(super) fn changed_services(old: &Snapshot, new: &Snapshot) -> Vec<ObjectKey> {
-    fn diff<V>(
-        a: &std::collections::BTreeMap<ObjectKey, Arc<V>>,
-        b: &std::collections::BTreeMap<ObjectKey, Arc<V>>,
+    fn diff<V: PartialEq + Clone>(
+        a: &Map<ObjectKey, V>,
+        b: &Map<ObjectKey, V>,
         out: &mut Vec<ObjectKey>,
     ) {
-        let (mut ia, mut ib) = (a.iter().peekable(), b.iter().peekable());
-        loop {
-            match (ia.peek(), ib.peek()) {
-                (None, None) => return,
-                (Some((k, _)), None) => {
-                    out.push((*k).clone());
-                    ia.next();
-                }
-                (None, Some((k, _))) => {
-                    out.push((*k).clone());
-                    ib.next();
-                }
-                (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
-                    std::cmp::Ordering::Less => {
-                        out.push((*ka).clone());
-                        ia.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push((*kb).clone());
-                        ib.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(va, vb) {
-                            out.push((*ka).clone());
-                        }
-                        ia.next();
-                        ib.next();
-                    }
-                },
+        out.extend(a.diff(b).map(|d| match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                k.clone()
             }
-        }
+        }));
     }
     let mut out = Vec::new();
-    if !Arc::ptr_eq(&old.services, &new.services) {
+    if !old.services.ptr_eq(&new.services) {
         diff(&old.services, &new.services, &mut out);
     }
-    if !Arc::ptr_eq(&old.endpoints, &new.endpoints) {
+    if !old.endpoints.ptr_eq(&new.endpoints) {
         let mut eps = Vec::new();
         diff(&old.endpoints, &new.endpoints, &mut eps);
         // Endpoints of a service that exists in neither snapshot do not
@@ -84,8 +59,8 @@ pub enum UpdateKind {
 }
 
 /// Keeps the zone in step with the snapshot, rebuilding only the names of
-/// services whose `Arc<Service>` or endpoint map changed (the reflector
-/// changes them copy-on-write, so a pointer comparison finds them), and
+/// services whose `Service` or endpoint map changed (the snapshot's maps
+/// are persistent, so a diff skips what two snapshots share), and
 /// the PTR names at the addresses those services had or have. The zone it
 /// produces is equal, name by name and byte by byte, to what [`build`] makes
 /// from the same snapshot (a property test checks this); when more than a

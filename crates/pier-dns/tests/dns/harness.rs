@@ -137,8 +137,8 @@ pub fn snapshot(revision: i64, services: &[Service], endpoints: &[Endpoint]) -> 
     }
     Snapshot {
         revision,
-        services: Arc::new(svcs),
-        endpoints: Arc::new(eps.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
+        services: pier_model::Map::from(svcs),
+        endpoints: eps.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
         ..Snapshot::default()
     }
 }

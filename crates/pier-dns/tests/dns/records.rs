@@ -373,10 +373,10 @@ async fn incremental_update_moves_ptrs_with_the_vip_and_endpoints() -> Result<()
         pier_model::Name::new("web")?,
     );
     {
-        let svcs = std::sync::Arc::make_mut(&mut next.services);
+        let svcs = &mut next.services;
         let w = svcs.get_mut(&web).expect("web");
         std::sync::Arc::make_mut(w).vip = Some(ip("10.96.0.77"));
-        let eps = std::sync::Arc::make_mut(&mut next.endpoints);
+        let eps = &mut next.endpoints;
         let m = std::sync::Arc::make_mut(eps.get_mut(&web).expect("web endpoints"));
         for ep in m.values_mut() {
             if ep.id.as_str() == "aaaaaaaaaaa1" {

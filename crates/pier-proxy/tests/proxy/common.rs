@@ -84,8 +84,8 @@ pub fn snapshot(items: &[(&Service, &[Endpoint])]) -> Arc<Snapshot> {
         endpoints.insert(k, Arc::new(m));
     }
     Arc::new(Snapshot {
-        services: Arc::new(services),
-        endpoints: Arc::new(endpoints),
+        services: pier_model::Map::from(services),
+        endpoints: pier_model::Map::from(endpoints),
         ..Default::default()
     })
 }

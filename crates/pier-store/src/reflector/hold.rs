@@ -132,7 +132,7 @@ impl Holds {
     ) -> bool {
         self.saw(stale, now_ms);
         let mut changed = false;
-        if !Arc::ptr_eq(&prev.nodes, &next.nodes) {
+        if !prev.nodes.ptr_eq(&next.nodes) {
             let disrupted = self.disrupted(now_ms);
             for (name, node) in prev.nodes.iter() {
                 if next.nodes.contains_key(name) || self.held.contains_key(name) {
@@ -189,20 +189,18 @@ impl Holds {
         }
         for (name, h) in &self.held {
             if !v.nodes.contains_key(name) {
-                Arc::make_mut(&mut v.nodes).insert(name.clone(), h.node.clone());
+                v.nodes.insert(name.clone(), h.node.clone());
             }
             for (skey, ekey, ep) in &h.endpoints {
                 let has = v.endpoints.get(skey).is_some_and(|m| m.contains_key(ekey));
                 if !has {
-                    let map = Arc::make_mut(&mut v.endpoints)
-                        .entry(skey.clone())
-                        .or_default();
+                    let map = v.endpoints.entry(skey.clone()).or_default();
                     Arc::make_mut(map).insert(ekey.clone(), ep.clone());
                 }
             }
             for (pkey, st) in &h.statuses {
                 if !v.pod_statuses.contains_key(pkey) {
-                    Arc::make_mut(&mut v.pod_statuses).insert(pkey.clone(), st.clone());
+                    v.pod_statuses.insert(pkey.clone(), st.clone());
                 }
             }
         }

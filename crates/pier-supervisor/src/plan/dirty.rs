@@ -2,72 +2,60 @@
 //! controller plans only those; [`all_sets`] for a full pass.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
-use pier_model::{ObjectKey, Snapshot};
+use pier_model::{DiffItem, ObjectKey, Snapshot};
 
 /// Which replica sets a change from `old` to `new` may concern, with why.
-/// Nodes changing concerns every set (placement, node loss).
+/// Nodes changing concerns every set (placement, node loss). The
+/// snapshots' maps are persistent and share what did not change, and
+/// `Map::diff` skips the shared parts: this costs in proportion to the
+/// change (plus every set when nodes changed), not to all pods.
 pub fn dirty(old: &Snapshot, new: &Snapshot, out: &mut BTreeMap<ObjectKey, &'static str>) {
     let mut mark = |k: ObjectKey, why: &'static str| {
         out.entry(k).or_insert(why);
     };
-    if !Arc::ptr_eq(&old.nodes, &new.nodes) || !Arc::ptr_eq(&old.node_labels, &new.node_labels) {
+    if !old.nodes.ptr_eq(&new.nodes) || !old.node_labels.ptr_eq(&new.node_labels) {
         for k in all_sets(new) {
             mark(k, "nodes changed");
         }
     }
-    if !Arc::ptr_eq(&old.rollouts, &new.rollouts) {
-        for (k, v) in new.rollouts.iter() {
-            if old.rollouts.get(k).is_none_or(|o| !Arc::ptr_eq(o, v)) {
-                mark(k.clone(), "rollout changed");
+    for d in old.rollouts.diff(&new.rollouts) {
+        match d {
+            DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                mark(k.clone(), "rollout changed")
             }
+            DiffItem::Remove(..) => {}
         }
     }
-    if !Arc::ptr_eq(&old.replicasets, &new.replicasets) {
-        for (k, v) in new.replicasets.iter() {
-            if old.replicasets.get(k).is_none_or(|o| !Arc::ptr_eq(o, v)) {
-                mark(k.clone(), "replicaset changed");
+    for d in old.replicasets.diff(&new.replicasets) {
+        match d {
+            DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => {
+                mark(k.clone(), "replicaset changed")
             }
-        }
-        for k in old.replicasets.keys() {
-            if !new.replicasets.contains_key(k) {
-                mark(k.clone(), "replicaset deleted");
-            }
+            DiffItem::Remove(k, _) => mark(k.clone(), "replicaset deleted"),
         }
     }
-    if !Arc::ptr_eq(&old.pods, &new.pods) {
-        for (k, v) in new.pods.iter() {
-            if old.pods.get(k).is_none_or(|o| !Arc::ptr_eq(o, v)) {
-                mark((k.0.clone(), v.replicaset.clone()), "pod changed");
+    for d in old.pods.diff(&new.pods) {
+        match d {
+            DiffItem::Add(k, p) | DiffItem::Update { new: (k, p), .. } => {
+                mark((k.0.clone(), p.replicaset.clone()), "pod changed")
             }
-        }
-        for (k, v) in old.pods.iter() {
-            if !new.pods.contains_key(k) {
-                mark((k.0.clone(), v.replicaset.clone()), "pod deleted");
-            }
+            DiffItem::Remove(k, p) => mark((k.0.clone(), p.replicaset.clone()), "pod deleted"),
         }
     }
-    if !Arc::ptr_eq(&old.pod_statuses, &new.pod_statuses) {
-        let set_of = |k: &ObjectKey| {
-            new.pods
-                .get(k)
-                .or_else(|| old.pods.get(k))
-                .map(|p| (k.0.clone(), p.replicaset.clone()))
+    let set_of = |k: &ObjectKey| {
+        new.pods
+            .get(k)
+            .or_else(|| old.pods.get(k))
+            .map(|p| (k.0.clone(), p.replicaset.clone()))
+    };
+    for d in old.pod_statuses.diff(&new.pod_statuses) {
+        let (k, why) = match d {
+            DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } => (k, "pod status changed"),
+            DiffItem::Remove(k, _) => (k, "pod status deleted"),
         };
-        for (k, v) in new.pod_statuses.iter() {
-            if old.pod_statuses.get(k).is_none_or(|o| !Arc::ptr_eq(o, v))
-                && let Some(s) = set_of(k)
-            {
-                mark(s, "pod status changed");
-            }
-        }
-        for k in old.pod_statuses.keys() {
-            if !new.pod_statuses.contains_key(k)
-                && let Some(s) = set_of(k)
-            {
-                mark(s, "pod status deleted");
-            }
+        if let Some(s) = set_of(k) {
+            mark(s, why);
         }
     }
 }

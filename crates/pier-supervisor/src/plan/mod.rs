@@ -92,8 +92,7 @@ pub struct PlanInput<'a> {
     pub expired_nodes: &'a BTreeSet<Name>,
     /// Makes a fresh 5-character suffix; called until the name is unused.
     pub suffix: &'a mut (dyn FnMut() -> String + Send),
-    /// The snapshot's pods by set, built once per snapshot
-    /// ([`PodIndex::build`]); `None` scans every pod.
+    /// The snapshot's pods by set ([`PodIndex`]); `None` scans every pod.
     pub index: Option<&'a PodIndex>,
     /// Several sets planned on one snapshot share their nodes' usage: each
     /// plan places its pods on the usage the plans before it left, and
@@ -308,33 +307,87 @@ fn readiness(status: Option<&PodStatus>) -> Readiness {
 
 /// The pods of replica set `key` in the snapshot, by name (including those of
 /// a deleted set).
-/// The pods of each replica set, in the snapshot's key order. Finding a
-/// set's pods by scanning every pod made a full pass over S sets O(S × P):
-/// 4.9 s for 1,000 sets and 10,000 pods in a dev build (issue 17's
-/// simulator); with the index built once per snapshot it is O(P).
-#[derive(Debug, Default)]
+/// The pods of each replica set, in the snapshot's key order, and how many
+/// pods each node holds. Finding a set's pods by scanning every pod made a
+/// full pass over S sets O(S × P): 4.9 s for 1,000 sets and 10,000 pods in
+/// a dev build (issue 17's simulator). Built once ([`PodIndex::build`]) and
+/// then kept in step with each new snapshot ([`PodIndex::update`]) from the
+/// difference of the two snapshots' pods, which costs in proportion to the
+/// pods that changed, not to all pods.
+#[derive(Debug, Default, Clone)]
 pub struct PodIndex {
-    by_set: std::collections::HashMap<ObjectKey, Vec<Arc<Pod>>>,
+    by_set: std::collections::HashMap<ObjectKey, BTreeMap<Name, Arc<Pod>>>,
+    by_node: std::collections::HashMap<Name, usize>,
 }
 
 impl PodIndex {
     pub fn build(snap: &Snapshot) -> PodIndex {
-        let mut by_set: std::collections::HashMap<ObjectKey, Vec<Arc<Pod>>> =
-            std::collections::HashMap::new();
-        for ((ns, _), p) in snap.pods.iter() {
-            by_set
-                .entry((ns.clone(), p.replicaset.clone()))
-                .or_default()
-                .push(p.clone());
+        let mut ix = PodIndex::default();
+        ix.update(&pier_model::Map::new(), &snap.pods);
+        ix
+    }
+
+    /// Brings an index of `old` up to `new`.
+    pub fn update(
+        &mut self,
+        old: &pier_model::Map<ObjectKey, Arc<Pod>>,
+        new: &pier_model::Map<ObjectKey, Arc<Pod>>,
+    ) {
+        use pier_model::DiffItem;
+        for d in old.diff(new) {
+            match d {
+                DiffItem::Add(k, p) => self.insert(k, p),
+                DiffItem::Remove(k, p) => self.remove(k, p),
+                DiffItem::Update {
+                    old: (k, o),
+                    new: (_, p),
+                } => {
+                    self.remove(k, o);
+                    self.insert(k, p);
+                }
+            }
         }
-        PodIndex { by_set }
+    }
+
+    fn insert(&mut self, k: &ObjectKey, p: &Arc<Pod>) {
+        self.by_set
+            .entry((k.0.clone(), p.replicaset.clone()))
+            .or_default()
+            .insert(k.1.clone(), p.clone());
+        *self.by_node.entry(p.node.clone()).or_default() += 1;
+    }
+
+    fn remove(&mut self, k: &ObjectKey, p: &Arc<Pod>) {
+        let set = (k.0.clone(), p.replicaset.clone());
+        if let Some(m) = self.by_set.get_mut(&set) {
+            m.remove(&k.1);
+            if m.is_empty() {
+                self.by_set.remove(&set);
+            }
+        }
+        if let Some(n) = self.by_node.get_mut(&p.node) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_node.remove(&p.node);
+            }
+        }
     }
 
     pub fn pods_of(&self, key: &ObjectKey) -> Vec<&Arc<Pod>> {
         self.by_set
             .get(key)
-            .map(|v| v.iter().collect())
+            .map(|m| m.values().collect())
             .unwrap_or_default()
+    }
+
+    /// Every set that has pods (a deleted set's pods included).
+    pub fn sets(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.by_set.keys()
+    }
+
+    /// Every node that holds pods.
+    pub fn nodes(&self) -> impl Iterator<Item = &Name> {
+        self.by_node.keys()
     }
 }
 

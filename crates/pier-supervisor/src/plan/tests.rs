@@ -81,7 +81,7 @@ struct World {
 
 impl World {
     fn node(mut self, nd: Node) -> Self {
-        Arc::make_mut(&mut self.snap.nodes).insert(nd.name.clone(), Arc::new(nd));
+        self.snap.nodes.insert(nd.name.clone(), Arc::new(nd));
         self
     }
     fn nodes(mut self, names: &[&str]) -> Self {
@@ -91,18 +91,20 @@ impl World {
         self
     }
     fn rs(mut self, r: ReplicaSet) -> Self {
-        Arc::make_mut(&mut self.snap.replicasets)
+        self.snap
+            .replicasets
             .insert((r.namespace.clone(), r.name.clone()), Arc::new(r));
         self
     }
     fn pod(mut self, p: Pod) -> Self {
-        Arc::make_mut(&mut self.snap.pods)
+        self.snap
+            .pods
             .insert((p.namespace.clone(), p.name.clone()), Arc::new(p));
         self
     }
     fn status(mut self, s: PodStatus) -> Self {
         let k = (s.namespace.clone(), s.name.clone().unwrap());
-        Arc::make_mut(&mut self.snap.pod_statuses).insert(k, Arc::new(s));
+        self.snap.pod_statuses.insert(k, Arc::new(s));
         self
     }
 }
@@ -538,7 +540,7 @@ fn dirty_marks_only_the_sets_a_change_concerns() {
 
     // An unrelated change (endpoints) concerns none.
     let mut new = old.clone();
-    Arc::make_mut(&mut new.endpoints).clear();
+    new.endpoints.clear();
     new.revision += 1;
     let mut d = BTreeMap::new();
     dirty(&old, &new, &mut d);
@@ -552,10 +554,67 @@ fn dirty_marks_only_the_sets_a_change_concerns() {
 
     // A deleted pod concerns its set.
     let mut new = old.clone();
-    Arc::make_mut(&mut new.pods).remove(&(ns(), n("other-1")));
+    new.pods.remove(&(ns(), n("other-1")));
     let mut d = BTreeMap::new();
     dirty(&old, &new, &mut d);
     assert_eq!(d, BTreeMap::from([((ns(), n("other")), "pod deleted")]));
+}
+
+#[test]
+fn pod_index_kept_in_step_equals_one_built_afresh() {
+    let (web, other) = (rs("web", 2), rs("other", 2));
+    let mut snap = World::default()
+        .nodes(&["a", "b"])
+        .rs(web.clone())
+        .rs(other.clone())
+        .snap;
+    let mut ix = PodIndex::build(&snap);
+    let same = |ix: &PodIndex, snap: &Snapshot| {
+        let fresh = PodIndex::build(snap);
+        for set in ["web", "other", "gone"] {
+            let k = (ns(), n(set));
+            assert_eq!(ix.pods_of(&k), fresh.pods_of(&k), "{set}");
+            assert_eq!(ix.pods_of(&k), pods_of(snap, &k), "{set}");
+        }
+        let nodes = |ix: &PodIndex| ix.nodes().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(nodes(ix), nodes(&fresh));
+        let sets = |ix: &PodIndex| ix.sets().cloned().collect::<BTreeSet<_>>();
+        assert_eq!(sets(ix), sets(&fresh));
+    };
+    // Adds, a move to another node (an update), deletes, a set emptied.
+    type Step<'a> = Box<dyn Fn(&mut Snapshot) + 'a>;
+    let steps: Vec<Step<'_>> = vec![
+        Box::new(|s| {
+            for (set, name, node) in [
+                (&web, "web-1", "a"),
+                (&web, "web-2", "b"),
+                (&other, "other-1", "a"),
+            ] {
+                s.pods
+                    .insert((ns(), n(name)), Arc::new(pod(set, name, node, 1)));
+            }
+        }),
+        Box::new(|s| {
+            s.pods
+                .insert((ns(), n("web-2")), Arc::new(pod(&web, "web-2", "a", 2)));
+            s.pods.insert(
+                (ns(), n("gone-1")),
+                Arc::new(pod(&rs("gone", 1), "gone-1", "b", 1)),
+            );
+        }),
+        Box::new(|s| {
+            s.pods.remove(&(ns(), n("web-1")));
+            s.pods.remove(&(ns(), n("other-1")));
+        }),
+        Box::new(|s| s.pods = pier_model::Map::new()),
+    ];
+    for step in steps {
+        let old = snap.clone();
+        step(&mut snap);
+        ix.update(&old.pods, &snap.pods);
+        same(&ix, &snap);
+    }
+    assert_eq!(ix.nodes().count(), 0);
 }
 
 // ---- placement across nodes and sets ----
@@ -614,7 +673,7 @@ fn labels_set_through_the_api_overlay_the_nodes_own() {
         ]
         .into(),
     };
-    Arc::make_mut(&mut w.snap.node_labels).insert(n("b"), Arc::new(overlay));
+    w.snap.node_labels.insert(n("b"), Arc::new(overlay));
     let mut web = rs("web", 2);
     web.placement.constraints = vec![constraint("node.labels.zone==y")];
     let w = w.rs(web);
@@ -811,7 +870,7 @@ fn complete_at(rev: u64) -> Rollout {
 
 impl World {
     fn rollout(mut self, r: Rollout) -> Self {
-        Arc::make_mut(&mut self.snap.rollouts).insert((ns(), n("web")), Arc::new(r));
+        self.snap.rollouts.insert((ns(), n("web")), Arc::new(r));
         self
     }
     /// `count` ready pods `web-<prefix><i>` on node a, started long ago.
@@ -1337,7 +1396,7 @@ fn plan_one_by_one(snap: &Snapshot, names: &[&str], expired: &[&str]) -> Vec<Pla
             usage: None,
         };
         let p = plan(&snap, &(ns(), n(name)), &mut input);
-        let pods = Arc::make_mut(&mut snap.pods);
+        let pods = &mut snap.pods;
         for a in &p.actions {
             match a {
                 Action::Create(pod) => {
@@ -1470,7 +1529,7 @@ fn many_sets_losing_a_node_replace_as_one_by_one() {
         }
         w = w.rs(r);
     }
-    Arc::make_mut(&mut w.snap.nodes).remove(&n("f"));
+    w.snap.nodes.remove(&n("f"));
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let together = plan_batch(&w.snap, &names, &["f"]);
     assert_eq!(together, plan_one_by_one(&w.snap, &names, &["f"]));

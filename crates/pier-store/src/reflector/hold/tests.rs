@@ -162,5 +162,5 @@ fn the_view_shares_the_stores_maps_when_nothing_is_held() {
     let h = Holds::new(policy());
     let s = snap(&[("a", "10.0.0.1")]);
     let v = h.view(&s);
-    assert!(Arc::ptr_eq(&v.endpoints, &s.endpoints) && Arc::ptr_eq(&v.nodes, &s.nodes));
+    assert!(v.endpoints.ptr_eq(&s.endpoints) && v.nodes.ptr_eq(&s.nodes));
 }
