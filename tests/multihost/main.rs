@@ -27,7 +27,9 @@
 //!   requests (DNS name, VIP, mesh) to a pod on host 2 while host 2's agent
 //!   is upgraded (SIGHUP to its keeper), its worker is killed with SIGKILL,
 //!   and then the same on host 1: no failed request on an upgrade, at most
-//!   the one in flight through a killed worker.
+//!   the one in flight through a killed worker; then each host's keeper is
+//!   killed (`kill -9`) and the agent started again: its worker serves on
+//!   as an orphan and is adopted, with no failed request.
 //!
 //! - `oauth_example_across_three_hosts` (in `oauth.rs`): the article's
 //!   OAuth example, `examples/oauth/compose.yaml`, placed, blocked, cut,
@@ -953,7 +955,7 @@ fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
 #[test]
 fn upgrade_and_crash_across_hosts() -> Result<()> {
     use pier_tests::load::children;
-    let c = Cluster::start(4, 2)?;
+    let mut c = Cluster::start(4, 2)?;
     c.run_pod(2, "web-h2", "web", POD_PORT)?;
     c.run_client(1)?;
     eventually(Duration::from_secs(30), "h1 sees web on h2", || {
@@ -992,6 +994,72 @@ fn upgrade_and_crash_across_hosts() -> Result<()> {
             Ok((now.len() == 1 && now != before).then_some(()))
         })
         .with_context(|| c.logs())?;
+    }
+    // `kill -9` of each keeper in turn: its worker serves on (an orphan)
+    // and the agent started again adopts it. Not one request fails, while
+    // orphaned nor during the adoption.
+    for host in [2, 1] {
+        let keeper = c.agents[host - 1];
+        let orphan = children(keeper);
+        ensure!(orphan.len() == 1, "h{host}'s keeper has workers {orphan:?}");
+        c.topo.host_mut(host).note_orphans(&orphan);
+        let got = std::thread::scope(|s| {
+            let load = s.spawn(|| c.requests(1, &fqdn("web"), 80));
+            std::thread::sleep(Duration::from_secs(1));
+            run_ok(
+                std::process::Command::new("kill")
+                    .arg("-KILL")
+                    .arg(keeper.to_string()),
+            )?;
+            load.join().expect("load thread")
+        })?;
+        c.kill_agent(host)?; // reaps it
+        let failed = got.len() - count(&got, "web-h2");
+        eprintln!(
+            "h{host} keeper KILL: {} requests, {failed} failed",
+            got.len()
+        );
+        ensure!(
+            got.len() == 80 && failed == 0,
+            "h{host} keeper killed: {failed} of {} failed: {got:?}{}",
+            got.len(),
+            c.logs()
+        );
+        c.restart_agent(host)?;
+        let got = c.requests(1, &fqdn("web"), 80)?;
+        let failed = got.len() - count(&got, "web-h2");
+        eprintln!("h{host} adoption: {} requests, {failed} failed", got.len());
+        ensure!(
+            got.len() == 80 && failed == 0,
+            "h{host} adoption: {failed} of {} failed: {got:?}{}",
+            got.len(),
+            c.logs()
+        );
+        let keeper = c.agents[host - 1];
+        eventually(
+            Duration::from_secs(30),
+            "the orphan adopted and gone",
+            || {
+                let now = children(keeper);
+                // Gone, or a zombie nobody has reaped yet.
+                let gone = std::fs::read_to_string(format!("/proc/{}/stat", orphan[0]))
+                    .map(|st| {
+                        st.rsplit_once(')')
+                            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                    })
+                    .unwrap_or(true);
+                Ok((now.len() == 1 && gone).then_some(()))
+            },
+        )
+        .with_context(|| c.logs())?;
+        ensure!(
+            c.topo
+                .host(host)
+                .agent_log()
+                .contains("adopting the orphaned worker"),
+            "h{host}: no adoption in the log{}",
+            c.logs()
+        );
     }
     Ok(())
 }
