@@ -72,6 +72,11 @@ pub struct AgentArgs {
     pub insecure_no_auth: bool,
 }
 
+/// Where an orphaned worker of an agent on `data_dir` waits for a keeper.
+pub(crate) fn adoption_socket(data_dir: &std::path::Path) -> PathBuf {
+    orphan::socket_path(data_dir)
+}
+
 /// Exit code for bad config (EX_USAGE), before anything is bound.
 const EXIT_CONFIG: i32 = 64;
 

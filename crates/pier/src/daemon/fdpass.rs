@@ -14,6 +14,11 @@
 //! `tcp` may be `udp`. `READY`: the worker serves (DNS, the proxy's
 //! listeners for the synced snapshot, the mesh, the API). `RELEASED`: a
 //! worker told to hand off has stopped writing to the store and closed it.
+//!
+//! The same messages run over an adoption connection
+//! ([`super::orphan`]): an orphaned worker sends a `HOLD` for every
+//! listening socket it serves on, then `READY`, and from then on the
+//! connection is its keeper's socket.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;

@@ -118,7 +118,12 @@ pub(crate) fn ports(cfg: &Config) -> Vec<Check> {
         } else {
             problems.dedup();
             let pier_running = holders.iter().find(|h| h.starts_with("pier "));
+            let orphan = crate::daemon::adoption_socket(&cfg.network.data_dir);
             let fix = match pier_running {
+                Some(h) if orphan_listens(&orphan) => format!(
+                    "an orphaned pier agent worker serves from this data dir ({h}; its keeper is gone, it waits on {}): start `pier agent` with this config to adopt it without closing a port, or stop it with `kill -TERM` and its pid",
+                    orphan.display()
+                ),
                 Some(h) => format!(
                     "a pier agent already runs ({h}): stop it first (`systemctl stop pier`, or kill its pid) {instead}"
                 ),
@@ -232,6 +237,25 @@ pub(crate) fn parse_v6(hex: &str) -> Option<IpAddr> {
 }
 
 /// "NAME (pid N)" of the process holding the socket with this inode.
+/// Some process listens on the unix socket at `path` (an orphaned
+/// worker's adoption socket), from /proc/net/unix; nothing is connected.
+fn orphan_listens(path: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/net/unix")
+        .is_ok_and(|t| unix_listening(&t, &path.to_string_lossy()))
+}
+
+/// Whether /proc/net/unix's `text` has a listening socket bound to `path`.
+pub(crate) fn unix_listening(text: &str, path: &str) -> bool {
+    // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is
+    // __SO_ACCEPTCON (listening).
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x0001_0000 != 0)
+    })
+}
+
 pub(crate) fn holder(inode: u64) -> Option<String> {
     let want = format!("socket:[{inode}]");
     for p in std::fs::read_dir("/proc").ok()?.flatten() {

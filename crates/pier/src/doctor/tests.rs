@@ -64,3 +64,15 @@ pier0\t0A00D50A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
     let c: Cidr = "172.31.0.0/16".parse().unwrap();
     assert!(conflicting_routes(&c, "pier0", &routes).is_empty());
 }
+
+#[test]
+fn an_orphans_adoption_socket_is_found_listening() {
+    let text = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+0000000000000000: 00000002 00000000 00010000 0005 01 81234 /var/lib/pier/adopt.sock\n\
+0000000000000000: 00000002 00000000 00000000 0005 03 81235 /var/lib/other/adopt.sock\n\
+0000000000000000: 00000003 00000000 00000000 0001 03 81236\n";
+    assert!(unix_listening(text, "/var/lib/pier/adopt.sock"));
+    // Connected, not listening; and no such path.
+    assert!(!unix_listening(text, "/var/lib/other/adopt.sock"));
+    assert!(!unix_listening(text, "/var/lib/none/adopt.sock"));
+}
