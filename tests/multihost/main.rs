@@ -812,7 +812,8 @@ fn ready_pods(c: &Cluster, i: usize, rs: &str) -> Result<Vec<(String, String)>> 
 /// `pier run` on a 3-host cluster spreads the pods over the hosts; when a
 /// host is cut off, its pod is replaced on the others and the service keeps
 /// answering; after the heal, the cut host removes its orphaned container
-/// by itself and the set stays at its count.
+/// by itself, and the set, left crowded on two hosts, is spread over the
+/// three again at its count.
 #[test]
 fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
     let c = Cluster::start(3, 3)?;
@@ -908,15 +909,39 @@ fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
         || Ok(orphan_gone(&c)?.then_some(())),
     )
     .with_context(|| c.logs())?;
-    eventually(Duration::from_secs(30), "h3 back, set still at 3", || {
-        let nodes = c.nodes(1)?;
-        let p = ready_pods(&c, 1, "web")?;
-        Ok((nodes.get("h3") == Some(&true) && p.len() == 3).then_some(()))
-    })
+    // And the set, crowded on two hosts, is spread again over the three
+    // (an extra pod on h3, then one removed from the crowded host), back
+    // at exactly 3 pods.
+    let healed_at = Instant::now();
+    let spread = eventually(
+        Duration::from_secs(30),
+        "h3 back, the set re-spread over the 3 hosts",
+        || {
+            let nodes = c.nodes(1)?;
+            let p = ready_pods(&c, 1, "web")?;
+            let all = c.cli_json(1, &["get", "pods"])?;
+            let web = all.iter().filter(|p| p["replicaset"] == "web").count();
+            let mut on: Vec<&str> = p.iter().map(|x| x.1.as_str()).collect();
+            on.sort();
+            Ok(
+                (nodes.get("h3") == Some(&true) && web == 3 && on == ["h1", "h2", "h3"])
+                    .then_some(p),
+            )
+        },
+    )
     .with_context(|| c.logs())?;
-    let pods = c.cli_json(1, &["get", "pods"])?;
-    let web = pods.iter().filter(|p| p["replicaset"] == "web").count();
-    ensure!(web == 3, "the set must hold exactly 3 pods: {pods:?}");
+    eprintln!(
+        "re-spread {:.1} s after the heal: {spread:?}",
+        healed_at.elapsed().as_secs_f64()
+    );
+    let log = (1..=3)
+        .map(|i| c.topo.host(i).agent_log())
+        .collect::<Vec<_>>()
+        .join("\n");
+    ensure!(
+        log.contains("re-spreading: an extra pod"),
+        "the leader did not log the re-spread"
+    );
 
     // A set that cannot run (its image is on no host): whichever host leads
     // the supervisor, every host's `describe` shows the problem.

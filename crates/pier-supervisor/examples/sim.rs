@@ -1092,6 +1092,7 @@ fn supervisor_pass(a: &Args) -> Result<()> {
             suffix: &mut suffix,
             index: index.as_ref(),
             usage: Some(&mut usage),
+            respread: Default::default(),
         };
         let p = plan(&snap, k, &mut input);
         actions += p.actions.len();

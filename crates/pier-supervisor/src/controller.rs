@@ -51,6 +51,11 @@ const TXNS_IN_FLIGHT: usize = 2;
 /// once, then 1 s, 2 s, … up to 30 s between rounds, until a new pod runs.
 const FAILED_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Backoff of re-spreading after an extra pod that failed or was not
+/// ready in time (its node cannot run it): 30 s, doubling up to 10 min,
+/// until a re-spread settles.
+const RESPREAD_BACKOFF_MIN: Duration = Duration::from_secs(30);
+const RESPREAD_BACKOFF_MAX: Duration = Duration::from_secs(600);
 
 /// Why the leader loop stopped.
 enum Stop {
@@ -176,6 +181,22 @@ struct SetState {
     /// next one goes alone, so a set that keeps conflicting holds no other
     /// back.
     alone: bool,
+    /// The extra pod of a re-spread under way ([`plan::Respread`]).
+    surge: Option<Name>,
+    /// Re-spreads in a row that failed, and when the next may start.
+    respread_failures: u32,
+    respread_after: Option<Instant>,
+}
+
+impl SetState {
+    /// Ends the Failed-pod backoff (a re-spread under way is kept).
+    fn reset_failures(&mut self) {
+        self.failures = 0;
+        self.next_failed_replace = None;
+        self.probation.clear();
+        self.last_failure = None;
+        self.template_hash = None;
+    }
 }
 
 struct Leader<'a> {
@@ -212,6 +233,11 @@ fn random_suffix() -> String {
 
 fn key_str(k: &ObjectKey) -> String {
     format!("{}/{}", k.0, k.1)
+}
+
+fn respread_backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    (RESPREAD_BACKOFF_MIN * 2u32.pow(exp)).min(RESPREAD_BACKOFF_MAX)
 }
 
 fn failed_backoff(failures: u32) -> Duration {
@@ -486,7 +512,7 @@ impl<'a> Leader<'a> {
                 failures = st.failures,
                 "a new pod runs; failure backoff reset"
             );
-            *st = SetState::default();
+            st.reset_failures();
         }
         let hash = snap.replicasets.get(key).map(|rs| rs.template.hash());
         if st.failures > 0 && hash.is_some() && st.template_hash != hash {
@@ -494,7 +520,7 @@ impl<'a> Leader<'a> {
                 failures = st.failures,
                 "template changed; failure backoff reset"
             );
-            *st = SetState::default();
+            st.reset_failures();
         }
         st.probation
             .retain(|n| snap.pods.contains_key(&(key.0.clone(), n.clone())));
@@ -508,6 +534,10 @@ impl<'a> Leader<'a> {
                 suffix: &mut suffix,
                 index: Some(index),
                 usage: Some(usage),
+                respread: plan::Respread {
+                    allowed: st.respread_after.is_none_or(|t| now >= t),
+                    surge: st.surge.clone(),
+                },
             };
             plan::plan(snap, key, &mut input)
         };
@@ -550,6 +580,30 @@ impl<'a> Leader<'a> {
         }
         if st.failures > 0 {
             st.probation.extend(plan.creates().map(|p| p.name.clone()));
+        }
+        match &plan.respread {
+            Some(plan::RespreadStep::Started {
+                pod,
+                from,
+                from_count,
+                to,
+                to_count,
+            }) => {
+                tracing::info!(%pod, %from, from_count, %to, to_count, "re-spreading: an extra pod on the least loaded node; one goes from the most crowded once it is ready");
+                st.surge = Some(pod.clone());
+            }
+            Some(plan::RespreadStep::Settled) => {
+                st.surge = None;
+                st.respread_failures = 0;
+            }
+            Some(plan::RespreadStep::Failed { pod, why }) => {
+                st.surge = None;
+                st.respread_failures += 1;
+                let wait = respread_backoff(st.respread_failures);
+                st.respread_after = Some(now + wait);
+                tracing::warn!(%pod, why, next_in = ?wait, "re-spreading failed: the extra pod goes; trying again later");
+            }
+            None => {}
         }
         let mut requeue: Option<Instant> = None;
         if !plan.failed_waiting.is_empty()
@@ -741,7 +795,7 @@ impl<'a> Leader<'a> {
                         let rs = key_str(&w.key);
                         match &r {
                             Ok(Some(_)) => {
-                                log_written(&rs, &w.actions);
+                                log_written(&rs, &w.actions, &self.current);
                                 if let Some(st) = self.sets.get_mut(&w.key) {
                                     st.alone = false;
                                 }
@@ -813,14 +867,21 @@ struct Job {
     txns: Vec<Txn>,
 }
 
-fn log_written(rs: &str, actions: &[Action]) {
+/// Logs a set's written actions; a deleted pod with its status as the
+/// plan saw it (why a surplus pod was chosen can be read back).
+fn log_written(rs: &str, actions: &[Action], snap: &Snapshot) {
     for a in actions {
         match a {
             Action::Create(p) => {
                 tracing::info!(%rs, pod = %p.name, node = %p.node, "pod created")
             }
             Action::Delete { pod, node, reason } => {
-                tracing::info!(%rs, pod = %pod.1, node = %node, %reason, "pod deleted")
+                let status = match snap.pod_statuses.get(pod) {
+                    None => "none".to_owned(),
+                    Some(s) if s.ready => format!("{:?}, ready", s.phase),
+                    Some(s) => format!("{:?}, not ready", s.phase),
+                };
+                tracing::info!(%rs, pod = %pod.1, node = %node, %reason, status, "pod deleted")
             }
         }
     }

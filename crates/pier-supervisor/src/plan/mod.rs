@@ -14,6 +14,13 @@
 //! `failure_action` is taken. The record of all this is
 //! `rollouts/<ns>/<rs>` ([`Rollout`]), returned in [`Plan::rollout`].
 //!
+//! **Re-spreading.** A set left crowded on one node (its pods replaced
+//! while a node was away, a scale down, a node back from a cut) is moved
+//! back toward an even spread one pod at a time, without going below its
+//! count of ready pods: an extra pod on the least loaded node that can
+//! take one, then the surplus rule removes one from the most crowded node
+//! once the extra pod is ready (`respread_start`, `respread_surge`).
+//!
 //! `schedule` picks the node for a new pod, and `dirty`
 //! says which sets a snapshot change concerns.
 
@@ -99,6 +106,43 @@ pub struct PlanInput<'a> {
     /// leaves its own deletes and creates in it ([`SharedUsage`]). `None`:
     /// this plan alone, on the snapshot's usage.
     pub usage: Option<&'a mut SharedUsage>,
+    /// The set's re-spread as the controller remembers it ([`Respread`]).
+    pub respread: Respread,
+}
+
+/// What the controller remembers of a set's re-spread (the plan is
+/// level-triggered, but which pod is a re-spread's extra one is not in
+/// the snapshot). A leader that takes over without it treats the extra pod
+/// as an ordinary surplus one, and may start the move again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Respread {
+    /// A re-spread may start now (false within the backoff after one that
+    /// failed, and in plans that must not start one).
+    pub allowed: bool,
+    /// The extra pod a re-spread created and that has not settled yet.
+    pub surge: Option<Name>,
+}
+
+/// What a plan did about re-spreading ([`Plan::respread`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RespreadStep {
+    /// An extra pod was created on `to`, the least loaded node that can
+    /// take one, because `from` holds `from_count` of the set's pods and
+    /// `to` only `to_count` (at least 2 fewer). Once it is ready, the
+    /// surplus rule removes one pod from the most crowded node.
+    Started {
+        pod: Name,
+        from: Name,
+        from_count: u32,
+        to: Name,
+        to_count: u32,
+    },
+    /// The extra pod is ready (its surplus pod is removed in this plan or
+    /// the next), or it is gone.
+    Settled,
+    /// The extra pod failed, or was not ready `ready_timeout_ms` after it
+    /// was created: it goes as surplus, and re-spreading backs off.
+    Failed { pod: Name, why: String },
 }
 
 impl std::fmt::Debug for PlanInput<'_> {
@@ -108,6 +152,7 @@ impl std::fmt::Debug for PlanInput<'_> {
             .field("replace_failed", &self.replace_failed)
             .field("expired_nodes", &self.expired_nodes)
             .field("usage", &self.usage.is_some())
+            .field("respread", &self.respread)
             .finish()
     }
 }
@@ -256,6 +301,8 @@ pub struct Plan {
     /// Unix ms when a rollout deadline, monitor or delay ends: plan again
     /// then.
     pub wake_at_ms: Option<u64>,
+    /// A re-spread started, settled or failed in this plan.
+    pub respread: Option<RespreadStep>,
 }
 
 impl Plan {
@@ -728,6 +775,7 @@ fn plan_on(
     }
 
     let want = rs.replicas.get() as usize;
+    let surge_waiting = respread_surge(&mut out, &pods, &active, rs, &input.respread, now);
     // Least ready first, then newest first, then by name.
     let by_deletion_order = |a: &&Active<'_>, b: &&Active<'_>| {
         a.readiness
@@ -743,8 +791,14 @@ fn plan_on(
     let mut in_place: Vec<&Arc<Pod>> = Vec::new();
     if !active_rollout || old.is_empty() {
         if active.len() > want {
-            let v: Vec<&Active<'_>> = active.iter().collect();
-            for a in surplus(&v, active.len() - want) {
+            // A re-spread's extra pod still starting is kept out of the
+            // surplus (and counts as one of it) until it is ready or late.
+            let v: Vec<&Active<'_>> = active
+                .iter()
+                .filter(|a| surge_waiting.is_none_or(|s| a.pod.name != *s))
+                .collect();
+            let k = active.len() - want - usize::from(surge_waiting.is_some());
+            for a in surplus(&v, k) {
                 out.delete(a.pod, DeleteReason::Surplus);
             }
         } else {
@@ -885,11 +939,129 @@ fn plan_on(
             }
         }
     }
+    if !active_rollout
+        && out.actions.is_empty()
+        && out.unscheduled == 0
+        && surge_waiting.is_none()
+        && input.respread.allowed
+        && !matches!(out.respread, Some(RespreadStep::Failed { .. }))
+        && active.len() == want
+        && active.iter().all(|a| a.readiness == Readiness::Ready)
+    {
+        respread_start(&mut out, snap, rs, &active, view, target, now, input);
+    }
     if old_rec != Some(&rec) {
         out.rollout = Some(RolloutWrite::Put(rec.clone()));
     }
     out.rollout_state = Some(rec);
     out
+}
+
+/// Where the re-spread's extra pod stands: records [`RespreadStep::Settled`]
+/// or [`RespreadStep::Failed`] in `out`, and returns its name while it is
+/// still starting within its deadline (the surplus waits for it).
+fn respread_surge<'n>(
+    out: &mut Plan,
+    pods: &[&Arc<Pod>],
+    active: &[Active<'_>],
+    rs: &ReplicaSet,
+    respread: &'n Respread,
+    now: u64,
+) -> Option<&'n Name> {
+    let name = respread.surge.as_ref()?;
+    if !pods.iter().any(|p| p.name == *name) {
+        out.respread = Some(RespreadStep::Settled);
+        return None;
+    }
+    let timeout = rs.update_config.ready_timeout_ms;
+    let why = match active.iter().find(|a| a.pod.name == *name) {
+        Some(a) if a.readiness == Readiness::Ready => {
+            out.respread = Some(RespreadStep::Settled);
+            return None;
+        }
+        Some(a) if a.readiness == Readiness::Failed => "it failed".to_owned(),
+        Some(a) => {
+            let deadline = a.pod.created_at.saturating_add(timeout);
+            if now < deadline {
+                out.wake(deadline);
+                return Some(name);
+            }
+            format!("it was not ready {}s after it was created", timeout / 1000)
+        }
+        // Deleted by this plan: failed, or its node lost.
+        None => "it failed or its node was lost".to_owned(),
+    };
+    out.respread = Some(RespreadStep::Failed {
+        pod: name.clone(),
+        why,
+    });
+    None
+}
+
+/// The re-spread's trigger (Kubernetes' topology spread with a maxSkew of
+/// 1, by node, among the nodes that can take a pod): a set that asks to be
+/// spread (`spread`, without `spread_by`), at its count, every pod ready,
+/// no rollout under way, nothing else to do, whose most crowded node holds
+/// at least 2 more of its pods than the node the scheduler would pick for
+/// one more (which passes every placement rule: selector, constraints,
+/// anti-affinity both ways, capacity, `max_per_node`, not held). Then one
+/// extra pod is created there; when it is ready, the surplus rule takes
+/// one from the most crowded node, so the set never has fewer ready pods
+/// than its count. Each move lowers the sum of the squares of the pods per
+/// node by at least 2, so moves cannot loop; one that fails backs off (the
+/// controller).
+#[allow(clippy::too_many_arguments)]
+fn respread_start(
+    out: &mut Plan,
+    snap: &Snapshot,
+    rs: &ReplicaSet,
+    active: &[Active<'_>],
+    view: &mut UsageView<'_>,
+    target: &PodTemplate,
+    now: u64,
+    input: &mut PlanInput<'_>,
+) {
+    if !rs.placement.spread || rs.placement.spread_by.is_some() || active.len() < 2 {
+        return;
+    }
+    let mut on_node: BTreeMap<&Name, u32> = BTreeMap::new();
+    for a in active {
+        *on_node.entry(&a.pod.node).or_default() += 1;
+    }
+    // The most crowded node; the first by name among equals.
+    let Some((from, from_count)) = on_node
+        .iter()
+        .map(|(n, c)| (*n, *c))
+        .reduce(|a, b| if b.1 > a.1 { b } else { a })
+    else {
+        return;
+    };
+    let Ok(to) = schedule(snap, rs, view.get(snap, &out.actions)) else {
+        return;
+    };
+    let to_count = on_node.get(&to).copied().unwrap_or(0);
+    if from_count < to_count + 2 {
+        return;
+    }
+    let key = (rs.namespace.clone(), rs.name.clone());
+    let name = pod_name(snap, &key.0, &key.1, &BTreeSet::new(), input.suffix);
+    out.actions.push(Action::Create(Box::new(Pod {
+        name: name.clone(),
+        namespace: key.0,
+        replicaset: key.1,
+        node: to.clone(),
+        template_hash: target.hash(),
+        template: target.clone(),
+        created_at: now,
+    })));
+    out.wake(now.saturating_add(rs.update_config.ready_timeout_ms));
+    out.respread = Some(RespreadStep::Started {
+        pod: name,
+        from: from.clone(),
+        from_count,
+        to,
+        to_count,
+    });
 }
 
 /// A fresh pod name `<rs>-<suffix>` that no pod in the namespace has.

@@ -74,7 +74,7 @@ fn status(name: &str, phase: PodPhase, ready: bool, msg: &str) -> PodStatus {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct World {
     snap: Snapshot,
 }
@@ -123,6 +123,7 @@ fn run_plan(snap: &Snapshot, name: &str, replace_failed: bool, expired: &[&str])
         suffix: &mut suffix,
         index: None,
         usage: None,
+        respread: Default::default(),
     };
     let scanned = plan(snap, &(ns(), n(name)), &mut input);
     // The same plan with the index (the controller's way).
@@ -139,6 +140,7 @@ fn run_plan(snap: &Snapshot, name: &str, replace_failed: bool, expired: &[&str])
         suffix: &mut suffix,
         index: Some(&ix),
         usage: None,
+        respread: Default::default(),
     };
     let indexed = plan(snap, &(ns(), n(name)), &mut input);
     assert_eq!(format!("{scanned:?}"), format!("{indexed:?}"));
@@ -902,6 +904,7 @@ fn run_at(snap: &Snapshot, now: u64, replace_failed: bool) -> Plan {
         suffix: &mut suffix,
         index: None,
         usage: None,
+        respread: Default::default(),
     };
     plan(snap, &(ns(), n("web")), &mut input)
 }
@@ -1373,6 +1376,7 @@ fn plan_batch(snap: &Snapshot, names: &[&str], expired: &[&str]) -> Vec<Plan> {
                 suffix: &mut suffix,
                 index: Some(&ix),
                 usage: Some(&mut usage),
+                respread: Default::default(),
             };
             plan(snap, &(ns(), n(name)), &mut input)
         })
@@ -1394,6 +1398,7 @@ fn plan_one_by_one(snap: &Snapshot, names: &[&str], expired: &[&str]) -> Vec<Pla
             suffix: &mut suffix,
             index: None,
             usage: None,
+            respread: Default::default(),
         };
         let p = plan(&snap, &(ns(), n(name)), &mut input);
         let pods = &mut snap.pods;
@@ -1552,4 +1557,385 @@ fn many_sets_losing_a_node_replace_as_one_by_one() {
         all,
         BTreeMap::from([("a".into(), 5), ("c".into(), 5), ("e".into(), 5)])
     );
+}
+
+// Re-spreading (`respread_start`, `respread_surge`).
+
+/// `web`'s rollout record, complete on its current template (no rollout
+/// under way).
+fn settled(r: &ReplicaSet) -> Rollout {
+    Rollout {
+        revision: r.revision,
+        hash: r.template.hash(),
+        target: r.revision,
+        state: RolloutState::Complete,
+        ..Default::default()
+    }
+}
+
+/// `web` with `count` ready pods `web-<node><i>` on each (node, count).
+fn spread_world(r: &ReplicaSet, nodes: &[&str], pods: &[(&str, usize)]) -> World {
+    let mut w = World::default()
+        .nodes(nodes)
+        .rs(r.clone())
+        .rollout(settled(r));
+    for (nd, count) in pods {
+        for i in 0..*count {
+            let name = format!("web-{nd}{i}");
+            w = w
+                .pod(pod(r, &name, nd, 1))
+                .status(started(&name, PodPhase::Running, true, 1));
+        }
+    }
+    w
+}
+
+fn run_respread(snap: &Snapshot, now: u64, respread: Respread) -> Plan {
+    let expired = BTreeSet::new();
+    let mut i = 0u32;
+    let mut suffix = move || {
+        i += 1;
+        format!("s{i:04}")
+    };
+    let mut input = PlanInput {
+        now_ms: now,
+        replace_failed: true,
+        expired_nodes: &expired,
+        suffix: &mut suffix,
+        index: None,
+        usage: None,
+        respread,
+    };
+    plan(snap, &(ns(), n("web")), &mut input)
+}
+
+fn allowed() -> Respread {
+    Respread {
+        allowed: true,
+        surge: None,
+    }
+}
+
+fn surge(name: &str) -> Respread {
+    Respread {
+        allowed: true,
+        surge: Some(n(name)),
+    }
+}
+
+/// The trigger: a node holding at least 2 more of the set than the node
+/// the scheduler would pick starts one extra pod there, and deletes
+/// nothing yet.
+#[test]
+fn respread_starts_an_extra_pod_where_a_node_holds_two_more() {
+    let web = rs("web", 3);
+    // 2 on a, 1 on b, none on c: an extra pod on c.
+    let w = spread_world(&web, &["a", "b", "c"], &[("a", 2), ("b", 1)]);
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert_eq!(per_node(&p), BTreeMap::from([("c".into(), 1)]));
+    assert!(deleted(&p).is_empty());
+    assert_eq!(
+        p.respread,
+        Some(RespreadStep::Started {
+            pod: n("web-s0001"),
+            from: n("a"),
+            from_count: 2,
+            to: n("c"),
+            to_count: 0,
+        })
+    );
+    // Plan again at its ready deadline.
+    assert_eq!(
+        p.wake_at_ms,
+        Some(10_000 + UpdateConfig::default().ready_timeout_ms)
+    );
+
+    // Every pod on one node of two: the same.
+    let web2 = rs("web", 2);
+    let w = spread_world(&web2, &["a", "b"], &[("a", 2)]);
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 1)]));
+
+    // Skew 1 is spread enough: 2, 1 on two nodes; 2, 2, 1 on three.
+    for (nodes, pods, replicas) in [
+        (&["a", "b"][..], &[("a", 2), ("b", 1)][..], 3),
+        (&["a", "b", "c"][..], &[("a", 2), ("b", 2), ("c", 1)][..], 5),
+        (&["a", "b", "c"][..], &[("a", 1), ("b", 1), ("c", 1)][..], 3),
+        (&["a"][..], &[("a", 3)][..], 3),
+    ] {
+        let r = rs("web", replicas);
+        let w = spread_world(&r, nodes, pods);
+        let p = run_respread(&w.snap, 10_000, allowed());
+        assert_eq!((p.actions.len(), &p.respread), (0, &None), "{pods:?}");
+    }
+}
+
+/// It starts only on a settled set: not while a rollout is under way, a
+/// pod is not ready, another action is due, the controller holds it back
+/// (backoff), or the set does not ask to be spread by node.
+#[test]
+fn respread_waits_for_a_settled_set_that_asks_for_it() {
+    let web = rs("web", 3);
+    let crowded = spread_world(&web, &["a", "b", "c"], &[("a", 3)]);
+    let p = run_respread(&crowded.snap, 10_000, allowed());
+    assert_eq!(p.creates().count(), 1, "the baseline starts one");
+
+    // The controller's backoff.
+    let p = run_respread(&crowded.snap, 10_000, Respread::default());
+    assert!(p.actions.is_empty());
+
+    // A rollout under way (no record: the set's first one, progressing).
+    let mut w = crowded.clone();
+    w.snap.rollouts.clear();
+    let p = run_respread(&w.snap, 2_000, allowed());
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.respread, None);
+
+    // A pod not ready.
+    let w = crowded
+        .clone()
+        .status(started("web-a0", PodPhase::Running, false, 1));
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+
+    // One pod short: the missing one is placed (on b, by the spread); no
+    // extra pod.
+    let w = crowded.clone().rs(rs("web", 4));
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert_eq!(p.creates().count(), 1);
+    assert_eq!(p.respread, None);
+
+    // spread off, or by a label.
+    for f in [
+        (|pl: &mut Placement| pl.spread = false) as fn(&mut Placement),
+        |pl| pl.spread_by = Some("zone".into()),
+    ] {
+        let mut r = rs("web", 3);
+        f(&mut r.placement);
+        let w = spread_world(&r, &["a", "b", "c"], &[("a", 3)]);
+        let p = run_respread(&w.snap, 10_000, allowed());
+        assert!(p.actions.is_empty());
+    }
+}
+
+/// The extra pod goes only where a new pod may go: a node that fails the
+/// selector, `max_per_node`, anti-affinity, capacity or is held takes
+/// none, so a set kept crowded by its own rules is left alone (no loop).
+#[test]
+fn respread_respects_every_placement_rule() {
+    let crowded = |r: &ReplicaSet| {
+        let mut w = World::default()
+            .node(node("a", &[("disk", "ssd")], Resources::default()))
+            .node(node("b", &[], Resources::default()))
+            .rs(r.clone())
+            .rollout(settled(r));
+        for i in 0..3 {
+            let name = format!("web-a{i}");
+            w = w
+                .pod(pod(r, &name, "a", 1))
+                .status(started(&name, PodPhase::Running, true, 1));
+        }
+        w
+    };
+    // Selector: b lacks disk=ssd.
+    let mut r = rs("web", 3);
+    r.placement.node_selector = [("disk".to_string(), "ssd".to_string())].into();
+    let p = run_respread(&crowded(&r).snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+    // Constraint.
+    let mut r = rs("web", 3);
+    r.placement.constraints = vec![constraint("node.hostname==a")];
+    let p = run_respread(&crowded(&r).snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+    // Anti-affinity with a set on b.
+    let mut r = rs("web", 3);
+    r.placement.anti_affinity = vec![n("db")];
+    let db = rs("db", 1);
+    let w = crowded(&r).rs(db.clone()).pod(pod(&db, "db-b0000", "b", 1));
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+    // b full.
+    let r = rs("web", 3);
+    let other = rs("other", 1);
+    let w = crowded(&r)
+        .node(node(
+            "b",
+            &[],
+            Resources {
+                pods: 1,
+                ..Default::default()
+            },
+        ))
+        .rs(other.clone())
+        .pod(pod(&other, "other-b0000", "b", 1));
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+    // b held after a store stall.
+    let mut w = crowded(&rs("web", 3));
+    Arc::make_mut(&mut w.snap.held_nodes).insert(n("b"), 99_999);
+    let p = run_respread(&w.snap, 10_000, allowed());
+    assert!(p.actions.is_empty());
+    // And with room on b, it moves.
+    let p = run_respread(&crowded(&rs("web", 3)).snap, 10_000, allowed());
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 1)]));
+}
+
+/// While the extra pod starts, nothing is deleted (the set keeps its count
+/// of ready pods); once it is ready, the surplus rule takes one from the
+/// most crowded node; if it is not ready by its deadline, or fails, it is
+/// the one that goes, and the step says so (the controller backs off).
+#[test]
+fn respread_removes_a_pod_only_once_the_extra_one_is_ready() {
+    let web = rs("web", 3);
+    let deadline = 10_000 + UpdateConfig::default().ready_timeout_ms;
+    let base = spread_world(&web, &["a", "b", "c"], &[("a", 2), ("b", 1)]).pod(pod(
+        &web,
+        "web-extra",
+        "c",
+        10_000,
+    ));
+
+    // Starting: no delete, no new extra pod, a wake at its deadline.
+    for st in [
+        None,
+        Some(started("web-extra", PodPhase::Pending, false, 10_000)),
+        Some(started("web-extra", PodPhase::Running, false, 10_100)),
+    ] {
+        let mut w = base.clone();
+        if let Some(st) = st {
+            w = w.status(st);
+        }
+        let p = run_respread(&w.snap, 12_000, surge("web-extra"));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
+        assert_eq!(p.respread, None);
+        assert_eq!(p.wake_at_ms, Some(deadline));
+    }
+
+    // Ready: one goes from a, the most crowded node.
+    let ready = base
+        .clone()
+        .status(started("web-extra", PodPhase::Running, true, 10_100));
+    let p = run_respread(&ready.snap, 12_000, surge("web-extra"));
+    assert_eq!(deleted(&p), vec![("web-a1".into(), DeleteReason::Surplus)]);
+    assert_eq!(p.respread, Some(RespreadStep::Settled));
+
+    // A leader without the memory of it: the same once ready.
+    let p = run_respread(&ready.snap, 12_000, allowed());
+    assert_eq!(deleted(&p), vec![("web-a1".into(), DeleteReason::Surplus)]);
+
+    // Not ready by its deadline: it goes.
+    let late = base
+        .clone()
+        .status(started("web-extra", PodPhase::Running, false, 10_100));
+    let p = run_respread(&late.snap, deadline, surge("web-extra"));
+    assert_eq!(
+        deleted(&p),
+        vec![("web-extra".into(), DeleteReason::Surplus)]
+    );
+    assert!(matches!(p.respread, Some(RespreadStep::Failed { .. })));
+    assert_eq!(p.creates().count(), 0, "no new extra pod in the same plan");
+
+    // Failed: it goes, and is not replaced (it was the extra one).
+    let failed = base.clone().status(status(
+        "web-extra",
+        PodPhase::Failed,
+        false,
+        "container exited with code 1",
+    ));
+    let p = run_respread(&failed.snap, 12_000, surge("web-extra"));
+    assert_eq!(
+        deleted(&p),
+        vec![("web-extra".into(), DeleteReason::Failed)]
+    );
+    assert_eq!(p.creates().count(), 0);
+    assert!(matches!(p.respread, Some(RespreadStep::Failed { .. })));
+
+    // Gone (deleted by hand, or its create never landed): settled.
+    let gone = spread_world(&web, &["a", "b", "c"], &[("a", 1), ("b", 1), ("c", 1)]);
+    let p = run_respread(&gone.snap, 12_000, surge("web-extra"));
+    assert_eq!(p.respread, Some(RespreadStep::Settled));
+    assert!(p.actions.is_empty());
+
+    // A scale down meanwhile (3 -> 2): the extra pod still waits, one other
+    // goes at once.
+    let w = base.clone().rs(rs("web", 2));
+    let p = run_respread(&w.snap, 12_000, surge("web-extra"));
+    assert_eq!(deleted(&p), vec![("web-a1".into(), DeleteReason::Surplus)]);
+}
+
+/// Played out (each plan's writes applied, new pods ready at once), a set
+/// crowded on one node ends spread within a few moves, never has fewer
+/// ready pods than its count, and then stays put: no move undoes another.
+#[test]
+fn respread_converges_and_never_goes_below_the_count() {
+    for (nodes, replicas, max_per_node, moves) in [
+        (&["a", "b", "c"][..], 6u32, None, 4usize),
+        (&["a", "b", "c"][..], 3, None, 2),
+        (&["a", "b", "c", "d"][..], 5, None, 3),
+        (&["a", "b"][..], 4, Some(3), 2),
+    ] {
+        let mut r = rs("web", replicas);
+        r.placement.max_per_node = max_per_node;
+        let mut w = spread_world(&r, nodes, &[("a", replicas as usize)]);
+        let mut surge_name: Option<Name> = None;
+        let mut started_moves = 0;
+        let mut now = 10_000;
+        for round in 0..50 {
+            let p = run_respread(
+                &w.snap,
+                now,
+                Respread {
+                    allowed: true,
+                    surge: surge_name.clone(),
+                },
+            );
+            match &p.respread {
+                Some(RespreadStep::Started { pod, .. }) => {
+                    started_moves += 1;
+                    surge_name = Some(pod.clone());
+                }
+                Some(RespreadStep::Settled) => surge_name = None,
+                Some(RespreadStep::Failed { .. }) => panic!("round {round}: failed"),
+                None => {}
+            }
+            if p.actions.is_empty() {
+                break;
+            }
+            for a in &p.actions {
+                match a {
+                    Action::Create(pd) => {
+                        let nm = pd.name.to_string();
+                        w = w.pod((**pd).clone()).status(started(
+                            &nm,
+                            PodPhase::Running,
+                            true,
+                            now,
+                        ));
+                    }
+                    Action::Delete { pod, .. } => {
+                        w.snap.pods.remove(pod);
+                        w.snap.pod_statuses.remove(pod);
+                    }
+                }
+            }
+            let ready = w.snap.pods.len();
+            assert!(ready >= replicas as usize, "round {round}: {ready} pods");
+            now += 1_000;
+        }
+        let mut on: BTreeMap<String, usize> = BTreeMap::new();
+        for p in w.snap.pods.values() {
+            *on.entry(p.node.to_string()).or_default() += 1;
+        }
+        let (max, min) = (
+            on.values().copied().max().unwrap(),
+            nodes
+                .iter()
+                .map(|nd| on.get(*nd).copied().unwrap_or(0))
+                .min()
+                .unwrap(),
+        );
+        assert_eq!(w.snap.pods.len(), replicas as usize, "{on:?}");
+        assert!(max - min <= 1, "{nodes:?} {replicas}: {on:?}");
+        assert_eq!(started_moves, moves, "{nodes:?} {replicas}: {on:?}");
+    }
 }
