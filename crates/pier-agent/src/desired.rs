@@ -549,7 +549,7 @@ pub(crate) fn pods(v: &PodView<'_>, ready: impl Fn(&Ready) -> bool) -> PodPlan {
             } else {
                 st.phase = PodPhase::Failed;
                 st.message = if c.error.is_empty() {
-                    format!("container exited with code {}", c.exit_code.unwrap_or(-1))
+                    PodStatus::exited_message(c.exit_code.unwrap_or(-1))
                 } else {
                     format!("container failed: {}", c.error)
                 };

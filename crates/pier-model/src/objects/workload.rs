@@ -332,3 +332,31 @@ pub struct PodStatus {
     #[serde(default)]
     pub message: String,
 }
+
+impl PodStatus {
+    /// The message of a pod whose container exited with `code` (the node's
+    /// agent writes it; [`PodStatus::exit_code`] reads it back).
+    pub fn exited_message(code: i64) -> String {
+        format!("container exited with code {code}")
+    }
+
+    /// The exit code of a Failed pod whose container exited by itself or was
+    /// stopped ([`PodStatus::exited_message`]).
+    pub fn exit_code(&self) -> Option<i64> {
+        if self.phase != PodPhase::Failed {
+            return None;
+        }
+        self.message
+            .strip_prefix("container exited with code ")?
+            .parse()
+            .ok()
+    }
+
+    /// Its container was stopped by SIGTERM (exit 143): its node stopped it
+    /// (a dockerd stop or restart stops every container so, as does `docker
+    /// stop`), not its template; a process does not send itself SIGTERM,
+    /// and the kernel's OOM killer sends SIGKILL (137), which still counts.
+    pub fn stopped_by_its_node(&self) -> bool {
+        self.exit_code() == Some(143)
+    }
+}

@@ -633,7 +633,11 @@ fn plan_on(
         let r = readiness(status);
         if r == Readiness::Failed {
             let msg = status.map(|s| s.message.clone()).unwrap_or_default();
-            if new && active_rollout && first_failure.is_none() {
+            // A new pod its node stopped (a dockerd restart) is replaced,
+            // but it is not a failure of the template the rollout is
+            // judging.
+            let counts = new && active_rollout && !status.is_some_and(|s| s.stopped_by_its_node());
+            if counts && first_failure.is_none() {
                 first_failure = Some(format!(
                     "pod {} failed: {}",
                     p.name,
@@ -647,7 +651,7 @@ fn plan_on(
             if input.replace_failed {
                 out.delete(p, DeleteReason::Failed);
                 out.failed_replaced.push((p.name.clone(), msg));
-                if new && active_rollout {
+                if counts {
                     rec.failures += 1;
                 }
             } else {
@@ -658,7 +662,7 @@ fn plan_on(
                     new,
                     done: false,
                 });
-                if new && active_rollout {
+                if counts {
                     failing += 1;
                 }
             }

@@ -1939,3 +1939,55 @@ fn respread_converges_and_never_goes_below_the_count() {
         assert_eq!(started_moves, moves, "{nodes:?} {replicas}: {on:?}");
     }
 }
+
+/// A new pod its node stopped (exit 143: a dockerd restart stops every
+/// container with SIGTERM) is replaced, but is no failure of the template:
+/// the rollout goes on. The same pod exiting with 1, or killed by SIGKILL
+/// (137: the OOM killer), still pauses it.
+#[test]
+fn a_new_pod_stopped_by_its_node_is_no_rollout_failure() {
+    let web = rs_v2(3, UpdateConfig::default());
+    let v2 = web.template.clone();
+    let rec = Rollout {
+        revision: 2,
+        hash: tpl("web:v2").hash(),
+        target: 2,
+        from: Some(1),
+        steps: 1,
+        ..Default::default()
+    };
+    let world = |code: i64| {
+        World::default()
+            .nodes(&["a"])
+            .rs(web.clone())
+            .rollout(rec.clone())
+            .ready_pods(&web, &tpl("web:v1"), "old", 2)
+            .pod(pod_of(&web, &v2, "web-new0", "a", NOW))
+            .status(status(
+                "web-new0",
+                PodPhase::Failed,
+                false,
+                &PodStatus::exited_message(code),
+            ))
+    };
+    // Replaced at once (the backoff allows), not counted.
+    let p = run_at(&world(143).snap, NOW + 50, true);
+    assert_eq!(deleted_names(&p, DeleteReason::Failed), vec!["web-new0"]);
+    assert_eq!(p.creates().count(), 1);
+    assert_eq!(p.failed_replaced.len(), 1);
+    assert!(
+        p.rollout.is_none(),
+        "the record is unchanged: {:?}",
+        p.rollout
+    );
+    // Kept while the backoff runs, not counted either.
+    let p = run_at(&world(143).snap, NOW + 50, false);
+    assert!(p.rollout.is_none(), "{:?}", p.rollout);
+    // Exit 1 and 137 are the template's: paused.
+    for code in [1, 137] {
+        let p = run_at(&world(code).snap, NOW + 50, false);
+        assert_eq!(written(&p).state, RolloutState::Paused, "exit {code}");
+        let p = run_at(&world(code).snap, NOW + 50, true);
+        assert_eq!(written(&p).failures, 1, "exit {code}");
+    }
+}
