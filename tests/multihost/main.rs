@@ -813,10 +813,10 @@ fn ready_pods(c: &Cluster, i: usize, rs: &str) -> Result<Vec<(String, String)>> 
 /// host is cut off, its pod is replaced on the others and the service keeps
 /// answering; after the heal, the cut host removes its orphaned container
 /// by itself, and the set, left crowded on two hosts, is spread over the
-/// three again at its count.
+/// three again at its count; a host whose dockerd is down gets no new pod.
 #[test]
 fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
-    let c = Cluster::start(3, 3)?;
+    let mut c = Cluster::start(3, 3)?;
     c.run_client(1)?;
     c.cli(
         1,
@@ -942,6 +942,74 @@ fn replicas_spread_and_move_off_a_cut_host() -> Result<()> {
         log.contains("re-spreading: an extra pod"),
         "the leader did not log the re-spread"
     );
+
+    // h2's dockerd stops: its agent says so in its node record, `describe
+    // node` shows it, and no new pod goes there (a scale up to 5 places
+    // every new pod on h1 or h3); a pod still pending there (its pod,
+    // stopped by dockerd's shutdown, was replaced on h2 before the agent
+    // saw dockerd go) is replaced elsewhere after the grace; h2 takes pods
+    // again when dockerd is back.
+    c.topo.host_mut(2).stop_dockerd();
+    let stopped = (|| -> Result<()> {
+        let out = eventually(
+            Duration::from_secs(20),
+            "h2 shown without its dockerd",
+            || {
+                let out = c.cli(1, &["describe", "node", "h2"])?;
+                Ok(out.contains("dockerd unreachable").then_some(out))
+            },
+        )?;
+        eprintln!("h1: pier describe node h2\n{out}");
+        let before: std::collections::BTreeSet<String> = c
+            .cli_json(1, &["get", "pods"])?
+            .iter()
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect();
+        c.cli(1, &["scale", "rs", "web", "--replicas", "5"])?;
+        let placed = eventually(Duration::from_secs(30), "5 pods of web", || {
+            let all = c.cli_json(1, &["get", "pods"])?;
+            let web: Vec<(String, String)> = all
+                .iter()
+                .filter(|p| p["replicaset"] == "web")
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or_default().to_owned(),
+                        p["node"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect();
+            Ok((web.len() == 5).then_some(web))
+        })?;
+        let on_h2: Vec<_> = placed
+            .iter()
+            .filter(|(name, node)| node == "h2" && !before.contains(name))
+            .collect();
+        ensure!(
+            on_h2.is_empty(),
+            "new pods placed on h2 while its dockerd is down: {on_h2:?} (all: {placed:?})"
+        );
+        let secs = pier_model::Node::RUNTIME_DOWN_GRACE_MS / 1000 + 20;
+        let ready = eventually(
+            Duration::from_secs(secs),
+            "5 ready pods of web, none on h2",
+            || {
+                let p = ready_pods(&c, 1, "web")?;
+                let all = c.cli_json(1, &["get", "pods"])?;
+                let web = all.iter().filter(|p| p["replicaset"] == "web").count();
+                Ok((web == 5 && p.len() == 5 && p.iter().all(|x| x.1 != "h2")).then_some(p))
+            },
+        )?;
+        eprintln!("h2's dockerd down: {ready:?}");
+        Ok(())
+    })();
+    c.topo.host_mut(2).start_dockerd()?;
+    stopped.with_context(|| c.logs())?;
+    eventually(Duration::from_secs(20), "h2 back with its dockerd", || {
+        let out = c.cli(1, &["describe", "node", "h2"])?;
+        Ok((!out.contains("dockerd unreachable")).then_some(()))
+    })
+    .with_context(|| c.logs())?;
+    c.cli(1, &["scale", "rs", "web", "--replicas", "3"])?;
 
     // A set that cannot run (its image is on no host): whichever host leads
     // the supervisor, every host's `describe` shows the problem.

@@ -210,6 +210,7 @@ async fn main() -> Result<()> {
             version: "bench".into(),
             started_at: 0,
             refused: Vec::new(),
+            runtime_down_since: None,
         },
         store: store.clone(),
         lease: keeper.subscribe(),

@@ -186,6 +186,7 @@ pub(crate) fn collect(kind: Resource, s: &Snapshot, f: &Filter) -> BTreeMap<Stri
                     started_at: n.started_at,
                     pods: pods.get(name).copied().unwrap_or(0),
                     refused: n.refused.clone(),
+                    runtime_down_since: n.runtime_down_since,
                 };
                 out.insert(name.to_string(), to_value(&v));
             }

@@ -746,6 +746,7 @@ async fn nodes_are_listed_with_their_pods() {
         version: "0.1.0".into(),
         started_at: 5,
         refused: Vec::new(),
+        runtime_down_since: None,
     };
     h.store
         .put(&keys::node(&node.name), encode(&node), None)

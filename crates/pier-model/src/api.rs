@@ -123,6 +123,10 @@ pub struct NodeView {
     /// Containers the node's agent refused to let join a service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<crate::Refusal>,
+    /// Unix ms since when the node's agent cannot reach its dockerd (no
+    /// new pod is placed there meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_down_since: Option<u64>,
 }
 
 /// A replica set with its observed state.

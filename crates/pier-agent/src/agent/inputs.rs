@@ -9,12 +9,18 @@ impl Agent {
             DockerMsg::Up(d) => {
                 info!("connected to dockerd");
                 self.docker = Some(d);
+                // Schedulable again (the node record is written by the
+                // next reconcile).
+                self.node.runtime_down_since = None;
                 self.pod_waiting.clear();
                 self.resync_docker(true);
             }
             DockerMsg::Down(why) => {
                 warn!(error = %why, "dockerd connection lost; keeping registrations until it is back");
                 self.docker = None;
+                // The supervisor places nothing here meanwhile, and moves
+                // this node's pending pods after a grace.
+                self.node.runtime_down_since.get_or_insert_with(now_ms);
             }
             DockerMsg::Event(ev) => self.on_event(*ev).await,
         }

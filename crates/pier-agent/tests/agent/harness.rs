@@ -239,6 +239,7 @@ pub fn node(name: &str) -> Node {
         version: "test".into(),
         started_at: 0,
         refused: Vec::new(),
+        runtime_down_since: None,
     }
 }
 

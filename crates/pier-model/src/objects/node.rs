@@ -50,11 +50,23 @@ pub struct Node {
     /// an older version still read the record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Refusal>,
+    /// Unix milliseconds since when the agent cannot reach its dockerd
+    /// (`None`: connected). The supervisor places no new pod here while it
+    /// is set, and replaces this node's pods that are still pending after
+    /// a grace. Left out when `None`, so that agents of an older version
+    /// still read the record while dockerd is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_down_since: Option<u64>,
 }
 
 impl Node {
     /// The most refusals a node record carries; the agent's log has all.
     pub const MAX_REFUSED: usize = 64;
+    /// How long a pod may stay pending on a node whose agent cannot reach
+    /// its dockerd ([`Node::runtime_down_since`]) before the supervisor
+    /// replaces it elsewhere: longer than a dockerd restart (a few
+    /// seconds), so a restart moves nothing.
+    pub const RUNTIME_DOWN_GRACE_MS: u64 = 10_000;
 }
 
 /// A container the agent did not let join a service, and why.

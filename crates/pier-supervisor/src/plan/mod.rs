@@ -57,7 +57,13 @@ pub enum DeleteReason {
     Rollout,
     /// A new pod of a rollout that was not ready by its deadline.
     NotReady,
+    /// Still pending on a node that has not reached its dockerd for
+    /// [`RUNTIME_DOWN_GRACE_MS`]; a replacement is created in the same plan.
+    RuntimeDown,
 }
+
+/// [`pier_model::Node::RUNTIME_DOWN_GRACE_MS`].
+pub const RUNTIME_DOWN_GRACE_MS: u64 = pier_model::Node::RUNTIME_DOWN_GRACE_MS;
 
 impl std::fmt::Display for DeleteReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +74,7 @@ impl std::fmt::Display for DeleteReason {
             DeleteReason::Orphan => "replica set deleted",
             DeleteReason::Rollout => "replaced by rollout",
             DeleteReason::NotReady => "not ready by the rollout's deadline",
+            DeleteReason::RuntimeDown => "pending on a node that cannot reach its dockerd",
         })
     }
 }
@@ -612,6 +619,7 @@ fn plan_on(
     let mut failing: u32 = 0;
     let mut first_failure: Option<String> = None;
     let mut timed_out: Vec<&Arc<Pod>> = Vec::new();
+    let mut runtime_wake: Option<u64> = None;
     for p in pods.iter().copied() {
         let pk = (p.namespace.clone(), p.name.clone());
         let status = snap.pod_statuses.get(&pk).map(|s| &**s);
@@ -631,6 +639,18 @@ fn plan_on(
             continue;
         }
         let r = readiness(status);
+        // Pending on a node whose dockerd is away: it may never start
+        // there; after the grace it is replaced (no new pod goes there).
+        if r == Readiness::Pending
+            && let Some(since) = snap.nodes.get(&p.node).and_then(|n| n.runtime_down_since)
+        {
+            let at = since.saturating_add(RUNTIME_DOWN_GRACE_MS);
+            if now >= at {
+                out.delete(p, DeleteReason::RuntimeDown);
+                continue;
+            }
+            runtime_wake = Some(runtime_wake.map_or(at, |w: u64| w.min(at)));
+        }
         if r == Readiness::Failed {
             let msg = status.map(|s| s.message.clone()).unwrap_or_default();
             // A new pod its node stopped (a dockerd restart) is replaced,
@@ -776,6 +796,9 @@ fn plan_on(
     let active_rollout = !rec.state.is_final();
     if !active_rollout {
         out.wake_at_ms = None;
+    }
+    if let Some(at) = runtime_wake {
+        out.wake(at);
     }
 
     let want = rs.replicas.get() as usize;

@@ -95,6 +95,8 @@ pub(crate) enum Rejection {
     /// Lost to a store stall and not registered again (the reflector's
     /// hold): it may be dead, so nothing new goes there until it is back.
     Held,
+    /// Its agent cannot reach its dockerd (`Node::runtime_down_since`).
+    RuntimeDown,
     Selector,
     /// The constraint at this index fails.
     Constraint(usize),
@@ -122,6 +124,9 @@ pub(crate) fn check(
 ) -> Result<(), Rejection> {
     if snap.held_nodes.contains_key(name) {
         return Err(Rejection::Held);
+    }
+    if node.runtime_down_since.is_some() {
+        return Err(Rejection::RuntimeDown);
     }
     let pl = &rs.placement;
     if !pl
@@ -172,7 +177,7 @@ pub(crate) fn check(
 }
 
 /// Picks a node for one more pod of `rs`: filter (in the snapshot, so its
-/// lease is alive; selector; constraints; anti-affinity both ways;
+/// lease is alive; not held; its dockerd reachable; selector; constraints; anti-affinity both ways;
 /// affinity; capacity; `max_per_node`), then score (when spreading: fewest
 /// pods of this set among the nodes with the same `spread_by` label value,
 /// then on the node; then fewest pods in total, then name). The error says
@@ -239,6 +244,7 @@ pub fn schedule(snap: &Snapshot, rs: &ReplicaSet, usage: &Usage) -> Result<Name,
             Rejection::Held => {
                 "lost their lease in a store stall and have not registered again".into()
             }
+            Rejection::RuntimeDown => "cannot reach their dockerd".into(),
             Rejection::Selector => {
                 let sel: Vec<String> = rs
                     .placement

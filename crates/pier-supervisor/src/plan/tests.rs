@@ -26,6 +26,7 @@ fn node(name: &str, labels: &[(&str, &str)], cap: Resources) -> Node {
         version: String::new(),
         started_at: 0,
         refused: Vec::new(),
+        runtime_down_since: None,
     }
 }
 
@@ -1990,4 +1991,74 @@ fn a_new_pod_stopped_by_its_node_is_no_rollout_failure() {
         let p = run_at(&world(code).snap, NOW + 50, true);
         assert_eq!(written(&p).failures, 1, "exit {code}");
     }
+}
+
+/// A node whose agent cannot reach its dockerd takes no new pod (the
+/// problem says why), and its pods still pending there are replaced on
+/// another node after `RUNTIME_DOWN_GRACE_MS`; running ones (dockerd's
+/// live-restore keeps them) stay.
+#[test]
+fn a_node_without_its_dockerd_takes_no_pod_and_its_pending_ones_move() {
+    let down = |name: &str, since: u64| Node {
+        runtime_down_since: Some(since),
+        ..node(name, &[], Resources::default())
+    };
+    // New pods: only on b.
+    let web = rs("web", 2);
+    let w = World::default()
+        .node(down("a", 500))
+        .nodes(&["b"])
+        .rs(web.clone());
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 2)]));
+    // Only a: nothing placed, and the problem names the rule.
+    let w = World::default().node(down("a", 500)).rs(web.clone());
+    let p = run_plan(&w.snap, "web", true, &[]);
+    assert_eq!(p.unscheduled, 2);
+    let why = p.unschedulable.unwrap_or_default();
+    assert!(why.contains("cannot reach their dockerd"), "{why}");
+
+    // A pod pending on a (no status, or Pending), one running there, one
+    // ready on b.
+    let since = 20_000;
+    let web = rs("web", 4);
+    let w = World::default()
+        .node(down("a", since))
+        .nodes(&["b"])
+        .rs(web.clone())
+        .rollout(settled(&web))
+        .pod(pod(&web, "web-a-new", "a", 1))
+        .pod(pod(&web, "web-a-pend", "a", 1))
+        .status(status("web-a-pend", PodPhase::Pending, false, "creating"))
+        .pod(pod(&web, "web-a-run", "a", 1))
+        .status(started("web-a-run", PodPhase::Running, true, 1))
+        .pod(pod(&web, "web-b", "b", 1))
+        .status(started("web-b", PodPhase::Running, true, 1));
+    // Within the grace: kept, and planned again when it ends.
+    let p = run_respread(
+        &w.snap,
+        since + RUNTIME_DOWN_GRACE_MS - 1,
+        Respread::default(),
+    );
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.wake_at_ms, Some(since + RUNTIME_DOWN_GRACE_MS));
+    // After it: the two pending ones go, and their replacements go to b.
+    let p = run_respread(&w.snap, since + RUNTIME_DOWN_GRACE_MS, Respread::default());
+    let mut d = deleted(&p);
+    d.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        d,
+        vec![
+            ("web-a-new".into(), DeleteReason::RuntimeDown),
+            ("web-a-pend".into(), DeleteReason::RuntimeDown),
+        ]
+    );
+    assert_eq!(per_node(&p), BTreeMap::from([("b".into(), 2)]));
+
+    // The node record without the field reads as before; with it, back.
+    let rec = node("a", &[], Resources::default());
+    let json = serde_json::to_string(&rec).unwrap();
+    assert!(!json.contains("runtime_down_since"), "{json}");
+    let back: Node = serde_json::from_str(&serde_json::to_string(&down("a", 7)).unwrap()).unwrap();
+    assert_eq!(back.runtime_down_since, Some(7));
 }

@@ -135,6 +135,7 @@ impl Cluster {
             version: "test".into(),
             started_at: 0,
             refused: Vec::new(),
+            runtime_down_since: None,
         };
         self.store
             .put(&keys::node(&node.name), encode(&node), Some(lease))

@@ -61,6 +61,16 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
             );
             line("Version", n.version.clone());
             line("Age", age(n.started_at));
+            if let Some(since) = n.runtime_down_since {
+                line(
+                    "Runtime",
+                    format!(
+                        "dockerd unreachable for {}; no new pod is placed here, and pods still pending here move after {}s",
+                        age(since),
+                        pier_model::Node::RUNTIME_DOWN_GRACE_MS / 1000
+                    ),
+                );
+            }
             let pods = to_values(
                 c.list_pods(None)
                     .await?

@@ -529,6 +529,7 @@ fn start_agent(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: now_ms(),
         refused: Vec::new(),
+        runtime_down_since: None,
     };
     let domain = cfg.dns.domain.trim_end_matches('.').to_owned();
     let ctx = pier_agent::AgentContext {
