@@ -948,6 +948,29 @@ async fn supervised(
         .await?;
     }
     let want = a.rs * a.replicas;
+    // Progress on stderr every 15 s (pods written, Running), so that a run
+    // stopped early still shows its rate.
+    {
+        let r = refl[0].clone();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+                }
+                let s = r.snapshot();
+                eprintln!(
+                    "   5b progress at {:.0} s: {} pods, {} statuses; process RSS {:.0} MB [load {}]",
+                    t0.elapsed().as_secs_f64(),
+                    s.pods.len(),
+                    s.pod_statuses.len(),
+                    rss_mb("self"),
+                    load()
+                );
+            }
+        });
+    }
     let written = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
         s.pods.len() >= want
     })
