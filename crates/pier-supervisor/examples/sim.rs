@@ -948,6 +948,9 @@ async fn supervised(
         .await?;
     }
     let want = a.rs * a.replicas;
+    // 100,000 pods at 1,000 hosts take about 12 min in a dev build on this
+    // shared machine (the scheduler: every node scored per pod): the waits
+    // below allow 40 and 20 min.
     // Progress on stderr every 15 s (pods written, Running), so that a run
     // stopped early still shows its rate.
     {
@@ -971,13 +974,13 @@ async fn supervised(
             }
         });
     }
-    let written = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+    let written = until_all(&refl[..1], Duration::from_secs(2400), t0, move |s| {
         s.pods.len() >= want
     })
     .await?;
     let none = BTreeSet::new();
     let a2 = a.clone();
-    let up = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+    let up = until_all(&refl[..1], Duration::from_secs(2400), t0, move |s| {
         all_running(s, &a2, &none)
     })
     .await?;
@@ -1014,13 +1017,13 @@ async fn supervised(
     // Written: no pod left on a lost host, every set at its count again.
     let g = gone.clone();
     let want2 = want;
-    let rewritten = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+    let rewritten = until_all(&refl[..1], Duration::from_secs(1200), t0, move |s| {
         s.pods.len() == want2 && !s.pods.values().any(|p| g.contains(&p.node))
     })
     .await?;
     let a2 = a.clone();
     let g = gone.clone();
-    let replaced = until_all(&refl[..1], Duration::from_secs(600), t0, move |s| {
+    let replaced = until_all(&refl[..1], Duration::from_secs(1200), t0, move |s| {
         all_running(s, &a2, &g)
     })
     .await
