@@ -402,8 +402,8 @@ pub fn build(kvs: &[KeyValue], revision: i64) -> Snapshot {
     snap
 }
 
-/// Applies one batch of watch events to `snap` (copy-on-write through the
-/// `Arc`s) and sets its revision.
+/// Applies one batch of watch events to `snap` (its persistent maps copy
+/// only the paths to the keys changed) and sets its revision.
 pub fn apply_events(snap: &mut Snapshot, events: &[WatchEvent], revision: i64) {
     for e in events {
         apply_event(snap, e);
