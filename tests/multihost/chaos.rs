@@ -51,7 +51,8 @@
 //! `CHAOS_SECS` (default 60, or 600 for `chaos_ten_minutes`) is the time
 //! faults are started in; `CHAOS_FAULTS` (say `dockerd,cut`) limits the
 //! kinds; on a failure (or with `CHAOS_KEEP_LOGS=1`) the hosts' logs are
-//! kept in `$TMPDIR/pier-chaos-<seed>/` (`PIER_LOG` reaches the agents,
+//! kept in `$TMPDIR/pier-chaos-<seed>/` (`.2`, `.3`… when that exists;
+//! `PIER_LOG` reaches the agents,
 //! e.g. `info,pier_proxy=debug`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -525,9 +526,18 @@ fn chaos(secs: Duration) -> Result<()> {
 }
 
 /// Copy every host's agent, dockerd and etcd log to
-/// `$TMPDIR/pier-chaos-<seed>/` (the topology's own dir goes with it).
+/// `$TMPDIR/pier-chaos-<seed>/` (the topology's own dir goes with it), or
+/// `pier-chaos-<seed>.<n>/` when an earlier run of the same seed kept its
+/// logs there (a replay must not overwrite the run it replays).
 fn keep_logs(c: &Cluster, seed: u64) {
-    let dir = std::env::temp_dir().join(format!("pier-chaos-{seed}"));
+    let tmp = std::env::temp_dir();
+    let dir = (1..)
+        .map(|n| match n {
+            1 => tmp.join(format!("pier-chaos-{seed}")),
+            n => tmp.join(format!("pier-chaos-{seed}.{n}")),
+        })
+        .find(|d| !d.exists())
+        .expect("an unused name");
     if let Err(e) = std::fs::create_dir_all(&dir) {
         eprintln!("chaos: cannot keep the logs in {}: {e}", dir.display());
         return;
