@@ -84,6 +84,8 @@ const CONVERGE_BOUND: Duration = Duration::from_secs(2 * LEASE_TTL.as_secs());
 /// is stale. The API and the proxy take the same snapshot, a few ms apart.
 const STALE_SLACK: Duration = Duration::from_millis(100);
 const MONITOR_EVERY: Duration = Duration::from_millis(200);
+/// etcd expires leases in a sweep every 0.5 s; with room.
+const LEASE_EXPIRY_SLACK: Duration = Duration::from_secs(1);
 
 /// 60 s of faults. Not in CI yet: the placement problem it used to fail on
 /// (a set left on one host) is fixed by the supervisor's re-spread; its
@@ -408,7 +410,7 @@ fn chaos(secs: Duration) -> Result<()> {
     };
 
     // Before the first fault: converged, with every client answered.
-    let start_ok = wait_converged(&sh, None, &c).is_some()
+    let start_ok = wait_converged(&sh, None, &c, Duration::ZERO).is_some()
         && pier_tests::eventually(Duration::from_secs(30), "every client answered", || {
             Ok((sh.warm.load(Ordering::SeqCst) == HOSTS).then_some(()))
         })
@@ -435,7 +437,16 @@ fn chaos(secs: Duration) -> Result<()> {
             };
             let n = faults.len() + 1;
             let etcd = (f.kind == Kind::EtcdKill).then_some(f.host);
-            f.converged = wait_converged(&sh, etcd, &c).map(|at| at.saturating_sub(f.end));
+            // A cut host's lease may still expire after the heal (its
+            // last renewal was before the cut): its fate is known only a
+            // TTL (and etcd's 0.5 s expiry sweep) after the cut began, so
+            // convergence is not judged before then.
+            let not_before = match f.kind {
+                Kind::Cut => f.start + LEASE_TTL + LEASE_EXPIRY_SLACK,
+                _ => Duration::ZERO,
+            };
+            f.converged =
+                wait_converged(&sh, etcd, &c, not_before).map(|at| at.saturating_sub(f.end));
             eprintln!(
                 "chaos: fault {n} at {:.1}s: {} on h{} ({}), {:.1}s, converged after {}",
                 f.start.as_secs_f64(),
@@ -699,10 +710,16 @@ fn converged(s: &[Sample]) -> bool {
 }
 
 /// Wait (up to [`CONVERGE_LIMIT`]) until every host's monitor has sampled
-/// the converged state after now; returns when (since the run's start).
+/// the converged state after now (and after `not_before`, since the run's
+/// start); returns when (since the run's start).
 /// `etcd`: a host whose etcd member must also report itself healthy.
-fn wait_converged(sh: &Shared, etcd: Option<usize>, c: &Cluster) -> Option<Duration> {
-    let from = sh.now();
+fn wait_converged(
+    sh: &Shared,
+    etcd: Option<usize>,
+    c: &Cluster,
+    not_before: Duration,
+) -> Option<Duration> {
+    let from = sh.now().max(not_before);
     let limit = Instant::now() + CONVERGE_LIMIT;
     let mut etcd_ok = etcd.is_none();
     while Instant::now() < limit {
