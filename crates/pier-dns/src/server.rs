@@ -34,6 +34,21 @@ pub(crate) async fn serve(
     if udp.is_empty() && tcp.is_empty() {
         return Err(DnsError::NothingToServe);
     }
+    // The container networks may have come since `new`: the first query is
+    // judged by the ACL of now.
+    {
+        let nets = srv.networks.borrow_and_update().clone();
+        let mut inputs = srv
+            .shared
+            .acl_inputs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if inputs.nets != nets {
+            inputs.nets = nets;
+            inputs.scan_local();
+            srv.shared.acl.store(Arc::new(inputs.build()));
+        }
+    }
     let mut locals: Vec<SocketAddr> = Vec::new();
     for s in &udp {
         locals.push(s.local_addr().map_err(|source| DnsError::Socket {

@@ -416,7 +416,19 @@ async fn start_data_plane(
                 .context("starting DNS")?;
         info!(addrs = ?dns_addrs, "DNS listening");
         let c = dns.clone();
+        let mut first_view = local_targets_rx.clone();
         tasks.spawn(async move {
+            // The ACL answers containers on the networks the agent lists
+            // from Docker, so DNS reads its sockets once the agent has
+            // announced its first complete view (Docker listed, networks
+            // published; bounded by LOCAL_VIEW_WAIT, should Docker not
+            // answer). Until then a successor's queries are answered by the
+            // old worker (an upgrade, an adoption) or wait in the socket's
+            // buffer (a crash), instead of being REFUSED to every container.
+            tokio::select! {
+                _ = tokio::time::timeout(LOCAL_VIEW_WAIT, first_view.changed()) => {}
+                _ = c.cancelled() => return,
+            }
             if let Err(e) = server.serve(udp, tcp, c).await {
                 error!(error = %e, "DNS server stopped");
             }
