@@ -238,6 +238,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Rebuilds the ACL for these container networks, if they changed. A
+    /// new network often comes with a new host address (its bridge's
+    /// gateway), so the host's addresses are read again too.
+    pub(crate) fn set_networks(&self, nets: Vec<Cidr>) {
+        let mut inputs = self.acl_inputs.lock().unwrap_or_else(|p| p.into_inner());
+        if inputs.nets == nets {
+            return;
+        }
+        inputs.nets = nets;
+        inputs.scan_local();
+        self.acl.store(Arc::new(inputs.build()));
+    }
+
     /// The slow path for a client the caller's (possibly cached) ACL
     /// refused: answer if the current ACL allows it, or if it is one of the
     /// host's own addresses added since they were last read (read again at

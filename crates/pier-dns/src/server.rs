@@ -36,19 +36,8 @@ pub(crate) async fn serve(
     }
     // The container networks may have come since `new`: the first query is
     // judged by the ACL of now.
-    {
-        let nets = srv.networks.borrow_and_update().clone();
-        let mut inputs = srv
-            .shared
-            .acl_inputs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if inputs.nets != nets {
-            inputs.nets = nets;
-            inputs.scan_local();
-            srv.shared.acl.store(Arc::new(inputs.build()));
-        }
-    }
+    let nets = srv.networks.borrow_and_update().clone();
+    srv.shared.set_networks(nets);
     let mut locals: Vec<SocketAddr> = Vec::new();
     for s in &udp {
         locals.push(s.local_addr().map_err(|source| DnsError::Socket {
@@ -150,12 +139,7 @@ pub(crate) async fn serve(
                     }
                     let nets = rx.borrow_and_update().clone();
                     debug!(networks = ?nets, "container networks changed");
-                    let mut inputs = shared.acl_inputs.lock().unwrap_or_else(|p| p.into_inner());
-                    inputs.nets = nets;
-                    // A new network often comes with a new host address
-                    // (its bridge's gateway): read them again too.
-                    inputs.scan_local();
-                    shared.acl.store(Arc::new(inputs.build()));
+                    shared.set_networks(nets);
                 }
             }
             .instrument(span.clone()),

@@ -381,6 +381,19 @@ fn service_cidrs(cfg: &Config) -> Vec<Cidr> {
         .collect()
 }
 
+/// Waits for the agent's first complete local view (Docker listed, the
+/// store synced), at most [`LOCAL_VIEW_WAIT`]; `false` when cancelled
+/// first.
+async fn first_local_view(
+    view: &mut watch::Receiver<Arc<pier_proxy::mesh::LocalTargets>>,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = tokio::time::timeout(LOCAL_VIEW_WAIT, view.changed()) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
 /// pier0, DNS, the mesh listener and the proxy.
 #[allow(clippy::too_many_arguments)]
 async fn start_data_plane(
@@ -425,9 +438,8 @@ async fn start_data_plane(
             // answer). Until then a successor's queries are answered by the
             // old worker (an upgrade, an adoption) or wait in the socket's
             // buffer (a crash), instead of being REFUSED to every container.
-            tokio::select! {
-                _ = tokio::time::timeout(LOCAL_VIEW_WAIT, first_view.changed()) => {}
-                _ = c.cancelled() => return,
+            if !first_local_view(&mut first_view, &c).await {
+                return;
             }
             if let Err(e) = server.serve(udp, tcp, c).await {
                 error!(error = %e, "DNS server stopped");
@@ -468,9 +480,8 @@ async fn start_data_plane(
             // are taken by the old worker (an upgrade) or wait in the
             // keeper's backlog (a crash), instead of being refused as not in
             // the local view.
-            tokio::select! {
-                _ = tokio::time::timeout(LOCAL_VIEW_WAIT, first_view.changed()) => {}
-                _ = c.cancelled() => return,
+            if !first_local_view(&mut first_view, &c).await {
+                return;
             }
             mesh_accepting_tx.send_replace(true);
             if let Err(e) = server.serve(listener, c).await {
