@@ -790,7 +790,17 @@ async fn validation_errors_are_400_and_name_the_field() {
         ),
         (
             r#"{"name":"web","template":{"image":"x"},"replicas":1,"bogus":1}"#,
-            "bogus",
+            "unknown field `bogus`",
+        ),
+        // Nested in the model's types (which accept unknown fields in
+        // stored records, for older agents): refused here, with the path.
+        (
+            r#"{"name":"web","template":{"image":"x","imagee":"y"},"replicas":1}"#,
+            "unknown field `template.imagee`",
+        ),
+        (
+            r#"{"name":"web","template":{"image":"x"},"replicas":1,"placement":{"max_per_nod":1}}"#,
+            "`placement.max_per_nod`",
         ),
         (
             r#"{"name":"web","template":{"image":""},"replicas":1}"#,

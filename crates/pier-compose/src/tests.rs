@@ -721,3 +721,18 @@ fn x_pier_headless_and_proxy_protocol() {
         "{e:?}"
     );
 }
+
+/// A misspelt autoscaler target is refused, named with its path (the
+/// model's `Sla` accepts unknown fields in stored records, so the check is
+/// the Compose reader's).
+#[test]
+fn sla_typo_is_refused() {
+    let e = errors(
+        "name: p\nservices:\n  a:\n    image: x\n    x-pier:\n      sla: {min_replicas: 1, max_replicas: 4, max_active_per_podd: 50}\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("x-pier.sla") && e[0].contains("unknown field `max_active_per_podd`"),
+        "{e:?}"
+    );
+}

@@ -117,7 +117,7 @@ pub(crate) fn x_pier(v: &Value, path: &str, all: &BTreeSet<String>, cx: &mut Ctx
                         }
                     }
                 }
-                match serde_yaml_ng::from_value::<Sla>(Value::Mapping(rest)) {
+                match pier_model::deserialize_strict::<_, Sla>(Value::Mapping(rest)) {
                     Ok(sla) => x.sla = Some(sla),
                     Err(e) => cx.err(&p, format!("{e} (keys: min_replicas, max_replicas, max_active_per_pod, max_conn_rate_per_pod, p99_first_byte_ms, scale_up_window_ms, scale_down_window_ms, max_step, tolerance_pct)")),
                 }

@@ -15,7 +15,6 @@ use crate::objects::{Labels, ReplicaSet, Service};
 /// The body of an apply or diff: the objects an application should have.
 /// Built from Compose files by `pier-compose`, on the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppSpec {
     pub name: Name,
     pub namespace: Namespace,
@@ -33,7 +32,6 @@ pub struct AppSpec {
 /// One Compose service: a replica set, and a service of the same name when
 /// it has ports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ComponentSpec {
     pub name: Name,
     pub replicaset: ReplicaSet,
@@ -48,7 +46,6 @@ pub struct ComponentSpec {
 /// `/pier/v1/apps/<ns>/<app>`: an applied application and what it owns.
 /// Written by the API's apply and delete only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct App {
     pub name: Name,
     pub namespace: Namespace,
@@ -66,7 +63,6 @@ pub struct App {
 
 /// What one component of an application owns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppComponent {
     pub name: Name,
     /// The replica set `name` is always owned; the service `name` when true.
@@ -87,7 +83,6 @@ pub enum ChangeAction {
 
 /// One object's change, with the fields that differ for an update.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Change {
     pub action: ChangeAction,
     /// `replicaset`, `service` or `app`.
@@ -100,7 +95,6 @@ pub struct Change {
 
 /// The answer to an apply, a diff or a delete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppPlan {
     pub name: Name,
     pub namespace: Namespace,
@@ -127,7 +121,6 @@ impl AppPlan {
 
 /// A row of `pier get apps`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppView {
     pub name: Name,
     pub namespace: Namespace,
@@ -144,7 +137,6 @@ pub struct AppView {
 
 /// One component of an application, with its readiness.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AppServiceView {
     pub name: Name,
     pub desired: u32,

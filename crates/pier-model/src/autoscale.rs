@@ -74,7 +74,6 @@ pub fn selects(svc: &Service, rs: &ReplicaSet) -> bool {
 
 /// One decision of the autoscaler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ScaleDecision {
     /// Unix milliseconds.
     pub at: u64,
@@ -87,7 +86,7 @@ pub struct ScaleDecision {
 /// `/pier/v1/autoscale/<ns>/<rs>`: the autoscaler leader's last decisions
 /// for a set (fenced; the only writer). Kept after a leader change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct AutoscaleStatus {
     /// The last [`AutoscaleStatus::KEEP`], oldest first.
     pub decisions: Vec<ScaleDecision>,

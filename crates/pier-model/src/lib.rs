@@ -47,11 +47,60 @@ pub fn now_ms() -> u64 {
 }
 
 /// Decode a stored value, naming the key in the error.
+///
+/// Lenient about fields: a field this version does not know is skipped, so
+/// that during a rolling upgrade an older agent still reads the records a
+/// newer one writes (every field added since the first release has a
+/// default). What a person writes is read with [`deserialize_strict`].
 pub fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DecodeError> {
     serde_json::from_slice(value).map_err(|source| DecodeError {
         key: key.to_owned(),
         source,
     })
+}
+
+/// Deserialize what a person wrote (an API request's body, a Compose
+/// file's `x-pier` block) strictly: as serde does, and then a field that no
+/// type knows is an error naming its path (`template.imagee`), since it is
+/// almost always a typo. The model's types themselves accept unknown fields
+/// (see [`decode`]), so this is where input is held to them.
+pub fn deserialize_strict<'de, D, T>(de: D) -> Result<T, StrictError<D::Error>>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    let mut unknown = Vec::new();
+    let value = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+        .map_err(StrictError::Invalid)?;
+    if unknown.is_empty() {
+        Ok(value)
+    } else {
+        Err(StrictError::Unknown(unknown))
+    }
+}
+
+/// Why [`deserialize_strict`] refused its input.
+#[derive(Debug, thiserror::Error)]
+pub enum StrictError<E: std::error::Error + 'static> {
+    /// The input does not fit the type (serde's own error).
+    #[error(transparent)]
+    Invalid(E),
+    /// The input fits, but carries fields no type knows: their paths.
+    #[error("{}", unknown_fields_message(.0))]
+    Unknown(Vec<String>),
+}
+
+/// "unknown field `x.y`" or "unknown fields `a`, `b`", with what to do.
+pub fn unknown_fields_message(paths: &[String]) -> String {
+    let list = paths
+        .iter()
+        .map(|p| format!("`{p}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let s = if paths.len() == 1 { "" } else { "s" };
+    format!(
+        "unknown field{s} {list}: check the spelling (this version of pier does not know it), or remove it"
+    )
 }
 
 /// Encode a value for the store. Model objects always serialize.

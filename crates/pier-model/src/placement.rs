@@ -150,7 +150,7 @@ pub fn valid_label_key(k: &str) -> bool {
 /// New fields are left out of the stored JSON when unset, so agents of an
 /// older version still read the record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Placement {
     /// Only nodes whose labels include all of these.
     pub node_selector: Labels,

@@ -137,7 +137,7 @@ impl From<Ratio> for f64 {
 /// Compose's `deploy.update_config`. Defaults are Swarm's, plus
 /// `ready_timeout_ms`, which Swarm does not have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct UpdateConfig {
     /// Pods replaced per step; 0 replaces all at once.
     pub parallelism: u32,
@@ -216,7 +216,6 @@ impl Default for UpdateConfig {
 /// An earlier template of a replica set, kept for `rollout history` and
 /// `rollout undo`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TemplateRevision {
     pub revision: u64,
     pub template: PodTemplate,
@@ -270,7 +269,7 @@ impl fmt::Display for RolloutState {
 /// lease, so a paused or rolled-back rollout stays so across a failover);
 /// deleted with the replica set's last pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Rollout {
     /// The replica set revision this rollout brings in.
     pub revision: u64,

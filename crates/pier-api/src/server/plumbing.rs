@@ -132,15 +132,27 @@ pub(super) async fn read_json<T: DeserializeOwned>(
     if bytes.is_empty() {
         return Err(Fail::bad("the request needs a JSON body"));
     }
+    // Strict: the model's types accept fields they do not know (an older
+    // agent reads a newer one's records), so a request's unknown fields are
+    // caught here, with their paths, as the typos they almost always are.
+    let mut unknown = Vec::new();
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        de,
+        &mut |path: serde_ignored::Path<'_>| unknown.push(path.to_string()),
+    ))
+    .map_err(|e| {
         let path = e.path().to_string();
         if path == "." || path.is_empty() {
             Fail::bad(e.inner().to_string())
         } else {
             Fail::bad(format!("{path}: {}", e.inner()))
         }
-    })
+    })?;
+    if !unknown.is_empty() {
+        return Err(Fail::bad(pier_model::unknown_fields_message(&unknown)));
+    }
+    Ok(value)
 }
 
 pub(super) fn parse_ns(s: &str) -> Result<Namespace, Fail> {

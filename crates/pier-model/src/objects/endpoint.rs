@@ -12,7 +12,6 @@ use crate::sketch::Sketch;
 
 /// A named port on an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EndpointPort {
     pub name: Name,
     pub port: PortNum,
@@ -24,7 +23,6 @@ pub struct EndpointPort {
 /// `/pier/v1/endpoints/<ns>/<svc>/<node>/<id>`: one backend of a service.
 /// Leased by the agent of `node`, the only writer under that node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Endpoint {
     pub service: Name,
     #[serde(default)]
@@ -82,7 +80,7 @@ impl Endpoint {
 /// node's agent when [`Stats::worth_writing`] says so, never per
 /// connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Stats {
     /// Open client connections now.
     pub active: u64,

@@ -12,7 +12,7 @@ use crate::names::{Name, Namespace};
 
 /// CPU, memory and pod-count amounts. Zero means "not set".
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Resources {
     /// Thousandths of a CPU.
     pub cpu_millis: u32,
@@ -23,7 +23,6 @@ pub struct Resources {
 
 /// `/pier/v1/nodes/<node>`: a host running `pier agent`. Leased by its agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: Name,
     /// The address other hosts and node ports use.
@@ -71,7 +70,6 @@ impl Node {
 
 /// A container the agent did not let join a service, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Refusal {
     /// The container's name.
     pub container: String,
@@ -90,7 +88,6 @@ pub struct Refusal {
 /// Written by the API only; kept when the node goes away (no lease), so a
 /// host that comes back keeps them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NodeLabels {
     /// `Some(v)` sets the label; `None` removes it, also when the config
     /// sets it (`pier label node N k-`).

@@ -180,7 +180,6 @@ impl fmt::Display for PortSpec {
 
 /// How a service keeps a client on one endpoint (`--session-affinity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SessionAffinity {
     /// Only `ClientIP`: by the client's address.
     pub kind: AffinityKind,
@@ -221,7 +220,6 @@ impl FromStr for AffinityKind {
 
 /// One port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServicePort {
     /// The port's name, used in SRV names (`_http._tcp.…`) and to match an
     /// endpoint's named port.
@@ -240,7 +238,6 @@ pub struct ServicePort {
 
 /// A fixed `host:port` behind a service with no selector.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StaticEndpoint {
     /// The address; for an endpoint given by `name`, the one the writer
     /// (the CLI) resolved, used by each agent until its own lookup answers.
@@ -287,7 +284,7 @@ impl FromStr for StaticEndpoint {
 /// targets per ready pod, summed over every node's proxy, and how fast it
 /// may move. A target left out is not scaled on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Sla {
     /// At most this many open connections per ready pod.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -349,7 +346,6 @@ impl Default for Sla {
 
 /// `/pier/v1/services/<ns>/<svc>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: Name,
     #[serde(default)]
@@ -502,7 +498,6 @@ impl Service {
 
 /// The value of an allocation key: which service holds the address or port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Allocation {
     pub namespace: Namespace,
     pub service: Name,

@@ -204,10 +204,34 @@ fn stats_written_on_real_change_or_refresh_only() {
     assert!(!later.worth_writing(Some(&idle)));
 }
 
+/// A newer agent's record, with a field this version does not know, still
+/// decodes from the store (an older agent must not drop the node during a
+/// rolling upgrade); the same text as a person's input is refused, naming
+/// the field.
 #[test]
-fn unknown_fields_rejected() {
-    let e = serde_json::from_str::<Node>(r#"{"name":"a","addr":"10.0.0.1","bogus":1}"#)
+fn unknown_fields_pass_in_records_and_fail_in_input() {
+    let text = r#"{"name":"a","addr":"10.0.0.1","bogus":1}"#;
+    let node: Node = crate::decode("/pier/v1/nodes/a", text.as_bytes()).unwrap();
+    assert_eq!(node.name.as_str(), "a");
+
+    let e = crate::deserialize_strict::<_, Node>(&mut serde_json::Deserializer::from_str(text))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bogus"), "{e}");
+    assert!(e.starts_with("unknown field `bogus`"), "{e}");
+
+    // Nested, and more than one: every path is named.
+    let rs = r#"{"namespace":"default","name":"web","replicas":1,
+        "template":{"image":"nginx","imagee":"x"},"colour":"red"}"#;
+    let e = crate::deserialize_strict::<_, ReplicaSet>(&mut serde_json::Deserializer::from_str(rs))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`template.imagee`") && e.contains("`colour`"),
+        "{e}"
+    );
+    // A type error is still serde's own.
+    let bad = r#"{"name":"a","addr":"not an address"}"#;
+    let e = crate::deserialize_strict::<_, Node>(&mut serde_json::Deserializer::from_str(bad))
+        .unwrap_err();
+    assert!(matches!(e, crate::StrictError::Invalid(_)), "{e}");
 }

@@ -66,7 +66,6 @@ impl fmt::Display for HealthKind {
 
 /// A health check with its timing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     pub kind: HealthKind,
     #[serde(default = "HealthCheck::default_interval_ms")]
@@ -107,7 +106,6 @@ impl HealthCheck {
 
 /// A port a pod's container listens on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ContainerPort {
     pub name: Name,
     pub port: PortNum,
@@ -119,7 +117,6 @@ pub struct ContainerPort {
 
 /// What a pod runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PodTemplate {
     pub image: String,
     /// The command and its arguments; empty keeps the image's own.
@@ -151,7 +148,6 @@ pub struct PodTemplate {
 /// A health check that Docker runs in the container, as Compose's
 /// `healthcheck` and the Dockerfile's `HEALTHCHECK` describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ContainerHealth {
     /// `["CMD", args…]`, `["CMD-SHELL", command]` or `["NONE"]`.
     pub test: Vec<String>,
@@ -185,7 +181,6 @@ impl PodTemplate {
 /// deleted by the supervisor leader only, under its election lease, so a
 /// dead leader's reports go with it; every agent's API shows them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReplicaSetProblem {
     pub message: String,
     /// The node whose supervisor reported it.
@@ -194,7 +189,6 @@ pub struct ReplicaSetProblem {
 
 /// `/pier/v1/replicasets/<ns>/<rs>`: desired state, written by the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReplicaSet {
     pub name: Name,
     #[serde(default)]
@@ -272,7 +266,6 @@ impl ReplicaSet {
 /// `/pier/v1/pods/<ns>/<pod>`: a pod placed on a node. Written by the
 /// supervisor leader only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Pod {
     pub name: Name,
     #[serde(default)]
@@ -309,7 +302,6 @@ impl fmt::Display for PodPhase {
 /// `/pier/v1/podstatus/<ns>/<pod>`: what the node's runtime sees. Leased by
 /// that node's agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PodStatus {
     pub name: Option<Name>,
     #[serde(default)]

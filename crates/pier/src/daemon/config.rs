@@ -137,7 +137,11 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim().to_owned()))
+        // Strict all the way down: `capacity` and `labels` are the model's
+        // types, which accept unknown fields in stored records.
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError(e.to_string().trim().to_owned()))?;
+        pier_model::deserialize_strict(de).map_err(|e| ConfigError(e.to_string().trim().to_owned()))
     }
 
     /// The node name, validated.
@@ -710,6 +714,10 @@ mod tests {
     fn unknown_key_rejected() {
         let e = Config::parse("[node]\nname = \"a\"\nbogus = 1\n").unwrap_err();
         assert!(e.0.contains("bogus"), "{e}");
+        // Inside the model's own types too (which accept unknown fields
+        // in stored records).
+        let e = Config::parse("[node]\nname = \"a\"\n[node.capacity]\ncpus = 2\n").unwrap_err();
+        assert!(e.0.contains("`node.capacity.cpus`"), "{e}");
         let e = Config::parse("[dns]\nttl = 3\n").unwrap_err();
         assert!(e.0.contains("ttl"), "{e}");
     }
