@@ -17,6 +17,7 @@
 //! /pier/v1/rollouts/<ns>/<rs>
 //! /pier/v1/nodelabels/<node>
 //! /pier/v1/apps/<ns>/<app>
+//! /pier/v1/sync/<node>
 //! ```
 
 use std::fmt;
@@ -44,6 +45,7 @@ pub mod prefix {
     pub const NODE_LABELS: &str = "/pier/v1/nodelabels/";
     pub const AUTOSCALE: &str = "/pier/v1/autoscale/";
     pub const APPS: &str = "/pier/v1/apps/";
+    pub const SYNC: &str = "/pier/v1/sync/";
 
     /// Every replica set of one namespace.
     pub fn replicasets_in(ns: &Namespace) -> String {
@@ -105,6 +107,10 @@ pub enum Key {
     Autoscale(Namespace, Name),
     /// An application (`pier apply`) and the objects it owns.
     App(Namespace, Name),
+    /// A node's reflector's sync barrier: written after its watch reopens,
+    /// seen again on that watch once every change before it has arrived,
+    /// then deleted.
+    Sync(Name),
 }
 
 /// A key that is not in pier's schema.
@@ -143,6 +149,7 @@ impl fmt::Display for Key {
             Key::NodeLabels(n) => write!(f, "{NODE_LABELS}{n}"),
             Key::Autoscale(ns, n) => write!(f, "{AUTOSCALE}{ns}/{n}"),
             Key::App(ns, n) => write!(f, "{APPS}{ns}/{n}"),
+            Key::Sync(n) => write!(f, "{SYNC}{n}"),
         }
     }
 }
@@ -189,6 +196,7 @@ impl Key {
             ["nodelabels", a] => Ok(Key::NodeLabels(n(a)?)),
             ["autoscale", a, b] => Ok(Key::Autoscale(ns(a)?, n(b)?)),
             ["apps", a, b] => Ok(Key::App(ns(a)?, n(b)?)),
+            ["sync", a] => Ok(Key::Sync(n(a)?)),
             _ => Err(err("unknown kind or wrong number of parts")),
         }
     }
@@ -255,6 +263,11 @@ pub fn app(ns: &Namespace, app: &Name) -> String {
 pub fn election(name: &Name) -> String {
     Key::Election(name.clone()).to_string()
 }
+/// `node`'s reflector's sync barrier (written and deleted by that
+/// reflector only).
+pub fn sync(node: &Name) -> String {
+    Key::Sync(node.clone()).to_string()
+}
 
 #[cfg(test)]
 mod tests {
@@ -301,6 +314,7 @@ mod tests {
             nm().prop_map(Key::NodeLabels),
             (ns(), nm()).prop_map(|(a, b)| Key::Autoscale(a, b)),
             (ns(), nm()).prop_map(|(a, b)| Key::App(a, b)),
+            nm().prop_map(Key::Sync),
         ]
     }
 

@@ -12,14 +12,26 @@
 //! - On `Compacted`, or when the watch ends or fails, it lists again and
 //!   replaces the state wholesale: nothing doubled, nothing kept that is gone.
 //! - While the store is unreachable it keeps the last snapshot and sets
-//!   `stale_since_ms`; on `Resumed` or a successful relist it clears it.
+//!   `stale_since_ms`; a successful relist clears it. A `Resumed` watch
+//!   does not: the reopened watch replays the changes made meanwhile
+//!   *after* saying it is back, so the snapshot is still missing them
+//!   (deletes included). A reflector with a node name (the agent's) then
+//!   writes its *sync barrier* (`keys::sync(node)`) and stays stale until
+//!   its own watch delivers a change at or past that write's revision:
+//!   watch events come in revision order, so by then every change made
+//!   before the barrier has arrived. It then deletes the barrier. Two
+//!   writes per reopen; a failed barrier write relists instead. A
+//!   reflector without a node name relists on `Resumed`. (etcd's progress
+//!   notification cannot be that signal: etcd 3.4.23 answers a progress
+//!   request before the replayed changes, etcd-io/etcd#15220.)
 //!   With a lease health signal ([`Reflector::spawn_with_health`]), a
 //!   failing lease renewal marks the snapshot stale too (a partition is
 //!   seen within about one lease TTL, not only when the watch connection's
 //!   keep-alive gives up); it is fresh again when both are fine.
 //! - A key that does not parse, or a value that does not decode, is logged
 //!   with its key and skipped (and any older value under that key dropped).
-//!   Keys it does not use (alloc, stats, election, autoscale) are ignored.
+//!   Keys it does not use (alloc, stats, election, autoscale, sync) are
+//!   ignored.
 //! - With a [`HoldPolicy`] (the agent's), a node whose lease expired while
 //!   this view of the store was stale, or within a window after, is *held*:
 //!   its record, endpoints and pod statuses stay in the published snapshot
@@ -30,13 +42,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use pier_model::keys::{self, Key};
-use pier_model::{Snapshot, decode, now_ms};
+use pier_model::{Name, Snapshot, decode, now_ms};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{KeyValue, Store, StoreError, WatchEvent, WatchItem};
+use crate::{KeyValue, Revision, Store, StoreError, WatchEvent, WatchItem};
 
 mod hold;
 pub use hold::HoldPolicy;
@@ -55,11 +68,11 @@ pub struct Reflector {
 impl Reflector {
     /// Lists `keys::ROOT`, then watches from the list revision + 1. Publishes
     /// a new `Arc<Snapshot>` per batch. Relists after `Compacted` or when a
-    /// watch gives up; on `Disconnected` sets `stale_since_ms`, on
-    /// `Resumed`/relist clears it. Unparsable values are logged (key +
-    /// error) and skipped.
+    /// watch gives up, and on `Resumed` (it has no sync barrier); on
+    /// `Disconnected` sets `stale_since_ms`, a relist clears it.
+    /// Unparsable values are logged (key + error) and skipped.
     pub fn spawn(store: Arc<dyn Store>, cancel: CancellationToken) -> Reflector {
-        Self::start(store, cancel, None, None)
+        Self::start(store, cancel, None, None, None)
     }
 
     /// [`Reflector::spawn`], also marking the snapshot stale while `health`
@@ -69,18 +82,28 @@ impl Reflector {
         cancel: CancellationToken,
         health: watch::Receiver<bool>,
     ) -> Reflector {
-        Self::start(store, cancel, Some(health), None)
+        Self::start(store, cancel, Some(health), None, None)
     }
 
     /// [`Reflector::spawn_with_health`], also holding the nodes lost to a
-    /// store stall by `hold` (see the module doc). What an agent runs.
+    /// store stall by `hold` (see the module doc), and after a watch
+    /// reopens proving it caught up with node `node`'s sync barrier
+    /// (`keys::sync(node)`, written by this reflector only) instead of
+    /// relisting. What an agent runs.
     pub fn spawn_with_hold(
         store: Arc<dyn Store>,
         cancel: CancellationToken,
         health: watch::Receiver<bool>,
         hold: HoldPolicy,
+        node: &Name,
     ) -> Reflector {
-        Self::start(store, cancel, Some(health), Some(hold))
+        Self::start(
+            store,
+            cancel,
+            Some(health),
+            Some(hold),
+            Some(keys::sync(node)),
+        )
     }
 
     fn start(
@@ -88,10 +111,16 @@ impl Reflector {
         cancel: CancellationToken,
         health: Option<watch::Receiver<bool>>,
         hold: Option<HoldPolicy>,
+        barrier: Option<String>,
     ) -> Reflector {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let (synced_tx, synced) = watch::channel(false);
-        tokio::spawn(run(store, tx, synced_tx, cancel, health, Holds::new(hold)));
+        let opts = Opts {
+            health,
+            holds: Holds::new(hold),
+            barrier,
+        };
+        tokio::spawn(run(store, tx, synced_tx, cancel, opts));
         Reflector { rx, synced }
     }
 
@@ -200,14 +229,70 @@ async fn hold_deadline(holds: &Holds) {
     }
 }
 
+/// What a reflector follows besides the store.
+struct Opts {
+    health: Option<watch::Receiver<bool>>,
+    holds: Holds,
+    /// The sync barrier's key, if this reflector has one.
+    barrier: Option<String>,
+}
+
+/// A sync barrier after a watch reopened.
+enum Barrier {
+    /// Being written.
+    Writing(BoxFuture<'static, Result<Revision, StoreError>>),
+    /// Written at this revision: the snapshot is stale until it gets there.
+    Written(Revision),
+}
+
+impl Barrier {
+    /// Starts writing `key` (its value: when, for whoever reads etcd).
+    fn write(store: &Arc<dyn Store>, key: &str) -> Barrier {
+        let (store, key) = (store.clone(), key.to_owned());
+        Barrier::Writing(Box::pin(async move {
+            let value = format!("{{\"at_ms\":{}}}", now_ms()).into_bytes();
+            store.put(&key, value, None).await
+        }))
+    }
+}
+
+/// Resolves when the barrier being written is written (or failed); never
+/// otherwise.
+async fn barrier_written(b: &mut Option<Barrier>) -> Result<Revision, StoreError> {
+    match b {
+        Some(Barrier::Writing(f)) => f.await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Deletes the barrier once it has served (best effort: a leftover is
+/// overwritten and deleted at the next reopen).
+fn delete_barrier(store: &Arc<dyn Store>, key: &str, cancel: &CancellationToken) {
+    let (store, key, cancel) = (store.clone(), key.to_owned(), cancel.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            r = store.delete(&key) => {
+                if let Err(e) = r {
+                    tracing::debug!(key, "reflector: deleting the sync barrier: {e}");
+                }
+            }
+        }
+    });
+}
+
 async fn run(
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<Snapshot>>,
     synced_tx: watch::Sender<bool>,
     cancel: CancellationToken,
-    mut health: Option<watch::Receiver<bool>>,
-    mut holds: Holds,
+    opts: Opts,
 ) {
+    let Opts {
+        mut health,
+        mut holds,
+        barrier: barrier_key,
+    } = opts;
     let mut backoff = RELIST_BACKOFF_MIN;
     let mut lease_down = health.as_ref().is_some_and(|h| !*h.borrow());
     // The store's state as last published, without holds: what a relist
@@ -284,6 +369,9 @@ async fn run(
             }
         };
         backoff = RELIST_BACKOFF_MIN;
+        // After a reopen: the barrier that proves the replayed changes have
+        // arrived. The snapshot is stale while it is pending.
+        let mut barrier: Option<Barrier> = None;
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -291,7 +379,7 @@ async fn run(
                 h = health_changed(&mut health) => {
                     on_health(h, &mut health, &mut lease_down);
                     let stale = snap.stale_since_ms.is_some();
-                    if freshen(&mut snap, watch_down, lease_down) {
+                    if freshen(&mut snap, watch_down || barrier.is_some(), lease_down) {
                         holds.saw(stale, now_ms());
                         publish(&tx, &snap, &mut holds);
                     }
@@ -303,26 +391,67 @@ async fn run(
                     }
                     continue;
                 }
+                r = barrier_written(&mut barrier) => {
+                    match r {
+                        Ok(rev) => {
+                            tracing::debug!(rev, "reflector: sync barrier written");
+                            barrier = Some(Barrier::Written(rev));
+                            if caught_up(&barrier, &snap) {
+                                barrier = None;
+                                on_caught_up(&store, barrier_key.as_deref(), &cancel);
+                                if freshen(&mut snap, watch_down, lease_down) {
+                                    holds.saw(true, now_ms());
+                                    publish(&tx, &snap, &mut holds);
+                                }
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!("reflector: could not write the sync barrier after the watch resumed ({e}); listing again");
+                            break;
+                        }
+                    }
+                }
             };
             let prev = snap.clone();
             let mut stale = snap.stale_since_ms.is_some();
-            let mut end = apply_item(&mut snap, first, &mut watch_down);
-            stale |= watch_down;
+            let mut turn = apply_item(&mut snap, first, &mut watch_down);
             // Coalesce: apply everything already waiting, then publish once.
-            while end.is_none() {
+            loop {
+                match turn {
+                    Turn::Ended => break,
+                    Turn::Disconnected => barrier = None,
+                    Turn::Resumed => match &barrier_key {
+                        Some(key) => {
+                            tracing::info!("reflector: watch resumed; writing the sync barrier");
+                            // Stale now by the barrier, not the watch.
+                            watch_down = false;
+                            barrier = Some(Barrier::write(&store, key));
+                        }
+                        None => {
+                            tracing::info!("reflector: watch resumed; listing again");
+                            turn = Turn::Ended;
+                            break;
+                        }
+                    },
+                    Turn::Go => {}
+                }
+                stale |= watch_down || barrier.is_some();
                 match w.next().now_or_never() {
-                    Some(item) => {
-                        end = apply_item(&mut snap, item, &mut watch_down);
-                        stale |= watch_down;
-                    }
+                    Some(item) => turn = apply_item(&mut snap, item, &mut watch_down),
                     None => break,
                 }
             }
+            stale |= watch_down || barrier.is_some();
+            if caught_up(&barrier, &snap) {
+                barrier = None;
+                on_caught_up(&store, barrier_key.as_deref(), &cancel);
+            }
             holds.update(&prev, &snap, stale, now_ms());
-            freshen(&mut snap, watch_down, lease_down);
+            freshen(&mut snap, watch_down || barrier.is_some(), lease_down);
             publish(&tx, &snap, &mut holds);
             last = snap.clone();
-            if end.is_some() {
+            if matches!(turn, Turn::Ended) {
                 break;
             }
         }
@@ -330,42 +459,58 @@ async fn run(
     }
 }
 
-/// Why a watch ended.
-struct Ended;
+/// What one watch item means for the loop.
+enum Turn {
+    Go,
+    /// The watch lost its connection: the snapshot is stale.
+    Disconnected,
+    /// The watch reopened; the changes it missed may not have arrived yet.
+    Resumed,
+    /// The watch is over: list again.
+    Ended,
+}
 
-/// Applies one watch item to `snap`; `Some(Ended)` when the watch is over.
-/// `watch_down` follows `Disconnected` / `Resumed` and events; the caller
-/// derives `stale_since_ms` from it and the lease health ([`freshen`]).
+/// Whether the snapshot has reached the written barrier's revision.
+fn caught_up(barrier: &Option<Barrier>, snap: &Snapshot) -> bool {
+    matches!(barrier, Some(Barrier::Written(rev)) if snap.revision >= *rev)
+}
+
+fn on_caught_up(store: &Arc<dyn Store>, key: Option<&str>, cancel: &CancellationToken) {
+    tracing::info!("reflector: caught up after the watch resumed");
+    if let Some(key) = key {
+        delete_barrier(store, key, cancel);
+    }
+}
+
+/// Applies one watch item to `snap`. `watch_down` follows `Disconnected`
+/// and events (not `Resumed`: the caller decides when a resumed watch has
+/// caught up); the caller derives `stale_since_ms` from it, the barrier
+/// and the lease health ([`freshen`]).
 fn apply_item(
     snap: &mut Snapshot,
     item: Option<Result<WatchItem, StoreError>>,
     watch_down: &mut bool,
-) -> Option<Ended> {
+) -> Turn {
     match item {
         None => {
             tracing::warn!("reflector: watch ended; listing again");
-            Some(Ended)
+            Turn::Ended
         }
         Some(Err(e)) => {
             log_watch_end(&e);
-            Some(Ended)
+            Turn::Ended
         }
         Some(Ok(WatchItem::Disconnected { reason })) => {
             tracing::warn!("reflector: store disconnected ({reason}); serving the last snapshot");
             *watch_down = true;
-            None
+            Turn::Disconnected
         }
-        Some(Ok(WatchItem::Resumed)) => {
-            tracing::info!("reflector: watch resumed");
-            *watch_down = false;
-            snap.synced_at_ms = now_ms();
-            None
-        }
+        Some(Ok(WatchItem::Resumed)) => Turn::Resumed,
         Some(Ok(WatchItem::Events { revision, events })) => {
             apply_events(snap, &events, revision);
             *watch_down = false;
             snap.synced_at_ms = now_ms();
-            None
+            Turn::Go
         }
     }
 }
@@ -481,7 +626,8 @@ fn put(snap: &mut Snapshot, key: &str, value: &[u8]) {
         | Key::Stats { .. }
         | Key::Election(_)
         | Key::Autoscale(..)
-        | Key::App(..) => Ok(()),
+        | Key::App(..)
+        | Key::Sync(_) => Ok(()),
     };
     if let Err(e) = ok {
         tracing::warn!(key, "reflector: skipping value that does not decode: {e}");
@@ -540,7 +686,8 @@ fn remove(snap: &mut Snapshot, k: &Key) {
         | Key::Stats { .. }
         | Key::Election(_)
         | Key::Autoscale(..)
-        | Key::App(..) => {}
+        | Key::App(..)
+        | Key::Sync(_) => {}
     }
 }
 

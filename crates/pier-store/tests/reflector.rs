@@ -442,6 +442,211 @@ async fn silent_watch_is_found_out_by_progress_requests() {
     assert_equals_fresh_list(&direct, &snap).await;
 }
 
+/// A store that passes everything to `inner` but holds back the first watch
+/// item after each `Resumed` for `delay`: the replayed changes of a
+/// reopened watch arrive late, as they may from a busy etcd (the race a
+/// resumed watch has with its own replay, made certain).
+#[derive(Debug)]
+struct SlowReplay {
+    inner: Arc<dyn Store>,
+    delay: Duration,
+    /// How many `Resumed` it passed on.
+    resumed: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowReplay {
+    async fn get(&self, key: &str) -> Result<Option<pier_store::KeyValue>, pier_store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<pier_store::ListResult, pier_store::StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<pier_store::LeaseId>,
+    ) -> Result<Revision, pier_store::StoreError> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<(bool, Revision), pier_store::StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn txn(
+        &self,
+        txn: pier_store::Txn,
+    ) -> Result<pier_store::TxnResult, pier_store::StoreError> {
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl: Ttl) -> Result<pier_store::LeaseId, pier_store::StoreError> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keepalive(
+        &self,
+        lease: pier_store::LeaseId,
+    ) -> Result<Ttl, pier_store::StoreError> {
+        self.inner.lease_keepalive(lease).await
+    }
+    async fn lease_revoke(&self, lease: pier_store::LeaseId) -> Result<(), pier_store::StoreError> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: Revision,
+    ) -> Result<pier_store::WatchStream, pier_store::StoreError> {
+        use futures::StreamExt;
+        let mut inner = self.inner.watch(prefix, from).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (delay, resumed) = (self.delay, self.resumed.clone());
+        tokio::spawn(async move {
+            let mut hold = false;
+            while let Some(item) = inner.next().await {
+                if std::mem::take(&mut hold) {
+                    tokio::time::sleep(delay).await;
+                }
+                let is_resumed = matches!(item, Ok(pier_store::WatchItem::Resumed));
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+                if is_resumed {
+                    resumed.fetch_add(1, Ordering::SeqCst);
+                    hold = true;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+    async fn compact(&self, revision: Revision) -> Result<(), pier_store::StoreError> {
+        self.inner.compact(revision).await
+    }
+}
+
+/// A reflector cut off from etcd while endpoints are deleted and changed
+/// is never fresh again while it still shows them: after the heal, with
+/// the reopened watch's replay held back 1 s, every fresh snapshot it
+/// publishes already lacks the deleted endpoints. `barrier`: the agent's
+/// reflector (a node name: the sync barrier), else a plain one (relist).
+async fn never_fresh_while_missing_the_cuts_changes(barrier: bool) {
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
+    put_service(&direct, "a").await;
+    for (i, id) in ["e1", "e2", "e3"].iter().enumerate() {
+        put_endpoint(&direct, "a", "n1", id, i as u8 + 1).await;
+    }
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let resumed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow: Arc<dyn Store> = Arc::new(SlowReplay {
+        inner: via_cut,
+        delay: Duration::from_secs(1),
+        resumed: resumed.clone(),
+    });
+    let node = name("h1");
+    let direct_dyn: Arc<dyn Store> = Arc::new(direct.clone());
+    let r = if barrier {
+        // The lease through the direct client: the barrier alone decides.
+        let ttl = Ttl::from_secs(2).expect("ttl");
+        let lease = LeaseKeeper::start(direct_dyn.clone(), ttl, cancel.clone())
+            .await
+            .expect("lease");
+        Reflector::spawn_with_hold(
+            slow,
+            cancel.clone(),
+            lease.health(),
+            pier_store::reflector::HoldPolicy::for_ttl(ttl),
+            &node,
+        )
+    } else {
+        Reflector::spawn(slow, cancel.clone())
+    };
+    r.synced().await;
+    let rev = put_endpoint(&direct, "a", "n1", "e0", 9).await;
+    wait_for(&r, "watching", |s| {
+        s.revision >= rev && s.stale_since_ms.is_none()
+    })
+    .await;
+
+    cut.set_down(true);
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    // Every snapshot published from here on: a fresh one must not show
+    // what the cut deleted.
+    let seen = Arc::new(Mutex::new(Vec::<Arc<Snapshot>>::new()));
+    let mut rx = r.subscribe();
+    let (s2, stop) = (seen.clone(), cancel.child_token());
+    let observer = tokio::spawn(async move {
+        loop {
+            s2.lock()
+                .expect("lock")
+                .push(rx.borrow_and_update().clone());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                c = rx.changed() => if c.is_err() { return },
+            }
+        }
+    });
+    delete_endpoint(&direct, "a", "n1", "e1").await;
+    delete_endpoint(&direct, "a", "n1", "e2").await;
+    let last = put_endpoint(&direct, "a", "n1", "e3", 33).await;
+    cut.set_down(false);
+    let snap = wait_for(&r, "fresh after the heal", |s| {
+        s.stale_since_ms.is_none() && s.revision >= last
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+    let ids: Vec<_> = snap
+        .endpoints_of(&ns(), &name("a"))
+        .map(|e| (e.id.as_str().to_owned(), e.ip))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("e0".to_owned(), IpAddr::from([10, 1, 0, 9])),
+            ("e3".to_owned(), IpAddr::from([10, 1, 0, 33]))
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancel.cancel();
+    let _ = observer.await;
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    let fresh: Vec<_> = seen.iter().filter(|s| s.stale_since_ms.is_none()).collect();
+    assert!(!fresh.is_empty(), "the observer saw the fresh snapshot");
+    for s in &fresh {
+        let ids: Vec<_> = s
+            .endpoints_of(&ns(), &name("a"))
+            .map(|e| e.id.as_str().to_owned())
+            .collect();
+        assert!(
+            !ids.iter().any(|i| i == "e1" || i == "e2"),
+            "a fresh snapshot (revision {}, the deletes at or before {last}) still shows deleted endpoints: {ids:?}",
+            s.revision
+        );
+    }
+    // The heal went through a reopened watch (its replay held back).
+    assert!(resumed.load(Ordering::SeqCst) >= 1, "the watch resumed");
+    if barrier {
+        // The barrier went again.
+        let key = keys::sync(&node);
+        let gone = tokio::time::timeout(Duration::from_secs(10), async {
+            while direct.get(&key).await.expect("get").is_some() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "the sync barrier {key} was left behind");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_agent_reflector_is_stale_until_its_barrier_arrives() {
+    never_fresh_while_missing_the_cuts_changes(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_plain_reflector_relists() {
+    never_fresh_while_missing_the_cuts_changes(false).await;
+}
+
 /// Captures log output for one current-thread test.
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);

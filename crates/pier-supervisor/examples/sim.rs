@@ -606,6 +606,7 @@ async fn main() -> Result<()> {
             cancel.child_token(),
             k.health(),
             HoldPolicy::for_ttl(Ttl::from_secs(a.ttl)?),
+            &Name::new(&format!("host-{r}"))?,
         ));
         refl_leases.push(k);
     }

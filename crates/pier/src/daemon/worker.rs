@@ -114,7 +114,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
             )
         })?;
 
-    let ctl = start_control(&cfg, &root).await?;
+    let ctl = start_control(&cfg, &node_name, &root).await?;
     // The data plane serves the synced snapshot from its first accept: a
     // successor (upgrade, restart) never answers from an empty one.
     tokio::select! {
@@ -326,7 +326,7 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
 }
 
 /// Store, node lease, reflector.
-async fn start_control(cfg: &Config, root: &CancellationToken) -> Result<Control> {
+async fn start_control(cfg: &Config, node: &Name, root: &CancellationToken) -> Result<Control> {
     let store = open_store(cfg, root).await?;
     let ttl = Ttl::from_secs(cfg.store.lease_ttl_secs)?;
     let lease_cancel = CancellationToken::new();
@@ -339,6 +339,7 @@ async fn start_control(cfg: &Config, root: &CancellationToken) -> Result<Control
         reflector_cancel.clone(),
         lease.health(),
         HoldPolicy::for_ttl(ttl),
+        node,
     );
     Ok(Control {
         store,
