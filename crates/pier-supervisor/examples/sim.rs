@@ -88,6 +88,10 @@ struct Args {
     /// Step 5b: replica sets run by pier's supervisor (0: skipped).
     rs: usize,
     replicas: usize,
+    /// Step 5b: the simulator writes the sets' pods and statuses itself
+    /// (placed round-robin, as the leader would place them), so that the
+    /// host loss is reached without the leader's scheduling time.
+    prefill: bool,
 }
 
 fn args() -> Result<Args> {
@@ -105,6 +109,7 @@ fn args() -> Result<Args> {
         sets: 10_000,
         rs: 0,
         replicas: 10,
+        prefill: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -128,6 +133,7 @@ fn args() -> Result<Args> {
             "--sets" => a.sets = u,
             "--rs" => a.rs = u,
             "--replicas" => a.replicas = u,
+            "--prefill" => a.prefill = v != 0,
             _ => bail!("unknown option {k} (see the example's doc comment)"),
         }
     }
@@ -187,6 +193,16 @@ impl Drop for Cluster {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // SIM_LOGDIR=dir keeps the members' logs (m0.log …) there.
+        if let Some(dir) = std::env::var_os("SIM_LOGDIR") {
+            for i in 0..3 {
+                let f = format!("m{i}.log");
+                let _ = std::fs::copy(
+                    self._dir.path().join(&f),
+                    std::path::Path::new(&dir).join(&f),
+                );
+            }
         }
     }
 }
@@ -264,6 +280,127 @@ fn scrape(addr: &str, name: &str) -> Result<f64> {
         }
     }
     Ok(sum)
+}
+
+/// Sums the samples of each of `names` on `addr`'s /metrics, in one scrape.
+fn scrape_many(addr: &str, names: &[&str]) -> Result<Vec<f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let mut out = vec![0.0; names.len()];
+    for l in body.lines() {
+        for (i, name) in names.iter().enumerate() {
+            if l.starts_with(name) && l[name.len()..].starts_with([' ', '{', ',', '}']) {
+                out[i] += l
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// This process's CPU time (user + system), in seconds.
+fn self_cpu_s() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // After the command name's closing parenthesis: fields 14 and 15
+            // (utime, stime) are the 12th and 13th.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// What the sampler reads from each member (`SIM_METRICS_MS`).
+const SAMPLED: &[&str] = &[
+    "etcd_server_proposals_committed_total",
+    "etcd_server_proposals_applied_total",
+    "etcd_server_slow_apply_total",
+    "etcd_server_leader_changes_seen_total",
+    "etcd_debugging_lease_revoked_total",
+    "etcd_debugging_mvcc_events_total",
+    "etcd_debugging_mvcc_slow_watcher_total",
+    "etcd_debugging_mvcc_pending_events_total",
+    "etcd_disk_backend_commit_duration_seconds_sum",
+    "etcd_disk_wal_fsync_duration_seconds_sum",
+    "process_cpu_seconds_total",
+    "etcd_network_client_grpc_sent_bytes_total",
+    "etcd_debugging_mvcc_watcher_total",
+    "etcd_server_is_leader",
+    "etcd_debugging_mvcc_put_total",
+    "etcd_debugging_mvcc_delete_total",
+    "etcd_server_slow_read_indexes_total",
+];
+
+/// Every `SIM_METRICS_MS` ms (0 or unset: off), one line per member on
+/// stderr with what changed since the last sample: the apply backlog
+/// (committed − applied), slow applies, leader changes, leases revoked,
+/// watch events and slow watchers, backend commit and WAL fsync time, CPU,
+/// bytes sent to clients. Stops when `stop` is set.
+fn sampler(clients: Vec<String>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let every = std::env::var("SIM_METRICS_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    if every == 0 {
+        return;
+    }
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut prev: Vec<Vec<f64>> = vec![vec![0.0; SAMPLED.len()]; clients.len()];
+        let mut sim_cpu = self_cpu_s();
+        while !stop.load(Ordering::Relaxed) {
+            for (m, addr) in clients.iter().enumerate() {
+                let Ok(v) = scrape_many(addr, SAMPLED) else {
+                    eprintln!("   metrics m{m}: no answer");
+                    continue;
+                };
+                let d = |i: usize| v[i] - prev[m][i];
+                if m == 0 {
+                    let cpu = self_cpu_s();
+                    eprintln!(
+                        "   metrics t={:.0}s sim process: cpu {:.2} s, RSS {:.0} MB",
+                        t0.elapsed().as_secs_f64(),
+                        cpu - sim_cpu,
+                        rss_mb("self")
+                    );
+                    sim_cpu = cpu;
+                }
+                eprintln!(
+                    "   metrics t={:.0}s m{m}{}: behind {:.0}, applied +{:.0}, slow_apply +{:.0}, leader_changes {:.0}, revoked +{:.0}, puts +{:.0}, deletes +{:.0}, events +{:.0}, slow_watchers {:.0}, pending_events {:.0}, watchers {:.0}, commit {:.0} ms, fsync {:.0} ms, cpu {:.2} s, sent {:.1} MB, slow_readidx +{:.0} [load {}]",
+                    t0.elapsed().as_secs_f64(),
+                    if v[13] > 0.0 { "*" } else { "" },
+                    v[0] - v[1],
+                    d(1),
+                    d(2),
+                    v[3],
+                    d(4),
+                    d(14),
+                    d(15),
+                    d(5),
+                    v[6],
+                    v[7],
+                    v[12],
+                    d(8) * 1e3,
+                    d(9) * 1e3,
+                    d(10),
+                    d(11) / 1048576.0,
+                    d(16),
+                    load()
+                );
+                prev[m] = v;
+            }
+            std::thread::sleep(Duration::from_millis(every));
+        }
+    });
 }
 
 fn name(s: &str) -> Name {
@@ -508,6 +645,42 @@ async fn main() -> Result<()> {
     println!("sim {a:?}");
     println!("load at start: {}", load());
     let cluster = Cluster::start()?;
+    // Stopped by a signal, the members go too (and their data dir), as on
+    // a normal end: a run stopped early must leave no etcd behind.
+    {
+        let pids: Vec<String> = cluster
+            .children
+            .iter()
+            .map(|c| c.id().to_string())
+            .collect();
+        let dir = cluster._dir.path().to_owned();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = Command::new("kill").args(["-9"]).args(&pids).status();
+            if let Some(logs) = std::env::var_os("SIM_LOGDIR") {
+                for i in 0..3 {
+                    let f = format!("m{i}.log");
+                    let _ = std::fs::copy(dir.join(&f), std::path::Path::new(&logs).join(&f));
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!(
+                "stopped by a signal: etcd members killed, {} removed",
+                dir.display()
+            );
+            std::process::exit(130);
+        });
+    }
     let mut clients: Vec<Arc<dyn Store>> = Vec::new();
     let t_up = Instant::now();
     // SIM_FIRST=1: every client starts on the first member (as before
@@ -549,6 +722,8 @@ async fn main() -> Result<()> {
         a.hosts
     );
     let cancel = CancellationToken::new();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    sampler(cluster.clients.clone(), sampling.clone());
     let cpu0 = cluster.metric("process_cpu_seconds_total");
     let props0 = cluster.metric("etcd_server_proposals_committed_total");
 
@@ -743,6 +918,7 @@ async fn main() -> Result<()> {
         ka_msgs.iter().sum::<f64>() / wall
     );
 
+    sampling.store(true, Ordering::Relaxed);
     cancel.cancel();
     while drains.join_next().await.is_some() {}
     drop(keepers);
@@ -889,6 +1065,28 @@ async fn supervised(
             }
         });
     }
+    if a.prefill {
+        write_sets(a, &clients[0]).await?;
+        prefill(a, &clients[0], lost).await?;
+        let want = a.rs * a.replicas;
+        let t = Instant::now();
+        until_all(&refl[..1], Duration::from_secs(1200), t, move |s| {
+            s.pods.len() >= want
+        })
+        .await?;
+        let a2 = a.clone();
+        let none = BTreeSet::new();
+        let up = until_all(&refl[..1], Duration::from_secs(1200), t, move |s| {
+            all_running(s, &a2, &none)
+        })
+        .await?;
+        println!(
+            "5b. prefill: {} pods and their statuses written by the simulator, all Running after {:.2} s [load {}]",
+            want,
+            up[0].as_secs_f64(),
+            load()
+        );
+    }
     let cfg = pier_supervisor::SupervisorConfig::default();
     let sup = pier_supervisor::Supervisor::new(
         cfg.clone(),
@@ -923,30 +1121,8 @@ async fn supervised(
         });
     }
     let t0 = Instant::now();
-    // The sets in txns of 100 (as one `pier apply` of many would), so that
-    // the leader, not this loop, bounds how fast their pods are written.
-    let sets: Vec<usize> = (0..a.rs).collect();
-    for chunk in sets.chunks(100) {
-        let success: Vec<pier_store::TxnOp> = chunk
-            .iter()
-            .map(|r| {
-                let rs = serde_json::json!({"name": format!("set-{r}"),
-                    "template": {"image": "sim:1"}, "replicas": a.replicas});
-                pier_store::TxnOp::Put {
-                    key: keys::replicaset(&ns, &name(&format!("set-{r}"))),
-                    value: rs.to_string().into_bytes(),
-                    lease: None,
-                }
-            })
-            .collect();
-        retry("replica set txn", || {
-            clients[0].txn(pier_store::Txn {
-                compares: vec![],
-                success: success.clone(),
-                failure: vec![],
-            })
-        })
-        .await?;
+    if !a.prefill {
+        write_sets(a, &clients[0]).await?;
     }
     let want = a.rs * a.replicas;
     // 100,000 pods at 1,000 hosts take about 12 min in a dev build on this
@@ -993,6 +1169,21 @@ async fn supervised(
         written[0].as_secs_f64(),
         up[0].as_secs_f64(),
         LEASES_LOST.load(Ordering::Relaxed) - lost0,
+        load()
+    );
+    // The leader writes a rollout record per set with its first pods (the
+    // prefill does not): the loss starts once every set has one, with the
+    // leader idle.
+    let sets = a.rs;
+    let t1 = Instant::now();
+    until_all(&refl[..1], Duration::from_secs(600), t1, move |s| {
+        s.rollouts.len() >= sets
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "5b. every set has its rollout record {:.2} s later; the leader idle, 10 % more hosts stop renewing [load {}]",
+        t1.elapsed().as_secs_f64(),
         load()
     );
     let lost1 = LEASES_LOST.load(Ordering::Relaxed);
@@ -1050,6 +1241,91 @@ async fn supervised(
         leader_lost.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// The sets `set-0..rs` in txns of 100 (as one `pier apply` of many would),
+/// so that the leader, not this loop, bounds how fast their pods are
+/// written.
+async fn write_sets(a: &Args, store: &Arc<dyn Store>) -> Result<()> {
+    let ns = Namespace::default();
+    let sets: Vec<usize> = (0..a.rs).collect();
+    for chunk in sets.chunks(100) {
+        let success: Vec<pier_store::TxnOp> = chunk
+            .iter()
+            .map(|r| pier_store::TxnOp::Put {
+                key: keys::replicaset(&ns, &name(&format!("set-{r}"))),
+                value: set_json(a, *r).to_string().into_bytes(),
+                lease: None,
+            })
+            .collect();
+        retry("replica set txn", || {
+            store.txn(pier_store::Txn {
+                compares: vec![],
+                success: success.clone(),
+                failure: vec![],
+            })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+fn set_json(a: &Args, r: usize) -> serde_json::Value {
+    serde_json::json!({"name": format!("set-{r}"),
+        "template": {"image": "sim:1"}, "replicas": a.replicas})
+}
+
+/// `--prefill 1`: the sets' pods written by the simulator, as the leader
+/// would write them (same records; placed round-robin over the hosts not
+/// in `lost`, so a set's pods are on distinct hosts), in transactions of
+/// 128 puts, 2 in flight (the leader's pace). The runtime task marks them
+/// Running as it does the leader's.
+async fn prefill(a: &Args, store: &Arc<dyn Store>, lost: &[usize]) -> Result<()> {
+    let ns = Namespace::default();
+    let live: Vec<usize> = (0..a.hosts).filter(|h| !lost.contains(h)).collect();
+    let mut ops = Vec::with_capacity(a.rs * a.replicas);
+    let mut i = 0usize;
+    for r in 0..a.rs {
+        let rs: pier_model::ReplicaSet = serde_json::from_value(set_json(a, r))?;
+        let hash = rs.template.hash();
+        for p in 0..a.replicas {
+            let node = name(&format!("host-{}", live[i % live.len()]));
+            i += 1;
+            let pod = pier_model::Pod {
+                name: name(&format!("set-{r}-p{p:03}")),
+                namespace: ns.clone(),
+                replicaset: rs.name.clone(),
+                node,
+                template_hash: hash.clone(),
+                template: rs.template.clone(),
+                created_at: pier_model::now_ms(),
+            };
+            ops.push(pier_store::TxnOp::Put {
+                key: keys::pod(&ns, &pod.name),
+                value: pier_model::encode(&pod),
+                lease: None,
+            });
+        }
+    }
+    let txns: Vec<Vec<pier_store::TxnOp>> = ops.chunks(128).map(<[_]>::to_vec).collect();
+    let results: Vec<Result<()>> = futures::stream::iter(txns.into_iter().map(|success| {
+        let store = store.clone();
+        async move {
+            retry("prefill txn", || {
+                store.txn(pier_store::Txn {
+                    compares: vec![],
+                    success: success.clone(),
+                    failure: vec![],
+                })
+            })
+            .await
+            .map(|_| ())
+        }
+    }))
+    .buffer_unordered(2)
+    .collect()
+    .await;
+    results.into_iter().collect()
 }
 
 /// One leader's pass over every set on a snapshot of `a.pods` pods.
