@@ -16,6 +16,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::pace::Pace;
 use crate::plan::{self, Action, PlanInput, RolloutWrite};
 use crate::txns;
 use crate::{Problems, Supervisor, SupervisorError};
@@ -42,7 +43,14 @@ pub(crate) const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 /// The most writes (pod creates and deletes, rollout records) the leader
 /// plans on one snapshot before it writes them: about 32 full
 /// transactions. The next batch waits until the snapshot shows them all.
+/// The batch size follows what the store takes ([`pace`]): it starts at
+/// [`BATCH_START`], grows by [`BATCH_STEP`] after each full batch whose
+/// round (first write sent → last one in the snapshot) took at most a
+/// fifth of the lease TTL, and halves after a slower one, down to one
+/// transaction.
 const BATCH_OPS: usize = 4096;
+const BATCH_START: usize = 512;
+const BATCH_STEP: usize = 128;
 /// Transactions in flight at once. Each is up to 128 writes; session 7 saw
 /// a flood of transactions (1,000 hosts registering in txns) delay etcd's
 /// lease renewals past their TTL, so the leader keeps only a few queued.
@@ -229,6 +237,11 @@ struct Leader<'a> {
     next_resync: Instant,
     /// `current`'s pods by set, kept in step with each snapshot taken.
     pod_index: Arc<plan::PodIndex>,
+    /// How many writes the next batch may plan.
+    pace: Pace,
+    /// The last batch written and not yet seen in the snapshot: when its
+    /// writes began, how many, and the revision that shows them all.
+    round: Option<(Instant, usize, Revision)>,
 }
 
 fn random_suffix() -> String {
@@ -272,6 +285,14 @@ impl<'a> Leader<'a> {
             pod_index: Arc::default(),
             last_write: 0,
             next_resync: Instant::now(),
+            pace: Pace::new(
+                BATCH_START,
+                txns::MAX_TXN_OPS,
+                BATCH_OPS,
+                BATCH_STEP,
+                Duration::from_millis(u64::from(sup.cfg.lease_ttl_secs) * 1000 / 5),
+            ),
+            round: None,
         }
         .with_snapshot(current)
     }
@@ -326,6 +347,21 @@ impl<'a> Leader<'a> {
 
     async fn lead(&mut self, cancel: &CancellationToken) -> Result<Stop, SupervisorError> {
         loop {
+            if let Some((began, writes, want)) = self.round
+                && self.current.revision >= want.min(self.last_write)
+            {
+                self.round = None;
+                let took = began.elapsed();
+                if self.pace.observe(writes, took) {
+                    tracing::info!(
+                        writes,
+                        round_ms = took.as_millis() as u64,
+                        target_ms = self.pace.target().as_millis() as u64,
+                        limit = self.pace.limit(),
+                        "the store took the last batch slowly; smaller batches"
+                    );
+                }
+            }
             let live = self.current.stale_since_ms.is_none();
             if live && self.current.revision < self.last_write {
                 // Never plan on a snapshot that does not show our own writes.
@@ -461,7 +497,8 @@ impl<'a> Leader<'a> {
         let mut planned = 0usize;
         let t = Instant::now();
         let mut slice = Instant::now();
-        while ops < BATCH_OPS
+        let limit = self.pace.limit();
+        while ops < limit
             && let Some((key, why)) = self.dirty.pop_first()
         {
             if slice.elapsed() >= PLAN_SLICE {
@@ -480,7 +517,11 @@ impl<'a> Leader<'a> {
         }
         let plan_time = t.elapsed();
         let (sets, reported) = (writes.len(), reports.len());
+        let (began, before) = (Instant::now(), self.last_write);
         let stop = self.write_batch(writes, reports).await;
+        if ops > 0 && self.last_write > before {
+            self.round = Some((began, ops, self.last_write));
+        }
         if sets + reported > 0 {
             tracing::debug!(
                 planned,

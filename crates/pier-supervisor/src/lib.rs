@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 pub mod autoscale;
 mod autoscaler;
 mod controller;
+pub mod pace;
 pub mod plan;
 pub mod txns;
 
