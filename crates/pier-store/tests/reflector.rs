@@ -442,6 +442,57 @@ async fn silent_watch_is_found_out_by_progress_requests() {
     assert_equals_fresh_list(&direct, &snap).await;
 }
 
+/// A node lease is kept through a silent cut of 0.6 of its TTL (1.2 s of
+/// 2 s) that begins just as a renewal is due, the worst moment: the last
+/// renewal was a period (TTL/3) before, so etcd expires the lease about
+/// 0.13 s after the heal (plus its 0.5 s expiry loop). The connections cut
+/// stay silent for good (as a TCP connection does until it retransmits),
+/// so the keeper must renew on a new one at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_kept_through_a_cut_of_most_of_its_ttl() {
+    let (_etcd, direct, cut, via_cut) = partitionable_etcd().await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let ttl = Ttl::from_secs(2).expect("ttl");
+    let lease = LeaseKeeper::start(via_cut.clone(), ttl, cancel.clone())
+        .await
+        .expect("lease");
+    let t0 = tokio::time::Instant::now();
+    let id = lease.current().expect("a lease");
+    let key = keys::node(&name("n1"));
+    direct
+        .put(&key, b"{}".to_vec(), Some(id))
+        .await
+        .expect("put under the lease");
+    // Renewals are due at t0 + k × TTL/3: cut 30 ms before the third.
+    let period = ttl.as_duration() / 3;
+    tokio::time::sleep_until(t0 + period * 3 - Duration::from_millis(30)).await;
+    let mut health = lease.health();
+    let felt = tokio::spawn(async move {
+        // The cut is felt (a renewal fails), then renewals get through.
+        let _ = health.wait_for(|h| !*h).await;
+        let _ = health.wait_for(|h| *h).await;
+        std::time::Instant::now()
+    });
+    cut.set_silent(true);
+    tokio::time::sleep(ttl.as_duration() * 6 / 10).await;
+    cut.set_silent(false);
+    let healed = std::time::Instant::now();
+    let renewed = tokio::time::timeout(Duration::from_secs(10), felt)
+        .await
+        .expect("a renewal failed during the cut, and one got through after it")
+        .expect("join");
+    eprintln!(
+        "renewed {:?} after the heal",
+        renewed.saturating_duration_since(healed)
+    );
+    // Past the TTL and etcd's expiry loop: still the same lease, key kept.
+    tokio::time::sleep(ttl.as_duration() + Duration::from_millis(600)).await;
+    assert_eq!(lease.current(), Some(id), "the lease was never lost");
+    let kv = direct.get(&key).await.expect("get").expect("key kept");
+    assert_eq!(kv.lease, Some(id));
+}
+
 /// A store that passes everything to `inner` but holds back the first watch
 /// item after each `Resumed` for `delay`: the replayed changes of a
 /// reopened watch arrive late, as they may from a busy etcd (the race a

@@ -14,9 +14,15 @@
 //!   revision was compacted it ends with `Err(Compacted)`.
 //! - A lease's keepalives go over one long-lived LeaseKeepAlive stream,
 //!   opened at its first renewal and kept between renewals (a renewal is
-//!   one message each way on it); it is re-opened, on the current endpoint,
-//!   only when it breaks or does not answer in time. Opening a stream per
+//!   one message each way on it); it is re-opened only when it breaks or
+//!   does not answer in time, on every endpoint at once (the first to
+//!   renew wins), each given a quarter of the TTL. Opening a stream per
 //!   renewal cost 1,000 hosts their leases under load (issue 17).
+//! - A connection that gave a keepalive no answer in time is dropped
+//!   (`Inner::redial`): the next call to that endpoint dials a new one.
+//!   After a silent cut the old connection would carry nothing until TCP
+//!   retransmits (its backoff grows past a second within a short cut) or
+//!   the keep-alive gives up (10 s), which cost a healed host its lease.
 //! - Lists are paged (at one read revision) so that 100 000 keys never make
 //!   one oversized gRPC message.
 //! - Over TLS (`https://` endpoints, [`EtcdSecurity::tls`]) etcd's server
@@ -33,7 +39,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +55,7 @@ mod ops;
 mod watch;
 
 use convert::convert_kv;
-use errors::{chain, is_invalid_token, map_err, refusal};
+use errors::{chain, is_invalid_token, is_lease_not_found, map_err, refusal};
 use watch::Opened;
 
 /// How long one attempt on one endpoint may take.
@@ -79,9 +85,11 @@ pub struct EtcdStore {
 
 struct Inner {
     endpoints: Vec<String>,
-    /// One client per endpoint, made on first use: with a user, making it
-    /// authenticates, which needs that member up.
-    clients: Vec<OnceCell<Client>>,
+    /// One connection (client) per endpoint, made on first use: with a
+    /// user, making it authenticates, which needs that member up. Replaced
+    /// by a new one by [`Inner::redial`]. A std Mutex: held only to clone
+    /// or swap the Arc.
+    clients: Vec<Mutex<Arc<Conn>>>,
     options: ConnectOptions,
     current: AtomicUsize,
     /// Per-endpoint attempt timeout of lease keepalives: a quarter of the
@@ -101,10 +109,20 @@ struct KeptStream {
     used: Instant,
 }
 
+/// One connection to an endpoint: its client, made on first use.
+#[derive(Default)]
+struct Conn {
+    cell: OnceCell<Client>,
+    /// Whether a call on it has been answered.
+    proven: AtomicBool,
+}
+
 /// An open LeaseKeepAlive stream of one lease.
 struct KeepAliveChan {
     /// The endpoint it was opened on.
     idx: usize,
+    /// The connection it runs on.
+    conn: Arc<Conn>,
     keeper: etcd_client::LeaseKeeper,
     stream: etcd_client::LeaseKeepAliveStream,
 }
@@ -222,7 +240,10 @@ impl EtcdStore {
             names.push(normalize(e, security.tls.is_some())?);
         }
         let inner = Inner {
-            clients: names.iter().map(|_| OnceCell::new()).collect(),
+            clients: names
+                .iter()
+                .map(|_| Mutex::new(Arc::new(Conn::default())))
+                .collect(),
             endpoints: names,
             options,
             current: AtomicUsize::new(0),
@@ -245,6 +266,7 @@ impl EtcdStore {
             };
             match tokio::time::timeout(ATTEMPT_TIMEOUT, probe).await {
                 Ok(Ok(_)) => {
+                    inner.conn(i).proven.store(true, Ordering::Relaxed);
                     inner.current.store(i, Ordering::Relaxed);
                     return Ok(EtcdStore {
                         inner: Arc::new(inner),
@@ -296,12 +318,149 @@ impl Inner {
     /// Endpoint `idx`'s client, made (and, with a user, authenticated) on
     /// first use. A failure leaves it to be made again on the next call.
     async fn client(&self, idx: usize) -> Result<Client, etcd_client::Error> {
+        self.client_in(idx, &self.conn(idx)).await
+    }
+
+    /// Endpoint `idx`'s current connection.
+    fn conn(&self, idx: usize) -> Arc<Conn> {
         self.clients[idx]
-            .get_or_try_init(|| {
-                Client::connect([self.endpoints[idx].as_str()], Some(self.options.clone()))
-            })
-            .await
-            .cloned()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The client of `conn` (endpoint `idx`'s), made if it is not yet.
+    async fn client_in(&self, idx: usize, conn: &Conn) -> Result<Client, etcd_client::Error> {
+        conn.cell.get_or_try_init(|| self.dial(idx)).await.cloned()
+    }
+
+    /// A new client (connection) to endpoint `idx`.
+    async fn dial(&self, idx: usize) -> Result<Client, etcd_client::Error> {
+        Client::connect([self.endpoints[idx].as_str()], Some(self.options.clone())).await
+    }
+
+    /// Replaces endpoint `idx`'s connection, if it is still `conn`, by a
+    /// new one to be dialled: `conn` gave no answer in time. Streams open
+    /// on the old one keep it until they end.
+    fn redial(&self, idx: usize, conn: &Arc<Conn>) {
+        let mut slot = self.clients[idx].lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, conn) {
+            *slot = Arc::new(Conn::default());
+            tracing::debug!(
+                endpoint = %self.endpoints[idx],
+                "etcd: no answer on this connection; the next call dials a new one"
+            );
+        }
+    }
+
+    /// Makes `client`, which has answered, endpoint `idx`'s connection if
+    /// that is still the unproven `old`; returns the connection it is in.
+    fn adopt(&self, idx: usize, old: &Arc<Conn>, client: Client) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            cell: OnceCell::new_with(Some(client)),
+            proven: AtomicBool::new(true),
+        });
+        let mut slot = self.clients[idx].lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&slot, old) {
+            *slot = conn.clone();
+        }
+        conn
+    }
+
+    /// Opens `lease`'s keepalive stream on every endpoint at once and
+    /// renews once on it: the first endpoint to answer wins (and becomes
+    /// the current one), the others are dropped. Each try has `attempt`;
+    /// a try without an answer redials its endpoint. `None` with a TTL of
+    /// 0: the lease is gone.
+    async fn open_keepalive(
+        &self,
+        lease: LeaseId,
+        attempt: Duration,
+    ) -> Result<(Option<KeepAliveChan>, i64), StoreError> {
+        let n = self.endpoints.len();
+        let cur = self.current.load(Ordering::Relaxed);
+        let tries = (0..n)
+            .map(|k| (cur + k) % n)
+            .map(|idx| Box::pin(self.try_keepalive(idx, lease, attempt)));
+        let ((chan, ttl), _rest) = futures::future::select_ok(tries).await?;
+        if let Some(c) = &chan
+            && c.idx != cur
+            && self
+                .current
+                .compare_exchange(cur, c.idx, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::info!(
+                from = %self.endpoints[cur],
+                to = %self.endpoints[c.idx],
+                "etcd endpoint answered a lease keepalive first; switching"
+            );
+        }
+        Ok((chan, ttl))
+    }
+
+    /// One try of [`Inner::open_keepalive`] on endpoint `idx`: on its
+    /// connection if that has answered before, else on a connection of its
+    /// own (kept as the endpoint's if it answers). A connection that has
+    /// not answered yet is not shared: after a cut, each try dials anew, so
+    /// the first try after the heal gets through at once instead of waiting
+    /// behind a connect sent into the cut.
+    async fn try_keepalive(
+        &self,
+        idx: usize,
+        lease: LeaseId,
+        attempt: Duration,
+    ) -> Result<(Option<KeepAliveChan>, i64), StoreError> {
+        let endpoint = &self.endpoints[idx];
+        let what = format!("lease keepalive {lease} on {endpoint}");
+        let mut renewed_token = false;
+        loop {
+            let conn = self.conn(idx);
+            let own = !conn.proven.load(Ordering::Relaxed);
+            let once = async {
+                let c = if own {
+                    self.dial(idx).await?
+                } else {
+                    self.client_in(idx, &conn).await?
+                };
+                let (keeper, stream) = c.clone().lease_keep_alive(lease.0).await?;
+                let mut chan = KeepAliveChan {
+                    idx,
+                    conn: conn.clone(),
+                    keeper,
+                    stream,
+                };
+                let ttl = chan.renew().await?;
+                Ok::<_, etcd_client::Error>((chan, ttl, c))
+            };
+            let e = match tokio::time::timeout(attempt, once).await {
+                Ok(Ok((mut chan, ttl, c))) => {
+                    if own {
+                        chan.conn = self.adopt(idx, &conn, c);
+                    }
+                    return Ok((Some(chan), ttl));
+                }
+                Ok(Err(e)) if is_invalid_token(&e) && !renewed_token => {
+                    // Keepalive streams are not covered by etcd-client's
+                    // own token refresh: renew it here, once.
+                    renewed_token = true;
+                    if let Some(c) = conn.cell.get() {
+                        let _ = tokio::time::timeout(attempt, c.refresh_token()).await;
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => map_err(&what, e),
+                Err(_) => {
+                    self.redial(idx, &conn);
+                    StoreError::Unavailable(format!("{what}: no answer in {attempt:?}"))
+                }
+            };
+            if is_lease_not_found(&e) {
+                return Ok((None, 0));
+            }
+            tracing::debug!("{e}");
+            return Err(e);
+        }
     }
 
     /// Moves on from endpoint `from` (if nobody did already).
@@ -352,18 +511,23 @@ impl Inner {
         loop {
             let idx = self.current.load(Ordering::Relaxed);
             let endpoint = &self.endpoints[idx];
+            let conn = self.conn(idx);
             let attempt = async {
-                let client = self.client(idx).await?;
+                let client = self.client_in(idx, &conn).await?;
                 f(idx, client).await
             };
             let err = match tokio::time::timeout(attempt_timeout, attempt).await {
-                Ok(Ok(v)) => return Ok(v),
+                Ok(Ok(v)) => {
+                    conn.proven.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
                 Ok(Err(e)) if is_invalid_token(&e) && !renewed_token => {
                     // Watches and keepalive streams are not covered by
                     // etcd-client's own token refresh: renew it here, once.
                     renewed_token = true;
                     tracing::debug!("{what} on {endpoint}: auth token refused; renewing it");
-                    if let Some(c) = self.clients[idx].get() {
+                    let conn = self.conn(idx);
+                    if let Some(c) = conn.cell.get() {
                         let _ = tokio::time::timeout(attempt_timeout, c.refresh_token()).await;
                     }
                     continue;

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::convert::{convert_compare, convert_kv, convert_op, prefix_end};
 use super::errors::{chain, is_lease_not_found};
 use super::watch::{Opened, WatchTask, compacted_at};
-use super::{EtcdStore, KeepAliveChan, RETRY_BUDGET};
+use super::{EtcdStore, RETRY_BUDGET};
 use crate::{
     KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Ttl, Txn, TxnOp, TxnResult,
     WatchStream,
@@ -151,68 +151,55 @@ impl Store for EtcdStore {
         let attempt =
             Duration::from_millis(self.inner.keepalive_attempt_ms.load(Ordering::Relaxed));
         let slot = self.inner.keepalive_slot(lease);
-        let mut kept = slot.lock().await;
-        kept.used = Instant::now();
-        // The kept stream first: one message each way.
+        // The kept stream first: one message each way. The slot is held
+        // only for that, so that a renewal tried meanwhile (the lease
+        // keeper tries again while one hangs) opens its own.
         let mut answer = None;
-        if let Some(mut chan) = kept.chan.take() {
-            let endpoint = &self.inner.endpoints[chan.idx];
-            match tokio::time::timeout(attempt, chan.renew()).await {
-                Ok(Ok(ttl)) => {
-                    answer = Some(ttl);
-                    kept.chan = Some(chan);
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(
-                        "lease keepalive {lease} on {endpoint}: stream broken ({}); opening another",
-                        chain(&e)
-                    );
-                    self.inner.rotate(chan.idx);
-                }
-                Err(_) => {
-                    tracing::debug!(
-                        "lease keepalive {lease} on {endpoint}: no answer in {attempt:?}; opening another stream"
-                    );
-                    self.inner.rotate(chan.idx);
+        {
+            let mut kept = slot.lock().await;
+            kept.used = Instant::now();
+            if let Some(mut chan) = kept.chan.take() {
+                let endpoint = &self.inner.endpoints[chan.idx];
+                match tokio::time::timeout(attempt, chan.renew()).await {
+                    Ok(Ok(ttl)) => {
+                        answer = Some(ttl);
+                        kept.chan = Some(chan);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(
+                            "lease keepalive {lease} on {endpoint}: stream broken ({}); opening another",
+                            chain(&e)
+                        );
+                        self.inner.rotate(chan.idx);
+                    }
+                    Err(_) => {
+                        tracing::debug!(
+                            "lease keepalive {lease} on {endpoint}: no answer in {attempt:?}; opening another stream"
+                        );
+                        self.inner.redial(chan.idx, &chan.conn);
+                        self.inner.rotate(chan.idx);
+                    }
                 }
             }
         }
-        // None, or it broke: open one (etcd-client's open renews once and
-        // swallows the answer; the renewal after it gives the TTL).
+        // None, or it broke: open one on every endpoint at once
+        // (etcd-client's open renews once and swallows the answer; the
+        // renewal after it gives the TTL).
         let ttl = match answer {
             Some(ttl) => ttl,
             None => {
-                let opened = self
-                    .inner
-                    .call_with(
-                        &format!("lease keepalive {lease}"),
-                        RETRY_BUDGET,
-                        attempt,
-                        |idx, mut c| async move {
-                            let (keeper, stream) = c.lease_keep_alive(lease.0).await?;
-                            let mut chan = KeepAliveChan {
-                                idx,
-                                keeper,
-                                stream,
-                            };
-                            let ttl = chan.renew().await?;
-                            Ok((chan, ttl))
-                        },
-                    )
-                    .await;
-                match opened {
-                    Ok((chan, ttl)) => {
+                let (chan, ttl) = self.inner.open_keepalive(lease, attempt).await?;
+                if let Some(chan) = chan {
+                    let mut kept = slot.lock().await;
+                    if kept.chan.is_none() {
                         kept.chan = Some(chan);
-                        ttl
                     }
-                    Err(e) if is_lease_not_found(&e) => 0,
-                    Err(e) => return Err(e),
                 }
+                ttl
             }
         };
         if ttl <= 0 {
-            kept.chan = None;
-            drop(kept);
+            slot.lock().await.chan = None;
             self.inner.forget_keepalive(lease);
             return Err(StoreError::LeaseNotFound(lease));
         }
