@@ -118,10 +118,11 @@ impl Agent {
                 .chain(self.pod_waiting.keys())
                 .cloned()
                 .collect();
+            self.node_pods.update(&snap, &me);
             let plan = desired::pods(
                 &desired::PodView {
                     me: &me,
-                    snap: &snap,
+                    pods: &self.node_pods,
                     containers: &self.containers,
                     pod_errors: &self.pod_errors,
                     starting: &starting,

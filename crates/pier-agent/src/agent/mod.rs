@@ -110,6 +110,8 @@ pub(crate) struct Agent {
     names: HashMap<String, names::NameState>,
 
     snap: Arc<Snapshot>,
+    /// This node's pods in the last snapshot reconciled on.
+    node_pods: desired::NodePods,
     lease: Option<LeaseId>,
     docker: Option<Docker>,
     docker_synced: bool,
@@ -184,6 +186,7 @@ impl Agent {
             node,
             store: ctx.store,
             snap,
+            node_pods: desired::NodePods::default(),
             lease_rx: ctx.lease,
             snapshot_rx: ctx.snapshot,
             alloc: ctx.alloc,
