@@ -45,9 +45,9 @@ pub(crate) const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 /// transactions. The next batch waits until the snapshot shows them all.
 /// The batch size follows what the store takes ([`pace`]): it starts at
 /// [`BATCH_START`], grows by [`BATCH_STEP`] after each full batch whose
-/// round (first write sent → last one in the snapshot) took at most a
-/// fifth of the lease TTL, and halves after a slower one, down to one
-/// transaction.
+/// slowest transaction and whose delay until the snapshot showed it both
+/// took at most a fifth of the lease TTL, and halves after a slower one,
+/// down to one transaction.
 const BATCH_OPS: usize = 4096;
 const BATCH_START: usize = 512;
 const BATCH_STEP: usize = 128;
@@ -240,8 +240,11 @@ struct Leader<'a> {
     /// How many writes the next batch may plan.
     pace: Pace,
     /// The last batch written and not yet seen in the snapshot: when its
-    /// writes began, how many, and the revision that shows them all.
-    round: Option<(Instant, usize, Revision)>,
+    /// writes were done, how many, the revision that shows them all, and
+    /// its slowest transaction.
+    round: Option<(Instant, usize, Revision, Duration)>,
+    /// The slowest transaction of the last [`Leader::write_batch`].
+    slowest_txn: Duration,
 }
 
 fn random_suffix() -> String {
@@ -293,6 +296,7 @@ impl<'a> Leader<'a> {
                 Duration::from_millis(u64::from(sup.cfg.lease_ttl_secs) * 1000 / 5),
             ),
             round: None,
+            slowest_txn: Duration::ZERO,
         }
         .with_snapshot(current)
     }
@@ -347,15 +351,16 @@ impl<'a> Leader<'a> {
 
     async fn lead(&mut self, cancel: &CancellationToken) -> Result<Stop, SupervisorError> {
         loop {
-            if let Some((began, writes, want)) = self.round
+            if let Some((written, writes, want, slowest)) = self.round
                 && self.current.revision >= want.min(self.last_write)
             {
                 self.round = None;
-                let took = began.elapsed();
-                if self.pace.observe(writes, took) {
+                let seen_after = written.elapsed();
+                if self.pace.observe(writes, slowest.max(seen_after)) {
                     tracing::info!(
                         writes,
-                        round_ms = took.as_millis() as u64,
+                        slowest_txn_ms = slowest.as_millis() as u64,
+                        seen_after_ms = seen_after.as_millis() as u64,
                         target_ms = self.pace.target().as_millis() as u64,
                         limit = self.pace.limit(),
                         "the store took the last batch slowly; smaller batches"
@@ -517,10 +522,10 @@ impl<'a> Leader<'a> {
         }
         let plan_time = t.elapsed();
         let (sets, reported) = (writes.len(), reports.len());
-        let (began, before) = (Instant::now(), self.last_write);
+        let before = self.last_write;
         let stop = self.write_batch(writes, reports).await;
         if ops > 0 && self.last_write > before {
-            self.round = Some((began, ops, self.last_write));
+            self.round = Some((Instant::now(), ops, self.last_write, self.slowest_txn));
         }
         if sets + reported > 0 {
             tracing::debug!(
@@ -784,13 +789,20 @@ impl<'a> Leader<'a> {
             });
         }
         let store = self.sup.store.clone();
+        let slowest = std::sync::Mutex::new(Duration::ZERO);
         let results: Vec<(Of, Result<Option<Revision>, StoreError>)> =
             futures::stream::iter(jobs.into_iter().map(|job| {
                 let store = store.clone();
+                let slowest = &slowest;
                 async move {
                     let mut last = None;
                     for txn in job.txns {
-                        match store.txn(txn).await {
+                        let t = Instant::now();
+                        let r = store.txn(txn).await;
+                        if let Ok(mut s) = slowest.lock() {
+                            *s = (*s).max(t.elapsed());
+                        }
+                        match r {
                             Ok(r) if r.succeeded => last = Some(r.revision),
                             Ok(_) => return (job.of, Ok(None)),
                             Err(e) => return (job.of, Err(e)),
@@ -802,6 +814,7 @@ impl<'a> Leader<'a> {
             .buffer_unordered(TXNS_IN_FLIGHT)
             .collect()
             .await;
+        self.slowest_txn = slowest.into_inner().unwrap_or_default();
 
         let mut requeue: Vec<Option<Instant>> = writes.iter().map(|w| w.requeue).collect();
         let mut conflict = false;

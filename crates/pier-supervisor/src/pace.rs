@@ -10,12 +10,14 @@
 //! caught up: every host's lease can expire (BENCHMARKS.md, "Scale").
 //!
 //! So the batch size follows what the store takes, additive increase and
-//! multiplicative decrease on the round of a batch: from its first write
-//! sent until the leader's snapshot shows its last one (the apply latency
-//! and the watch delay together). A round within the target (a fraction of
-//! the lease TTL) lets the next full batch be one step bigger; a slower one
-//! halves it. It never goes below one transaction or above the most the
-//! leader plans at once.
+//! multiplicative decrease on how a batch went: its slowest transaction
+//! (etcd answers once it has applied it) and the delay from its last
+//! answer until the leader's snapshot showed it (the watchers' delay),
+//! whichever is longer. Within the target (a fraction of the lease TTL),
+//! the next full batch may be one step bigger; slower, half as big. It
+//! never goes below one transaction or above the most the leader plans at
+//! once. A healthy store is not held back: the signal does not grow with
+//! the batch, only with the store's latency.
 
 use std::time::Duration;
 
@@ -53,10 +55,11 @@ impl Pace {
         self.target
     }
 
-    /// After a batch of `writes` whose round took `round`: `true` when the
-    /// limit was cut (the store is behind).
-    pub fn observe(&mut self, writes: usize, round: Duration) -> bool {
-        if round > self.target {
+    /// After a batch of `writes` whose slower of its slowest transaction
+    /// and its delay to the snapshot was `took`: `true` when the limit was
+    /// cut (the store is behind).
+    pub fn observe(&mut self, writes: usize, took: Duration) -> bool {
+        if took > self.target {
             let cut = (self.limit / 2).max(self.min);
             let changed = cut != self.limit;
             self.limit = cut;
