@@ -44,13 +44,13 @@ pub(crate) const CAMPAIGN_RETRY: Duration = Duration::from_secs(1);
 /// plans on one snapshot before it writes them: about 32 full
 /// transactions. The next batch waits until the snapshot shows them all.
 /// The batch size follows what the store takes ([`pace`]): it starts at
-/// [`BATCH_START`], grows by [`BATCH_STEP`] after each full batch whose
+/// the most (a store that keeps up is written as fast as before), grows by
+/// [`BATCH_STEP`] after each full batch whose
 /// slowest transaction and whose delay until the snapshot showed it both
 /// took at most a fifth of the lease TTL, and halves after a slower one,
 /// down to one transaction.
 const BATCH_OPS: usize = 4096;
-const BATCH_START: usize = 512;
-const BATCH_STEP: usize = 128;
+const BATCH_STEP: usize = 512;
 /// Transactions in flight at once. Each is up to 128 writes; session 7 saw
 /// a flood of transactions (1,000 hosts registering in txns) delay etcd's
 /// lease renewals past their TTL, so the leader keeps only a few queued.
@@ -289,7 +289,7 @@ impl<'a> Leader<'a> {
             last_write: 0,
             next_resync: Instant::now(),
             pace: Pace::new(
-                BATCH_START,
+                BATCH_OPS,
                 txns::MAX_TXN_OPS,
                 BATCH_OPS,
                 BATCH_STEP,
