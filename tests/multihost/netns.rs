@@ -688,22 +688,37 @@ impl Topology {
         Ok(dir)
     }
 
-    /// Cut host `i` off the switch (switch side down: the host keeps its
-    /// routes and notices nothing but silence).
+    /// Cut host `i` off the switch: the bridge drops every frame from and
+    /// to its port (ebtables), so the host keeps its link and routes and
+    /// notices nothing but silence, and the heal takes effect at once.
+    /// (Setting the switch side's link down, as before, also took the
+    /// host's carrier, and after `link set up` frames passed only 0.8–0.9 s
+    /// later: every cut lasted that much longer than recorded, and a short
+    /// one cost its host its lease.)
     pub fn cut(&self, i: usize) -> Result<()> {
-        run(ip().args([
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &self.switch_if(i),
-            "down",
-        ]))?;
-        Ok(())
+        self.port_rules("-A", i)
     }
 
     pub fn heal(&self, i: usize) -> Result<()> {
-        run(ip().args(["-n", &self.switch, "link", "set", &self.switch_if(i), "up"]))?;
+        self.port_rules("-D", i)
+    }
+
+    /// Adds (`-A`) or deletes (`-D`) the DROP rules of host `i`'s port.
+    fn port_rules(&self, op: &str, i: usize) -> Result<()> {
+        for dir in ["-i", "-o"] {
+            run(ip()
+                .args([
+                    "netns",
+                    "exec",
+                    &self.switch,
+                    "ebtables",
+                    op,
+                    "FORWARD",
+                    dir,
+                ])
+                .arg(self.switch_if(i))
+                .args(["-j", "DROP"]))?;
+        }
         Ok(())
     }
 
