@@ -43,7 +43,15 @@
 //!   the end must be the last acknowledged one, or one written after it
 //!   without acknowledgement (an unacknowledged write may have landed);
 //! - a fault after which the cluster did not converge within
-//!   [`CONVERGE_BOUND`].
+//!   [`CONVERGE_LIMIT`] (the run stops there);
+//! - in the documented runs (`chaos_ten_minutes`; `chaos_run` with
+//!   `CHAOS_GOALS=1`), also a fault after which it converged later than
+//!   [`CONVERGE_BOUND`], the goal of 2 lease TTLs. `chaos_run` in
+//!   CI reports such a miss but passes on it: it is a time, and times are
+//!   measured in the documented runs on a quiet machine (RELIABILITY.md),
+//!   not asserted on a CI machine whose load no test controls. Everything
+//!   else it asserts: no unexplained failure, no stale answer, no lost
+//!   write, convergence after every fault.
 //!
 //! It also prints the time `web` spent below and above its desired count
 //! after each fault. The results are in RELIABILITY.md.
@@ -87,21 +95,32 @@ const MONITOR_EVERY: Duration = Duration::from_millis(200);
 /// etcd expires leases in a sweep every 0.5 s; with room.
 const LEASE_EXPIRY_SLACK: Duration = Duration::from_secs(1);
 
-/// 60 s of faults. Not in CI yet: the placement problem it used to fail on
-/// (a set left on one host) is fixed by the supervisor's re-spread; its
-/// passes since are in RELIABILITY.md ("The chaos run"), for the decision
-/// to run it in tests/run.sh.
+/// 60 s of faults, in CI (tests/run.sh runs the workspace's tests): every
+/// check but the 2-TTL convergence goal, which it reports (`CHAOS_GOALS=1`
+/// enforces it too).
 #[test]
-#[ignore = "not in CI yet (RELIABILITY.md, \"The chaos run\"); run with --ignored"]
 fn chaos_run() -> Result<()> {
-    chaos(secs_from_env(60)?)
+    let goals = match std::env::var("CHAOS_GOALS").as_deref() {
+        Ok("1") => Goals::Enforced,
+        Ok("0") | Err(_) => Goals::Reported,
+        Ok(v) => anyhow::bail!("CHAOS_GOALS={v:?}: 1 (enforce the 2-TTL convergence goal) or 0"),
+    };
+    chaos(secs_from_env(60)?, goals)
 }
 
 /// The documented 10-minute run: `CHAOS_SECS` (default 600) of faults.
 #[test]
 #[ignore = "10 minutes: run with --ignored (RELIABILITY.md)"]
 fn chaos_ten_minutes() -> Result<()> {
-    chaos(secs_from_env(600)?)
+    chaos(secs_from_env(600)?, Goals::Enforced)
+}
+
+/// Whether a convergence slower than [`CONVERGE_BOUND`] fails the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goals {
+    Enforced,
+    /// Reported in the output, not failed on (CI: see the module doc).
+    Reported,
 }
 
 /// `/proc/loadavg`'s 1, 5 and 15 minute figures.
@@ -316,7 +335,7 @@ fn hosts(c: &Cluster) -> Vec<HostInfo> {
         .collect()
 }
 
-fn chaos(secs: Duration) -> Result<()> {
+fn chaos(secs: Duration, goals: Goals) -> Result<()> {
     let seed = match std::env::var("CHAOS_SEED") {
         Ok(s) => s
             .parse::<u64>()
@@ -493,7 +512,15 @@ fn chaos(secs: Duration) -> Result<()> {
         .iter()
         .map(|m| m.lock().unwrap().clone())
         .collect();
-    let report = check(seed, secs, &faults, &reqs, &samples, &store, &writes);
+    let mut report = check(seed, secs, &faults, &reqs, &samples, &store, &writes);
+    match goals {
+        Goals::Enforced => report.problems.append(&mut report.goal_misses),
+        Goals::Reported if !report.goal_misses.is_empty() => eprintln!(
+            "chaos: {} convergence(s) slower than the 2-TTL goal, reported, not failed on (CHAOS_GOALS=1 fails on them)",
+            report.goal_misses.len()
+        ),
+        Goals::Reported => {}
+    }
     // What the supervisor did, from the agents' logs (every agent may have
     // led it at some point).
     let log_count = |needle: &[&str]| -> usize {
@@ -976,6 +1003,8 @@ fn writer(sh: &Shared, hosts: &[HostInfo], pier: &PathBuf, seed: u64) -> Result<
 struct Report {
     text: String,
     problems: Vec<String>,
+    /// Convergences slower than [`CONVERGE_BOUND`].
+    goal_misses: Vec<String>,
 }
 
 fn secs(d: Duration) -> String {
@@ -993,6 +1022,7 @@ fn check(
     writes: &[WriteRec],
 ) -> Report {
     let mut problems = Vec::new();
+    let mut goal_misses = Vec::new();
     let mut t = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(
@@ -1162,7 +1192,7 @@ fn check(
             let w = worst.entry(f.kind.name()).or_default();
             *w = (*w).max(cv);
             if cv > CONVERGE_BOUND {
-                problems.push(format!(
+                goal_misses.push(format!(
                     "fault {n} ({} on h{}): converged {:.2}s after it ended, more than 2 lease TTLs ({CONVERGE_BOUND:?})",
                     f.kind.name(),
                     f.host,
@@ -1245,5 +1275,12 @@ fn check(
     if reqs.iter().filter(|r| r.result.is_ok()).count() < reqs.len() / 2 {
         problems.push("fewer than half the requests succeeded".to_owned());
     }
-    Report { text: t, problems }
+    for m in &goal_misses {
+        let _ = writeln!(t, "goal missed: {m}");
+    }
+    Report {
+        text: t,
+        problems,
+        goal_misses,
+    }
 }
