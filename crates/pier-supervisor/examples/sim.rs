@@ -102,6 +102,8 @@ struct Args {
     /// (placed round-robin, as the leader would place them), so that the
     /// host loss is reached without the leader's scheduling time.
     prefill: bool,
+    /// `etcd grpc-proxy` relays between the hosts and the members (0: none).
+    proxies: usize,
 }
 
 fn args() -> Result<Args> {
@@ -120,6 +122,7 @@ fn args() -> Result<Args> {
         rs: 0,
         replicas: 10,
         prefill: false,
+        proxies: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -144,6 +147,7 @@ fn args() -> Result<Args> {
             "--rs" => a.rs = u,
             "--replicas" => a.replicas = u,
             "--prefill" => a.prefill = v != 0,
+            "--proxies" => a.proxies = u,
             _ => bail!("unknown option {k} (see the example's doc comment)"),
         }
     }
@@ -191,10 +195,15 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A 3-member etcd cluster on loopback; the members are killed on drop.
+/// A 3-member etcd cluster on loopback, with `--proxies` gRPC proxies in
+/// front of it; the members and proxies are killed on drop.
 struct Cluster {
+    /// The members, then the proxies.
     children: Vec<Child>,
+    /// The members' client addresses.
     clients: Vec<String>,
+    /// The proxies' listen addresses (empty: the hosts talk to the members).
+    proxies: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -206,8 +215,10 @@ impl Drop for Cluster {
         }
         // SIM_LOGDIR=dir keeps the members' logs (m0.log …) there.
         if let Some(dir) = std::env::var_os("SIM_LOGDIR") {
-            for i in 0..3 {
-                let f = format!("m{i}.log");
+            let logs = (0..3)
+                .map(|i| format!("m{i}.log"))
+                .chain((0..self.proxies.len()).map(|i| format!("p{i}.log")));
+            for f in logs {
                 let _ = std::fs::copy(
                     self._dir.path().join(&f),
                     std::path::Path::new(&dir).join(&f),
@@ -218,7 +229,7 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
-    fn start() -> Result<Cluster> {
+    fn start(proxies: usize) -> Result<Cluster> {
         let bin = std::env::var("PIER_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let dir = tempfile::tempdir()?;
         let ports: Vec<(u16, u16)> = (0..3)
@@ -235,6 +246,7 @@ impl Cluster {
                 .iter()
                 .map(|(c, _)| format!("127.0.0.1:{c}"))
                 .collect(),
+            proxies: Vec::new(),
             _dir: dir,
         };
         for (i, (cp, pp)) in ports.iter().enumerate() {
@@ -258,7 +270,48 @@ impl Cluster {
                 .with_context(|| format!("starting {bin} (PIER_ETCD_BIN)"))?;
             c.children.push(child);
         }
+        // `--proxies N`: etcd's own gRPC proxy, which serves KV, lease and
+        // watch calls, forwarding them to the members and coalescing the
+        // watchers of one range into one watcher on a member. A list page
+        // (5,000 keys) can exceed its default 1.5 MiB reply limit.
+        for i in 0..proxies {
+            let port = free_port()?;
+            let data = c._dir.path().join(format!("p{i}"));
+            let log = std::fs::File::create(c._dir.path().join(format!("p{i}.log")))?;
+            let child = Command::new(&bin)
+                .args(["grpc-proxy", "start"])
+                .arg(format!("--endpoints={}", c.clients.join(",")))
+                .arg(format!("--listen-addr=127.0.0.1:{port}"))
+                .arg(format!("--data-dir={}", data.display()))
+                .arg("--max-send-bytes=67108864")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {bin} grpc-proxy (PIER_ETCD_BIN)"))?;
+            c.children.push(child);
+            c.proxies.push(format!("127.0.0.1:{port}"));
+        }
         Ok(c)
+    }
+
+    /// Where a client connects: the `i`-th proxy round-robin, or the members.
+    fn endpoints_for(&self, i: usize) -> Vec<String> {
+        if self.proxies.is_empty() {
+            self.clients.clone()
+        } else {
+            vec![self.proxies[i % self.proxies.len()].clone()]
+        }
+    }
+
+    /// The proxies' CPU seconds and RSS (MB), from /proc.
+    fn proxy_usage(&self) -> Vec<(f64, f64)> {
+        self.children[3..]
+            .iter()
+            .map(|c| {
+                let pid = c.id().to_string();
+                (proc_cpu_s(&pid), rss_mb(&pid))
+            })
+            .collect()
     }
 
     /// Scrapes one of etcd's own metrics from every member.
@@ -317,7 +370,12 @@ fn scrape_many(addr: &str, names: &[&str]) -> Result<Vec<f64>> {
 
 /// This process's CPU time (user + system), in seconds.
 fn self_cpu_s() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
+    proc_cpu_s("self")
+}
+
+/// A process's CPU time (user + system), in seconds.
+fn proc_cpu_s(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
             // After the command name's closing parenthesis: fields 14 and 15
@@ -654,7 +712,7 @@ async fn main() -> Result<()> {
     }
     println!("sim {a:?}");
     println!("load at start: {}", load());
-    let cluster = Cluster::start()?;
+    let cluster = Cluster::start(a.proxies)?;
     // Stopped by a signal, the members go too (and their data dir), as on
     // a normal end: a run stopped early must leave no etcd behind.
     {
@@ -685,7 +743,7 @@ async fn main() -> Result<()> {
             }
             let _ = std::fs::remove_dir_all(&dir);
             eprintln!(
-                "stopped by a signal: etcd members killed, {} removed",
+                "stopped by a signal: etcd members (and proxies) killed, {} removed",
                 dir.display()
             );
             std::process::exit(130);
@@ -696,8 +754,10 @@ async fn main() -> Result<()> {
     // SIM_FIRST=1: every client starts on the first member (as before
     // `connect_spread`).
     let first = std::env::var("SIM_FIRST").is_ok_and(|v| v == "1");
-    let connect = |key: String| {
-        let eps = cluster.clients.clone();
+    // With `--proxies N`, the `i`-th connection of each kind goes through
+    // proxy i % N.
+    let connect = |key: String, i: usize| {
+        let eps = cluster.endpoints_for(i);
         async move {
             let sec = pier_store::EtcdSecurity::default();
             if first {
@@ -707,9 +767,19 @@ async fn main() -> Result<()> {
             }
         }
     };
+    // The reflectors' own leases and the supervisor go to the members
+    // directly: through the proxy, a keepalive is answered at the proxy's
+    // own renewal pace (TTL/3), later than pier's TTL/4 attempt timeout.
+    let direct = |key: String| {
+        let eps = cluster.clients.clone();
+        async move {
+            let sec = pier_store::EtcdSecurity::default();
+            EtcdStore::connect_spread(&eps, &sec, &key).await
+        }
+    };
     for c in 0..a.clients {
         loop {
-            match connect(format!("client-{c}")).await {
+            match connect(format!("client-{c}"), c).await {
                 Ok(s) => {
                     // A member with no leader yet refuses; wait for one.
                     if s.list(keys::ROOT).await.is_ok() {
@@ -726,10 +796,15 @@ async fn main() -> Result<()> {
         }
     }
     println!(
-        "1. etcd: 3 members up in {:.1} s; {} client connection(s) for {} hosts",
+        "1. etcd: 3 members up in {:.1} s; {} client connection(s) for {} hosts{}",
         t_up.elapsed().as_secs_f64(),
         clients.len(),
-        a.hosts
+        a.hosts,
+        if a.proxies > 0 {
+            format!(", through {} grpc-proxy relay(s)", a.proxies)
+        } else {
+            String::new()
+        }
     );
     let cancel = CancellationToken::new();
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -780,10 +855,15 @@ async fn main() -> Result<()> {
     let mut refl = Vec::new();
     let mut refl_leases = Vec::new();
     for r in 0..a.reflectors {
-        let s: Arc<dyn Store> = Arc::new(retry("connect", || connect(format!("host-{r}"))).await?);
+        let s: Arc<dyn Store> = Arc::new(retry("connect", || connect(format!("host-{r}"), r)).await?);
         let ttl = Ttl::from_secs(a.ttl)?;
+        let ks: Arc<dyn Store> = if a.proxies > 0 {
+            Arc::new(retry("connect", || direct(format!("host-{r}"))).await?)
+        } else {
+            s.clone()
+        };
         let k = retry("reflector lease", || {
-            LeaseKeeper::start(s.clone(), ttl, cancel.child_token())
+            LeaseKeeper::start(ks.clone(), ttl, cancel.child_token())
         })
         .await?;
         refl.push(Reflector::spawn_with_hold(
@@ -817,7 +897,7 @@ async fn main() -> Result<()> {
             .await?
             .revision;
         for i in 0..a.watches {
-            let s = retry("connect", || connect(format!("watch-{i}"))).await?;
+            let s = retry("connect", || connect(format!("watch-{i}"), i)).await?;
             let mut w = retry("watch", || s.watch(keys::ROOT, rev + 1)).await?;
             let c = cancel.clone();
             drains.spawn(async move {
@@ -895,7 +975,22 @@ async fn main() -> Result<()> {
     // 5b. The supervisor on the simulated hosts.
     if a.rs > 0 {
         let lost2: BTreeSet<usize> = (0..a.hosts).filter(|h| h % 10 == 7).collect();
-        supervised(&a, &clients, &refl, &keepers, &lost, &lost2, &host_cancel).await?;
+        let leader: Arc<dyn Store> = if a.proxies > 0 {
+            Arc::new(retry("connect", || direct("leader".into())).await?)
+        } else {
+            clients[0].clone()
+        };
+        supervised(
+            &a,
+            &clients,
+            leader,
+            &refl,
+            &keepers,
+            &lost,
+            &lost2,
+            &host_cancel,
+        )
+        .await?;
     }
 
     // 6. etcd.
@@ -906,17 +1001,19 @@ async fn main() -> Result<()> {
     let db = cluster.metric("etcd_mvcc_db_total_size_in_bytes");
     let watchers = cluster.metric("etcd_debugging_mvcc_watcher_total");
     let keys_total = cluster.metric("etcd_debugging_mvcc_keys_total");
+    let leader_changes = cluster.metric("etcd_server_leader_changes_seen_total");
     let ka_streams = cluster.metric("grpc_server_started_total{grpc_method=\"LeaseKeepAlive\"");
     let ka_msgs = cluster.metric("grpc_server_msg_received_total{grpc_method=\"LeaseKeepAlive\"");
     for i in 0..3 {
         println!(
-            "6. etcd m{i}: CPU {:.1} s over the run ({:.0} %), RSS {:.0} MB, db {:.1} MB, watchers {}, keys {}, proposals committed {:.0} ({:.0}/s)",
+            "6. etcd m{i}: CPU {:.1} s over the run ({:.0} %), RSS {:.0} MB, db {:.1} MB, watchers {}, keys {}, leader changes seen {}, proposals committed {:.0} ({:.0}/s)",
             cpu1[i] - cpu0[i],
             100.0 * (cpu1[i] - cpu0[i]) / wall,
             rss[i] / 1048576.0,
             db[i] / 1048576.0,
             watchers[i],
             keys_total[i],
+            leader_changes[i],
             props1[i] - props0[i],
             (props1[i] - props0[i]) / wall
         );
@@ -927,6 +1024,12 @@ async fn main() -> Result<()> {
         ka_msgs.iter().sum::<f64>(),
         ka_msgs.iter().sum::<f64>() / wall
     );
+    for (i, (cpu, rss)) in cluster.proxy_usage().into_iter().enumerate() {
+        println!(
+            "6. grpc-proxy p{i}: CPU {cpu:.1} s over the run ({:.0} %), RSS {rss:.0} MB",
+            100.0 * cpu / wall
+        );
+    }
 
     sampling.store(true, Ordering::Relaxed);
     cancel.cancel();
@@ -969,6 +1072,7 @@ fn all_running(s: &Snapshot, a: &Args, not_on: &BTreeSet<Name>) -> bool {
 async fn supervised(
     a: &Args,
     clients: &[Arc<dyn Store>],
+    leader_store: Arc<dyn Store>,
     refl: &[Reflector],
     keepers: &[Option<LeaseKeeper>],
     lost: &[usize],
@@ -1101,7 +1205,7 @@ async fn supervised(
     let sup = pier_supervisor::Supervisor::new(
         cfg.clone(),
         name("host-0"),
-        clients[0].clone(),
+        leader_store,
         refl[0].subscribe(),
     )?;
     let leader = sup.is_leader();
