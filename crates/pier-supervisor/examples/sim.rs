@@ -722,6 +722,7 @@ async fn main() -> Result<()> {
             .map(|c| c.id().to_string())
             .collect();
         let dir = cluster._dir.path().to_owned();
+        let nproxies = cluster.proxies.len();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (
@@ -736,8 +737,10 @@ async fn main() -> Result<()> {
             }
             let _ = Command::new("kill").args(["-9"]).args(&pids).status();
             if let Some(logs) = std::env::var_os("SIM_LOGDIR") {
-                for i in 0..3 {
-                    let f = format!("m{i}.log");
+                let names = (0..3)
+                    .map(|i| format!("m{i}.log"))
+                    .chain((0..nproxies).map(|i| format!("p{i}.log")));
+                for f in names {
                     let _ = std::fs::copy(dir.join(&f), std::path::Path::new(&logs).join(&f));
                 }
             }
@@ -767,9 +770,14 @@ async fn main() -> Result<()> {
             }
         }
     };
-    // The reflectors' own leases and the supervisor go to the members
-    // directly: through the proxy, a keepalive is answered at the proxy's
-    // own renewal pace (TTL/3), later than pier's TTL/4 attempt timeout.
+    // Only the watchers (the reflectors' lists and watches, the plain
+    // watches) go through the proxies; the hosts' leases and writes, the
+    // reflectors' own leases and the supervisor go to the members
+    // directly: through the proxy a keepalive is answered at the proxy's
+    // own renewal pace (TTL/3), later than pier's TTL/4 attempt timeout,
+    // and the hosts' leases expired at rest (BENCHMARKS.md, Scale).
+    // SIM_PROXY_ALL=1 sends the hosts' connections through them too.
+    let proxy_all = a.proxies > 0 && std::env::var("SIM_PROXY_ALL").is_ok_and(|v| v == "1");
     let direct = |key: String| {
         let eps = cluster.clients.clone();
         async move {
@@ -779,7 +787,12 @@ async fn main() -> Result<()> {
     };
     for c in 0..a.clients {
         loop {
-            match connect(format!("client-{c}"), c).await {
+            let r = if proxy_all {
+                connect(format!("client-{c}"), c).await
+            } else {
+                direct(format!("client-{c}")).await
+            };
+            match r {
                 Ok(s) => {
                     // A member with no leader yet refuses; wait for one.
                     if s.list(keys::ROOT).await.is_ok() {
@@ -855,7 +868,8 @@ async fn main() -> Result<()> {
     let mut refl = Vec::new();
     let mut refl_leases = Vec::new();
     for r in 0..a.reflectors {
-        let s: Arc<dyn Store> = Arc::new(retry("connect", || connect(format!("host-{r}"), r)).await?);
+        let s: Arc<dyn Store> =
+            Arc::new(retry("connect", || connect(format!("host-{r}"), r)).await?);
         let ttl = Ttl::from_secs(a.ttl)?;
         let ks: Arc<dyn Store> = if a.proxies > 0 {
             Arc::new(retry("connect", || direct(format!("host-{r}"))).await?)
