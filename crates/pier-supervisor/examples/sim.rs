@@ -29,8 +29,16 @@
 //! member (apply backlog, slow applies, leases revoked, puts, deletes,
 //! watch events, slow watchers, pending events, backend commit and WAL
 //! fsync time, CPU, bytes sent) and the simulator's own CPU;
-//! `SIM_LOGDIR=dir` keeps the members' logs there. `--prefill 1` (with
-//! `--rs`) writes the sets' pods itself, placed
+//! `SIM_LOGDIR=dir` keeps the members' (and proxies') logs there.
+//! `--proxies N` starts N `etcd grpc-proxy` relays (each with its own data
+//! dir in the run's temp dir, stopped with the members) and connects the
+//! watchers through them, the `i`-th reflector and plain watch through
+//! proxy i % N: the proxy coalesces the watchers of one range into one
+//! watcher on a member. The hosts' leases and writes, the reflectors'
+//! own leases and the supervisor still go to the members (through the
+//! proxy a keepalive is answered only at the proxy's own renewal pace;
+//! `SIM_PROXY_ALL=1` sends the hosts' connections through it too).
+//! `--prefill 1` (with `--rs`) writes the sets' pods itself, placed
 //! round-robin over the live hosts as the leader would, so that the host
 //! loss is reached without the leader's scheduling time (about 130 pods/s
 //! at 1,000 nodes in a dev build); the loss then waits until the leader
