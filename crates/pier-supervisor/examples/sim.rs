@@ -288,7 +288,9 @@ impl Cluster {
             let log = std::fs::File::create(c._dir.path().join(format!("p{i}.log")))?;
             let child = Command::new(&bin)
                 .args(["grpc-proxy", "start"])
-                .arg(format!("--endpoints={}", c.clients.join(",")))
+                // Proxy i lists member i % 3 first: a proxy keeps its
+                // watchers on the first member it reaches.
+                .arg(format!("--endpoints={}", rotated(&c.clients, i).join(",")))
                 .arg(format!("--listen-addr=127.0.0.1:{port}"))
                 .arg(format!("--data-dir={}", data.display()))
                 .arg("--max-send-bytes=67108864")
@@ -329,6 +331,14 @@ impl Cluster {
             .map(|a| scrape(a, name).unwrap_or(f64::NAN))
             .collect()
     }
+}
+
+/// `v` starting at its `i % len`-th element.
+fn rotated(v: &[String], i: usize) -> Vec<String> {
+    let mut v = v.to_vec();
+    let n = v.len().max(1);
+    v.rotate_left(i % n);
+    v
 }
 
 /// Sums the samples of `name` on `addr`'s /metrics (plain HTTP/1.0).
