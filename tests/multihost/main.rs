@@ -698,23 +698,31 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
     ensure!(count(&got, "FAIL") == 0, "before the cut: {got:?}");
 
     // etcd unreachable from host 1: its packets to any member's client
-    // port are dropped (silence, as in a partition; not a refusal).
+    // port, and the members' packets back, are dropped (silence, as in a
+    // partition; not a refusal). Both ways: with only the way out dropped,
+    // a member's watch events could still arrive on the open connection
+    // (a few KB, until its unacknowledged window is full), and h1 saw the
+    // service made below while "cut off" (CI, session 10).
     let h1 = c.topo.host(1);
-    let rule = [
-        "-p",
-        "tcp",
-        "--dport",
-        "2379",
-        "-j",
-        "DROP",
-        "-m",
-        "comment",
-        "--comment",
-    ];
-    let mut add = vec!["iptables", "-w", "-I", "OUTPUT"];
-    add.extend(rule);
-    add.push(&c.label);
-    h1.exec(&add)?;
+    let rules: [(&str, &str); 2] = [("OUTPUT", "--dport"), ("INPUT", "--sport")];
+    for (chain, port) in rules {
+        h1.exec(&[
+            "iptables",
+            "-w",
+            "-I",
+            chain,
+            "-p",
+            "tcp",
+            port,
+            "2379",
+            "-j",
+            "DROP",
+            "-m",
+            "comment",
+            "--comment",
+            &c.label,
+        ])?;
+    }
     let cut_at = Instant::now();
     let stale = eventually(Duration::from_secs(60), "h1 reports itself stale", || {
         let (code, body) = netns::in_netns(&h1.netns, || http_get(&Cluster::api(), "/readyz"))?;
@@ -759,10 +767,24 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
     );
 
     // Heal: h1 catches up by itself.
-    let mut del = vec!["iptables", "-w", "-D", "OUTPUT"];
-    del.extend(rule);
-    del.push(&c.label);
-    h1.exec(&del)?;
+    for (chain, port) in rules {
+        h1.exec(&[
+            "iptables",
+            "-w",
+            "-D",
+            chain,
+            "-p",
+            "tcp",
+            port,
+            "2379",
+            "-j",
+            "DROP",
+            "-m",
+            "comment",
+            "--comment",
+            &c.label,
+        ])?;
+    }
     let heal_at = Instant::now();
     eventually(
         Duration::from_secs(60),
