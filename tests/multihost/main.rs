@@ -704,25 +704,28 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
     // (a few KB, until its unacknowledged window is full), and h1 saw the
     // service made below while "cut off" (CI, session 10).
     let h1 = c.topo.host(1);
-    let rules: [(&str, &str); 2] = [("OUTPUT", "--dport"), ("INPUT", "--sport")];
-    for (chain, port) in rules {
-        h1.exec(&[
-            "iptables",
-            "-w",
-            "-I",
-            chain,
-            "-p",
-            "tcp",
-            port,
-            "2379",
-            "-j",
-            "DROP",
-            "-m",
-            "comment",
-            "--comment",
-            &c.label,
-        ])?;
-    }
+    let etcd_rules = |op: &str| -> Result<()> {
+        for (chain, port) in [("OUTPUT", "--dport"), ("INPUT", "--sport")] {
+            h1.exec(&[
+                "iptables",
+                "-w",
+                op,
+                chain,
+                "-p",
+                "tcp",
+                port,
+                "2379",
+                "-j",
+                "DROP",
+                "-m",
+                "comment",
+                "--comment",
+                &c.label,
+            ])?;
+        }
+        Ok(())
+    };
+    etcd_rules("-I")?;
     let cut_at = Instant::now();
     let stale = eventually(Duration::from_secs(60), "h1 reports itself stale", || {
         let (code, body) = netns::in_netns(&h1.netns, || http_get(&Cluster::api(), "/readyz"))?;
@@ -767,24 +770,7 @@ fn store_unreachable_serves_last_snapshot() -> Result<()> {
     );
 
     // Heal: h1 catches up by itself.
-    for (chain, port) in rules {
-        h1.exec(&[
-            "iptables",
-            "-w",
-            "-D",
-            chain,
-            "-p",
-            "tcp",
-            port,
-            "2379",
-            "-j",
-            "DROP",
-            "-m",
-            "comment",
-            "--comment",
-            &c.label,
-        ])?;
-    }
+    etcd_rules("-D")?;
     let heal_at = Instant::now();
     eventually(
         Duration::from_secs(60),

@@ -19,8 +19,9 @@
 //!   isn't mounted" under `ip netns exec`), with its own data-root,
 //!   exec-root, pidfile, socket, `--bip`, `--cgroup-parent` and
 //!   `--containerd-namespace`.
-//! - Cuts take the switch-side veth down; `cut_pair` drops one pair with
-//!   ebtables on the switch bridge.
+//! - A cut drops every frame from and to the host's switch port (ebtables
+//!   on the switch bridge; the host keeps its carrier); `cut_pair` drops
+//!   only the frames between two hosts.
 //! - All traffic is sent from inside the host namespaces (`Host::exec`) or
 //!   their containers, never from the root namespace.
 //! - `Drop` tears everything down by PID and pidfile: containers, dockerd,
@@ -706,38 +707,24 @@ impl Topology {
     /// Adds (`-A`) or deletes (`-D`) the DROP rules of host `i`'s port.
     fn port_rules(&self, op: &str, i: usize) -> Result<()> {
         for dir in ["-i", "-o"] {
-            run(ip()
-                .args([
-                    "netns",
-                    "exec",
-                    &self.switch,
-                    "ebtables",
-                    op,
-                    "FORWARD",
-                    dir,
-                ])
-                .arg(self.switch_if(i))
-                .args(["-j", "DROP"]))?;
+            self.drop_rule(op, &[dir, &self.switch_if(i)])?;
         }
+        Ok(())
+    }
+
+    /// Adds or deletes (`op`) an ebtables DROP rule on the switch's
+    /// FORWARD chain for the frames `matches` selects.
+    fn drop_rule(&self, op: &str, matches: &[&str]) -> Result<()> {
+        run(ip()
+            .args(["netns", "exec", &self.switch, "ebtables", op, "FORWARD"])
+            .args(matches)
+            .args(["-j", "DROP"]))?;
         Ok(())
     }
 
     fn ebtables(&self, op: &str, a: usize, b: usize) -> Result<()> {
         for (x, y) in [(a, b), (b, a)] {
-            run(ip()
-                .args([
-                    "netns",
-                    "exec",
-                    &self.switch,
-                    "ebtables",
-                    op,
-                    "FORWARD",
-                    "-i",
-                ])
-                .arg(self.switch_if(x))
-                .arg("-o")
-                .arg(self.switch_if(y))
-                .args(["-j", "DROP"]))?;
+            self.drop_rule(op, &["-i", &self.switch_if(x), "-o", &self.switch_if(y)])?;
         }
         Ok(())
     }

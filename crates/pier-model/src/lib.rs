@@ -91,7 +91,7 @@ pub enum StrictError<E: std::error::Error + 'static> {
 }
 
 /// "unknown field `x.y`" or "unknown fields `a`, `b`", with what to do.
-pub fn unknown_fields_message(paths: &[String]) -> String {
+fn unknown_fields_message(paths: &[String]) -> String {
     let list = paths
         .iter()
         .map(|p| format!("`{p}`"))

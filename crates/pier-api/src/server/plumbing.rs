@@ -135,24 +135,21 @@ pub(super) async fn read_json<T: DeserializeOwned>(
     // Strict: the model's types accept fields they do not know (an older
     // agent reads a newer one's records), so a request's unknown fields are
     // caught here, with their paths, as the typos they almost always are.
-    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
     let de = &mut serde_json::Deserializer::from_slice(&bytes);
-    let value = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
-        de,
-        &mut |path: serde_ignored::Path<'_>| unknown.push(path.to_string()),
-    ))
-    .map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." || path.is_empty() {
-            Fail::bad(e.inner().to_string())
-        } else {
-            Fail::bad(format!("{path}: {}", e.inner()))
-        }
-    })?;
-    if !unknown.is_empty() {
-        return Err(Fail::bad(pier_model::unknown_fields_message(&unknown)));
-    }
-    Ok(value)
+    pier_model::deserialize_strict(serde_path_to_error::Deserializer::new(de, &mut track)).map_err(
+        |e| match e {
+            pier_model::StrictError::Invalid(inner) => {
+                let path = track.path().to_string();
+                if path == "." || path.is_empty() {
+                    Fail::bad(inner.to_string())
+                } else {
+                    Fail::bad(format!("{path}: {inner}"))
+                }
+            }
+            unknown @ pier_model::StrictError::Unknown(_) => Fail::bad(unknown.to_string()),
+        },
+    )
 }
 
 pub(super) fn parse_ns(s: &str) -> Result<Namespace, Fail> {
