@@ -45,22 +45,22 @@ impl Agent {
         }
         self.sync_checks(targets);
 
-        // This node's endpoints the store has as ready, by key and address.
-        let was_ready: HashSet<(String, std::net::IpAddr)> = snap
-            .endpoints
-            .iter()
-            .flat_map(|((ns, svc), m)| {
-                m.iter()
-                    .filter(|((node, _), e)| *node == me && e.ready)
-                    .map(move |((node, id), e)| (keys::endpoint(ns, svc, node, id), e.ip))
-            })
-            .collect();
-        let is_ready = |key: &str, ip, r: &Ready, checks: &HashMap<String, Check>| match r {
-            Ready::Fixed(b) => *b,
-            Ready::Check(k) => checks.get(k).is_some_and(|c| {
-                c.ready || (!c.settled && was_ready.contains(&(key.to_owned(), ip)))
-            }),
+        // Whether the store has this node's endpoint as ready at this
+        // address: looked up per endpoint written (not a walk of every
+        // endpoint in the cluster, 100,000 at 1,000 hosts).
+        let was_ready = |ep: &pier_model::Endpoint| {
+            snap.endpoints
+                .get(&(ep.namespace.clone(), ep.service.clone()))
+                .and_then(|m| m.get(&(ep.node.clone(), ep.id.clone())))
+                .is_some_and(|e| e.ready && e.ip == ep.ip)
         };
+        let is_ready =
+            |ep: &pier_model::Endpoint, r: &Ready, checks: &HashMap<String, Check>| match r {
+                Ready::Fixed(b) => *b,
+                Ready::Check(k) => checks
+                    .get(k)
+                    .is_some_and(|c| c.ready || (!c.settled && was_ready(ep))),
+            };
 
         self.note_refusals(&mut refused);
         let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -69,7 +69,7 @@ impl Agent {
         // in its own Docker and saw ready, never what the store says.
         let mut local = HashSet::new();
         for (key, mut ep, r) in endpoints {
-            ep.ready = is_ready(&key, ep.ip, &r, &self.checks);
+            ep.ready = is_ready(&ep, &r, &self.checks);
             if !ep.is_static {
                 ep.addr = self.endpoint_addr(&key, &ep).await;
                 if let Some(ip) = ep.addr {
