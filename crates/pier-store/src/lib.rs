@@ -29,6 +29,7 @@ pub use etcd_security::{EtcdSecurity, EtcdTls, EtcdUser, FileProblem};
 pub mod election;
 pub mod lease;
 pub mod reflector;
+pub mod relay;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -1,0 +1,569 @@
+//! [`relayed`]: the client side, a [`Store`] that lists and watches
+//! `keys::ROOT` through relays.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pier_model::keys;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use super::wire::{self, Frame, Op};
+use super::{BACKOFF_MAX, BACKOFF_MIN, Dial, RelayIo};
+use crate::{
+    KeyValue, LeaseId, ListResult, Revision, Store, StoreError, Ttl, Txn, TxnResult, WatchItem,
+    WatchStream,
+};
+
+/// How long dialling a relay (and its TLS, if any) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a relay has to answer a request's first frame, and each
+/// further frame of a list.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// While watching etcd directly (every relay failed), how often the relays
+/// are tried again.
+const RETRY_RELAYS: Duration = Duration::from_secs(10);
+
+/// A Store whose `list(keys::ROOT)` and `watch(keys::ROOT, from)` go to
+/// `relays` (the first that answers, rotating on failure; etcd directly
+/// for a round when every relay failed), and everything else to `upstream`.
+pub fn relayed(
+    upstream: Arc<dyn Store>,
+    relays: Vec<String>,
+    dial: Arc<dyn Dial>,
+) -> Arc<dyn Store> {
+    Arc::new(Relayed {
+        upstream,
+        relays: Arc::new(Relays {
+            addrs: relays,
+            current: AtomicUsize::new(0),
+            dial,
+        }),
+    })
+}
+
+struct Relayed {
+    upstream: Arc<dyn Store>,
+    relays: Arc<Relays>,
+}
+
+impl fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Relayed")
+            .field("relays", &self.relays.addrs)
+            .field("upstream", &self.upstream)
+            .finish()
+    }
+}
+
+struct Relays {
+    addrs: Vec<String>,
+    /// The relay tried first.
+    current: AtomicUsize,
+    dial: Arc<dyn Dial>,
+}
+
+/// An open watch on a relay.
+struct Conn {
+    idx: usize,
+    io: BufReader<Box<dyn RelayIo>>,
+    /// Silence longer than this means the connection is broken.
+    silence: Duration,
+    revision: Revision,
+}
+
+enum OpenError {
+    Compacted(StoreError),
+    /// Every relay failed; what each said.
+    AllFailed(String),
+}
+
+impl Relays {
+    async fn dial(&self, idx: usize, op: Op) -> Result<BufReader<Box<dyn RelayIo>>, String> {
+        let addr = &self.addrs[idx];
+        let mut io = match tokio::time::timeout(DIAL_TIMEOUT, self.dial.dial(addr)).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(format!("{addr}: {e}")),
+            Err(_) => return Err(format!("{addr}: no connection in {DIAL_TIMEOUT:?}")),
+        };
+        let hello = wire::encode(&Frame::Hello {
+            version: wire::VERSION,
+            op,
+        });
+        match tokio::time::timeout(DIAL_TIMEOUT, async {
+            io.write_all(&hello).await?;
+            io.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(BufReader::new(io)),
+            Ok(Err(e)) => Err(format!("{addr}: {e}")),
+            Err(_) => Err(format!("{addr}: request not taken in {DIAL_TIMEOUT:?}")),
+        }
+    }
+
+    async fn read(
+        &self,
+        idx: usize,
+        io: &mut BufReader<Box<dyn RelayIo>>,
+    ) -> Result<Frame, String> {
+        let addr = &self.addrs[idx];
+        match tokio::time::timeout(ANSWER_TIMEOUT, wire::read_frame(io)).await {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(e)) => Err(format!("{addr}: {e}")),
+            Err(_) => Err(format!("{addr}: no answer in {ANSWER_TIMEOUT:?}")),
+        }
+    }
+
+    async fn list_one(&self, idx: usize) -> Result<ListResult, String> {
+        let mut io = self.dial(idx, Op::List).await?;
+        let mut kvs = Vec::new();
+        loop {
+            match self.read(idx, &mut io).await? {
+                Frame::Kvs(mut chunk) => kvs.append(&mut chunk),
+                Frame::ListEnd { revision } => return Ok(ListResult { kvs, revision }),
+                Frame::Error { message } => return Err(format!("{}: {message}", self.addrs[idx])),
+                other => {
+                    return Err(format!(
+                        "{}: unexpected {other:?} in a list answer",
+                        self.addrs[idx]
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Lists through the first relay that answers, from the current one.
+    async fn list(&self) -> Result<ListResult, String> {
+        let n = self.addrs.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for idx in (0..n).map(|k| (start + k) % n) {
+            match self.list_one(idx).await {
+                Ok(l) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(l);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn open_one(
+        &self,
+        idx: usize,
+        from: Revision,
+    ) -> Result<Conn, Result<StoreError, String>> {
+        let mut io = self.dial(idx, Op::Watch { from }).await.map_err(Err)?;
+        match self.read(idx, &mut io).await.map_err(Err)? {
+            Frame::Opened {
+                revision,
+                heartbeat_ms,
+            } => Ok(Conn {
+                idx,
+                io,
+                silence: Duration::from_millis(u64::from(heartbeat_ms.max(100)) * 3),
+                revision,
+            }),
+            Frame::Compacted {
+                requested,
+                compact_revision,
+            } => Err(Ok(StoreError::Compacted {
+                requested,
+                compact_revision,
+            })),
+            Frame::Error { message } => Err(Err(format!("{}: {message}", self.addrs[idx]))),
+            other => Err(Err(format!(
+                "{}: unexpected {other:?} opening a watch",
+                self.addrs[idx]
+            ))),
+        }
+    }
+
+    /// Opens a watch from `from` on the first relay that answers, from
+    /// the current one.
+    async fn open(&self, from: Revision) -> Result<Conn, OpenError> {
+        let n = self.addrs.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for idx in (0..n).map(|k| (start + k) % n) {
+            match self.open_one(idx, from).await {
+                Ok(c) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(c);
+                }
+                Err(Ok(compacted)) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Err(OpenError::Compacted(compacted));
+                }
+                Err(Err(e)) => errors.push(e),
+            }
+        }
+        Err(OpenError::AllFailed(errors.join("; ")))
+    }
+
+    /// Moves on from relay `from` (if nobody did already).
+    fn rotate(&self, from: usize) {
+        let next = (from + 1) % self.addrs.len().max(1);
+        let _ = self
+            .current
+            .compare_exchange(from, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Relayed {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.upstream.get(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<ListResult, StoreError> {
+        if prefix != keys::ROOT || self.relays.addrs.is_empty() {
+            return self.upstream.list(prefix).await;
+        }
+        match self.relays.list().await {
+            Ok(l) => Ok(l),
+            Err(why) => {
+                tracing::warn!(
+                    relays = ?self.relays.addrs,
+                    "every watch relay failed ({why}); listing {prefix} on etcd directly"
+                );
+                self.upstream.list(prefix).await
+            }
+        }
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        self.upstream.put(key, value, lease).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(bool, Revision), StoreError> {
+        self.upstream.delete(key).await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+        self.upstream.txn(txn).await
+    }
+
+    async fn lease_grant(&self, ttl: Ttl) -> Result<LeaseId, StoreError> {
+        self.upstream.lease_grant(ttl).await
+    }
+
+    async fn lease_keepalive(&self, lease: LeaseId) -> Result<Ttl, StoreError> {
+        self.upstream.lease_keepalive(lease).await
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.upstream.lease_revoke(lease).await
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        if prefix != keys::ROOT || self.relays.addrs.is_empty() {
+            return self.upstream.watch(prefix, from).await;
+        }
+        let source = match self.relays.open(from).await {
+            Ok(conn) => {
+                let next = if from > 0 { from } else { conn.revision + 1 };
+                (Source::Relay(conn), next)
+            }
+            Err(OpenError::Compacted(e)) => return Err(e),
+            Err(OpenError::AllFailed(why)) => {
+                tracing::warn!(
+                    relays = ?self.relays.addrs,
+                    "every watch relay failed ({why}); watching {prefix} on etcd directly"
+                );
+                // "Now" as a revision, so that a later reopen resumes.
+                let from = if from > 0 {
+                    from
+                } else {
+                    self.upstream.txn(Txn::default()).await?.revision + 1
+                };
+                (
+                    Source::Upstream(self.upstream.watch(prefix, from).await?),
+                    from,
+                )
+            }
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let follow = Follow {
+            relays: self.relays.clone(),
+            upstream: self.upstream.clone(),
+            next: source.1,
+            tx,
+            disconnected: false,
+        };
+        tokio::spawn(follow.run(source.0));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.upstream.compact(revision).await
+    }
+}
+
+enum Source {
+    Relay(Conn),
+    Upstream(WatchStream),
+}
+
+enum Step {
+    /// The source broke: reopen from `next`.
+    Broken(String),
+    /// Relays answer again (while on etcd directly): switch to this one.
+    Switch(Conn),
+    /// The receiver is gone or the watch ended for good.
+    Done,
+}
+
+/// One relayed watch, in its own task.
+struct Follow {
+    relays: Arc<Relays>,
+    upstream: Arc<dyn Store>,
+    /// One past the last revision delivered.
+    next: Revision,
+    tx: mpsc::Sender<Result<WatchItem, StoreError>>,
+    /// `Disconnected` was yielded and `Resumed` not yet.
+    disconnected: bool,
+}
+
+impl Follow {
+    async fn run(mut self, first: Source) {
+        let mut source = Some(first);
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let step = match source.take() {
+                Some(Source::Relay(conn)) => self.pump_relay(conn).await,
+                Some(Source::Upstream(stream)) => self.pump_upstream(stream).await,
+                None => {
+                    let opened = tokio::select! {
+                        _ = self.tx.closed() => return,
+                        o = self.relays.open(self.next) => o,
+                    };
+                    match opened {
+                        Ok(conn) => {
+                            tracing::info!(relay = %self.relays.addrs[conn.idx], from = self.next, "relayed watch resumed");
+                            backoff = BACKOFF_MIN;
+                            source = Some(Source::Relay(conn));
+                            if !self.resumed().await {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(OpenError::Compacted(e)) => {
+                            let _ = self.tx.send(Err(e)).await;
+                            return;
+                        }
+                        Err(OpenError::AllFailed(why)) => {
+                            tracing::warn!(
+                                relays = ?self.relays.addrs,
+                                from = self.next,
+                                "every watch relay failed ({why}); watching {} on etcd directly",
+                                keys::ROOT
+                            );
+                            let w = tokio::select! {
+                                _ = self.tx.closed() => return,
+                                w = self.upstream.watch(keys::ROOT, self.next) => w,
+                            };
+                            match w {
+                                Ok(w) => {
+                                    backoff = BACKOFF_MIN;
+                                    source = Some(Source::Upstream(w));
+                                    if !self.resumed().await {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                                Err(e @ StoreError::Compacted { .. }) => {
+                                    let _ = self.tx.send(Err(e)).await;
+                                    return;
+                                }
+                                Err(e) => {
+                                    tracing::warn!("watch {} on etcd failed: {e}", keys::ROOT);
+                                    tokio::select! {
+                                        _ = self.tx.closed() => return,
+                                        _ = tokio::time::sleep(backoff) => {}
+                                    }
+                                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            match step {
+                Step::Done => return,
+                Step::Broken(reason) => {
+                    tracing::warn!(from = self.next, "relayed watch broken: {reason}");
+                    if !self.disconnected {
+                        self.disconnected = true;
+                        if self
+                            .tx
+                            .send(Ok(WatchItem::Disconnected { reason }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                Step::Switch(conn) => {
+                    tracing::info!(relay = %self.relays.addrs[conn.idx], from = self.next, "a watch relay answers again; leaving etcd");
+                    source = Some(Source::Relay(conn));
+                    if !self.resumed().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Yields `Resumed` if `Disconnected` was yielded; false when the
+    /// receiver is gone.
+    async fn resumed(&mut self) -> bool {
+        if !self.disconnected {
+            return true;
+        }
+        self.disconnected = false;
+        self.tx.send(Ok(WatchItem::Resumed)).await.is_ok()
+    }
+
+    async fn pump_relay(&mut self, mut conn: Conn) -> Step {
+        let addr = self.relays.addrs[conn.idx].clone();
+        let step = loop {
+            let read = tokio::select! {
+                _ = self.tx.closed() => break Step::Done,
+                r = tokio::time::timeout(conn.silence, wire::read_frame(&mut conn.io)) => r,
+            };
+            let frame = match read {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => break Step::Broken(format!("relay {addr}: {e}")),
+                Err(_) => {
+                    break Step::Broken(format!(
+                        "relay {addr}: nothing received in {:?}",
+                        conn.silence
+                    ));
+                }
+            };
+            match frame {
+                Frame::Events { revision, events } => {
+                    if self
+                        .tx
+                        .send(Ok(WatchItem::Events { revision, events }))
+                        .await
+                        .is_err()
+                    {
+                        break Step::Done;
+                    }
+                    self.next = revision + 1;
+                }
+                Frame::Progress { .. } => {}
+                Frame::Disconnected { reason } => {
+                    if !self.disconnected {
+                        self.disconnected = true;
+                        let reason = format!("relay {addr}: {reason}");
+                        if self
+                            .tx
+                            .send(Ok(WatchItem::Disconnected { reason }))
+                            .await
+                            .is_err()
+                        {
+                            break Step::Done;
+                        }
+                    }
+                }
+                Frame::Resumed => {
+                    if !self.resumed().await {
+                        break Step::Done;
+                    }
+                }
+                Frame::Compacted {
+                    requested,
+                    compact_revision,
+                } => {
+                    let _ = self
+                        .tx
+                        .send(Err(StoreError::Compacted {
+                            requested,
+                            compact_revision,
+                        }))
+                        .await;
+                    break Step::Done;
+                }
+                Frame::Error { message } => break Step::Broken(format!("relay {addr}: {message}")),
+                other => {
+                    break Step::Broken(format!("relay {addr}: unexpected {other:?} in a watch"));
+                }
+            }
+        };
+        if matches!(step, Step::Broken(_)) {
+            self.relays.rotate(conn.idx);
+        }
+        step
+    }
+
+    /// Forwards etcd's own watch (every relay had failed), trying the
+    /// relays again every [`RETRY_RELAYS`].
+    async fn pump_upstream(&mut self, mut stream: WatchStream) -> Step {
+        let mut retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + RETRY_RELAYS, RETRY_RELAYS);
+        loop {
+            let item = tokio::select! {
+                _ = self.tx.closed() => return Step::Done,
+                i = stream.next() => i,
+                _ = retry.tick() => {
+                    if let Ok(conn) = self.relays.open(self.next).await {
+                        return Step::Switch(conn);
+                    }
+                    continue;
+                }
+            };
+            match item {
+                Some(Ok(WatchItem::Events { revision, events })) => {
+                    if self
+                        .tx
+                        .send(Ok(WatchItem::Events { revision, events }))
+                        .await
+                        .is_err()
+                    {
+                        return Step::Done;
+                    }
+                    self.next = revision + 1;
+                }
+                Some(Ok(WatchItem::Disconnected { reason })) => {
+                    if !self.disconnected {
+                        self.disconnected = true;
+                        if self
+                            .tx
+                            .send(Ok(WatchItem::Disconnected { reason }))
+                            .await
+                            .is_err()
+                        {
+                            return Step::Done;
+                        }
+                    }
+                }
+                Some(Ok(WatchItem::Resumed)) => {
+                    if !self.resumed().await {
+                        return Step::Done;
+                    }
+                }
+                Some(Err(e @ StoreError::Compacted { .. })) => {
+                    let _ = self.tx.send(Err(e)).await;
+                    return Step::Done;
+                }
+                Some(Err(e)) => return Step::Broken(format!("watch on etcd: {e}")),
+                None => return Step::Broken("watch on etcd ended".into()),
+            }
+        }
+    }
+}
