@@ -38,6 +38,15 @@
 //! own leases and the supervisor still go to the members (through the
 //! proxy a keepalive is answered only at the proxy's own renewal pace;
 //! `SIM_PROXY_ALL=1` sends the hosts' connections through it too).
+//! `--relays N` starts N of pier's own watch relays (`pier_store::relay`)
+//! in this process, on a runtime of their own (2 threads named `relay`,
+//! whose CPU time is reported), each on its own etcd connection (spread
+//! over the members) and served on a loopback port (plain TCP,
+//! `TcpDial`); the reflectors and plain watches list and watch through
+//! `relayed(..)`, the `i`-th starting at relay i % N (and moving to the
+//! next when it fails). Their leases, barriers and writes, the hosts and
+//! the supervisor stay on the members. etcd then has N watchers of the
+//! whole prefix instead of one per watcher.
 //! `--prefill 1` (with `--rs`) writes the sets' pods itself, placed
 //! round-robin over the live hosts as the leader would, so that the host
 //! loss is reached without the leader's scheduling time (about 130 pods/s
@@ -85,6 +94,7 @@ use pier_model::{
 };
 use pier_store::lease::LeaseKeeper;
 use pier_store::reflector::{HoldPolicy, Reflector};
+use pier_store::relay::{Relay, RelayOptions, TcpDial, relayed};
 use pier_store::{EtcdStore, Store, Ttl};
 use pier_supervisor::plan::{PlanInput, PodIndex, SharedUsage, plan};
 use tokio::task::JoinSet;
@@ -112,6 +122,8 @@ struct Args {
     prefill: bool,
     /// `etcd grpc-proxy` relays between the hosts and the members (0: none).
     proxies: usize,
+    /// pier's watch relays in this process (0: none).
+    relays: usize,
 }
 
 fn args() -> Result<Args> {
@@ -131,6 +143,7 @@ fn args() -> Result<Args> {
         replicas: 10,
         prefill: false,
         proxies: 0,
+        relays: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -156,11 +169,15 @@ fn args() -> Result<Args> {
             "--replicas" => a.replicas = u,
             "--prefill" => a.prefill = v != 0,
             "--proxies" => a.proxies = u,
+            "--relays" => a.relays = u,
             _ => bail!("unknown option {k} (see the example's doc comment)"),
         }
     }
     if a.clients == 0 {
         a.clients = a.hosts.div_ceil(50).max(1);
+    }
+    if a.proxies > 0 && a.relays > 0 {
+        bail!("--proxies and --relays are two ways of relaying the watches: give one");
     }
     if a.hosts == 0 || a.services == 0 || a.sets == 0 || a.reflectors == 0 {
         bail!("--hosts, --services, --sets and --reflectors must be at least 1");
@@ -718,6 +735,143 @@ async fn until_all(
     Ok(out)
 }
 
+/// `--relays N`: pier's watch relays, on a runtime of their own in this
+/// process (so that their CPU time can be told apart: its threads are
+/// named `relay`).
+struct Relays {
+    rt: Option<tokio::runtime::Runtime>,
+    relays: Vec<Arc<Relay>>,
+    addrs: Vec<String>,
+}
+
+impl Relays {
+    async fn start(a: &Args, cluster: &Cluster, cancel: &CancellationToken) -> Result<Relays> {
+        let mut r = Relays {
+            rt: None,
+            relays: Vec::new(),
+            addrs: Vec::new(),
+        };
+        if a.relays == 0 {
+            return Ok(r);
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("relay")
+            .enable_all()
+            .build()?;
+        // Kept in `r` at once: dropped in this async context (on an error
+        // below) a runtime would panic; `Relays`' drop shuts it down.
+        let rt = r.rt.insert(rt).handle().clone();
+        let t0 = Instant::now();
+        for i in 0..a.relays {
+            let eps = cluster.clients.clone();
+            let cancel = cancel.child_token();
+            // Connected and served on the relays' runtime, so that their
+            // connection's tasks run there too.
+            let (relay, addr) = rt
+                .spawn(async move {
+                    let sec = pier_store::EtcdSecurity::default();
+                    let key = format!("relay-{i}");
+                    let store = retry("relay connect", || {
+                        EtcdStore::connect_spread(&eps, &sec, &key)
+                    })
+                    .await?;
+                    let relay =
+                        Relay::start(Arc::new(store), RelayOptions::default(), cancel.clone());
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let addr = listener.local_addr()?.to_string();
+                    let r = relay.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            let (sock, peer) = tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                a = listener.accept() => match a {
+                                    Ok(a) => a,
+                                    Err(_) => continue,
+                                },
+                            };
+                            let _ = sock.set_nodelay(true);
+                            tokio::spawn(r.clone().serve(sock, peer.to_string()));
+                        }
+                    });
+                    anyhow::Ok((relay, addr))
+                })
+                .await??;
+            r.relays.push(relay);
+            r.addrs.push(addr);
+        }
+        while !r.relays.iter().all(|x| x.stats().live) {
+            if t0.elapsed() > Duration::from_secs(60) {
+                bail!("the relays did not sync in 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "   + {} watch relays (pier_store::relay) in this process on {}: synced in {:.2} s",
+            a.relays,
+            r.addrs.join(", "),
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(r)
+    }
+
+    /// `store`, listing and watching through the relays from relay
+    /// `i % N` (unchanged without relays).
+    fn wrap(&self, store: Arc<dyn Store>, i: usize) -> Arc<dyn Store> {
+        if self.addrs.is_empty() {
+            return store;
+        }
+        relayed(store, rotated(&self.addrs, i), Arc::new(TcpDial))
+    }
+
+    /// The relays' CPU (their runtime's threads) and each one's state.
+    fn report(&self, wall: f64) {
+        if self.relays.is_empty() {
+            return;
+        }
+        let cpu = threads_cpu_s("relay");
+        println!(
+            "6. relays: CPU {cpu:.1} s over the run ({:.0} %, their runtime's threads); this process's RSS {:.0} MB (the relays' share is not separable: see their bytes below)",
+            100.0 * cpu / wall,
+            rss_mb("self")
+        );
+        for (i, r) in self.relays.iter().enumerate() {
+            let s = r.stats();
+            println!(
+                "6. relay r{i}: {} clients, revision {}, {} keys ({:.1} MB of keys and values), history {} events ({:.1} MB) from revision {}, live {}",
+                s.clients,
+                s.revision,
+                s.keys,
+                s.map_bytes as f64 / 1048576.0,
+                s.history_events,
+                s.history_bytes as f64 / 1048576.0,
+                s.history_from,
+                s.live
+            );
+        }
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The CPU time (user + system, seconds) of this process's threads named
+/// `name`.
+fn threads_cpu_s(name: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| proc_cpu_s(&format!("self/task/{}", t.file_name().to_string_lossy())))
+        .sum()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
@@ -838,6 +992,7 @@ async fn main() -> Result<()> {
         }
     );
     let cancel = CancellationToken::new();
+    let relays = Relays::start(&a, &cluster, &cancel).await?;
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(false));
     sampler(cluster.clients.clone(), sampling.clone());
     let cpu0 = cluster.metric("process_cpu_seconds_total");
@@ -889,6 +1044,9 @@ async fn main() -> Result<()> {
         let s: Arc<dyn Store> =
             Arc::new(retry("connect", || connect(format!("host-{r}"), r)).await?);
         let ttl = Ttl::from_secs(a.ttl)?;
+        // Through the relays: lists and watches of the whole prefix go to
+        // them, the barrier and the lease to the member.
+        let s = relays.wrap(s, r);
         let ks: Arc<dyn Store> = if a.proxies > 0 {
             Arc::new(retry("connect", || direct(format!("host-{r}"))).await?)
         } else {
@@ -929,7 +1087,13 @@ async fn main() -> Result<()> {
             .await?
             .revision;
         for i in 0..a.watches {
-            let s = retry("connect", || connect(format!("watch-{i}"), i)).await?;
+            // Through the relays a watch needs no connection of its own to
+            // etcd: it shares a host connection for what is not relayed.
+            let s: Arc<dyn Store> = if relays.addrs.is_empty() {
+                Arc::new(retry("connect", || connect(format!("watch-{i}"), i)).await?)
+            } else {
+                relays.wrap(clients[i % clients.len()].clone(), i)
+            };
             let mut w = retry("watch", || s.watch(keys::ROOT, rev + 1)).await?;
             let c = cancel.clone();
             drains.spawn(async move {
@@ -1063,11 +1227,15 @@ async fn main() -> Result<()> {
         );
     }
 
+    relays.report(wall);
+
     sampling.store(true, Ordering::Relaxed);
     cancel.cancel();
     while drains.join_next().await.is_some() {}
     drop(keepers);
     drop(refl_leases);
+
+    drop(relays);
 
     // 7. The supervisor's full pass.
     supervisor_pass(&a)?;

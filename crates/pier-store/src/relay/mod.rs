@@ -84,6 +84,10 @@ pub struct RelayStats {
     pub history_events: usize,
     /// Keys in the map.
     pub keys: usize,
+    /// The map's keys and values, in bytes (not counting the structure).
+    pub map_bytes: usize,
+    /// The history's frames, in bytes.
+    pub history_bytes: usize,
 }
 
 /// One upstream event batch, as its frame.
@@ -108,6 +112,8 @@ struct State {
     base: Revision,
     history: VecDeque<Batch>,
     events: usize,
+    map_bytes: usize,
+    history_bytes: usize,
 }
 
 /// A watch relay: see the module doc.
@@ -192,6 +198,8 @@ impl Relay {
                 base: 0,
                 history: VecDeque::new(),
                 events: 0,
+                map_bytes: 0,
+                history_bytes: 0,
             }),
             notify: watch::channel(0).0,
             clients: AtomicUsize::new(0),
@@ -227,6 +235,8 @@ impl Relay {
             history_from: st.base + 1,
             history_events: st.events,
             keys: st.map.len(),
+            map_bytes: st.map_bytes,
+            history_bytes: st.history_bytes,
         }
     }
 
@@ -251,6 +261,7 @@ impl Relay {
     /// A fresh list: the history restarts at its revision (clients behind
     /// it get `Compacted` and list again).
     fn install(&self, kvs: Vec<KeyValue>, revision: Revision) {
+        let map_bytes = kvs.iter().map(kv_bytes).sum();
         let map: Map<String, Arc<KeyValue>> = kvs
             .into_iter()
             .map(|kv| (kv.key.clone(), Arc::new(kv)))
@@ -261,6 +272,8 @@ impl Relay {
         st.base = revision;
         st.history.clear();
         st.events = 0;
+        st.map_bytes = map_bytes;
+        st.history_bytes = 0;
         st.synced = true;
         drop(st);
         self.changed();
@@ -282,16 +295,19 @@ impl Relay {
         let n = events.len();
         let mut st = self.lock();
         for e in events {
-            match e {
+            let old = match e {
                 WatchEvent::Put(kv) => {
-                    st.map.insert(kv.key.clone(), Arc::new(kv));
+                    st.map_bytes += kv_bytes(&kv);
+                    st.map.insert(kv.key.clone(), Arc::new(kv))
                 }
-                WatchEvent::Delete { key, .. } => {
-                    st.map.remove(&key);
-                }
+                WatchEvent::Delete { key, .. } => st.map.remove(&key),
+            };
+            if let Some(old) = old {
+                st.map_bytes -= kv_bytes(&old);
             }
         }
         st.revision = revision;
+        st.history_bytes += frame.len();
         st.history.push_back(Batch {
             revision,
             first,
@@ -304,11 +320,16 @@ impl Relay {
                 break;
             };
             st.events -= old.events;
+            st.history_bytes -= old.frame.len();
             st.base = old.revision;
         }
         drop(st);
         self.changed();
     }
+}
+
+fn kv_bytes(kv: &KeyValue) -> usize {
+    kv.key.len() + kv.value.len()
 }
 
 fn event_revision(e: &WatchEvent) -> Revision {
