@@ -835,6 +835,10 @@ impl Relays {
             100.0 * cpu / wall,
             rss_mb("self")
         );
+        println!(
+            "6. relays: plain watches cut off and resumed {}",
+            DRAIN_CUTS.load(Ordering::Relaxed)
+        );
         for (i, r) in self.relays.iter().enumerate() {
             let s = r.stats();
             println!(
@@ -857,6 +861,56 @@ impl Drop for Relays {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Times a plain watch through a relay was cut off (and resumed).
+static DRAIN_CUTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A plain watch through relay `addr`, from `from`: reads the frames,
+/// decoding only an `Events` frame's revision, and resumes from the next
+/// one when the connection ends (a `Compacted` ends it).
+async fn drain_relay(addr: String, from: pier_store::Revision, cancel: CancellationToken) {
+    use pier_store::relay::wire;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut next = from;
+    let mut body = Vec::new();
+    loop {
+        let run = async {
+            let mut s = tokio::net::TcpStream::connect(&addr).await?;
+            s.set_nodelay(true)?;
+            let hello = wire::encode(&wire::Frame::Hello {
+                version: wire::VERSION,
+                op: wire::Op::Watch { from: next },
+            });
+            s.write_all(&hello).await?;
+            let mut r = tokio::io::BufReader::with_capacity(1 << 16, s);
+            loop {
+                let len = r.read_u32().await? as usize;
+                if len == 0 || len > wire::MAX_FRAME {
+                    return Err(std::io::Error::other("bad frame length"));
+                }
+                body.resize(len, 0);
+                r.read_exact(&mut body).await?;
+                if let Some(rev) = wire::events_revision(&body) {
+                    next = rev + 1;
+                } else if wire::is_compacted(&body) {
+                    return Ok(true);
+                }
+            }
+        };
+        let compacted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = run => r,
+        };
+        if matches!(compacted, Ok(true)) {
+            eprintln!(
+                "   a plain watch through {addr} fell behind the relay's history (Compacted)"
+            );
+            return;
+        }
+        DRAIN_CUTS.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -1082,11 +1136,22 @@ async fn main() -> Result<()> {
         load()
     );
     let mut drains = JoinSet::new();
+    // With relays, the plain watches stand in for other hosts: by default
+    // they only frame the relay's stream (following its revision, as a
+    // client resumes), decoding nothing, since a host decodes its own
+    // stream on its own cores; SIM_RELAY_DECODE=1 decodes every event
+    // here, through `relayed`, as a reflector's watch does.
+    let relay_decode = std::env::var("SIM_RELAY_DECODE").is_ok_and(|v| v == "1");
     if a.watches > 0 {
         let rev = retry("list", || clients[0].list(keys::prefix::NODES))
             .await?
             .revision;
         for i in 0..a.watches {
+            if !relays.addrs.is_empty() && !relay_decode {
+                let addr = relays.addrs[i % relays.addrs.len()].clone();
+                drains.spawn(drain_relay(addr, rev + 1, cancel.clone()));
+                continue;
+            }
             // Through the relays a watch needs no connection of its own to
             // etcd: it shares a host connection for what is not relayed.
             let s: Arc<dyn Store> = if relays.addrs.is_empty() {

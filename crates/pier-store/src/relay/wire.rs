@@ -364,6 +364,25 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, WireError> {
     Ok(f)
 }
 
+/// The revision of an `Events` frame's body (tag and payload) without
+/// decoding its events, or `None` for any other frame. For a client that
+/// only follows the stream (the simulator's stand-ins for other hosts).
+pub fn events_revision(body: &[u8]) -> Option<Revision> {
+    match body {
+        [T_EVENTS, r @ ..] if r.len() >= 8 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&r[..8]);
+            Some(i64::from_be_bytes(a))
+        }
+        _ => None,
+    }
+}
+
+/// Whether a frame's body is a `Compacted` (the stream is over).
+pub fn is_compacted(body: &[u8]) -> bool {
+    body.first() == Some(&T_COMPACTED)
+}
+
 /// Decodes the frame at the start of `buf`: `Ok(None)` if `buf` does not
 /// hold all of it yet, else the frame and how many bytes it took.
 pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
@@ -524,6 +543,23 @@ mod tests {
                 let _ = decode(&b);
             }
         }
+    }
+
+    #[test]
+    fn the_events_revision_is_read_without_decoding() {
+        for f in samples() {
+            let bytes = encode(&f);
+            let want = match &f {
+                Frame::Events { revision, .. } => Some(*revision),
+                _ => None,
+            };
+            assert_eq!(events_revision(&bytes[4..]), want, "{f:?}");
+            assert_eq!(
+                is_compacted(&bytes[4..]),
+                matches!(f, Frame::Compacted { .. })
+            );
+        }
+        assert_eq!(events_revision(&[T_EVENTS, 0, 0]), None);
     }
 
     #[test]
