@@ -42,9 +42,13 @@
 //! in this process, on a runtime of their own (2 threads named `relay`,
 //! whose CPU time is reported), each on its own etcd connection (spread
 //! over the members) and served on a loopback port (plain TCP,
-//! `TcpDial`); the reflectors and plain watches list and watch through
-//! `relayed(..)`, the `i`-th starting at relay i % N (and moving to the
-//! next when it fails). Their leases, barriers and writes, the hosts and
+//! `TcpDial`); the reflectors list and watch through `relayed(..)`, the
+//! `i`-th starting at relay i % N (and moving to the next when it fails),
+//! and the plain watches are streams from relay i % N that are framed but
+//! not decoded (each follows the revision and resumes from it when cut
+//! off): they stand in for other hosts, which decode their own streams on
+//! their own cores (`SIM_RELAY_DECODE=1` decodes them here, through
+//! `relayed`). The reflectors' leases, barriers and writes, the hosts and
 //! the supervisor stay on the members. etcd then has N watchers of the
 //! whole prefix instead of one per watcher.
 //! `--prefill 1` (with `--rs`) writes the sets' pods itself, placed
