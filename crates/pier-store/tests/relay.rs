@@ -325,8 +325,63 @@ async fn a_watch_resumes_across_relays_and_a_relay_restart() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_without_the_revision_is_passed_over_for_one_with_it() {
+    let (_etcd, etcd) = start_etcd().await;
+    let from = now(&*etcd).await + 1;
+    let b = Served::start(etcd.clone(), RelayOptions::default()).await;
+    let mut last = 0;
+    for i in 0..10 {
+        last = etcd
+            .put(&key(&format!("k{i}")), b"v".to_vec(), None)
+            .await
+            .expect("put");
+    }
+    b.wait("b caught up", |s| s.revision >= last).await;
+    // a starts after the writes: its history begins after `from`.
+    let a = Served::start(etcd.clone(), RelayOptions::default()).await;
+    assert!(a.relay.stats().history_from > from);
+    let client = relayed(
+        etcd.clone(),
+        vec![a.addr.clone(), b.addr.clone()],
+        Arc::new(TcpDial),
+    );
+    let mut w = client.watch(keys::ROOT, from).await.expect("watch from b");
+    let mut direct = etcd.watch(keys::ROOT, from).await.expect("direct watch");
+    let want = events_of(&collect_until(&mut direct, last).await);
+    assert_eq!(events_of(&collect_until(&mut w, last).await), want);
+    b.wait("the watch on b", |s| s.clients == 1).await;
+    // Neither reaches back to revision 1 (b's history starts after its
+    // list, at 1): Compacted.
+    assert!(matches!(
+        client.watch(keys::ROOT, 1).await,
+        Err(pier_store::StoreError::Compacted { requested: 1, .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_relay_down_the_client_uses_etcd() {
+    let (_etcd, etcd) = start_etcd().await;
+    etcd.put(&key("a"), b"1".to_vec(), None).await.expect("put");
+    // A loopback port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").to_string()
+    };
+    let client = relayed(etcd.clone(), vec![dead], Arc::new(TcpDial));
+    let truth = etcd.list(keys::ROOT).await.expect("list");
+    let l = client.list(keys::ROOT).await.expect("list from etcd");
+    assert_eq!(l.kvs, truth.kvs);
+    let from = now(&*etcd).await + 1;
+    let mut w = client.watch(keys::ROOT, from).await.expect("watch on etcd");
+    let last = etcd.put(&key("b"), b"2".to_vec(), None).await.expect("put");
+    let items = collect_until(&mut w, last).await;
+    assert_eq!(events_of(&items).len(), 1, "{items:?}");
+}
+
 /// A TCP forwarder that can be cut: `set_down` closes every connection
-/// and refuses new ones; `set_silent` stops forwarding without closing.
+/// and refuses new ones; `set_silent` stops forwarding on the open ones
+/// without closing them (and refuses new ones).
 struct Cut {
     addr: String,
     down: Arc<AtomicBool>,
@@ -353,7 +408,7 @@ impl Cut {
                 let Ok((mut inbound, _)) = accepted else {
                     continue;
                 };
-                if d.load(Ordering::SeqCst) {
+                if d.load(Ordering::SeqCst) || q.load(Ordering::SeqCst) {
                     continue;
                 }
                 let token = c.lock().expect("lock").clone();

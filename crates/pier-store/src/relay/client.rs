@@ -185,25 +185,34 @@ impl Relays {
     }
 
     /// Opens a watch from `from` on the first relay that answers, from
-    /// the current one.
+    /// the current one. A relay whose history does not reach back to
+    /// `from` (one that restarted, or listed again) is passed over for
+    /// one that does; `Compacted` only when none does.
     async fn open(&self, from: Revision) -> Result<Conn, OpenError> {
         let n = self.addrs.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut errors = Vec::new();
+        let mut compacted = None;
         for idx in (0..n).map(|k| (start + k) % n) {
             match self.open_one(idx, from).await {
                 Ok(c) => {
                     self.current.store(idx, Ordering::Relaxed);
                     return Ok(c);
                 }
-                Err(Ok(compacted)) => {
-                    self.current.store(idx, Ordering::Relaxed);
-                    return Err(OpenError::Compacted(compacted));
+                Err(Ok(e)) => {
+                    errors.push(format!("{}: {e}", self.addrs[idx]));
+                    compacted.get_or_insert((idx, e));
                 }
                 Err(Err(e)) => errors.push(e),
             }
         }
-        Err(OpenError::AllFailed(errors.join("; ")))
+        match compacted {
+            Some((idx, e)) => {
+                self.current.store(idx, Ordering::Relaxed);
+                Err(OpenError::Compacted(e))
+            }
+            None => Err(OpenError::AllFailed(errors.join("; "))),
+        }
     }
 
     /// Moves on from relay `from` (if nobody did already).
