@@ -649,6 +649,67 @@ async fn the_relays_upstream_cut_reaches_its_clients_and_the_barrier_completes_t
     assert_eq!(served.relay.stats().clients, 2);
 }
 
+/// etcd out of the relays' reach (an election, an overload): the clients
+/// wait for the relays instead of all watching etcd at once, and resume
+/// through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_without_etcd_are_waited_for_not_bypassed() {
+    let etcd_server = EtcdServer::start().expect("start etcd");
+    let etcd: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&etcd_server.endpoint))
+            .await
+            .expect("connect"),
+    );
+    let cut = Cut::start(etcd_server.endpoint.clone()).await;
+    let relay_upstream: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(std::slice::from_ref(&cut.addr))
+            .await
+            .expect("connect via cut"),
+    );
+    let served = Served::start(relay_upstream, RelayOptions::default()).await;
+    let client = relayed(etcd.clone(), vec![served.addr.clone()], Arc::new(TcpDial));
+    let from = now(&*etcd).await + 1;
+    let mut direct = etcd.watch(keys::ROOT, from).await.expect("direct watch");
+    let mut w = client.watch(keys::ROOT, from).await.expect("relayed watch");
+
+    cut.set_down(true);
+    served.wait("upstream down", |s| !s.live).await;
+    let mut last = 0;
+    for i in 0..3 {
+        last = etcd
+            .put(&key(&format!("k{i}")), b"v".to_vec(), None)
+            .await
+            .expect("put");
+    }
+    // Past the client's silence limit (3 heartbeats): it has left the
+    // relay and found no relay with a live view, and it has not gone to
+    // etcd: none of the writes reaches it.
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(item) = w.next().await {
+            seen.push(item.expect("watch item"));
+        }
+    })
+    .await;
+    assert!(
+        matches!(seen.as_slice(), [WatchItem::Disconnected { .. }]),
+        "{seen:?}"
+    );
+    // A list waits for the relays too.
+    assert!(matches!(
+        client.list(keys::ROOT).await,
+        Err(pier_store::StoreError::Unavailable(_))
+    ));
+
+    cut.set_down(false);
+    let mut items = seen;
+    items.extend(collect_until(&mut w, last).await);
+    assert!(matches!(items[1], WatchItem::Resumed), "{items:?}");
+    let want = events_of(&collect_until(&mut direct, last).await);
+    assert_eq!(events_of(&items), want);
+    served.wait("back on the relay", |s| s.clients == 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_cut_off_and_does_not_hold_up_others() {
     let (_etcd, etcd) = start_etcd().await;

@@ -2,9 +2,9 @@
 //! `keys::ROOT` through relays.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use pier_model::keys;
@@ -26,6 +26,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// While watching etcd directly (every relay failed), how often the relays
 /// are tried again.
 const RETRY_RELAYS: Duration = Duration::from_secs(10);
+/// How long relays that answer, but without a live view of etcd, are
+/// waited for before a client lists and watches etcd directly.
+const ALL_DOWN_FALLBACK: Duration = Duration::from_secs(30);
 
 /// A Store whose `list(keys::ROOT)` and `watch(keys::ROOT, from)` go to
 /// `relays` (the first that answers, rotating on failure; etcd directly
@@ -41,6 +44,7 @@ pub fn relayed(
             addrs: relays,
             current: AtomicUsize::new(0),
             dial,
+            down_since: Mutex::new(None),
         }),
     })
 }
@@ -64,6 +68,26 @@ struct Relays {
     /// The relay tried first.
     current: AtomicUsize,
     dial: Arc<dyn Dial>,
+    /// Since when every relay reached has answered without a live view of
+    /// etcd. A std Mutex: never held across an await.
+    down_since: Mutex<Option<Instant>>,
+}
+
+/// Why a relay did not serve a request.
+struct Fail {
+    msg: String,
+    /// It answered (it has no live view of etcd now), as opposed to not
+    /// being reached or breaking off.
+    answered: bool,
+}
+
+impl From<String> for Fail {
+    fn from(msg: String) -> Fail {
+        Fail {
+            msg,
+            answered: false,
+        }
+    }
 }
 
 /// An open watch on a relay.
@@ -77,8 +101,8 @@ struct Conn {
 
 enum OpenError {
     Compacted(StoreError),
-    /// Every relay failed; what each said.
-    AllFailed(String),
+    /// Every relay failed: what each said, and whether one answered.
+    AllFailed(String, bool),
 }
 
 impl Relays {
@@ -118,48 +142,78 @@ impl Relays {
         }
     }
 
-    async fn list_one(&self, idx: usize) -> Result<ListResult, String> {
+    async fn list_one(&self, idx: usize) -> Result<ListResult, Fail> {
         let mut io = self.dial(idx, Op::List).await?;
         let mut kvs = Vec::new();
         loop {
             match self.read(idx, &mut io).await? {
                 Frame::Kvs(mut chunk) => kvs.append(&mut chunk),
                 Frame::ListEnd { revision } => return Ok(ListResult { kvs, revision }),
-                Frame::Error { message } => return Err(format!("{}: {message}", self.addrs[idx])),
+                Frame::Error { message } => {
+                    return Err(Fail {
+                        msg: format!("{}: {message}", self.addrs[idx]),
+                        answered: true,
+                    });
+                }
                 other => {
-                    return Err(format!(
+                    return Err(Fail::from(format!(
                         "{}: unexpected {other:?} in a list answer",
                         self.addrs[idx]
-                    ));
+                    )));
                 }
             }
         }
     }
 
-    /// Lists through the first relay that answers, from the current one.
-    async fn list(&self) -> Result<ListResult, String> {
+    /// Lists through the first relay that answers, from the current one;
+    /// else what each said, and whether one answered.
+    async fn list(&self) -> Result<ListResult, (String, bool)> {
         let n = self.addrs.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut errors = Vec::new();
+        let mut answered = false;
         for idx in (0..n).map(|k| (start + k) % n) {
             match self.list_one(idx).await {
                 Ok(l) => {
                     self.current.store(idx, Ordering::Relaxed);
+                    self.served();
                     return Ok(l);
                 }
-                Err(e) => errors.push(e),
+                Err(f) => {
+                    answered |= f.answered;
+                    errors.push(f.msg);
+                }
             }
         }
-        Err(errors.join("; "))
+        Err((errors.join("; "), answered))
     }
 
-    async fn open_one(
-        &self,
-        idx: usize,
-        from: Revision,
-    ) -> Result<Conn, Result<StoreError, String>> {
-        let mut io = self.dial(idx, Op::Watch { from }).await.map_err(Err)?;
-        match self.read(idx, &mut io).await.map_err(Err)? {
+    /// After a round in which every relay failed: whether to go to etcd
+    /// directly. At once when no relay was reached (they are gone, etcd
+    /// may be fine); when they were reached but none has a live view of
+    /// etcd (etcd is in trouble, or their links to it), only after
+    /// [`ALL_DOWN_FALLBACK`]: every host going to etcd at once, in the
+    /// moment it is in trouble, is the herd the relays spare it.
+    fn fall_back(&self, answered: bool) -> bool {
+        let mut d = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        if !answered {
+            *d = None;
+            return true;
+        }
+        d.get_or_insert_with(Instant::now).elapsed() >= ALL_DOWN_FALLBACK
+    }
+
+    /// A relay served a request.
+    fn served(&self) {
+        *self.down_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    async fn open_one(&self, idx: usize, from: Revision) -> Result<Conn, Result<StoreError, Fail>> {
+        let mut io = self
+            .dial(idx, Op::Watch { from })
+            .await
+            .map_err(|e| Err(e.into()))?;
+        match self.read(idx, &mut io).await.map_err(|e| Err(e.into()))? {
             Frame::Opened {
                 revision,
                 heartbeat_ms,
@@ -176,11 +230,14 @@ impl Relays {
                 requested,
                 compact_revision,
             })),
-            Frame::Error { message } => Err(Err(format!("{}: {message}", self.addrs[idx]))),
-            other => Err(Err(format!(
+            Frame::Error { message } => Err(Err(Fail {
+                msg: format!("{}: {message}", self.addrs[idx]),
+                answered: true,
+            })),
+            other => Err(Err(Fail::from(format!(
                 "{}: unexpected {other:?} opening a watch",
                 self.addrs[idx]
-            ))),
+            )))),
         }
     }
 
@@ -193,25 +250,31 @@ impl Relays {
         let start = self.current.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         let mut compacted = None;
+        let mut answered = false;
         for idx in (0..n).map(|k| (start + k) % n) {
             match self.open_one(idx, from).await {
                 Ok(c) => {
                     self.current.store(idx, Ordering::Relaxed);
+                    self.served();
                     return Ok(c);
                 }
                 Err(Ok(e)) => {
                     errors.push(format!("{}: {e}", self.addrs[idx]));
                     compacted.get_or_insert((idx, e));
                 }
-                Err(Err(e)) => errors.push(e),
+                Err(Err(f)) => {
+                    answered |= f.answered;
+                    errors.push(f.msg);
+                }
             }
         }
         match compacted {
             Some((idx, e)) => {
                 self.current.store(idx, Ordering::Relaxed);
+                self.served();
                 Err(OpenError::Compacted(e))
             }
-            None => Err(OpenError::AllFailed(errors.join("; "))),
+            None => Err(OpenError::AllFailed(errors.join("; "), answered)),
         }
     }
 
@@ -236,7 +299,12 @@ impl Store for Relayed {
         }
         match self.relays.list().await {
             Ok(l) => Ok(l),
-            Err(why) => {
+            Err((why, answered)) if !self.relays.fall_back(answered) => {
+                Err(StoreError::Unavailable(format!(
+                    "no watch relay has a live view of etcd ({why}); waiting for them (up to {ALL_DOWN_FALLBACK:?}) rather than listing {prefix} on etcd directly"
+                )))
+            }
+            Err((why, _)) => {
                 tracing::warn!(
                     relays = ?self.relays.addrs,
                     "every watch relay failed ({why}); listing {prefix} on etcd directly"
@@ -285,7 +353,12 @@ impl Store for Relayed {
                 (Source::Relay(conn), next)
             }
             Err(OpenError::Compacted(e)) => return Err(e),
-            Err(OpenError::AllFailed(why)) => {
+            Err(OpenError::AllFailed(why, answered)) if !self.relays.fall_back(answered) => {
+                return Err(StoreError::Unavailable(format!(
+                    "no watch relay has a live view of etcd ({why}); waiting for them (up to {ALL_DOWN_FALLBACK:?}) rather than watching {prefix} on etcd directly"
+                )));
+            }
+            Err(OpenError::AllFailed(why, _)) => {
                 tracing::warn!(
                     relays = ?self.relays.addrs,
                     "every watch relay failed ({why}); watching {prefix} on etcd directly"
@@ -371,7 +444,21 @@ impl Follow {
                             let _ = self.tx.send(Err(e)).await;
                             return;
                         }
-                        Err(OpenError::AllFailed(why)) => {
+                        Err(OpenError::AllFailed(why, answered))
+                            if !self.relays.fall_back(answered) =>
+                        {
+                            tracing::debug!(
+                                from = self.next,
+                                "no watch relay has a live view of etcd ({why}); waiting for them"
+                            );
+                            tokio::select! {
+                                _ = self.tx.closed() => return,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                            continue;
+                        }
+                        Err(OpenError::AllFailed(why, _)) => {
                             tracing::warn!(
                                 relays = ?self.relays.addrs,
                                 from = self.next,
