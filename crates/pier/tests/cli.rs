@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pier_api::{ApiConfig, ApiState, Problems, serve};
-use pier_model::{Name, Namespace, Pod, PodPhase, PodStatus, ReplicaSet, encode, keys};
+use pier_model::{
+    Name, Namespace, Pod, PodPhase, PodStatus, ReplicaSet, Rollout, RolloutState, encode, keys,
+};
 use pier_store::alloc::AllocConfig;
 use pier_store::{EmbeddedStore, Store};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -939,4 +941,74 @@ async fn ca_init_and_issue() {
     assert_eq!(o.code, 1, "{o:?}");
     one_error_line(&o);
     assert!(o.stderr.contains("--cert FILE"), "{o:?}");
+}
+
+/// `pier run --wait` gives up as soon as the new set's first rollout stops
+/// (its pods failed: an image the host does not have), with the
+/// supervisor's reason, instead of waiting out `--timeout` in silence. A
+/// stopped rollout left by a deleted set of the same name (its record not
+/// removed yet) does not count.
+#[tokio::test]
+async fn run_wait_gives_up_when_the_first_rollout_stops() {
+    let a = Agent::start(None).await;
+    let ns = Namespace::default();
+    let rs_key = keys::replicaset(&ns, &n("web"));
+    let paused = |started_at: u64| Rollout {
+        revision: 1,
+        hash: String::new(),
+        target: 1,
+        from: None,
+        state: RolloutState::Paused,
+        message:
+            "rollout of revision 1 paused: pod web-abcde failed: image nope:v1 not found locally"
+                .into(),
+        failures: 1,
+        steps: 1,
+        step_done_at: None,
+        started_at,
+        finished_at: Some(started_at),
+    };
+    let run = ["run", "web", "--image", "nope:v1", "--wait"];
+
+    // 1. Only a stale record: --wait waits it out.
+    a.store
+        .put(&keys::rollout(&ns, &n("web")), encode(&paused(1)), None)
+        .await
+        .unwrap();
+    let args = [&run[..], &["--timeout", "1s"]].concat();
+    let o = a.pier(&args).await;
+    let l = one_error_line(&o);
+    assert!(
+        l.contains("timed out after 1s") && !l.contains("rollout stopped"),
+        "{l}"
+    );
+    assert_eq!(a.pier(&["delete", "rs", "web"]).await.code, 0);
+
+    // 2. The new set's own rollout pauses: --wait says so and why. The
+    //    timeout is longer than the test waits (pier_at: 30 s at most).
+    let supervisor = async {
+        loop {
+            if let Some(kv) = a.store.get(&rs_key).await.unwrap() {
+                let rs: ReplicaSet = pier_model::decode(&kv.key, &kv.value).unwrap();
+                a.store
+                    .put(
+                        &keys::rollout(&ns, &n("web")),
+                        encode(&paused(rs.created_at)),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let args = [&run[..], &["--timeout", "120s"]].concat();
+    let (o, ()) = tokio::join!(a.pier(&args), supervisor);
+    let l = one_error_line(&o);
+    assert!(
+        l.contains("replicaset/web: 0 of 1 pods ready, and its rollout stopped (paused)")
+            && l.contains("image nope:v1 not found locally"),
+        "{l}"
+    );
 }

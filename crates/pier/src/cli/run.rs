@@ -18,7 +18,7 @@ use super::wait;
 pub struct RunArgs {
     /// The replica set's name (RFC 1123: lower-case letters, digits, '-').
     pub(super) name: String,
-    /// The image to run (it must exist on the hosts: pier never pulls).
+    /// The image to run (it must exist on the hosts, unless the agents have an [agent] registry to pull from).
     #[arg(long, value_name = "IMG")]
     pub(super) image: String,
     /// A container port, `P`, `NAME:P`, `P/udp` or `NAME:P/udp`; repeat
@@ -174,7 +174,14 @@ pub(super) async fn run(server: &str, a: RunArgs) -> Result<()> {
     c.create_replicaset(&rs).await?;
     outln!("replicaset/{name} created");
     if a.wait.wait {
-        wait::until_ready(&c, &namespace, &name, a.wait.timeout).await?;
+        wait::until_ready(
+            &c,
+            &namespace,
+            &name,
+            a.wait.timeout,
+            wait::OnStoppedRollout::Fail,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -43,7 +43,14 @@ pub(super) async fn run(server: &str, a: ScaleArgs) -> Result<()> {
     .await?;
     outln!("replicaset/{name} scaled to {replicas}");
     if a.wait.wait {
-        wait::until_ready(&c, &namespace, &name, a.wait.timeout).await?;
+        wait::until_ready(
+            &c,
+            &namespace,
+            &name,
+            a.wait.timeout,
+            wait::OnStoppedRollout::Wait,
+        )
+        .await?;
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `--wait`: block until a replica set's pods are all there and ready.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
@@ -7,13 +8,31 @@ use anyhow::{Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use pier_api::Client;
 use pier_model::api::PodView;
-use pier_model::{Name, Namespace, PodPhase};
+use pier_model::{Name, Namespace, PodPhase, RolloutState};
 
 /// 250 ms: a pod becomes ready about half a second after it listens, so a
 /// quarter second adds little to `--wait` and costs two small reads.
 const POLL: Duration = Duration::from_millis(250);
 
-pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Duration) -> Result<()> {
+/// How `--wait` treats a rollout that stopped (paused or rolled back).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnStoppedRollout {
+    /// Keep waiting (`scale`: pods of the revision that runs may still
+    /// come).
+    Wait,
+    /// Give up at once with the rollout's reason (`run`: the set is new,
+    /// so its first revision's pods failed and there is nothing before it
+    /// to run instead).
+    Fail,
+}
+
+pub async fn until_ready(
+    c: &Client,
+    ns: &Namespace,
+    name: &Name,
+    timeout: Duration,
+    on_stopped: OnStoppedRollout,
+) -> Result<()> {
     let start = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = ProgressBar::new_spinner();
@@ -40,6 +59,25 @@ pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Durat
             outln!("replicaset/{name}: {ready}/{want} pods ready");
             return Ok(());
         }
+        if on_stopped == OnStoppedRollout::Fail
+            && let Some(r) = rs
+                .rollout
+                .as_ref()
+                .filter(|r| r.revision == rs.spec.revision && r.state.is_final())
+                .filter(|r| r.state != RolloutState::Complete)
+                // Not the record of a set of the same name deleted just
+                // before, which the supervisor has not removed yet.
+                .filter(|r| r.started_at >= rs.spec.created_at)
+        {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            bail!(
+                "replicaset/{name}: {ready} of {want} pods ready, and its rollout stopped ({}): {}",
+                r.state,
+                r.message
+            );
+        }
         if let Some(b) = &bar {
             b.set_message(format!(
                 "waiting for replicaset/{name}: {ready}/{want} pods ready, {} exist",
@@ -63,6 +101,8 @@ pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Durat
                     pods.len() - want
                 ));
             }
+            // Pods that are not ready for the same reason, in one line.
+            let mut why_pods: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for p in pods.iter().filter(|p| !p.ready) {
                 let why = if !p.message.is_empty() {
                     format!(": {}", p.message)
@@ -71,7 +111,16 @@ pub async fn until_ready(c: &Client, ns: &Namespace, name: &Name, timeout: Durat
                 } else {
                     String::new()
                 };
-                missing.push(format!("pod {} on {} is {}{why}", p.name, p.node, p.phase));
+                why_pods
+                    .entry(format!("{}{why}", p.phase))
+                    .or_default()
+                    .push(format!("{} on {}", p.name, p.node));
+            }
+            for (why, names) in why_pods {
+                missing.push(match names.as_slice() {
+                    [one] => format!("pod {one} is {why}"),
+                    _ => format!("pods {} are {why}", names.join(", ")),
+                });
             }
             let problems = c.problems().await.unwrap_or_default();
             for p in problems
