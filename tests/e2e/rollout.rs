@@ -219,8 +219,11 @@ fn rolling_update_fails_no_request_and_a_never_healthy_image_rolls_back() -> Res
     // 3. History and undo: back to the first image as revision 4.
     let hist = a.cli_ok(&["rollout", "history", "rs", "web"])?;
     ensure!(
-        hist.contains(TEST_IMAGE) && hist.contains(&v2) && hist.contains(&sleeper),
-        "history: {hist}"
+        hist.contains(TEST_IMAGE)
+            && hist.contains(&v2)
+            && hist.contains(&sleeper)
+            && hist.ends_with('\n'),
+        "history: {hist:?}"
     );
     a.cli_ok(&["rollout", "undo", "rs", "web", "--to-revision", "1"])?;
     let status = a.cli_ok(&["rollout", "status", "rs", "web", "--timeout", "90s"])?;

@@ -96,13 +96,17 @@ pub(super) async fn run(server: &str, a: DescribeArgs) -> Result<()> {
             );
             line(
                 "Ports",
-                rs.spec
-                    .template
-                    .ports
-                    .iter()
-                    .map(|p| pier_model::PortSpec::from(p).to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                if rs.spec.template.ports.is_empty() {
+                    "<none>".into()
+                } else {
+                    rs.spec
+                        .template
+                        .ports
+                        .iter()
+                        .map(|p| pier_model::PortSpec::from(p).to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
             );
             line("Env", labels_str(&rs.spec.template.env));
             line("Labels", labels_str(&rs.spec.template.labels));

@@ -105,21 +105,25 @@ async fn watch(
                     format == Format::Wide,
                     all_ns,
                 )?;
+                // EVENT is a column too, so the one before it (IP, say)
+                // keeps its width whatever its value.
                 let ws = widths.get_or_insert_with(|| {
-                    let ws: Vec<usize> = header
+                    let mut hs: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+                    hs.push("EVENT".into());
+                    let ws: Vec<usize> = hs
                         .iter()
-                        .map(|h| match *h {
+                        .map(|h| match h.as_str() {
                             "NAME" | "SERVICE" | "POD" | "ADDRESS" => h.len().max(24),
                             "NAMESPACE" | "NODE" | "IP" | "VIP" | "PORT(S)" => h.len().max(14),
                             _ => h.len().max(8),
                         })
                         .collect();
-                    let hs: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-                    let _ = writeln!(out, "{}   EVENT", fixed_row(&hs, &ws));
+                    let _ = writeln!(out, "{}", fixed_row(&hs, &ws));
                     ws
                 });
-                for r in rows {
-                    writeln!(out, "{}   {}", fixed_row(&r, ws), ev.kind)?;
+                for mut r in rows {
+                    r.push(ev.kind.to_string());
+                    writeln!(out, "{}", fixed_row(&r, ws))?;
                 }
             }
         }

@@ -194,7 +194,7 @@ async fn history(server: &str, a: RsArgs) -> Result<()> {
         rs.spec.template.image.clone(),
         state,
     ]);
-    out!("{}", render_table(&["REVISION", "IMAGE", "CHANGE"], rows));
+    outln!("{}", render_table(&["REVISION", "IMAGE", "CHANGE"], rows));
     Ok(())
 }
 
