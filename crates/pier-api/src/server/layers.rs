@@ -127,7 +127,7 @@ pub(super) fn check_headers(hosts: &HostCheck, req: &Request<Incoming>) -> Optio
             return Some(Fail::new(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "the Origin header {:?} is not this API's own; cross-site requests are refused (the API serves no web pages)",
+                    "the Origin header {:?} is not this API's own; cross-site requests are refused (only the dashboard, served from this address, may send one; add a name it is reached by to [api] allowed_hosts)",
                     text(v)
                 ),
             ));

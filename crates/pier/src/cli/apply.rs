@@ -123,8 +123,14 @@ async fn wait_ready(
             }
         }
         if start.elapsed() >= timeout {
+            // `get pods` lists only the pods that exist; a replica no host
+            // can take, and why, is in the set's description.
+            let why = match app.services.iter().find(|s| s.ready < s.desired) {
+                Some(s) => format!("pier describe rs {} -n {ns}", s.name),
+                None => format!("pier get pods -n {ns}"),
+            };
             bail!(
-                "app/{name} not ready after {:?}: {}; `pier get pods -n {ns}` shows why",
+                "app/{name} not ready after {:?}: {}; `{why}` says why",
                 timeout,
                 waiting.join(", ")
             );

@@ -19,7 +19,7 @@ pub struct SetImageArgs {
     pub(super) kind: String,
     /// The replica set.
     pub(super) name: String,
-    /// The new image (it must exist on the hosts: pier never pulls).
+    /// The new image (it must exist on the hosts, unless the agents have an [agent] registry to pull from).
     pub(super) image: String,
     #[command(flatten)]
     pub(super) namespace: NamespaceArg,
