@@ -441,6 +441,15 @@ pod_labels = {{ "pier.test-run" = "{run_label}" }}
         Ok(t.trim().to_owned())
     }
 
+    /// The agent's DNS VIP: the 10th address of its service CIDR (a /24).
+    pub fn dns_vip(&self) -> Result<std::net::IpAddr> {
+        let net = self
+            .service_cidr
+            .strip_suffix(".0/24")
+            .context("test agents have a /24")?;
+        Ok(format!("{net}.10").parse()?)
+    }
+
     /// A GET of the agent's API with its token.
     pub fn api_get(&self, path: &str) -> Result<(u16, String)> {
         http_get_auth(&self.api_addr(), path, Some(&self.token()?))

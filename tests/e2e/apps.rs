@@ -9,7 +9,9 @@ use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use pier_tests::{AgentOpts, AgentProc, Scenario, TEST_IMAGE, eventually, http_get};
+use pier_tests::{
+    AgentOpts, AgentProc, NetGuard, Scenario, TEST_IMAGE, docker, eventually, http_get,
+};
 
 fn compose(node_port: u16, with_keyserver: bool) -> String {
     let mut s = format!(
@@ -98,6 +100,65 @@ fn compose_app_applies_reapplies_prunes_and_deletes() -> Result<()> {
     );
     let before = containers(&a)?;
     ensure!(before.len() == 3, "{before:?}");
+
+    // 1b. A container on a Docker network created after the agent started
+    //     (as Compose makes one), set up as README says (`--dns` and
+    //     `--dns-search shop.svc.pier.internal`): the Compose names
+    //     resolve and answer, and so does the node port at the network's
+    //     gateway (the host).
+    let net = format!("pier-apps-{}", a.run_label);
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        &format!("pier.test-run={}", a.run_label),
+        &net,
+    ])?;
+    let _net = NetGuard(net.clone());
+    let gw = docker(&[
+        "network",
+        "inspect",
+        &net,
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ])?;
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--pull",
+        "never",
+        "--network",
+        &net,
+        "--label",
+        &format!("pier.test-run={}", a.run_label),
+        "--dns",
+        &a.dns_vip()?.to_string(),
+        "--dns-search",
+        "shop.svc.pier.internal",
+        TEST_IMAGE,
+        "sh",
+        "-c",
+        // busybox wget's -T crashes in this build; `timeout` bounds it.
+        &format!(
+            "timeout 10 wget -qO- http://frontend:8080/cgi-bin/key && echo \
+             && timeout 10 wget -qO- http://keyserver:9000/ \
+             && timeout 10 wget -qO- http://{}:{np}/",
+            gw.trim()
+        ),
+    ])
+    .with_context(|| a.log_tail())?;
+    let lines: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    ensure!(
+        lines.len() == 3
+            && lines[0].starts_with("key-keyserver-")
+            && lines[1].starts_with("key-keyserver-")
+            && lines[2].starts_with("frontend-"),
+        "from a container on {net}: {out}"
+    );
 
     // 2. The same file again: nothing written, nothing restarted.
     let out = a.cli_ok(&["apply", "-f", f])?;

@@ -4,7 +4,6 @@
 //! one, and a docker-compose project's). The agent's periodic resync is set
 //! to 10 minutes, so only Docker's network events can let these in.
 
-use std::net::IpAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -12,15 +11,6 @@ use anyhow::{Context, Result, bail, ensure};
 use pier_tests::{AgentProc, NetGuard, Scenario, TEST_IMAGE, eventually};
 
 const NAME: &str = "web.default.svc.pier.internal";
-
-/// The agent's DNS VIP: the 10th address of its service CIDR.
-fn dns_vip(a: &AgentProc) -> Result<IpAddr> {
-    let net = a
-        .service_cidr
-        .strip_suffix(".0/24")
-        .context("test agents have a /24")?;
-    Ok(format!("{net}.10").parse()?)
-}
 
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -67,7 +57,7 @@ fn dns_answers_the_host_and_networks_created_after_the_agent() -> Result<()> {
         "dns-1",
         "resync_interval_ms = 600000\n\n[dns]\nupstreams = [\"127.0.0.1:9\"]\nupstream_timeout_ms = 200\n",
     )?;
-    let dns = dns_vip(&a)?;
+    let dns = a.dns_vip()?;
     let vip = a.run_and_expose("web", &["--wait"], &[])?.vip.to_string();
 
     // 1. From the host itself: its query to the DNS VIP leaves from the
