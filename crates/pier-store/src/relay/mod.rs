@@ -42,6 +42,11 @@ pub use client::relayed;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// An upstream batch is cut into frames of about this size (between
+/// revisions).
+const BATCH_BYTES: usize = 1 << 20;
+/// The shortest heartbeat and write timeout a relay takes.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How a [`Relay`] keeps history and talks to its clients.
 #[derive(Debug, Clone)]
@@ -49,11 +54,12 @@ pub struct RelayOptions {
     /// Events kept for clients resuming from a revision (default 200,000).
     pub history_events: usize,
     /// A `Progress` frame goes to a client that has had nothing for this
-    /// long, while the upstream watch is live (default 1 s). A client that
-    /// hears nothing for 3 × this moves to another relay.
+    /// long, while the upstream watch is live (default 1 s, at least
+    /// 100 ms). A client that hears nothing for 3 × this moves to another
+    /// relay.
     pub heartbeat: Duration,
     /// A client whose socket does not take a frame within this long is cut
-    /// off (default 10 s).
+    /// off (default 10 s, at least 100 ms).
     pub write_timeout: Duration,
 }
 
@@ -183,9 +189,13 @@ impl Relay {
     /// again after `Compacted` or a failed watch) until `cancel`.
     pub fn start(
         upstream: Arc<dyn Store>,
-        opts: RelayOptions,
+        mut opts: RelayOptions,
         cancel: CancellationToken,
     ) -> Arc<Relay> {
+        // A zero heartbeat would send progress frames without pause, a
+        // zero write timeout cut off every client.
+        opts.heartbeat = opts.heartbeat.max(MIN_INTERVAL);
+        opts.write_timeout = opts.write_timeout.max(MIN_INTERVAL);
         let relay = Arc::new(Relay {
             opts,
             upstream: upstream.clone(),
@@ -288,11 +298,18 @@ impl Relay {
     }
 
     fn apply(&self, revision: Revision, events: Vec<WatchEvent>) {
-        let Some(first) = events.first().map(event_revision) else {
+        let batches: Vec<Batch> = split(revision, &events, BATCH_BYTES)
+            .into_iter()
+            .map(|(rev, range)| Batch {
+                revision: rev,
+                first: event_revision(&events[range.start]),
+                events: range.len(),
+                frame: Bytes::from(wire::encode_events(rev, &events[range])),
+            })
+            .collect();
+        if batches.is_empty() {
             return;
-        };
-        let frame = Bytes::from(wire::encode_events(revision, &events));
-        let n = events.len();
+        }
         let mut st = self.lock();
         for e in events {
             let old = match e {
@@ -307,14 +324,11 @@ impl Relay {
             }
         }
         st.revision = revision;
-        st.history_bytes += frame.len();
-        st.history.push_back(Batch {
-            revision,
-            first,
-            events: n,
-            frame,
-        });
-        st.events += n;
+        for b in batches {
+            st.history_bytes += b.frame.len();
+            st.events += b.events;
+            st.history.push_back(b);
+        }
         while st.events > self.opts.history_events {
             let Some(old) = st.history.pop_front() else {
                 break;
@@ -326,6 +340,35 @@ impl Relay {
         drop(st);
         self.changed();
     }
+}
+
+/// An upstream batch cut into frames of about `limit` bytes or less, only
+/// between two revisions (one revision's events stay in one frame): each
+/// part's revision (its last event's; the batch's for the last part) and
+/// its events. etcd may send many revisions in one response (catching a
+/// watch up); one frame of them all could pass the frame cap.
+fn split(
+    revision: Revision,
+    events: &[WatchEvent],
+    limit: usize,
+) -> Vec<(Revision, std::ops::Range<usize>)> {
+    let mut parts = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, e) in events.iter().enumerate() {
+        size += match e {
+            WatchEvent::Put(kv) => wire::kv_size(kv) + 1,
+            WatchEvent::Delete { key, .. } => key.len() + 13,
+        };
+        let last = i + 1 == events.len();
+        let boundary = last || event_revision(&events[i + 1]) != event_revision(e);
+        if last || (boundary && size >= limit) {
+            let rev = if last { revision } else { event_revision(e) };
+            parts.push((rev, start..i + 1));
+            start = i + 1;
+            size = 0;
+        }
+    }
+    parts
 }
 
 fn kv_bytes(kv: &KeyValue) -> usize {
@@ -449,5 +492,50 @@ async fn follow(relay: Weak<Relay>, upstream: Arc<dyn Store>, cancel: Cancellati
     }
     if let Some(r) = relay.upgrade() {
         r.set_down("the relay stopped".into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, rev: Revision, value: usize) -> WatchEvent {
+        WatchEvent::Put(KeyValue {
+            key: key.into(),
+            value: vec![b'x'; value],
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            lease: None,
+        })
+    }
+
+    fn del(key: &str, rev: Revision) -> WatchEvent {
+        WatchEvent::Delete {
+            key: key.into(),
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_split_between_revisions_only() {
+        // Revisions 10 (two puts of 600 bytes), 11 (a delete), 12 (a put):
+        // with a 1,000-byte limit, 10 fills a frame on its own, 11 and 12
+        // share the next.
+        let events = vec![
+            put("a", 10, 600),
+            put("b", 10, 600),
+            del("c", 11),
+            put("d", 12, 10),
+        ];
+        assert_eq!(split(12, &events, 1000), vec![(10, 0..2), (12, 2..4)]);
+        // No limit hit: one frame, at the batch's revision.
+        assert_eq!(split(12, &events, 1 << 20), vec![(12, 0..4)]);
+        // A limit below every revision: one frame per revision.
+        assert_eq!(
+            split(12, &events, 1),
+            vec![(10, 0..2), (11, 2..3), (12, 3..4)]
+        );
+        assert!(split(12, &[], 1).is_empty());
     }
 }
