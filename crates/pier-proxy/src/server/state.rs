@@ -367,6 +367,9 @@ impl State {
                             "{a}/{proto} is in use by another process; retried when the snapshot changes and every {} s",
                             self.cfg.bind_retry_ms / 1000
                         ),
+                        (std::io::ErrorKind::PermissionDenied, _) if a.port() < 1024 => format!(
+                            "cannot listen on {a}/{proto}: {e}; a port below 1024 needs root or CAP_NET_BIND_SERVICE (an agent run without them, as --unprivileged allows, serves only ports from 1024 up)"
+                        ),
                         _ => format!("cannot listen on {a}/{proto}: {e}"),
                     };
                     let prev = self.failed.insert(key, (pk.0.clone(), msg.clone()));

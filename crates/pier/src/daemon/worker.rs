@@ -362,16 +362,35 @@ fn bind_dns(
             sockets
                 .udp(*a, || std::net::UdpSocket::bind(a))
                 .and_then(tokio::net::UdpSocket::from_std)
-                .with_context(|| format!("binding DNS on udp {a}"))?,
+                .map_err(|e| {
+                    let what = dns_bind_error(a, "udp", &e);
+                    anyhow::Error::new(e).context(what)
+                })?,
         );
         tcp.push(
             sockets
                 .tcp(*a, || std::net::TcpListener::bind(a))
                 .and_then(tokio::net::TcpListener::from_std)
-                .with_context(|| format!("binding DNS on tcp {a}"))?,
+                .map_err(|e| {
+                    let what = dns_bind_error(a, "tcp", &e);
+                    anyhow::Error::new(e).context(what)
+                })?,
         );
     }
     Ok((udp, tcp))
+}
+
+/// What failed when DNS could not bind `a`, and for a port below 1024
+/// refused for want of privilege (an agent run without root, as
+/// `--unprivileged` allows) the way round it.
+fn dns_bind_error(a: &SocketAddr, proto: &str, e: &std::io::Error) -> String {
+    let mut s = format!("binding DNS on {proto} {a}");
+    if e.kind() == std::io::ErrorKind::PermissionDenied && a.port() < 1024 {
+        s.push_str(
+            " (a port below 1024 needs root or CAP_NET_BIND_SERVICE; without them, serve DNS on a high port instead of the DNS VIP: [network] serve_dns_vip = false and dns_listen = [\"127.0.0.1:5353\"] in the config)",
+        );
+    }
+    s
 }
 
 /// The service CIDRs pier0 holds unreachable routes for: the IPv4 one and,
@@ -745,4 +764,35 @@ async fn hand_off(ctl: Control, api_sup_stats: [Stoppable; 3], agent: Stoppable)
     }
     drop(store);
     info!("store closed; serving from the last snapshot until the successor is ready");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dns_bind_error;
+
+    /// A non-root agent refused port 53 is told how to serve DNS anyway;
+    /// other failures are named as they are.
+    #[test]
+    fn dns_bind_error_says_how_to_run_without_root() {
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let low = "127.213.0.10:53".parse().unwrap();
+        let s = dns_bind_error(&low, "udp", &denied);
+        assert!(
+            s.starts_with("binding DNS on udp 127.213.0.10:53 (")
+                && s.contains("CAP_NET_BIND_SERVICE")
+                && s.contains("serve_dns_vip = false")
+                && s.contains("dns_listen"),
+            "{s}"
+        );
+        let high = "127.0.0.1:5353".parse().unwrap();
+        assert_eq!(
+            dns_bind_error(&high, "tcp", &denied),
+            "binding DNS on tcp 127.0.0.1:5353"
+        );
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        assert_eq!(
+            dns_bind_error(&low, "udp", &in_use),
+            "binding DNS on udp 127.213.0.10:53"
+        );
+    }
 }

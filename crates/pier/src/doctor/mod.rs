@@ -108,7 +108,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
             "apt-get install iptables (dockerd programs its NAT and published ports with it)",
         ),
         splice(cfg),
-        netns(),
+        netns(cfg),
     ];
     v.extend(ports(cfg));
     v.push(service_cidr(cfg));
@@ -293,7 +293,7 @@ fn try_splice(pipe_size_kib: u32) -> Result<String, String> {
     Ok(format!("4 bytes moved socket -> pipe -> socket{sized}"))
 }
 
-fn netns() -> Check {
+fn netns(cfg: &Config) -> Check {
     const NAME: &str = "network namespaces";
     if !Path::new("/proc/self/ns/net").exists() {
         return fail(
@@ -309,6 +309,13 @@ fn netns() -> Check {
         .unwrap_or(Err(nix::errno::Errno::EINVAL));
     match r {
         Ok(()) => ok(NAME, "a new one was made and dropped"),
+        // The agent makes none itself (dockerd, as root, makes the
+        // containers'); only pier0 needs privilege, and --unprivileged
+        // makes no pier0.
+        Err(nix::errno::Errno::EPERM) if !cfg.proxy.manage_iface => ok(
+            NAME,
+            "this user may not make one (EPERM); not needed with --unprivileged (dockerd makes the containers')",
+        ),
         Err(nix::errno::Errno::EPERM) => fail(
             NAME,
             "not allowed to make one (EPERM)",

@@ -112,7 +112,17 @@ pub(crate) fn ports(cfg: &Config) -> Vec<Check> {
                 }
             }
         }
-        if problems.is_empty() {
+        let low = !may_bind_port(addr.port(), &privilege());
+        if problems.is_empty() && low {
+            out.push(fail(
+                name,
+                format!(
+                    "free, but this user may not bind port {} (below net.ipv4.ip_unprivileged_port_start, and no CAP_NET_BIND_SERVICE)",
+                    addr.port()
+                ),
+                format!("run the agent as root or give it CAP_NET_BIND_SERVICE, {instead}"),
+            ));
+        } else if problems.is_empty() {
             let what: Vec<String> = mine.iter().map(|(_, _, p, a)| format!("{p} {a}")).collect();
             out.push(ok(name, format!("free ({})", what.join(", "))));
         } else {
@@ -136,6 +146,43 @@ pub(crate) fn ports(cfg: &Config) -> Vec<Check> {
         }
     }
     out
+}
+
+/// What decides whether this process may bind a port below 1024.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Privilege {
+    /// `net.ipv4.ip_unprivileged_port_start` (1024 when unreadable).
+    pub(crate) unprivileged_port_start: u16,
+    /// CAP_NET_BIND_SERVICE in the effective set (root has it).
+    pub(crate) net_bind_service: bool,
+}
+
+fn privilege() -> Privilege {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    Privilege {
+        unprivileged_port_start: start,
+        net_bind_service: cap_net_bind_service(&status),
+    }
+}
+
+/// Whether `CapEff:` in a `/proc/PID/status` text holds
+/// CAP_NET_BIND_SERVICE (bit 10). Unreadable: assume it does, so that the
+/// check never fails on a guess.
+pub(crate) fn cap_net_bind_service(status: &str) -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_none_or(|caps| caps & (1 << CAP_NET_BIND_SERVICE) != 0)
+}
+
+pub(crate) fn may_bind_port(port: u16, p: &Privilege) -> bool {
+    port >= p.unprivileged_port_start || p.net_bind_service
 }
 
 /// Whether a socket `b` keeps the agent from binding `proto` `want`: same

@@ -76,3 +76,28 @@ fn an_orphans_adoption_socket_is_found_listening() {
     assert!(!unix_listening(text, "/var/lib/other/adopt.sock"));
     assert!(!unix_listening(text, "/var/lib/none/adopt.sock"));
 }
+
+#[test]
+fn low_ports_need_root_or_cap_net_bind_service() {
+    let root = "Name:\tpier\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+    let user = "Name:\tpier\nCapEff:\t0000000000000000\n";
+    let only_bind = "CapEff:\t0000000000000400\n";
+    assert!(cap_net_bind_service(root));
+    assert!(!cap_net_bind_service(user));
+    assert!(cap_net_bind_service(only_bind));
+    assert!(
+        cap_net_bind_service(""),
+        "unreadable: no failure on a guess"
+    );
+    let p = |start, cap| Privilege {
+        unprivileged_port_start: start,
+        net_bind_service: cap,
+    };
+    assert!(!may_bind_port(53, &p(1024, false)));
+    assert!(may_bind_port(53, &p(1024, true)));
+    assert!(
+        may_bind_port(53, &p(0, false)),
+        "a sysctl that opens low ports"
+    );
+    assert!(may_bind_port(7370, &p(1024, false)));
+}
