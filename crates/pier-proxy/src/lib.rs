@@ -17,6 +17,7 @@
 //! HTTP proxy: it never looks inside the bytes.
 
 pub mod mesh;
+pub mod relay_tls;
 pub mod tls;
 
 mod affinity;

@@ -59,7 +59,8 @@ pub use crate::tls::MeshConfig;
 pub use client::MeshConnector;
 pub use server::MeshServer;
 pub use stream::MeshStream;
-pub(crate) use stream::reset_on_close;
+pub(crate) use server::handshake_reason;
+pub(crate) use stream::{peer_cut, reset_on_close};
 
 use pier_model::Protocol;
 

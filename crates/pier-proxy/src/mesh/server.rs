@@ -752,7 +752,7 @@ impl Conn {
 
 /// The metric reason of a failed handshake: a rejected client certificate,
 /// or anything else (plaintext, wrong protocol, reset).
-fn handshake_reason(e: &std::io::Error) -> &'static str {
+pub(crate) fn handshake_reason(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
         Some(
             rustls::Error::InvalidCertificate(_)

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use serde::{Deserialize, Serialize};
 
-pub use configs::{ServerSessionState, client_config, server_config};
+pub use configs::{
+    ServerSessionState, client_config, relay_client_config, relay_server_config, server_config,
+};
 pub(crate) use identity::unix_now;
 pub use identity::{
     Identity, PeerCert, Revoked, check_issued_by_ca, check_node, load_identity,
@@ -42,6 +44,9 @@ pub const CRL_FILE: &str = "crl.pem";
 /// ALPN of the mesh protocol; a peer speaking another version fails the
 /// handshake instead of misreading the header.
 pub const MESH_ALPN: &[u8] = b"pier-mesh/1";
+/// ALPN of the watch relays (`pier_store::relay` over TLS): a relay client
+/// dialing a mesh port, or a mesh client a relay port, fails the handshake.
+pub const RELAY_ALPN: &[u8] = b"pier-relay/1";
 
 /// What is wrong with a node's mesh files or its TLS set-up, naming the
 /// file and what to do.
