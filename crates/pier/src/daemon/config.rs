@@ -22,6 +22,29 @@ pub struct Config {
     pub supervisor: pier_supervisor::SupervisorConfig,
     /// The mTLS mesh between hosts; off when absent.
     pub mesh: Option<pier_proxy::tls::MeshConfig>,
+    /// This agent serves as a watch relay for others; off when absent.
+    pub relay: Option<RelayConfig>,
+}
+
+/// `[relay]`: this agent watches etcd and fans the watch out to the agents
+/// that name it in their `store.relays` (ARCHITECTURE "Watch relays").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where the relay listens (TLS, mesh client certificates), e.g.
+    /// `0.0.0.0:7444`; an address the other hosts reach.
+    #[serde(deserialize_with = "relay_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `relay.listen`, with an error that names it and shows the form.
+fn relay_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "relay.listen {s:?} is not IP:PORT; write the address to listen on, e.g. \"0.0.0.0:7444\" (\"[::]:7444\" for IPv6)"
+        ))
+    })
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -59,6 +82,11 @@ pub struct StoreConfig {
     /// A file holding only the user's password (mode 0600 or 0400), so that
     /// the password is neither in the config nor on the command line.
     pub password_file: Option<PathBuf>,
+    /// Watch relays (`HOST:PORT` of agents with `[relay]`) this agent lists
+    /// and watches the store through, first that answers; etcd directly
+    /// when none does. Leases and writes still go to etcd. Needs `[mesh]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<String>,
 }
 
 impl Default for StoreConfig {
@@ -73,6 +101,7 @@ impl Default for StoreConfig {
             key: None,
             user: None,
             password_file: None,
+            relays: Vec::new(),
         }
     }
 }
@@ -180,6 +209,7 @@ impl Config {
             )));
         }
         self.check_store_settings()?;
+        self.check_relays()?;
         // Each subsystem's own checks, in section order; the first problem wins.
         let sections = [
             ("api", self.api.validate().map_err(|e| e.to_string())),
@@ -297,6 +327,78 @@ impl Config {
 }
 
 impl Config {
+    /// `[relay]` and `store.relays`: an etcd store (the embedded store is
+    /// one host), `[mesh]` (relays and their clients authenticate each
+    /// other with the mesh certificates), not both on one node, and
+    /// addresses that are addresses.
+    fn check_relays(&self) -> Result<(), ConfigError> {
+        let relays = &self.store.relays;
+        let what = match (&self.relay, relays.is_empty()) {
+            (None, true) => return Ok(()),
+            (Some(_), false) => {
+                return Err(ConfigError(
+                    "[relay] and store.relays are both set: a relay watches etcd itself; remove store.relays on this node or remove [relay]".into(),
+                ));
+            }
+            (Some(_), true) => "[relay]",
+            (None, false) => "store.relays",
+        };
+        if store_url(&self.store.url)? == StoreUrl::Embedded {
+            return Err(ConfigError(format!(
+                "{what} is set but store.url is `embedded`: watch relays fan out an etcd cluster's watches to many hosts, the embedded store is one host's; remove {what}, or set store.url to etcd://HOST:PORT[,...]"
+            )));
+        }
+        let Some(mesh) = &self.mesh else {
+            let why = if self.relay.is_some() {
+                "the relay accepts only clients with a node certificate of the mesh CA"
+            } else {
+                "the agent dials its relays with its mesh node certificate"
+            };
+            return Err(ConfigError(format!(
+                "{what} needs [mesh]: {why}; add [mesh] with this node's certificates (README \"More than one host\")"
+            )));
+        };
+        if let Some(r) = &self.relay {
+            let a = r.listen;
+            if a.port() == 0 {
+                return Err(ConfigError(format!(
+                    "relay.listen {a} has port 0; give the port the other agents' store.relays name (7444 is usual)"
+                )));
+            }
+            let m = mesh.listen;
+            let overlap = a.ip() == m.ip() || a.ip().is_unspecified() || m.ip().is_unspecified();
+            if a.port() == m.port() && overlap {
+                return Err(ConfigError(format!(
+                    "relay.listen {a} and mesh.listen {m} are the same port; give the relay its own (7444 is usual)"
+                )));
+            }
+        }
+        for (i, r) in relays.iter().enumerate() {
+            let ok = r.rsplit_once(':').is_some_and(|(h, p)| {
+                let inner = h.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+                // An IPv6 address needs its brackets: `::1:7444` is ambiguous.
+                let host_ok = match inner {
+                    Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+                    None => !h.is_empty() && !h.contains([':', '/', '[', ']']),
+                };
+                host_ok
+                    && !h.chars().any(char::is_whitespace)
+                    && p.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                return Err(ConfigError(format!(
+                    "store.relays: {r:?} is not HOST:PORT (an address of an agent with [relay], e.g. \"10.0.0.1:7444\"; [IPV6]:PORT for IPv6)"
+                )));
+            }
+            if relays[..i].contains(r) {
+                return Err(ConfigError(format!(
+                    "store.relays names {r:?} twice; list each relay once"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The `[store]` settings that need no file: the URL, and TLS and
     /// user settings that fit it and each other.
     fn check_store_settings(&self) -> Result<(), ConfigError> {
@@ -789,5 +891,85 @@ mod tests {
             assert!(e.contains(says), "{extra}: {e}");
         }
         check("url = \"etcds://127.0.0.1:2379\"\nca = \"/x/ca.pem\"\ncert = \"/x/c.pem\"\nkey = \"/x/k.pem\"\nuser = \"pier\"\npassword_file = \"/x/pw\"").unwrap();
+    }
+
+    /// `[relay]` and `store.relays`: refused with the embedded store,
+    /// without `[mesh]`, both on one node, and with bad addresses, each
+    /// naming the key and what to do; the two shapes of the README pass.
+    #[test]
+    fn relay_settings_must_fit() {
+        let mesh = "[mesh]\nlisten = \"0.0.0.0:7443\"\nca = \"/x/ca.pem\"\ncert = \"/x/node.pem\"\nkey = \"/x/node-key.pem\"\n";
+        let etcd = "url = \"etcd://10.0.0.1:2379\"\n";
+        let check = |store: &str, rest: &str| {
+            Config::parse(&format!("[node]\nname = \"n1\"\n[store]\n{store}{rest}"))
+                .map_err(|e| e.0)
+                .and_then(|c| c.validate().map_err(|e| e.0))
+        };
+        let relay = "[relay]\nlisten = \"0.0.0.0:7444\"\n";
+        let relays = "relays = [\"10.0.0.1:7444\", \"relay-2.example:7444\", \"[fd00::1]:7444\"]\n";
+        // What the README shows: a relay host, and a host using relays.
+        check(etcd, &format!("{relay}{mesh}")).unwrap();
+        check(&format!("{etcd}{relays}"), mesh).unwrap();
+        for (store, rest, says) in [
+            (
+                "url = \"embedded\"\n".to_owned(),
+                format!("{relay}{mesh}"),
+                "[relay] is set but store.url is `embedded`",
+            ),
+            (
+                format!("url = \"embedded\"\n{relays}"),
+                mesh.to_owned(),
+                "store.relays is set but store.url is `embedded`",
+            ),
+            (
+                etcd.to_owned(),
+                relay.to_owned(),
+                "[relay] needs [mesh]: the relay accepts only clients with a node certificate of the mesh CA",
+            ),
+            (
+                format!("{etcd}{relays}"),
+                String::new(),
+                "store.relays needs [mesh]: the agent dials its relays with its mesh node certificate",
+            ),
+            (
+                format!("{etcd}{relays}"),
+                format!("{relay}{mesh}"),
+                "a relay watches etcd itself; remove store.relays on this node or remove [relay]",
+            ),
+            (
+                etcd.to_owned(),
+                format!("[relay]\nlisten = \"10.0.0.1:7443\"\n{mesh}"),
+                "relay.listen 10.0.0.1:7443 and mesh.listen 0.0.0.0:7443 are the same port",
+            ),
+            (
+                etcd.to_owned(),
+                format!("[relay]\nlisten = \"10.0.0.1:0\"\n{mesh}"),
+                "relay.listen 10.0.0.1:0 has port 0",
+            ),
+            (
+                etcd.to_owned(),
+                format!("[relay]\nlisten = \"10.0.0.1\"\n{mesh}"),
+                "relay.listen \"10.0.0.1\" is not IP:PORT",
+            ),
+            (
+                format!("{etcd}relays = [\"10.0.0.1:7444\", \"10.0.0.1:7444\"]\n"),
+                mesh.to_owned(),
+                "store.relays names \"10.0.0.1:7444\" twice",
+            ),
+        ] {
+            let e = check(&store, &rest).expect_err(&format!("{store}{rest}"));
+            assert!(e.contains(says), "{store}{rest}: {e}");
+        }
+        for bad in ["10.0.0.1", "10.0.0.1:0", ":7444", "fd00::1:7444", "[zz]:7444", "a b:7444", "h:port"] {
+            let e = check(&format!("{etcd}relays = [\"{bad}\"]\n"), mesh).expect_err(bad);
+            assert!(
+                e.contains(&format!("store.relays: {bad:?} is not HOST:PORT")),
+                "{bad}: {e}"
+            );
+        }
+        // Unknown keys in [relay] are refused as everywhere.
+        let e = check(etcd, &format!("[relay]\nlisten = \"0.0.0.0:7444\"\nport = 1\n{mesh}"))
+            .unwrap_err();
+        assert!(e.contains("port"), "{e}");
     }
 }
