@@ -274,7 +274,12 @@ impl RelayDialer {
         self.certs.reload_if_changed();
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
-            .map_err(|_| Error::new(ErrorKind::TimedOut, format!("connecting to {addr} timed out")))?
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                )
+            })?
             .map_err(|e| Error::new(e.kind(), format!("connecting to {addr}: {e}")))?;
         tcp.set_nodelay(true)?;
         let connector = tokio_rustls::TlsConnector::from(self.certs.current());
@@ -283,7 +288,10 @@ impl RelayDialer {
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
             .await
             .map_err(|_| {
-                Error::new(ErrorKind::TimedOut, format!("TLS handshake with {addr} timed out"))
+                Error::new(
+                    ErrorKind::TimedOut,
+                    format!("TLS handshake with {addr} timed out"),
+                )
             })?
             .map_err(|e| Error::new(e.kind(), format!("TLS handshake with {addr}: {e}")))?;
         let node = stream

@@ -68,7 +68,10 @@ impl Served {
                 let (r, mut w) = tokio::io::split(s);
                 let mut lines = tokio::io::BufReader::new(r).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
-                    if w.write_all(format!("{who} {l}\n").as_bytes()).await.is_err() {
+                    if w.write_all(format!("{who} {l}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -105,9 +108,16 @@ async fn mesh_node_is_served_and_learns_the_relay_name() {
         .unwrap()
         .unwrap();
     let got = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(got.starts_with("n2@127.0.0.1:") && got.ends_with(" hello\n"), "{got:?}");
+    assert!(
+        got.starts_with("n2@127.0.0.1:") && got.ends_with(" hello\n"),
+        "{got:?}"
+    );
     assert_eq!(relay.peers.lock().unwrap().len(), 1);
-    assert!(relay.metrics().contains("relay_clients 1"), "{}", relay.metrics());
+    assert!(
+        relay.metrics().contains("relay_clients 1"),
+        "{}",
+        relay.metrics()
+    );
     relay.cancel.cancel();
 }
 
@@ -194,7 +204,10 @@ async fn revoked_client_is_cut() {
         .unwrap();
     assert!(String::from_utf8_lossy(&b3[..n]).ends_with(" still\n"));
     let m = relay.metrics();
-    assert!(m.contains("relay_refusals_total{reason=\"revoked\"} 1"), "{m}");
+    assert!(
+        m.contains("relay_refusals_total{reason=\"revoked\"} 1"),
+        "{m}"
+    );
     // And n2 cannot come back.
     let d = RelayDialer::new(&pki.cfg("n2"), name("n2"), &mut Registry::default()).unwrap();
     if let Ok((mut s, _)) = d.dial(&relay.addr).await {
@@ -230,7 +243,10 @@ async fn relay_client_cannot_dial_a_mesh_port() {
     let cancel = CancellationToken::new();
     tokio::spawn(server.serve(listener, cancel.clone()));
     let d = RelayDialer::new(&pki.cfg("n2"), name("n2"), &mut Registry::default()).unwrap();
-    let e = d.dial(&addr).await.expect_err("a mesh port speaks no relay");
+    let e = d
+        .dial(&addr)
+        .await
+        .expect_err("a mesh port speaks no relay");
     assert!(e.to_string().contains("TLS handshake"), "{e}");
     cancel.cancel();
 }

@@ -14,6 +14,7 @@ pub mod config;
 mod fdpass;
 mod keeper;
 mod orphan;
+mod relay;
 mod sockets;
 mod worker;
 

@@ -58,8 +58,8 @@ use std::time::Duration;
 pub use crate::tls::MeshConfig;
 pub use client::MeshConnector;
 pub use server::MeshServer;
-pub use stream::MeshStream;
 pub(crate) use server::handshake_reason;
+pub use stream::MeshStream;
 pub(crate) use stream::{peer_cut, reset_on_close};
 
 use pier_model::Protocol;

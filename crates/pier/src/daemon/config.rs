@@ -960,7 +960,15 @@ mod tests {
             let e = check(&store, &rest).expect_err(&format!("{store}{rest}"));
             assert!(e.contains(says), "{store}{rest}: {e}");
         }
-        for bad in ["10.0.0.1", "10.0.0.1:0", ":7444", "fd00::1:7444", "[zz]:7444", "a b:7444", "h:port"] {
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:0",
+            ":7444",
+            "fd00::1:7444",
+            "[zz]:7444",
+            "a b:7444",
+            "h:port",
+        ] {
             let e = check(&format!("{etcd}relays = [\"{bad}\"]\n"), mesh).expect_err(bad);
             assert!(
                 e.contains(&format!("store.relays: {bad:?} is not HOST:PORT")),
@@ -968,8 +976,11 @@ mod tests {
             );
         }
         // Unknown keys in [relay] are refused as everywhere.
-        let e = check(etcd, &format!("[relay]\nlisten = \"0.0.0.0:7444\"\nport = 1\n{mesh}"))
-            .unwrap_err();
+        let e = check(
+            etcd,
+            &format!("[relay]\nlisten = \"0.0.0.0:7444\"\nport = 1\n{mesh}"),
+        )
+        .unwrap_err();
         assert!(e.contains("port"), "{e}");
     }
 }

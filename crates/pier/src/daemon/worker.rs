@@ -51,6 +51,8 @@ struct Control {
     lease_cancel: CancellationToken,
     reflector: Reflector,
     reflector_cancel: CancellationToken,
+    /// The watch relay this agent serves (`[relay]`).
+    relay: Option<super::relay::Serving>,
 }
 
 /// The tasks a handoff stops, with their tokens.
@@ -114,7 +116,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
             )
         })?;
 
-    let ctl = start_control(&cfg, &node_name, &root).await?;
+    let ctl = start_control(&cfg, &node_name, &root, &sockets, &mut registry).await?;
     // The data plane serves the synced snapshot from its first accept: a
     // successor (upgrade, restart) never answers from an empty one.
     tokio::select! {
@@ -325,9 +327,17 @@ async fn open_store(cfg: &Config, cancel: &CancellationToken) -> Result<Arc<dyn 
     }
 }
 
-/// Store, node lease, reflector.
-async fn start_control(cfg: &Config, node: &Name, root: &CancellationToken) -> Result<Control> {
+/// Store (through watch relays, or serving one, as configured), node
+/// lease, reflector.
+async fn start_control(
+    cfg: &Config,
+    node: &Name,
+    root: &CancellationToken,
+    sockets: &Sockets,
+    registry: &mut Registry,
+) -> Result<Control> {
     let store = open_store(cfg, root).await?;
+    let (store, relay) = super::relay::wrap_store(cfg, node, store, sockets, registry)?;
     let ttl = Ttl::from_secs(cfg.store.lease_ttl_secs)?;
     let lease_cancel = CancellationToken::new();
     let lease = LeaseKeeper::start(store.clone(), ttl, lease_cancel.clone())
@@ -347,6 +357,7 @@ async fn start_control(cfg: &Config, node: &Name, root: &CancellationToken) -> R
         lease_cancel,
         reflector,
         reflector_cancel,
+        relay,
     })
 }
 
@@ -715,6 +726,9 @@ async fn shutdown(
     ctl.lease_cancel.cancel();
     // 3. The proxy drains its connections up to its own deadline.
     ctl.reflector_cancel.cancel();
+    if let Some(r) = ctl.relay {
+        r.stop().await;
+    }
     stop_data_plane(dp, tasks).await;
     if let Err(e) = pier_proxy::teardown_iface(&cfg.proxy, &service_cidrs(cfg)).await {
         warn!(error = %e, "removing the pier0 interface failed");
@@ -749,8 +763,14 @@ async fn hand_off(ctl: Control, api_sup_stats: [Stoppable; 3], agent: Stoppable)
         store,
         lease,
         reflector,
+        relay,
         ..
     } = ctl;
+    // The successor's relay takes the listening socket over (through the
+    // keeper); this one's clients move to it, or another relay, and resume.
+    if let Some(r) = relay {
+        r.stop().await;
+    }
     drop(lease);
     drop(reflector);
     // Wait for the last other holder (the reflector's and the lease's
