@@ -28,6 +28,15 @@ pub const LEASE_TTL: Duration = Duration::from_secs(LEASE_TTL_SECS);
 /// The pods' port (the test image serves its hostname there).
 pub const POD_PORT: u16 = 8080;
 
+/// What a test adds to one host's agent config ([`Cluster::start_with`]).
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Lines in `[store]`.
+    pub store: String,
+    /// Sections after the others (`[relay]`, …).
+    pub sections: String,
+}
+
 /// A running multi-host cluster: the topology plus one agent per host.
 pub struct Cluster {
     pub topo: Topology,
@@ -46,6 +55,18 @@ impl Cluster {
     /// `n` hosts on `10.214.<k>.0/24`, a 3-member etcd cluster (one member
     /// per host), mesh certificates, and an agent per host named `h<i>`.
     pub fn start(k: u8, n: usize) -> Result<Cluster> {
+        Self::start_with(k, n, |_, _| Extra::default())
+    }
+
+    /// [`Cluster::start`] with `extra(i, topology)` added to host `i`'s
+    /// config. A host whose extra has a `[relay]` section is started, and
+    /// ready, before the hosts after it (relays first, as an operator
+    /// would: the others then list through it from their first start).
+    pub fn start_with(
+        k: u8,
+        n: usize,
+        extra: impl Fn(usize, &Topology) -> Extra,
+    ) -> Result<Cluster> {
         ensure!((1..=20).contains(&k), "k must be 1..=20");
         ensure_test_image()?;
         let pier = pier_bin()?;
@@ -67,6 +88,7 @@ impl Cluster {
         for i in 1..=n {
             let h = c.topo.host(i);
             let certs = h.issue_certs(&c.pier, &c.ca, &format!("h{i}"))?;
+            let more = extra(i, &c.topo);
             let cfg = h.dir.join("pier.toml");
             let toml = format!(
                 r#"
@@ -77,7 +99,7 @@ addr = "{addr}"
 [store]
 url = "etcd://{etcd}"
 lease_ttl_secs = {LEASE_TTL_SECS}
-
+{store_extra}
 [network]
 service_cidr = "10.213.{octet}.0/24"
 data_dir = "{data}"
@@ -97,18 +119,23 @@ listen = "{addr}:{MESH_PORT}"
 ca = "{certs}/ca.pem"
 cert = "{certs}/node.pem"
 key = "{certs}/node-key.pem"
-"#,
+{sections}"#,
                 addr = h.addr,
                 octet = c.octet,
                 data = h.dir.join("pier-data").display(),
                 label = c.label,
                 certs = certs.display(),
+                store_extra = more.store,
+                sections = more.sections,
             );
             std::fs::write(&cfg, toml).context("writing the agent config")?;
             let cfg = cfg.to_string_lossy().into_owned();
             let pier = c.pier.clone();
             let pid = c.topo.host_mut(i).spawn_agent(&pier, &["--config", &cfg])?;
             c.agents.push(pid);
+            if more.sections.contains("[relay]") {
+                c.wait_ready(i)?;
+            }
         }
         for i in 1..=n {
             c.wait_ready(i)?;

@@ -44,6 +44,13 @@
 //!   the mesh, with the flow moving off a killed pod; and a service created
 //!   headless by the label `pier.headless=true`.
 //!
+//! - `watch_relays_fan_out_refuse_strangers_and_fail_over` (in
+//!   `relay.rs`): h1 serves `[relay]`, h2 and h3 list and watch through
+//!   it: one whole-prefix watcher on etcd for the three, a pod on h2 seen
+//!   by h1 and h3 and reached from h3, clients without a mesh certificate
+//!   refused, and after `kill -9` of h1's agent h2 and h3 watch etcd and
+//!   keep converging.
+//!
 //! - `chaos_run` (in `chaos.rs`, ignored: run with `--ignored`): 60 s of
 //!   random faults (pod kills, agent kill -9, dockerd restarts, etcd member
 //!   kills, host cuts) under request loops and API writes, with a checker
@@ -56,6 +63,7 @@ mod chaos;
 mod cluster;
 mod netns;
 mod oauth;
+mod relay;
 mod udp;
 
 use std::io::{Read, Write};
