@@ -82,15 +82,25 @@ pub(super) fn wrap_store(
         let mesh = cfg.mesh.as_ref().context("store.relays needs [mesh]")?;
         let dialer = RelayDialer::new(mesh, node.clone(), registry)
             .context("loading the mesh certificates for the relay client")?;
-        info!(relays = ?cfg.store.relays, "listing and watching the store through watch relays (leases and writes go to etcd)");
-        let store = pier_store::relay::relayed(
-            upstream,
-            cfg.store.relays.clone(),
-            Arc::new(MeshDial(dialer)),
-        );
+        let relays = spread(&cfg.store.relays, node.as_str());
+        info!(relays = ?relays, "listing and watching the store through watch relays, in this order (leases and writes go to etcd)");
+        let store = pier_store::relay::relayed(upstream, relays, Arc::new(MeshDial(dialer)));
         return Ok((store, None));
     }
     Ok((upstream, None))
+}
+
+/// `relays` rotated to start at the one `node` picks (FNV-1a of the name,
+/// stable across processes and versions, as the etcd members are picked):
+/// with the same list on every host, the hosts spread over the relays
+/// instead of all watching through the first.
+fn spread(relays: &[String], node: &str) -> Vec<String> {
+    let h = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let n = relays.len().max(1) as u64;
+    let start = (h % n) as usize;
+    relays[start..].iter().chain(&relays[..start]).cloned().collect()
 }
 
 impl Serving {
@@ -101,5 +111,31 @@ impl Serving {
         if let Err(e) = self.done.await {
             error!(error = %e, "watch relay listener task failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every relay kept, in the list's cyclic order, from a start the name
+    /// fixes; 300 hosts with one list spread over 3 relays about evenly.
+    #[test]
+    fn hosts_spread_over_the_relays() {
+        let relays: Vec<String> = ["a:7444", "b:7444", "c:7444"].map(String::from).into();
+        let mut first = std::collections::BTreeMap::<String, usize>::new();
+        for i in 0..300 {
+            let node = format!("host-{i}");
+            let got = spread(&relays, &node);
+            assert_eq!(got, spread(&relays, &node), "not stable");
+            let start = relays.iter().position(|r| *r == got[0]).unwrap();
+            let want: Vec<String> = (0..3).map(|k| relays[(start + k) % 3].clone()).collect();
+            assert_eq!(got, want, "{node}");
+            *first.entry(got[0].clone()).or_default() += 1;
+        }
+        assert_eq!(first.len(), 3, "{first:?}");
+        assert!(first.values().all(|&n| (70..=130).contains(&n)), "{first:?}");
+        assert_eq!(spread(&relays[..1], "x"), relays[..1].to_vec());
+        assert!(spread(&[], "x").is_empty());
     }
 }
