@@ -100,7 +100,11 @@ fn spread(relays: &[String], node: &str) -> Vec<String> {
     });
     let n = relays.len().max(1) as u64;
     let start = (h % n) as usize;
-    relays[start..].iter().chain(&relays[..start]).cloned().collect()
+    relays[start..]
+        .iter()
+        .chain(&relays[..start])
+        .cloned()
+        .collect()
 }
 
 impl Serving {
@@ -134,7 +138,10 @@ mod tests {
             *first.entry(got[0].clone()).or_default() += 1;
         }
         assert_eq!(first.len(), 3, "{first:?}");
-        assert!(first.values().all(|&n| (70..=130).contains(&n)), "{first:?}");
+        assert!(
+            first.values().all(|&n| (70..=130).contains(&n)),
+            "{first:?}"
+        );
         assert_eq!(spread(&relays[..1], "x"), relays[..1].to_vec());
         assert!(spread(&[], "x").is_empty());
     }

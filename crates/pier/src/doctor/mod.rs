@@ -2,8 +2,9 @@
 //! prints the fix for each one that fails. It takes the same flags and
 //! config file as `pier agent`, so it checks what the agent would bind and
 //! use: dockerd (reachable, its API version), `ip` and iptables, splice(2)
-//! and network namespaces, the DNS, API (and mesh) ports, the service CIDR
-//! against the routing table, and the store.
+//! and network namespaces, the DNS, API (and mesh and relay) ports, the
+//! service CIDR against the routing table, the store, and each watch relay
+//! in `store.relays`.
 //!
 //! Exit status: 0 when every check passed, 1 when one failed, 64 for a bad
 //! config (as `pier agent`).
@@ -113,6 +114,7 @@ pub async fn run_checks(cfg: &Config) -> Vec<Check> {
     v.extend(ports(cfg));
     v.push(service_cidr(cfg));
     v.push(store(cfg).await);
+    v.extend(relays(cfg).await);
     v
 }
 
@@ -378,6 +380,77 @@ async fn store(cfg: &Config) -> Check {
         }
         Err(e) => fail(NAME, e.0, "set store.url to `embedded` or etcd://HOST:PORT"),
     }
+}
+
+/// Each relay of `store.relays`, asked for a list as the agent asks it:
+/// TCP, TLS with this node's mesh certificate, then the relay's first
+/// answer. The agent falls back to etcd when none answers, so a failure
+/// here is slower convergence and load on etcd, not an outage.
+async fn relays(cfg: &Config) -> Vec<Check> {
+    use pier_store::relay::wire::{self, Frame, Op};
+    use tokio::io::AsyncWriteExt;
+    let Some(mesh) = cfg.mesh.as_ref().filter(|_| !cfg.store.relays.is_empty()) else {
+        return Vec::new();
+    };
+    let node = match cfg.node_name() {
+        Ok(n) => n,
+        Err(e) => return vec![fail("watch relays", e.0, "set node.name or pass --node")],
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    let dialer = match pier_proxy::relay_tls::RelayDialer::new(mesh, node, &mut reg) {
+        Ok(d) => d,
+        Err(e) => {
+            return vec![fail(
+                "watch relays",
+                format!("mesh: {e}"),
+                "fix the [mesh] files named above",
+            )];
+        }
+    };
+    let mut out = Vec::new();
+    for addr in &cfg.store.relays {
+        let name = format!("watch relay {addr}");
+        let asked = tokio::time::timeout(Duration::from_secs(10), async {
+            let (mut s, relay_node) = dialer.dial(addr).await?;
+            let hello = Frame::Hello {
+                version: wire::VERSION,
+                op: Op::List,
+            };
+            s.write_all(&wire::encode(&hello)).await?;
+            let first = wire::read_frame(&mut s).await?;
+            Ok::<_, std::io::Error>((relay_node, first))
+        })
+        .await;
+        out.push(match asked {
+            Ok(Ok((relay, Frame::Kvs(_) | Frame::ListEnd { .. }))) => {
+                ok(name, format!("node {relay} serves the store"))
+            }
+            Ok(Ok((relay, Frame::Error { message }))) => fail(
+                name,
+                format!("node {relay} answers but does not serve the store now: {message}"),
+                "check that relay's agent log (its etcd watch); meanwhile this agent uses the other relays or etcd",
+            ),
+            Ok(Ok((relay, other))) => fail(
+                name,
+                format!("node {relay} answered {other:?} to a list"),
+                "run the same pier version on the relay and here",
+            ),
+            Ok(Err(e)) => fail(
+                name,
+                e.to_string(),
+                format!(
+                    "start the agent with [relay] listen = \"{addr}\" on that host (or correct store.relays), open TCP {} to it, and give both hosts certificates of the same mesh CA",
+                    addr.rsplit_once(':').map_or("7444", |(_, p)| p)
+                ),
+            ),
+            Err(_) => fail(
+                name,
+                "no answer within 10 s".to_owned(),
+                "check that the address is the relay's [relay] listen and that the host is reachable",
+            ),
+        });
+    }
+    out
 }
 
 /// Whether the agent could create and write `dir`: the nearest existing

@@ -66,6 +66,14 @@ pub(crate) fn agent_binds(cfg: &Config) -> Vec<(&'static str, String, Proto, Soc
             m.listen,
         ));
     }
+    if let Some(r) = &cfg.relay {
+        v.push((
+            "watch relay",
+            "or change [relay] listen (and the other hosts' store.relays)".to_owned(),
+            Proto::Tcp,
+            r.listen,
+        ));
+    }
     v
 }
 
