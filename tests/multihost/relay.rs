@@ -9,6 +9,10 @@
 //! - a client without a certificate of the mesh CA gets nothing from the
 //!   relay: plaintext, and TLS with another CA's certificate, each logged
 //!   with its address; h2's own certificate, the control, is served a list;
+//! - h1's agent upgraded (SIGHUP): the old worker relays until the new one
+//!   serves, which takes the relay's socket over through the keeper; h2
+//!   and h3 move to it without going to etcd meanwhile, and see a pod
+//!   started after;
 //! - h1's agent killed with `kill -9` (keeper and worker): h3's client is
 //!   still answered from the last snapshot, h2 and h3 watch etcd directly
 //!   (one whole-prefix watcher each) and see a pod started after the kill.
@@ -36,6 +40,17 @@ const ELECTION_WATCHES: usize = 2;
 
 fn relay_addr(t: &Topology) -> String {
     format!("{}:{RELAY_PORT}", t.host(1).addr)
+}
+
+/// Lines of host `i`'s agent log that contain every one of `needles`.
+fn log_lines(c: &Cluster, i: usize, needles: &[&str]) -> Vec<String> {
+    c.topo
+        .host(i)
+        .agent_log()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The value of the unlabelled metric `name` in Prometheus text.
@@ -227,6 +242,64 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
         Ok((plain && cert).then_some(()))
     })
     .with_context(|| c.topo.host(1).agent_log())?;
+
+    // --- The relay agent upgraded ------------------------------------------
+    // SIGHUP to h1's keeper: a new worker takes the relay's socket over
+    // through the keeper, and h2 and h3 come back to the relay (not left
+    // on etcd) and see what happens next through it.
+    let keeper = c.agents[0];
+    let before = pier_tests::load::children(keeper);
+    ensure!(before.len() == 1, "h1's keeper has workers {before:?}");
+    let fell_back = |i: usize| {
+        log_lines(&c, i, &["every watch relay failed"]).len()
+            + log_lines(&c, i, &["no watch relay has a live view"]).len()
+    };
+    let fell_back_before = [fell_back(2), fell_back(3)];
+    let listening = || log_lines(&c, 1, &["relay: listening"]).len();
+    ensure!(
+        listening() == 1,
+        "h1 listened for relay clients {} times",
+        listening()
+    );
+    run_ok(
+        std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(keeper.to_string()),
+    )?;
+    let upgraded = Instant::now();
+    eventually(
+        Duration::from_secs(40),
+        "h1's new worker alone, relaying for h2 and h3, etcd with the relay's watcher only",
+        || {
+            // The new worker listening (through the keeper), the old one
+            // gone: then the clients are the new one's.
+            let now = pier_tests::load::children(keeper);
+            if listening() < 2 || now.len() != 1 || before.contains(&now[0]) {
+                return Ok(None);
+            }
+            let clients = metric(&c.metrics(1)?, "pier_relay_clients");
+            let (n, _) = etcd_watchers(&c, &[1, 2, 3])?;
+            Ok((clients == Some(2.0) && n == with_relay).then_some(()))
+        },
+    )
+    .with_context(|| c.logs())?;
+    eprintln!(
+        "relay upgraded, clients on the new worker {:?} after the SIGHUP",
+        upgraded.elapsed()
+    );
+    ensure!(
+        [fell_back(2), fell_back(3)] == fell_back_before,
+        "the upgrade sent h2 or h3 to etcd: {:?} -> {:?}{}",
+        fell_back_before,
+        [fell_back(2), fell_back(3)],
+        c.logs()
+    );
+    c.run_pod(2, "echo-h2", "echo", POD_PORT)?;
+    eventually(Duration::from_secs(20), "h3 sees echo on h2", || {
+        let eps = c.ready_endpoints(3, "echo")?;
+        Ok((eps.len() == 1 && eps[0].0 == "h2").then_some(()))
+    })
+    .with_context(|| c.logs())?;
 
     // --- The relay dies -------------------------------------------------------
     let keeper = c.agents[0];

@@ -5,6 +5,8 @@
 //! for contrast, what passes: the same namespace without the holder, and
 //! the dockerd that tests/run.sh runs.
 //!
+//! And `store.relays`: a relay that serves and an address that does not.
+//!
 //! Needs root (a network namespace, port 53) and, for the last test, a
 //! running dockerd: tests/run.sh provides both.
 
@@ -272,4 +274,96 @@ fn the_store_check_reaches_etcd_or_names_it() {
         "{}",
         text(&o)
     );
+}
+
+/// `store.relays`: a relay that serves (a real `Relay` on a real etcd,
+/// behind the agent's TLS listener, started here) is named with its node;
+/// an address nobody listens on fails with the fix. Both asked with the
+/// node certificate of the config's `[mesh]`, as the agent asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_check_asks_each_relay_for_a_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd =
+        pier_store::testing::EtcdServer::start().expect("start etcd (apt-get install etcd-server)");
+    let ca = dir.path().join("ca");
+    pier_ca::ca_init(&ca).unwrap();
+    for n in ["r1", "h2"] {
+        pier_ca::ca_issue(
+            &pier_model::Name::new(n).unwrap(),
+            &ca,
+            &dir.path().join(n),
+            1,
+        )
+        .unwrap();
+    }
+    // The relay: as `[relay]` runs it, on loopback.
+    let upstream: std::sync::Arc<dyn pier_store::Store> = std::sync::Arc::new(
+        pier_store::EtcdStore::connect(&[etcd.endpoint.clone()])
+            .await
+            .unwrap(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let relay = pier_store::relay::Relay::start(upstream, Default::default(), cancel.clone());
+    let mesh = pier_proxy::tls::MeshConfig::from_dir(
+        "127.0.0.1:0".parse().unwrap(),
+        &dir.path().join("r1"),
+    );
+    let acceptor = pier_proxy::relay_tls::RelayAcceptor::new(
+        &mesh,
+        pier_model::Name::new("r1").unwrap(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .unwrap();
+    // Synced first: an unsynced relay answers an error (checked apart).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !relay.stats().synced {
+        assert!(std::time::Instant::now() < deadline, "relay not synced");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = listener.local_addr().unwrap();
+    tokio::spawn(acceptor.run(listener, cancel.clone(), move |s, peer| {
+        relay.clone().serve(s, peer)
+    }));
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let h2 = dir.path().join("h2");
+    let cfg = dir.path().join("pier.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[node]\nname = \"h2\"\n[store]\nurl = \"etcd://{}\"\nrelays = [\"{serving}\", \"{dead}\"]\n[network]\ndata_dir = \"{}\"\n[mesh]\nlisten = \"127.0.0.1:0\"\nca = \"{h}/ca.pem\"\ncert = \"{h}/node.pem\"\nkey = \"{h}/node-key.pem\"\n",
+            etcd.endpoint,
+            dir.path().join("data").display(),
+            h = h2.display(),
+        ),
+    )
+    .unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        Command::new(PIER)
+            .arg("doctor")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (line, _) = line_and_next(&o, &format!("ok    watch relay {serving}:"));
+    assert_eq!(
+        line,
+        format!("ok    watch relay {serving}: node r1 serves the store"),
+        "{}",
+        text(&o)
+    );
+    let (line, fix) = line_and_next(&o, &format!("FAIL  watch relay {dead}:"));
+    assert!(line.contains("Connection refused"), "{}", text(&o));
+    assert!(
+        fix.contains("[relay] listen") && fix.contains(&format!("open TCP {}", dead.port())),
+        "{}",
+        text(&o)
+    );
+    cancel.cancel();
 }

@@ -116,7 +116,7 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
             )
         })?;
 
-    let ctl = start_control(&cfg, &node_name, &root, &sockets, &mut registry).await?;
+    let mut ctl = start_control(&cfg, &node_name, &root, &sockets, &mut registry).await?;
     // The data plane serves the synced snapshot from its first accept: a
     // successor (upgrade, restart) never answers from an empty one.
     tokio::select! {
@@ -202,10 +202,17 @@ pub(super) async fn run(mut cfg: Config, sockets: Sockets) -> Result<()> {
         }
         _ = handoff.cancelled() => {}
     }
+    // The watch relay serves on, as the data plane does, until the
+    // successor serves: its clients then move to the successor's relay
+    // (synced before it said READY) instead of to etcd meanwhile.
+    let relay = ctl.relay.take();
     hand_off(ctl, [api, supervisor, stats], agent).await;
     sockets.notify(Request::Released);
     root.cancelled().await;
     info!("successor serving: stopping accepting and draining");
+    if let Some(r) = relay {
+        r.stop().await;
+    }
     stop_data_plane(&dp, &tasks).await;
     info!("pier agent stopped (handed off)");
     Ok(())
@@ -763,14 +770,8 @@ async fn hand_off(ctl: Control, api_sup_stats: [Stoppable; 3], agent: Stoppable)
         store,
         lease,
         reflector,
-        relay,
         ..
     } = ctl;
-    // The successor's relay takes the listening socket over (through the
-    // keeper); this one's clients move to it, or another relay, and resume.
-    if let Some(r) = relay {
-        r.stop().await;
-    }
     drop(lease);
     drop(reflector);
     // Wait for the last other holder (the reflector's and the lease's
