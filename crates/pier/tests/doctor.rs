@@ -298,7 +298,7 @@ async fn the_relay_check_asks_each_relay_for_a_list() {
     }
     // The relay: as `[relay]` runs it, on loopback.
     let upstream: std::sync::Arc<dyn pier_store::Store> = std::sync::Arc::new(
-        pier_store::EtcdStore::connect(&[etcd.endpoint.clone()])
+        pier_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
             .await
             .unwrap(),
     );
