@@ -33,7 +33,7 @@ pub(crate) struct Bound {
 /// What the agent binds: (role, what to change instead, proto, address).
 pub(crate) fn agent_binds(cfg: &Config) -> Vec<(&'static str, String, Proto, SocketAddr)> {
     let mut v = Vec::new();
-    let dns_instead = "or serve DNS elsewhere: network.serve_dns_vip = false and network.dns_listen = [\"127.0.0.1:5353\"] (or --dns)".to_owned();
+    let dns_instead = "or serve DNS elsewhere: network.serve_dns_vip = false and network.dns_listen = [\"127.0.0.1:5353\"] in the config (--dns only adds an address; it leaves the DNS VIP on)".to_owned();
     if cfg.network.serve_dns_vip {
         // The DNS VIP: `.10` of the service CIDR (as the agent's allocator).
         if let Some(vip) = cfg.network.service_cidr.nth(10) {
