@@ -27,7 +27,11 @@
 //!   With a lease health signal ([`Reflector::spawn_with_health`]), a
 //!   failing lease renewal marks the snapshot stale too (a partition is
 //!   seen within about one lease TTL, not only when the watch connection's
-//!   keep-alive gives up); it is fresh again when both are fine.
+//!   keep-alive gives up); it is fresh again when both are fine, and, with
+//!   a node name, once a sync barrier written when the lease renewed again
+//!   has come back: a cut shorter than the watch's own liveness probe
+//!   leaves the watch open but behind, and what changed meanwhile (a pod
+//!   the leader deleted) arrives after the lease is back.
 //! - A key that does not parse, or a value that does not decode, is logged
 //!   with its key and skipped (and any older value under that key dropped).
 //!   Keys it does not use (alloc, stats, election, autoscale, sync) are
@@ -377,7 +381,18 @@ async fn run(
                 _ = cancel.cancelled() => return,
                 item = w.next() => item,
                 h = health_changed(&mut health) => {
+                    let was_down = lease_down;
                     on_health(h, &mut health, &mut lease_down);
+                    // The lease renews again, but the watch may still be
+                    // delivering what changed while it could not (a short
+                    // cut does not break the watch, it delays it): as after
+                    // a resumed watch, fresh only once the barrier is back.
+                    if was_down && !lease_down && !watch_down
+                        && let Some(key) = &barrier_key
+                    {
+                        tracing::info!("reflector: the lease renews again; writing the sync barrier");
+                        barrier = Some(Barrier::write(&store, key));
+                    }
                     let stale = snap.stale_since_ms.is_some();
                     if freshen(&mut snap, watch_down || barrier.is_some(), lease_down) {
                         holds.saw(stale, now_ms());

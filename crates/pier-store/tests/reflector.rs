@@ -503,6 +503,9 @@ struct SlowReplay {
     delay: Duration,
     /// How many `Resumed` it passed on.
     resumed: Arc<std::sync::atomic::AtomicUsize>,
+    /// Hold back every item by `delay` instead (order kept): a watch that
+    /// stays open but lags, as one does through a short cut.
+    lag_all: bool,
 }
 
 #[async_trait::async_trait]
@@ -551,6 +554,28 @@ impl Store for SlowReplay {
         let mut inner = self.inner.watch(prefix, from).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let (delay, resumed) = (self.delay, self.resumed.clone());
+        if self.lag_all {
+            let (qtx, mut qrx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(item) = inner.next().await {
+                    if qtx
+                        .send((tokio::time::Instant::now() + delay, item))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, item)) = qrx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        }
         tokio::spawn(async move {
             let mut hold = false;
             while let Some(item) = inner.next().await {
@@ -592,6 +617,7 @@ async fn never_fresh_while_missing_the_cuts_changes(barrier: bool) {
         inner: via_cut,
         delay: Duration::from_secs(1),
         resumed: resumed.clone(),
+        lag_all: false,
     });
     let node = name("h1");
     let direct_dyn: Arc<dyn Store> = Arc::new(direct.clone());
@@ -696,6 +722,103 @@ async fn a_healed_agent_reflector_is_stale_until_its_barrier_arrives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_plain_reflector_relists() {
     never_fresh_while_missing_the_cuts_changes(false).await;
+}
+
+/// A cut shorter than the watch's own liveness probe: the lease fails and
+/// renews again while the watch stays open, delivering late (every item
+/// held back 1 s here). The agent's reflector is stale while the lease
+/// fails and stays stale after it renews until its sync barrier has come
+/// back through the watch, so no fresh snapshot shows an endpoint deleted
+/// during the cut. (The chaos run's stale answer, session 11: a healed
+/// host wrote the endpoint of a pod the leader had deleted in the cut.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_lease_is_fresh_only_after_its_barrier() {
+    let etcd = EtcdServer::start().expect("start etcd");
+    let direct = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .expect("connect");
+    put_service(&direct, "a").await;
+    put_endpoint(&direct, "a", "n1", "e1", 1).await;
+    let cancel = CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let lagging: Arc<dyn Store> = Arc::new(SlowReplay {
+        inner: Arc::new(direct.clone()),
+        delay: Duration::from_secs(1),
+        resumed: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        lag_all: true,
+    });
+    // The lease's health, driven by the test.
+    let (health, health_rx) = tokio::sync::watch::channel(true);
+    let node = name("h1");
+    let r = Reflector::spawn_with_hold(
+        lagging,
+        cancel.clone(),
+        health_rx,
+        pier_store::reflector::HoldPolicy::for_ttl(Ttl::from_secs(2).expect("ttl")),
+        &node,
+    );
+    r.synced().await;
+    let rev = put_endpoint(&direct, "a", "n1", "e0", 9).await;
+    wait_for(&r, "watching", |s| {
+        s.revision >= rev && s.stale_since_ms.is_none()
+    })
+    .await;
+
+    let seen = Arc::new(Mutex::new(Vec::<Arc<Snapshot>>::new()));
+    let mut rx = r.subscribe();
+    let (s2, stop) = (seen.clone(), cancel.child_token());
+    let observer = tokio::spawn(async move {
+        loop {
+            s2.lock()
+                .expect("lock")
+                .push(rx.borrow_and_update().clone());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                c = rx.changed() => if c.is_err() { return },
+            }
+        }
+    });
+    health.send_replace(false);
+    wait_for(&r, "stale", |s| s.stale_since_ms.is_some()).await;
+    let deleted = delete_endpoint(&direct, "a", "n1", "e1").await;
+    // The lease renews before the watch has delivered the delete.
+    health.send_replace(true);
+    let snap = wait_for(&r, "fresh after the renewal", |s| {
+        s.stale_since_ms.is_none() && s.revision >= deleted
+    })
+    .await;
+    assert_equals_fresh_list(&direct, &snap).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cancel.cancel();
+    let _ = observer.await;
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
+    // The renewal came 1 s before the delete arrived: from the first stale
+    // snapshot on, every fresh one lacks e1.
+    let first_stale = seen
+        .iter()
+        .position(|s| s.stale_since_ms.is_some())
+        .expect("the reflector was stale while the lease failed");
+    let fresh_with_e1: Vec<Revision> = seen[first_stale..]
+        .iter()
+        .filter(|s| s.stale_since_ms.is_none())
+        .filter(|s| {
+            s.endpoints_of(&ns(), &name("a"))
+                .any(|e| e.id.as_str() == "e1")
+        })
+        .map(|s| s.revision)
+        .collect();
+    assert!(
+        fresh_with_e1.is_empty(),
+        "fresh snapshots after the lease renewed still showed e1 (deleted at {deleted}): revisions {fresh_with_e1:?}"
+    );
+    let key = keys::sync(&node);
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        while direct.get(&key).await.expect("get").is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the sync barrier {key} was left behind");
 }
 
 /// Captures log output for one current-thread test.
