@@ -38,6 +38,19 @@ pub fn server_config(
     ca_path: &Path,
     sessions: &ServerSessionState,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = mtls_server(id, ca_path, false)?;
+    cfg.ticketer = sessions.ticketer.clone();
+    cfg.session_storage = sessions.storage.clone();
+    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // The tunnel's records are handled by `mesh::record` once set up.
+    cfg.enable_secret_extraction = true;
+    Ok(Arc::new(cfg))
+}
+
+/// What the mesh's and the relay's listeners share: TLS 1.3, our
+/// certificate, and a client certificate of the CA required, its
+/// revocation list honoured. `relay` names the relay's in errors.
+fn mtls_server(id: &Identity, ca_path: &Path, relay: bool) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
         .with_crls(id.crls.iter().cloned())
@@ -47,24 +60,23 @@ pub fn server_config(
             path: ca_path.to_owned(),
             source,
         })?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
+    let (what_cfg, what_cert) = if relay {
+        ("TLS 1.3 relay server config", "relay server certificate")
+    } else {
+        ("TLS 1.3 server config", "server certificate")
+    };
+    ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
-            what: "TLS 1.3 server config",
+            what: what_cfg,
             source,
         })?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())
         .map_err(|source| TlsError::Rustls {
-            what: "server certificate",
+            what: what_cert,
             source,
-        })?;
-    cfg.ticketer = sessions.ticketer.clone();
-    cfg.session_storage = sessions.storage.clone();
-    cfg.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // The tunnel's records are handled by `mesh::record` once set up.
-    cfg.enable_secret_extraction = true;
-    Ok(Arc::new(cfg))
+        })
 }
 
 /// TLS 1.3 only, server verified against the CA (and its revocation
@@ -109,27 +121,7 @@ pub fn client_config(
 /// resumption: every connection is long-lived and makes a full handshake,
 /// so every one is checked against the current CA and revocation list.
 pub fn relay_server_config(id: &Identity, ca_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(id.roots.clone(), provider.clone())
-        .with_crls(id.crls.iter().cloned())
-        .only_check_end_entity_revocation()
-        .build()
-        .map_err(|source| TlsError::Verifier {
-            path: ca_path.to_owned(),
-            source,
-        })?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TlsError::Rustls {
-            what: "TLS 1.3 relay server config",
-            source,
-        })?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|source| TlsError::Rustls {
-            what: "relay server certificate",
-            source,
-        })?;
+    let mut cfg = mtls_server(id, ca_path, true)?;
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.alpn_protocols = vec![super::RELAY_ALPN.to_vec()];
