@@ -305,13 +305,20 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
     let keeper = c.agents[0];
     let workers = pier_tests::load::children(keeper);
     ensure!(workers.len() == 1, "h1's keeper has workers {workers:?}");
-    c.topo.host_mut(1).note_orphans(&workers);
+    // The keeper first: killed after its worker, it could start a new
+    // worker in between (it restarts a crashed one at once), and that
+    // worker would serve the relay on as an orphan (CI run of stop 27).
+    c.kill_agent(1)?; // notes the worker as an orphan, for the clean-up
     run_ok(
         std::process::Command::new("kill")
             .arg("-KILL")
             .arg(workers[0].to_string()),
     )?;
-    c.kill_agent(1)?;
+    ensure!(
+        log_lines(&c, 1, &["restarting"]).is_empty(),
+        "h1's keeper restarted its worker:\n{}",
+        c.topo.host(1).agent_log()
+    );
     let killed = Instant::now();
     // Served from the last snapshot meanwhile.
     let got = c.requests(3, &fqdn("web"), 3)?;
