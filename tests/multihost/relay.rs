@@ -60,6 +60,12 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Host `i`'s metric `name` (unlabelled), which must be there.
+fn counter(c: &Cluster, i: usize, name: &str) -> Result<f64> {
+    let m = c.metrics(i)?;
+    metric(&m, name).with_context(|| format!("no {name} on h{i}:\n{m}"))
+}
+
 /// etcd's watchers, summed over the members (each host's, on its own
 /// loopback), and each member's.
 fn etcd_watchers(c: &Cluster, hosts: &[usize]) -> Result<(usize, Vec<usize>)> {
@@ -138,6 +144,16 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
         },
     )
     .with_context(|| c.logs())?;
+    let m = c.metrics(1)?;
+    ensure!(
+        metric(&m, "pier_relay_live") == Some(1.0)
+            && metric(&m, "pier_relay_keys").is_some_and(|k| k > 0.0)
+            && metric(&m, "pier_relay_revision").is_some_and(|r| r > 0.0),
+        "h1's relay metrics: {:?}",
+        m.lines()
+            .filter(|l| l.starts_with("pier_relay_"))
+            .collect::<Vec<_>>()
+    );
     // etcd: the elections' watches of every agent, and one whole-prefix
     // watch (the relay's; h1's own reflector reads the relay in process).
     // Without relays it would be 3 whole-prefix watches.
@@ -255,6 +271,15 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
             + log_lines(&c, i, &["no watch relay has a live view"]).len()
     };
     let fell_back_before = [fell_back(2), fell_back(3)];
+    // The old worker's relay says `Closing` and the watches move to the
+    // successor's at once: no break, so no stale snapshot and no barrier
+    // (the reflector's log, and the relayed store's counters).
+    let broke = |i: usize| log_lines(&c, i, &["store disconnected"]).len();
+    let breaks = |i: usize| counter(&c, i, "pier_store_relay_watch_breaks_total");
+    let moves = |i: usize| counter(&c, i, "pier_store_relay_watch_moves_total");
+    let broke_before = [broke(2), broke(3)];
+    let breaks_before = [breaks(2)?, breaks(3)?];
+    let moves_before = [moves(2)?, moves(3)?];
     let listening = || log_lines(&c, 1, &["relay: listening"]).len();
     ensure!(
         listening() == 1,
@@ -292,6 +317,22 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
         "the upgrade sent h2 or h3 to etcd: {:?} -> {:?}{}",
         fell_back_before,
         [fell_back(2), fell_back(3)],
+        c.logs()
+    );
+    ensure!(
+        [broke(2), broke(3)] == broke_before,
+        "the upgrade broke h2's or h3's watch: {:?} -> {:?}{}",
+        broke_before,
+        [broke(2), broke(3)],
+        c.logs()
+    );
+    let (breaks_after, moves_after) = ([breaks(2)?, breaks(3)?], [moves(2)?, moves(3)?]);
+    ensure!(
+        breaks_after == breaks_before
+            && moves_after[0] > moves_before[0]
+            && moves_after[1] > moves_before[1],
+        "h2's and h3's watches at the upgrade: breaks {breaks_before:?} -> {breaks_after:?}, \
+         moves {moves_before:?} -> {moves_after:?} (want no break, a move each){}",
         c.logs()
     );
     c.run_pod(2, "echo-h2", "echo", POD_PORT)?;
@@ -348,6 +389,13 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
         )
     })?;
     eprintln!("h2 and h3 on etcd {:?} after the kill", killed.elapsed());
+    for i in [2, 3] {
+        let on_etcd = counter(&c, i, "pier_store_relay_watches_on_etcd")?;
+        ensure!(
+            on_etcd == 1.0,
+            "h{i}: pier_store_relay_watches_on_etcd {on_etcd}, want 1"
+        );
+    }
     for i in [2, 3] {
         let log = c.topo.host(i).agent_log();
         ensure!(

@@ -37,6 +37,9 @@ pub use tokio_rustls::server::TlsStream as ServerTlsStream;
 /// Handshakes in progress at once on the listener; more connections wait
 /// (each bounded by [`HANDSHAKE_TIMEOUT`]).
 const MAX_HANDSHAKES: usize = 64;
+/// At a stop, how long a connection's `serve` has to say goodbye and close
+/// (a relay: a `Closing` frame, then close_notify) before it is dropped.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a dial's TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -106,8 +109,9 @@ impl RelayAcceptor {
     /// Accepts until `cancel`: each connection that completes the TLS
     /// handshake with a valid client certificate is handed to `serve` with
     /// a description of the peer (`node@addr`) for its logs; a refused one
-    /// is logged with the peer's address. Open connections are dropped at
-    /// `cancel`, and each one is cut when its client certificate is revoked
+    /// is logged with the peer's address. At `cancel`, each open connection's
+    /// `serve` has [`STOP_GRACE`] to end (it sees the stop itself) before it
+    /// is dropped, and each one is cut when its client certificate is revoked
     /// (the revocation list reloaded) or expires.
     pub async fn run<F, Fut>(self, listener: TcpListener, cancel: CancellationToken, serve: F)
     where
@@ -151,6 +155,11 @@ impl RelayAcceptor {
             }
         }
         drop(listener);
+        // Each connection has STOP_GRACE to close in order (above).
+        let _ = tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
         tasks.shutdown().await;
     }
 }
@@ -211,13 +220,21 @@ impl Conn {
         let who = format!("{}@{peer}", cert.node);
         debug!(peer = %who, "relay: client connected");
         self.metrics.clients.inc();
+        let serving = serve(stream, who.clone());
+        tokio::pin!(serving);
         tokio::select! {
-            _ = serve(stream, who.clone()) => {}
+            _ = &mut serving => {}
             why = crate::mesh::peer_cut(&cert, self.revoked.clone()) => {
                 self.refuse(why);
                 warn!(peer = %who, reason = why, "relay: client cut: its certificate is no longer valid");
             }
-            _ = self.cancel.cancelled() => {}
+            _ = self.cancel.cancelled() => {
+                // `serve` sees the stop too: it says goodbye and closes
+                // with close_notify, so that the client reopens at once.
+                if tokio::time::timeout(STOP_GRACE, &mut serving).await.is_err() {
+                    debug!(peer = %who, "relay: client not closed within {STOP_GRACE:?} of the stop; dropped");
+                }
+            }
         }
         self.metrics.clients.dec();
         debug!(peer = %who, "relay: client gone");

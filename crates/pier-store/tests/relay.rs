@@ -1,9 +1,9 @@
 //! Watch relays (`pier_store::relay`) against a real etcd: a relay's list
-//! and watch are etcd's; a client resumes across relays and a relay
-//! restart; a client behind the history relists; the relay's upstream cut
-//! reaches its clients as Disconnected/Resumed and the reflector's sync
-//! barrier completes through the relay; a slow client is cut off without
-//! holding up the others.
+//! and watch are etcd's; a client moves on at once when its relay stops
+//! in order, and resumes after a break when one crashes; a client behind
+//! the history relists; the relay's upstream cut reaches its clients as
+//! Disconnected/Resumed and the reflector's sync barrier completes through
+//! the relay; a slow client is cut off without holding up the others.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,11 +36,14 @@ async fn now(store: &dyn Store) -> Revision {
     store.txn(Txn::default()).await.expect("txn").revision
 }
 
-/// A relay served on a loopback port; `stop` ends it and its connections.
+/// A relay served on a loopback port; `stop` ends it in order (its
+/// clients told `Closing`), `crash` drops its listener and connections
+/// without a word, as a killed process does.
 struct Served {
     relay: Arc<Relay>,
     addr: String,
     cancel: CancellationToken,
+    crashed: CancellationToken,
 }
 
 impl Served {
@@ -53,20 +56,29 @@ impl Served {
         let relay = Relay::start(upstream, opts, cancel.clone());
         let listener = TcpListener::bind(at).await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
-        let (r, c) = (relay.clone(), cancel.clone());
+        let crashed = CancellationToken::new();
+        let (r, c, x) = (relay.clone(), cancel.clone(), crashed.clone());
         tokio::spawn(async move {
             loop {
                 let (sock, peer) = tokio::select! {
                     _ = c.cancelled() => return,
+                    _ = x.cancelled() => return,
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                 };
-                tokio::spawn(r.clone().serve(sock, peer.to_string()));
+                let (r, x) = (r.clone(), x.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = x.cancelled() => {}
+                        _ = r.serve(sock, peer.to_string()) => {}
+                    }
+                });
             }
         });
         let served = Served {
             relay,
             addr,
             cancel,
+            crashed,
         };
         served.wait("synced", |s| s.synced && s.live).await;
         served
@@ -89,6 +101,10 @@ impl Served {
 
     fn stop(&self) {
         self.cancel.cancel();
+    }
+
+    fn crash(&self) {
+        self.crashed.cancel();
     }
 }
 
@@ -258,7 +274,7 @@ async fn a_relays_list_and_watch_are_etcds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_resumes_across_relays_and_a_relay_restart() {
+async fn a_watch_moves_on_at_a_relays_stop_and_resumes_after_a_crash() {
     let (_etcd, etcd) = start_etcd().await;
     let a = Served::start(etcd.clone(), RelayOptions::default()).await;
     let b = Served::start(etcd.clone(), RelayOptions::default()).await;
@@ -282,7 +298,8 @@ async fn a_watch_resumes_across_relays_and_a_relay_restart() {
     }
     items.extend(collect_until(&mut w, last).await);
 
-    // a stops: the watch moves to b and resumes.
+    // a stops in order: the watch moves to b at once, with no break
+    // reported.
     a.stop();
     for i in 0..5 {
         last = etcd
@@ -293,9 +310,10 @@ async fn a_watch_resumes_across_relays_and_a_relay_restart() {
     items.extend(collect_until(&mut w, last).await);
     b.wait("client on b", |s| s.clients == 1).await;
 
-    // a comes back on its address (a new relay); b stops: back to a.
+    // a comes back on its address (a new relay); b crashes: the break is
+    // reported, and the watch resumes on a.
     let a2 = Served::start_on(etcd.clone(), RelayOptions::default(), &a.addr).await;
-    b.stop();
+    b.crash();
     for i in 0..5 {
         last = etcd
             .put(&key(&format!("c{i}")), b"3".to_vec(), None)
@@ -318,11 +336,17 @@ async fn a_watch_resumes_across_relays_and_a_relay_restart() {
             _ => None,
         })
         .collect();
-    assert_eq!(
-        kinds,
-        ["disconnected", "resumed", "disconnected", "resumed"],
-        "{items:?}"
-    );
+    assert_eq!(kinds, ["disconnected", "resumed"], "{items:?}");
+    // And the one break is b's crash, after every event through b.
+    let broke = items
+        .iter()
+        .position(|i| matches!(i, WatchItem::Disconnected { .. }))
+        .expect("a break");
+    let through_b = items
+        .iter()
+        .rposition(|i| matches!(i, WatchItem::Events { events, .. } if events.iter().any(|e| matches!(e, WatchEvent::Put(kv) if kv.key == key("b4")))))
+        .expect("b4 seen");
+    assert!(broke > through_b, "{items:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! `keys::ROOT` through relays.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,10 @@ const RETRY_RELAYS: Duration = Duration::from_secs(10);
 /// How long relays that answer, but without a live view of etcd, are
 /// waited for before a client lists and watches etcd directly.
 const ALL_DOWN_FALLBACK: Duration = Duration::from_secs(30);
+/// How long a watch whose relay said `Closing` tries to reopen before it
+/// reports the break (a successor relay serves on the same socket before
+/// its predecessor closes; another relay answers within a dial).
+const CLOSING_REOPEN: Duration = Duration::from_secs(3);
 
 /// A Store whose `list(keys::ROOT)` and `watch(keys::ROOT, from)` go to
 /// `relays` (the first that answers, rotating on failure; etcd directly
@@ -38,15 +42,59 @@ pub fn relayed(
     relays: Vec<String>,
     dial: Arc<dyn Dial>,
 ) -> Arc<dyn Store> {
-    Arc::new(Relayed {
+    relayed_with_stats(upstream, relays, dial).0
+}
+
+/// [`relayed`], and its counters (an agent exports them as metrics).
+pub fn relayed_with_stats(
+    upstream: Arc<dyn Store>,
+    relays: Vec<String>,
+    dial: Arc<dyn Dial>,
+) -> (Arc<dyn Store>, Arc<ClientStats>) {
+    let stats = Arc::new(ClientStats::default());
+    let store = Arc::new(Relayed {
         upstream,
         relays: Arc::new(Relays {
             addrs: relays,
             current: AtomicUsize::new(0),
             dial,
             down_since: Mutex::new(None),
+            stats: stats.clone(),
         }),
-    })
+    });
+    (store, stats)
+}
+
+/// What a relayed store's lists and watches have done.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// `watch(keys::ROOT)` streams on etcd directly now (every relay had
+    /// failed; 0 while all are on relays).
+    pub watches_on_etcd: AtomicU64,
+    /// Lists of `keys::ROOT` that went to etcd directly.
+    pub lists_on_etcd: AtomicU64,
+    /// Relayed watches broken (a relay crashed or went silent, a cut), each
+    /// reported to the watcher as `Disconnected`.
+    pub watch_breaks: AtomicU64,
+    /// Relayed watches moved at once at a relay's orderly stop (`Closing`),
+    /// with no break reported.
+    pub watch_moves: AtomicU64,
+}
+
+/// A `watches_on_etcd` count held while a watch is on etcd directly.
+struct OnEtcd(Arc<ClientStats>);
+
+impl OnEtcd {
+    fn new(stats: &Arc<ClientStats>) -> OnEtcd {
+        stats.watches_on_etcd.fetch_add(1, Ordering::Relaxed);
+        OnEtcd(stats.clone())
+    }
+}
+
+impl Drop for OnEtcd {
+    fn drop(&mut self) {
+        self.0.watches_on_etcd.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct Relayed {
@@ -71,6 +119,7 @@ struct Relays {
     /// Since when every relay reached has answered without a live view of
     /// etcd. A std Mutex: never held across an await.
     down_since: Mutex<Option<Instant>>,
+    stats: Arc<ClientStats>,
 }
 
 /// Why a relay did not serve a request.
@@ -309,6 +358,10 @@ impl Store for Relayed {
                     relays = ?self.relays.addrs,
                     "every watch relay failed ({why}); listing {prefix} on etcd directly"
                 );
+                self.relays
+                    .stats
+                    .lists_on_etcd
+                    .fetch_add(1, Ordering::Relaxed);
                 self.upstream.list(prefix).await
             }
         }
@@ -400,6 +453,9 @@ enum Source {
 enum Step {
     /// The source broke: reopen from `next`.
     Broken(String),
+    /// The relay said it is stopping (`Closing`): reopen from `next` at
+    /// once, and report a break only if that fails.
+    Closing(String),
     /// Relays answer again (while on etcd directly): switch to this one.
     Switch(Conn),
     /// The receiver is gone or the watch ended for good.
@@ -498,18 +554,25 @@ impl Follow {
             };
             match step {
                 Step::Done => return,
-                Step::Broken(reason) => {
-                    tracing::warn!(from = self.next, "relayed watch broken: {reason}");
-                    if !self.disconnected {
-                        self.disconnected = true;
-                        if self
-                            .tx
-                            .send(Ok(WatchItem::Disconnected { reason }))
-                            .await
-                            .is_err()
-                        {
+                Step::Closing(reason) => match self.reopen_at_once(&reason).await {
+                    Ok(Some(conn)) => {
+                        source = Some(Source::Relay(conn));
+                        // Only if the closed relay had said its own
+                        // upstream was down (the new one is live).
+                        if !self.resumed().await {
                             return;
                         }
+                    }
+                    Ok(None) => {
+                        if !self.broken(reason).await {
+                            return;
+                        }
+                    }
+                    Err(()) => return,
+                },
+                Step::Broken(reason) => {
+                    if !self.broken(reason).await {
+                        return;
                     }
                 }
                 Step::Switch(conn) => {
@@ -519,6 +582,70 @@ impl Follow {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// The source broke: yields `Disconnected` (once until `Resumed`);
+    /// false when the receiver is gone.
+    async fn broken(&mut self, reason: String) -> bool {
+        tracing::warn!(from = self.next, "relayed watch broken: {reason}");
+        self.relays
+            .stats
+            .watch_breaks
+            .fetch_add(1, Ordering::Relaxed);
+        if self.disconnected {
+            return true;
+        }
+        self.disconnected = true;
+        self.tx
+            .send(Ok(WatchItem::Disconnected { reason }))
+            .await
+            .is_ok()
+    }
+
+    /// After a relay's `Closing`: one round of the relays (from the same
+    /// address, where an upgraded relay's successor serves), within
+    /// [`CLOSING_REOPEN`]. `Ok(Some)`: the watch goes on there, with no
+    /// break reported (nothing was missed: it resumes from `next`).
+    /// `Ok(None)`: no relay took it; the caller reports the break and
+    /// goes the usual way. `Err`: the watch is over (the receiver is
+    /// gone, or the revision is compacted everywhere, sent).
+    async fn reopen_at_once(&mut self, reason: &str) -> Result<Option<Conn>, ()> {
+        let opened = tokio::select! {
+            _ = self.tx.closed() => return Err(()),
+            o = tokio::time::timeout(CLOSING_REOPEN, self.relays.open(self.next)) => o,
+        };
+        match opened {
+            Ok(Ok(conn)) => {
+                self.relays
+                    .stats
+                    .watch_moves
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    relay = %self.relays.addrs[conn.idx],
+                    from = self.next,
+                    "relayed watch moved: its relay closed it ({reason})"
+                );
+                Ok(Some(conn))
+            }
+            Ok(Err(OpenError::Compacted(e))) => {
+                let _ = self.tx.send(Err(e)).await;
+                Err(())
+            }
+            Ok(Err(OpenError::AllFailed(why, _))) => {
+                tracing::info!(
+                    from = self.next,
+                    "relay closed the watch ({reason}) and no relay took it at once ({why})"
+                );
+                Ok(None)
+            }
+            Err(_) => {
+                tracing::info!(
+                    from = self.next,
+                    "relay closed the watch ({reason}) and no relay took it within {CLOSING_REOPEN:?}"
+                );
+                Ok(None)
             }
         }
     }
@@ -542,7 +669,7 @@ impl Follow {
             };
             let frame = match read {
                 Ok(Ok(f)) => f,
-                Ok(Err(e)) => break Step::Broken(format!("relay {addr}: {e}")),
+                Ok(Err(e)) => break Step::Broken(format!("relay {addr}: {}", read_error(&e))),
                 Err(_) => {
                     break Step::Broken(format!(
                         "relay {addr}: nothing received in {:?}",
@@ -596,6 +723,9 @@ impl Follow {
                     break Step::Done;
                 }
                 Frame::Error { message } => break Step::Broken(format!("relay {addr}: {message}")),
+                Frame::Closing { reason } => {
+                    break Step::Closing(format!("relay {addr}: {reason}"));
+                }
                 other => {
                     break Step::Broken(format!("relay {addr}: unexpected {other:?} in a watch"));
                 }
@@ -610,6 +740,7 @@ impl Follow {
     /// Forwards etcd's own watch (every relay had failed), trying the
     /// relays again every [`RETRY_RELAYS`].
     async fn pump_upstream(&mut self, mut stream: WatchStream) -> Step {
+        let _on_etcd = OnEtcd::new(&self.relays.stats);
         let mut retry =
             tokio::time::interval_at(tokio::time::Instant::now() + RETRY_RELAYS, RETRY_RELAYS);
         loop {
@@ -661,5 +792,16 @@ impl Follow {
                 None => return Step::Broken("watch on etcd ended".into()),
             }
         }
+    }
+}
+
+/// A watch's read error, for its log line: an end of stream without the
+/// relay's `Closing` (rustls's missing close_notify, or a plain EOF) said
+/// in words.
+fn read_error(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        "the connection closed without the relay's goodbye (the relay crashed or was killed, or the network cut it)".into()
+    } else {
+        e.to_string()
     }
 }

@@ -38,7 +38,7 @@ mod client;
 mod server;
 pub mod wire;
 
-pub use client::relayed;
+pub use client::{ClientStats, relayed, relayed_with_stats};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -17,6 +17,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most about this many bytes of history are taken per turn (then the
 /// lock is let go and they are written).
 const TURN_BYTES: usize = 1 << 20;
+/// How long a stopping relay waits for a client to take its `Closing`.
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Counts a served client while it lives.
 struct Counted(Arc<Relay>);
@@ -86,19 +88,18 @@ impl Relay {
         let _counted = Counted(self.clone());
         let res = match op {
             Op::List => self.serve_list(&mut wr).await,
-            Op::Watch { from } => {
-                let cancel = self.cancel.clone();
-                tokio::select! {
-                    _ = cancel.cancelled() => Ok(()),
-                    r = self.serve_watch(&mut rd, &mut wr, from) => r,
-                }
-            }
+            // A watch ends at the relay's stop with a `Closing` frame
+            // (`serve_watch` sees the cancel between frames, never inside
+            // one), a list when its answer is written.
+            Op::Watch { from } => self.serve_watch(&mut rd, &mut wr, from).await,
         };
         match res {
             Ok(()) => tracing::debug!(peer, ?op, "relay client done"),
             Err(e) => tracing::info!(peer, ?op, "relay client cut off: {e}"),
         }
-        let _ = wr.shutdown().await;
+        // close_notify: the client tells a relay's orderly close from a
+        // crash (a stuck client does not hold the stop up).
+        let _ = tokio::time::timeout(CLOSING_TIMEOUT, wr.shutdown()).await;
     }
 
     /// Writes `bytes`, or fails if the client does not take them within
@@ -203,6 +204,9 @@ impl Relay {
         let mut told_down = false;
         let mut quiet_since = Instant::now();
         loop {
+            if self.cancel.is_cancelled() {
+                return self.closing(wr).await;
+            }
             rx.borrow_and_update();
             match self.turn(next) {
                 Turn::Send(frames, to) => {
@@ -248,9 +252,10 @@ impl Relay {
                         continue;
                     }
                     tokio::select! {
+                        _ = self.cancel.cancelled() => return self.closing(wr).await,
                         c = rx.changed() => {
                             if c.is_err() {
-                                return Ok(());
+                                return self.closing(wr).await;
                             }
                         }
                         _ = tokio::time::sleep_until(quiet_since + heartbeat) => {
@@ -263,6 +268,21 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+
+    /// The relay is stopping: tells the client to reopen elsewhere at once
+    /// (the caller then closes the connection with TLS's close_notify).
+    async fn closing<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<()> {
+        let f = Frame::Closing {
+            reason: "the relay is stopping (an upgrade or a shutdown)".into(),
+        };
+        match tokio::time::timeout(CLOSING_TIMEOUT, wr.write_all(&wire::encode(&f))).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client did not take the Closing frame in {CLOSING_TIMEOUT:?}"),
+            )),
         }
     }
 

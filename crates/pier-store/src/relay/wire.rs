@@ -9,7 +9,8 @@
 //! Client → relay: [`Frame::Hello`] (once, first). Relay → client: for a
 //! list, [`Frame::Kvs`] chunks then [`Frame::ListEnd`]; for a watch,
 //! [`Frame::Opened`] (or `Compacted`/`Error`) then `Events`, `Progress`,
-//! `Disconnected`, `Resumed` and, at the end, `Compacted` or `Error`.
+//! `Disconnected`, `Resumed` and, at the end, `Compacted`, `Error` or
+//! `Closing` (the relay is stopping: reopen elsewhere at once).
 
 use std::fmt;
 
@@ -34,6 +35,7 @@ const T_RESUMED: u8 = 0x15;
 const T_COMPACTED: u8 = 0x16;
 const T_ERROR: u8 = 0x17;
 const T_OPENED: u8 = 0x18;
+const T_CLOSING: u8 = 0x19;
 
 const OP_LIST: u8 = 0;
 const OP_WATCH: u8 = 1;
@@ -83,6 +85,15 @@ pub enum Frame {
     },
     Error {
         message: String,
+    },
+    /// The relay is stopping (an upgrade hands its socket to a successor,
+    /// or a shutdown) and closes the watch after this frame: the client
+    /// reopens from its next revision at once, on this address (where a
+    /// successor serves) or another relay, before it reports a break.
+    /// Added after version 1 without a new version: a client that does
+    /// not know the tag treats it as the broken connection it was before.
+    Closing {
+        reason: String,
     },
 }
 
@@ -219,6 +230,7 @@ pub fn encode(f: &Frame) -> Vec<u8> {
             o.extend_from_slice(&compact_revision.to_be_bytes());
         }),
         Frame::Error { message } => frame(T_ERROR, |o| put_str(o, message.as_bytes())),
+        Frame::Closing { reason } => frame(T_CLOSING, |o| put_str(o, reason.as_bytes())),
     }
 }
 
@@ -356,6 +368,9 @@ pub fn decode_body(body: &[u8]) -> Result<Frame, WireError> {
         T_ERROR => Frame::Error {
             message: r.string("message")?,
         },
+        T_CLOSING => Frame::Closing {
+            reason: r.string("reason")?,
+        },
         t => return Err(WireError::UnknownTag(t)),
     };
     if !r.buf.is_empty() {
@@ -473,6 +488,9 @@ mod tests {
             },
             Frame::Error {
                 message: "not synced".into(),
+            },
+            Frame::Closing {
+                reason: "upgrading".into(),
             },
         ]
     }
