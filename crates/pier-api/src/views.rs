@@ -87,7 +87,13 @@ fn rs_view(s: &Snapshot, rs: &ReplicaSet, counts: &BTreeMap<ObjectKey, Counts>) 
         ready: c.ready,
         updated: c.updated,
         updated_ready: c.updated_ready,
-        rollout: s.rollouts.get(&key).map(|r| (**r).clone()),
+        // Not an earlier set of the same name's, which the supervisor has
+        // not removed yet.
+        rollout: s
+            .rollouts
+            .get(&key)
+            .filter(|r| r.is_of_set(rs.created_at))
+            .map(|r| (**r).clone()),
         problem: s.problems.get(&key).map(|p| p.message.clone()),
     }
 }

@@ -295,6 +295,25 @@ pub struct Rollout {
     /// Unix milliseconds.
     pub started_at: u64,
     pub finished_at: Option<u64>,
+    /// The `created_at` of the set this record is about. A set deleted
+    /// and created again under the same name before the supervisor saw it
+    /// gone starts a rollout of its own instead of taking over the earlier
+    /// set's record (its state, its revisions). 0 in records written
+    /// before this field: those are taken as the current set's.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub set_created_at: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Rollout {
+    /// Whether this record is about the set created at `created_at` (not
+    /// an earlier set of the same name).
+    pub fn is_of_set(&self, created_at: u64) -> bool {
+        self.set_created_at == 0 || self.set_created_at == created_at
+    }
 }
 
 #[cfg(test)]

@@ -953,7 +953,7 @@ async fn run_wait_gives_up_when_the_first_rollout_stops() {
     let a = Agent::start(None).await;
     let ns = Namespace::default();
     let rs_key = keys::replicaset(&ns, &n("web"));
-    let paused = |started_at: u64| Rollout {
+    let paused = |started_at: u64, set_created_at: u64| Rollout {
         revision: 1,
         hash: String::new(),
         target: 1,
@@ -967,22 +967,27 @@ async fn run_wait_gives_up_when_the_first_rollout_stops() {
         step_done_at: None,
         started_at,
         finished_at: Some(started_at),
+        set_created_at,
     };
     let run = ["run", "web", "--image", "nope:v1", "--wait"];
 
-    // 1. Only a stale record: --wait waits it out.
-    a.store
-        .put(&keys::rollout(&ns, &n("web")), encode(&paused(1)), None)
-        .await
-        .unwrap();
-    let args = [&run[..], &["--timeout", "1s"]].concat();
-    let o = a.pier(&args).await;
-    let l = one_error_line(&o);
-    assert!(
-        l.contains("timed out after 1s") && !l.contains("rollout stopped"),
-        "{l}"
-    );
-    assert_eq!(a.pier(&["delete", "rs", "web"]).await.code, 0);
+    // 1. Only a stale record: --wait waits it out. One written before
+    //    set_created_at (told by its start), and one of another set
+    //    started "later" by a clock ahead of this one.
+    for stale in [paused(1, 0), paused(u64::MAX / 2, 7)] {
+        a.store
+            .put(&keys::rollout(&ns, &n("web")), encode(&stale), None)
+            .await
+            .unwrap();
+        let args = [&run[..], &["--timeout", "1s"]].concat();
+        let o = a.pier(&args).await;
+        let l = one_error_line(&o);
+        assert!(
+            l.contains("timed out after 1s") && !l.contains("rollout stopped"),
+            "{stale:?}: {l}"
+        );
+        assert_eq!(a.pier(&["delete", "rs", "web"]).await.code, 0);
+    }
 
     // 2. The new set's own rollout pauses: --wait says so and why. The
     //    timeout is longer than the test waits (pier_at: 30 s at most).
@@ -993,7 +998,7 @@ async fn run_wait_gives_up_when_the_first_rollout_stops() {
                 a.store
                     .put(
                         &keys::rollout(&ns, &n("web")),
-                        encode(&paused(rs.created_at)),
+                        encode(&paused(rs.created_at, rs.created_at)),
                         None,
                     )
                     .await

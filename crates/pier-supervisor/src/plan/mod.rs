@@ -456,6 +456,8 @@ pub fn pods_of<'a>(snap: &'a Snapshot, key: &ObjectKey) -> Vec<&'a Arc<Pod>> {
 /// The rollout record for `rs` as of now: `old` when it is about the
 /// set's current revision, else a new rollout toward it.
 fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], now: u64) -> Rollout {
+    // An earlier set of the same name's record is not this set's.
+    let old = old.filter(|r| r.is_of_set(rs.created_at));
     let hash = rs.template.hash();
     if let Some(r) = old
         && r.revision == rs.revision
@@ -496,6 +498,7 @@ fn rollout_record(rs: &ReplicaSet, old: Option<&Rollout>, pods: &[&Arc<Pod>], no
         step_done_at: None,
         started_at: now,
         finished_at: None,
+        set_created_at: rs.created_at,
     }
 }
 

@@ -2062,3 +2062,54 @@ fn a_node_without_its_dockerd_takes_no_pod_and_its_pending_ones_move() {
     let back: Node = serde_json::from_str(&serde_json::to_string(&down("a", 7)).unwrap()).unwrap();
     assert_eq!(back.runtime_down_since, Some(7));
 }
+
+/// A set deleted and created again under the same name before the
+/// supervisor saw it gone: the earlier set's record (here a paused
+/// rollout of the same template) is not the new set's, which rolls out
+/// afresh; the set's own record, and one from before `set_created_at`,
+/// are kept.
+#[test]
+fn a_recreated_set_does_not_take_over_the_earlier_sets_rollout() {
+    let mut web = rs("web", 2);
+    web.template = tpl("web:v1");
+    web.revision = 1;
+    web.created_at = 500;
+    let paused = |set_created_at: u64| Rollout {
+        revision: 1,
+        hash: tpl("web:v1").hash(),
+        target: 1,
+        state: RolloutState::Paused,
+        message: "new pods failed: 3 of 3".into(),
+        failures: 3,
+        started_at: 100,
+        finished_at: Some(200),
+        set_created_at,
+        ..Default::default()
+    };
+    let world = |rec: Rollout| World::default().nodes(&["a"]).rs(web.clone()).rollout(rec);
+
+    // The earlier set's (created at 100).
+    let p = run_at(&world(paused(100)).snap, NOW, true);
+    let r = written(&p);
+    assert_eq!(
+        (
+            r.state,
+            r.failures,
+            r.set_created_at,
+            r.from,
+            r.message.as_str()
+        ),
+        (RolloutState::Progressing, 0, 500, None, "")
+    );
+    assert_eq!(p.creates().count(), 2, "{p:?}");
+
+    // Its own, and one written before the field: kept as they are.
+    for own in [500, 0] {
+        let p = run_at(&world(paused(own)).snap, NOW, true);
+        assert!(
+            !matches!(&p.rollout, Some(RolloutWrite::Put(r)) if r.state != RolloutState::Paused),
+            "set_created_at {own}: {:?}",
+            p.rollout
+        );
+    }
+}

@@ -54,6 +54,7 @@ fn rollout() -> RolloutWrite {
         step_done_at: None,
         started_at: 0,
         finished_at: None,
+        set_created_at: 0,
     })
 }
 

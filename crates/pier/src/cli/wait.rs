@@ -66,8 +66,12 @@ pub async fn until_ready(
                 .filter(|r| r.revision == rs.spec.revision && r.state.is_final())
                 .filter(|r| r.state != RolloutState::Complete)
                 // Not the record of a set of the same name deleted just
-                // before, which the supervisor has not removed yet.
-                .filter(|r| r.started_at >= rs.spec.created_at)
+                // before, which the supervisor has not removed yet (a
+                // record from before `set_created_at`: by its start).
+                .filter(|r| {
+                    r.is_of_set(rs.spec.created_at)
+                        && (r.set_created_at != 0 || r.started_at >= rs.spec.created_at)
+                })
         {
             if let Some(b) = &bar {
                 b.finish_and_clear();
