@@ -57,7 +57,10 @@
 //! after each fault. The results are in RELIABILITY.md.
 //!
 //! `CHAOS_SECS` (default 60, or 600 for `chaos_ten_minutes`) is the time
-//! faults are started in; `CHAOS_FAULTS` (say `dockerd,cut`) limits the
+//! faults are started in; `CHAOS_RELAYS=1` runs it on the watch relay
+//! topology (h1 serves `[relay]`, h2 and h3 list and watch through it, as
+//! in `relay.rs`), where an agent kill, a cut or an etcd fault on h1 is
+//! also one of the relay; `CHAOS_FAULTS` (say `dockerd,cut`) limits the
 //! kinds; on a failure (or with `CHAOS_KEEP_LOGS=1`) the hosts' logs are
 //! kept in `$TMPDIR/pier-chaos-<seed>/` (`.2`, `.3`… when that exists;
 //! `PIER_LOG` reaches the agents,
@@ -350,8 +353,22 @@ fn chaos(secs: Duration, goals: Goals) -> Result<()> {
         loadavg()
     );
     let kinds = Kind::from_env()?;
+    let relays = match std::env::var("CHAOS_RELAYS").as_deref() {
+        Ok("1") => true,
+        Ok("0") | Err(_) => false,
+        Ok(v) => {
+            anyhow::bail!("CHAOS_RELAYS={v:?}: 1 (h1 a watch relay, h2 and h3 through it) or 0")
+        }
+    };
     let mut rng = Rng(seed);
-    let mut c = Cluster::start(K, HOSTS)?;
+    let mut c = if relays {
+        eprintln!(
+            "chaos: CHAOS_RELAYS=1: h1 serves a watch relay, h2 and h3 list and watch through it"
+        );
+        Cluster::start_with(K, HOSTS, crate::relay::h1_relays)?
+    } else {
+        Cluster::start(K, HOSTS)?
+    };
     c.cli(
         1,
         &[

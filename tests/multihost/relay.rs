@@ -42,6 +42,23 @@ fn relay_addr(t: &Topology) -> String {
     format!("{}:{RELAY_PORT}", t.host(1).addr)
 }
 
+/// The relay topology's config: h1 serves `[relay]`, the others list and
+/// watch through it (this test's, and the chaos run's with
+/// `CHAOS_RELAYS=1`).
+pub(crate) fn h1_relays(i: usize, t: &Topology) -> Extra {
+    if i == 1 {
+        Extra {
+            sections: format!("\n[relay]\nlisten = \"{}\"\n", relay_addr(t)),
+            ..Extra::default()
+        }
+    } else {
+        Extra {
+            store: format!("relays = [\"{}\"]\n", relay_addr(t)),
+            ..Extra::default()
+        }
+    }
+}
+
 /// Lines of host `i`'s agent log that contain every one of `needles`.
 fn log_lines(c: &Cluster, i: usize, needles: &[&str]) -> Vec<String> {
     c.topo
@@ -118,19 +135,7 @@ fn ask_relay(c: &Cluster, from: usize, me: &str, identity: MeshConfig) -> Result
 #[test]
 fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
     let started = Instant::now();
-    let mut c = Cluster::start_with(14, 3, |i, t| {
-        if i == 1 {
-            Extra {
-                sections: format!("\n[relay]\nlisten = \"{}\"\n", relay_addr(t)),
-                ..Extra::default()
-            }
-        } else {
-            Extra {
-                store: format!("relays = [\"{}\"]\n", relay_addr(t)),
-                ..Extra::default()
-            }
-        }
-    })?;
+    let mut c = Cluster::start_with(14, 3, h1_relays)?;
     eprintln!("cluster up in {:?}", started.elapsed());
 
     // --- One etcd watcher for three hosts ---------------------------------
