@@ -97,8 +97,8 @@ impl Relay {
             Ok(()) => tracing::debug!(peer, ?op, "relay client done"),
             Err(e) => tracing::info!(peer, ?op, "relay client cut off: {e}"),
         }
-        // close_notify: the client tells a relay's orderly close from a
-        // crash (a stuck client does not hold the stop up).
+        // An orderly end of the stream (TLS: close_notify), bounded: a
+        // stuck client does not hold the stop up.
         let _ = tokio::time::timeout(CLOSING_TIMEOUT, wr.shutdown()).await;
     }
 
