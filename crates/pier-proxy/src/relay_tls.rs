@@ -42,6 +42,13 @@ const MAX_HANDSHAKES: usize = 64;
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// How long a dial's TCP connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// While a dial's TCP connect is unanswered, another is started this
+/// often: a SYN lost in a cut is sent again by the kernel only after 1 s,
+/// then 2 s more, so a dial that straddles the heal would wait out its
+/// timeout (in the chaos run with relays: 0.6 s after the heal, with the
+/// relay client's 2 s). Only the TCP connect is repeated, never the TLS
+/// handshake: a busy relay gets no more handshakes for it.
+const CONNECT_AGAIN: Duration = Duration::from_millis(250);
 
 type Labels = [(&'static str, &'static str); 1];
 
@@ -193,6 +200,13 @@ impl Conn {
         };
         let stream = match accepted {
             Ok(Ok(s)) => s,
+            // Closed before a ClientHello: nothing was asked, nothing
+            // refused (a client's extra connect attempt, dropped once
+            // another connected; a port check).
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                debug!(peer.addr = %peer, "relay: connection closed before its TLS handshake");
+                return;
+            }
             Ok(Err(e)) => {
                 let reason = crate::mesh::handshake_reason(&e);
                 self.refuse(reason);
@@ -289,15 +303,15 @@ impl RelayDialer {
         // A renewed certificate or a new revocation list on disk is picked
         // up by the next dial (a stat of four files: nothing next to a dial).
         self.certs.reload_if_changed();
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let tcp = staggered(CONNECT_AGAIN, CONNECT_TIMEOUT, || TcpStream::connect(addr))
             .await
-            .map_err(|_| {
-                Error::new(
+            .map_err(|e| match e {
+                Some(e) => Error::new(e.kind(), format!("connecting to {addr}: {e}")),
+                None => Error::new(
                     ErrorKind::TimedOut,
                     format!("connecting to {addr} timed out"),
-                )
-            })?
-            .map_err(|e| Error::new(e.kind(), format!("connecting to {addr}: {e}")))?;
+                ),
+            })?;
         tcp.set_nodelay(true)?;
         let connector = tokio_rustls::TlsConnector::from(self.certs.current());
         // The name is not checked (see `tls::relay_client_config`) nor sent.
@@ -319,5 +333,96 @@ impl RelayDialer {
             .and_then(tls::peer_node_name)
             .unwrap_or_default();
         Ok((stream, node))
+    }
+}
+
+/// The first of `attempt()`s to succeed: one at once and another every
+/// `every` while none has, within `limit`; the rest are dropped. `Err(Some)`
+/// as soon as an attempt failed and none is left in flight (a refused
+/// connection fails at once, as a single attempt would); `Err(None)` at
+/// `limit`.
+async fn staggered<F, Fut, T>(
+    every: Duration,
+    limit: Duration,
+    attempt: F,
+) -> Result<T, Option<std::io::Error>>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    use futures::StreamExt;
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    let mut again = tokio::time::interval(every);
+    again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return Err(None),
+            _ = again.tick() => attempts.push(attempt()),
+            Some(r) = attempts.next(), if !attempts.is_empty() => match r {
+                Ok(t) => return Ok(t),
+                Err(e) if attempts.is_empty() => return Err(Some(e)),
+                Err(_) => {}
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const EVERY: Duration = Duration::from_millis(20);
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// The first attempt never answers (its SYN lost in a cut); the
+    /// second does: the connect succeeds with it, long before the limit
+    /// (a single attempt would have waited the limit out).
+    #[tokio::test]
+    async fn an_unanswered_attempt_is_overtaken_by_the_next() {
+        let n = AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        let got = staggered(EVERY, LIMIT, || {
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if i == 0 {
+                    std::future::pending::<()>().await;
+                }
+                Ok(i)
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(1));
+        assert!(started.elapsed() < LIMIT / 2);
+    }
+
+    /// A refused connection fails at once, as one attempt would.
+    #[tokio::test]
+    async fn a_failure_with_nothing_in_flight_is_returned_at_once() {
+        let n = AtomicUsize::new(0);
+        let got: Result<(), _> = staggered(EVERY, LIMIT, || {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)) }
+        })
+        .await;
+        let e = got.expect_err("refused").expect("the attempt's error");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(n.load(Ordering::SeqCst), 1);
+    }
+
+    /// Nothing answers: `None` at the limit, after an attempt per `every`.
+    #[tokio::test]
+    async fn nothing_answering_times_out_with_an_attempt_per_interval() {
+        let n = AtomicUsize::new(0);
+        let got: Result<(), _> = staggered(EVERY, EVERY * 5 + EVERY / 2, || {
+            n.fetch_add(1, Ordering::SeqCst);
+            std::future::pending()
+        })
+        .await;
+        assert!(matches!(got, Err(None)));
+        // 6 on time; fewer when the machine delays the timer.
+        assert!((2..=6).contains(&n.load(Ordering::SeqCst)), "{n:?}");
     }
 }
