@@ -68,14 +68,17 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A free loopback TCP port, not one handed out already (bounded tries).
+# A free loopback TCP port, not one handed out already (bounded tries):
+# below the ephemeral range (ip_local_port_range starts at 32768), in no
+# socket of any state (a TIME_WAIT of a connection of an earlier run holds
+# its port against a bind too).
 TAKEN=" "
 free_port() {
   local p
   for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 30000))
+    p=$((20000 + RANDOM % 12000))
     case "$TAKEN" in *" $p "*) continue ;; esac
-    if ! ss -Htln "sport = :$p" | grep -q .; then
+    if ! ss -Htan "sport = :$p" | grep -q .; then
       TAKEN="$TAKEN$p "
       echo "$p"
       return 0
