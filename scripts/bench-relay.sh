@@ -5,7 +5,7 @@
 # from the repository, after building (nothing is built here):
 #
 #   CARGO_INCREMENTAL=0 cargo build --release -p pier
-#   CARGO_INCREMENTAL=0 cargo build --release -p pier-proxy --example relay_bench
+#   CARGO_INCREMENTAL=0 cargo build --release -p pier --example relay_bench
 #   scripts/bench-relay.sh [-- relay_bench options]   # e.g. -- --sizes 50,200,500 --rounds 3 --rate 200 --secs 10
 #
 # What it starts, all on loopback, each on its own random free port:
@@ -18,7 +18,7 @@
 #   It talks to the host's dockerd (which must be up: `docker info`) but
 #   takes only containers labelled with this run's id, so none; nothing
 #   here starts a container;
-# - the load generator (`crates/pier-proxy/examples/relay_bench.rs`), on
+# - the load generator (`crates/pier/examples/relay_bench.rs`), on
 #   CPU 0 with etcd: N watchers of /pier/v1/ through the relay (with the
 #   bench-client certificate) or on etcd itself (a connection each), in
 #   rounds relay, direct, relay, direct, ..., while a writer puts stats
@@ -38,7 +38,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PIER=$(readlink -f "${PIER:-$ROOT/target/release/pier}")
 GEN=$(readlink -f "${RELAY_BENCH:-$ROOT/target/release/examples/relay_bench}")
 [ -x "$PIER" ] || { echo "no pier binary at $PIER: run CARGO_INCREMENTAL=0 cargo build --release -p pier first" >&2; exit 1; }
-[ -x "$GEN" ] || { echo "no load generator at $GEN: run CARGO_INCREMENTAL=0 cargo build --release -p pier-proxy --example relay_bench first" >&2; exit 1; }
+[ -x "$GEN" ] || { echo "no load generator at $GEN: run CARGO_INCREMENTAL=0 cargo build --release -p pier --example relay_bench first" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "run as root: the agent and etcd are pinned with taskset and need many descriptors" >&2; exit 1; }
 command -v etcd >/dev/null || { echo "etcd is not installed" >&2; exit 1; }
 docker info >/dev/null 2>&1 || { echo "dockerd is not up (docker info fails); the agent needs it" >&2; exit 1; }

@@ -285,6 +285,8 @@ impl Relay {
         st.map_bytes = map_bytes;
         st.history_bytes = 0;
         st.synced = true;
+        // Live once its watch of etcd opens (`set_live`).
+        st.reason = "listed; its watch of etcd is opening".into();
         drop(st);
         self.changed();
     }
