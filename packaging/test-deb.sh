@@ -133,7 +133,11 @@ done
 log "restarted by systemd: pid $pid2, NRestarts=$(inside systemctl show -p NRestarts --value pier)"
 # The new keeper adopts the orphan: it hands over to a new worker and exits.
 for _ in $(seq 1 100); do inside kill -0 "$w2" 2>/dev/null || break; sleep 0.2; done
-if inside kill -0 "$w2" 2>/dev/null || ! inside journalctl -u pier --no-pager -o cat | grep -q "adopting the orphaned worker"; then
+# The journal is read whole before grep: with pipefail, `journalctl | grep
+# -q` fails when grep's early exit cuts journalctl off (SIGPIPE) once the
+# journal outgrows a pipe's buffer, which reads as "not adopted".
+journal=$(inside journalctl -u pier --no-pager -o cat)
+if inside kill -0 "$w2" 2>/dev/null || ! grep -q "adopting the orphaned worker" <<<"$journal"; then
   inside journalctl -u pier --no-pager | tail -30; echo "test-deb: the restarted agent did not adopt the orphan" >&2; exit 1
 fi
 log "the restarted keeper adopted orphan $w2; now worker $(worker_of "$pid2")"
