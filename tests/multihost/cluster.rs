@@ -152,6 +152,31 @@ key = "{certs}/node-key.pem"
     /// `kill -9` host `i`'s agent (the keeper, the process a user
     /// starts): no graceful stop. Its worker serves on as an orphan until
     /// [`Cluster::restart_agent`] adopts it (or the teardown stops it).
+    /// A mesh identity for `node` issued by a CA of its own (made with
+    /// the real CLI under host `i`'s dir), trusting host `i`'s real CA: a
+    /// stranger whose certificate looks right but is not of the cluster.
+    pub fn foreign_identity(&self, i: usize, node: &str) -> Result<pier_proxy::tls::MeshConfig> {
+        let dir = &self.topo.host(i).dir;
+        let other_ca = dir.join("other-ca");
+        run_ok(
+            std::process::Command::new(&self.pier)
+                .args(["ca", "init"])
+                .arg(&other_ca),
+        )?;
+        let other = dir.join("other-certs");
+        run_ok(
+            std::process::Command::new(&self.pier)
+                .args(["ca", "issue", node, "--ca"])
+                .arg(&other_ca)
+                .arg("--out")
+                .arg(&other),
+        )?;
+        Ok(pier_proxy::tls::MeshConfig {
+            ca: dir.join("certs").join("ca.pem"),
+            ..pier_proxy::tls::MeshConfig::from_dir("0.0.0.0:0".parse()?, &other)
+        })
+    }
+
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         let pid = self.agents[i - 1];
         let workers = pier_tests::load::children(pid);

@@ -402,24 +402,7 @@ fn remote_pods_security_and_host_cut() -> Result<()> {
     }
 
     // A client certificate from another CA (the client trusts the real CA).
-    let other_ca = c.topo.host(1).dir.join("other-ca");
-    run_ok(
-        std::process::Command::new(&c.pier)
-            .args(["ca", "init"])
-            .arg(&other_ca),
-    )?;
-    let other = c.topo.host(1).dir.join("other-certs");
-    run_ok(
-        std::process::Command::new(&c.pier)
-            .args(["ca", "issue", "h1", "--ca"])
-            .arg(&other_ca)
-            .arg("--out")
-            .arg(&other),
-    )?;
-    let foreign = MeshConfig {
-        ca: certs1.join("ca.pem"),
-        ..MeshConfig::from_dir("0.0.0.0:0".parse()?, &other)
-    };
+    let foreign = c.foreign_identity(1, "h1")?;
     let before = log_lines(&c, 2, &["TLS handshake failed", &format!("{h1_addr}:")]).len();
     match mesh_request(&c, 1, 2, foreign, web_h2)? {
         Ok(body) => bail!("h2's mesh accepted a certificate from another CA: {body:?}"),

@@ -229,24 +229,7 @@ fn watch_relays_fan_out_refuse_strangers_and_fail_over() -> Result<()> {
         "plaintext got an answer: {reply:?}"
     );
     // Another CA's certificate for "h2", the client trusting the real CA.
-    let other_ca = c.topo.host(2).dir.join("other-ca");
-    run_ok(
-        std::process::Command::new(&c.pier)
-            .args(["ca", "init"])
-            .arg(&other_ca),
-    )?;
-    let other = c.topo.host(2).dir.join("other-certs");
-    run_ok(
-        std::process::Command::new(&c.pier)
-            .args(["ca", "issue", "h2", "--ca"])
-            .arg(&other_ca)
-            .arg("--out")
-            .arg(&other),
-    )?;
-    let foreign = MeshConfig {
-        ca: certs2.join("ca.pem"),
-        ..MeshConfig::from_dir("0.0.0.0:0".parse()?, &other)
-    };
+    let foreign = c.foreign_identity(2, "h2")?;
     if let Ok(f) = ask_relay(&c, 2, "h2", foreign)? {
         bail!("h1's relay answered a certificate of another CA: {f:?}");
     }
