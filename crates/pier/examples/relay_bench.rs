@@ -256,17 +256,9 @@ async fn relay_watcher(
         }
     }
     .await;
-    let mut s = match opened {
-        Ok(s) => {
-            let _ = ready.send(Ok(())).await;
-            s
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e)).await;
-            return seen;
-        }
+    let Some(mut s) = announce(ready, opened).await else {
+        return seen;
     };
-    drop(ready);
     loop {
         let f = tokio::select! {
             _ = sh.stop.cancelled() => break,
@@ -292,6 +284,20 @@ async fn relay_watcher(
     seen
 }
 
+/// Tells the round whether a watcher opened (it waits for all of them
+/// before the writer starts); what was opened, or `None`.
+async fn announce<T>(
+    ready: mpsc::Sender<Result<(), String>>,
+    opened: Result<T, String>,
+) -> Option<T> {
+    let (said, got) = match opened {
+        Ok(t) => (Ok(()), Some(t)),
+        Err(e) => (Err(e), None),
+    };
+    let _ = ready.send(said).await;
+    got
+}
+
 /// One host's watch on etcd itself, on its own connection.
 async fn direct_watcher(
     i: usize,
@@ -315,17 +321,9 @@ async fn direct_watcher(
         Ok::<_, String>((store, w))
     }
     .await;
-    let (_store, mut w) = match opened {
-        Ok(x) => {
-            let _ = ready.send(Ok(())).await;
-            x
-        }
-        Err(e) => {
-            let _ = ready.send(Err(e)).await;
-            return seen;
-        }
+    let Some((_store, mut w)) = announce(ready, opened).await else {
+        return seen;
     };
-    drop(ready);
     loop {
         let item = tokio::select! {
             _ = sh.stop.cancelled() => break,

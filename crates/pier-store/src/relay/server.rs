@@ -105,14 +105,7 @@ impl Relay {
     /// Writes `bytes`, or fails if the client does not take them within
     /// the write timeout.
     async fn send<W: AsyncWrite + Unpin>(&self, wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-        let t = self.opts.write_timeout;
-        match tokio::time::timeout(t, wr.write_all(bytes)).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client did not take {} bytes in {t:?}", bytes.len()),
-            )),
-        }
+        send_within(wr, bytes, self.opts.write_timeout).await
     }
 
     /// An error frame for a request the relay cannot answer now, or `None`.
@@ -277,13 +270,7 @@ impl Relay {
         let f = Frame::Closing {
             reason: "the relay is stopping (an upgrade or a shutdown)".into(),
         };
-        match tokio::time::timeout(CLOSING_TIMEOUT, wr.write_all(&wire::encode(&f))).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client did not take the Closing frame in {CLOSING_TIMEOUT:?}"),
-            )),
-        }
+        send_within(wr, &wire::encode(&f), CLOSING_TIMEOUT).await
     }
 
     /// What a client at `next` gets now.
@@ -316,6 +303,21 @@ impl Relay {
             });
         }
         Turn::Send(frames, to)
+    }
+}
+
+/// Writes `bytes`, or fails if the client does not take them within `t`.
+async fn send_within<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    bytes: &[u8],
+    t: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(t, wr.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client did not take {} bytes in {t:?}", bytes.len()),
+        )),
     }
 }
 
